@@ -1,0 +1,187 @@
+//! The local admin API (`Status`, `Scale`, `Destroy`), served on a Unix
+//! socket of mode 0600 inside the state directory (itself 0700): only the
+//! user running the controller (and root) can reach it. Also the client the
+//! CLI uses.
+
+use crate::controller::{Shared, destroy_all};
+use crate::model::{NodeState, Role};
+use ddisco_proto::v1 as api;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+/// Binds the admin socket, refusing to run twice on one state directory.
+pub async fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "a controller is already running for this state_dir (admin socket {}); \
+                 use `ddisco-controller status`, or stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?; // stale, from a controller that died
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind the admin socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::UnixListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(api::admin_server::AdminServer::new(AdminService { shared }))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+struct AdminService {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl api::admin_server::Admin for AdminService {
+    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusReply>, Status> {
+        Ok(Response::new(status_of(&self.shared)))
+    }
+
+    async fn scale(&self, req: Request<api::ScaleRequest>) -> Result<Response<api::ScaleReply>, Status> {
+        let n = req.into_inner().slaves;
+        if n > 100_000 {
+            return Err(Status::invalid_argument(format!("slaves: {n} is more than 100000")));
+        }
+        if self.shared.destroying.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Status::failed_precondition("the cluster is being destroyed"));
+        }
+        let previous = {
+            let mut reg = self.shared.registry.lock().expect("registry lock");
+            let previous = reg.desired_slaves;
+            reg.desired_slaves = n;
+            reg.dirty = true;
+            reg.event(format!("scale: {previous} -> {n} slaves"));
+            previous
+        };
+        self.shared.changed();
+        self.shared.wake.notify_one();
+        Ok(Response::new(api::ScaleReply { previous, desired: n }))
+    }
+
+    async fn destroy(&self, _: Request<api::DestroyRequest>) -> Result<Response<api::DestroyReply>, Status> {
+        let terminated = destroy_all(&self.shared)
+            .await
+            .map_err(|e| Status::internal(format!("destroy failed: {e:#}")))?;
+        // The cluster is gone; the controller stops after answering.
+        let sh = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            sh.stop();
+        });
+        Ok(Response::new(api::DestroyReply { terminated }))
+    }
+}
+
+fn status_of(sh: &Shared) -> api::StatusReply {
+    let now = sh.clock.now_ms();
+    let now_unix = crate::registry::unix_ms();
+    let reg = sh.registry.lock().expect("registry lock");
+    let nodes = reg
+        .entries()
+        .map(|e| {
+            let r = &e.rec;
+            let facts = r.facts.clone().unwrap_or_default();
+            let address = if r.address.is_empty() {
+                facts.addresses.first().cloned().unwrap_or_default()
+            } else {
+                r.address.clone()
+            };
+            api::NodeStatus {
+                node_id: r.id.clone(),
+                role: match r.role {
+                    Role::Master => api::Role::Master,
+                    Role::Slave => api::Role::Slave,
+                } as i32,
+                state: r.state.label(),
+                instance_id: r.instance_id.clone().unwrap_or_default(),
+                address,
+                hostname: facts.hostname,
+                cores: facts.logical_cores,
+                workers: r.workers,
+                last_heartbeat_ms: if r.state.is_enrolled() {
+                    e.live.last_seen_ms().map(|t| now.saturating_sub(t))
+                } else {
+                    None
+                },
+                current_step: match r.state {
+                    NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
+                    _ => String::new(),
+                },
+                detail: r.detail.clone(),
+                age_ms: now_unix.saturating_sub(r.launched_unix_ms),
+            }
+        })
+        .collect();
+    api::StatusReply {
+        cluster: sh.cfg.tag_key.clone(),
+        provider: sh.provider.name().to_string(),
+        desired_slaves: reg.desired_slaves,
+        nodes,
+        notes: {
+            let ev = reg.events();
+            ev.iter().skip(ev.len().saturating_sub(10)).map(|e| e.message.clone()).collect()
+        },
+    }
+}
+
+/// A client for the admin socket.
+pub struct AdminClient {
+    inner: api::admin_client::AdminClient<tonic::transport::Channel>,
+}
+
+/// The controller is not running (no one answers on the admin socket).
+#[derive(Debug, thiserror::Error)]
+#[error("no controller is running for {path} (admin socket missing or not answering); start one with `ddisco-controller serve`")]
+pub struct NotRunning {
+    pub path: PathBuf,
+}
+
+impl AdminClient {
+    pub async fn connect(path: &Path) -> Result<AdminClient, NotRunning> {
+        let not_running = || NotRunning { path: path.to_owned() };
+        if tokio::net::UnixStream::connect(path).await.is_err() {
+            return Err(not_running());
+        }
+        let p = path.to_owned();
+        let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+            .map_err(|_| not_running())?;
+        Ok(AdminClient { inner: api::admin_client::AdminClient::new(channel) })
+    }
+
+    pub async fn status(&mut self) -> Result<api::StatusReply, Status> {
+        Ok(self.inner.status(api::StatusRequest {}).await?.into_inner())
+    }
+
+    pub async fn scale(&mut self, slaves: u32) -> Result<api::ScaleReply, Status> {
+        Ok(self.inner.scale(api::ScaleRequest { slaves }).await?.into_inner())
+    }
+
+    pub async fn destroy(&mut self) -> Result<api::DestroyReply, Status> {
+        Ok(self.inner.destroy(api::DestroyRequest {}).await?.into_inner())
+    }
+}

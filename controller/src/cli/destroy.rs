@@ -1,0 +1,75 @@
+//! `destroy`: terminate every node of this cluster, and nothing else.
+
+use super::ConfigArgs;
+use crate::admin::AdminClient;
+use clap::Args;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+/// Terminate every node of this cluster (and nothing else), then stop the
+/// controller. Works without a running controller too: the provider's own
+/// records (tags, pid files) find the nodes.
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    /// Do not ask for confirmation (required when not on a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+pub async fn exec(args: DestroyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.config.load()?;
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            eprintln!("destroy terminates every node of cluster {:?}: pass --yes to confirm", cfg.tag_key);
+            return Ok(ExitCode::from(2));
+        }
+        eprint!("Terminate every node of cluster {:?}? [y/N] ", cfg.tag_key);
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            eprintln!("nothing done");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let terminated = match AdminClient::connect(&cfg.admin_socket()).await {
+        Ok(mut client) => client.destroy().await?.terminated,
+        Err(_) => {
+            eprintln!("no controller running; terminating through the {} provider directly", cfg.provider);
+            offline(&cfg).await?
+        }
+    };
+    if terminated.is_empty() {
+        println!("nothing to terminate: cluster {:?} has no nodes", cfg.tag_key);
+    } else {
+        for id in &terminated {
+            println!("terminated {id}");
+        }
+        println!("cluster {:?} destroyed: {} nodes terminated", cfg.tag_key, terminated.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Destroy without a controller: ask the provider for everything of this
+/// cluster, terminate it, and clear the saved node list.
+async fn offline(cfg: &crate::config::Config) -> anyhow::Result<Vec<String>> {
+    if !cfg.state_dir.exists() {
+        return Ok(vec![]);
+    }
+    let provider = crate::controller::make_provider(cfg)?;
+    let mut ids: Vec<String> = provider.list().await?.into_keys().collect();
+    ids.sort();
+    provider.terminate(&ids).await?;
+    let file = cfg.state_dir.join("cluster.json");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let mut reg = crate::registry::Registry::from_json(&text, 1)?;
+        let all: Vec<String> = reg.entries().map(|e| e.rec.id.clone()).collect();
+        for id in all {
+            reg.remove(&id);
+        }
+        crate::pki::write_private(&file, &reg.to_json())?;
+    }
+    Ok(ids)
+}

@@ -1,0 +1,137 @@
+//! `status`: what the running controller sees.
+
+use super::ConfigArgs;
+use crate::admin::AdminClient;
+use clap::Args;
+use ddisco_proto::v1 as api;
+use serde::Serialize;
+use std::process::ExitCode;
+
+/// Show the cluster: every node with role, state, address, cores, workers,
+/// heartbeat age and current step, then recent events. --json for scripts.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub cluster: String,
+    pub provider: String,
+    pub desired_slaves: u32,
+    pub nodes: Vec<NodeView>,
+    pub events: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    pub node_id: String,
+    pub role: &'static str,
+    pub state: String,
+    pub instance_id: String,
+    pub address: String,
+    pub hostname: String,
+    pub cores: u32,
+    pub workers: u32,
+    pub last_heartbeat_ms: Option<u64>,
+    pub current_step: String,
+    pub detail: String,
+    pub age_ms: u64,
+}
+
+impl From<api::StatusReply> for StatusView {
+    fn from(s: api::StatusReply) -> StatusView {
+        StatusView {
+            cluster: s.cluster,
+            provider: s.provider,
+            desired_slaves: s.desired_slaves,
+            nodes: s
+                .nodes
+                .into_iter()
+                .map(|n| NodeView {
+                    role: if n.role == api::Role::Master as i32 { "master" } else { "slave" },
+                    node_id: n.node_id,
+                    state: n.state,
+                    instance_id: n.instance_id,
+                    address: n.address,
+                    hostname: n.hostname,
+                    cores: n.cores,
+                    workers: n.workers,
+                    last_heartbeat_ms: n.last_heartbeat_ms,
+                    current_step: n.current_step,
+                    detail: n.detail,
+                    age_ms: n.age_ms,
+                })
+                .collect(),
+            events: s.notes,
+        }
+    }
+}
+
+pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.config.load()?;
+    let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
+    let view = StatusView::from(client.status().await?);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", render(&view));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human table.
+pub fn render(v: &StatusView) -> String {
+    let slaves = v.nodes.iter().filter(|n| n.role == "slave").count();
+    let ready_slaves = v.nodes.iter().filter(|n| n.role == "slave" && n.state == "ready").count();
+    let master = v
+        .nodes
+        .iter()
+        .find(|n| n.role == "master" && n.state != "terminating")
+        .map(|n| n.state.as_str())
+        .unwrap_or("none");
+    let mut out = format!(
+        "cluster {} ({} provider): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
+        v.cluster, v.provider, v.desired_slaves
+    );
+    let mut rows = vec![[
+        "NODE", "ROLE", "STATE", "ADDRESS", "CORES", "WORKERS", "HEARTBEAT", "STEP",
+    ]
+    .map(String::from)];
+    for n in &v.nodes {
+        rows.push([
+            n.node_id.clone(),
+            n.role.to_string(),
+            n.state.clone(),
+            if n.address.is_empty() { "-".into() } else { n.address.clone() },
+            if n.cores == 0 { "-".into() } else { n.cores.to_string() },
+            if n.workers == 0 { "-".into() } else { n.workers.to_string() },
+            n.last_heartbeat_ms.map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
+            if n.current_step.is_empty() { "-".into() } else { n.current_step.clone() },
+        ]);
+    }
+    let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let problems: Vec<&NodeView> = v.nodes.iter().filter(|n| !n.detail.is_empty()).collect();
+    if !problems.is_empty() {
+        out.push('\n');
+        for n in problems {
+            out.push_str(&format!("{}: {}\n", n.node_id, n.detail));
+        }
+    }
+    if !v.events.is_empty() {
+        out.push_str("\nrecent events:\n");
+        for e in &v.events {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    out
+}

@@ -1,0 +1,734 @@
+//! Cluster configuration: the TOML file `init` prints, and the original
+//! disposabledisco `config.json` (upper-case keys), accepted unchanged.
+//!
+//! Parsing goes through [`RawConfig`] (every key optional, unknown keys
+//! refused, each key also accepted in the original's upper-case spelling),
+//! then [`Config::from_raw`] applies defaults and validates. Every error names
+//! the file and the key.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Which infrastructure runs the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Every node is a process tree on this machine (the embedded default).
+    Local,
+    /// AWS EC2 spot instances.
+    Ec2,
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Ec2 => "ec2",
+        })
+    }
+}
+
+/// A validated configuration. Durations and paths are resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub provider: ProviderKind,
+    pub region: Option<String>,
+    pub tag_key: String,
+    pub num_slaves: u32,
+    pub master_multiplier: f64,
+    pub slave_multiplier: f64,
+    pub base_packages: Vec<String>,
+    pub additional_packages: Vec<String>,
+    pub pip_requirements: Vec<String>,
+    pub ami: String,
+    pub max_bid: String,
+    pub instance_type: String,
+    pub master_instance_type: String,
+    pub slave_instance_type: String,
+    pub key_name: String,
+    pub security_groups: Vec<String>,
+    /// Public keys, one per line, added to every node's authorized_keys.
+    pub mgmt_keys: Vec<String>,
+    pub post_init: String,
+    pub ssh_user: String,
+    pub listen: SocketAddr,
+    pub download_listen: SocketAddr,
+    /// Host (name or IP) nodes use to reach the controller.
+    pub advertise: Option<String>,
+    pub state_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub boot_timeout: Duration,
+    pub token_ttl: Duration,
+    pub reconcile_interval: Duration,
+    pub agent_binary: Option<PathBuf>,
+    /// Local provider only: allow `apt-get install` of missing packages.
+    pub local_install_packages: bool,
+    /// Legacy AWS keys found in the file (the credential chain is preferred).
+    pub aws_keys_in_file: bool,
+}
+
+/// Keys of the original `config.json` that it marked required (its AWS keys
+/// excepted: ddisco prefers the standard credential chain).
+const LEGACY_REQUIRED: &[(&str, &str)] = &[
+    ("BASE_PACKAGES", "base_packages"),
+    ("ADDITIONAL_PACKAGES", "additional_packages"),
+    ("PIP_REQUIREMENTS", "pip_requirements"),
+    ("AMI", "ami"),
+    ("MAX_BID", "max_bid"),
+    ("INSTANCE_TYPE", "instance_type"),
+    ("KEY_NAME", "key_name"),
+    ("SECURITY_GROUPS", "security_groups"),
+    ("MGMT_KEY", "mgmt_key"),
+    ("TAG_KEY", "tag_key"),
+    ("NUM_SLAVES", "num_slaves"),
+];
+
+/// The file as written: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(alias = "PROVIDER")]
+    provider: Option<String>,
+    #[serde(alias = "REGION")]
+    region: Option<String>,
+    #[serde(alias = "TAG_KEY")]
+    tag_key: Option<String>,
+    #[serde(alias = "NUM_SLAVES")]
+    num_slaves: Option<i64>,
+    #[serde(alias = "MASTER_MULTIPLIER")]
+    master_multiplier: Option<f64>,
+    #[serde(alias = "SLAVE_MULTIPLIER")]
+    slave_multiplier: Option<f64>,
+    #[serde(alias = "BASE_PACKAGES")]
+    base_packages: Option<Vec<String>>,
+    #[serde(alias = "ADDITIONAL_PACKAGES")]
+    additional_packages: Option<Vec<String>>,
+    #[serde(alias = "PIP_REQUIREMENTS")]
+    pip_requirements: Option<Vec<String>>,
+    #[serde(alias = "AMI")]
+    ami: Option<String>,
+    #[serde(alias = "MAX_BID")]
+    max_bid: Option<StringOrNumber>,
+    #[serde(alias = "INSTANCE_TYPE")]
+    instance_type: Option<String>,
+    #[serde(alias = "MASTER_INSTANCE_TYPE")]
+    master_instance_type: Option<String>,
+    #[serde(alias = "SLAVE_INSTANCE_TYPE")]
+    slave_instance_type: Option<String>,
+    #[serde(alias = "KEY_NAME")]
+    key_name: Option<String>,
+    #[serde(alias = "SECURITY_GROUPS")]
+    security_groups: Option<Vec<String>>,
+    #[serde(alias = "MGMT_KEY")]
+    mgmt_key: Option<String>,
+    #[serde(alias = "POST_INIT")]
+    post_init: Option<String>,
+    #[serde(alias = "AWS_ACCESS")]
+    aws_access: Option<String>,
+    #[serde(alias = "AWS_SECRET")]
+    aws_secret: Option<String>,
+    #[serde(alias = "SSH_USER")]
+    ssh_user: Option<String>,
+    #[serde(alias = "LISTEN")]
+    listen: Option<String>,
+    #[serde(alias = "DOWNLOAD_LISTEN")]
+    download_listen: Option<String>,
+    #[serde(alias = "ADVERTISE")]
+    advertise: Option<String>,
+    #[serde(alias = "STATE_DIR")]
+    state_dir: Option<String>,
+    #[serde(alias = "HEARTBEAT_INTERVAL_SECS")]
+    heartbeat_interval_secs: Option<f64>,
+    #[serde(alias = "HEARTBEAT_TIMEOUT_SECS")]
+    heartbeat_timeout_secs: Option<f64>,
+    #[serde(alias = "BOOT_TIMEOUT_SECS")]
+    boot_timeout_secs: Option<f64>,
+    #[serde(alias = "TOKEN_TTL_SECS")]
+    token_ttl_secs: Option<f64>,
+    #[serde(alias = "RECONCILE_INTERVAL_SECS")]
+    reconcile_interval_secs: Option<f64>,
+    #[serde(alias = "AGENT_BINARY")]
+    agent_binary: Option<String>,
+    #[serde(alias = "LOCAL_INSTALL_PACKAGES")]
+    local_install_packages: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StringOrNumber {
+    S(String),
+    N(f64),
+}
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), key.as_ref().map(|k| format!(": key `{k}`")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// File format, chosen by extension (`.json` is the original's format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    LegacyJson,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            provider: ProviderKind::Local,
+            region: None,
+            tag_key: "ddisco".into(),
+            num_slaves: 0,
+            master_multiplier: 1.0,
+            slave_multiplier: 1.0,
+            base_packages: strings(&["python3-pip", "python3-venv", "python3-dev", "lighttpd"]),
+            additional_packages: strings(&[
+                "git",
+                "libwww-perl",
+                "python3-numpy",
+                "python3-scipy",
+                "libzmq3-dev",
+                "s3cmd",
+                "chrony",
+                "libguess1",
+                "python3-dnspython",
+                "python3-dateutil",
+                "pigz",
+            ]),
+            pip_requirements: strings(&["iso8601"]),
+            ami: String::new(),
+            max_bid: "0.10".into(),
+            instance_type: "c5.xlarge".into(),
+            master_instance_type: String::new(),
+            slave_instance_type: String::new(),
+            key_name: String::new(),
+            security_groups: vec![],
+            mgmt_keys: vec![],
+            post_init: String::new(),
+            ssh_user: "ubuntu".into(),
+            listen: "127.0.0.1:7443".parse().expect("literal"),
+            download_listen: "127.0.0.1:7444".parse().expect("literal"),
+            advertise: None,
+            state_dir: PathBuf::from(".ddisco"),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(15),
+            boot_timeout: Duration::from_secs(600),
+            token_ttl: Duration::from_secs(3600),
+            reconcile_interval: Duration::from_secs(2),
+            agent_binary: None,
+            local_install_packages: false,
+            aws_keys_in_file: false,
+        }
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+impl Config {
+    /// Loads and validates `path`. Relative paths inside the file
+    /// (`state_dir`, `agent_binary`) are resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let format = if path.extension().is_some_and(|e| e == "json") {
+            Format::LegacyJson
+        } else {
+            Format::Toml
+        };
+        let (mut cfg, notes) = Config::parse(&text, format, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.state_dir.is_relative() {
+            cfg.state_dir = base.join(&cfg.state_dir);
+        }
+        if let Some(bin) = &cfg.agent_binary
+            && bin.is_relative()
+        {
+            cfg.agent_binary = Some(base.join(bin));
+        }
+        Ok((cfg, notes))
+    }
+
+    /// Parses text in the given format. Returns the config and notes for the
+    /// user (warnings that do not stop anything). `path` is only for messages.
+    pub fn parse(
+        text: &str,
+        format: Format,
+        path: &Path,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let raw: RawConfig = match format {
+            Format::Toml => {
+                let de = toml::Deserializer::parse(text)
+                    .map_err(|e| err(None, format!("not valid TOML: {}", e.message())))?;
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let key = key_of(&e.path().to_string(), e.inner().message());
+                    err(key, e.inner().message().to_string())
+                })?
+            }
+            Format::LegacyJson => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                let value: serde_json::Value = serde::Deserialize::deserialize(&mut de)
+                    .map_err(|e| err(None, format!("not valid JSON: {e}")))?;
+                if let Some(obj) = value.as_object() {
+                    for (upper, _) in LEGACY_REQUIRED {
+                        if !obj.contains_key(*upper) && !obj.contains_key(&upper.to_lowercase()) {
+                            return Err(err(
+                                Some((*upper).to_string()),
+                                "required by the original config.json format but missing; \
+                                 add it (see `ddisco-controller init`)"
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
+                serde_path_to_error::deserialize(value).map_err(|e| {
+                    let inner = e.inner().to_string();
+                    let key = key_of(&e.path().to_string(), &inner);
+                    err(key, inner)
+                })?
+            }
+        };
+        Config::from_raw(raw, format, path)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        format: Format,
+        path: &Path,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            path: path.to_owned(),
+            key: Some(key.to_string()),
+            message,
+        };
+        let d = Config::default();
+        let mut notes = Vec::new();
+
+        let provider = match raw.provider.as_deref() {
+            None => {
+                if format == Format::LegacyJson {
+                    notes.push(
+                        "config.json (disposabledisco format): PROVIDER is not set, so the \
+                         local provider runs the nodes on this machine; add \"PROVIDER\": \"ec2\" \
+                         to launch on EC2"
+                            .to_string(),
+                    );
+                }
+                d.provider
+            }
+            Some("local") => ProviderKind::Local,
+            Some("ec2") => ProviderKind::Ec2,
+            Some(other) => {
+                return Err(err(
+                    "provider",
+                    format!("unknown provider {other:?}; use \"local\" or \"ec2\""),
+                ));
+            }
+        };
+
+        let tag_key = raw.tag_key.unwrap_or(d.tag_key);
+        if tag_key.is_empty()
+            || tag_key.len() > 100
+            || !tag_key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(err(
+                "tag_key",
+                format!(
+                    "{tag_key:?} is not a usable cluster tag: use 1-100 letters, digits, '-', '_', '.' or ':'"
+                ),
+            ));
+        }
+
+        let num_slaves = match raw.num_slaves {
+            None => d.num_slaves,
+            Some(n) if n < 0 => {
+                return Err(err(
+                    "num_slaves",
+                    format!("must be 0 or more, got {n}"),
+                ));
+            }
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| *n <= 100_000)
+                .ok_or_else(|| err("num_slaves", format!("{n} is more than 100000")))?,
+        };
+
+        let multiplier = |key: &str, v: Option<f64>, def: f64| -> Result<f64, ConfigError> {
+            match v {
+                None => Ok(def),
+                Some(m) if m.is_finite() && m > 0.0 => Ok(m),
+                Some(m) => Err(err(key, format!("must be greater than 0, got {m}"))),
+            }
+        };
+        let master_multiplier =
+            multiplier("master_multiplier", raw.master_multiplier, d.master_multiplier)?;
+        let slave_multiplier =
+            multiplier("slave_multiplier", raw.slave_multiplier, d.slave_multiplier)?;
+
+        let max_bid = match raw.max_bid {
+            None => d.max_bid,
+            Some(StringOrNumber::S(s)) => s,
+            Some(StringOrNumber::N(n)) => n.to_string(),
+        };
+        match max_bid.trim().parse::<f64>() {
+            Ok(p) if p.is_finite() && p > 0.0 => {}
+            _ => {
+                return Err(err(
+                    "max_bid",
+                    format!("{max_bid:?} is not a price: give USD per instance-hour, e.g. \"0.10\""),
+                ));
+            }
+        }
+
+        let secs = |key: &str, v: Option<f64>, def: Duration| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(def),
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e7 => Ok(Duration::from_secs_f64(s)),
+                Some(s) => Err(err(key, format!("must be a positive number of seconds, got {s}"))),
+            }
+        };
+        let heartbeat_interval = secs(
+            "heartbeat_interval_secs",
+            raw.heartbeat_interval_secs,
+            d.heartbeat_interval,
+        )?;
+        let heartbeat_timeout = secs(
+            "heartbeat_timeout_secs",
+            raw.heartbeat_timeout_secs,
+            d.heartbeat_timeout,
+        )?;
+        if heartbeat_timeout < heartbeat_interval * 2 {
+            return Err(err(
+                "heartbeat_timeout_secs",
+                format!(
+                    "{:.1}s must be at least twice heartbeat_interval_secs ({:.1}s), or one late heartbeat replaces a healthy node",
+                    heartbeat_timeout.as_secs_f64(),
+                    heartbeat_interval.as_secs_f64()
+                ),
+            ));
+        }
+        let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
+        let token_ttl = secs("token_ttl_secs", raw.token_ttl_secs, d.token_ttl)?;
+        let reconcile_interval = secs(
+            "reconcile_interval_secs",
+            raw.reconcile_interval_secs,
+            d.reconcile_interval,
+        )?;
+
+        let addr = |key: &str, v: Option<String>, def: SocketAddr| -> Result<SocketAddr, ConfigError> {
+            match v {
+                None => Ok(def),
+                Some(s) => s.parse().map_err(|_| {
+                    err(key, format!("{s:?} is not an address: use IP:PORT, e.g. \"0.0.0.0:7443\""))
+                }),
+            }
+        };
+        let listen = addr("listen", raw.listen, d.listen)?;
+        let download_listen = addr("download_listen", raw.download_listen, d.download_listen)?;
+
+        let aws_keys_in_file = raw.aws_access.is_some() || raw.aws_secret.is_some();
+        if aws_keys_in_file {
+            notes.push(format!(
+                "{}: AWS_ACCESS/AWS_SECRET found in the config file. They are accepted, but keys \
+                 in files leak: prefer the standard AWS credential chain (environment, profile, \
+                 SSO, instance role) and remove them from the file",
+                path.display()
+            ));
+        }
+
+        let non_empty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+        let mgmt_keys = raw
+            .mgmt_key
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+
+        let cfg = Config {
+            provider,
+            region: non_empty(raw.region),
+            tag_key,
+            num_slaves,
+            master_multiplier,
+            slave_multiplier,
+            base_packages: raw.base_packages.unwrap_or(d.base_packages),
+            additional_packages: raw.additional_packages.unwrap_or(d.additional_packages),
+            pip_requirements: raw.pip_requirements.unwrap_or(d.pip_requirements),
+            ami: raw.ami.unwrap_or(d.ami),
+            max_bid,
+            instance_type: raw.instance_type.unwrap_or(d.instance_type),
+            master_instance_type: raw.master_instance_type.unwrap_or_default(),
+            slave_instance_type: raw.slave_instance_type.unwrap_or_default(),
+            key_name: raw.key_name.unwrap_or_default(),
+            security_groups: raw.security_groups.unwrap_or_default(),
+            mgmt_keys,
+            post_init: raw.post_init.unwrap_or_default(),
+            ssh_user: raw.ssh_user.unwrap_or(d.ssh_user),
+            listen,
+            download_listen,
+            advertise: non_empty(raw.advertise),
+            state_dir: non_empty(raw.state_dir).map(PathBuf::from).unwrap_or(d.state_dir),
+            heartbeat_interval,
+            heartbeat_timeout,
+            boot_timeout,
+            token_ttl,
+            reconcile_interval,
+            agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
+            local_install_packages: raw.local_install_packages.unwrap_or(false),
+            aws_keys_in_file,
+        };
+        for (key, list) in [
+            ("base_packages", &cfg.base_packages),
+            ("additional_packages", &cfg.additional_packages),
+        ] {
+            if let Some(bad) = list.iter().find(|p| !is_package_name(p)) {
+                return Err(err(key, format!("{bad:?} is not a Debian package name")));
+            }
+        }
+        if cfg.provider == ProviderKind::Ec2 {
+            return Err(err(
+                "provider",
+                "the ec2 provider is not available in this build yet; use \"local\"".into(),
+            ));
+        }
+        Ok((cfg, notes))
+    }
+
+    pub fn master_instance_type(&self) -> &str {
+        if self.master_instance_type.is_empty() {
+            &self.instance_type
+        } else {
+            &self.master_instance_type
+        }
+    }
+
+    pub fn slave_instance_type(&self) -> &str {
+        if self.slave_instance_type.is_empty() {
+            &self.instance_type
+        } else {
+            &self.slave_instance_type
+        }
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+}
+
+/// Debian package names: lower-case alphanumerics and `+-.`, optionally
+/// `:arch` or `=version`. Refusing anything else keeps them shell-safe.
+fn is_package_name(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() < 200
+        && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && p
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c))
+}
+
+/// The key a serde error is about: its path, or the field named in an
+/// "unknown field `x`" message.
+fn key_of(path: &str, message: &str) -> Option<String> {
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        return Some(rest[..end].to_string());
+    }
+    (!path.is_empty() && path != ".").then(|| path.to_string())
+}
+
+/// The commented configuration `ddisco-controller init` prints. Parsing it
+/// gives exactly `Config::default()` (a unit test holds them together).
+pub fn template(mgmt_key: Option<&str>) -> String {
+    let mgmt = mgmt_key.unwrap_or("").trim();
+    format!(
+        r#"# ddisco cluster configuration (TOML). Every setting is shown with its default.
+# The original disposabledisco config.json (upper-case keys) is accepted as-is too.
+
+# Where nodes run: "local" (processes on this machine, no cloud account) or "ec2".
+provider = "local"
+# EC2 region; empty: the standard AWS chain (AWS_REGION, profile).
+region = ""
+# Marks every resource of this cluster; must be unique per cluster.  (TAG_KEY)
+tag_key = "ddisco"
+# Number of slaves; change a running cluster with `ddisco-controller scale N`.  (NUM_SLAVES)
+num_slaves = 0
+# Engine workers per node = max(1, floor(cores x multiplier)).
+master_multiplier = 1.0
+slave_multiplier = 1.0
+
+# Packages every node gets (apt), then pip requirements (into a virtualenv).
+base_packages = ["python3-pip", "python3-venv", "python3-dev", "lighttpd"]
+additional_packages = ["git", "libwww-perl", "python3-numpy", "python3-scipy", "libzmq3-dev", "s3cmd", "chrony", "libguess1", "python3-dnspython", "python3-dateutil", "pigz"]
+pip_requirements = ["iso8601"]
+# Bash run as root after everything else on every node.
+post_init = ""
+
+# EC2 settings (provider = "ec2").
+ami = ""
+# Spot max price per instance-hour, USD.
+max_bid = "0.10"
+instance_type = "c5.xlarge"
+# Empty: instance_type.
+master_instance_type = ""
+slave_instance_type = ""
+# EC2 key pair for ssh as ssh_user.
+key_name = ""
+security_groups = []
+ssh_user = "ubuntu"
+# Public keys (one per line) added to every node's authorized_keys.
+mgmt_key = "{mgmt}"
+
+# Controller.
+# gRPC (agents, TLS) and agent download (HTTPS) listen addresses.
+listen = "127.0.0.1:7443"
+download_listen = "127.0.0.1:7444"
+# Host name or IP nodes use to reach the controller; empty: the listen IP
+# (127.0.0.1 when listening on 0.0.0.0).
+advertise = ""
+# CA, certificates, node records, admin socket, local nodes. Relative paths
+# are resolved against this file's folder.
+state_dir = ".ddisco"
+heartbeat_interval_secs = 5.0
+# A node silent for this long is lost and replaced.
+heartbeat_timeout_secs = 15.0
+# A node that has not enrolled this long after launch is replaced.
+boot_timeout_secs = 600.0
+# Lifetime of a node's one-time bootstrap token.
+token_ttl_secs = 3600.0
+reconcile_interval_secs = 2.0
+# The agent binary served to nodes; empty: ddisco-agent next to this program.
+agent_binary = ""
+# Local provider: install missing apt packages on this host (changes the host!).
+local_install_packages = false
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Format::Toml, Path::new("c.toml")).map(|(c, _)| c)
+    }
+
+    fn json(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        Config::parse(text, Format::LegacyJson, Path::new("config.json"))
+    }
+
+    #[test]
+    fn template_parses_to_defaults() {
+        assert_eq!(toml(&template(None)).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn template_carries_mgmt_key() {
+        let c = toml(&template(Some("ssh-ed25519 AAAA me@host\n"))).unwrap();
+        assert_eq!(c.mgmt_keys, vec!["ssh-ed25519 AAAA me@host".to_string()]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = toml("num_slavez = 3").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("num_slavez"));
+        assert!(e.to_string().starts_with("c.toml: key `num_slavez`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = toml("num_slaves = \"three\"").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("num_slaves"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_are_named() {
+        for (text, key) in [
+            ("num_slaves = -1", "num_slaves"),
+            ("master_multiplier = 0", "master_multiplier"),
+            ("slave_multiplier = -0.5", "slave_multiplier"),
+            ("max_bid = \"cheap\"", "max_bid"),
+            ("heartbeat_interval_secs = 5.0\nheartbeat_timeout_secs = 6.0", "heartbeat_timeout_secs"),
+            ("listen = \"nowhere\"", "listen"),
+            ("tag_key = \"\"", "tag_key"),
+            ("provider = \"gcp\"", "provider"),
+            ("base_packages = [\"rm -rf /\"]", "base_packages"),
+        ] {
+            let e = toml(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+        }
+    }
+
+    const ORIGINAL: &str = r#"{
+        "BASE_PACKAGES": ["python-pip", "python-dev", "lighttpd"],
+        "ADDITIONAL_PACKAGES": ["git"],
+        "PIP_REQUIREMENTS": ["iso8601"],
+        "AWS_ACCESS": "IMPORTANT FILL THIS!!!1",
+        "AWS_SECRET": "IMPORTANT FILL THIS!!!1",
+        "AMI": "ami-6d3f9704",
+        "MAX_BID": "0.10",
+        "INSTANCE_TYPE": "c1.xlarge",
+        "KEY_NAME": "",
+        "SECURITY_GROUPS": ["disco"],
+        "MGMT_KEY": "ssh-rsa AAAA a@b\nssh-rsa BBBB c@d",
+        "TAG_KEY": "disposabledisco",
+        "NUM_SLAVES": 3,
+        "MASTER_MULTIPLIER": 2,
+        "SLAVE_MULTIPLIER": 1,
+        "POST_INIT": ""
+    }"#;
+
+    #[test]
+    fn original_config_json_is_accepted() {
+        let (c, notes) = json(ORIGINAL).unwrap();
+        assert_eq!(c.num_slaves, 3);
+        assert_eq!(c.tag_key, "disposabledisco");
+        assert_eq!(c.master_multiplier, 2.0);
+        assert_eq!(c.mgmt_keys.len(), 2);
+        assert_eq!(c.master_instance_type(), "c1.xlarge");
+        assert!(c.aws_keys_in_file);
+        assert!(notes.iter().any(|n| n.contains("credential chain")), "{notes:?}");
+        assert!(notes.iter().any(|n| n.contains("PROVIDER")), "{notes:?}");
+    }
+
+    #[test]
+    fn original_missing_required_key_is_named() {
+        let text = ORIGINAL.replace("\"TAG_KEY\": \"disposabledisco\",", "");
+        let e = json(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("TAG_KEY"), "{e}");
+    }
+
+    #[test]
+    fn original_wrong_type_is_named() {
+        let text = ORIGINAL.replace("\"NUM_SLAVES\": 3", "\"NUM_SLAVES\": \"3\"");
+        let e = json(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("NUM_SLAVES"), "{e}");
+    }
+
+    #[test]
+    fn numeric_max_bid_is_accepted() {
+        let text = ORIGINAL.replace("\"MAX_BID\": \"0.10\"", "\"MAX_BID\": 0.25");
+        assert_eq!(json(&text).unwrap().0.max_bid, "0.25");
+    }
+}

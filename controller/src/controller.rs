@@ -1,0 +1,475 @@
+//! `serve`: wires the pieces together and runs the reconcile loop.
+//!
+//! ```text
+//!  agents --TLS gRPC--> grpc.rs (Enrollment, Agent) --\
+//!  nodes  --HTTPS-----> download.rs (agent binary)     |--> Shared (registry, pki, provider)
+//!  CLI    --Unix sock-> admin.rs (Status/Scale/Destroy)/        ^
+//!                       reconcile loop: provider.list -> decide -> act
+//! ```
+//!
+//! Every long-running task takes a shutdown signal (a `watch` channel) and
+//! ends when it fires; `serve` returns once all of them have stopped.
+
+use crate::config::Config;
+use crate::model::Role;
+use crate::pki::{self, Pki};
+use crate::provider::{LaunchRequest, Provider};
+use crate::reconcile::{Action, Desired, Limits, Reason, decide};
+use crate::registry::{Registry, unix_ms};
+use crate::userdata::{Bootstrap, Userdata};
+use anyhow::Context;
+use ddisco_proto::v1 as api;
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// Monotonic milliseconds since the controller started (never 0).
+#[derive(Debug)]
+pub struct Clock {
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { start: tokio::time::Instant::now() }
+    }
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Addresses and artifacts written into every node's userdata.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub grpc_url: String,
+    pub agent_url: String,
+    pub agent_sha256: String,
+}
+
+/// State shared by the servers and the reconcile loop.
+pub struct Shared {
+    pub cfg: Config,
+    /// Held only for short, synchronous sections; never across `.await`.
+    pub registry: Mutex<Registry>,
+    pub clock: Clock,
+    pub pki: Pki,
+    pub provider: Arc<dyn Provider>,
+    pub endpoints: Endpoints,
+    pub cert_validity: Duration,
+    /// Wakes the reconcile loop early (scale, enrollment, loss).
+    pub wake: Notify,
+    /// Wakes the persister.
+    persist: Notify,
+    /// Serialises reconcile ticks with `destroy` (a tokio mutex: held across
+    /// provider calls).
+    pub tick_lock: tokio::sync::Mutex<()>,
+    /// Set by `destroy`: no more launches.
+    pub destroying: AtomicBool,
+    pub refusals: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// The registry changed: save it soon.
+    pub fn changed(&self) {
+        self.persist.notify_one();
+    }
+
+    pub fn metrics_refusal(&self) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks `serve` to stop.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            boot_timeout_ms: self.cfg.boot_timeout.as_millis() as u64,
+            heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
+        }
+    }
+
+    fn cluster_file(&self) -> PathBuf {
+        self.cfg.state_dir.join("cluster.json")
+    }
+
+    /// Writes `cluster.json` if anything changed since the last save.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let json = {
+            let mut reg = self.registry.lock().expect("registry lock");
+            if !reg.dirty {
+                return Ok(());
+            }
+            reg.dirty = false;
+            reg.to_json()
+        };
+        pki::write_private(&self.cluster_file(), &json)?;
+        Ok(())
+    }
+}
+
+/// Creates the state directory (mode 0700).
+pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on state_dir {}", cfg.state_dir.display()))?;
+    Ok(())
+}
+
+/// The provider named by the configuration.
+pub fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    match cfg.provider {
+        crate::config::ProviderKind::Local => Ok(Arc::new(
+            crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
+                .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
+        )),
+        crate::config::ProviderKind::Ec2 => anyhow::bail!("provider \"ec2\" is not available in this build"),
+    }
+}
+
+/// Finds the agent binary to serve: the configured path, or `ddisco-agent`
+/// next to this program.
+pub fn agent_binary_path(cfg: &Config) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cfg.agent_binary {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("cannot locate this program")?;
+    Ok(exe.with_file_name("ddisco-agent"))
+}
+
+/// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    prepare_state_dir(&cfg)?;
+
+    let agent_path = agent_binary_path(&cfg)?;
+    let agent_bytes = std::fs::read(&agent_path).with_context(|| {
+        format!(
+            "cannot read the agent binary {} (set agent_binary in the config, or build it: \
+             cargo build -p ddisco-agent)",
+            agent_path.display()
+        )
+    })?;
+    let agent_sha256 = hex::encode(Sha256::digest(&agent_bytes));
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `listen`)", cfg.listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let dl_listener = std::net::TcpListener::bind(cfg.download_listen)
+        .with_context(|| format!("cannot listen on {} (key `download_listen`)", cfg.download_listen))?;
+    let dl_addr = dl_listener.local_addr()?;
+
+    let host = advertise_host(&cfg, grpc_addr);
+    let pki = Pki::load_or_create(&cfg.state_dir, &cfg.tag_key, std::slice::from_ref(&host))
+        .context("cannot prepare the cluster CA in state_dir")?;
+    let endpoints = Endpoints {
+        grpc_url: format!("https://{}", join_host_port(&host, grpc_addr.port())),
+        agent_url: format!("https://{}/agent/ddisco-agent", join_host_port(&host, dl_addr.port())),
+        agent_sha256,
+    };
+
+    let clock = Clock::new();
+    let cluster_file = cfg.state_dir.join("cluster.json");
+    let registry = match std::fs::read_to_string(&cluster_file) {
+        Ok(text) => {
+            let reg = Registry::from_json(&text, clock.now_ms())
+                .with_context(|| format!("{} is damaged; move it away to start afresh", cluster_file.display()))?;
+            tracing::info!(nodes = reg.len(), desired_slaves = reg.desired_slaves, "re-adopting the cluster from {}", cluster_file.display());
+            reg
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::new(cfg.num_slaves),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
+    };
+
+    let provider = make_provider(&cfg)?;
+    let admin_path = cfg.admin_socket();
+    let admin_listener = crate::admin::bind(&admin_path).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cert_validity: Duration::from_secs(30 * 86_400),
+        registry: Mutex::new(registry),
+        clock,
+        pki,
+        provider,
+        endpoints: endpoints.clone(),
+        wake: Notify::new(),
+        persist: Notify::new(),
+        tick_lock: tokio::sync::Mutex::new(()),
+        destroying: AtomicBool::new(false),
+        refusals: AtomicU64::new(0),
+        shutdown: shutdown_tx,
+        cfg,
+    });
+
+    tracing::info!(
+        grpc = %endpoints.grpc_url,
+        agent = %endpoints.agent_url,
+        admin = %admin_path.display(),
+        provider = shared.provider.name(),
+        cluster = %shared.cfg.tag_key,
+        ca_sha256 = %shared.pki.ca_fingerprint(),
+        "controller started"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(grpc_server(shared.clone(), grpc_listener, shutdown_rx.clone()));
+    tasks.spawn(crate::download::serve(shared.clone(), dl_listener, agent_bytes, shutdown_rx.clone()));
+    tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
+    tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
+    tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
+
+    let mut stop_rx = shutdown_rx.clone();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping the controller (nodes keep running; `destroy` removes them)"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM; stopping the controller (nodes keep running; `destroy` removes them)"),
+        _ = stop_rx.changed() => {}
+        Some(res) = tasks.join_next() => {
+            shared.stop();
+            res??;
+        }
+    }
+    shared.stop();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res? {
+            tracing::error!("{e:#}");
+        }
+    }
+    shared.save()?;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+fn advertise_host(cfg: &Config, grpc: SocketAddr) -> String {
+    if let Some(a) = &cfg.advertise {
+        return a.clone();
+    }
+    match grpc.ip() {
+        ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST).to_string(),
+        ip => ip.to_string(),
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+async fn grpc_server(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&shared.pki.server_cert_pem, &shared.pki.server_key_pem))
+        .client_ca_root(Certificate::from_pem(shared.pki.ca_pem()))
+        // Enrollment is reached without a certificate (it takes a token);
+        // the Agent service refuses sessions that present none.
+        .client_auth_optional(true);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(api::enrollment_server::EnrollmentServer::new(crate::grpc::EnrollmentService {
+            shared: shared.clone(),
+        }))
+        .add_service(api::agent_server::AgentServer::new(crate::grpc::AgentService { shared }))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn persist_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shared.persist.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        // Coalesce bursts (many enrollments) into one write.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = shared.save() {
+            tracing::error!("cannot save the cluster state: {e:#}");
+        }
+    }
+}
+
+async fn reconcile_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        if !shared.destroying.load(Ordering::Relaxed) {
+            let _guard = shared.tick_lock.lock().await;
+            if let Err(e) = tick(&shared).await {
+                tracing::warn!("reconcile: {e:#}; trying again next tick");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(shared.cfg.reconcile_interval) => {}
+            _ = shared.wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// One reconcile pass: observe, decide, act.
+pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
+    // Without a fresh listing nothing is decided: stale data could kill
+    // healthy nodes or launch duplicates.
+    let observed = sh.provider.list().await.context("listing the cluster's instances")?;
+    let actions = {
+        let reg = sh.registry.lock().expect("registry lock");
+        let views = reg.views(&observed, sh.clock.now_ms(), unix_ms());
+        decide(Desired { slaves: reg.desired_slaves }, &views, sh.limits())
+    };
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let mut to_terminate = Vec::new();
+    let mut launches = Vec::new();
+    {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for action in actions {
+            match action {
+                Action::MarkBooting { id } => {
+                    if let Some(e) = reg.get_mut(&id) {
+                        e.rec.state = crate::model::NodeState::Booting;
+                    }
+                }
+                Action::Forget { id } => {
+                    reg.remove(&id);
+                }
+                Action::Terminate { id, reason } => {
+                    let Some(e) = reg.get_mut(&id) else { continue };
+                    let role = e.rec.role;
+                    e.rec.state = crate::model::NodeState::Terminating;
+                    e.rec.detail = reason.describe();
+                    e.live.revoke();
+                    let msg = match (&reason, role) {
+                        (r, Role::Master) if r.is_loss() => format!(
+                            "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
+                             launching one now; slaves keep running and will be pointed at it",
+                            r.describe()
+                        ),
+                        (r, _) if r.is_loss() => format!("{id} lost ({}); replacing it", r.describe()),
+                        (Reason::ScaleDown, _) => format!("{id} removed (scale down)"),
+                        (r, _) => format!("{id} terminated ({})", r.describe()),
+                    };
+                    if reason.is_loss() {
+                        tracing::warn!("{msg}");
+                    }
+                    reg.event(msg);
+                    to_terminate.push(id);
+                }
+                Action::Launch { role, count } => launches.push((role, count)),
+            }
+        }
+    }
+    if !to_terminate.is_empty() {
+        sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
+    }
+    let requests = prepare_launches(sh, &launches);
+    if !requests.is_empty() {
+        let ids: Vec<String> = requests.iter().map(|r| r.node_id.clone()).collect();
+        let results = sh.provider.launch(requests).await;
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for (id, res) in ids.into_iter().zip(results) {
+            match res {
+                Ok(instance) => {
+                    if let Some(e) = reg.get_mut(&id) {
+                        e.rec.instance_id = Some(instance);
+                    }
+                }
+                Err(e) => {
+                    reg.remove(&id);
+                    reg.event(format!("launch of {id} failed: {e}; retrying next tick"));
+                }
+            }
+        }
+    }
+    sh.changed();
+    Ok(())
+}
+
+/// Records new nodes, mints their tokens and renders their userdata.
+fn prepare_launches(sh: &Shared, launches: &[(Role, u32)]) -> Vec<LaunchRequest> {
+    let mut out = Vec::new();
+    let mut reg = sh.registry.lock().expect("registry lock");
+    let expires = unix_ms() + sh.cfg.token_ttl.as_millis() as u64;
+    let ca_sha = sh.pki.ca_fingerprint();
+    for &(role, count) in launches {
+        for _ in 0..count {
+            let (secret, hash) = pki::mint_token();
+            let id = reg.add_node(role, hash, expires, |seq| sh.provider.address_for(seq));
+            let address = reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default();
+            let userdata = Userdata {
+                bootstrap: Bootstrap {
+                    controller: &sh.endpoints.grpc_url,
+                    server_name: pki::SERVER_NAME,
+                    ca_sha256: &ca_sha,
+                    node_id: &id,
+                    token: &secret,
+                },
+                ca_pem: sh.pki.ca_pem(),
+                agent_url: &sh.endpoints.agent_url,
+                agent_sha256: &sh.endpoints.agent_sha256,
+                default_home: "/var/lib/ddisco",
+            }
+            .render();
+            reg.event(format!("launching {id} ({role})"));
+            out.push(LaunchRequest { node_id: id, role, userdata, address });
+        }
+    }
+    out
+}
+
+/// Terminates every node of the cluster; returns their ids.
+pub async fn destroy_all(sh: &Arc<Shared>) -> anyhow::Result<Vec<String>> {
+    sh.destroying.store(true, Ordering::Relaxed);
+    let _guard = sh.tick_lock.lock().await;
+    let mut ids: Vec<String> = {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        let ids: Vec<String> = reg.entries().map(|e| e.rec.id.clone()).collect();
+        for id in &ids {
+            if let Some(e) = reg.get_mut(id) {
+                e.live.revoke();
+                e.rec.state = crate::model::NodeState::Terminating;
+            }
+        }
+        ids
+    };
+    // Also anything the provider lists that the registry forgot.
+    for id in sh.provider.list().await?.into_keys() {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids.sort();
+    sh.provider.terminate(&ids).await?;
+    let still: Vec<String> =
+        sh.provider.list().await?.into_iter().filter(|(_, alive)| *alive).map(|(id, _)| id).collect();
+    anyhow::ensure!(still.is_empty(), "still running after terminate: {}", still.join(", "));
+    {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for id in &ids {
+            reg.remove(id);
+        }
+        reg.event(format!("cluster destroyed: {} nodes terminated", ids.len()));
+    }
+    sh.save()?;
+    Ok(ids)
+}

@@ -1,0 +1,35 @@
+//! ddisco-controller: the control plane of disposable map/reduce clusters.
+//!
+//! # Layout
+//! - [`config`]: the config file (TOML, or the original `config.json`),
+//!   defaults and validation. Errors name the file and the key.
+//! - [`model`]: roles, node states, worker counts. Plain data.
+//! - [`reconcile`]: the decision function (desired vs observed -> actions).
+//!   Plain data in and out, unit-tested without a network.
+//! - [`plan`]: the steps a node's agent runs, from config + role + layout.
+//! - [`registry`]: the node registry, tokens and events; persisted as
+//!   `cluster.json` in the state directory.
+//! - [`pki`]: the cluster CA, node certificates, bootstrap tokens.
+//! - [`userdata`]: the boot script every node runs.
+//! - [`provider`]: where nodes run (`local`: processes on this machine).
+//! - [`controller`]: `serve`: wiring, reconcile loop, persistence.
+//! - [`grpc`], [`download`], [`admin`]: the edges (agents' gRPC/TLS, agent
+//!   download over HTTPS, local admin API on a Unix socket).
+//! - [`cli`]: one module per subcommand.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod download;
+pub mod grpc;
+pub mod model;
+pub mod pki;
+pub mod plan;
+pub mod provider;
+pub mod reconcile;
+pub mod registry;
+pub mod userdata;
+
+pub use config::Config;
+pub use model::{NodeState, Role};

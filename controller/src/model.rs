@@ -1,0 +1,101 @@
+//! Plain domain types shared by the registry, the reconciler and the API
+//! edges. Nothing here does I/O.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A node's role in the map/reduce cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Master,
+    Slave,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Master => "master",
+            Role::Slave => "slave",
+        })
+    }
+}
+
+/// Where a node is in its life. Transitions (anything else is a bug):
+///
+/// ```text
+/// Requested -> Booting -> Enrolled -> Provisioning(k/n) -> Ready
+///     any state -> Failed (a step failed; kept for diagnosis, not replaced)
+///     any state -> Lost (instance gone, boot deadline or heartbeat timeout)
+///     any state -> Terminating -> (forgotten once the provider confirms)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum NodeState {
+    /// Launch asked of the provider.
+    Requested,
+    /// The instance exists; its agent has not enrolled yet.
+    Booting,
+    /// The agent holds a client certificate; no assignment acknowledged yet.
+    Enrolled,
+    /// Running step `step` (0-based) of `of`.
+    Provisioning { step: u32, of: u32 },
+    Ready,
+    /// A provisioning step failed.
+    Failed { step: String },
+    /// Declared dead; its replacement is launched in the same tick.
+    Lost,
+    Terminating,
+}
+
+impl NodeState {
+    /// Short label for status output.
+    pub fn label(&self) -> String {
+        match self {
+            NodeState::Requested => "requested".into(),
+            NodeState::Booting => "booting".into(),
+            NodeState::Enrolled => "enrolled".into(),
+            NodeState::Provisioning { step, of } => format!("provisioning {}/{}", step + 1, of),
+            NodeState::Ready => "ready".into(),
+            NodeState::Failed { .. } => "failed".into(),
+            NodeState::Lost => "lost".into(),
+            NodeState::Terminating => "terminating".into(),
+        }
+    }
+
+    /// Has the agent enrolled (so heartbeats are expected)?
+    pub fn is_enrolled(&self) -> bool {
+        matches!(
+            self,
+            NodeState::Enrolled
+                | NodeState::Provisioning { .. }
+                | NodeState::Ready
+                | NodeState::Failed { .. }
+        )
+    }
+}
+
+/// `workers = max(1, floor(cores x multiplier))`.
+pub fn worker_count(cores: u32, multiplier: f64) -> u32 {
+    let w = (f64::from(cores) * multiplier).floor();
+    if w.is_finite() && w >= 1.0 {
+        w.min(f64::from(u32::MAX)) as u32
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers() {
+        assert_eq!(worker_count(4, 1.0), 4);
+        assert_eq!(worker_count(4, 1.5), 6);
+        assert_eq!(worker_count(3, 0.5), 1);
+        assert_eq!(worker_count(1, 0.1), 1);
+        assert_eq!(worker_count(0, 2.0), 1);
+        assert_eq!(worker_count(8, 0.25), 2);
+    }
+}

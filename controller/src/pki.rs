@@ -1,0 +1,230 @@
+//! The cluster's certificate authority and bootstrap tokens.
+//!
+//! # Guarantees
+//! - The CA key and the server key are written once, mode 0600, in the state
+//!   directory, and reused on restart (agents keep trusting the controller).
+//! - A node's client certificate carries its node id as common name and is
+//!   issued only against a valid, unused, unexpired bootstrap token.
+//! - Bootstrap tokens are 256 random bits; only their SHA-256 is stored.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The name every agent verifies the controller's certificate against,
+/// whatever address it dials (the CA is private to the cluster).
+pub const SERVER_NAME: &str = "ddisco-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub struct Pki {
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    issuer: Issuer<'static, KeyPair>,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki").field("ca_fingerprint", &self.ca_fingerprint()).finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Loads the CA and server certificate from `dir`, creating what is
+    /// missing. The server certificate is re-issued when `names` (the
+    /// addresses it must be valid for) changed since it was written.
+    pub fn load_or_create(dir: &Path, cluster: &str, names: &[String]) -> Result<Pki, PkiError> {
+        let ca_cert_path = dir.join("ca.pem");
+        let ca_key_path = dir.join("ca.key");
+        let (ca_pem, ca_key) = if ca_cert_path.exists() && ca_key_path.exists() {
+            let key = KeyPair::from_pem(&read(&ca_key_path)?)?;
+            (read(&ca_cert_path)?, key)
+        } else {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name = dn(&format!("ddisco CA {cluster}"));
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            validity(&mut params, Duration::from_secs(10 * 365 * 86_400));
+            let cert = params.self_signed(&key)?;
+            write_private(&ca_key_path, &key.serialize_pem())?;
+            write_private(&ca_cert_path, &cert.pem())?;
+            (cert.pem(), key)
+        };
+        let ca_der = pem_to_der(&ca_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+
+        let mut wanted: Vec<String> = vec![SERVER_NAME.to_string()];
+        wanted.extend(names.iter().cloned());
+        wanted.sort();
+        wanted.dedup();
+        let names_path = dir.join("server.names");
+        let cert_path = dir.join("server.pem");
+        let key_path = dir.join("server.key");
+        let current = std::fs::read_to_string(&names_path).unwrap_or_default();
+        let (server_cert_pem, server_key_pem) =
+            if current == wanted.join("\n") && cert_path.exists() && key_path.exists() {
+                (read(&cert_path)?, read(&key_path)?)
+            } else {
+                let key = KeyPair::generate()?;
+                let mut params = CertificateParams::new(wanted.clone())?;
+                params.distinguished_name = dn(SERVER_NAME);
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                validity(&mut params, Duration::from_secs(5 * 365 * 86_400));
+                let cert = params.signed_by(&key, &issuer)?;
+                write_private(&key_path, &key.serialize_pem())?;
+                write_private(&cert_path, &cert.pem())?;
+                write_private(&names_path, &wanted.join("\n"))?;
+                (cert.pem(), key.serialize_pem())
+            };
+        Ok(Pki { ca_pem, ca_der, issuer, server_cert_pem, server_key_pem })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// SHA-256 of the CA certificate (DER), hex.
+    pub fn ca_fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(&self.ca_der))
+    }
+
+    /// Issues a client certificate for `node_id` over the public key of the
+    /// CSR. The CSR's subject is ignored: the identity comes from the token.
+    pub fn sign_node(&self, node_id: &str, csr_pem: &str, valid_for: Duration) -> Result<String, PkiError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("csr_pem is not a valid signing request: {e}")))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(node_id);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, valid_for);
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+}
+
+/// The node id (common name) of a verified client certificate (DER).
+pub fn node_id_of(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// A fresh bootstrap token (256 bits, hex) and its stored hash.
+pub fn mint_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let secret = hex::encode(bytes);
+    let hash = token_hash(&secret);
+    (secret, hash)
+}
+
+pub fn token_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn validity(params: &mut CertificateParams, valid_for: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    // Tolerate clocks a little behind ours.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + valid_for;
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| PkiError::Invalid(format!("not a PEM certificate: {e}")))
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+/// Writes a file readable by its owner only (atomically: temp + rename).
+pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn ca_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Pki::load_or_create(dir.path(), "t", &["127.0.0.1".into()]).unwrap();
+        let b = Pki::load_or_create(dir.path(), "t", &["127.0.0.1".into()]).unwrap();
+        assert_eq!(a.ca_pem(), b.ca_pem());
+        assert_eq!(a.server_cert_pem, b.server_cert_pem);
+        for f in ["ca.key", "ca.pem", "server.key", "server.pem"] {
+            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        // A new advertised name re-issues the server certificate, same CA.
+        let c = Pki::load_or_create(dir.path(), "t", &["10.0.0.5".into()]).unwrap();
+        assert_eq!(a.ca_pem(), c.ca_pem());
+        assert_ne!(a.server_cert_pem, c.server_cert_pem);
+    }
+
+    #[test]
+    fn node_certificate_names_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name = dn("i-claim-to-be-the-master");
+        let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+        let pem = pki.sign_node("slave-0003", &csr, Duration::from_secs(60)).unwrap();
+        let der = pem_to_der(&pem).unwrap();
+        assert_eq!(node_id_of(&der).as_deref(), Some("slave-0003"));
+        assert!(pki.sign_node("x", "garbage", Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn tokens_are_long_and_hashed() {
+        let (a, ha) = mint_token();
+        let (b, _) = mint_token();
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert_eq!(token_hash(&a), ha);
+        assert_ne!(a, ha);
+    }
+}

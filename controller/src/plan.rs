@@ -1,0 +1,190 @@
+//! What a node must do before it is ready: the ordered steps handed to its
+//! agent. A plain function of the configuration, the role and where the
+//! provider puts things on the node.
+
+use crate::config::Config;
+use crate::model::Role;
+use ddisco_proto::v1 as api;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Where things live on a node; decided by the provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLayout {
+    /// Home of the login user (management keys go to `.ssh/authorized_keys`).
+    pub home: PathBuf,
+    /// Owner to chown the keys to; `None` leaves ownership alone.
+    pub owner: Option<String>,
+    /// Virtual environment for pip requirements.
+    pub venv: PathBuf,
+    /// May system package steps install (`apt-get`), or only check?
+    pub install_packages: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepKind {
+    SystemPackages { packages: Vec<String>, install: bool },
+    Pip { requirements: Vec<String>, venv: String },
+    AuthorizedKeys { path: String, keys: Vec<String>, owner: String },
+    Shell { script: String, env: BTreeMap<String, String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Content hash: an agent's progress is only reused for the same plan.
+    pub id: String,
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    pub fn new(steps: Vec<Step>) -> Plan {
+        let json = serde_json::to_vec(&steps).expect("steps serialize");
+        let id = hex::encode(&Sha256::digest(&json)[..12]);
+        Plan { id, steps }
+    }
+}
+
+/// The steps for a node of `role` with `workers` workers.
+pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout) -> Plan {
+    let mut steps = Vec::new();
+    let packages: Vec<String> = cfg
+        .base_packages
+        .iter()
+        .chain(&cfg.additional_packages)
+        .cloned()
+        .collect();
+    if !packages.is_empty() {
+        steps.push(Step {
+            name: "system_packages".into(),
+            kind: StepKind::SystemPackages { packages, install: layout.install_packages },
+        });
+    }
+    if !cfg.pip_requirements.is_empty() {
+        steps.push(Step {
+            name: "pip_requirements".into(),
+            kind: StepKind::Pip {
+                requirements: cfg.pip_requirements.clone(),
+                venv: layout.venv.display().to_string(),
+            },
+        });
+    }
+    if !cfg.mgmt_keys.is_empty() {
+        steps.push(Step {
+            name: "authorized_keys".into(),
+            kind: StepKind::AuthorizedKeys {
+                path: layout.home.join(".ssh/authorized_keys").display().to_string(),
+                keys: cfg.mgmt_keys.clone(),
+                owner: layout.owner.clone().unwrap_or_default(),
+            },
+        });
+    }
+    if !cfg.post_init.trim().is_empty() {
+        let env = BTreeMap::from([
+            ("DDISCO_ROLE".to_string(), role.to_string()),
+            ("DDISCO_WORKERS".to_string(), workers.to_string()),
+            ("DDISCO_VENV".to_string(), layout.venv.display().to_string()),
+        ]);
+        steps.push(Step {
+            name: "post_init".into(),
+            kind: StepKind::Shell { script: cfg.post_init.clone(), env },
+        });
+    }
+    Plan::new(steps)
+}
+
+impl From<&Plan> for api::Plan {
+    fn from(p: &Plan) -> api::Plan {
+        api::Plan { id: p.id.clone(), steps: p.steps.iter().map(api::Step::from).collect() }
+    }
+}
+
+impl From<&Step> for api::Step {
+    fn from(s: &Step) -> api::Step {
+        use api::step::Kind;
+        let kind = match &s.kind {
+            StepKind::SystemPackages { packages, install } => {
+                Kind::SystemPackages(api::SystemPackages { packages: packages.clone(), install: *install })
+            }
+            StepKind::Pip { requirements, venv } => {
+                Kind::Pip(api::PipRequirements { requirements: requirements.clone(), venv: venv.clone() })
+            }
+            StepKind::AuthorizedKeys { path, keys, owner } => Kind::AuthorizedKeys(api::AuthorizedKeys {
+                path: path.clone(),
+                keys: keys.clone(),
+                owner: owner.clone(),
+            }),
+            StepKind::Shell { script, env } => Kind::Shell(api::Shell {
+                script: script.clone(),
+                env: env.clone().into_iter().collect(),
+            }),
+        };
+        api::Step { name: s.name.clone(), kind: Some(kind) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> NodeLayout {
+        NodeLayout {
+            home: "/home/ubuntu".into(),
+            owner: Some("ubuntu".into()),
+            venv: "/opt/ddisco/venv".into(),
+            install_packages: true,
+        }
+    }
+
+    #[test]
+    fn steps_in_order_post_init_last() {
+        let cfg = Config {
+            mgmt_keys: vec!["ssh-ed25519 AAAA k".into()],
+            post_init: "echo hi".into(),
+            ..Config::default()
+        };
+        let p = build(&cfg, Role::Master, 4, &layout());
+        let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["system_packages", "pip_requirements", "authorized_keys", "post_init"]);
+        match &p.steps[2].kind {
+            StepKind::AuthorizedKeys { path, owner, .. } => {
+                assert_eq!(path, "/home/ubuntu/.ssh/authorized_keys");
+                assert_eq!(owner, "ubuntu");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &p.steps[3].kind {
+            StepKind::Shell { env, .. } => assert_eq!(env["DDISCO_WORKERS"], "4"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_settings_give_no_steps() {
+        let cfg = Config {
+            base_packages: vec![],
+            additional_packages: vec![],
+            pip_requirements: vec![],
+            ..Config::default()
+        };
+        assert!(build(&cfg, Role::Slave, 1, &layout()).steps.is_empty());
+    }
+
+    #[test]
+    fn plan_id_follows_content() {
+        let cfg = Config::default();
+        let a = build(&cfg, Role::Slave, 2, &layout());
+        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout()).id);
+        let local = NodeLayout { install_packages: false, ..layout() };
+        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local).id);
+    }
+}

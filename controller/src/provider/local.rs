@@ -1,0 +1,178 @@
+//! The local provider (the embedded default): every node is a process tree on
+//! this machine, started by running its userdata with `sh` in its own folder
+//! `<state_dir>/nodes/<node id>/` and its own process group. Killing the group
+//! is how an instance dies. Nodes outlive the controller, as instances would;
+//! a restarted controller finds them again through their pid files.
+//!
+//! # Guarantees
+//! - Only processes that carry this cluster's id and the node's id in their
+//!   environment are ever signalled (a recycled pid is never killed).
+//! - The node gets a minimal environment (an allow-list), never the
+//!   controller's secrets.
+
+use super::{LaunchRequest, Provider, ProviderError};
+use crate::plan::NodeLayout;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// Environment variables passed through to local nodes.
+const ENV_ALLOW: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "RUST_LOG", "PYENV_ROOT", "PYENV_VERSION",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+];
+
+pub struct LocalProvider {
+    nodes_dir: PathBuf,
+    /// Unique per state directory: tells this cluster's processes apart.
+    cluster_id: String,
+    /// Second octet of this cluster's loopback range 127.N.x.y.
+    net: u8,
+    install_packages: bool,
+}
+
+impl LocalProvider {
+    pub fn new(state_dir: &Path, install_packages: bool) -> std::io::Result<LocalProvider> {
+        let nodes_dir = state_dir.join("nodes");
+        std::fs::create_dir_all(&nodes_dir)?;
+        let canonical = nodes_dir.canonicalize()?;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(canonical.as_os_str().as_encoded_bytes());
+        Ok(LocalProvider {
+            nodes_dir: canonical,
+            cluster_id: hex::encode(&digest[..8]),
+            net: 1 + digest[8] % 254,
+            install_packages,
+        })
+    }
+
+    fn node_dir(&self, id: &str) -> PathBuf {
+        self.nodes_dir.join(id)
+    }
+
+    /// The pid of the node's process group leader, if it is still ours.
+    fn live_pid(&self, id: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.node_dir(id).join("pid")).ok()?.trim().parse().ok()?;
+        is_ours(pid, &self.cluster_id, id).then_some(pid)
+    }
+
+    async fn launch_one(&self, r: LaunchRequest) -> Result<String, ProviderError> {
+        let dir = self.node_dir(&r.node_id);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let script = dir.join("userdata.sh");
+        crate::pki::write_private(&script, &r.userdata).map_err(|e| ProviderError::Other(e.to_string()))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log"))?;
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("userdata.sh")
+            .current_dir(&dir)
+            .env_clear()
+            .envs(ENV_ALLOW.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
+            .env("DDISCO_HOME", &dir)
+            .env("DDISCO_NODE_ID", &r.node_id)
+            .env("DDISCO_CLUSTER_ID", &self.cluster_id)
+            .env("DDISCO_NODE_ADDR", &r.address)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().ok_or_else(|| ProviderError::Other("node exited at once".into()))?;
+        std::fs::write(dir.join("pid"), pid.to_string())?;
+        // Reap the node when it exits, so it does not linger as a zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(format!("local-{pid}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn layout(&self, node_id: &str) -> NodeLayout {
+        let dir = self.node_dir(node_id);
+        NodeLayout {
+            home: dir.join("home"),
+            owner: None,
+            venv: dir.join("venv"),
+            install_packages: self.install_packages,
+        }
+    }
+
+    fn address_for(&self, seq: u64) -> String {
+        format!("127.{}.{}.{}", self.net, (seq / 250) % 256, seq % 250 + 2)
+    }
+
+    async fn launch(&self, requests: Vec<LaunchRequest>) -> Vec<Result<String, ProviderError>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            out.push(self.launch_one(r).await);
+        }
+        out
+    }
+
+    async fn list(&self) -> Result<HashMap<String, bool>, ProviderError> {
+        let mut out = HashMap::new();
+        for entry in std::fs::read_dir(&self.nodes_dir)? {
+            let entry = entry?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().join("pid").exists() {
+                out.insert(id.clone(), self.live_pid(&id).is_some());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn terminate(&self, node_ids: &[String]) -> Result<(), ProviderError> {
+        let mut pids = Vec::new();
+        for id in node_ids {
+            if let Some(pid) = self.live_pid(id) {
+                // SIGKILL also ends stopped (SIGSTOP) processes.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                pids.push((id, pid));
+            }
+        }
+        // Wait (bounded) until the leaders are gone, so "terminated" means gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        for (id, pid) in &pids {
+            while is_ours(*pid, &self.cluster_id, id) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        for id in node_ids {
+            let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
+        }
+        Ok(())
+    }
+}
+
+/// Is `pid` a live (not zombie) process of node `id` of this cluster?
+fn is_ours(pid: i32, cluster_id: &str, id: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // State is the field after the parenthesised command name.
+    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
+    }
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let want_node = format!("DDISCO_NODE_ID={id}");
+    let want_cluster = format!("DDISCO_CLUSTER_ID={cluster_id}");
+    let mut node = false;
+    let mut cluster = false;
+    for var in env.split(|b| *b == 0) {
+        node |= var == want_node.as_bytes();
+        cluster |= var == want_cluster.as_bytes();
+    }
+    node && cluster
+}

@@ -1,0 +1,355 @@
+//! The node registry: every node this controller launched, its state, its
+//! bootstrap token (hashed), and the cluster's desired size. Persisted to
+//! `cluster.json` in the state directory so a restarted controller re-adopts
+//! its nodes instead of launching duplicates.
+//!
+//! The registry lives behind a `std::sync::Mutex`: it is only held for short,
+//! non-async sections (never across an `.await`), and the hot path, heartbeats,
+//! does not take it at all: each node's [`Liveness`] is an atomic that the
+//! agent's session task updates directly.
+
+use crate::model::{NodeState, Role};
+use crate::reconcile::{Instance, NodeView};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Facts an agent reports about its node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    pub instance_id: String,
+    pub hostname: String,
+    pub addresses: Vec<String>,
+    pub logical_cores: u32,
+    pub memory_bytes: u64,
+    pub agent_version: String,
+}
+
+/// A node as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub role: Role,
+    pub seq: u64,
+    #[serde(flatten)]
+    pub state: NodeState,
+    /// Why the node is in its state (failed step output, loss reason, ...).
+    #[serde(default)]
+    pub detail: String,
+    pub instance_id: Option<String>,
+    /// Address the provider gave the node (the local provider's loopback IP).
+    #[serde(default)]
+    pub address: String,
+    pub launched_unix_ms: u64,
+    pub token_hash: String,
+    pub token_expires_unix_ms: u64,
+    pub token_used: bool,
+    #[serde(default)]
+    pub facts: Option<Facts>,
+    #[serde(default)]
+    pub workers: u32,
+    #[serde(default)]
+    pub plan_id: String,
+    #[serde(default)]
+    pub current_step: String,
+}
+
+/// Liveness of one node, shared with its session task. Updating it costs one
+/// atomic store: no lock, no allocation, no scan.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Controller-clock milliseconds of the last message; 0 = never.
+    last_seen_ms: AtomicU64,
+    /// Set when the node is terminated: its session must end.
+    revoked: AtomicBool,
+}
+
+impl Liveness {
+    pub fn touch(&self, now_ms: u64) {
+        self.last_seen_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+    pub fn last_seen_ms(&self) -> Option<u64> {
+        match self.last_seen_ms.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some(v),
+        }
+    }
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Relaxed);
+    }
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub struct Entry {
+    pub rec: NodeRecord,
+    pub live: Arc<Liveness>,
+}
+
+/// An event worth showing the operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub unix_ms: u64,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct ClusterFile {
+    desired_slaves: u32,
+    next_seq: u64,
+    nodes: Vec<NodeRecord>,
+}
+
+/// Why an enrollment was refused. Refusals change no state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("unknown bootstrap token")]
+    Unknown,
+    #[error("bootstrap token of node {0} was already used")]
+    Used(String),
+    #[error("bootstrap token of node {0} has expired; the node will be replaced")]
+    Expired(String),
+    #[error("node {0} is being terminated")]
+    Terminated(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub desired_slaves: u32,
+    next_seq: u64,
+    nodes: BTreeMap<String, Entry>,
+    token_index: HashMap<String, String>,
+    events: VecDeque<Event>,
+    /// Changed since the last save.
+    pub dirty: bool,
+}
+
+const MAX_EVENTS: usize = 100;
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Registry {
+    pub fn new(desired_slaves: u32) -> Registry {
+        Registry { desired_slaves, dirty: true, ..Default::default() }
+    }
+
+    /// Restores a saved registry. Every node counts as heard from `now_ms`, so
+    /// agents get a full heartbeat timeout to reconnect to a restarted
+    /// controller before anything is declared lost.
+    pub fn from_json(text: &str, now_ms: u64) -> Result<Registry, serde_json::Error> {
+        let file: ClusterFile = serde_json::from_str(text)?;
+        let mut reg = Registry {
+            desired_slaves: file.desired_slaves,
+            next_seq: file.next_seq,
+            ..Default::default()
+        };
+        for rec in file.nodes {
+            let live = Arc::new(Liveness::default());
+            live.touch(now_ms);
+            if !rec.token_used {
+                reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
+            }
+            reg.nodes.insert(rec.id.clone(), Entry { rec, live });
+        }
+        Ok(reg)
+    }
+
+    pub fn to_json(&self) -> String {
+        let file = ClusterFile {
+            desired_slaves: self.desired_slaves,
+            next_seq: self.next_seq,
+            nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
+        };
+        serde_json::to_string_pretty(&file).expect("registry serializes")
+    }
+
+    /// Records a new node about to be launched; returns its id.
+    pub fn add_node(&mut self, role: Role, token_hash: String, token_expires_unix_ms: u64, address: impl FnOnce(u64) -> String) -> String {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let id = format!("{role}-{seq:04}");
+        self.token_index.insert(token_hash.clone(), id.clone());
+        let rec = NodeRecord {
+            id: id.clone(),
+            role,
+            seq,
+            state: NodeState::Requested,
+            detail: String::new(),
+            instance_id: None,
+            address: address(seq),
+            launched_unix_ms: unix_ms(),
+            token_hash,
+            token_expires_unix_ms,
+            token_used: false,
+            facts: None,
+            workers: 0,
+            plan_id: String::new(),
+            current_step: String::new(),
+        };
+        self.nodes.insert(id.clone(), Entry { rec, live: Arc::new(Liveness::default()) });
+        self.dirty = true;
+        id
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.nodes.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        self.dirty = true;
+        self.nodes.get_mut(id)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.nodes.values()
+    }
+
+    pub fn remove(&mut self, id: &str) -> Option<Entry> {
+        let e = self.nodes.remove(id)?;
+        self.token_index.remove(&e.rec.token_hash);
+        self.dirty = true;
+        Some(e)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Checks a bootstrap token without changing anything.
+    pub fn check_token(&self, hash: &str, now_unix_ms: u64) -> Result<String, TokenError> {
+        let id = match self.token_index.get(hash) {
+            Some(id) => id,
+            None => {
+                // A used token is dropped from the index; name its node.
+                return match self.nodes.values().find(|e| e.rec.token_hash == hash) {
+                    Some(e) => Err(TokenError::Used(e.rec.id.clone())),
+                    None => Err(TokenError::Unknown),
+                };
+            }
+        };
+        let e = self.nodes.get(id).ok_or(TokenError::Unknown)?;
+        if e.rec.token_used {
+            return Err(TokenError::Used(id.clone()));
+        }
+        if now_unix_ms > e.rec.token_expires_unix_ms {
+            return Err(TokenError::Expired(id.clone()));
+        }
+        if matches!(e.rec.state, NodeState::Terminating | NodeState::Lost) {
+            return Err(TokenError::Terminated(id.clone()));
+        }
+        Ok(id.clone())
+    }
+
+    /// Marks the token used and the node enrolled.
+    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64) {
+        if let Some(e) = self.nodes.get_mut(id) {
+            self.token_index.remove(&e.rec.token_hash);
+            e.rec.token_used = true;
+            e.rec.state = NodeState::Enrolled;
+            e.rec.detail.clear();
+            if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
+                e.rec.instance_id = Some(facts.instance_id.clone());
+            }
+            e.rec.facts = Some(facts);
+            e.live.touch(now_ms);
+            self.dirty = true;
+        }
+    }
+
+    pub fn event(&mut self, message: String) {
+        tracing::info!(target: "ddisco::event", "{message}");
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event { unix_ms: unix_ms(), message });
+    }
+
+    pub fn events(&self) -> &VecDeque<Event> {
+        &self.events
+    }
+
+    /// The decision function's view of every node.
+    pub fn views(
+        &self,
+        observed: &HashMap<String, bool>,
+        now_ms: u64,
+        now_unix_ms: u64,
+    ) -> Vec<NodeView> {
+        self.nodes
+            .values()
+            .map(|e| NodeView {
+                id: e.rec.id.clone(),
+                role: e.rec.role,
+                state: e.rec.state.clone(),
+                seq: e.rec.seq,
+                since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),
+                since_heartbeat_ms: e.live.last_seen_ms().map(|t| now_ms.saturating_sub(t)),
+                instance: match observed.get(&e.rec.id) {
+                    Some(true) => Instance::Alive,
+                    Some(false) => Instance::Gone,
+                    None => Instance::NotListed,
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg_with_node(expires: u64) -> (Registry, String) {
+        let mut r = Registry::new(1);
+        let id = r.add_node(Role::Slave, "h1".into(), expires, |_| "127.0.0.2".into());
+        (r, id)
+    }
+
+    #[test]
+    fn token_checks() {
+        let (mut r, id) = reg_with_node(1_000);
+        assert_eq!(r.check_token("nope", 10), Err(TokenError::Unknown));
+        assert_eq!(r.check_token("h1", 2_000), Err(TokenError::Expired(id.clone())));
+        assert_eq!(r.check_token("h1", 10), Ok(id.clone()));
+        r.complete_enrollment(&id, Facts::default(), 5);
+        assert_eq!(r.check_token("h1", 10), Err(TokenError::Used(id.clone())));
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Enrolled);
+    }
+
+    #[test]
+    fn refusal_changes_nothing() {
+        let (mut r, id) = reg_with_node(1_000);
+        r.dirty = false;
+        let before = r.to_json();
+        let _ = r.check_token("h1", 2_000);
+        let _ = r.check_token("bad", 10);
+        assert_eq!(before, r.to_json());
+        assert!(!r.dirty);
+        assert!(r.get(&id).unwrap().live.last_seen_ms().is_none());
+    }
+
+    #[test]
+    fn round_trip_keeps_nodes_and_tokens() {
+        let (mut r, id) = reg_with_node(1_000);
+        let id2 = r.add_node(Role::Master, "h2".into(), 1_000, |_| String::new());
+        r.complete_enrollment(&id2, Facts::default(), 5);
+        let r2 = Registry::from_json(&r.to_json(), 77).unwrap();
+        assert_eq!(r2.len(), 2);
+        assert_eq!(r2.check_token("h1", 10), Ok(id.clone()));
+        assert_eq!(r2.check_token("h2", 10), Err(TokenError::Used(id2.clone())));
+        assert_eq!(r2.get(&id2).unwrap().live.last_seen_ms(), Some(77));
+        // Sequence continues: no id is reused.
+        let mut r2 = r2;
+        let id3 = r2.add_node(Role::Slave, "h3".into(), 1, |_| String::new());
+        assert_eq!(id3, "slave-0003");
+    }
+}

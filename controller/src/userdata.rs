@@ -1,0 +1,114 @@
+//! The boot script every node runs (EC2 userdata; the local provider runs the
+//! same script with `sh`). It fetches the agent from the controller over
+//! HTTPS (trusting only the cluster CA), refuses a binary whose SHA-256
+//! differs from the one written here, and starts it with the bootstrap token.
+//!
+//! **Invariant:** the bootstrap token is the only secret in userdata.
+
+use serde::Serialize;
+
+/// What the agent reads from `bootstrap.json`.
+#[derive(Debug, Serialize)]
+pub struct Bootstrap<'a> {
+    pub controller: &'a str,
+    pub server_name: &'a str,
+    pub ca_sha256: &'a str,
+    pub node_id: &'a str,
+    pub token: &'a str,
+}
+
+pub struct Userdata<'a> {
+    pub bootstrap: Bootstrap<'a>,
+    pub ca_pem: &'a str,
+    pub agent_url: &'a str,
+    pub agent_sha256: &'a str,
+    /// Folder on the node for the agent and its identity (EC2:
+    /// `/var/lib/ddisco`; the local provider overrides it with DDISCO_HOME).
+    pub default_home: &'a str,
+}
+
+impl Userdata<'_> {
+    pub fn render(&self) -> String {
+        let boot = serde_json::to_string(&self.bootstrap).expect("bootstrap serializes");
+        format!(
+            r#"#!/bin/sh
+# ddisco node bootstrap (generated). Holds a one-time bootstrap token.
+set -eu
+umask 077
+D="${{DDISCO_HOME:-{home}}}"
+mkdir -p "$D"
+cd "$D"
+cat > ca.pem <<'DDISCO_CA_EOF'
+{ca}DDISCO_CA_EOF
+cat > bootstrap.json <<'DDISCO_BOOT_EOF'
+{boot}
+DDISCO_BOOT_EOF
+url='{url}'
+sum='{sum}'
+fetch() {{
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS --retry 3 --connect-timeout 10 --cacert ca.pem -o ddisco-agent.part "$url"
+  else
+    wget -q --ca-certificate=ca.pem -O ddisco-agent.part "$url"
+  fi
+}}
+i=0
+until fetch; do
+  i=$((i + 1))
+  if [ "$i" -ge 30 ]; then
+    echo "ddisco: cannot download the agent from $url; is the controller running and reachable?" >&2
+    exit 1
+  fi
+  sleep 2
+done
+if ! echo "$sum  ddisco-agent.part" | sha256sum -c - >/dev/null 2>&1; then
+  echo "ddisco: the agent binary from $url does not have SHA-256 $sum: refusing to run it" >&2
+  rm -f ddisco-agent.part
+  exit 1
+fi
+chmod 0700 ddisco-agent.part
+mv -f ddisco-agent.part ddisco-agent
+echo "ddisco: agent verified ($sum), starting"
+exec ./ddisco-agent run --dir "$D"
+"#,
+            home = self.default_home,
+            ca = ensure_newline(self.ca_pem),
+            boot = boot,
+            url = self.agent_url,
+            sum = self.agent_sha256,
+        )
+    }
+}
+
+fn ensure_newline(s: &str) -> String {
+    if s.ends_with('\n') { s.to_string() } else { format!("{s}\n") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carries_what_the_node_needs_and_no_other_secret() {
+        let u = Userdata {
+            bootstrap: Bootstrap {
+                controller: "https://10.0.0.1:7443",
+                server_name: "ddisco-controller",
+                ca_sha256: "ab",
+                node_id: "slave-0001",
+                token: "tok123",
+            },
+            ca_pem: "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----",
+            agent_url: "https://10.0.0.1:7444/agent/ddisco-agent",
+            agent_sha256: "deadbeef",
+            default_home: "/var/lib/ddisco",
+        }
+        .render();
+        assert!(u.starts_with("#!/bin/sh\n"));
+        assert!(u.contains("\"token\":\"tok123\""));
+        assert!(u.contains("sum='deadbeef'"));
+        assert!(u.contains("--cacert ca.pem"));
+        assert!(u.contains("-----END CERTIFICATE-----\nDDISCO_CA_EOF"));
+        assert!(!u.contains("BEGIN PRIVATE KEY"));
+    }
+}
