@@ -1,0 +1,45 @@
+//! Facts about this node, reported at enrollment and in every hello.
+
+use ddisco_proto::v1 as api;
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, Networks, RefreshKind, System};
+
+pub fn gather() -> api::NodeFacts {
+    let sys = System::new_with_specifics(
+        RefreshKind::nothing()
+            .with_cpu(CpuRefreshKind::nothing())
+            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+    )
+    .ok();
+    let cores = sys
+        .as_ref()
+        .map(|s| s.cpus().len())
+        .filter(|n| *n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    // The provider may fix the node's address (the local provider's
+    // loopback IPs); otherwise report the non-loopback interface addresses.
+    let addresses = match std::env::var("DDISCO_NODE_ADDR") {
+        Ok(a) if !a.is_empty() => vec![a],
+        _ => Networks::new_with_refreshed_list()
+            .map(|nets| {
+                let mut v: Vec<String> = nets
+                    .values()
+                    .flat_map(|n| n.ip_networks().iter().map(|ip| ip.addr))
+                    .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+                    .map(|ip| ip.to_string())
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            })
+            .unwrap_or_default(),
+    };
+    api::NodeFacts {
+        instance_id: std::env::var("DDISCO_INSTANCE_ID").unwrap_or_default(),
+        hostname: System::host_name().unwrap_or_default(),
+        addresses,
+        logical_cores: cores as u32,
+        memory_bytes: sys.map(|s| s.total_memory()).unwrap_or(0),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}

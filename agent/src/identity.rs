@@ -1,0 +1,174 @@
+//! Enrollment and the node's identity.
+//!
+//! # Expected flow
+//! 1. The userdata wrote `bootstrap.json` (controller URL, server name, CA
+//!    fingerprint, node id, one-time token) and `ca.pem` into the agent's dir.
+//! 2. The agent checks `ca.pem` against the fingerprint, generates a key,
+//!    and calls `Enroll` with the token and a CSR, trusting only that CA.
+//! 3. It keeps `identity/key.pem` + `identity/cert.pem` (0600) and blanks the
+//!    token in `bootstrap.json`: after enrollment no bootstrap secret is left.
+//! 4. A restarted agent finds its identity and goes straight to its session.
+
+use crate::Fatal;
+use ddisco_proto::v1 as api;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bootstrap {
+    pub controller: String,
+    pub server_name: String,
+    pub ca_sha256: String,
+    pub node_id: String,
+    #[serde(default)]
+    pub token: String,
+}
+
+/// What the agent needs to talk to the controller.
+#[derive(Clone)]
+pub struct Creds {
+    pub controller: String,
+    pub server_name: String,
+    pub node_id: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Creds").field("controller", &self.controller).field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+impl Creds {
+    /// A channel to the controller with mutual TLS (or server-only TLS when
+    /// `with_identity` is false, for enrollment).
+    pub fn endpoint(&self, with_identity: bool) -> Result<Endpoint, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name(self.server_name.clone());
+        if with_identity {
+            tls = tls.identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        }
+        Ok(Endpoint::from_shared(self.controller.clone())?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true))
+    }
+}
+
+fn read(path: &Path) -> Result<String, Fatal> {
+    std::fs::read_to_string(path).map_err(|e| Fatal::Setup(format!("cannot read {}: {e}", path.display())))
+}
+
+pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn identity_dir(dir: &Path) -> PathBuf {
+    dir.join("identity")
+}
+
+/// Loads the identity from `dir`, enrolling first if there is none yet.
+/// Transport errors are retried with backoff; refusals are fatal.
+pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
+    let boot: Bootstrap = serde_json::from_str(&read(&dir.join("bootstrap.json"))?)
+        .map_err(|e| Fatal::Setup(format!("bootstrap.json is not valid: {e}")))?;
+    let ca_pem = read(&dir.join("ca.pem"))?;
+    check_ca(&ca_pem, &boot.ca_sha256)?;
+    let idir = identity_dir(dir);
+    let (cert_p, key_p) = (idir.join("cert.pem"), idir.join("key.pem"));
+    let mut creds = Creds {
+        controller: boot.controller.clone(),
+        server_name: boot.server_name.clone(),
+        node_id: boot.node_id.clone(),
+        ca_pem,
+        cert_pem: String::new(),
+        key_pem: String::new(),
+    };
+    if cert_p.exists() && key_p.exists() {
+        creds.cert_pem = read(&cert_p)?;
+        creds.key_pem = read(&key_p)?;
+        tracing::info!(node = %creds.node_id, "using the identity from an earlier enrollment");
+        return Ok(creds);
+    }
+    if boot.token.is_empty() {
+        return Err(Fatal::Setup("no identity and no bootstrap token: this node cannot enroll".into()));
+    }
+    let key = rcgen::KeyPair::generate().map_err(|e| Fatal::Setup(format!("key generation: {e}")))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|r| r.pem())
+        .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
+    let req = api::EnrollRequest { token: boot.token.clone(), csr_pem: csr, facts: Some(crate::facts::gather()) };
+    let mut backoff = crate::session::Backoff::new();
+    let reply = loop {
+        match try_enroll(&creds, req.clone()).await {
+            Ok(r) => break r,
+            Err(Attempt::Refused(msg)) => return Err(Fatal::EnrollmentRefused(msg)),
+            Err(Attempt::Retry(msg)) => {
+                let wait = backoff.next_delay();
+                tracing::warn!("enrollment: {msg}; retrying in {:.1}s", wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+    std::fs::create_dir_all(&idir).map_err(|e| Fatal::Setup(format!("{}: {e}", idir.display())))?;
+    let save = |p: &Path, s: &str| write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())));
+    save(&key_p, &key.serialize_pem())?;
+    save(&cert_p, &reply.certificate_pem)?;
+    // The token is spent; leave no copy of it behind.
+    let spent = Bootstrap { token: String::new(), ..boot };
+    save(&dir.join("bootstrap.json"), &serde_json::to_string(&spent).expect("serializes"))?;
+    tracing::info!(node = %reply.node_id, "enrolled");
+    creds.node_id = reply.node_id;
+    creds.cert_pem = reply.certificate_pem;
+    creds.key_pem = key.serialize_pem();
+    Ok(creds)
+}
+
+enum Attempt {
+    Refused(String),
+    Retry(String),
+}
+
+async fn try_enroll(creds: &Creds, req: api::EnrollRequest) -> Result<api::EnrollResponse, Attempt> {
+    let ch = creds
+        .endpoint(false)
+        .map_err(|e| Attempt::Refused(format!("bad controller address {:?}: {e}", creds.controller)))?
+        .connect()
+        .await
+        .map_err(|e| Attempt::Retry(format!("cannot reach {}: {e}", creds.controller)))?;
+    match api::enrollment_client::EnrollmentClient::new(ch).enroll(req).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => match s.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                Err(Attempt::Refused(format!("{:?}: {}", s.code(), s.message())))
+            }
+            _ => Err(Attempt::Retry(format!("{:?}: {}", s.code(), s.message()))),
+        },
+    }
+}
+
+fn check_ca(ca_pem: &str, want: &str) -> Result<(), Fatal> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| Fatal::Setup(format!("ca.pem is not a certificate: {e}")))?;
+    let got = hex::encode(Sha256::digest(der.as_ref()));
+    if !want.is_empty() && got != want {
+        return Err(Fatal::Setup(format!("ca.pem has SHA-256 {got}, bootstrap.json expects {want}: refusing it")));
+    }
+    Ok(())
+}

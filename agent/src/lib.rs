@@ -1,0 +1,29 @@
+//! ddisco-agent: the small static binary on every node.
+//!
+//! # Layout
+//! - [`identity`]: the bootstrap file, enrollment (token -> client
+//!   certificate), and the identity kept on disk afterwards.
+//! - [`facts`]: what the agent reports about its node (cores, memory, ...).
+//! - [`session`]: the long-lived mutual-TLS session: hello, assignment,
+//!   heartbeats, step reports, reconnects with backoff and jitter.
+//! - [`steps`]: runs the plan's steps in order and keeps progress on disk,
+//!   so a reconnect never re-runs a finished step.
+//!
+//! **Architecture Invariant:** no AWS SDK and no aws-lc in this crate's
+//! dependency tree; TLS uses rustls with ring.
+
+pub mod facts;
+pub mod identity;
+pub mod session;
+pub mod steps;
+
+/// Errors that end the agent: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("the controller refused enrollment: {0}")]
+    EnrollmentRefused(String),
+    #[error("the controller refused this node's session: {0}")]
+    SessionRefused(String),
+    #[error("{0}")]
+    Setup(String),
+}

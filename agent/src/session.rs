@@ -1,0 +1,186 @@
+//! The agent's session with the controller: one bidirectional gRPC stream
+//! over mutual TLS. The agent dials out (pull model); nothing listens on the
+//! node.
+//!
+//! # Expected flow
+//! hello (facts + progress) -> assignment (role, workers, plan) -> the plan
+//! runs in the background while heartbeats flow every interval and step
+//! reports are forwarded as they come. A broken session is retried with
+//! exponential backoff and full jitter; progress is not lost, and finished
+//! steps are never run again.
+
+use crate::Fatal;
+use crate::identity::Creds;
+use crate::steps::{Executor, Progress};
+use ddisco_proto::v1 as api;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Exponential backoff with full jitter: 0..min(cap, base * 2^n).
+pub struct Backoff {
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff { attempt: 0, base: Duration::from_millis(200), cap: Duration::from_secs(10) }
+    }
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::random_range(ms / 4..=ms.max(1)))
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+pub struct Agent {
+    pub creds: Creds,
+    pub dir: PathBuf,
+    pub executor: Arc<Executor>,
+}
+
+enum End {
+    Shutdown(String),
+    Broken(String),
+}
+
+impl Agent {
+    /// Runs sessions until the controller says shutdown or refuses us.
+    pub async fn run(self) -> Result<(), Fatal> {
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<api::StepReport>();
+        let mut backoff = Backoff::new();
+        loop {
+            match self.session(&report_tx, &mut report_rx, &mut backoff).await {
+                Ok(End::Shutdown(reason)) => {
+                    tracing::info!("controller asked this agent to stop: {reason}");
+                    return Ok(());
+                }
+                Ok(End::Broken(msg)) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!("session lost: {msg}; reconnecting in {:.1}s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                Err(fatal) => return Err(fatal),
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        report_tx: &mpsc::UnboundedSender<api::StepReport>,
+        report_rx: &mut mpsc::UnboundedReceiver<api::StepReport>,
+        backoff: &mut Backoff,
+    ) -> Result<End, Fatal> {
+        let endpoint = self
+            .creds
+            .endpoint(true)
+            .map_err(|e| Fatal::Setup(format!("bad controller address {:?}: {e}", self.creds.controller)))?;
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return Ok(End::Broken(format!("cannot reach {}: {e}", self.creds.controller))),
+        };
+        let (tx, rx) = mpsc::channel::<api::AgentMessage>(16);
+        let Progress { plan_id, completed, .. } = self.executor.progress();
+        let hello = api::Hello { facts: Some(crate::facts::gather()), plan_id, completed_steps: completed };
+        tx.send(msg(api::agent_message::Msg::Hello(hello))).await.expect("receiver alive");
+        let mut client = api::agent_client::AgentClient::new(channel);
+        let mut inbound = match client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return classify(s),
+        };
+        let mut interval = tokio::time::interval(Duration::from_secs(5));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.reset();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Assignment(a)) })) => {
+                        backoff.reset();
+                        let every = Duration::from_millis(u64::from(a.heartbeat_interval_ms).max(100));
+                        if interval.period() != every {
+                            interval = tokio::time::interval(every);
+                            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            interval.reset();
+                        }
+                        tracing::info!(
+                            node = %a.node_id, role = ?api::Role::try_from(a.role).unwrap_or_default(),
+                            workers = a.workers, steps = a.plan.as_ref().map_or(0, |p| p.steps.len()),
+                            "assignment received"
+                        );
+                        if let Some(plan) = a.plan {
+                            self.executor.clone().start(plan, a.workers, report_tx.clone());
+                        }
+                        // Re-send a failure the controller may have missed.
+                        if let Some(r) = self.executor.failure() {
+                            let _ = tx.send(msg(api::agent_message::Msg::Step(r))).await;
+                        }
+                    }
+                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Shutdown(s)) })) => {
+                        return Ok(End::Shutdown(s.reason));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(End::Broken("the controller closed the session".into())),
+                    Err(s) => return classify(s),
+                },
+                _ = interval.tick() => {
+                    seq += 1;
+                    if tx.send(msg(api::agent_message::Msg::Heartbeat(api::Heartbeat { seq }))).await.is_err() {
+                        return Ok(End::Broken("session stream closed".into()));
+                    }
+                }
+                Some(r) = report_rx.recv() => {
+                    if tx.send(msg(api::agent_message::Msg::Step(r))).await.is_err() {
+                        return Ok(End::Broken("session stream closed".into()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn msg(m: api::agent_message::Msg) -> api::AgentMessage {
+    api::AgentMessage { msg: Some(m) }
+}
+
+fn classify(s: tonic::Status) -> Result<End, Fatal> {
+    match s.code() {
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            Err(Fatal::SessionRefused(format!("{:?}: {}", s.code(), s.message())))
+        }
+        _ => Ok(End::Broken(format!("{:?}: {}", s.code(), s.message()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first <= Duration::from_millis(200));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(10));
+        }
+        let late: Vec<_> = (0..50).map(|_| b.next_delay()).collect();
+        assert!(late.iter().all(|d| *d >= Duration::from_millis(2500)), "{late:?}");
+        assert!(late.iter().any(|d| *d != late[0]), "jitter");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(200));
+    }
+}

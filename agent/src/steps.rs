@@ -1,0 +1,413 @@
+//! Runs the plan's steps in order, reports each, and keeps progress in
+//! `progress.json` so that neither a reconnect nor an agent restart re-runs a
+//! finished step. A failed step stops the plan; the node stays failed (and
+//! says so) rather than silently ready.
+
+use ddisco_proto::v1 as api;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc::UnboundedSender;
+
+const TAIL_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub plan_id: String,
+    pub completed: u32,
+    /// The failed step's report, if the plan stopped on a failure.
+    #[serde(default)]
+    pub failed: Option<FailedStep>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FailedStep {
+    pub index: u32,
+    pub name: String,
+    pub exit_code: i32,
+    pub output_tail: String,
+    pub duration_ms: u64,
+}
+
+pub struct Executor {
+    dir: PathBuf,
+    /// Std mutex: held for a few field updates, never across `.await`.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    progress: Progress,
+    /// Plan currently executing in this process.
+    running: Option<String>,
+}
+
+impl Executor {
+    pub fn new(dir: &Path) -> Executor {
+        let progress = std::fs::read_to_string(dir.join("progress.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Executor { dir: dir.to_owned(), state: Mutex::new(State { progress, running: None }) }
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.state.lock().expect("lock").progress.clone()
+    }
+
+    pub fn failure(&self) -> Option<api::StepReport> {
+        let st = self.state.lock().expect("lock");
+        let f = st.progress.failed.as_ref()?;
+        Some(api::StepReport {
+            plan_id: st.progress.plan_id.clone(),
+            index: f.index,
+            name: f.name.clone(),
+            status: api::StepStatus::Failed as i32,
+            duration_ms: f.duration_ms,
+            exit_code: f.exit_code,
+            output_tail: f.output_tail.clone(),
+        })
+    }
+
+    /// Starts executing `plan` in the background, unless it is already
+    /// running or finished (or failed) in this process.
+    pub fn start(self: Arc<Self>, plan: api::Plan, workers: u32, reports: UnboundedSender<api::StepReport>) {
+        let start_at = {
+            let mut st = self.state.lock().expect("lock");
+            if st.running.as_deref() == Some(plan.id.as_str()) {
+                return;
+            }
+            if st.running.is_some() {
+                tracing::warn!("a different plan arrived while one runs; finishing the current one first");
+                return;
+            }
+            if st.progress.plan_id != plan.id {
+                st.progress = Progress { plan_id: plan.id.clone(), completed: 0, failed: None };
+            }
+            if st.progress.failed.is_some() {
+                return;
+            }
+            st.running = Some(plan.id.clone());
+            st.progress.completed
+        };
+        tokio::spawn(async move {
+            for (i, step) in plan.steps.iter().enumerate().skip(start_at as usize) {
+                let i = i as u32;
+                let report = |status: api::StepStatus, ms: u64, code: i32, tail: String| api::StepReport {
+                    plan_id: plan.id.clone(),
+                    index: i,
+                    name: step.name.clone(),
+                    status: status as i32,
+                    duration_ms: ms,
+                    exit_code: code,
+                    output_tail: tail,
+                };
+                let _ = reports.send(report(api::StepStatus::Running, 0, 0, String::new()));
+                tracing::info!(step = %step.name, "step {}/{} started", i + 1, plan.steps.len());
+                let t0 = Instant::now();
+                let out = run_step(step, &self.dir, workers).await;
+                let ms = t0.elapsed().as_millis() as u64;
+                let ok = out.code == 0;
+                {
+                    let mut st = self.state.lock().expect("lock");
+                    if ok {
+                        st.progress.completed = i + 1;
+                    } else {
+                        st.progress.failed = Some(FailedStep {
+                            index: i,
+                            name: step.name.clone(),
+                            exit_code: out.code,
+                            output_tail: out.tail.clone(),
+                            duration_ms: ms,
+                        });
+                        st.running = None;
+                    }
+                    self.save(&st.progress);
+                }
+                if ok {
+                    tracing::info!(step = %step.name, ms, "step succeeded");
+                    let _ = reports.send(report(api::StepStatus::Succeeded, ms, 0, out.tail));
+                } else {
+                    tracing::error!(step = %step.name, code = out.code, "step failed: {}", out.tail.trim());
+                    let _ = reports.send(report(api::StepStatus::Failed, ms, out.code, out.tail));
+                    return;
+                }
+            }
+            self.state.lock().expect("lock").running = None;
+            tracing::info!("all {} steps done: node ready", plan.steps.len());
+        });
+    }
+
+    fn save(&self, p: &Progress) {
+        let path = self.dir.join("progress.json");
+        if let Err(e) = crate::identity::write_private(&path, &serde_json::to_string(p).expect("serializes")) {
+            tracing::error!("cannot save {}: {e}", path.display());
+        }
+    }
+}
+
+/// A step's outcome: exit code (-1 when killed or not a process) and the
+/// tail of its output.
+pub struct Outcome {
+    pub code: i32,
+    pub tail: String,
+}
+
+fn fail(msg: impl Into<String>) -> Outcome {
+    Outcome { code: 1, tail: msg.into() }
+}
+
+pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
+    use api::step::Kind;
+    let log = dir.join("steps").join(format!("{}.log", step.name));
+    match &step.kind {
+        None => fail(format!("step {} has no kind: the controller is newer than this agent", step.name)),
+        Some(Kind::SystemPackages(p)) => system_packages(p, &log).await,
+        Some(Kind::Pip(p)) => pip(p, &log).await,
+        Some(Kind::AuthorizedKeys(k)) => authorized_keys(k).await,
+        Some(Kind::Shell(s)) => {
+            let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+            let mut cmd = tokio::process::Command::new(shell);
+            cmd.arg("-c").arg(&s.script).current_dir(dir).envs(&s.env).env("DDISCO_WORKERS", workers.to_string());
+            run(cmd, &log).await
+        }
+    }
+}
+
+async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
+    let mut missing = Vec::new();
+    for pkg in &p.packages {
+        let out = tokio::process::Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", pkg])
+            .stderr(Stdio::null())
+            .output()
+            .await;
+        match out {
+            Ok(o) if String::from_utf8_lossy(&o.stdout).ends_with("install ok installed") => {}
+            Ok(_) => missing.push(pkg.clone()),
+            Err(e) => return fail(format!("cannot run dpkg-query ({e}): system packages need a Debian/Ubuntu node")),
+        }
+    }
+    if missing.is_empty() {
+        return Outcome { code: 0, tail: format!("all {} packages installed", p.packages.len()) };
+    }
+    if !p.install {
+        return fail(format!(
+            "missing packages: {} (this node may only check packages, not install them: install them \
+             on the host, remove them from base_packages/additional_packages, or set local_install_packages = true)",
+            missing.join(", ")
+        ));
+    }
+    let mut update = tokio::process::Command::new("apt-get");
+    update.args(["-q", "update"]).env("DEBIAN_FRONTEND", "noninteractive");
+    let out = run(update, log).await;
+    if out.code != 0 {
+        return out;
+    }
+    let mut install = tokio::process::Command::new("apt-get");
+    install.args(["-q", "-y", "install", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    run(install, log).await
+}
+
+async fn pip(p: &api::PipRequirements, log: &Path) -> Outcome {
+    let venv = PathBuf::from(&p.venv);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let mut mk = tokio::process::Command::new("python3");
+        mk.args(["-m", "venv"]).arg(&venv);
+        let out = run(mk, log).await;
+        if out.code != 0 {
+            return out;
+        }
+    }
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]).args(&p.requirements);
+    run(cmd, log).await
+}
+
+async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
+    use std::os::unix::fs::PermissionsExt;
+    let path = PathBuf::from(&k.path);
+    let Some(ssh_dir) = path.parent() else {
+        return fail(format!("authorized_keys path {:?} has no folder", k.path));
+    };
+    let res = (|| -> std::io::Result<usize> {
+        std::fs::create_dir_all(ssh_dir)?;
+        std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700))?;
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut text = existing.clone();
+        let mut added = 0;
+        for key in &k.keys {
+            if !existing.lines().any(|l| l.trim() == key.trim()) {
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(key.trim());
+                text.push('\n');
+                added += 1;
+            }
+        }
+        crate::identity::write_private(&path, &text)?;
+        Ok(added)
+    })();
+    match res {
+        Err(e) => fail(format!("cannot write {}: {e}", path.display())),
+        Ok(added) => {
+            if !k.owner.is_empty() {
+                let owner = format!("{0}:{0}", k.owner);
+                let out = tokio::process::Command::new("chown").arg(&owner).arg(ssh_dir).arg(&path).output().await;
+                match out {
+                    Ok(o) if o.status.success() => {}
+                    Ok(o) => return fail(format!("chown {owner}: {}", String::from_utf8_lossy(&o.stderr))),
+                    Err(e) => return fail(format!("chown {owner}: {e}")),
+                }
+            }
+            Outcome { code: 0, tail: format!("{added} key(s) added to {}", path.display()) }
+        }
+    }
+}
+
+/// Runs a command, appending its output to `log` and keeping the tail.
+async fn run(mut cmd: tokio::process::Command, log: &Path) -> Outcome {
+    if let Some(d) = log.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start {program}: {e}")),
+    };
+    let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let file = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(log).ok()));
+    let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+        let tail = tail.clone();
+        let file = file.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                if let Some(f) = file.lock().expect("lock").as_mut() {
+                    let _ = std::io::Write::write_all(f, &buf[..n]);
+                }
+                let mut t = tail.lock().expect("lock");
+                t.extend_from_slice(&buf[..n]);
+                if t.len() > 2 * TAIL_BYTES {
+                    let cut = t.len() - TAIL_BYTES;
+                    t.drain(..cut);
+                }
+            }
+        })
+    };
+    let a = pump(Box::new(child.stdout.take().expect("piped")));
+    let b = pump(Box::new(child.stderr.take().expect("piped")));
+    let status = child.wait().await;
+    let _ = tokio::join!(a, b);
+    let t = tail.lock().expect("lock");
+    let start = t.len().saturating_sub(TAIL_BYTES);
+    let tail = String::from_utf8_lossy(&t[start..]).into_owned();
+    match status {
+        Ok(s) => Outcome { code: s.code().unwrap_or(-1), tail },
+        Err(e) => fail(format!("{program}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(name: &str, script: &str) -> api::Step {
+        api::Step {
+            name: name.into(),
+            kind: Some(api::step::Kind::Shell(api::Shell { script: script.into(), env: Default::default() })),
+        }
+    }
+
+    #[tokio::test]
+    async fn shell_step_reports_exit_code_and_tail() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = run_step(&shell("a", "echo hello; echo workers=$DDISCO_WORKERS"), d.path(), 3).await;
+        assert_eq!(ok.code, 0);
+        assert!(ok.tail.contains("hello") && ok.tail.contains("workers=3"), "{}", ok.tail);
+        let bad = run_step(&shell("b", "echo oops >&2; exit 7"), d.path(), 1).await;
+        assert_eq!(bad.code, 7);
+        assert!(bad.tail.contains("oops"));
+        assert!(d.path().join("steps/b.log").exists());
+    }
+
+    #[tokio::test]
+    async fn tail_keeps_the_end_of_long_output() {
+        let d = tempfile::tempdir().unwrap();
+        let out = run_step(&shell("long", "seq 1 20000; echo THE-END"), d.path(), 1).await;
+        assert!(out.tail.len() <= TAIL_BYTES);
+        assert!(out.tail.ends_with("THE-END\n"));
+    }
+
+    #[tokio::test]
+    async fn missing_package_is_named_and_nothing_installed() {
+        let d = tempfile::tempdir().unwrap();
+        let step = api::Step {
+            name: "system_packages".into(),
+            kind: Some(api::step::Kind::SystemPackages(api::SystemPackages {
+                packages: vec!["coreutils".into(), "ddisco-no-such-package".into()],
+                install: false,
+            })),
+        };
+        let out = run_step(&step, d.path(), 1).await;
+        assert_eq!(out.code, 1);
+        assert!(out.tail.contains("missing packages: ddisco-no-such-package"), "{}", out.tail);
+        assert!(!out.tail.contains("coreutils,"));
+    }
+
+    #[tokio::test]
+    async fn authorized_keys_are_added_once() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("home/.ssh/authorized_keys");
+        let step = api::Step {
+            name: "keys".into(),
+            kind: Some(api::step::Kind::AuthorizedKeys(api::AuthorizedKeys {
+                path: path.display().to_string(),
+                keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
+                owner: String::new(),
+            })),
+        };
+        assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
+        assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "ssh-ed25519 AAAA a\nssh-ed25519 BBBB b\n");
+    }
+
+    #[tokio::test]
+    async fn progress_survives_a_restart_and_failed_plans_stay_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("ran");
+        let plan = api::Plan {
+            id: "p1".into(),
+            steps: vec![
+                shell("one", &format!("echo x >> {}", marker.display())),
+                shell("two", "exit 3"),
+            ],
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        Arc::new(Executor::new(d.path())).start(plan.clone(), 1, tx);
+        let mut last = None;
+        while let Some(r) = rx.recv().await {
+            last = Some(r);
+        }
+        let last = last.unwrap();
+        assert_eq!((last.index, last.exit_code), (1, 3));
+        // A new process (restart) neither re-runs step one nor retries two.
+        let ex = Arc::new(Executor::new(d.path()));
+        assert_eq!(ex.progress().completed, 1);
+        assert!(ex.failure().is_some());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        ex.start(plan, 1, tx);
+        assert!(rx.recv().await.is_none());
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
+    }
+}
