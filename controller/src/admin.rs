@@ -127,6 +127,7 @@ fn status_of(sh: &Shared) -> api::StatusReply {
                 },
                 detail: r.detail.clone(),
                 age_ms: now_unix.saturating_sub(r.launched_unix_ms),
+                connected: e.live.connected(),
             }
         })
         .collect();

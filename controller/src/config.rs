@@ -276,7 +276,7 @@ impl Config {
         let raw: RawConfig = match format {
             Format::Toml => {
                 let de = toml::Deserializer::parse(text)
-                    .map_err(|e| err(None, format!("not valid TOML: {}", e.message())))?;
+                    .map_err(|e| err(None, format!("not valid TOML: {}", e.to_string().trim_end())))?;
                 serde_path_to_error::deserialize(de).map_err(|e| {
                     let key = key_of(&e.path().to_string(), e.inner().message());
                     err(key, e.inner().message().to_string())

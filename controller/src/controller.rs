@@ -28,6 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
+/// How long a restarted controller waits for adopted nodes to reconnect
+/// before their heartbeat timeout starts (the agents' backoff cap).
+pub const ADOPTION_GRACE_MS: u64 = 10_000;
+
 /// Monotonic milliseconds since the controller started (never 0).
 #[derive(Debug)]
 pub struct Clock {
@@ -88,6 +92,11 @@ impl Shared {
 
     pub fn metrics_refusal(&self) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fires when the controller stops.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     /// Asks `serve` to stop.
@@ -165,13 +174,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     })?;
     let agent_sha256 = hex::encode(Sha256::digest(&agent_bytes));
 
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (key `listen`)", cfg.listen))?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let dl_listener = std::net::TcpListener::bind(cfg.download_listen)
-        .with_context(|| format!("cannot listen on {} (key `download_listen`)", cfg.download_listen))?;
+    // Port 0 means "pick one", once: nodes know the address from their
+    // userdata, so a restarted controller must come back on the same ports.
+    let ports_file = cfg.state_dir.join("ports.json");
+    let saved: Option<(u16, u16)> =
+        std::fs::read_to_string(&ports_file).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let grpc_std = bind_keeping_port(cfg.listen, saved.map(|p| p.0), "listen")?;
+    let dl_listener = bind_keeping_port(cfg.download_listen, saved.map(|p| p.1), "download_listen")?;
+    let grpc_addr = grpc_std.local_addr()?;
     let dl_addr = dl_listener.local_addr()?;
+    pki::write_private(&ports_file, &serde_json::to_string(&(grpc_addr.port(), dl_addr.port()))?)?;
+    grpc_std.set_nonblocking(true)?;
+    let grpc_listener = tokio::net::TcpListener::from_std(grpc_std)?;
 
     let host = advertise_host(&cfg, grpc_addr);
     let pki = Pki::load_or_create(&cfg.state_dir, &cfg.tag_key, std::slice::from_ref(&host))
@@ -186,7 +200,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let cluster_file = cfg.state_dir.join("cluster.json");
     let registry = match std::fs::read_to_string(&cluster_file) {
         Ok(text) => {
-            let reg = Registry::from_json(&text, clock.now_ms())
+            // Agents reconnect with a backoff capped at 10 s: count every
+            // adopted node as heard from until then.
+            let reg = Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS)
                 .with_context(|| format!("{} is damaged; move it away to start afresh", cluster_file.display()))?;
             tracing::info!(nodes = reg.len(), desired_slaves = reg.desired_slaves, "re-adopting the cluster from {}", cluster_file.display());
             reg
@@ -253,6 +269,23 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     shared.save()?;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// Binds `addr`; when its port is 0 and an earlier run picked `saved`, tries
+/// that port first so existing nodes can reconnect.
+fn bind_keeping_port(addr: SocketAddr, saved: Option<u16>, key: &str) -> anyhow::Result<std::net::TcpListener> {
+    if addr.port() == 0
+        && let Some(port) = saved
+    {
+        match std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(l) => return Ok(l),
+            Err(e) => tracing::warn!(
+                "cannot reuse port {port} of the previous run ({e}); nodes launched before will not \
+                 find this controller and will be replaced"
+            ),
+        }
+    }
+    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
 }
 
 fn advertise_host(cfg: &Config, grpc: SocketAddr) -> String {

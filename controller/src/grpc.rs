@@ -131,9 +131,17 @@ impl api::agent_server::Agent for AgentService {
         live.touch(sh.clock.now_ms());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::ControllerMessage, Status>>(4);
         let mut inbound = req.into_inner();
+        let mut shutdown = sh.shutdown_signal();
         tokio::spawn(async move {
-            while let Some(msg) = inbound.next().await {
-                let Ok(msg) = msg else { break };
+            let _open = live.session();
+            loop {
+                // End the stream when the controller stops, so the agent
+                // reconnects (to this controller once restarted).
+                let msg = tokio::select! {
+                    m = inbound.next() => m,
+                    _ = shutdown.wait_for(|s| *s) => None,
+                };
+                let Some(Ok(msg)) = msg else { break };
                 if live.is_revoked() {
                     let _ = tx
                         .send(Ok(api::ControllerMessage {

@@ -13,7 +13,7 @@ use crate::reconcile::{Instance, NodeView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Facts an agent reports about its node.
@@ -64,6 +64,17 @@ pub struct Liveness {
     last_seen_ms: AtomicU64,
     /// Set when the node is terminated: its session must end.
     revoked: AtomicBool,
+    /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
+    sessions: AtomicU32,
+}
+
+/// Counts an open session for as long as it lives.
+pub struct SessionGuard(Arc<Liveness>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Liveness {
@@ -81,6 +92,13 @@ impl Liveness {
     }
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
+    }
+    pub fn session(self: &Arc<Self>) -> SessionGuard {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionGuard(self.clone())
+    }
+    pub fn connected(&self) -> bool {
+        self.sessions.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -139,10 +157,10 @@ impl Registry {
         Registry { desired_slaves, dirty: true, ..Default::default() }
     }
 
-    /// Restores a saved registry. Every node counts as heard from `now_ms`, so
-    /// agents get a full heartbeat timeout to reconnect to a restarted
-    /// controller before anything is declared lost.
-    pub fn from_json(text: &str, now_ms: u64) -> Result<Registry, serde_json::Error> {
+    /// Restores a saved registry. Every node counts as heard from `seen_ms`
+    /// (may lie in the future: a grace period), so agents get time to
+    /// reconnect to a restarted controller before anything is declared lost.
+    pub fn from_json(text: &str, seen_ms: u64) -> Result<Registry, serde_json::Error> {
         let file: ClusterFile = serde_json::from_str(text)?;
         let mut reg = Registry {
             desired_slaves: file.desired_slaves,
@@ -151,7 +169,7 @@ impl Registry {
         };
         for rec in file.nodes {
             let live = Arc::new(Liveness::default());
-            live.touch(now_ms);
+            live.touch(seen_ms);
             if !rec.token_used {
                 reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
             }

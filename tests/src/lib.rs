@@ -1,1 +1,265 @@
+//! Test harness for the integration and end-to-end suites: runs the real
+//! `ddisco-controller` and `ddisco-agent` binaries (built beforehand by
+//! `scripts/test`, or `cargo build --bins`) against a temporary state
+//! directory, and waits on conditions with deadlines, never on bare sleeps.
 
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Folder holding the built binaries (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DDISCO_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test exe");
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; scripts/test does it)",
+        p.display()
+    );
+    p
+}
+
+/// Fast timings for tests: 0.5 s heartbeats, lost after 2 s.
+pub const FAST: &str = r#"
+base_packages = ["coreutils"]
+additional_packages = []
+pip_requirements = []
+listen = "127.0.0.1:0"
+download_listen = "127.0.0.1:0"
+heartbeat_interval_secs = 0.5
+heartbeat_timeout_secs = 2.0
+reconcile_interval_secs = 0.3
+"#;
+
+/// A controller running `serve` on a temporary state directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    serve: Option<Child>,
+}
+
+impl Cluster {
+    /// Writes `FAST` + `extra` as the config and starts `serve`; returns once
+    /// the admin API answers.
+    pub fn start(extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("ddisco.toml");
+        // Keys in `extra` override the same keys of FAST.
+        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+        let overridden: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
+        let base: String = FAST
+            .lines()
+            .filter(|l| !overridden.contains(&key(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&config, format!("{base}\n{extra}\n")).expect("write config");
+        let mut c = Cluster { dir, config, serve: None };
+        c.spawn_serve();
+        c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
+        c
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join(".ddisco")
+    }
+
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Runs `ddisco-controller ARGS --config <this cluster's config>`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("ddisco-controller"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ddisco-controller")
+    }
+
+    /// `status --json`, or `None` if the controller does not answer.
+    pub fn status(&self) -> Option<Value> {
+        let out = self.ctl(&["status", "--json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("status --json is JSON"))
+    }
+
+    /// Polls `status --json` until `pred` holds; panics after `deadline`
+    /// with the last status and the controller's log.
+    pub fn wait_until(&mut self, what: &str, deadline: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + deadline;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status() {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            if let Some(child) = self.serve.as_mut()
+                && let Ok(Some(code)) = child.try_wait()
+            {
+                panic!("serve exited ({code}) while waiting for {what}\n{}", self.serve_log());
+            }
+            if Instant::now() > end {
+                panic!(
+                    "timed out after {deadline:?} waiting for {what}\nlast status: {}\nserve log:\n{}",
+                    last.map(|v| serde_json::to_string_pretty(&v).unwrap()).unwrap_or("none".into()),
+                    self.serve_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pid of a node's process group leader (the agent, once it runs).
+    pub fn node_pid(&self, node_id: &str) -> i32 {
+        std::fs::read_to_string(self.state_dir().join("nodes").join(node_id).join("pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    /// The userdata the controller wrote for a node.
+    pub fn userdata(&self, node_id: &str) -> String {
+        std::fs::read_to_string(self.state_dir().join("nodes").join(node_id).join("userdata.sh"))
+            .expect("userdata.sh")
+    }
+
+    fn spawn_serve(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("serve.log"))
+            .expect("log");
+        let serve = Command::new(bin("ddisco-controller"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        self.serve = Some(serve);
+    }
+
+    /// Stops `serve` with SIGTERM and waits for it (nodes keep running).
+    pub fn stop_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = nix_kill_term(child.id() as i32);
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!("serve did not stop within 10s of SIGTERM");
+        }
+    }
+
+    /// Starts `serve` again on the same state directory.
+    pub fn restart_serve(&mut self) {
+        self.spawn_serve();
+        self.wait_until("the restarted admin API answers", Duration::from_secs(30), |_| true);
+    }
+
+    /// Waits for `serve` to exit (after destroy) within `deadline`.
+    pub fn wait_serve_exit(&mut self, deadline: Duration) -> bool {
+        let end = Instant::now() + deadline;
+        let Some(child) = self.serve.as_mut() else { return true };
+        while Instant::now() < end {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.serve = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Leave no node behind, even when a test fails.
+        let _ = self.ctl(&["destroy", "--yes"]);
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.ctl(&["destroy", "--yes"]);
+    }
+}
+
+/// Nodes of a status document.
+pub fn nodes(s: &Value) -> &Vec<Value> {
+    s["nodes"].as_array().expect("nodes")
+}
+
+pub fn ready_count(s: &Value, role: &str) -> usize {
+    nodes(s).iter().filter(|n| n["role"] == role && n["state"] == "ready").count()
+}
+
+/// Exactly one ready master, `slaves` ready slaves, nothing else.
+pub fn at_size(s: &Value, slaves: usize) -> bool {
+    nodes(s).len() == slaves + 1 && ready_count(s, "master") == 1 && ready_count(s, "slave") == slaves
+}
+
+pub fn node_ids(s: &Value, role: &str) -> Vec<String> {
+    nodes(s)
+        .iter()
+        .filter(|n| n["role"] == role)
+        .map(|n| n["node_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Is this pid alive (and not a zombie)?
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z") | Some("X")),
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone.
+pub fn wait_gone(pid: i32, deadline: Duration) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Pids of every live process carrying this state directory's node env.
+pub fn node_processes(state_dir: &Path) -> Vec<i32> {
+    let nodes_dir = state_dir.join("nodes").canonicalize().unwrap_or_default();
+    let needle = format!("DDISCO_HOME={}/", nodes_dir.display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
+            && env.split(|b| *b == 0).any(|v| v.starts_with(needle.as_bytes()))
+            && alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn nix_kill_term(pid: i32) -> std::io::Result<()> {
+    let st = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    if st.success() { Ok(()) } else { Err(std::io::Error::other("kill -TERM failed")) }
+}

@@ -41,6 +41,7 @@ pub struct NodeView {
     pub current_step: String,
     pub detail: String,
     pub age_ms: u64,
+    pub connected: bool,
 }
 
 impl From<api::StatusReply> for StatusView {
@@ -65,6 +66,7 @@ impl From<api::StatusReply> for StatusView {
                     current_step: n.current_step,
                     detail: n.detail,
                     age_ms: n.age_ms,
+                    connected: n.connected,
                 })
                 .collect(),
             events: s.notes,

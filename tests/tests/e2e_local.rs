@@ -1,0 +1,164 @@
+//! End to end on the local provider: real controller, real agents (real
+//! processes downloaded by their userdata), real TLS and gRPC.
+
+use ddisco_tests::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const READY: Duration = Duration::from_secs(60);
+
+fn cores() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+#[test]
+fn scale_replace_lost_scale_down_destroy() {
+    let mut c = Cluster::start(
+        r#"
+num_slaves = 0
+master_multiplier = 1.5
+slave_multiplier = 0.5
+mgmt_key = "ssh-ed25519 AAAAC3NzaTEST test@ddisco"
+post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
+"#,
+    );
+    c.wait_until("the master is ready", READY, |s| at_size(s, 0));
+
+    // --- scale 0 -> 3 -------------------------------------------------------
+    let t0 = Instant::now();
+    let out = c.ctl(&["scale", "3", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "scale --wait failed: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("MEASURE scale 0->3 until all ready: {:.2}s", t0.elapsed().as_secs_f64());
+    let s = c.status().expect("status");
+    assert!(at_size(&s, 3), "{s:#}");
+    for n in nodes(&s) {
+        let want = if n["role"] == "master" { (cores() as f64 * 1.5).floor() } else { (cores() as f64 * 0.5).floor() };
+        let want = (want as u64).max(1);
+        assert_eq!(n["cores"].as_u64().unwrap() as u32, cores(), "{n}");
+        assert_eq!(n["workers"].as_u64().unwrap(), want, "workers of {n}");
+        assert!(n["last_heartbeat_ms"].as_u64().unwrap() < 2_000, "{n}");
+        // Every node ran its plan: keys installed, post_init last with its role.
+        let dir = c.state_dir().join("nodes").join(n["node_id"].as_str().unwrap());
+        let keys = std::fs::read_to_string(dir.join("home/.ssh/authorized_keys")).unwrap();
+        assert_eq!(keys, "ssh-ed25519 AAAAC3NzaTEST test@ddisco\n");
+        let post = std::fs::read_to_string(dir.join("post_init.out")).unwrap();
+        assert_eq!(post.trim(), format!("role={} workers={want}", n["role"].as_str().unwrap()));
+        // The bootstrap token is spent and no longer on disk.
+        let boot = std::fs::read_to_string(dir.join("bootstrap.json")).unwrap();
+        assert!(boot.contains("\"token\":\"\""), "{boot}");
+    }
+    let slaves = node_ids(&s, "slave");
+
+    // --- kill -9 a slave's agent: replaced, back to size --------------------
+    let victim = slaves[0].clone();
+    let pid = c.node_pid(&victim);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let s = c.wait_until("the killed slave is replaced", READY, |s| {
+        at_size(s, 3) && !node_ids(s, "slave").contains(&victim)
+    });
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().contains(&format!("{victim} lost"))));
+
+    // --- kill -STOP a slave's agent: declared lost after the timeout --------
+    let frozen = node_ids(&s, "slave")[0].clone();
+    let pid = c.node_pid(&frozen);
+    let t_stop = Instant::now();
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    let s = c.wait_until("the frozen slave is declared lost and replaced", READY, |s| {
+        at_size(s, 3) && !node_ids(s, "slave").contains(&frozen)
+    });
+    let lost_after = t_stop.elapsed();
+    eprintln!("MEASURE frozen slave replaced and cluster ready again after {:.2}s (timeout 2.0s)", lost_after.as_secs_f64());
+    assert!(lost_after >= Duration::from_millis(1_500), "declared lost before the heartbeat timeout: {lost_after:?}");
+    assert!(
+        s["events"].as_array().unwrap().iter().any(|e| {
+            let e = e.as_str().unwrap();
+            e.contains(&frozen) && e.contains("no heartbeat")
+        }),
+        "{s:#}"
+    );
+    assert!(wait_gone(pid, Duration::from_secs(5)), "the frozen agent {pid} was not killed");
+
+    // --- scale 3 -> 1: exactly one slave left, the others' processes gone ---
+    let before = node_ids(&s, "slave");
+    let pids: Vec<(String, i32)> = before.iter().map(|id| (id.clone(), c.node_pid(id))).collect();
+    let out = c.ctl(&["scale", "1", "--wait", "--timeout", "60"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = c.status().unwrap();
+    assert!(at_size(&s, 1), "{s:#}");
+    let kept = node_ids(&s, "slave");
+    for (id, pid) in &pids {
+        if kept.contains(id) {
+            assert!(alive(*pid), "kept slave {id} is not running");
+        } else {
+            assert!(wait_gone(*pid, Duration::from_secs(5)), "removed slave {id} (pid {pid}) still runs");
+        }
+    }
+
+    // --- destroy: no node process remains; serve stops ----------------------
+    assert!(!node_processes(&c.state_dir()).is_empty());
+    let out = c.ctl(&["destroy", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 nodes terminated"), "{text}");
+    assert!(node_processes(&c.state_dir()).is_empty(), "node processes remain: {:?}", node_processes(&c.state_dir()));
+    assert!(c.wait_serve_exit(Duration::from_secs(10)), "serve did not stop after destroy");
+}
+
+#[test]
+fn controller_restart_readopts_nodes_without_duplicates() {
+    // A production-like timeout: agents reconnect with backoff.
+    let mut c = Cluster::start("num_slaves = 2\nheartbeat_timeout_secs = 5.0");
+    let s = c.wait_until("2 slaves ready", READY, |s| at_size(s, 2));
+    let ids: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    let pids: Vec<i32> = ids.iter().map(|id| c.node_pid(id)).collect();
+
+    // Stop the controller (SIGTERM): nodes keep running, like instances.
+    let s = c.wait_until("all connected", READY, |s| nodes(s).iter().all(|n| n["connected"] == true));
+    assert!(at_size(&s, 2));
+    c.stop_serve();
+    for p in &pids {
+        assert!(alive(*p));
+    }
+    c.restart_serve();
+    // Same nodes, reconnected with their certificates; nothing launched.
+    let s = c.wait_until("the nodes reconnect", READY, |s| {
+        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let mut again: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    again.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(again, ids, "{}", c.serve_log());
+    for (id, p) in ids.iter().zip(&pids) {
+        let _ = id;
+        assert!(alive(*p));
+    }
+}
+
+#[test]
+fn failed_step_leaves_the_node_visibly_failed() {
+    let mut c = Cluster::start(
+        r#"
+num_slaves = 1
+additional_packages = ["ddisco-no-such-package"]
+"#,
+    );
+    let s = c.wait_until("both nodes failed", READY, |s| {
+        nodes(s).len() == 2 && nodes(s).iter().all(|n| n["state"] == "failed")
+    });
+    for n in nodes(&s) {
+        assert_eq!(n["current_step"], "system_packages");
+        let detail = n["detail"].as_str().unwrap();
+        assert!(detail.contains("missing packages: ddisco-no-such-package"), "{detail}");
+    }
+    let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("failed"), "{table}");
+    // Nothing on the host was installed: the package is still missing.
+    let q = Command::new("dpkg-query").args(["-W", "ddisco-no-such-package"]).output().unwrap();
+    assert!(!q.status.success());
+    // Failed nodes are kept and counted (no replacement storm).
+    let s = c.status().unwrap();
+    assert_eq!(nodes(&s).len(), 2);
+}
