@@ -42,7 +42,10 @@ pub struct Creds {
 
 impl std::fmt::Debug for Creds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Creds").field("controller", &self.controller).field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("Creds")
+            .field("controller", &self.controller)
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,7 +115,8 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .and_then(|p| p.serialize_request(&key))
         .and_then(|r| r.pem())
         .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
-    let req = api::EnrollRequest { token: boot.token.clone(), csr_pem: csr, facts: Some(crate::facts::gather()) };
+    let req =
+        api::EnrollRequest { token: boot.token.clone(), csr_pem: csr, facts: Some(crate::facts::gather()) };
     let mut backoff = crate::session::Backoff::new();
     let reply = loop {
         match try_enroll(&creds, req.clone()).await {
@@ -126,7 +130,8 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         }
     };
     std::fs::create_dir_all(&idir).map_err(|e| Fatal::Setup(format!("{}: {e}", idir.display())))?;
-    let save = |p: &Path, s: &str| write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())));
+    let save =
+        |p: &Path, s: &str| write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())));
     save(&key_p, &key.serialize_pem())?;
     save(&cert_p, &reply.certificate_pem)?;
     // The token is spent; leave no copy of it behind.
@@ -168,7 +173,9 @@ fn check_ca(ca_pem: &str, want: &str) -> Result<(), Fatal> {
         .map_err(|e| Fatal::Setup(format!("ca.pem is not a certificate: {e}")))?;
     let got = hex::encode(Sha256::digest(der.as_ref()));
     if !want.is_empty() && got != want {
-        return Err(Fatal::Setup(format!("ca.pem has SHA-256 {got}, bootstrap.json expects {want}: refusing it")));
+        return Err(Fatal::Setup(format!(
+            "ca.pem has SHA-256 {got}, bootstrap.json expects {want}: refusing it"
+        )));
     }
     Ok(())
 }

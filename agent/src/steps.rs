@@ -143,7 +143,8 @@ impl Executor {
 
     fn save(&self, p: &Progress) {
         let path = self.dir.join("progress.json");
-        if let Err(e) = crate::identity::write_private(&path, &serde_json::to_string(p).expect("serializes")) {
+        if let Err(e) = crate::identity::write_private(&path, &serde_json::to_string(p).expect("serializes"))
+        {
             tracing::error!("cannot save {}: {e}", path.display());
         }
     }
@@ -171,7 +172,11 @@ pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
         Some(Kind::Shell(s)) => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
             let mut cmd = tokio::process::Command::new(shell);
-            cmd.arg("-c").arg(&s.script).current_dir(dir).envs(&s.env).env("DDISCO_WORKERS", workers.to_string());
+            cmd.arg("-c")
+                .arg(&s.script)
+                .current_dir(dir)
+                .envs(&s.env)
+                .env("DDISCO_WORKERS", workers.to_string());
             run(cmd, &log).await
         }
     }
@@ -188,7 +193,11 @@ async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
         match out {
             Ok(o) if String::from_utf8_lossy(&o.stdout).ends_with("install ok installed") => {}
             Ok(_) => missing.push(pkg.clone()),
-            Err(e) => return fail(format!("cannot run dpkg-query ({e}): system packages need a Debian/Ubuntu node")),
+            Err(e) => {
+                return fail(format!(
+                    "cannot run dpkg-query ({e}): system packages need a Debian/Ubuntu node"
+                ));
+            }
         }
     }
     if missing.is_empty() {
@@ -208,7 +217,10 @@ async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
         return out;
     }
     let mut install = tokio::process::Command::new("apt-get");
-    install.args(["-q", "-y", "install", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    install
+        .args(["-q", "-y", "install", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     run(install, log).await
 }
 
@@ -224,7 +236,8 @@ async fn pip(p: &api::PipRequirements, log: &Path) -> Outcome {
         }
     }
     let mut cmd = tokio::process::Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]).args(&p.requirements);
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"])
+        .args(&p.requirements);
     run(cmd, log).await
 }
 
@@ -258,7 +271,8 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
         Ok(added) => {
             if !k.owner.is_empty() {
                 let owner = format!("{0}:{0}", k.owner);
-                let out = tokio::process::Command::new("chown").arg(&owner).arg(ssh_dir).arg(&path).output().await;
+                let out =
+                    tokio::process::Command::new("chown").arg(&owner).arg(ssh_dir).arg(&path).output().await;
                 match out {
                     Ok(o) if o.status.success() => {}
                     Ok(o) => return fail(format!("chown {owner}: {}", String::from_utf8_lossy(&o.stderr))),
@@ -388,10 +402,7 @@ mod tests {
         let marker = d.path().join("ran");
         let plan = api::Plan {
             id: "p1".into(),
-            steps: vec![
-                shell("one", &format!("echo x >> {}", marker.display())),
-                shell("two", "exit 3"),
-            ],
+            steps: vec![shell("one", &format!("echo x >> {}", marker.display())), shell("two", "exit 3")],
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Executor::new(d.path())).start(plan.clone(), 1, tx);

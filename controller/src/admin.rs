@@ -150,7 +150,9 @@ pub struct AdminClient {
 
 /// The controller is not running (no one answers on the admin socket).
 #[derive(Debug, thiserror::Error)]
-#[error("no controller is running for {path} (admin socket missing or not answering); start one with `ddisco-controller serve`")]
+#[error(
+    "no controller is running for {path} (admin socket missing or not answering); start one with `ddisco-controller serve`"
+)]
 pub struct NotRunning {
     pub path: PathBuf,
 }
@@ -166,7 +168,9 @@ impl AdminClient {
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let p = p.clone();
                 async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
                 }
             }))
             .await

@@ -243,11 +243,8 @@ impl Config {
             key: None,
             message: format!("cannot read the config file: {e}"),
         })?;
-        let format = if path.extension().is_some_and(|e| e == "json") {
-            Format::LegacyJson
-        } else {
-            Format::Toml
-        };
+        let format =
+            if path.extension().is_some_and(|e| e == "json") { Format::LegacyJson } else { Format::Toml };
         let (mut cfg, notes) = Config::parse(&text, format, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         if cfg.state_dir.is_relative() {
@@ -263,16 +260,8 @@ impl Config {
 
     /// Parses text in the given format. Returns the config and notes for the
     /// user (warnings that do not stop anything). `path` is only for messages.
-    pub fn parse(
-        text: &str,
-        format: Format,
-        path: &Path,
-    ) -> Result<(Config, Vec<String>), ConfigError> {
-        let err = |key: Option<String>, message: String| ConfigError {
-            path: path.to_owned(),
-            key,
-            message,
-        };
+    pub fn parse(text: &str, format: Format, path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError { path: path.to_owned(), key, message };
         let raw: RawConfig = match format {
             Format::Toml => {
                 let de = toml::Deserializer::parse(text)
@@ -308,11 +297,7 @@ impl Config {
         Config::from_raw(raw, format, path)
     }
 
-    fn from_raw(
-        raw: RawConfig,
-        format: Format,
-        path: &Path,
-    ) -> Result<(Config, Vec<String>), ConfigError> {
+    fn from_raw(raw: RawConfig, format: Format, path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
         let err = |key: &str, message: String| ConfigError {
             path: path.to_owned(),
             key: Some(key.to_string()),
@@ -336,19 +321,14 @@ impl Config {
             Some("local") => ProviderKind::Local,
             Some("ec2") => ProviderKind::Ec2,
             Some(other) => {
-                return Err(err(
-                    "provider",
-                    format!("unknown provider {other:?}; use \"local\" or \"ec2\""),
-                ));
+                return Err(err("provider", format!("unknown provider {other:?}; use \"local\" or \"ec2\"")));
             }
         };
 
         let tag_key = raw.tag_key.unwrap_or(d.tag_key);
         if tag_key.is_empty()
             || tag_key.len() > 100
-            || !tag_key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            || !tag_key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
         {
             return Err(err(
                 "tag_key",
@@ -361,10 +341,7 @@ impl Config {
         let num_slaves = match raw.num_slaves {
             None => d.num_slaves,
             Some(n) if n < 0 => {
-                return Err(err(
-                    "num_slaves",
-                    format!("must be 0 or more, got {n}"),
-                ));
+                return Err(err("num_slaves", format!("must be 0 or more, got {n}")));
             }
             Some(n) => u32::try_from(n)
                 .ok()
@@ -379,10 +356,8 @@ impl Config {
                 Some(m) => Err(err(key, format!("must be greater than 0, got {m}"))),
             }
         };
-        let master_multiplier =
-            multiplier("master_multiplier", raw.master_multiplier, d.master_multiplier)?;
-        let slave_multiplier =
-            multiplier("slave_multiplier", raw.slave_multiplier, d.slave_multiplier)?;
+        let master_multiplier = multiplier("master_multiplier", raw.master_multiplier, d.master_multiplier)?;
+        let slave_multiplier = multiplier("slave_multiplier", raw.slave_multiplier, d.slave_multiplier)?;
 
         let max_bid = match raw.max_bid {
             None => d.max_bid,
@@ -406,16 +381,10 @@ impl Config {
                 Some(s) => Err(err(key, format!("must be a positive number of seconds, got {s}"))),
             }
         };
-        let heartbeat_interval = secs(
-            "heartbeat_interval_secs",
-            raw.heartbeat_interval_secs,
-            d.heartbeat_interval,
-        )?;
-        let heartbeat_timeout = secs(
-            "heartbeat_timeout_secs",
-            raw.heartbeat_timeout_secs,
-            d.heartbeat_timeout,
-        )?;
+        let heartbeat_interval =
+            secs("heartbeat_interval_secs", raw.heartbeat_interval_secs, d.heartbeat_interval)?;
+        let heartbeat_timeout =
+            secs("heartbeat_timeout_secs", raw.heartbeat_timeout_secs, d.heartbeat_timeout)?;
         if heartbeat_timeout < heartbeat_interval * 2 {
             return Err(err(
                 "heartbeat_timeout_secs",
@@ -428,11 +397,8 @@ impl Config {
         }
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
         let token_ttl = secs("token_ttl_secs", raw.token_ttl_secs, d.token_ttl)?;
-        let reconcile_interval = secs(
-            "reconcile_interval_secs",
-            raw.reconcile_interval_secs,
-            d.reconcile_interval,
-        )?;
+        let reconcile_interval =
+            secs("reconcile_interval_secs", raw.reconcile_interval_secs, d.reconcile_interval)?;
 
         let addr = |key: &str, v: Option<String>, def: SocketAddr| -> Result<SocketAddr, ConfigError> {
             match v {
@@ -498,10 +464,9 @@ impl Config {
             local_install_packages: raw.local_install_packages.unwrap_or(false),
             aws_keys_in_file,
         };
-        for (key, list) in [
-            ("base_packages", &cfg.base_packages),
-            ("additional_packages", &cfg.additional_packages),
-        ] {
+        for (key, list) in
+            [("base_packages", &cfg.base_packages), ("additional_packages", &cfg.additional_packages)]
+        {
             if let Some(bad) = list.iter().find(|p| !is_package_name(p)) {
                 return Err(err(key, format!("{bad:?} is not a Debian package name")));
             }
@@ -516,19 +481,11 @@ impl Config {
     }
 
     pub fn master_instance_type(&self) -> &str {
-        if self.master_instance_type.is_empty() {
-            &self.instance_type
-        } else {
-            &self.master_instance_type
-        }
+        if self.master_instance_type.is_empty() { &self.instance_type } else { &self.master_instance_type }
     }
 
     pub fn slave_instance_type(&self) -> &str {
-        if self.slave_instance_type.is_empty() {
-            &self.instance_type
-        } else {
-            &self.slave_instance_type
-        }
+        if self.slave_instance_type.is_empty() { &self.instance_type } else { &self.slave_instance_type }
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -542,9 +499,7 @@ fn is_package_name(p: &str) -> bool {
     !p.is_empty()
         && p.len() < 200
         && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && p
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c))
+        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.:=~".contains(c))
 }
 
 /// The key a serde error is about: its path, or the field named in an

@@ -202,9 +202,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(text) => {
             // Agents reconnect with a backoff capped at 10 s: count every
             // adopted node as heard from until then.
-            let reg = Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS)
-                .with_context(|| format!("{} is damaged; move it away to start afresh", cluster_file.display()))?;
-            tracing::info!(nodes = reg.len(), desired_slaves = reg.desired_slaves, "re-adopting the cluster from {}", cluster_file.display());
+            let reg = Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
+                format!("{} is damaged; move it away to start afresh", cluster_file.display())
+            })?;
+            tracing::info!(
+                nodes = reg.len(),
+                desired_slaves = reg.desired_slaves,
+                "re-adopting the cluster from {}",
+                cluster_file.display()
+            );
             reg
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::new(cfg.num_slaves),
@@ -273,7 +279,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
 /// Binds `addr`; when its port is 0 and an earlier run picked `saved`, tries
 /// that port first so existing nodes can reconnect.
-fn bind_keeping_port(addr: SocketAddr, saved: Option<u16>, key: &str) -> anyhow::Result<std::net::TcpListener> {
+fn bind_keeping_port(
+    addr: SocketAddr,
+    saved: Option<u16>,
+    key: &str,
+) -> anyhow::Result<std::net::TcpListener> {
     if addr.port() == 0
         && let Some(port) = saved
     {

@@ -20,10 +20,11 @@ pub async fn serve(
     let certs = CertificateDer::pem_slice_iter(shared.pki.server_cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(shared.pki.server_key_pem.as_bytes())?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let mut tls =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     let agent = Bytes::from(agent);
@@ -43,9 +44,12 @@ pub async fn serve(
         let _ = shutdown.wait_for(|s| *s).await;
         h.graceful_shutdown(Some(std::time::Duration::from_secs(1)));
     });
-    axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)))?
-        .handle(handle)
-        .serve(app.into_make_service())
-        .await?;
+    axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
+    )?
+    .handle(handle)
+    .serve(app.into_make_service())
+    .await?;
     Ok(())
 }

@@ -46,7 +46,10 @@ fn peer(req: &Request<impl Sized>) -> String {
 
 #[tonic::async_trait]
 impl api::enrollment_server::Enrollment for EnrollmentService {
-    async fn enroll(&self, req: Request<api::EnrollRequest>) -> Result<Response<api::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<api::EnrollRequest>,
+    ) -> Result<Response<api::EnrollResponse>, Status> {
         let from = peer(&req);
         let r = req.into_inner();
         if r.token.len() < 32 {
@@ -66,7 +69,9 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
                 sh.metrics_refusal();
                 return Err(match e {
                     TokenError::Unknown | TokenError::Expired(_) => Status::unauthenticated(e.to_string()),
-                    TokenError::Used(_) | TokenError::Terminated(_) => Status::permission_denied(e.to_string()),
+                    TokenError::Used(_) | TokenError::Terminated(_) => {
+                        Status::permission_denied(e.to_string())
+                    }
                 });
             }
         };
@@ -198,11 +203,8 @@ fn on_hello(sh: &Shared, node_id: &str, h: api::Hello) -> api::Assignment {
     let done = if h.plan_id == plan.id { h.completed_steps.min(n) } else { 0 };
     let was = e.rec.state.clone();
     if !matches!(was, NodeState::Failed { .. }) || h.plan_id != plan.id {
-        e.rec.state = if done == n {
-            NodeState::Ready
-        } else {
-            NodeState::Provisioning { step: done, of: n }
-        };
+        e.rec.state =
+            if done == n { NodeState::Ready } else { NodeState::Provisioning { step: done, of: n } };
     }
     let became_ready = e.rec.state == NodeState::Ready && was != NodeState::Ready;
     if became_ready {

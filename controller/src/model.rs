@@ -39,10 +39,15 @@ pub enum NodeState {
     /// The agent holds a client certificate; no assignment acknowledged yet.
     Enrolled,
     /// Running step `step` (0-based) of `of`.
-    Provisioning { step: u32, of: u32 },
+    Provisioning {
+        step: u32,
+        of: u32,
+    },
     Ready,
     /// A provisioning step failed.
-    Failed { step: String },
+    Failed {
+        step: String,
+    },
     /// Declared dead; its replacement is launched in the same tick.
     Lost,
     Terminating,
@@ -78,11 +83,7 @@ impl NodeState {
 /// `workers = max(1, floor(cores x multiplier))`.
 pub fn worker_count(cores: u32, multiplier: f64) -> u32 {
     let w = (f64::from(cores) * multiplier).floor();
-    if w.is_finite() && w >= 1.0 {
-        w.min(f64::from(u32::MAX)) as u32
-    } else {
-        1
-    }
+    if w.is_finite() && w >= 1.0 { w.min(f64::from(u32::MAX)) as u32 } else { 1 }
 }
 
 #[cfg(test)]

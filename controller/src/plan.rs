@@ -57,12 +57,7 @@ impl Plan {
 /// The steps for a node of `role` with `workers` workers.
 pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout) -> Plan {
     let mut steps = Vec::new();
-    let packages: Vec<String> = cfg
-        .base_packages
-        .iter()
-        .chain(&cfg.additional_packages)
-        .cloned()
-        .collect();
+    let packages: Vec<String> = cfg.base_packages.iter().chain(&cfg.additional_packages).cloned().collect();
     if !packages.is_empty() {
         steps.push(Step {
             name: "system_packages".into(),
@@ -123,10 +118,9 @@ impl From<&Step> for api::Step {
                 keys: keys.clone(),
                 owner: owner.clone(),
             }),
-            StepKind::Shell { script, env } => Kind::Shell(api::Shell {
-                script: script.clone(),
-                env: env.clone().into_iter().collect(),
-            }),
+            StepKind::Shell { script, env } => {
+                Kind::Shell(api::Shell { script: script.clone(), env: env.clone().into_iter().collect() })
+            }
         };
         api::Step { name: s.name.clone(), kind: Some(kind) }
     }

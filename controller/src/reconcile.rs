@@ -71,10 +71,7 @@ pub enum Reason {
 impl Reason {
     /// Is this a loss (to be reported and replaced), not a choice?
     pub fn is_loss(&self) -> bool {
-        matches!(
-            self,
-            Reason::InstanceGone | Reason::BootTimeout | Reason::HeartbeatTimeout { .. }
-        )
+        matches!(self, Reason::InstanceGone | Reason::BootTimeout | Reason::HeartbeatTimeout { .. })
     }
 
     pub fn describe(&self) -> String {
@@ -169,8 +166,7 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
         }
         s if s.is_enrolled() => {
             let silent = n.since_heartbeat_ms.unwrap_or(n.since_launch_ms);
-            (silent > limits.heartbeat_timeout_ms)
-                .then_some(Reason::HeartbeatTimeout { silent_ms: silent })
+            (silent > limits.heartbeat_timeout_ms).then_some(Reason::HeartbeatTimeout { silent_ms: silent })
         }
         _ => None,
     }
@@ -288,10 +284,7 @@ mod tests {
         assert_eq!(
             a,
             vec![
-                Action::Terminate {
-                    id: "s1".into(),
-                    reason: Reason::HeartbeatTimeout { silent_ms: 15_001 }
-                },
+                Action::Terminate { id: "s1".into(), reason: Reason::HeartbeatTimeout { silent_ms: 15_001 } },
                 Action::Launch { role: Role::Slave, count: 1 },
             ]
         );
@@ -323,10 +316,7 @@ mod tests {
         assert_eq!(
             a,
             vec![
-                Action::Terminate {
-                    id: "m".into(),
-                    reason: Reason::HeartbeatTimeout { silent_ms: 20_000 }
-                },
+                Action::Terminate { id: "m".into(), reason: Reason::HeartbeatTimeout { silent_ms: 20_000 } },
                 Action::Launch { role: Role::Master, count: 1 },
             ]
         );
@@ -383,10 +373,7 @@ mod tests {
 
     #[test]
     fn extra_master_is_removed_keeping_the_ready_one() {
-        let nodes = [
-            node("m2", Role::Master, NodeState::Booting, 3),
-            ready("m1", Role::Master, 0),
-        ];
+        let nodes = [node("m2", Role::Master, NodeState::Booting, 3), ready("m1", Role::Master, 0)];
         let a = decide(Desired { slaves: 0 }, &nodes, LIMITS);
         assert_eq!(terminated(&a), vec![("m2", &Reason::ExtraMaster)]);
     }

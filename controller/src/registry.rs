@@ -162,11 +162,8 @@ impl Registry {
     /// reconnect to a restarted controller before anything is declared lost.
     pub fn from_json(text: &str, seen_ms: u64) -> Result<Registry, serde_json::Error> {
         let file: ClusterFile = serde_json::from_str(text)?;
-        let mut reg = Registry {
-            desired_slaves: file.desired_slaves,
-            next_seq: file.next_seq,
-            ..Default::default()
-        };
+        let mut reg =
+            Registry { desired_slaves: file.desired_slaves, next_seq: file.next_seq, ..Default::default() };
         for rec in file.nodes {
             let live = Arc::new(Liveness::default());
             live.touch(seen_ms);
@@ -188,7 +185,13 @@ impl Registry {
     }
 
     /// Records a new node about to be launched; returns its id.
-    pub fn add_node(&mut self, role: Role, token_hash: String, token_expires_unix_ms: u64, address: impl FnOnce(u64) -> String) -> String {
+    pub fn add_node(
+        &mut self,
+        role: Role,
+        token_hash: String,
+        token_expires_unix_ms: u64,
+        address: impl FnOnce(u64) -> String,
+    ) -> String {
         self.next_seq += 1;
         let seq = self.next_seq;
         let id = format!("{role}-{seq:04}");
@@ -297,12 +300,7 @@ impl Registry {
     }
 
     /// The decision function's view of every node.
-    pub fn views(
-        &self,
-        observed: &HashMap<String, bool>,
-        now_ms: u64,
-        now_unix_ms: u64,
-    ) -> Vec<NodeView> {
+    pub fn views(&self, observed: &HashMap<String, bool>, now_ms: u64, now_unix_ms: u64) -> Vec<NodeView> {
         self.nodes
             .values()
             .map(|e| NodeView {

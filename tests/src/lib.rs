@@ -55,11 +55,8 @@ impl Cluster {
         // Keys in `extra` override the same keys of FAST.
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
         let overridden: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
-        let base: String = FAST
-            .lines()
-            .filter(|l| !overridden.contains(&key(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let base: String =
+            FAST.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
         std::fs::write(&config, format!("{base}\n{extra}\n")).expect("write config");
         let mut c = Cluster { dir, config, serve: None };
         c.spawn_serve();
@@ -225,7 +222,10 @@ pub fn node_ids(s: &Value, role: &str) -> Vec<String> {
 /// Is this pid alive (and not a zombie)?
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()), Some("Z") | Some("X")),
+        Ok(stat) => !matches!(
+            stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()),
+            Some("Z") | Some("X")
+        ),
         Err(_) => false,
     }
 }

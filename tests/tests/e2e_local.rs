@@ -34,7 +34,11 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     let s = c.status().expect("status");
     assert!(at_size(&s, 3), "{s:#}");
     for n in nodes(&s) {
-        let want = if n["role"] == "master" { (cores() as f64 * 1.5).floor() } else { (cores() as f64 * 0.5).floor() };
+        let want = if n["role"] == "master" {
+            (cores() as f64 * 1.5).floor()
+        } else {
+            (cores() as f64 * 0.5).floor()
+        };
         let want = (want as u64).max(1);
         assert_eq!(n["cores"].as_u64().unwrap() as u32, cores(), "{n}");
         assert_eq!(n["workers"].as_u64().unwrap(), want, "workers of {n}");
@@ -58,7 +62,13 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     let s = c.wait_until("the killed slave is replaced", READY, |s| {
         at_size(s, 3) && !node_ids(s, "slave").contains(&victim)
     });
-    assert!(s["events"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().contains(&format!("{victim} lost"))));
+    assert!(
+        s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str().unwrap().contains(&format!("{victim} lost")))
+    );
 
     // --- kill -STOP a slave's agent: declared lost after the timeout --------
     let frozen = node_ids(&s, "slave")[0].clone();
@@ -69,8 +79,14 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
         at_size(s, 3) && !node_ids(s, "slave").contains(&frozen)
     });
     let lost_after = t_stop.elapsed();
-    eprintln!("MEASURE frozen slave replaced and cluster ready again after {:.2}s (timeout 2.0s)", lost_after.as_secs_f64());
-    assert!(lost_after >= Duration::from_millis(1_500), "declared lost before the heartbeat timeout: {lost_after:?}");
+    eprintln!(
+        "MEASURE frozen slave replaced and cluster ready again after {:.2}s (timeout 2.0s)",
+        lost_after.as_secs_f64()
+    );
+    assert!(
+        lost_after >= Duration::from_millis(1_500),
+        "declared lost before the heartbeat timeout: {lost_after:?}"
+    );
     assert!(
         s["events"].as_array().unwrap().iter().any(|e| {
             let e = e.as_str().unwrap();
@@ -102,7 +118,11 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2 nodes terminated"), "{text}");
-    assert!(node_processes(&c.state_dir()).is_empty(), "node processes remain: {:?}", node_processes(&c.state_dir()));
+    assert!(
+        node_processes(&c.state_dir()).is_empty(),
+        "node processes remain: {:?}",
+        node_processes(&c.state_dir())
+    );
     assert!(c.wait_serve_exit(Duration::from_secs(10)), "serve did not stop after destroy");
 }
 
@@ -126,7 +146,8 @@ fn controller_restart_readopts_nodes_without_duplicates() {
     let s = c.wait_until("the nodes reconnect", READY, |s| {
         at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
     });
-    let mut again: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    let mut again: Vec<String> =
+        nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
     again.sort();
     let mut ids = ids;
     ids.sort();
@@ -161,4 +182,16 @@ additional_packages = ["ddisco-no-such-package"]
     // Failed nodes are kept and counted (no replacement storm).
     let s = c.status().unwrap();
     assert_eq!(nodes(&s).len(), 2);
+}
+
+#[test]
+fn pip_requirements_go_into_a_per_node_virtualenv() {
+    let mut c = Cluster::start("num_slaves = 0\npip_requirements = [\"iso8601\"]");
+    let s = c.wait_until("master ready after pip", Duration::from_secs(180), |s| at_size(s, 0));
+    let venv = c.state_dir().join("nodes").join(node_ids(&s, "master")[0].as_str()).join("venv");
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", "import iso8601; print(iso8601.__name__)"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

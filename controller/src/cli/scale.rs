@@ -35,8 +35,10 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
     let deadline = start + Duration::from_secs(args.timeout);
     let bar = indicatif::ProgressBar::new(u64::from(args.slaves) + 1);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} ready  {msg}")
-            .expect("template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} ready  {msg}",
+        )
+        .expect("template"),
     );
     loop {
         let st = client.status().await?;
@@ -73,7 +75,8 @@ pub fn progress(st: &api::StatusReply, slaves: u32) -> Progress {
     let masters = st.nodes.iter().filter(|n| n.role == api::Role::Master as i32).count();
     let failed: Vec<&str> =
         st.nodes.iter().filter(|n| n.state == "failed").map(|n| n.node_id.as_str()).collect();
-    let done = masters == 1 && st.nodes.len() as u64 == u64::from(slaves) + 1 && ready == st.nodes.len() as u64;
+    let done =
+        masters == 1 && st.nodes.len() as u64 == u64::from(slaves) + 1 && ready == st.nodes.len() as u64;
     let mut summary = format!("{} nodes, {} ready", st.nodes.len(), ready);
     if !failed.is_empty() {
         summary.push_str(&format!(", FAILED: {}", failed.join(" ")));

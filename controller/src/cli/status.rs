@@ -100,10 +100,8 @@ pub fn render(v: &StatusView) -> String {
         "cluster {} ({} provider): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
         v.cluster, v.provider, v.desired_slaves
     );
-    let mut rows = vec![[
-        "NODE", "ROLE", "STATE", "ADDRESS", "CORES", "WORKERS", "HEARTBEAT", "STEP",
-    ]
-    .map(String::from)];
+    let mut rows =
+        vec![["NODE", "ROLE", "STATE", "ADDRESS", "CORES", "WORKERS", "HEARTBEAT", "STEP"].map(String::from)];
     for n in &v.nodes {
         rows.push([
             n.node_id.clone(),
@@ -112,7 +110,9 @@ pub fn render(v: &StatusView) -> String {
             if n.address.is_empty() { "-".into() } else { n.address.clone() },
             if n.cores == 0 { "-".into() } else { n.cores.to_string() },
             if n.workers == 0 { "-".into() } else { n.workers.to_string() },
-            n.last_heartbeat_ms.map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into()),
+            n.last_heartbeat_ms
+                .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             if n.current_step.is_empty() { "-".into() } else { n.current_step.clone() },
         ]);
     }

@@ -22,8 +22,19 @@ use std::time::Duration;
 
 /// Environment variables passed through to local nodes.
 const ENV_ALLOW: &[&str] = &[
-    "PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "RUST_LOG", "PYENV_ROOT", "PYENV_VERSION",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "RUST_LOG",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
 ];
 
 pub struct LocalProvider {
