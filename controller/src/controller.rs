@@ -424,6 +424,8 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     }
     if !to_terminate.is_empty() {
         sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
+        // Look again right away: terminated instances can then be forgotten.
+        sh.wake.notify_one();
     }
     let requests = prepare_launches(sh, &launches);
     if !requests.is_empty() {

@@ -47,8 +47,9 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
         bar.set_message(p.summary.clone());
         if p.done {
             bar.finish_and_clear();
+            let plural = if args.slaves == 1 { "" } else { "s" };
             eprintln!(
-                "cluster ready: 1 master + {} slaves in {:.1}s",
+                "cluster ready: 1 master + {} slave{plural} in {:.1}s",
                 args.slaves,
                 start.elapsed().as_secs_f64()
             );
