@@ -162,6 +162,7 @@ impl api::agent_server::Agent for AgentService {
                     Some(api::agent_message::Msg::Heartbeat(_)) | None => {}
                     Some(api::agent_message::Msg::Hello(h)) => {
                         let assignment = on_hello(&sh, &node_id, h);
+                        sh.changed();
                         let msg = api::ControllerMessage {
                             msg: Some(api::controller_message::Msg::Assignment(assignment)),
                         };
@@ -169,7 +170,10 @@ impl api::agent_server::Agent for AgentService {
                             break;
                         }
                     }
-                    Some(api::agent_message::Msg::Step(s)) => on_step(&sh, &node_id, s),
+                    Some(api::agent_message::Msg::Step(s)) => {
+                        on_step(&sh, &node_id, s);
+                        sh.changed();
+                    }
                 }
             }
             tracing::debug!(node = %node_id, "session ended");
