@@ -3,6 +3,24 @@
 use ddisco_proto::v1 as api;
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, Networks, RefreshKind, System};
 
+/// Facts from this machine, completed from instance metadata when there is
+/// an instance metadata service.
+pub async fn gather_with(imds: Option<&crate::imds::Imds>) -> api::NodeFacts {
+    let mut f = gather();
+    if let Some(imds) = imds {
+        if let Ok(Some(id)) = imds.get("instance-id").await {
+            f.instance_id = id.trim().to_string();
+        }
+        if let Ok(Some(ip)) = imds.get("local-ipv4").await
+            && !ip.trim().is_empty()
+        {
+            f.addresses.retain(|a| a != ip.trim());
+            f.addresses.insert(0, ip.trim().to_string());
+        }
+    }
+    f
+}
+
 pub fn gather() -> api::NodeFacts {
     let sys = System::new_with_specifics(
         RefreshKind::nothing()

@@ -24,14 +24,30 @@ pub struct Bootstrap {
     pub controller: String,
     pub server_name: String,
     pub ca_sha256: String,
+    /// Instance metadata service, on EC2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imds: Option<String>,
+    /// One slot per instance of the launch call, in launch-index order.
+    pub slots: Vec<Slot>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Slot {
     pub node_id: String,
     #[serde(default)]
     pub token: String,
 }
 
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
 /// What the agent needs to talk to the controller.
 #[derive(Clone)]
 pub struct Creds {
+    pub imds: Option<crate::imds::Imds>,
     pub controller: String,
     pub server_name: String,
     pub node_id: String,
@@ -91,23 +107,27 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .map_err(|e| Fatal::Setup(format!("bootstrap.json is not valid: {e}")))?;
     let ca_pem = read(&dir.join("ca.pem"))?;
     check_ca(&ca_pem, &boot.ca_sha256)?;
+    let imds = crate::imds::Imds::from_env_or(boot.imds.as_deref());
     let idir = identity_dir(dir);
-    let (cert_p, key_p) = (idir.join("cert.pem"), idir.join("key.pem"));
+    let (cert_p, key_p, node_p) = (idir.join("cert.pem"), idir.join("key.pem"), idir.join("node_id"));
     let mut creds = Creds {
+        imds: imds.clone(),
         controller: boot.controller.clone(),
         server_name: boot.server_name.clone(),
-        node_id: boot.node_id.clone(),
+        node_id: String::new(),
         ca_pem,
         cert_pem: String::new(),
         key_pem: String::new(),
     };
-    if cert_p.exists() && key_p.exists() {
+    if cert_p.exists() && key_p.exists() && node_p.exists() {
         creds.cert_pem = read(&cert_p)?;
         creds.key_pem = read(&key_p)?;
+        creds.node_id = read(&node_p)?.trim().to_string();
         tracing::info!(node = %creds.node_id, "using the identity from an earlier enrollment");
         return Ok(creds);
     }
-    if boot.token.is_empty() {
+    let slot = pick_slot(&boot, imds.as_ref()).await?;
+    if slot.token.is_empty() {
         return Err(Fatal::Setup("no identity and no bootstrap token: this node cannot enroll".into()));
     }
     let key = rcgen::KeyPair::generate().map_err(|e| Fatal::Setup(format!("key generation: {e}")))?;
@@ -115,8 +135,8 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .and_then(|p| p.serialize_request(&key))
         .and_then(|r| r.pem())
         .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
-    let req =
-        api::EnrollRequest { token: boot.token.clone(), csr_pem: csr, facts: Some(crate::facts::gather()) };
+    let facts = crate::facts::gather_with(imds.as_ref()).await;
+    let req = api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts) };
     let mut backoff = crate::session::Backoff::new();
     let reply = loop {
         match try_enroll(&creds, req.clone()).await {
@@ -134,14 +154,52 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         |p: &Path, s: &str| write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())));
     save(&key_p, &key.serialize_pem())?;
     save(&cert_p, &reply.certificate_pem)?;
-    // The token is spent; leave no copy of it behind.
-    let spent = Bootstrap { token: String::new(), ..boot };
+    save(&node_p, &reply.node_id)?;
+    // The tokens are spent or not ours; leave no copy of them behind.
+    let spent = Bootstrap {
+        slots: boot.slots.iter().map(|s| Slot { node_id: s.node_id.clone(), token: String::new() }).collect(),
+        ..boot
+    };
     save(&dir.join("bootstrap.json"), &serde_json::to_string(&spent).expect("serializes"))?;
     tracing::info!(node = %reply.node_id, "enrolled");
     creds.node_id = reply.node_id;
     creds.cert_pem = reply.certificate_pem;
     creds.key_pem = key.serialize_pem();
     Ok(creds)
+}
+
+/// This instance's slot: the only one, or the one at its launch index.
+async fn pick_slot(boot: &Bootstrap, imds: Option<&crate::imds::Imds>) -> Result<Slot, Fatal> {
+    let index = match (boot.slots.len(), imds) {
+        (0, _) => return Err(Fatal::Setup("bootstrap.json has no slots".into())),
+        (1, _) => 0,
+        (_, None) => return Err(Fatal::Setup("several slots but no instance metadata to pick one".into())),
+        (_, Some(imds)) => {
+            let mut backoff = crate::session::Backoff::new();
+            let mut tries = 0;
+            loop {
+                match imds.get("ami-launch-index").await {
+                    Ok(Some(i)) => {
+                        break i
+                            .trim()
+                            .parse::<usize>()
+                            .map_err(|_| Fatal::Setup(format!("ami-launch-index {i:?} is not a number")))?;
+                    }
+                    Ok(None) => return Err(Fatal::Setup("instance metadata has no ami-launch-index".into())),
+                    Err(e) if tries < 10 => {
+                        tries += 1;
+                        tracing::warn!("{e}; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => return Err(Fatal::Setup(e)),
+                }
+            }
+        }
+    };
+    boot.slots
+        .get(index)
+        .cloned()
+        .ok_or_else(|| Fatal::Setup(format!("launch index {index} has no slot ({} slots)", boot.slots.len())))
 }
 
 enum Attempt {

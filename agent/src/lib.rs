@@ -4,6 +4,8 @@
 //! - [`identity`]: the bootstrap file, enrollment (token -> client
 //!   certificate), and the identity kept on disk afterwards.
 //! - [`facts`]: what the agent reports about its node (cores, memory, ...).
+//! - [`imds`]: the EC2 instance metadata service (instance id, launch index,
+//!   spot interruption and rebalance notices).
 //! - [`session`]: the long-lived mutual-TLS session: hello, assignment,
 //!   heartbeats, step reports, reconnects with backoff and jitter.
 //! - [`steps`]: runs the plan's steps in order and keeps progress on disk,
@@ -14,6 +16,7 @@
 
 pub mod facts;
 pub mod identity;
+pub mod imds;
 pub mod session;
 pub mod steps;
 

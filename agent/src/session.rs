@@ -60,7 +60,10 @@ enum End {
 impl Agent {
     /// Runs sessions until the controller says shutdown or refuses us.
     pub async fn run(self) -> Result<(), Fatal> {
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<api::StepReport>();
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<api::AgentMessage>();
+        if let Some(imds) = self.creds.imds.clone() {
+            tokio::spawn(watch_notices(imds, report_tx.clone()));
+        }
         let mut backoff = Backoff::new();
         loop {
             match self.session(&report_tx, &mut report_rx, &mut backoff).await {
@@ -80,8 +83,8 @@ impl Agent {
 
     async fn session(
         &self,
-        report_tx: &mpsc::UnboundedSender<api::StepReport>,
-        report_rx: &mut mpsc::UnboundedReceiver<api::StepReport>,
+        report_tx: &mpsc::UnboundedSender<api::AgentMessage>,
+        report_rx: &mut mpsc::UnboundedReceiver<api::AgentMessage>,
         backoff: &mut Backoff,
     ) -> Result<End, Fatal> {
         let endpoint = self
@@ -94,7 +97,8 @@ impl Agent {
         };
         let (tx, rx) = mpsc::channel::<api::AgentMessage>(16);
         let Progress { plan_id, completed, .. } = self.executor.progress();
-        let hello = api::Hello { facts: Some(crate::facts::gather()), plan_id, completed_steps: completed };
+        let facts = crate::facts::gather_with(self.creds.imds.as_ref()).await;
+        let hello = api::Hello { facts: Some(facts), plan_id, completed_steps: completed };
         tx.send(msg(api::agent_message::Msg::Hello(hello))).await.expect("receiver alive");
         let mut client = api::agent_client::AgentClient::new(channel);
         let mut inbound = match client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
@@ -143,11 +147,47 @@ impl Agent {
                     }
                 }
                 Some(r) = report_rx.recv() => {
-                    if tx.send(msg(api::agent_message::Msg::Step(r))).await.is_err() {
+                    if tx.send(r).await.is_err() {
                         return Ok(End::Broken("session stream closed".into()));
                     }
                 }
             }
+        }
+    }
+}
+
+/// Polls instance metadata for a spot interruption notice and a rebalance
+/// recommendation; relays each once. (A notice that arrives while the
+/// session is down waits in the channel.)
+async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<api::AgentMessage>) {
+    let mut sent_interruption = false;
+    let mut sent_rebalance = false;
+    let every = std::env::var("DDISCO_NOTICE_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        for (path, kind, sent) in [
+            ("spot/instance-action", api::NoticeKind::SpotInterruption, &mut sent_interruption),
+            ("events/recommendations/rebalance", api::NoticeKind::Rebalance, &mut sent_rebalance),
+        ] {
+            if *sent {
+                continue;
+            }
+            if let Ok(Some(detail)) = imds.get(path).await {
+                tracing::warn!("{path}: {detail}");
+                *sent = true;
+                let notice = api::Notice { kind: kind as i32, detail };
+                if out.send(msg(api::agent_message::Msg::Notice(notice))).is_err() {
+                    return;
+                }
+            }
+        }
+        if sent_interruption && sent_rebalance {
+            return;
         }
     }
 }

@@ -74,7 +74,12 @@ impl Executor {
 
     /// Starts executing `plan` in the background, unless it is already
     /// running or finished (or failed) in this process.
-    pub fn start(self: Arc<Self>, plan: api::Plan, workers: u32, reports: UnboundedSender<api::StepReport>) {
+    pub fn start(
+        self: Arc<Self>,
+        plan: api::Plan,
+        workers: u32,
+        reports: UnboundedSender<api::AgentMessage>,
+    ) {
         let start_at = {
             let mut st = self.state.lock().expect("lock");
             if st.running.as_deref() == Some(plan.id.as_str()) {
@@ -96,14 +101,16 @@ impl Executor {
         tokio::spawn(async move {
             for (i, step) in plan.steps.iter().enumerate().skip(start_at as usize) {
                 let i = i as u32;
-                let report = |status: api::StepStatus, ms: u64, code: i32, tail: String| api::StepReport {
-                    plan_id: plan.id.clone(),
-                    index: i,
-                    name: step.name.clone(),
-                    status: status as i32,
-                    duration_ms: ms,
-                    exit_code: code,
-                    output_tail: tail,
+                let report = |status: api::StepStatus, ms: u64, code: i32, tail: String| api::AgentMessage {
+                    msg: Some(api::agent_message::Msg::Step(api::StepReport {
+                        plan_id: plan.id.clone(),
+                        index: i,
+                        name: step.name.clone(),
+                        status: status as i32,
+                        duration_ms: ms,
+                        exit_code: code,
+                        output_tail: tail,
+                    })),
                 };
                 let _ = reports.send(report(api::StepStatus::Running, 0, 0, String::new()));
                 tracing::info!(step = %step.name, "step {}/{} started", i + 1, plan.steps.len());
@@ -410,7 +417,9 @@ mod tests {
         while let Some(r) = rx.recv().await {
             last = Some(r);
         }
-        let last = last.unwrap();
+        let Some(api::agent_message::Msg::Step(last)) = last.unwrap().msg else {
+            panic!("not a step report")
+        };
         assert_eq!((last.index, last.exit_code), (1, 3));
         // A new process (restart) neither re-runs step one nor retries two.
         let ex = Arc::new(Executor::new(d.path()));

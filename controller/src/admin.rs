@@ -56,24 +56,50 @@ impl api::admin_server::Admin for AdminService {
     }
 
     async fn scale(&self, req: Request<api::ScaleRequest>) -> Result<Response<api::ScaleReply>, Status> {
-        let n = req.into_inner().slaves;
-        if n > 100_000 {
-            return Err(Status::invalid_argument(format!("slaves: {n} is more than 100000")));
-        }
+        let r = req.into_inner();
         if self.shared.destroying.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Status::failed_precondition("the cluster is being destroyed"));
         }
-        let previous = {
+        let configured = self.shared.cfg.pools();
+        let (previous, desired) = {
             let mut reg = self.shared.registry.lock().expect("registry lock");
-            let previous = reg.desired_slaves;
-            reg.desired_slaves = n;
+            let previous = reg.desired_slaves();
+            let mut desired = if r.pools.is_empty() {
+                let weights: Vec<(String, u32)> =
+                    configured.iter().map(|p| (p.name.clone(), p.count)).collect();
+                crate::reconcile::distribute(r.slaves, &weights)
+            } else {
+                let mut d = reg.desired.clone();
+                for (name, n) in &r.pools {
+                    if !configured.iter().any(|p| &p.name == name) {
+                        let names: Vec<&str> = configured.iter().map(|p| p.name.as_str()).collect();
+                        return Err(Status::invalid_argument(format!(
+                            "pools: {name:?} is not a configured pool (configured: {})",
+                            names.join(", ")
+                        )));
+                    }
+                    d.insert(name.clone(), *n);
+                }
+                d
+            };
+            desired.retain(|name, _| configured.iter().any(|p| &p.name == name));
+            let total: u32 = desired.values().sum();
+            if total > 100_000 {
+                return Err(Status::invalid_argument(format!("slaves: {total} is more than 100000")));
+            }
+            let summary: Vec<String> = desired.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            reg.event(format!("scale: {previous} -> {total} slaves ({})", summary.join(" ")));
+            reg.desired = desired.clone();
             reg.dirty = true;
-            reg.event(format!("scale: {previous} -> {n} slaves"));
-            previous
+            (previous, desired)
         };
         self.shared.changed();
         self.shared.wake.notify_one();
-        Ok(Response::new(api::ScaleReply { previous, desired: n }))
+        Ok(Response::new(api::ScaleReply {
+            previous,
+            desired: desired.values().sum(),
+            pools: desired.into_iter().collect(),
+        }))
     }
 
     async fn destroy(&self, _: Request<api::DestroyRequest>) -> Result<Response<api::DestroyReply>, Status> {
@@ -128,13 +154,18 @@ fn status_of(sh: &Shared) -> api::StatusReply {
                 detail: r.detail.clone(),
                 age_ms: now_unix.saturating_sub(r.launched_unix_ms),
                 connected: e.live.connected(),
+                pool: r.pool.clone(),
+                instance_type: r.instance_type.clone(),
+                notice: r.notice.clone(),
             }
         })
         .collect();
     api::StatusReply {
         cluster: sh.cfg.tag_key.clone(),
         provider: sh.provider.name().to_string(),
-        desired_slaves: reg.desired_slaves,
+        desired_slaves: reg.desired_slaves(),
+        desired_pools: reg.desired.clone().into_iter().collect(),
+        provider_notes: sh.provider.notes(),
         nodes,
         notes: {
             let ev = reg.events();
@@ -182,8 +213,12 @@ impl AdminClient {
         Ok(self.inner.status(api::StatusRequest {}).await?.into_inner())
     }
 
-    pub async fn scale(&mut self, slaves: u32) -> Result<api::ScaleReply, Status> {
-        Ok(self.inner.scale(api::ScaleRequest { slaves }).await?.into_inner())
+    pub async fn scale(
+        &mut self,
+        slaves: u32,
+        pools: std::collections::HashMap<String, u32>,
+    ) -> Result<api::ScaleReply, Status> {
+        Ok(self.inner.scale(api::ScaleRequest { slaves, pools }).await?.into_inner())
     }
 
     pub async fn destroy(&mut self) -> Result<api::DestroyReply, Status> {

@@ -69,6 +69,41 @@ pub struct Config {
     pub local_install_packages: bool,
     /// Legacy AWS keys found in the file (the credential chain is preferred).
     pub aws_keys_in_file: bool,
+    /// The legacy AWS_ACCESS / AWS_SECRET values, when given.
+    pub aws_keys: Option<(String, Secret)>,
+    /// EC2-compatible endpoint (moto, LocalStack); `None`: AWS itself.
+    pub endpoint_url: Option<String>,
+    /// Subnets to launch into, tried in order; empty: the default VPC.
+    pub subnet_ids: Vec<String>,
+    /// Slave pools as configured (empty: one pool from num_slaves).
+    pub slave_pools: Vec<Pool>,
+    /// Attempts the AWS SDK makes per call (its own retries).
+    pub ec2_max_attempts: u32,
+    /// How long a (pool, type, subnet) that hit a capacity error is skipped.
+    pub capacity_cooldown: Duration,
+}
+
+/// A secret string: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
+/// A group of slaves of the same kind.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    pub name: String,
+    /// Instance types, tried in order (then the other pools' types).
+    #[serde(alias = "INSTANCE_TYPES")]
+    pub instance_types: Vec<String>,
+    /// Slaves of this pool at first start; `scale N` keeps the proportions.
+    #[serde(alias = "COUNT", default)]
+    pub count: u32,
 }
 
 /// Keys of the original `config.json` that it marked required (its AWS keys
@@ -155,6 +190,16 @@ pub struct RawConfig {
     agent_binary: Option<String>,
     #[serde(alias = "LOCAL_INSTALL_PACKAGES")]
     local_install_packages: Option<bool>,
+    #[serde(alias = "ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    #[serde(alias = "SUBNET_IDS")]
+    subnet_ids: Option<Vec<String>>,
+    #[serde(alias = "SLAVE_POOLS")]
+    slave_pools: Option<Vec<Pool>>,
+    #[serde(alias = "EC2_MAX_ATTEMPTS")]
+    ec2_max_attempts: Option<u32>,
+    #[serde(alias = "CAPACITY_COOLDOWN_SECS")]
+    capacity_cooldown_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +271,12 @@ impl Default for Config {
             agent_binary: None,
             local_install_packages: false,
             aws_keys_in_file: false,
+            aws_keys: None,
+            endpoint_url: None,
+            subnet_ids: vec![],
+            slave_pools: vec![],
+            ec2_max_attempts: 3,
+            capacity_cooldown: Duration::from_secs(300),
         }
     }
 }
@@ -396,6 +447,8 @@ impl Config {
             ));
         }
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
+        let capacity_cooldown =
+            secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.capacity_cooldown)?;
         let token_ttl = secs("token_ttl_secs", raw.token_ttl_secs, d.token_ttl)?;
         let reconcile_interval =
             secs("reconcile_interval_secs", raw.reconcile_interval_secs, d.reconcile_interval)?;
@@ -412,6 +465,9 @@ impl Config {
         let download_listen = addr("download_listen", raw.download_listen, d.download_listen)?;
 
         let aws_keys_in_file = raw.aws_access.is_some() || raw.aws_secret.is_some();
+        if raw.aws_access.is_some() != raw.aws_secret.is_some() {
+            return Err(err("aws_secret", "give both AWS_ACCESS and AWS_SECRET, or neither".into()));
+        }
         if aws_keys_in_file {
             notes.push(format!(
                 "{}: AWS_ACCESS/AWS_SECRET found in the config file. They are accepted, but keys \
@@ -463,6 +519,19 @@ impl Config {
             agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
             local_install_packages: raw.local_install_packages.unwrap_or(false),
             aws_keys_in_file,
+            aws_keys: match (raw.aws_access, raw.aws_secret) {
+                (Some(a), Some(s))
+                    if !a.trim().is_empty() && !s.trim().is_empty() && !a.contains("FILL THIS") =>
+                {
+                    Some((a, Secret(s)))
+                }
+                _ => None,
+            },
+            endpoint_url: non_empty(raw.endpoint_url),
+            subnet_ids: raw.subnet_ids.unwrap_or_default(),
+            slave_pools: raw.slave_pools.unwrap_or_default(),
+            ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2_max_attempts).clamp(1, 10),
+            capacity_cooldown,
         };
         for (key, list) in
             [("base_packages", &cfg.base_packages), ("additional_packages", &cfg.additional_packages)]
@@ -471,11 +540,43 @@ impl Config {
                 return Err(err(key, format!("{bad:?} is not a Debian package name")));
             }
         }
-        if cfg.provider == ProviderKind::Ec2 {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in cfg.slave_pools.iter().enumerate() {
+            let key = format!("slave_pools[{i}]");
+            if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(err(&key, format!("name {:?}: use letters, digits, '-', '_' or '.'", p.name)));
+            }
+            if !names.insert(p.name.clone()) {
+                return Err(err(&key, format!("pool name {:?} is used twice", p.name)));
+            }
+            if p.instance_types.is_empty() {
+                return Err(err(&key, format!("pool {:?} names no instance_types", p.name)));
+            }
+        }
+        if !cfg.slave_pools.is_empty() && raw.num_slaves.is_some_and(|n| n != 0) {
             return Err(err(
-                "provider",
-                "the ec2 provider is not available in this build yet; use \"local\"".into(),
+                "num_slaves",
+                "set either num_slaves or the counts of slave_pools, not both".into(),
             ));
+        }
+        if cfg.provider == ProviderKind::Ec2 {
+            if cfg.ami.trim().is_empty() {
+                return Err(err("ami", "required with provider = \"ec2\": the image id (ami-...)".into()));
+            }
+            if cfg.security_groups.is_empty() {
+                return Err(err(
+                    "security_groups",
+                    "required with provider = \"ec2\": at least one group (id sg-... or name)".into(),
+                ));
+            }
+            if cfg.advertise.is_none() {
+                return Err(err(
+                    "advertise",
+                    "required with provider = \"ec2\": the host name or IP instances use to reach this \
+                     controller"
+                        .into(),
+                ));
+            }
         }
         Ok((cfg, notes))
     }
@@ -488,10 +589,30 @@ impl Config {
         if self.slave_instance_type.is_empty() { &self.instance_type } else { &self.slave_instance_type }
     }
 
+    /// The slave pools in force: as configured, or one pool named
+    /// `default` of `slave_instance_type` x `num_slaves`.
+    pub fn pools(&self) -> Vec<Pool> {
+        if self.slave_pools.is_empty() {
+            vec![Pool {
+                name: DEFAULT_POOL.into(),
+                instance_types: vec![self.slave_instance_type().to_string()],
+                count: self.num_slaves,
+            }]
+        } else {
+            self.slave_pools.clone()
+        }
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.state_dir.join("admin.sock")
     }
 }
+
+/// The pool of a cluster configured with `num_slaves` only.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The master's pool name.
+pub const MASTER_POOL: &str = "master";
 
 /// Debian package names: lower-case alphanumerics and `+-.`, optionally
 /// `:arch` or `=version`. Refusing anything else keeps them shell-safe.
@@ -552,6 +673,24 @@ slave_instance_type = ""
 key_name = ""
 security_groups = []
 ssh_user = "ubuntu"
+# EC2-compatible endpoint (e.g. moto, LocalStack); empty: AWS.
+endpoint_url = ""
+# Subnets (and so zones) to launch into, tried in order; empty: default VPC.
+subnet_ids = []
+# Attempts per EC2 call made by the AWS SDK itself.
+ec2_max_attempts = 3
+# A type/subnet that reported no capacity is skipped this long.
+capacity_cooldown_secs = 300.0
+# Slave pools: different instance types with counts (instead of num_slaves).
+# Types are tried in order on capacity errors, then the other pools' types.
+# [[slave_pools]]
+# name = "c5"
+# instance_types = ["c5.xlarge", "c5a.xlarge"]
+# count = 10
+# [[slave_pools]]
+# name = "m5"
+# instance_types = ["m5.xlarge"]
+# count = 10
 # Public keys (one per line) added to every node's authorized_keys.
 mgmt_key = "{mgmt}"
 
@@ -653,6 +792,44 @@ mod tests {
         "SLAVE_MULTIPLIER": 1,
         "POST_INIT": ""
     }"#;
+
+    #[test]
+    fn pools_default_and_configured() {
+        let c = toml("num_slaves = 4\nslave_instance_type = \"m5.large\"").unwrap();
+        assert_eq!(
+            c.pools(),
+            vec![Pool { name: "default".into(), instance_types: vec!["m5.large".into()], count: 4 }]
+        );
+        let c = toml(
+            "[[slave_pools]]\nname = \"a\"\ninstance_types = [\"c5.large\"]\ncount = 2\n\
+             [[slave_pools]]\nname = \"b\"\ninstance_types = [\"m5.large\", \"m5a.large\"]\ncount = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools().len(), 2);
+        assert_eq!(c.pools()[1].instance_types.len(), 2);
+        for (text, key) in [
+            ("num_slaves = 2\n[[slave_pools]]\nname = \"a\"\ninstance_types = [\"x\"]", "num_slaves"),
+            ("[[slave_pools]]\nname = \"a\"\ninstance_types = []", "slave_pools[0]"),
+            (
+                "[[slave_pools]]\nname = \"a\"\ninstance_types = [\"x\"]\n[[slave_pools]]\nname = \"a\"\ninstance_types = [\"y\"]",
+                "slave_pools[1]",
+            ),
+        ] {
+            assert_eq!(toml(text).unwrap_err().key.as_deref(), Some(key), "{text}");
+        }
+    }
+
+    #[test]
+    fn ec2_requires_what_it_needs() {
+        let base = "provider = \"ec2\"\n";
+        assert_eq!(toml(base).unwrap_err().key.as_deref(), Some("ami"));
+        let t = format!("{base}ami = \"ami-1\"\n");
+        assert_eq!(toml(&t).unwrap_err().key.as_deref(), Some("security_groups"));
+        let t = format!("{t}security_groups = [\"sg-1\"]\n");
+        assert_eq!(toml(&t).unwrap_err().key.as_deref(), Some("advertise"));
+        let t = format!("{t}advertise = \"10.0.0.5\"\n");
+        assert_eq!(toml(&t).unwrap().provider, ProviderKind::Ec2);
+    }
 
     #[test]
     fn original_config_json_is_accepted() {

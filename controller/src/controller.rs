@@ -13,10 +13,10 @@
 use crate::config::Config;
 use crate::model::Role;
 use crate::pki::{self, Pki};
-use crate::provider::{LaunchRequest, Provider};
+use crate::provider::{LaunchBatch, Provider, ProviderError, Target};
 use crate::reconcile::{Action, Desired, Limits, Reason, decide};
-use crate::registry::{Registry, unix_ms};
-use crate::userdata::{Bootstrap, Userdata};
+use crate::registry::{NewNode, Registry, unix_ms};
+use crate::userdata::{Bootstrap, Slot, Userdata};
 use anyhow::Context;
 use ddisco_proto::v1 as api;
 use sha2::{Digest, Sha256};
@@ -140,13 +140,13 @@ pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
 }
 
 /// The provider named by the configuration.
-pub fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider {
         crate::config::ProviderKind::Local => Ok(Arc::new(
             crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
                 .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
         )),
-        crate::config::ProviderKind::Ec2 => anyhow::bail!("provider \"ec2\" is not available in this build"),
+        crate::config::ProviderKind::Ec2 => Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await?)),
     }
 }
 
@@ -207,17 +207,20 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             })?;
             tracing::info!(
                 nodes = reg.len(),
-                desired_slaves = reg.desired_slaves,
+                desired_slaves = reg.desired_slaves(),
                 "re-adopting the cluster from {}",
                 cluster_file.display()
             );
             reg
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::new(cfg.num_slaves),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Registry::new(cfg.pools().into_iter().map(|p| (p.name, p.count)).collect())
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
     };
 
-    let provider = make_provider(&cfg)?;
+    let provider = make_provider(&cfg).await?;
+    provider.preflight().await.map_err(preflight_error)?;
     let admin_path = cfg.admin_socket();
     let admin_listener = crate::admin::bind(&admin_path).await?;
 
@@ -298,6 +301,18 @@ fn bind_keeping_port(
     std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
 }
 
+/// A preflight failure that names a config key is a configuration error.
+fn preflight_error(e: ProviderError) -> anyhow::Error {
+    match e {
+        ProviderError::Config { key, message } => anyhow::Error::new(crate::config::ConfigError {
+            path: "configuration".into(),
+            key: Some(key),
+            message,
+        }),
+        other => anyhow::anyhow!("the provider is not usable: {other}"),
+    }
+}
+
 fn advertise_host(cfg: &Config, grpc: SocketAddr) -> String {
     if let Some(a) = &cfg.advertise {
         return a.clone();
@@ -374,18 +389,28 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     // Without a fresh listing nothing is decided: stale data could kill
     // healthy nodes or launch duplicates.
     let observed = sh.provider.list().await.context("listing the cluster's instances")?;
-    let actions = {
-        let reg = sh.registry.lock().expect("registry lock");
-        let views = reg.views(&observed, sh.clock.now_ms(), unix_ms());
-        decide(Desired { slaves: reg.desired_slaves }, &views, sh.limits())
+    let (actions, orphans) = {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        let (alive, orphans) = reg.match_observed(&observed);
+        let views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
+        (decide(&Desired { pools: reg.desired.clone() }, &views, sh.limits()), orphans)
     };
-    if actions.is_empty() {
+    if actions.is_empty() && orphans.is_empty() {
         return Ok(());
     }
-    let mut to_terminate = Vec::new();
+    let mut to_terminate: Vec<Target> = orphans
+        .iter()
+        .map(|o| Target { node_id: o.node_id.clone(), instance_id: Some(o.instance_id.clone()) })
+        .collect();
     let mut launches = Vec::new();
     {
         let mut reg = sh.registry.lock().expect("registry lock");
+        for o in &orphans {
+            reg.event(format!(
+                "terminating orphan instance {}: tagged for this cluster but unknown to it",
+                o.instance_id
+            ));
+        }
         for action in actions {
             match action {
                 Action::MarkBooting { id } => {
@@ -402,6 +427,8 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                     e.rec.state = crate::model::NodeState::Terminating;
                     e.rec.detail = reason.describe();
                     e.live.revoke();
+                    to_terminate
+                        .push(Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() });
                     let msg = match (&reason, role) {
                         (r, Role::Master) if r.is_loss() => format!(
                             "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
@@ -416,9 +443,8 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                         tracing::warn!("{msg}");
                     }
                     reg.event(msg);
-                    to_terminate.push(id);
                 }
-                Action::Launch { role, count } => launches.push((role, count)),
+                Action::Launch { role, pool, count } => launches.push((role, pool, count)),
             }
         }
     }
@@ -427,94 +453,140 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
         // Look again right away: terminated instances can then be forgotten.
         sh.wake.notify_one();
     }
-    let requests = prepare_launches(sh, &launches);
-    if !requests.is_empty() {
-        let ids: Vec<String> = requests.iter().map(|r| r.node_id.clone()).collect();
-        let results = sh.provider.launch(requests).await;
-        let mut reg = sh.registry.lock().expect("registry lock");
-        for (id, res) in ids.into_iter().zip(results) {
-            match res {
-                Ok(instance) => {
-                    if let Some(e) = reg.get_mut(&id) {
-                        e.rec.instance_id = Some(instance);
-                    }
-                }
-                Err(e) => {
-                    reg.remove(&id);
-                    reg.event(format!("launch of {id} failed: {e}; retrying next tick"));
-                }
-            }
+    for (role, pool, count) in launches {
+        if let Err(e) = sh.provider.can_launch() {
+            let mut reg = sh.registry.lock().expect("registry lock");
+            reg.event_once(format!("launches held back: {e}"));
+            break;
+        }
+        let mut left = count as usize;
+        while left > 0 {
+            let n = left.min(sh.provider.max_batch().max(1));
+            left -= n;
+            launch_batch(sh, role, &pool, n).await?;
         }
     }
     sh.changed();
     Ok(())
 }
 
-/// Records new nodes, mints their tokens and renders their userdata.
-fn prepare_launches(sh: &Shared, launches: &[(Role, u32)]) -> Vec<LaunchRequest> {
-    let mut out = Vec::new();
-    let mut reg = sh.registry.lock().expect("registry lock");
+/// Records `n` new nodes (persisted before the call, so that a crash cannot
+/// leak what the call starts), mints their tokens, and launches them in one
+/// provider call.
+async fn launch_batch(sh: &Arc<Shared>, role: Role, pool: &str, n: usize) -> anyhow::Result<()> {
+    let batch_id = format!("b{}", hex::encode(rand::random::<[u8; 8]>()));
     let expires = unix_ms() + sh.cfg.token_ttl.as_millis() as u64;
+    let mut secrets = Vec::with_capacity(n);
+    let mut nodes = Vec::with_capacity(n);
+    let mut addresses = Vec::with_capacity(n);
+    {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for i in 0..n {
+            let (secret, token_hash) = pki::mint_token();
+            let new = NewNode {
+                role,
+                pool: pool.to_string(),
+                batch: Some((batch_id.clone(), i as u32)),
+                token_hash,
+                token_expires_unix_ms: expires,
+            };
+            let id = reg.add_node(new, |seq| sh.provider.address_for(seq));
+            addresses.push(reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default());
+            nodes.push(id);
+            secrets.push(secret);
+        }
+        reg.event(format!("launching {} ({role}, pool {pool})", nodes.join(", ")));
+    }
+    sh.save()?;
     let ca_sha = sh.pki.ca_fingerprint();
-    for &(role, count) in launches {
-        for _ in 0..count {
-            let (secret, hash) = pki::mint_token();
-            let id = reg.add_node(role, hash, expires, |seq| sh.provider.address_for(seq));
-            let address = reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default();
-            let userdata = Userdata {
-                bootstrap: Bootstrap {
-                    controller: &sh.endpoints.grpc_url,
-                    server_name: pki::SERVER_NAME,
-                    ca_sha256: &ca_sha,
-                    node_id: &id,
-                    token: &secret,
-                },
-                ca_pem: sh.pki.ca_pem(),
-                agent_url: &sh.endpoints.agent_url,
-                agent_sha256: &sh.endpoints.agent_sha256,
-                default_home: "/var/lib/ddisco",
+    let userdata = Userdata {
+        bootstrap: Bootstrap {
+            controller: &sh.endpoints.grpc_url,
+            server_name: pki::SERVER_NAME,
+            ca_sha256: &ca_sha,
+            imds: (sh.provider.name() == "ec2").then_some("http://169.254.169.254"),
+            slots: nodes.iter().zip(&secrets).map(|(node_id, token)| Slot { node_id, token }).collect(),
+        },
+        ca_pem: sh.pki.ca_pem(),
+        agent_url: &sh.endpoints.agent_url,
+        agent_sha256: &sh.endpoints.agent_sha256,
+        default_home: "/var/lib/ddisco",
+    }
+    .render();
+    drop(secrets);
+    let batch =
+        LaunchBatch { batch_id, role, pool: pool.to_string(), nodes: nodes.clone(), addresses, userdata };
+    let result = sh.provider.launch(batch).await;
+    let mut reg = sh.registry.lock().expect("registry lock");
+    match result {
+        Ok(launched) => {
+            for l in &launched {
+                if let Some(e) = reg.get_mut(&l.node_id) {
+                    e.rec.instance_id = Some(l.instance_id.clone());
+                    e.rec.instance_type = l.instance_type.clone();
+                }
             }
-            .render();
-            reg.event(format!("launching {id} ({role})"));
-            out.push(LaunchRequest { node_id: id, role, userdata, address });
+            for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
+                reg.remove(id);
+            }
+        }
+        Err(e) => {
+            for id in &nodes {
+                reg.remove(id);
+            }
+            match &e {
+                ProviderError::Config { .. } => tracing::error!("launch blocked: {e}"),
+                _ => tracing::warn!("launch of {} failed: {e}", nodes.join(", ")),
+            }
+            reg.event_once(format!("launch in pool {pool} failed: {e}; will retry"));
         }
     }
-    out
+    Ok(())
 }
 
-/// Terminates every node of the cluster; returns their ids.
+/// Terminates every node of the cluster; returns their ids (and the
+/// instance ids of orphans).
 pub async fn destroy_all(sh: &Arc<Shared>) -> anyhow::Result<Vec<String>> {
     sh.destroying.store(true, Ordering::Relaxed);
     let _guard = sh.tick_lock.lock().await;
-    let mut ids: Vec<String> = {
+    let observed = sh.provider.list().await?;
+    let (mut targets, mut names) = {
         let mut reg = sh.registry.lock().expect("registry lock");
+        let (_, orphans) = reg.match_observed(&observed);
         let ids: Vec<String> = reg.entries().map(|e| e.rec.id.clone()).collect();
+        let mut targets = Vec::new();
         for id in &ids {
             if let Some(e) = reg.get_mut(id) {
                 e.live.revoke();
                 e.rec.state = crate::model::NodeState::Terminating;
+                targets.push(Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() });
             }
         }
-        ids
-    };
-    // Also anything the provider lists that the registry forgot.
-    for id in sh.provider.list().await?.into_keys() {
-        if !ids.contains(&id) {
-            ids.push(id);
+        let mut names = ids;
+        for o in orphans {
+            names.push(o.node_id.clone().unwrap_or_else(|| o.instance_id.clone()));
+            targets.push(Target { node_id: o.node_id, instance_id: Some(o.instance_id) });
         }
-    }
-    ids.sort();
-    sh.provider.terminate(&ids).await?;
+        (targets, names)
+    };
+    sh.provider.terminate(&targets).await?;
+    let cancelled = sh.provider.cleanup().await?;
     let still: Vec<String> =
-        sh.provider.list().await?.into_iter().filter(|(_, alive)| *alive).map(|(id, _)| id).collect();
+        sh.provider.list().await?.into_iter().filter(|o| o.alive).map(|o| o.instance_id).collect();
     anyhow::ensure!(still.is_empty(), "still running after terminate: {}", still.join(", "));
     {
         let mut reg = sh.registry.lock().expect("registry lock");
+        let ids: Vec<String> = reg.entries().map(|e| e.rec.id.clone()).collect();
         for id in &ids {
             reg.remove(id);
         }
-        reg.event(format!("cluster destroyed: {} nodes terminated", ids.len()));
+        reg.event(format!("cluster destroyed: {} nodes terminated", names.len()));
+        if !cancelled.is_empty() {
+            reg.event(format!("cancelled open spot requests: {}", cancelled.join(", ")));
+        }
     }
+    targets.clear();
     sh.save()?;
-    Ok(ids)
+    names.sort();
+    Ok(names)
 }

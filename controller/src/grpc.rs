@@ -88,6 +88,25 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
                 tracing::warn!(%from, "enrollment refused: {e}");
                 return Err(Status::permission_denied(e.to_string()));
             }
+            // Tokens of one launch call share a userdata: each is also bound
+            // to the instance the launch returned for its slot.
+            if sh.provider.attests_instance_id() {
+                let recorded = reg.get(&node_id).and_then(|e| e.rec.instance_id.clone());
+                let claimed = &facts.instance_id;
+                let mismatch = match &recorded {
+                    Some(rec) => rec != claimed,
+                    None => claimed.is_empty(),
+                };
+                if mismatch {
+                    let msg = format!(
+                        "bootstrap token of node {node_id} is bound to instance {}, not {:?}",
+                        recorded.as_deref().unwrap_or("(unknown)"),
+                        claimed
+                    );
+                    tracing::warn!(%from, "enrollment refused: {msg}");
+                    return Err(Status::permission_denied(msg));
+                }
+            }
             reg.complete_enrollment(&node_id, facts, sh.clock.now_ms());
             reg.event(format!("{node_id} enrolled from {from}"));
         }
@@ -170,6 +189,11 @@ impl api::agent_server::Agent for AgentService {
                             break;
                         }
                     }
+                    Some(api::agent_message::Msg::Notice(n)) => {
+                        on_notice(&sh, &node_id, n);
+                        sh.changed();
+                        sh.wake.notify_one();
+                    }
                     Some(api::agent_message::Msg::Step(s)) => {
                         on_step(&sh, &node_id, s);
                         sh.changed();
@@ -225,6 +249,24 @@ fn on_hello(sh: &Shared, node_id: &str, h: api::Hello) -> api::Assignment {
         heartbeat_interval_ms: sh.cfg.heartbeat_interval.as_millis() as u32,
         plan: Some((&plan).into()),
     }
+}
+
+/// An agent relayed a notice from its cloud (spot interruption, rebalance).
+fn on_notice(sh: &Shared, node_id: &str, n: api::Notice) {
+    let kind = match api::NoticeKind::try_from(n.kind) {
+        Ok(api::NoticeKind::SpotInterruption) => "spot-interruption",
+        Ok(api::NoticeKind::Rebalance) => "rebalance-recommendation",
+        _ => return,
+    };
+    let mut reg = sh.registry.lock().expect("registry lock");
+    let Some(e) = reg.get_mut(node_id) else { return };
+    if !e.rec.notice.is_empty() {
+        return;
+    }
+    e.rec.notice = kind.to_string();
+    let msg = format!("{node_id}: {kind} notice ({}); launching its replacement now", n.detail.trim());
+    tracing::warn!("{msg}");
+    reg.event(msg);
 }
 
 /// An agent reported a step.

@@ -17,13 +17,57 @@
 //!   counted, replaced in the same tick.
 //! - Failed nodes are kept (and counted) so the operator can read the failed
 //!   step; replacing them would repeat the same failure in a loop.
+//! - Slaves are counted per pool; a slave of a pool that is no longer wanted
+//!   is surplus.
+//! - A node with an interruption notice no longer counts: its replacement is
+//!   launched at once. It is terminated only when its role/pool is back at
+//!   size with ready nodes (or the provider takes it first).
 
 use crate::model::{NodeState, Role};
+use std::collections::BTreeMap;
 
-/// What the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the user asked for: slaves per pool (one master is implied).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
-    pub slaves: u32,
+    pub pools: BTreeMap<String, u32>,
+}
+
+impl Desired {
+    /// One pool (`default`) of `n` slaves.
+    pub fn slaves(n: u32) -> Desired {
+        Desired { pools: BTreeMap::from([(crate::config::DEFAULT_POOL.to_string(), n)]) }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.pools.values().sum()
+    }
+}
+
+/// Spreads `total` slaves over pools in proportion to their weights (the
+/// configured counts), largest remainder first; equal shares if all weights
+/// are zero. Pool order breaks ties.
+pub fn distribute(total: u32, weights: &[(String, u32)]) -> BTreeMap<String, u32> {
+    let sum: u64 = weights.iter().map(|(_, w)| u64::from(*w)).sum();
+    let w = |x: u32| if sum == 0 { 1 } else { u64::from(x) };
+    let denom = if sum == 0 { weights.len() as u64 } else { sum };
+    let mut out: Vec<(String, u64, u64)> = weights
+        .iter()
+        .map(|(n, x)| {
+            let exact = u64::from(total) * w(*x);
+            (n.clone(), exact / denom.max(1), exact % denom.max(1))
+        })
+        .collect();
+    let mut left = u64::from(total) - out.iter().map(|(_, q, _)| q).sum::<u64>();
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(out[i].2));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        out[i].1 += 1;
+        left -= 1;
+    }
+    out.into_iter().map(|(n, q, _)| (n, q as u32)).collect()
 }
 
 /// Deadlines, in milliseconds.
@@ -49,6 +93,10 @@ pub enum Instance {
 pub struct NodeView {
     pub id: String,
     pub role: Role,
+    /// Slave pool (the master's is `master`).
+    pub pool: String,
+    /// An interruption or rebalance notice was received for it.
+    pub interrupted: bool,
     pub state: NodeState,
     /// Creation order (larger = newer).
     pub seq: u64,
@@ -63,9 +111,13 @@ pub struct NodeView {
 pub enum Reason {
     InstanceGone,
     BootTimeout,
-    HeartbeatTimeout { silent_ms: u64 },
+    HeartbeatTimeout {
+        silent_ms: u64,
+    },
     ScaleDown,
     ExtraMaster,
+    /// Interruption notice; its replacement is ready.
+    Interrupted,
 }
 
 impl Reason {
@@ -83,14 +135,15 @@ impl Reason {
             }
             Reason::ScaleDown => "scale down".into(),
             Reason::ExtraMaster => "more than one master".into(),
+            Reason::Interrupted => "interruption notice; its replacement is ready".into(),
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Launch `count` new nodes of `role`.
-    Launch { role: Role, count: u32 },
+    /// Launch `count` new nodes of `role` in `pool`.
+    Launch { role: Role, pool: String, count: u32 },
     /// Terminate the node's instance; it is `Terminating` from now on.
     Terminate { id: String, reason: Reason },
     /// The provider shows the instance running: `Requested` -> `Booting`.
@@ -100,9 +153,10 @@ pub enum Action {
 }
 
 /// Computes what to do to move the observed nodes towards `desired`.
-pub fn decide(desired: Desired, nodes: &[NodeView], limits: Limits) -> Vec<Action> {
+pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut live: Vec<&NodeView> = Vec::new();
+    let mut noticed: Vec<&NodeView> = Vec::new();
 
     for n in nodes {
         if n.state == NodeState::Terminating {
@@ -118,14 +172,21 @@ pub fn decide(desired: Desired, nodes: &[NodeView], limits: Limits) -> Vec<Actio
         if n.state == NodeState::Requested && n.instance == Instance::Alive {
             actions.push(Action::MarkBooting { id: n.id.clone() });
         }
-        live.push(n);
+        if n.interrupted {
+            noticed.push(n);
+        } else {
+            live.push(n);
+        }
     }
 
-    let (mut masters, mut slaves): (Vec<&NodeView>, Vec<&NodeView>) =
-        live.into_iter().partition(|n| n.role == Role::Master);
-
+    // The master: exactly one.
+    let mut masters: Vec<&NodeView> = live.iter().copied().filter(|n| n.role == Role::Master).collect();
     match masters.len() {
-        0 => actions.push(Action::Launch { role: Role::Master, count: 1 }),
+        0 => actions.push(Action::Launch {
+            role: Role::Master,
+            pool: crate::config::MASTER_POOL.into(),
+            count: 1,
+        }),
         1 => {}
         _ => {
             masters.sort_by_key(|n| removal_rank(n));
@@ -134,16 +195,42 @@ pub fn decide(desired: Desired, nodes: &[NodeView], limits: Limits) -> Vec<Actio
             }
         }
     }
+    let master_ready = masters.first().is_some_and(|m| m.state == NodeState::Ready);
 
-    let have = slaves.len() as u64;
-    let want = u64::from(desired.slaves);
-    if have < want {
-        actions.push(Action::Launch { role: Role::Slave, count: (want - have) as u32 });
-    } else if have > want {
-        // Most useful first; the tail is removed.
-        slaves.sort_by_key(|n| removal_rank(n));
-        for n in &slaves[want as usize..] {
-            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+    // Slaves, pool by pool (pools no longer wanted count as wanting 0).
+    let mut pools: BTreeMap<&str, Vec<&NodeView>> =
+        desired.pools.keys().map(|p| (p.as_str(), Vec::new())).collect();
+    for n in live.iter().copied().filter(|n| n.role == Role::Slave) {
+        pools.entry(n.pool.as_str()).or_default().push(n);
+    }
+    let mut pool_ready: BTreeMap<&str, bool> = BTreeMap::new();
+    for (pool, mut slaves) in pools {
+        let want = u64::from(desired.pools.get(pool).copied().unwrap_or(0));
+        let have = slaves.len() as u64;
+        if have < want {
+            actions.push(Action::Launch {
+                role: Role::Slave,
+                pool: pool.to_string(),
+                count: (want - have) as u32,
+            });
+        } else if have > want {
+            slaves.sort_by_key(|n| removal_rank(n));
+            for n in &slaves[want as usize..] {
+                actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+            }
+        }
+        let ready = slaves.iter().filter(|n| n.state == NodeState::Ready).count() as u64;
+        pool_ready.insert(pool, ready >= want);
+    }
+
+    // Noticed nodes go once their replacements are ready.
+    for n in noticed {
+        let replaced = match n.role {
+            Role::Master => master_ready,
+            Role::Slave => pool_ready.get(n.pool.as_str()).copied().unwrap_or(true),
+        };
+        if replaced {
+            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Interrupted });
         }
     }
     actions
@@ -197,6 +284,8 @@ mod tests {
         NodeView {
             id: id.into(),
             role,
+            pool: if role == Role::Master { "master".into() } else { "default".into() },
+            interrupted: false,
             state,
             seq,
             since_launch_ms: 1_000,
@@ -221,12 +310,12 @@ mod tests {
 
     #[test]
     fn empty_cluster_launches_master_and_slaves_together() {
-        let a = decide(Desired { slaves: 3 }, &[], LIMITS);
+        let a = decide(&Desired::slaves(3), &[], LIMITS);
         assert_eq!(
             a,
             vec![
-                Action::Launch { role: Role::Master, count: 1 },
-                Action::Launch { role: Role::Slave, count: 3 },
+                Action::Launch { role: Role::Master, pool: "master".into(), count: 1 },
+                Action::Launch { role: Role::Slave, pool: "default".into(), count: 3 },
             ]
         );
     }
@@ -234,7 +323,7 @@ mod tests {
     #[test]
     fn steady_state_does_nothing() {
         let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1)];
-        assert!(decide(Desired { slaves: 1 }, &nodes, LIMITS).is_empty());
+        assert!(decide(&Desired::slaves(1), &nodes, LIMITS).is_empty());
     }
 
     #[test]
@@ -243,8 +332,8 @@ mod tests {
         s2.instance = Instance::NotListed;
         let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1), s2];
         assert_eq!(
-            decide(Desired { slaves: 5 }, &nodes, LIMITS),
-            vec![Action::Launch { role: Role::Slave, count: 3 }]
+            decide(&Desired::slaves(5), &nodes, LIMITS),
+            vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 3 }]
         );
     }
 
@@ -259,7 +348,7 @@ mod tests {
             node("s-fail", Role::Slave, NodeState::Failed { step: "pip".into() }, 4),
         ];
         let ids = |n| {
-            terminated(&decide(Desired { slaves: n }, &nodes, LIMITS))
+            terminated(&decide(&Desired::slaves(n), &nodes, LIMITS))
                 .into_iter()
                 .map(|(id, r)| {
                     assert_eq!(*r, Reason::ScaleDown);
@@ -280,30 +369,30 @@ mod tests {
         let mut s = ready("s1", Role::Slave, 1);
         s.since_heartbeat_ms = Some(15_001);
         let nodes = [ready("m", Role::Master, 0), s, ready("s2", Role::Slave, 2)];
-        let a = decide(Desired { slaves: 2 }, &nodes, LIMITS);
+        let a = decide(&Desired::slaves(2), &nodes, LIMITS);
         assert_eq!(
             a,
             vec![
                 Action::Terminate { id: "s1".into(), reason: Reason::HeartbeatTimeout { silent_ms: 15_001 } },
-                Action::Launch { role: Role::Slave, count: 1 },
+                Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 },
             ]
         );
         // Exactly at the timeout is still alive.
         let mut s = ready("s1", Role::Slave, 1);
         s.since_heartbeat_ms = Some(15_000);
-        assert!(decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s], LIMITS).is_empty());
+        assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS).is_empty());
     }
 
     #[test]
     fn gone_instance_is_replaced() {
         let mut s = ready("s1", Role::Slave, 1);
         s.instance = Instance::Gone;
-        let a = decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s], LIMITS);
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(
             a,
             vec![
                 Action::Terminate { id: "s1".into(), reason: Reason::InstanceGone },
-                Action::Launch { role: Role::Slave, count: 1 },
+                Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 },
             ]
         );
     }
@@ -312,12 +401,12 @@ mod tests {
     fn master_loss_launches_a_new_master_and_keeps_slaves() {
         let mut m = ready("m", Role::Master, 0);
         m.since_heartbeat_ms = Some(20_000);
-        let a = decide(Desired { slaves: 1 }, &[m, ready("s1", Role::Slave, 1)], LIMITS);
+        let a = decide(&Desired::slaves(1), &[m, ready("s1", Role::Slave, 1)], LIMITS);
         assert_eq!(
             a,
             vec![
                 Action::Terminate { id: "m".into(), reason: Reason::HeartbeatTimeout { silent_ms: 20_000 } },
-                Action::Launch { role: Role::Master, count: 1 },
+                Action::Launch { role: Role::Master, pool: "master".into(), count: 1 },
             ]
         );
     }
@@ -327,7 +416,7 @@ mod tests {
         let mut s = node("s1", Role::Slave, NodeState::Booting, 1);
         s.since_launch_ms = 60_001;
         s.since_heartbeat_ms = None;
-        let a = decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s], LIMITS);
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(terminated(&a), vec![("s1", &Reason::BootTimeout)]);
     }
 
@@ -335,17 +424,17 @@ mod tests {
     fn requested_but_not_yet_listed_is_waited_for() {
         let mut s = node("s1", Role::Slave, NodeState::Requested, 1);
         s.instance = Instance::NotListed;
-        assert!(decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s.clone()], LIMITS).is_empty());
+        assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s.clone()], LIMITS).is_empty());
         // ...but a booted node missing from the listing has vanished.
         s.state = NodeState::Booting;
-        let a = decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s], LIMITS);
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(terminated(&a), vec![("s1", &Reason::InstanceGone)]);
     }
 
     #[test]
     fn requested_and_running_becomes_booting() {
         let s = node("s1", Role::Slave, NodeState::Requested, 1);
-        let a = decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), s], LIMITS);
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(a, vec![Action::MarkBooting { id: "s1".into() }]);
     }
 
@@ -355,12 +444,12 @@ mod tests {
         let nodes = [ready("m", Role::Master, 0), t.clone()];
         // Still alive: wait, but do not count it (the replacement is launched).
         assert_eq!(
-            decide(Desired { slaves: 1 }, &nodes, LIMITS),
-            vec![Action::Launch { role: Role::Slave, count: 1 }]
+            decide(&Desired::slaves(1), &nodes, LIMITS),
+            vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 }]
         );
         t.instance = Instance::Gone;
         assert_eq!(
-            decide(Desired { slaves: 0 }, &[ready("m", Role::Master, 0), t], LIMITS),
+            decide(&Desired::slaves(0), &[ready("m", Role::Master, 0), t], LIMITS),
             vec![Action::Forget { id: "s1".into() }]
         );
     }
@@ -368,13 +457,68 @@ mod tests {
     #[test]
     fn failed_nodes_are_kept_and_counted() {
         let f = node("s1", Role::Slave, NodeState::Failed { step: "post_init".into() }, 1);
-        assert!(decide(Desired { slaves: 1 }, &[ready("m", Role::Master, 0), f], LIMITS).is_empty());
+        assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), f], LIMITS).is_empty());
+    }
+
+    #[test]
+    fn pools_are_reconciled_separately_and_unwanted_pools_drained() {
+        let mut a = ready("a1", Role::Slave, 1);
+        a.pool = "a".into();
+        let mut b1 = ready("b1", Role::Slave, 2);
+        b1.pool = "b".into();
+        let mut old = ready("o1", Role::Slave, 3);
+        old.pool = "gone".into();
+        let desired = Desired { pools: BTreeMap::from([("a".into(), 2), ("b".into(), 1)]) };
+        let acts = decide(&desired, &[ready("m", Role::Master, 0), a, b1, old], LIMITS);
+        assert_eq!(
+            acts,
+            vec![
+                Action::Launch { role: Role::Slave, pool: "a".into(), count: 1 },
+                Action::Terminate { id: "o1".into(), reason: Reason::ScaleDown },
+            ]
+        );
+    }
+
+    #[test]
+    fn interrupted_node_is_replaced_first_and_terminated_once_replaced() {
+        let mut s1 = ready("s1", Role::Slave, 1);
+        s1.interrupted = true;
+        let m = ready("m", Role::Master, 0);
+        // Notice: replacement launched, the noticed node stays for now.
+        assert_eq!(
+            decide(&Desired::slaves(1), &[m.clone(), s1.clone()], LIMITS),
+            vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 }]
+        );
+        // Replacement booting: nothing more.
+        let s2 = node("s2", Role::Slave, NodeState::Booting, 2);
+        assert!(decide(&Desired::slaves(1), &[m.clone(), s1.clone(), s2], LIMITS).is_empty());
+        // Replacement ready: the noticed node is terminated.
+        let s2 = ready("s2", Role::Slave, 2);
+        assert_eq!(
+            decide(&Desired::slaves(1), &[m, s1, s2], LIMITS),
+            vec![Action::Terminate { id: "s1".into(), reason: Reason::Interrupted }]
+        );
+    }
+
+    #[test]
+    fn distribute_keeps_proportions() {
+        let w = |v: &[(&str, u32)]| v.iter().map(|(n, c)| (n.to_string(), *c)).collect::<Vec<_>>();
+        let d = distribute(20, &w(&[("a", 10), ("b", 10)]));
+        assert_eq!((d["a"], d["b"]), (10, 10));
+        let d = distribute(5, &w(&[("a", 2), ("b", 1)]));
+        assert_eq!((d["a"], d["b"]), (3, 2));
+        let d = distribute(3, &w(&[("a", 0), ("b", 0)]));
+        assert_eq!(d["a"] + d["b"], 3);
+        let d = distribute(7, &w(&[("a", 1)]));
+        assert_eq!(d["a"], 7);
+        let d = distribute(0, &w(&[("a", 3), ("b", 1)]));
+        assert_eq!((d["a"], d["b"]), (0, 0));
     }
 
     #[test]
     fn extra_master_is_removed_keeping_the_ready_one() {
         let nodes = [node("m2", Role::Master, NodeState::Booting, 3), ready("m1", Role::Master, 0)];
-        let a = decide(Desired { slaves: 0 }, &nodes, LIMITS);
+        let a = decide(&Desired::slaves(0), &nodes, LIMITS);
         assert_eq!(terminated(&a), vec![("m2", &Reason::ExtraMaster)]);
     }
 }

@@ -9,6 +9,7 @@
 //! agent's session task updates directly.
 
 use crate::model::{NodeState, Role};
+use crate::provider::Observed;
 use crate::reconcile::{Instance, NodeView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -32,9 +33,20 @@ pub struct Facts {
 pub struct NodeRecord {
     pub id: String,
     pub role: Role,
+    /// Slave pool (`master` for the master).
+    #[serde(default)]
+    pub pool: String,
     pub seq: u64,
     #[serde(flatten)]
     pub state: NodeState,
+    /// (launch batch id, launch index): finds the instance after a crash.
+    #[serde(default)]
+    pub batch: Option<(String, u32)>,
+    #[serde(default)]
+    pub instance_type: String,
+    /// Interruption/rebalance notice received (empty: none).
+    #[serde(default)]
+    pub notice: String,
     /// Why the node is in its state (failed step output, loss reason, ...).
     #[serde(default)]
     pub detail: String,
@@ -117,9 +129,20 @@ pub struct Event {
 
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct ClusterFile {
-    desired_slaves: u32,
+    /// Slaves wanted per pool.
+    desired: BTreeMap<String, u32>,
     next_seq: u64,
     nodes: Vec<NodeRecord>,
+}
+
+/// What `add_node` needs.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    pub role: Role,
+    pub pool: String,
+    pub batch: Option<(String, u32)>,
+    pub token_hash: String,
+    pub token_expires_unix_ms: u64,
 }
 
 /// Why an enrollment was refused. Refusals change no state.
@@ -137,7 +160,8 @@ pub enum TokenError {
 
 #[derive(Debug, Default)]
 pub struct Registry {
-    pub desired_slaves: u32,
+    /// Slaves wanted per pool.
+    pub desired: BTreeMap<String, u32>,
     next_seq: u64,
     nodes: BTreeMap<String, Entry>,
     token_index: HashMap<String, String>,
@@ -153,8 +177,12 @@ pub fn unix_ms() -> u64 {
 }
 
 impl Registry {
-    pub fn new(desired_slaves: u32) -> Registry {
-        Registry { desired_slaves, dirty: true, ..Default::default() }
+    pub fn new(desired: BTreeMap<String, u32>) -> Registry {
+        Registry { desired, dirty: true, ..Default::default() }
+    }
+
+    pub fn desired_slaves(&self) -> u32 {
+        self.desired.values().sum()
     }
 
     /// Restores a saved registry. Every node counts as heard from `seen_ms`
@@ -162,8 +190,7 @@ impl Registry {
     /// reconnect to a restarted controller before anything is declared lost.
     pub fn from_json(text: &str, seen_ms: u64) -> Result<Registry, serde_json::Error> {
         let file: ClusterFile = serde_json::from_str(text)?;
-        let mut reg =
-            Registry { desired_slaves: file.desired_slaves, next_seq: file.next_seq, ..Default::default() };
+        let mut reg = Registry { desired: file.desired, next_seq: file.next_seq, ..Default::default() };
         for rec in file.nodes {
             let live = Arc::new(Liveness::default());
             live.touch(seen_ms);
@@ -177,7 +204,7 @@ impl Registry {
 
     pub fn to_json(&self) -> String {
         let file = ClusterFile {
-            desired_slaves: self.desired_slaves,
+            desired: self.desired.clone(),
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
         };
@@ -185,28 +212,26 @@ impl Registry {
     }
 
     /// Records a new node about to be launched; returns its id.
-    pub fn add_node(
-        &mut self,
-        role: Role,
-        token_hash: String,
-        token_expires_unix_ms: u64,
-        address: impl FnOnce(u64) -> String,
-    ) -> String {
+    pub fn add_node(&mut self, new: NewNode, address: impl FnOnce(u64) -> String) -> String {
         self.next_seq += 1;
         let seq = self.next_seq;
-        let id = format!("{role}-{seq:04}");
-        self.token_index.insert(token_hash.clone(), id.clone());
+        let id = format!("{}-{seq:04}", new.role);
+        self.token_index.insert(new.token_hash.clone(), id.clone());
         let rec = NodeRecord {
             id: id.clone(),
-            role,
+            role: new.role,
+            pool: new.pool,
             seq,
             state: NodeState::Requested,
+            batch: new.batch,
+            instance_type: String::new(),
+            notice: String::new(),
             detail: String::new(),
             instance_id: None,
             address: address(seq),
             launched_unix_ms: unix_ms(),
-            token_hash,
-            token_expires_unix_ms,
+            token_hash: new.token_hash,
+            token_expires_unix_ms: new.token_expires_unix_ms,
             token_used: false,
             facts: None,
             workers: 0,
@@ -216,6 +241,57 @@ impl Registry {
         self.nodes.insert(id.clone(), Entry { rec, live: Arc::new(Liveness::default()) });
         self.dirty = true;
         id
+    }
+
+    /// Maps the provider's instances to nodes: by node id, instance id, or
+    /// launch batch + index (which adopts instances launched just before a
+    /// crash). Returns node id -> alive, and the live instances that belong
+    /// to no node (orphans).
+    pub fn match_observed(&mut self, observed: &[Observed]) -> (HashMap<String, bool>, Vec<Observed>) {
+        let by_instance: HashMap<&str, &str> = self
+            .nodes
+            .values()
+            .filter_map(|e| e.rec.instance_id.as_deref().map(|i| (i, e.rec.id.as_str())))
+            .collect();
+        let by_batch: HashMap<(&str, u32), &str> = self
+            .nodes
+            .values()
+            .filter_map(|e| e.rec.batch.as_ref().map(|(b, i)| ((b.as_str(), *i), e.rec.id.as_str())))
+            .collect();
+        let mut map = HashMap::new();
+        let mut orphans = Vec::new();
+        let mut adopt = Vec::new();
+        for o in observed {
+            let node = o
+                .node_id
+                .as_deref()
+                .filter(|id| self.nodes.contains_key(*id))
+                .or_else(|| by_instance.get(o.instance_id.as_str()).copied())
+                .or_else(|| {
+                    let (b, i) = o.batch.as_ref()?;
+                    let id = by_batch.get(&(b.as_str(), *i)).copied()?;
+                    adopt.push((id.to_string(), o.instance_id.clone()));
+                    Some(id)
+                });
+            match node {
+                // A node may have an old, gone instance listed too: alive wins.
+                Some(id) => {
+                    let e = map.entry(id.to_string()).or_insert(false);
+                    *e |= o.alive;
+                }
+                None if o.alive => orphans.push(o.clone()),
+                None => {}
+            }
+        }
+        for (id, instance) in adopt {
+            if let Some(e) = self.nodes.get_mut(&id)
+                && e.rec.instance_id.is_none()
+            {
+                e.rec.instance_id = Some(instance);
+                self.dirty = true;
+            }
+        }
+        (map, orphans)
     }
 
     pub fn get(&self, id: &str) -> Option<&Entry> {
@@ -287,6 +363,15 @@ impl Registry {
         }
     }
 
+    /// Records an event unless it repeats the previous one (a condition
+    /// that persists across ticks is reported once).
+    pub fn event_once(&mut self, message: String) {
+        if self.events.back().is_some_and(|e| e.message == message) {
+            return;
+        }
+        self.event(message);
+    }
+
     pub fn event(&mut self, message: String) {
         tracing::info!(target: "ddisco::event", "{message}");
         if self.events.len() == MAX_EVENTS {
@@ -306,6 +391,8 @@ impl Registry {
             .map(|e| NodeView {
                 id: e.rec.id.clone(),
                 role: e.rec.role,
+                pool: e.rec.pool.clone(),
+                interrupted: !e.rec.notice.is_empty(),
                 state: e.rec.state.clone(),
                 seq: e.rec.seq,
                 since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),
@@ -324,9 +411,42 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn new(role: Role, hash: &str, expires: u64) -> NewNode {
+        NewNode {
+            role,
+            pool: "default".into(),
+            batch: Some(("b1".into(), 0)),
+            token_hash: hash.into(),
+            token_expires_unix_ms: expires,
+        }
+    }
+
+    #[test]
+    fn observed_instances_are_matched_and_orphans_found() {
+        let (mut r, id) = reg_with_node(1_000);
+        let obs = |i: &str, batch: Option<(&str, u32)>, alive| Observed {
+            instance_id: i.into(),
+            node_id: None,
+            batch: batch.map(|(b, n)| (b.to_string(), n)),
+            alive,
+        };
+        // Adopted by batch + index (launched just before a crash).
+        let (map, orphans) = r.match_observed(&[
+            obs("i-1", Some(("b1", 0)), true),
+            obs("i-9", None, true),
+            obs("i-8", None, false),
+        ]);
+        assert_eq!(map.get(&id), Some(&true));
+        assert_eq!(r.get(&id).unwrap().rec.instance_id.as_deref(), Some("i-1"));
+        assert_eq!(orphans.iter().map(|o| o.instance_id.as_str()).collect::<Vec<_>>(), ["i-9"]);
+        // Then by instance id; an old dead instance does not hide a live one.
+        let (map, _) = r.match_observed(&[obs("i-1", None, false)]);
+        assert_eq!(map.get(&id), Some(&false));
+    }
+
     fn reg_with_node(expires: u64) -> (Registry, String) {
-        let mut r = Registry::new(1);
-        let id = r.add_node(Role::Slave, "h1".into(), expires, |_| "127.0.0.2".into());
+        let mut r = Registry::new(BTreeMap::from([("default".into(), 1)]));
+        let id = r.add_node(new(Role::Slave, "h1", expires), |_| "127.0.0.2".into());
         (r, id)
     }
 
@@ -356,7 +476,7 @@ mod tests {
     #[test]
     fn round_trip_keeps_nodes_and_tokens() {
         let (mut r, id) = reg_with_node(1_000);
-        let id2 = r.add_node(Role::Master, "h2".into(), 1_000, |_| String::new());
+        let id2 = r.add_node(new(Role::Master, "h2", 1_000), |_| String::new());
         r.complete_enrollment(&id2, Facts::default(), 5);
         let r2 = Registry::from_json(&r.to_json(), 77).unwrap();
         assert_eq!(r2.len(), 2);
@@ -365,7 +485,7 @@ mod tests {
         assert_eq!(r2.get(&id2).unwrap().live.last_seen_ms(), Some(77));
         // Sequence continues: no id is reused.
         let mut r2 = r2;
-        let id3 = r2.add_node(Role::Slave, "h3".into(), 1, |_| String::new());
+        let id3 = r2.add_node(new(Role::Slave, "h3", 1), |_| String::new());
         assert_eq!(id3, "slave-0003");
     }
 }

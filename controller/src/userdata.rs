@@ -13,6 +13,17 @@ pub struct Bootstrap<'a> {
     pub controller: &'a str,
     pub server_name: &'a str,
     pub ca_sha256: &'a str,
+    /// Instance metadata service (EC2); the agent picks its slot by its
+    /// launch index there when there are several slots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imds: Option<&'a str>,
+    /// One per instance of the launch call, in launch-index order.
+    pub slots: Vec<Slot<'a>>,
+}
+
+/// A node and its one-time bootstrap token.
+#[derive(Debug, Serialize)]
+pub struct Slot<'a> {
     pub node_id: &'a str,
     pub token: &'a str,
 }
@@ -95,8 +106,8 @@ mod tests {
                 controller: "https://10.0.0.1:7443",
                 server_name: "ddisco-controller",
                 ca_sha256: "ab",
-                node_id: "slave-0001",
-                token: "tok123",
+                imds: None,
+                slots: vec![Slot { node_id: "slave-0001", token: "tok123" }],
             },
             ca_pem: "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----",
             agent_url: "https://10.0.0.1:7444/agent/ddisco-agent",
@@ -105,7 +116,7 @@ mod tests {
         }
         .render();
         assert!(u.starts_with("#!/bin/sh\n"));
-        assert!(u.contains("\"token\":\"tok123\""));
+        assert!(u.contains("\"slots\":[{\"node_id\":\"slave-0001\",\"token\":\"tok123\"}]"), "{u}");
         assert!(u.contains("sum='deadbeef'"));
         assert!(u.contains("--cacert ca.pem"));
         assert!(u.contains("-----END CERTIFICATE-----\nDDISCO_CA_EOF"));

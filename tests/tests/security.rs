@@ -37,7 +37,7 @@ fn boot_of(userdata: &str) -> Boot {
     Boot {
         controller: v["controller"].as_str().unwrap().into(),
         server_name: v["server_name"].as_str().unwrap().into(),
-        token: v["token"].as_str().unwrap().into(),
+        token: v["slots"][0]["token"].as_str().unwrap().into(),
         ca_pem: ca.into(),
     }
 }

@@ -58,10 +58,23 @@ async fn offline(cfg: &crate::config::Config) -> anyhow::Result<Vec<String>> {
     if !cfg.state_dir.exists() {
         return Ok(vec![]);
     }
-    let provider = crate::controller::make_provider(cfg)?;
-    let mut ids: Vec<String> = provider.list().await?.into_keys().collect();
+    let provider = crate::controller::make_provider(cfg).await?;
+    let observed = provider.list().await?;
+    let targets: Vec<crate::provider::Target> = observed
+        .iter()
+        .filter(|o| o.alive)
+        .map(|o| crate::provider::Target {
+            node_id: o.node_id.clone(),
+            instance_id: Some(o.instance_id.clone()),
+        })
+        .collect();
+    let mut ids: Vec<String> =
+        targets.iter().map(|t| t.node_id.clone().or(t.instance_id.clone()).unwrap_or_default()).collect();
     ids.sort();
-    provider.terminate(&ids).await?;
+    provider.terminate(&targets).await?;
+    for r in provider.cleanup().await? {
+        eprintln!("cancelled spot request {r}");
+    }
     let file = cfg.state_dir.join("cluster.json");
     if let Ok(text) = std::fs::read_to_string(&file) {
         let mut reg = crate::registry::Registry::from_json(&text, 1)?;

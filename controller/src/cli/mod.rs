@@ -90,12 +90,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A command line that cannot be carried out as written (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Maps an error to the documented exit code.
 pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<ConfigError>().is_some() {
+    if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<UsageError>().is_some() {
         ExitCode::from(2)
     } else if e.downcast_ref::<crate::admin::NotRunning>().is_some() {
         ExitCode::from(3)
+    } else if let Some(s) = e.downcast_ref::<tonic::Status>()
+        && s.code() == tonic::Code::InvalidArgument
+    {
+        ExitCode::from(2)
     } else {
         ExitCode::from(1)
     }

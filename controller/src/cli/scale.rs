@@ -7,12 +7,15 @@ use ddisco_proto::v1 as api;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-/// Set the number of slaves of the running controller. With --wait, show
-/// progress until one master and exactly N slaves are ready.
+/// Set the number of slaves of the running controller: `scale 20` spreads
+/// 20 slaves over the configured pools in proportion to their counts;
+/// `scale c5=10 m5=5` sets pools by name. With --wait, show progress until
+/// one master and exactly that many slaves are ready.
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
-    /// Number of slaves wanted.
-    pub slaves: u32,
+    /// Total slaves (N), or POOL=N for one or more pools.
+    #[arg(required = true, num_args = 1..)]
+    pub target: Vec<String>,
     /// Wait until the cluster is at size and ready.
     #[arg(long)]
     pub wait: bool,
@@ -25,15 +28,19 @@ pub struct ScaleArgs {
 
 pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
+    let (total, pools) = parse_target(&args.target)?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
-    let reply = client.scale(args.slaves).await?;
-    eprintln!("desired slaves: {} -> {}", reply.previous, reply.desired);
+    let reply = client.scale(total, pools).await?;
+    let mut by_pool: Vec<String> = reply.pools.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    by_pool.sort();
+    eprintln!("desired slaves: {} -> {} ({})", reply.previous, reply.desired, by_pool.join(" "));
+    let slaves = reply.desired;
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.timeout);
-    let bar = indicatif::ProgressBar::new(u64::from(args.slaves) + 1);
+    let bar = indicatif::ProgressBar::new(u64::from(slaves) + 1);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} ready  {msg}",
@@ -42,15 +49,15 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
     );
     loop {
         let st = client.status().await?;
-        let p = progress(&st, args.slaves);
+        let p = progress(&st, slaves);
         bar.set_position(p.ready);
         bar.set_message(p.summary.clone());
         if p.done {
             bar.finish_and_clear();
-            let plural = if args.slaves == 1 { "" } else { "s" };
+            let plural = if slaves == 1 { "" } else { "s" };
             eprintln!(
                 "cluster ready: 1 master + {} slave{plural} in {:.1}s",
-                args.slaves,
+                slaves,
                 start.elapsed().as_secs_f64()
             );
             return Ok(ExitCode::SUCCESS);
@@ -62,6 +69,27 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `["20"]` -> total 20; `["a=3", "b=2"]` -> per pool.
+pub fn parse_target(args: &[String]) -> anyhow::Result<(u32, std::collections::HashMap<String, u32>)> {
+    let usage = |a: &str| {
+        anyhow::Error::new(super::UsageError(format!(
+            "{a:?}: give a number of slaves (scale 20) or POOL=N (scale c5=10 m5=5)"
+        )))
+    };
+    if let [one] = args
+        && let Ok(n) = one.parse::<u32>()
+    {
+        return Ok((n, Default::default()));
+    }
+    let mut pools = std::collections::HashMap::new();
+    for a in args {
+        let (name, n) = a.split_once('=').ok_or_else(|| usage(a))?;
+        let n: u32 = n.parse().map_err(|_| usage(a))?;
+        pools.insert(name.to_string(), n);
+    }
+    Ok((0, pools))
 }
 
 pub struct Progress {

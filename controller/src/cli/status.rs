@@ -23,8 +23,10 @@ pub struct StatusView {
     pub cluster: String,
     pub provider: String,
     pub desired_slaves: u32,
+    pub desired_pools: std::collections::BTreeMap<String, u32>,
     pub nodes: Vec<NodeView>,
     pub events: Vec<String>,
+    pub provider_notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,6 +44,9 @@ pub struct NodeView {
     pub detail: String,
     pub age_ms: u64,
     pub connected: bool,
+    pub pool: String,
+    pub instance_type: String,
+    pub notice: String,
 }
 
 impl From<api::StatusReply> for StatusView {
@@ -50,6 +55,8 @@ impl From<api::StatusReply> for StatusView {
             cluster: s.cluster,
             provider: s.provider,
             desired_slaves: s.desired_slaves,
+            desired_pools: s.desired_pools.into_iter().collect(),
+            provider_notes: s.provider_notes,
             nodes: s
                 .nodes
                 .into_iter()
@@ -67,6 +74,9 @@ impl From<api::StatusReply> for StatusView {
                     detail: n.detail,
                     age_ms: n.age_ms,
                     connected: n.connected,
+                    pool: n.pool,
+                    instance_type: n.instance_type,
+                    notice: n.notice,
                 })
                 .collect(),
             events: s.notes,
@@ -100,23 +110,36 @@ pub fn render(v: &StatusView) -> String {
         "cluster {} ({} provider): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
         v.cluster, v.provider, v.desired_slaves
     );
-    let mut rows =
-        vec![["NODE", "ROLE", "STATE", "ADDRESS", "CORES", "WORKERS", "HEARTBEAT", "STEP"].map(String::from)];
+    if v.desired_pools.len() > 1 {
+        let pools: Vec<String> = v.desired_pools.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        out.push_str(&format!("pools: {}\n\n", pools.join(" ")));
+    }
+    let mut rows = vec![
+        ["NODE", "ROLE", "STATE", "ADDRESS", "TYPE", "CORES", "WORKERS", "HEARTBEAT", "STEP"]
+            .map(String::from),
+    ];
     for n in &v.nodes {
         rows.push([
             n.node_id.clone(),
             n.role.to_string(),
             n.state.clone(),
             if n.address.is_empty() { "-".into() } else { n.address.clone() },
+            if n.instance_type.is_empty() { "-".into() } else { n.instance_type.clone() },
             if n.cores == 0 { "-".into() } else { n.cores.to_string() },
             if n.workers == 0 { "-".into() } else { n.workers.to_string() },
             n.last_heartbeat_ms
                 .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
-            if n.current_step.is_empty() { "-".into() } else { n.current_step.clone() },
+            if !n.notice.is_empty() {
+                n.notice.clone()
+            } else if n.current_step.is_empty() {
+                "-".into()
+            } else {
+                n.current_step.clone()
+            },
         ]);
     }
-    let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..9).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
@@ -128,6 +151,9 @@ pub fn render(v: &StatusView) -> String {
         for n in problems {
             out.push_str(&format!("{}: {}\n", n.node_id, n.detail));
         }
+    }
+    for note in &v.provider_notes {
+        out.push_str(&format!("provider: {note}\n"));
     }
     if !v.events.is_empty() {
         out.push_str("\nrecent events:\n");

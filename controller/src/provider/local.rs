@@ -10,11 +10,10 @@
 //! - The node gets a minimal environment (an allow-list), never the
 //!   controller's secrets.
 
-use super::{LaunchRequest, Provider, ProviderError};
+use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
 use crate::plan::NodeLayout;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -70,12 +69,17 @@ impl LocalProvider {
         is_ours(pid, &self.cluster_id, id).then_some(pid)
     }
 
-    async fn launch_one(&self, r: LaunchRequest) -> Result<String, ProviderError> {
-        let dir = self.node_dir(&r.node_id);
+    async fn launch_one(
+        &self,
+        node_id: &str,
+        address: &str,
+        userdata: &str,
+    ) -> Result<String, ProviderError> {
+        let dir = self.node_dir(node_id);
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let script = dir.join("userdata.sh");
-        crate::pki::write_private(&script, &r.userdata).map_err(|e| ProviderError::Other(e.to_string()))?;
+        crate::pki::write_private(&script, userdata).map_err(|e| ProviderError::Other(e.to_string()))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log"))?;
         let mut cmd = tokio::process::Command::new("sh");
         cmd.arg("userdata.sh")
@@ -83,9 +87,9 @@ impl LocalProvider {
             .env_clear()
             .envs(ENV_ALLOW.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
             .env("DDISCO_HOME", &dir)
-            .env("DDISCO_NODE_ID", &r.node_id)
+            .env("DDISCO_NODE_ID", node_id)
             .env("DDISCO_CLUSTER_ID", &self.cluster_id)
-            .env("DDISCO_NODE_ADDR", &r.address)
+            .env("DDISCO_NODE_ADDR", address)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -121,29 +125,40 @@ impl Provider for LocalProvider {
         format!("127.{}.{}.{}", self.net, (seq / 250) % 256, seq % 250 + 2)
     }
 
-    async fn launch(&self, requests: Vec<LaunchRequest>) -> Vec<Result<String, ProviderError>> {
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            out.push(self.launch_one(r).await);
-        }
-        out
+    fn max_batch(&self) -> usize {
+        1
     }
 
-    async fn list(&self) -> Result<HashMap<String, bool>, ProviderError> {
-        let mut out = HashMap::new();
-        for entry in std::fs::read_dir(&self.nodes_dir)? {
-            let entry = entry?;
-            let id = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().join("pid").exists() {
-                out.insert(id.clone(), self.live_pid(&id).is_some());
-            }
+    async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+        let mut out = Vec::with_capacity(batch.nodes.len());
+        for (i, node) in batch.nodes.iter().enumerate() {
+            let address = batch.addresses.get(i).map(String::as_str).unwrap_or("");
+            let instance_id = self.launch_one(node, address, &batch.userdata).await?;
+            out.push(Launched { node_id: node.clone(), instance_id, instance_type: "local".into() });
         }
         Ok(out)
     }
 
-    async fn terminate(&self, node_ids: &[String]) -> Result<(), ProviderError> {
+    async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.nodes_dir)? {
+            let entry = entry?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = std::fs::read_to_string(entry.path().join("pid")) else { continue };
+            out.push(Observed {
+                instance_id: format!("local-{}", pid.trim()),
+                alive: self.live_pid(&id).is_some(),
+                node_id: Some(id),
+                batch: None,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
+        let ids: Vec<&String> = targets.iter().filter_map(|t| t.node_id.as_ref()).collect();
         let mut pids = Vec::new();
-        for id in node_ids {
+        for id in &ids {
             if let Some(pid) = self.live_pid(id) {
                 // SIGKILL also ends stopped (SIGSTOP) processes.
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
@@ -157,7 +172,7 @@ impl Provider for LocalProvider {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        for id in node_ids {
+        for id in ids {
             let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
         }
         Ok(())

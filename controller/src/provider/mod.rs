@@ -3,31 +3,76 @@
 //! SDK) and nothing else does.
 //!
 //! **Architecture Invariant:** providers carry out decisions, they do not make
-//! them. What to launch or terminate is decided in `reconcile::decide`.
+//! them. What to launch or terminate is decided in `reconcile::decide`. A
+//! provider may only choose *how* (which instance type or subnet of a pool,
+//! when to back off).
+//!
+//! **Architecture Invariant:** only `provider/ec2.rs` knows about the AWS SDK.
 
+pub mod ec2;
 pub mod local;
 
 use crate::model::Role;
 use crate::plan::NodeLayout;
-use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
+    /// No capacity (or price too low) in any candidate of the pool.
+    #[error("no capacity: {0}")]
+    Capacity(String),
+    /// The API throttles us; launches wait for the backoff.
+    #[error("throttled: {0}")]
+    Throttled(String),
+    /// The configuration is wrong (bad AMI, key, group, type...): launches
+    /// stop until it is fixed.
+    #[error("config key `{key}`: {message}")]
+    Config { key: String, message: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Other(String),
 }
 
-/// One node to start.
+/// Nodes to start in one provider call.
 #[derive(Debug, Clone)]
-pub struct LaunchRequest {
-    pub node_id: String,
+pub struct LaunchBatch {
+    /// Unique per launch: the idempotency token and the `ddisco:batch` tag.
+    pub batch_id: String,
     pub role: Role,
-    /// The boot script (see `userdata`); holds the node's bootstrap token.
+    pub pool: String,
+    /// Node ids in launch-index order (instance `i` of the call is node `i`).
+    pub nodes: Vec<String>,
+    /// Addresses from `Provider::address_for` (may be empty strings).
+    pub addresses: Vec<String>,
+    /// The boot script (see `userdata`): one slot per node.
     pub userdata: String,
-    /// Address chosen by `Provider::address_for` (may be empty).
-    pub address: String,
+}
+
+/// One started instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launched {
+    pub node_id: String,
+    pub instance_id: String,
+    pub instance_type: String,
+}
+
+/// One instance of this cluster, as the provider sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub instance_id: String,
+    /// Known directly (local provider), else matched by instance id or batch.
+    pub node_id: Option<String>,
+    /// (`ddisco:batch` tag, launch index).
+    pub batch: Option<(String, u32)>,
+    /// Running or pending (not stopping, stopped, shutting down, terminated).
+    pub alive: bool,
+}
+
+/// An instance to terminate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub node_id: Option<String>,
+    pub instance_id: Option<String>,
 }
 
 #[async_trait::async_trait]
@@ -41,12 +86,43 @@ pub trait Provider: Send + Sync + 'static {
     /// (the local provider's loopback IPs); empty otherwise.
     fn address_for(&self, seq: u64) -> String;
 
-    /// Starts the nodes. One result per request, in order: the instance id.
-    async fn launch(&self, requests: Vec<LaunchRequest>) -> Vec<Result<String, ProviderError>>;
+    /// Most nodes one `launch` call takes.
+    fn max_batch(&self) -> usize;
 
-    /// Every instance of this cluster the provider knows: node id -> alive.
-    async fn list(&self) -> Result<HashMap<String, bool>, ProviderError>;
+    /// Does the agent report an instance id the controller can check against
+    /// the one the launch returned?
+    fn attests_instance_id(&self) -> bool {
+        false
+    }
 
-    /// Terminates the nodes' instances (idempotent: gone ones are skipped).
-    async fn terminate(&self, node_ids: &[String]) -> Result<(), ProviderError>;
+    /// Checks the configuration against the provider before anything runs.
+    async fn preflight(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// `Err` without any API call while launches cannot succeed (throttling
+    /// backoff, configuration error).
+    fn can_launch(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// Starts the batch; returns the instances started (all or none of the
+    /// batch for EC2, which launches it in one call).
+    async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError>;
+
+    /// Every instance of this cluster the provider knows.
+    async fn list(&self) -> Result<Vec<Observed>, ProviderError>;
+
+    /// Terminates instances (idempotent: gone ones are skipped).
+    async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError>;
+
+    /// After `destroy`: release what is left (open spot requests).
+    async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
+        Ok(vec![])
+    }
+
+    /// Conditions worth showing in status (cool-downs, backoff, blocks).
+    fn notes(&self) -> Vec<String> {
+        vec![]
+    }
 }

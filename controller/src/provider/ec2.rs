@@ -1,0 +1,569 @@
+//! The EC2 spot provider: the only module that knows the AWS SDK.
+//!
+//! # Expected flow
+//! - `preflight` checks credentials, region, AMI, key pair, security groups,
+//!   subnets and instance types once, so a bad value is one clear error that
+//!   names its config key instead of a storm of failed launches.
+//! - `launch` starts a whole batch (one pool, up to 100 nodes) with one
+//!   `RunInstances` call: spot market, one-time, max price = `max_bid`,
+//!   `MinCount = MaxCount = N` (all or nothing), tagged at launch, with a
+//!   `ClientToken` so a retried call never launches twice. On a capacity or
+//!   price error it tries the pool's next instance type / subnet, then the
+//!   other pools' types; a failing candidate cools down (shown in status).
+//! - `list` is one paginated `DescribeInstances` with a tag filter per tick;
+//!   `terminate` batches `TerminateInstances` (1000 ids per call).
+//!
+//! # Guarantees
+//! - Throttling backs off exponentially (with jitter) and launches wait;
+//!   configuration errors block launches until the config is fixed. Neither
+//!   retries in a hot loop.
+//! - Every instance carries the tag `<tag_key> = master|slave` (as the
+//!   original did), `ddisco:pool` and `ddisco:batch`.
+
+use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
+use crate::config::{Config, Pool};
+use crate::model::Role;
+use crate::plan::NodeLayout;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
+    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+};
+use base64::Engine;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Tag holding the launch batch id.
+pub const BATCH_TAG: &str = "ddisco:batch";
+/// Tag holding the slave pool.
+pub const POOL_TAG: &str = "ddisco:pool";
+
+pub struct Ec2Provider {
+    client: Client,
+    region: String,
+    tag_key: String,
+    ami: String,
+    key_name: String,
+    group_ids: Vec<String>,
+    group_names: Vec<String>,
+    subnets: Vec<Option<String>>,
+    max_bid: String,
+    master_type: String,
+    pools: Vec<Pool>,
+    ssh_user: String,
+    cooldown: Duration,
+    /// Std mutex: a few field updates, never held across `.await`.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// (instance type, subnet) -> (until, why).
+    cooling: HashMap<(String, Option<String>), (Instant, String)>,
+    backoff_until: Option<Instant>,
+    backoff_attempt: u32,
+    blocked: Option<(String, String)>,
+}
+
+/// How an EC2 error is handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Capacity,
+    Throttled,
+    /// A config key is wrong.
+    Config(&'static str),
+    Other,
+}
+
+/// Sorts EC2 error codes into the handling they need.
+fn classify(code: &str) -> Kind {
+    match code {
+        "InsufficientInstanceCapacity"
+        | "InsufficientCapacity"
+        | "InsufficientHostCapacity"
+        | "SpotMaxPriceTooLow"
+        | "MaxSpotInstanceCountExceeded"
+        | "Unsupported"
+        | "InsufficientFreeAddressesInSubnet"
+        | "InstanceLimitExceeded"
+        | "VcpuLimitExceeded" => Kind::Capacity,
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled" => Kind::Throttled,
+        c if c.starts_with("InvalidAMIID") => Kind::Config("ami"),
+        c if c.starts_with("InvalidKeyPair") => Kind::Config("key_name"),
+        c if c.starts_with("InvalidGroup") => Kind::Config("security_groups"),
+        c if c.starts_with("InvalidSubnet") => Kind::Config("subnet_ids"),
+        c if c.starts_with("InvalidInstanceType") => Kind::Config("instance_type"),
+        "AuthFailure" | "UnauthorizedOperation" | "OptInRequired" | "Blocked" => Kind::Config("credentials"),
+        _ => Kind::Other,
+    }
+}
+
+fn describe<E: ProvideErrorMetadata + std::fmt::Debug>(e: &SdkError<E>) -> (String, String) {
+    let code = e.code().unwrap_or("").to_string();
+    let msg = match e.message() {
+        Some(m) => m.to_string(),
+        None => match e {
+            SdkError::DispatchFailure(d) => format!("cannot reach the EC2 endpoint: {d:?}"),
+            SdkError::TimeoutError(_) => "EC2 call timed out".into(),
+            other => format!("{other:?}"),
+        },
+    };
+    (code, msg)
+}
+
+impl Ec2Provider {
+    /// Builds the client from the config and the standard AWS chain.
+    pub async fn new(cfg: &Config) -> Result<Ec2Provider, ProviderError> {
+        use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(cfg.ec2_max_attempts));
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(url) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some((access, secret)) = &cfg.aws_keys {
+            loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                access,
+                &secret.0,
+                None,
+                None,
+                "ddisco-config-file",
+            ));
+        }
+        let sdk = loader.load().await;
+        let region = sdk.region().map(|r| r.to_string()).ok_or_else(|| ProviderError::Config {
+            key: "region".into(),
+            message: "no AWS region: set `region` in the config, or AWS_REGION, or a profile's region".into(),
+        })?;
+        let (group_ids, group_names) =
+            cfg.security_groups.iter().cloned().partition(|g: &String| g.starts_with("sg-"));
+        let subnets = if cfg.subnet_ids.is_empty() {
+            vec![None]
+        } else {
+            cfg.subnet_ids.iter().cloned().map(Some).collect()
+        };
+        Ok(Ec2Provider {
+            client: Client::new(&sdk),
+            region,
+            tag_key: cfg.tag_key.clone(),
+            ami: cfg.ami.clone(),
+            key_name: cfg.key_name.clone(),
+            group_ids,
+            group_names,
+            subnets,
+            max_bid: cfg.max_bid.trim().to_string(),
+            master_type: cfg.master_instance_type().to_string(),
+            pools: cfg.pools(),
+            ssh_user: cfg.ssh_user.clone(),
+            cooldown: cfg.capacity_cooldown,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// (type, subnet) pairs to try for a pool, in order: the pool's own
+    /// types, then the other pools' (overflow), each in every subnet.
+    fn candidates(&self, role: Role, pool: &str) -> Vec<(String, Option<String>)> {
+        let mut types: Vec<String> = Vec::new();
+        if role == Role::Master {
+            types.push(self.master_type.clone());
+        } else {
+            let own = self.pools.iter().filter(|p| p.name == pool);
+            let others = self.pools.iter().filter(|p| p.name != pool);
+            for p in own.chain(others) {
+                for t in &p.instance_types {
+                    if !types.contains(t) {
+                        types.push(t.clone());
+                    }
+                }
+            }
+        }
+        types.into_iter().flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone()))).collect()
+    }
+
+    fn throttled(&self, msg: &str) -> ProviderError {
+        let mut st = self.state.lock().expect("lock");
+        st.backoff_attempt = (st.backoff_attempt + 1).min(6);
+        let ceiling = Duration::from_secs(1u64 << st.backoff_attempt); // 2 s .. 64 s
+        let wait =
+            ceiling / 2 + Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64 / 2));
+        st.backoff_until = Some(Instant::now() + wait);
+        ProviderError::Throttled(format!("{msg}; backing off {:.1}s", wait.as_secs_f64()))
+    }
+
+    fn block(&self, key: &str, msg: String) -> ProviderError {
+        self.state.lock().expect("lock").blocked = Some((key.to_string(), msg.clone()));
+        ProviderError::Config { key: key.to_string(), message: msg }
+    }
+
+    fn ok_call(&self) {
+        let mut st = self.state.lock().expect("lock");
+        st.backoff_attempt = 0;
+        st.backoff_until = None;
+    }
+
+    async fn run(
+        &self,
+        batch: &LaunchBatch,
+        itype: &str,
+        subnet: Option<&str>,
+        attempt: usize,
+    ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, (String, String)> {
+        let n = batch.nodes.len() as i32;
+        let tags = [
+            Tag::builder().key(&self.tag_key).value(batch.role.to_string()).build(),
+            Tag::builder().key(POOL_TAG).value(&batch.pool).build(),
+            Tag::builder().key(BATCH_TAG).value(&batch.batch_id).build(),
+            Tag::builder().key("Name").value(format!("{}-{}", self.tag_key, batch.role)).build(),
+        ];
+        let spec = |rt: ResourceType| {
+            TagSpecification::builder().resource_type(rt).set_tags(Some(tags.to_vec())).build()
+        };
+        let market = InstanceMarketOptionsRequest::builder()
+            .market_type(MarketType::Spot)
+            .spot_options(
+                SpotMarketOptions::builder()
+                    .max_price(&self.max_bid)
+                    .spot_instance_type(SpotInstanceType::OneTime)
+                    .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                    .build(),
+            )
+            .build();
+        let mut req = self
+            .client
+            .run_instances()
+            .image_id(&self.ami)
+            .instance_type(InstanceType::from(itype))
+            .min_count(n)
+            .max_count(n)
+            .client_token(format!("{}-{attempt}", batch.batch_id))
+            .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
+            .instance_market_options(market)
+            .tag_specifications(spec(ResourceType::Instance))
+            .set_subnet_id(subnet.map(String::from));
+        if !self.key_name.is_empty() {
+            req = req.key_name(&self.key_name);
+        }
+        if !self.group_ids.is_empty() {
+            req = req.set_security_group_ids(Some(self.group_ids.clone()));
+        }
+        if !self.group_names.is_empty() {
+            req = req.set_security_groups(Some(self.group_names.clone()));
+        }
+        req.send().await.map_err(|e| describe(&e))
+    }
+
+    /// Runs a preflight call; maps an error to the config key it concerns.
+    fn check<T, E: ProvideErrorMetadata + std::fmt::Debug>(
+        &self,
+        r: Result<T, SdkError<E>>,
+        key: &str,
+        what: &str,
+    ) -> Result<T, ProviderError> {
+        r.map_err(|e| {
+            let (code, msg) = describe(&e);
+            match classify(&code) {
+                Kind::Config("credentials") => ProviderError::Config {
+                    key: "credentials".into(),
+                    message: format!(
+                        "{code}: {msg} (provide AWS credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                         AWS_PROFILE, SSO, or an instance role)"
+                    ),
+                },
+                Kind::Config(_) => {
+                    ProviderError::Config { key: key.into(), message: format!("{what}: {code}: {msg}") }
+                }
+                _ => ProviderError::Other(format!("checking {what} in {}: {code} {msg}", self.region)),
+            }
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Ec2Provider {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn layout(&self, _node_id: &str) -> NodeLayout {
+        NodeLayout {
+            home: format!("/home/{}", self.ssh_user).into(),
+            owner: Some(self.ssh_user.clone()),
+            venv: "/opt/ddisco/venv".into(),
+            install_packages: true,
+        }
+    }
+
+    fn address_for(&self, _seq: u64) -> String {
+        String::new()
+    }
+
+    fn max_batch(&self) -> usize {
+        // One userdata (16 KiB at most) carries every slot of the batch.
+        100
+    }
+
+    fn attests_instance_id(&self) -> bool {
+        true
+    }
+
+    async fn preflight(&self) -> Result<(), ProviderError> {
+        let c = &self.client;
+        let imgs = self.check(c.describe_images().image_ids(&self.ami).send().await, "ami", &self.ami)?;
+        if imgs.images().is_empty() {
+            return Err(ProviderError::Config {
+                key: "ami".into(),
+                message: format!("{} does not exist in {}", self.ami, self.region),
+            });
+        }
+        if !self.key_name.is_empty() {
+            self.check(
+                c.describe_key_pairs().key_names(&self.key_name).send().await,
+                "key_name",
+                &self.key_name,
+            )?;
+        }
+        if !self.group_ids.is_empty() {
+            let what = self.group_ids.join(", ");
+            self.check(
+                c.describe_security_groups().set_group_ids(Some(self.group_ids.clone())).send().await,
+                "security_groups",
+                &what,
+            )?;
+        }
+        if !self.group_names.is_empty() {
+            let what = self.group_names.join(", ");
+            self.check(
+                c.describe_security_groups().set_group_names(Some(self.group_names.clone())).send().await,
+                "security_groups",
+                &what,
+            )?;
+        }
+        let subnets: Vec<String> = self.subnets.iter().flatten().cloned().collect();
+        if !subnets.is_empty() {
+            let what = subnets.join(", ");
+            self.check(c.describe_subnets().set_subnet_ids(Some(subnets)).send().await, "subnet_ids", &what)?;
+        }
+        let mut types: Vec<(String, String)> =
+            vec![(self.master_type.clone(), "master_instance_type".into())];
+        for (i, p) in self.pools.iter().enumerate() {
+            for t in &p.instance_types {
+                types.push((t.clone(), format!("slave_pools[{i}].instance_types")));
+            }
+        }
+        for (t, key) in types {
+            let key = if self.pools.len() == 1 && self.pools[0].name == crate::config::DEFAULT_POOL {
+                "instance_type".to_string()
+            } else {
+                key
+            };
+            self.check(
+                c.describe_instance_types().instance_types(InstanceType::from(t.as_str())).send().await,
+                &key,
+                &t,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn can_launch(&self) -> Result<(), ProviderError> {
+        let st = self.state.lock().expect("lock");
+        if let Some((key, msg)) = &st.blocked {
+            return Err(ProviderError::Config { key: key.clone(), message: msg.clone() });
+        }
+        if let Some(until) = st.backoff_until
+            && until > Instant::now()
+        {
+            return Err(ProviderError::Throttled(format!(
+                "backing off for {:.1}s more",
+                (until - Instant::now()).as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+        self.can_launch()?;
+        let mut last = None;
+        for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
+            {
+                let st = self.state.lock().expect("lock");
+                if st
+                    .cooling
+                    .get(&(itype.clone(), subnet.clone()))
+                    .is_some_and(|(until, _)| *until > Instant::now())
+                {
+                    continue;
+                }
+            }
+            match self.run(&batch, &itype, subnet.as_deref(), attempt).await {
+                Ok(out) => {
+                    self.ok_call();
+                    let mut launched = Vec::new();
+                    for inst in out.instances() {
+                        let idx = inst.ami_launch_index().unwrap_or(0) as usize;
+                        if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
+                            launched.push(Launched {
+                                node_id: node.clone(),
+                                instance_id: id.to_string(),
+                                instance_type: itype.clone(),
+                            });
+                        }
+                    }
+                    return Ok(launched);
+                }
+                Err((code, msg)) => match classify(&code) {
+                    Kind::Capacity => {
+                        let why = format!("{itype} in {}: {code}", subnet.as_deref().unwrap_or(&self.region));
+                        tracing::warn!("{why}: {msg}; trying the next candidate");
+                        let mut st = self.state.lock().expect("lock");
+                        st.cooling.insert(
+                            (itype.clone(), subnet.clone()),
+                            (Instant::now() + self.cooldown, why.clone()),
+                        );
+                        last = Some(why);
+                    }
+                    Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
+                    Kind::Config("instance_type") if self.pools.len() > 1 || batch.role == Role::Master => {
+                        let key =
+                            if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
+                        return Err(self.block(key, format!("{itype}: {code}: {msg}")));
+                    }
+                    Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
+                    Kind::Other => return Err(ProviderError::Other(format!("RunInstances: {code}: {msg}"))),
+                },
+            }
+        }
+        Err(ProviderError::Capacity(match last {
+            Some(why) => format!("every candidate of pool {} failed, last: {why}", batch.pool),
+            None => format!("every candidate of pool {} is cooling down after capacity errors", batch.pool),
+        }))
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
+        let filter =
+            Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
+        let mut pages =
+            self.client.describe_instances().filters(filter).max_results(1000).into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| {
+                let (code, msg) = describe(&e);
+                match classify(&code) {
+                    Kind::Throttled => self.throttled(&format!("DescribeInstances: {code}: {msg}")),
+                    _ => ProviderError::Other(format!("DescribeInstances: {code}: {msg}")),
+                }
+            })?;
+            for inst in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = inst.instance_id() else { continue };
+                let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
+                let state = inst.state().and_then(|s| s.name());
+                out.push(Observed {
+                    instance_id: id.to_string(),
+                    node_id: None,
+                    batch: tag(BATCH_TAG)
+                        .map(|b| (b.to_string(), inst.ami_launch_index().unwrap_or(0) as u32)),
+                    alive: matches!(state, Some(InstanceStateName::Pending | InstanceStateName::Running)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
+        let ids: Vec<String> = targets.iter().filter_map(|t| t.instance_id.clone()).collect();
+        for chunk in ids.chunks(1000) {
+            let r = self.client.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await;
+            if let Err(e) = r {
+                let (code, msg) = describe(&e);
+                if code == "InvalidInstanceID.NotFound" {
+                    continue; // already gone
+                }
+                return Err(match classify(&code) {
+                    Kind::Throttled => self.throttled(&format!("TerminateInstances: {code}: {msg}")),
+                    _ => ProviderError::Other(format!("TerminateInstances: {code}: {msg}")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
+        let filter =
+            Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
+        let open = Filter::builder().name("state").values("open").build();
+        let reqs =
+            match self.client.describe_spot_instance_requests().filters(filter).filters(open).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let (code, msg) = describe(&e);
+                    tracing::warn!(
+                        "cannot list open spot requests ({code}: {msg}); check them in the console"
+                    );
+                    return Ok(vec![]);
+                }
+            };
+        let ids: Vec<String> = reqs
+            .spot_instance_requests()
+            .iter()
+            .filter_map(|r| r.spot_instance_request_id())
+            .map(String::from)
+            .collect();
+        if !ids.is_empty() {
+            self.client
+                .cancel_spot_instance_requests()
+                .set_spot_instance_request_ids(Some(ids.clone()))
+                .send()
+                .await
+                .map_err(|e| {
+                    ProviderError::Other(format!("CancelSpotInstanceRequests: {:?}", describe(&e)))
+                })?;
+        }
+        Ok(ids)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let st = self.state.lock().expect("lock");
+        let now = Instant::now();
+        let mut out = Vec::new();
+        if let Some((key, msg)) = &st.blocked {
+            out.push(format!("launches blocked: config key `{key}`: {msg}; fix it and restart serve"));
+        }
+        if let Some(until) = st.backoff_until.filter(|u| *u > now) {
+            out.push(format!("throttled by EC2: launches wait {:.0}s more", (until - now).as_secs_f64()));
+        }
+        let mut cooling: Vec<String> = st
+            .cooling
+            .values()
+            .filter(|(until, _)| *until > now)
+            .map(|(until, why)| {
+                format!("no capacity: {why} (skipped for {:.0}s more)", (*until - now).as_secs_f64())
+            })
+            .collect();
+        cooling.sort();
+        out.extend(cooling);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_map_to_handling() {
+        assert_eq!(classify("InsufficientInstanceCapacity"), Kind::Capacity);
+        assert_eq!(classify("SpotMaxPriceTooLow"), Kind::Capacity);
+        assert_eq!(classify("RequestLimitExceeded"), Kind::Throttled);
+        assert_eq!(classify("InvalidAMIID.NotFound"), Kind::Config("ami"));
+        assert_eq!(classify("InvalidAMIID.Malformed"), Kind::Config("ami"));
+        assert_eq!(classify("InvalidKeyPair.NotFound"), Kind::Config("key_name"));
+        assert_eq!(classify("InvalidGroup.NotFound"), Kind::Config("security_groups"));
+        assert_eq!(classify("InvalidInstanceType"), Kind::Config("instance_type"));
+        assert_eq!(classify("AuthFailure"), Kind::Config("credentials"));
+        assert_eq!(classify("InternalError"), Kind::Other);
+    }
+}
