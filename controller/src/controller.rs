@@ -146,7 +146,9 @@ pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
                 .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
         )),
-        crate::config::ProviderKind::Ec2 => Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await?)),
+        crate::config::ProviderKind::Ec2 => {
+            Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await.map_err(preflight_error)?))
+        }
     }
 }
 

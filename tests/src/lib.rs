@@ -3,6 +3,8 @@
 //! `scripts/test`, or `cargo build --bins`) against a temporary state
 //! directory, and waits on conditions with deadlines, never on bare sleeps.
 
+pub mod ec2;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -44,12 +46,19 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     serve: Option<Child>,
+    /// Extra environment for every controller command (AWS settings).
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Writes `FAST` + `extra` as the config and starts `serve`; returns once
     /// the admin API answers.
     pub fn start(extra: &str) -> Cluster {
+        Cluster::start_with_env(extra, vec![])
+    }
+
+    /// Like `start`, with extra environment for the controller.
+    pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("ddisco.toml");
         // Keys in `extra` override the same keys of FAST.
@@ -58,7 +67,7 @@ impl Cluster {
         let base: String =
             FAST.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
         std::fs::write(&config, format!("{base}\n{extra}\n")).expect("write config");
-        let mut c = Cluster { dir, config, serve: None };
+        let mut c = Cluster { dir, config, serve: None, env };
         c.spawn_serve();
         c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
         c
@@ -78,6 +87,7 @@ impl Cluster {
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .expect("run ddisco-controller")
@@ -141,6 +151,7 @@ impl Cluster {
         let serve = Command::new(bin("ddisco-controller"))
             .args(["serve", "--config"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -161,6 +172,23 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
             panic!("serve did not stop within 10s of SIGTERM");
+        }
+    }
+
+    /// Kills `serve` with SIGKILL (a crash): nothing is saved on the way out.
+    pub fn crash_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether `serve` is still running; its exit code if not.
+    pub fn serve_exit(&mut self) -> Option<i32> {
+        let child = self.serve.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(s)) => Some(s.code().unwrap_or(-1)),
+            _ => None,
         }
     }
 

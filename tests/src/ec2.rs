@@ -1,0 +1,451 @@
+//! What the EC2 tests need besides moto itself (see
+//! shared/docs/ec2-emulation-notes.md):
+//!
+//! - [`moto`]: one moto server per test process, with its validation on.
+//! - [`Hypervisor`]: plays the cloud's hypervisor, which moto lacks. It
+//!   watches moto for a cluster's instances, reads each one's UserData back
+//!   from moto and runs it as a local node (like the local provider does),
+//!   with a per-instance metadata service (IMDSv2 token, instance-id,
+//!   ami-launch-index, instance-type, zone, local-ipv4, and the
+//!   `spot/instance-action` / rebalance notices a test can set).
+//!   Terminating the instance in moto kills its node. **Test double:** no
+//!   real instance can boot here.
+//! - [`FaultProxy`]: an HTTP proxy in front of moto that counts EC2 calls
+//!   per Action and injects faults (capacity errors, throttling, latency)
+//!   for chosen Actions, because moto never produces them.
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::Filter;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, put};
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The moto server of this test process: `DDISCO_MOTO_URL` if set, else one
+/// started from `.venv-moto/bin/moto_server` (scripts/test installs it).
+pub fn moto() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("DDISCO_MOTO_URL") {
+            return url;
+        }
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let server = std::env::var_os("DDISCO_MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join(".venv-moto/bin/moto_server"));
+        assert!(
+            server.exists(),
+            "{} is missing: the EC2 tests need moto (scripts/test installs it: \
+             python3 -m venv .venv-moto && .venv-moto/bin/pip install 'moto[server]')",
+            server.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+            .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        // One server for the whole test process, left running after it:
+        // scripts/test starts (and stops) its own and sets DDISCO_MOTO_URL.
+        std::mem::forget(child);
+        let url = format!("http://127.0.0.1:{port}");
+        let end = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "moto did not start on {url}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        url
+    })
+}
+
+/// Environment for anything that talks to moto with the AWS SDK.
+pub fn aws_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// An SDK client for moto (directly, not through the proxy).
+pub async fn client(endpoint: &str) -> Client {
+    let creds = aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test");
+    let cfg = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(creds)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+        .load()
+        .await;
+    Client::new(&cfg)
+}
+
+/// The id of the default security group in moto.
+pub async fn default_sg(c: &Client) -> String {
+    let r = c.describe_security_groups().group_names("default").send().await.expect("default sg");
+    r.security_groups()[0].group_id().unwrap().to_string()
+}
+
+/// One instance of a cluster, as moto reports it.
+#[derive(Debug, Clone)]
+pub struct Inst {
+    pub id: String,
+    pub state: String,
+    pub instance_type: String,
+    pub lifecycle: String,
+    pub tags: HashMap<String, String>,
+    pub launch_index: i32,
+}
+
+/// Every instance carrying the cluster's tag.
+pub async fn instances(c: &Client, tag_key: &str) -> Vec<Inst> {
+    let f = Filter::builder().name(format!("tag:{tag_key}")).values("master").values("slave").build();
+    let r = c.describe_instances().filters(f).send().await.expect("describe");
+    r.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| Inst {
+            id: i.instance_id().unwrap().to_string(),
+            state: i.state().and_then(|s| s.name()).map(|s| s.as_str().to_string()).unwrap_or_default(),
+            instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+            lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_string()).unwrap_or_default(),
+            tags: i
+                .tags()
+                .iter()
+                .map(|t| (t.key().unwrap_or("").into(), t.value().unwrap_or("").into()))
+                .collect(),
+            launch_index: i.ami_launch_index().unwrap_or(0),
+        })
+        .collect()
+}
+
+pub fn live(v: &[Inst]) -> Vec<&Inst> {
+    v.iter().filter(|i| i.state == "running" || i.state == "pending").collect()
+}
+
+// --------------------------------------------------------------------------
+// Hypervisor
+// --------------------------------------------------------------------------
+
+#[derive(Default, Clone)]
+struct Meta {
+    instance_id: String,
+    instance_type: String,
+    launch_index: i32,
+    zone: String,
+    ip: String,
+    instance_action: Option<String>,
+    rebalance: Option<String>,
+}
+
+struct Booted {
+    pid: i32,
+    meta: Arc<Mutex<Meta>>,
+    _imds: tokio::task::JoinHandle<()>,
+}
+
+/// Boots the instances moto reports for one cluster tag as local nodes.
+pub struct Hypervisor {
+    booted: Arc<Mutex<HashMap<String, Booted>>>,
+    task: tokio::task::JoinHandle<()>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Hypervisor {
+    /// Starts watching moto (directly) for instances tagged `tag_key`.
+    pub fn start(rt: &tokio::runtime::Runtime, tag_key: &str) -> Hypervisor {
+        let dir = tempfile::tempdir().unwrap();
+        let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
+        let (b, root, tag) = (booted.clone(), dir.path().to_path_buf(), tag_key.to_string());
+        let task = rt.spawn(async move {
+            let c = client(moto()).await;
+            loop {
+                let all = instances(&c, &tag).await;
+                for i in &all {
+                    let known = b.lock().unwrap().contains_key(&i.id);
+                    let running = i.state == "running" || i.state == "pending";
+                    if running && !known {
+                        match boot(&c, i, &root).await {
+                            Ok(node) => {
+                                b.lock().unwrap().insert(i.id.clone(), node);
+                            }
+                            Err(e) => eprintln!("hypervisor: cannot boot {}: {e}", i.id),
+                        }
+                    } else if !running
+                        && known
+                        && let Some(node) = b.lock().unwrap().get(&i.id)
+                    {
+                        kill_group(node.pid);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        });
+        Hypervisor { booted, task, dir }
+    }
+
+    /// Pid of the node process group booted for an instance.
+    pub fn pid(&self, instance_id: &str) -> Option<i32> {
+        self.booted.lock().unwrap().get(instance_id).map(|b| b.pid)
+    }
+
+    /// Simulates the 2-minute spot interruption notice on an instance.
+    pub fn set_instance_action(&self, instance_id: &str) {
+        let b = self.booted.lock().unwrap();
+        let node = b.get(instance_id).expect("instance booted");
+        node.meta.lock().unwrap().instance_action =
+            Some(r#"{"action": "terminate", "time": "2026-11-26T12:00:00Z"}"#.to_string());
+    }
+
+    pub fn booted_count(&self) -> usize {
+        self.booted.lock().unwrap().len()
+    }
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, b) in self.booted.lock().unwrap().drain() {
+            kill_group(b.pid);
+            b._imds.abort();
+        }
+    }
+}
+
+fn kill_group(pid: i32) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
+async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, String> {
+    let attr = c
+        .describe_instance_attribute()
+        .instance_id(&i.id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let b64 = attr.user_data().and_then(|u| u.value()).ok_or("no userdata")?;
+    let userdata = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| e.to_string())?;
+    let dir = root.join(&i.id);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("userdata.sh"), userdata).map_err(|e| e.to_string())?;
+
+    let d = c.describe_instances().instance_ids(&i.id).send().await.map_err(|e| format!("{e:?}"))?;
+    let inst = d.reservations().first().and_then(|r| r.instances().first()).ok_or("instance vanished")?;
+    let meta = Arc::new(Mutex::new(Meta {
+        instance_id: i.id.clone(),
+        instance_type: i.instance_type.clone(),
+        launch_index: i.launch_index,
+        zone: inst.placement().and_then(|p| p.availability_zone()).unwrap_or("us-east-1a").to_string(),
+        ip: inst.private_ip_address().unwrap_or("").to_string(),
+        ..Default::default()
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let imds_url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .route("/latest/api/token", put(|| async { "imds-test-token" }))
+        .route("/latest/meta-data/{*path}", get(imds_get))
+        .with_state(meta.clone());
+    let imds = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let log = std::fs::File::create(dir.join("console.log")).map_err(|e| e.to_string())?;
+    let child: Child = {
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("userdata.sh")
+            .current_dir(&dir)
+            .env("DDISCO_HOME", &dir)
+            .env("DDISCO_IMDS", &imds_url)
+            .env("DDISCO_NOTICE_POLL_MS", "200")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| e.to_string())?
+    };
+    let pid = child.id() as i32;
+    // Reap it when it exits.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(Booted { pid, meta, _imds: imds })
+}
+
+async fn imds_get(
+    State(meta): State<Arc<Mutex<Meta>>>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.get("X-aws-ec2-metadata-token").is_none() {
+        return (StatusCode::UNAUTHORIZED, "IMDSv2 token required").into_response();
+    }
+    let m = meta.lock().unwrap().clone();
+    let v = match path.as_str() {
+        "instance-id" => Some(m.instance_id),
+        "instance-type" => Some(m.instance_type),
+        "ami-launch-index" => Some(m.launch_index.to_string()),
+        "placement/availability-zone" => Some(m.zone),
+        "local-ipv4" => Some(m.ip),
+        "spot/instance-action" => m.instance_action,
+        "events/recommendations/rebalance" => m.rebalance,
+        _ => None,
+    };
+    match v {
+        Some(v) => v.into_response(),
+        None => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
+}
+
+// --------------------------------------------------------------------------
+// Fault proxy
+// --------------------------------------------------------------------------
+
+/// A fault for requests of one EC2 Action (optionally only those whose form
+/// body has `param=value`).
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub action: String,
+    pub when: Option<(String, String)>,
+    pub code: String,
+    pub status: u16,
+    /// How many more times; `None`: always.
+    pub times: Option<u32>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    calls: Vec<(Instant, String)>,
+    faults: Vec<Fault>,
+}
+
+/// Counts EC2 calls per Action and injects faults, in front of moto.
+pub struct FaultProxy {
+    pub url: String,
+    state: Arc<Mutex<ProxyState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type HttpClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+impl FaultProxy {
+    pub fn start(rt: &tokio::runtime::Runtime) -> FaultProxy {
+        let state: Arc<Mutex<ProxyState>> = Arc::default();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let client: HttpClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        let app = axum::Router::new().fallback(any(proxy)).with_state((state.clone(), client));
+        let task = rt.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FaultProxy { url, state, task }
+    }
+
+    pub fn add_fault(&self, f: Fault) {
+        self.state.lock().unwrap().faults.push(f);
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.lock().unwrap().faults.clear();
+    }
+
+    /// Calls per Action so far.
+    pub fn counts(&self) -> HashMap<String, u32> {
+        let mut m = HashMap::new();
+        for (_, a) in &self.state.lock().unwrap().calls {
+            *m.entry(a.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    pub fn count(&self, action: &str) -> u32 {
+        self.counts().get(action).copied().unwrap_or(0)
+    }
+
+    /// Times of the calls of one Action.
+    pub fn times(&self, action: &str) -> Vec<Instant> {
+        self.state.lock().unwrap().calls.iter().filter(|(_, a)| a == action).map(|(t, _)| *t).collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy(
+    State((state, client)): State<(Arc<Mutex<ProxyState>>, HttpClient)>,
+    req: Request<Body>,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let action = params.iter().find(|(k, _)| k == "Action").map(|(_, v)| v.clone()).unwrap_or_default();
+    let fault = {
+        let mut st = state.lock().unwrap();
+        st.calls.push((Instant::now(), action.clone()));
+        let hit = st.faults.iter_mut().find(|f| {
+            f.action == action
+                && f.times != Some(0)
+                && f.when.as_ref().is_none_or(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
+        });
+        hit.map(|f| {
+            if let Some(t) = f.times.as_mut() {
+                *t -= 1;
+            }
+            f.clone()
+        })
+    };
+    if let Some(f) = fault {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{}</Code>\
+             <Message>injected by the test fault proxy</Message></Error></Errors>\
+             <RequestID>fault-proxy</RequestID></Response>",
+            f.code
+        );
+        return Response::builder()
+            .status(f.status)
+            .header("content-type", "text/xml")
+            .body(Body::from(xml))
+            .unwrap();
+    }
+    let uri = format!("{}{}", moto(), parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let mut fwd = hyper::Request::builder().method(parts.method.clone()).uri(uri);
+    for (k, v) in parts.headers.iter() {
+        if k != "host" {
+            fwd = fwd.header(k, v);
+        }
+    }
+    let resp = match client.request(fwd.body(Full::new(body)).unwrap()).await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Response::from_parts(parts, Body::from(bytes))
+}

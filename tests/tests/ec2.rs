@@ -1,0 +1,360 @@
+//! The EC2 provider, end to end, against moto (a real EC2 API emulator)
+//! driven by the real aws-sdk-ec2 client inside the real controller. What
+//! moto cannot do, the harness in `tests/src/ec2.rs` does: the Hypervisor
+//! boots the instances' userdata as local nodes (with a per-instance metadata
+//! service), and the FaultProxy counts API calls and injects EC2 errors.
+
+use ddisco_tests::ec2::*;
+use ddisco_tests::*;
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const READY: Duration = Duration::from_secs(120);
+
+/// Free ports and a heartbeat interval that fits `config`'s timeout.
+const PORTS: &str =
+    "listen = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\nheartbeat_interval_secs = 1.0";
+
+/// One test's world. Field order is drop order: the cluster (which
+/// destroys its nodes through the proxy) goes first.
+struct World {
+    cluster: Cluster,
+    hv: Hypervisor,
+    proxy: FaultProxy,
+    client: aws_sdk_ec2::Client,
+    tag: String,
+    rt: tokio::runtime::Runtime,
+}
+
+fn config(proxy: &str, tag: &str, sg: &str, extra: &str) -> String {
+    format!(
+        r#"
+provider = "ec2"
+region = "us-east-1"
+endpoint_url = "{proxy}"
+tag_key = "{tag}"
+ami = "ami-1e749f67"
+security_groups = ["{sg}"]
+instance_type = "c5.large"
+advertise = "127.0.0.1"
+ec2_max_attempts = 1
+capacity_cooldown_secs = 60
+heartbeat_timeout_secs = 5.0
+{extra}
+"#
+    )
+}
+
+fn world(extra: &str) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    let hv = Hypervisor::start(&rt, &tag);
+    let cluster = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, extra), aws_env());
+    World { cluster, hv, proxy, client, tag, rt }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    t.subsec_nanos() ^ std::process::id().rotate_left(16)
+}
+
+impl World {
+    fn moto(&self) -> Vec<Inst> {
+        self.rt.block_on(instances(&self.client, &self.tag))
+    }
+
+    fn live_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = live(&self.moto()).iter().map(|i| i.id.clone()).collect();
+        v.sort();
+        v
+    }
+
+    fn terminate(&self, id: &str) {
+        self.rt.block_on(self.client.terminate_instances().instance_ids(id).send()).unwrap();
+    }
+
+    /// Node id -> instance id, from status.
+    fn instance_of(s: &Value, node: &str) -> String {
+        nodes(s).iter().find(|n| n["node_id"] == node).unwrap()["instance_id"].as_str().unwrap().to_string()
+    }
+
+    fn wait_moto(&self, what: &str, pred: impl Fn(&[Inst]) -> bool) -> Vec<Inst> {
+        let end = Instant::now() + READY;
+        loop {
+            let v = self.moto();
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}: {v:#?}\n{}",
+                self.cluster.serve_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn events(s: &Value) -> Vec<String> {
+    s["events"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
+    let mut w = world("num_slaves = 3");
+    let s = w.cluster.wait_until("master + 3 slaves ready", READY, |s| at_size(s, 3));
+
+    // Launched as spot, of the right type, tagged at launch.
+    let insts = w.moto();
+    let live_insts = live(&insts);
+    assert_eq!(live_insts.len(), 4, "{insts:#?}");
+    for i in &live_insts {
+        assert_eq!(i.lifecycle, "spot", "{i:?}");
+        assert_eq!(i.instance_type, "c5.large");
+        let role = &i.tags[&w.tag];
+        assert!(role == "master" || role == "slave");
+        assert!(i.tags.contains_key("ddisco:batch") && i.tags.contains_key("ddisco:pool"), "{i:?}");
+    }
+    assert_eq!(live_insts.iter().filter(|i| i.tags[&w.tag] == "master").count(), 1);
+    // The 3 slaves came from one call: one userdata with 3 slots, and
+    // launch indexes 0..3.
+    let mut idx: Vec<i32> =
+        live_insts.iter().filter(|i| i.tags[&w.tag] == "slave").map(|i| i.launch_index).collect();
+    idx.sort();
+    assert_eq!(idx, [0, 1, 2]);
+    let slave = live_insts.iter().find(|i| i.tags[&w.tag] == "slave").unwrap();
+    let ud = std::fs::read_to_string(w.hv.dir.path().join(&slave.id).join("userdata.sh")).unwrap();
+    assert_eq!(ud.matches("\"token\":").count(), 3, "{ud}");
+    assert!(!ud.contains("BEGIN PRIVATE KEY"));
+    // Each node enrolled as the node of its own instance.
+    for n in nodes(&s) {
+        let iid = n["instance_id"].as_str().unwrap();
+        assert!(live_insts.iter().any(|i| i.id == iid), "{n}");
+    }
+    assert_eq!(w.proxy.count("RunInstances"), 2, "{:?}", w.proxy.counts());
+
+    // A steady tick is one DescribeInstances and nothing else.
+    let before = w.proxy.counts();
+    let d0 = w.proxy.count("DescribeInstances");
+    let end = Instant::now() + Duration::from_secs(30);
+    while w.proxy.count("DescribeInstances") < d0 + 5 {
+        assert!(Instant::now() < end, "no reconcile ticks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = w.proxy.counts();
+    for (action, n) in &after {
+        if action != "DescribeInstances" {
+            assert_eq!(before.get(action), Some(n), "{action} called during steady ticks");
+        }
+    }
+    eprintln!("MEASURE steady state: 5 ticks = 5 DescribeInstances, no other call ({after:?})");
+
+    // Terminate a slave's instance in moto: replaced, back to size.
+    let victim = node_ids(&s, "slave")[0].clone();
+    let victim_iid = World::instance_of(&s, &victim);
+    w.terminate(&victim_iid);
+    let s = w.cluster.wait_until("the terminated slave is replaced", READY, |s| {
+        at_size(s, 3) && !node_ids(s, "slave").contains(&victim)
+    });
+    assert!(events(&s).iter().any(|e| e.contains(&format!("{victim} lost"))), "{s:#}");
+
+    // Spot interruption notice: the replacement is launched before the
+    // noticed instance is terminated.
+    let noticed = node_ids(&s, "slave")[0].clone();
+    let noticed_iid = World::instance_of(&s, &noticed);
+    let runs_before = w.proxy.count("RunInstances");
+    let t_notice = Instant::now();
+    w.hv.set_instance_action(&noticed_iid);
+    let s = w.cluster.wait_until("the noticed slave is replaced", READY, |s| {
+        at_size(s, 3) && !node_ids(s, "slave").contains(&noticed)
+    });
+    w.wait_moto("the noticed instance terminated", |v| {
+        v.iter().any(|i| i.id == noticed_iid && i.state != "running")
+    });
+    let first_run = w.proxy.times("RunInstances").into_iter().filter(|t| *t > t_notice).min().unwrap();
+    let first_term = w.proxy.times("TerminateInstances").into_iter().filter(|t| *t > t_notice).min().unwrap();
+    assert!(first_run < first_term, "terminated before its replacement was launched");
+    assert_eq!(w.proxy.count("RunInstances"), runs_before + 1);
+    let ev = events(&s);
+    assert!(ev.iter().any(|e| e.contains(&noticed) && e.contains("spot-interruption")), "{ev:#?}");
+    eprintln!(
+        "MEASURE interruption notice -> replacement launched: {:.2}s, -> old terminated: {:.2}s",
+        (first_run - t_notice).as_secs_f64(),
+        (first_term - t_notice).as_secs_f64()
+    );
+
+    // Scale 3 -> 1: the surplus instances are terminated in moto.
+    let out = w.cluster.ctl(&["scale", "1", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = w.cluster.status().unwrap();
+    assert!(at_size(&s, 1));
+    let mut want: Vec<String> =
+        nodes(&s).iter().map(|n| n["instance_id"].as_str().unwrap().to_string()).collect();
+    want.sort();
+    assert_eq!(w.live_ids(), want);
+
+    // Destroy: no running or pending instance with the tag remains.
+    let out = w.cluster.ctl(&["destroy", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(w.live_ids().is_empty(), "{:?}", w.moto());
+    assert!(w.cluster.wait_serve_exit(Duration::from_secs(10)));
+}
+
+#[test]
+fn mixed_pools_capacity_fallback_and_throttling() {
+    let w = world(
+        r#"
+[[slave_pools]]
+name = "a"
+instance_types = ["c5.large"]
+count = 2
+[[slave_pools]]
+name = "b"
+instance_types = ["m5.large"]
+count = 2
+"#,
+    );
+    let mut w = w;
+    w.cluster.wait_until("2 + 2 slaves ready", READY, |s| at_size(s, 4));
+    let by_type = |v: &[Inst], t: &str, pool: &str| {
+        live(v)
+            .iter()
+            .filter(|i| i.instance_type == t && i.tags.get("ddisco:pool").map(String::as_str) == Some(pool))
+            .count()
+    };
+    let v = w.moto();
+    assert_eq!((by_type(&v, "c5.large", "a"), by_type(&v, "m5.large", "b")), (2, 2), "{v:#?}");
+    assert_eq!(w.proxy.count("RunInstances"), 3, "master + one call per pool");
+
+    // No c5.large capacity: pool a's next slave comes from pool b's type.
+    w.proxy.add_fault(Fault {
+        action: "RunInstances".into(),
+        when: Some(("InstanceType".into(), "c5.large".into())),
+        code: "InsufficientInstanceCapacity".into(),
+        status: 500,
+        times: None,
+    });
+    let out = w.cluster.ctl(&["scale", "a=3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = w.cluster.wait_until("pool a back at size on another type", READY, |s| at_size(s, 5));
+    let v = w.moto();
+    assert_eq!(by_type(&v, "m5.large", "a"), 1, "{v:#?}");
+    let notes: Vec<String> = s["provider_notes"].as_array().unwrap().iter().map(|n| n.to_string()).collect();
+    assert!(notes.iter().any(|n| n.contains("no capacity") && n.contains("c5.large")), "{notes:?}");
+    let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("InsufficientInstanceCapacity"), "{table}");
+
+    // Throttling: the launch backs off (no hot loop), then succeeds.
+    w.proxy.clear_faults();
+    w.proxy.add_fault(Fault {
+        action: "RunInstances".into(),
+        when: None,
+        code: "RequestLimitExceeded".into(),
+        status: 503,
+        times: Some(1),
+    });
+    let t0 = Instant::now();
+    let out = w.cluster.ctl(&["scale", "b=3"]);
+    assert!(out.status.success());
+    w.cluster.wait_until("pool b at 3 after throttling", READY, |s| at_size(s, 6));
+    let runs: Vec<Instant> = w.proxy.times("RunInstances").into_iter().filter(|t| *t > t0).collect();
+    assert_eq!(runs.len(), 2, "one throttled call, one that succeeded");
+    let gap = runs[1] - runs[0];
+    assert!(gap >= Duration::from_millis(900), "retried after {gap:?}: no backoff");
+    eprintln!("MEASURE throttled launch retried after {:.2}s", gap.as_secs_f64());
+}
+
+#[test]
+fn controller_crash_and_restart_launches_nothing_twice() {
+    let mut w = world("num_slaves = 2");
+    w.cluster
+        .wait_until("ready", READY, |s| at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true));
+    let ids = w.live_ids();
+    let runs = w.proxy.count("RunInstances");
+    w.cluster.crash_serve();
+    w.cluster.restart_serve();
+    w.cluster.wait_until("reconnected after the crash", READY, |s| {
+        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    assert_eq!(w.live_ids(), ids, "instances changed across the restart");
+    assert_eq!(w.proxy.count("RunInstances"), runs, "launched again after the restart");
+}
+
+#[test]
+fn scale_to_ten_is_one_launch_call() {
+    let mut w = world("num_slaves = 0");
+    w.cluster.wait_until("master ready", READY, |s| at_size(s, 0));
+    let runs = w.proxy.count("RunInstances");
+    let t0 = Instant::now();
+    let out = w.cluster.ctl(&["scale", "10", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let took = t0.elapsed();
+    assert_eq!(w.proxy.count("RunInstances"), runs + 1, "{:?}", w.proxy.counts());
+    assert_eq!(live(&w.moto()).len(), 11);
+    eprintln!("MEASURE scale 0->10 on moto + hypervisor until all ready: {:.2}s", took.as_secs_f64());
+    let d0 = w.proxy.counts();
+    let out = w.cluster.ctl(&["destroy", "--yes"]);
+    assert!(out.status.success());
+    let d1 = w.proxy.counts();
+    let delta: Vec<String> = d1
+        .iter()
+        .filter(|(k, v)| d0.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}+{}", v - d0.get(k).copied().unwrap_or(0)))
+        .collect();
+    eprintln!("MEASURE destroy of 11 instances: {}", delta.join(" "));
+    assert_eq!(d1["TerminateInstances"] - d0.get("TerminateInstances").copied().unwrap_or(0), 1);
+}
+
+#[test]
+fn bad_ec2_settings_fail_before_anything_is_launched() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&c));
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("ami", "ami = \"ami-0000dead\""),
+        ("instance_type", "instance_type = \"c5.nope\""),
+        ("security_groups", "security_groups = [\"sg-00000000\"]"),
+        ("key_name", "key_name = \"no-such-key\""),
+    ];
+    for (i, (key, bad)) in cases.iter().enumerate() {
+        let tag = format!("ddt-bad-{i}-{:x}", rand_u32());
+        // The good config with `key` replaced by its bad value.
+        let good = config(moto(), &tag, &sg, "");
+        let mut text: String =
+            good.lines().filter(|l| !l.starts_with(&format!("{key} ="))).map(|l| format!("{l}\n")).collect();
+        text.push_str(&format!("{bad}\n{PORTS}\n"));
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(bin("ddisco-controller"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .envs(aws_env())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: {err}");
+        assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
+        let live = live(&rt.block_on(instances(&c, &tag))).len();
+        assert_eq!(live, 0, "{key}: something was launched");
+    }
+    // No region anywhere: said plainly.
+    let path = dir.path().join("noregion.toml");
+    let text = config(moto(), "ddt-noregion", &sg, "").replace("region = \"us-east-1\"", "");
+    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_REGION"))
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `region`") && err.contains("AWS_REGION"), "{err}");
+}
