@@ -49,17 +49,27 @@ pub fn moto() -> &'static str {
             server.display()
         );
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // moto runs under a watchdog shell that kills it when this process's
+        // end of the stdin pipe closes, i.e. when the test process exits.
+        let script = r#"
+            "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 &
+            m=$!
+            cat >/dev/null
+            kill "$m"
+        "#;
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .arg(&server)
+            .arg(port.to_string())
             .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
             .env("MOTO_ENABLE_AMI_VALIDATION", "true")
             .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        // One server for the whole test process, left running after it:
-        // scripts/test starts (and stops) its own and sets DDISCO_MOTO_URL.
+        // Keep the pipe open for the life of the process.
         std::mem::forget(child);
         let url = format!("http://127.0.0.1:{port}");
         let end = Instant::now() + Duration::from_secs(30);
