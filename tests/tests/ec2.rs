@@ -357,4 +357,25 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("key `region`") && err.contains("AWS_REGION"), "{err}");
+
+    // No credentials anywhere: said plainly, with how to provide them.
+    let path = dir.path().join("nocreds.toml");
+    std::fs::write(&path, format!("{}\n{PORTS}\n", config(moto(), "ddt-nocreds", &sg, ""))).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(
+            aws_env()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET")),
+        )
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `credentials`") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
 }

@@ -139,6 +139,18 @@ impl Ec2Provider {
             key: "region".into(),
             message: "no AWS region: set `region` in the config, or AWS_REGION, or a profile's region".into(),
         })?;
+        let no_creds = |why: String| ProviderError::Config {
+            key: "credentials".into(),
+            message: format!(
+                "no AWS credentials ({why}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE \
+                 (aws configure / aws sso login), or run the controller with an instance role"
+            ),
+        };
+        {
+            use aws_sdk_ec2::config::ProvideCredentials;
+            let provider = sdk.credentials_provider().ok_or_else(|| no_creds("no provider".into()))?;
+            provider.provide_credentials().await.map_err(|e| no_creds(e.to_string()))?;
+        }
         let (group_ids, group_names) =
             cfg.security_groups.iter().cloned().partition(|g: &String| g.starts_with("sg-"));
         let subnets = if cfg.subnet_ids.is_empty() {
