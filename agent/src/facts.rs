@@ -54,7 +54,11 @@ pub fn gather() -> api::NodeFacts {
     };
     api::NodeFacts {
         instance_id: std::env::var("DDISCO_INSTANCE_ID").unwrap_or_default(),
-        hostname: System::host_name().unwrap_or_default(),
+        hostname: std::env::var("DDISCO_HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| System::host_name().ok())
+            .unwrap_or_default(),
         addresses,
         logical_cores: cores as u32,
         memory_bytes: sys.map(|s| s.total_memory()).unwrap_or(0),

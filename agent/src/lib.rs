@@ -10,10 +10,13 @@
 //!   heartbeats, step reports, reconnects with backoff and jitter.
 //! - [`steps`]: runs the plan's steps in order and keeps progress on disk,
 //!   so a reconnect never re-runs a finished step.
+//! - [`converge`]: applies the engine directives the controller pushes
+//!   (supervised services, managed files, HTTP posts) once the plan is done.
 //!
 //! **Architecture Invariant:** no AWS SDK and no aws-lc in this crate's
 //! dependency tree; TLS uses rustls with ring.
 
+pub mod converge;
 pub mod facts;
 pub mod identity;
 pub mod imds;

@@ -61,12 +61,13 @@ impl Agent {
     /// Runs sessions until the controller says shutdown or refuses us.
     pub async fn run(self) -> Result<(), Fatal> {
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<api::AgentMessage>();
+        let converger = crate::converge::Converger::new(&self.dir, self.executor.clone(), report_tx.clone());
         if let Some(imds) = self.creds.imds.clone() {
             tokio::spawn(watch_notices(imds, report_tx.clone()));
         }
         let mut backoff = Backoff::new();
         loop {
-            match self.session(&report_tx, &mut report_rx, &mut backoff).await {
+            match self.session(&report_tx, &mut report_rx, &mut backoff, &converger).await {
                 Ok(End::Shutdown(reason)) => {
                     tracing::info!("controller asked this agent to stop: {reason}");
                     return Ok(());
@@ -86,6 +87,7 @@ impl Agent {
         report_tx: &mpsc::UnboundedSender<api::AgentMessage>,
         report_rx: &mut mpsc::UnboundedReceiver<api::AgentMessage>,
         backoff: &mut Backoff,
+        converger: &Arc<crate::converge::Converger>,
     ) -> Result<End, Fatal> {
         let endpoint = self
             .creds
@@ -132,6 +134,9 @@ impl Agent {
                         if let Some(r) = self.executor.failure() {
                             let _ = tx.send(msg(api::agent_message::Msg::Step(r))).await;
                         }
+                    }
+                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Directives(d)) })) => {
+                        converger.update(d);
                     }
                     Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Shutdown(s)) })) => {
                         return Ok(End::Shutdown(s.reason));

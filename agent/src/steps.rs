@@ -36,6 +36,8 @@ pub struct Executor {
     dir: PathBuf,
     /// Std mutex: held for a few field updates, never across `.await`.
     state: Mutex<State>,
+    /// True once the current plan finished successfully.
+    done: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -51,7 +53,20 @@ impl Executor {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or_default();
-        Executor { dir: dir.to_owned(), state: Mutex::new(State { progress, running: None }) }
+        Executor {
+            dir: dir.to_owned(),
+            state: Mutex::new(State { progress, running: None }),
+            done: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Fires (true) when the plan has finished successfully.
+    pub fn done(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.done.subscribe()
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self.done.borrow()
     }
 
     pub fn progress(&self) -> Progress {
@@ -91,6 +106,7 @@ impl Executor {
             }
             if st.progress.plan_id != plan.id {
                 st.progress = Progress { plan_id: plan.id.clone(), completed: 0, failed: None };
+                self.done.send_replace(false);
             }
             if st.progress.failed.is_some() {
                 return;
@@ -115,7 +131,10 @@ impl Executor {
                 let _ = reports.send(report(api::StepStatus::Running, 0, 0, String::new()));
                 tracing::info!(step = %step.name, "step {}/{} started", i + 1, plan.steps.len());
                 let t0 = Instant::now();
-                let out = run_step(step, &self.dir, workers).await;
+                let out = match &step.kind {
+                    Some(api::step::Kind::Collect(c)) => collect(c, &reports),
+                    _ => run_step(step, &self.dir, workers).await,
+                };
                 let ms = t0.elapsed().as_millis() as u64;
                 let ok = out.code == 0;
                 {
@@ -145,6 +164,7 @@ impl Executor {
             }
             self.state.lock().expect("lock").running = None;
             tracing::info!("all {} steps done: node ready", plan.steps.len());
+            self.done.send_replace(true);
         });
     }
 
@@ -164,6 +184,24 @@ pub struct Outcome {
     pub tail: String,
 }
 
+/// Reads a file and sends it to the controller as an attribute.
+fn collect(c: &api::Collect, reports: &UnboundedSender<api::AgentMessage>) -> Outcome {
+    match std::fs::read_to_string(&c.path) {
+        Ok(value) if value.len() <= 16 * 1024 => {
+            let msg = api::AgentMessage {
+                msg: Some(api::agent_message::Msg::Attribute(api::Attribute {
+                    name: c.attribute.clone(),
+                    value: value.trim().to_string(),
+                })),
+            };
+            let _ = reports.send(msg);
+            Outcome { code: 0, tail: format!("sent {} from {}", c.attribute, c.path) }
+        }
+        Ok(_) => fail(format!("{} is larger than 16 KiB", c.path)),
+        Err(e) => fail(format!("cannot read {}: {e}", c.path)),
+    }
+}
+
 fn fail(msg: impl Into<String>) -> Outcome {
     Outcome { code: 1, tail: msg.into() }
 }
@@ -176,6 +214,7 @@ pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
         Some(Kind::SystemPackages(p)) => system_packages(p, &log).await,
         Some(Kind::Pip(p)) => pip(p, &log).await,
         Some(Kind::AuthorizedKeys(k)) => authorized_keys(k).await,
+        Some(Kind::Collect(c)) => fail(format!("collect {} must run inside a plan", c.attribute)),
         Some(Kind::Shell(s)) => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
             let mut cmd = tokio::process::Command::new(shell);

@@ -117,6 +117,9 @@ impl api::admin_server::Admin for AdminService {
 }
 
 fn status_of(sh: &Shared) -> api::StatusReply {
+    let members = sh.members();
+    let engine_endpoints = sh.engine.endpoints(&members).into_iter().collect();
+    let engine_lines = sh.engine.lines(&members);
     let now = sh.clock.now_ms();
     let now_unix = crate::registry::unix_ms();
     let reg = sh.registry.lock().expect("registry lock");
@@ -151,7 +154,13 @@ fn status_of(sh: &Shared) -> api::StatusReply {
                     NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
                     _ => String::new(),
                 },
-                detail: r.detail.clone(),
+                detail: if r.engine_detail.is_empty() {
+                    r.detail.clone()
+                } else if r.detail.is_empty() {
+                    r.engine_detail.clone()
+                } else {
+                    format!("{}; {}", r.detail, r.engine_detail)
+                },
                 age_ms: now_unix.saturating_sub(r.launched_unix_ms),
                 connected: e.live.connected(),
                 pool: r.pool.clone(),
@@ -166,6 +175,9 @@ fn status_of(sh: &Shared) -> api::StatusReply {
         desired_slaves: reg.desired_slaves(),
         desired_pools: reg.desired.clone().into_iter().collect(),
         provider_notes: sh.provider.notes(),
+        engine: sh.engine.name().to_string(),
+        engine_endpoints,
+        engine_lines,
         nodes,
         notes: {
             let ev = reg.events();

@@ -81,6 +81,25 @@ pub struct Config {
     pub ec2_max_attempts: u32,
     /// How long a (pool, type, subnet) that hit a capacity error is skipped.
     pub capacity_cooldown: Duration,
+    pub engine: EngineKind,
+    /// How long a slave being removed is drained before it is terminated.
+    pub drain_timeout: Duration,
+    pub dask_version: String,
+    pub dask_scheduler_port: u16,
+    pub dask_dashboard_port: u16,
+    /// Disco install source: `git+URL@REF` or a tarball URL; empty: preinstalled.
+    pub disco_source: String,
+    pub disco_port: u16,
+    pub disco_root: String,
+    pub disco_gc_after: u32,
+}
+
+/// Which map/reduce engine the nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Disco,
+    Dask,
+    None,
 }
 
 /// A secret string: never shown by `Debug`.
@@ -200,6 +219,24 @@ pub struct RawConfig {
     ec2_max_attempts: Option<u32>,
     #[serde(alias = "CAPACITY_COOLDOWN_SECS")]
     capacity_cooldown_secs: Option<f64>,
+    #[serde(alias = "ENGINE")]
+    engine: Option<String>,
+    #[serde(alias = "DRAIN_TIMEOUT_SECS")]
+    drain_timeout_secs: Option<f64>,
+    #[serde(alias = "DASK_VERSION")]
+    dask_version: Option<String>,
+    #[serde(alias = "DASK_SCHEDULER_PORT")]
+    dask_scheduler_port: Option<u16>,
+    #[serde(alias = "DASK_DASHBOARD_PORT")]
+    dask_dashboard_port: Option<u16>,
+    #[serde(alias = "DISCO_SOURCE")]
+    disco_source: Option<String>,
+    #[serde(alias = "DISCO_PORT")]
+    disco_port: Option<u16>,
+    #[serde(alias = "DISCO_ROOT")]
+    disco_root: Option<String>,
+    #[serde(alias = "DISCO_GC_AFTER")]
+    disco_gc_after: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +314,15 @@ impl Default for Config {
             slave_pools: vec![],
             ec2_max_attempts: 3,
             capacity_cooldown: Duration::from_secs(300),
+            engine: EngineKind::Disco,
+            drain_timeout: Duration::from_secs(60),
+            dask_version: crate::engine::dask::DASK_VERSION.into(),
+            dask_scheduler_port: 8786,
+            dask_dashboard_port: 8787,
+            disco_source: "git+https://github.com/discoproject/disco.git@0.5.4".into(),
+            disco_port: 8989,
+            disco_root: "/mnt/disco".into(),
+            disco_gc_after: 6400,
         }
     }
 }
@@ -449,6 +495,25 @@ impl Config {
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
         let capacity_cooldown =
             secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.capacity_cooldown)?;
+        let drain_timeout = match raw.drain_timeout_secs {
+            Some(0.0) => Duration::ZERO,
+            other => secs("drain_timeout_secs", other, d.drain_timeout)?,
+        };
+        let engine = match raw.engine.as_deref() {
+            None => d.engine,
+            Some("disco") => EngineKind::Disco,
+            Some("dask") => EngineKind::Dask,
+            Some("none") => EngineKind::None,
+            Some(other) => {
+                return Err(err(
+                    "engine",
+                    format!("unknown engine {other:?}; use \"disco\", \"dask\" or \"none\""),
+                ));
+            }
+        };
+        if raw.disco_root.as_deref().is_some_and(|r| !r.starts_with('/')) {
+            return Err(err("disco_root", "must be an absolute path, e.g. \"/mnt/disco\"".into()));
+        }
         let token_ttl = secs("token_ttl_secs", raw.token_ttl_secs, d.token_ttl)?;
         let reconcile_interval =
             secs("reconcile_interval_secs", raw.reconcile_interval_secs, d.reconcile_interval)?;
@@ -532,6 +597,15 @@ impl Config {
             slave_pools: raw.slave_pools.unwrap_or_default(),
             ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2_max_attempts).clamp(1, 10),
             capacity_cooldown,
+            engine,
+            drain_timeout,
+            dask_version: non_empty(raw.dask_version).unwrap_or(d.dask_version),
+            dask_scheduler_port: raw.dask_scheduler_port.unwrap_or(d.dask_scheduler_port),
+            dask_dashboard_port: raw.dask_dashboard_port.unwrap_or(d.dask_dashboard_port),
+            disco_source: raw.disco_source.unwrap_or(d.disco_source),
+            disco_port: raw.disco_port.unwrap_or(d.disco_port),
+            disco_root: raw.disco_root.unwrap_or(d.disco_root),
+            disco_gc_after: raw.disco_gc_after.unwrap_or(d.disco_gc_after),
         };
         for (key, list) in
             [("base_packages", &cfg.base_packages), ("additional_packages", &cfg.additional_packages)]
@@ -650,6 +724,11 @@ region = ""
 tag_key = "ddisco"
 # Number of slaves; change a running cluster with `ddisco-controller scale N`.  (NUM_SLAVES)
 num_slaves = 0
+# Map/reduce engine the nodes run: "disco", "dask" or "none".
+engine = "disco"
+# A slave being removed is drained (Disco: blacklisted; Dask: retired) this
+# long before it is terminated; 0: terminate at once.
+drain_timeout_secs = 60.0
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0
@@ -694,6 +773,20 @@ capacity_cooldown_secs = 300.0
 # Public keys (one per line) added to every node's authorized_keys.
 mgmt_key = "{mgmt}"
 
+# Disco engine: install source ("git+URL@REF" or a tarball URL, built with
+# make install / make install-node; empty: Disco is preinstalled on the AMI),
+# its port, DISCO_ROOT (instance store) and DISCO_GC_AFTER.
+disco_source = "git+https://github.com/discoproject/disco.git@0.5.4"
+disco_port = 8989
+disco_root = "/mnt/disco"
+disco_gc_after = 6400
+
+# Dask engine: version installed with pip on every node; scheduler and
+# dashboard ports on the master.
+dask_version = "{dask}"
+dask_scheduler_port = 8786
+dask_dashboard_port = 8787
+
 # Controller.
 # gRPC (agents, TLS) and agent download (HTTPS) listen addresses.
 listen = "127.0.0.1:7443"
@@ -716,7 +809,8 @@ reconcile_interval_secs = 2.0
 agent_binary = ""
 # Local provider: install missing apt packages on this host (changes the host!).
 local_install_packages = false
-"#
+"#,
+        dask = crate::engine::dask::DASK_VERSION,
     )
 }
 
@@ -768,6 +862,8 @@ mod tests {
             ("tag_key = \"\"", "tag_key"),
             ("provider = \"gcp\"", "provider"),
             ("base_packages = [\"rm -rf /\"]", "base_packages"),
+            ("engine = \"spark\"", "engine"),
+            ("disco_root = \"mnt\"", "disco_root"),
         ] {
             let e = toml(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

@@ -64,6 +64,10 @@ pub struct Endpoints {
 /// State shared by the servers and the reconcile loop.
 pub struct Shared {
     pub cfg: Config,
+    /// The map/reduce engine (plain functions over the membership).
+    pub engine: Box<dyn crate::engine::Engine>,
+    /// Membership changed since the last `publish`.
+    membership_changed: AtomicBool,
     /// Held only for short, synchronous sections; never across `.await`.
     pub registry: Mutex<Registry>,
     pub clock: Clock,
@@ -90,6 +94,62 @@ impl Shared {
         self.persist.notify_one();
     }
 
+    /// Something engines care about changed (a node became ready or started
+    /// leaving, an attribute arrived): recompute directives on the next tick.
+    pub fn membership_changed(&self) {
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// The engine's view of every node.
+    pub fn members(&self) -> Vec<crate::engine::Member> {
+        let reg = self.registry.lock().expect("registry lock");
+        reg.entries()
+            .filter(|e| !matches!(e.rec.state, crate::model::NodeState::Terminating))
+            .map(|e| {
+                let facts = e.rec.facts.clone().unwrap_or_default();
+                let address = if e.rec.address.is_empty() {
+                    facts.addresses.first().cloned().unwrap_or_default()
+                } else {
+                    e.rec.address.clone()
+                };
+                crate::engine::Member {
+                    id: e.rec.id.clone(),
+                    role: Some(e.rec.role),
+                    address,
+                    hostname: facts.hostname.split('.').next().unwrap_or("").to_string(),
+                    workers: e.rec.workers,
+                    ready: e.rec.state == crate::model::NodeState::Ready
+                        || e.rec.state == crate::model::NodeState::Draining,
+                    leaving: e.rec.state == crate::model::NodeState::Draining || !e.rec.notice.is_empty(),
+                    attributes: e.rec.attributes.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Recomputes every node's directives and pushes those that changed to
+    /// connected agents. Runs after membership changes, not per heartbeat.
+    pub fn publish(&self) {
+        if !self.membership_changed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let members = self.members();
+        let lives: Vec<(String, Arc<crate::registry::Liveness>)> = {
+            let reg = self.registry.lock().expect("registry lock");
+            reg.entries().map(|e| (e.rec.id.clone(), e.live.clone())).collect()
+        };
+        for (id, live) in lives {
+            let Some(me) = members.iter().find(|m| m.id == id) else { continue };
+            if !me.ready {
+                continue;
+            }
+            let layout = self.provider.layout(&id);
+            let d = crate::engine::to_api(&self.engine.directives(me, &members, &layout));
+            live.push_directives(&d);
+        }
+    }
+
     pub fn metrics_refusal(&self) {
         self.refusals.fetch_add(1, Ordering::Relaxed);
     }
@@ -108,6 +168,11 @@ impl Shared {
         Limits {
             boot_timeout_ms: self.cfg.boot_timeout.as_millis() as u64,
             heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
+            drain_ms: if self.engine.name() == "none" {
+                0
+            } else {
+                self.cfg.drain_timeout.as_millis() as u64
+            },
         }
     }
 
@@ -226,8 +291,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let admin_path = cfg.admin_socket();
     let admin_listener = crate::admin::bind(&admin_path).await?;
 
+    let cookie = cluster_cookie(&cfg)?;
+    let engine = crate::engine::from_config(&cfg, cookie);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
+        engine,
+        membership_changed: AtomicBool::new(true),
         cert_validity: Duration::from_secs(30 * 86_400),
         registry: Mutex::new(registry),
         clock,
@@ -301,6 +370,18 @@ fn bind_keeping_port(
         }
     }
     std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
+}
+
+/// The cluster's Erlang cookie: created once (0600 in the state directory),
+/// delivered to nodes only over their mutual-TLS sessions.
+fn cluster_cookie(cfg: &Config) -> anyhow::Result<String> {
+    let path = cfg.state_dir.join("erlang.cookie");
+    if let Ok(c) = std::fs::read_to_string(&path) {
+        return Ok(c.trim().to_string());
+    }
+    let cookie: String = hex::encode(rand::random::<[u8; 20]>()).to_uppercase();
+    pki::write_private(&path, &cookie)?;
+    Ok(cookie)
 }
 
 /// A preflight failure that names a config key is a configuration error.
@@ -377,6 +458,7 @@ async fn reconcile_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             if let Err(e) = tick(&shared).await {
                 tracing::warn!("reconcile: {e:#}; trying again next tick");
             }
+            shared.publish();
         }
         tokio::select! {
             _ = tokio::time::sleep(shared.cfg.reconcile_interval) => {}
@@ -400,6 +482,9 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     if actions.is_empty() && orphans.is_empty() {
         return Ok(());
     }
+    if actions.iter().any(|a| !matches!(a, Action::MarkBooting { .. })) {
+        sh.membership_changed();
+    }
     let mut to_terminate: Vec<Target> = orphans
         .iter()
         .map(|o| Target { node_id: o.node_id.clone(), instance_id: Some(o.instance_id.clone()) })
@@ -422,6 +507,16 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                 }
                 Action::Forget { id } => {
                     reg.remove(&id);
+                }
+                Action::Drain { id } => {
+                    if let Some(e) = reg.get_mut(&id) {
+                        e.rec.state = crate::model::NodeState::Draining;
+                        e.rec.drain_started_unix_ms = Some(unix_ms());
+                    }
+                    reg.event(format!(
+                        "{id} draining before removal (scale down; up to {:.0}s)",
+                        sh.cfg.drain_timeout.as_secs_f64()
+                    ));
                 }
                 Action::Terminate { id, reason } => {
                     let Some(e) = reg.get_mut(&id) else { continue };

@@ -153,7 +153,8 @@ impl api::agent_server::Agent for AgentService {
             }
         };
         live.touch(sh.clock.now_ms());
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::ControllerMessage, Status>>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::ControllerMessage, Status>>(8);
+        live.set_push(tx.clone());
         let mut inbound = req.into_inner();
         let mut shutdown = sh.shutdown_signal();
         tokio::spawn(async move {
@@ -182,6 +183,8 @@ impl api::agent_server::Agent for AgentService {
                     Some(api::agent_message::Msg::Hello(h)) => {
                         let assignment = on_hello(&sh, &node_id, h);
                         sh.changed();
+                        // The new session gets the node's directives.
+                        sh.membership_changed();
                         let msg = api::ControllerMessage {
                             msg: Some(api::controller_message::Msg::Assignment(assignment)),
                         };
@@ -195,11 +198,20 @@ impl api::agent_server::Agent for AgentService {
                         sh.wake.notify_one();
                     }
                     Some(api::agent_message::Msg::Step(s)) => {
-                        on_step(&sh, &node_id, s);
+                        if on_step(&sh, &node_id, s) {
+                            sh.membership_changed();
+                        }
                         sh.changed();
                     }
+                    Some(api::agent_message::Msg::Attribute(a)) => {
+                        on_attribute(&sh, &node_id, a);
+                        sh.changed();
+                        sh.membership_changed();
+                    }
+                    Some(api::agent_message::Msg::Directive(d)) => on_directive_report(&sh, &node_id, d),
                 }
             }
+            live.clear_push(&tx);
             tracing::debug!(node = %node_id, "session ended");
         });
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -220,7 +232,7 @@ fn on_hello(sh: &Shared, node_id: &str, h: api::Hello) -> api::Assignment {
         Role::Slave => sh.cfg.slave_multiplier,
     };
     let workers = worker_count(facts.logical_cores, multiplier);
-    let plan = crate::plan::build(&sh.cfg, role, workers, &sh.provider.layout(node_id));
+    let plan = crate::plan::build(&sh.cfg, role, workers, &sh.provider.layout(node_id), sh.engine.as_ref());
     let n = plan.steps.len() as u32;
     e.rec.workers = workers;
     e.rec.plan_id = plan.id.clone();
@@ -269,17 +281,46 @@ fn on_notice(sh: &Shared, node_id: &str, n: api::Notice) {
     reg.event(msg);
 }
 
-/// An agent reported a step.
-fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) {
-    let status = api::StepStatus::try_from(s.status).unwrap_or(api::StepStatus::Unspecified);
+/// The largest attribute accepted (public keys are well under this).
+const MAX_ATTRIBUTE: usize = 16 * 1024;
+
+/// An agent sent a value its plan collected (e.g. a public key).
+fn on_attribute(sh: &Shared, node_id: &str, a: api::Attribute) {
+    if a.name.is_empty() || a.value.len() > MAX_ATTRIBUTE {
+        tracing::warn!(node = %node_id, "attribute {:?} refused (empty name or over 16 KiB)", a.name);
+        return;
+    }
+    let mut reg = sh.registry.lock().expect("registry lock");
+    if let Some(e) = reg.get_mut(node_id) {
+        e.rec.attributes.insert(a.name, a.value);
+    }
+}
+
+/// An agent reported how applying a directive went.
+fn on_directive_report(sh: &Shared, node_id: &str, d: api::DirectiveReport) {
     let mut reg = sh.registry.lock().expect("registry lock");
     let Some(e) = reg.get_mut(node_id) else { return };
+    let detail = if d.ok { String::new() } else { format!("engine: {}: {}", d.name, d.message) };
+    if e.rec.engine_detail != detail {
+        e.rec.engine_detail = detail.clone();
+        if !detail.is_empty() {
+            let msg = format!("{node_id} {detail}");
+            reg.event_once(msg);
+        }
+    }
+}
+
+/// An agent reported a step. Returns whether the node became ready.
+fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) -> bool {
+    let status = api::StepStatus::try_from(s.status).unwrap_or(api::StepStatus::Unspecified);
+    let mut reg = sh.registry.lock().expect("registry lock");
+    let Some(e) = reg.get_mut(node_id) else { return false };
     if s.plan_id != e.rec.plan_id {
-        return; // a report about an older plan
+        return false; // a report about an older plan
     }
     let of = match e.rec.state {
         NodeState::Provisioning { of, .. } => of,
-        _ => return,
+        _ => return false,
     };
     let mut event = None;
     match status {
@@ -308,7 +349,9 @@ fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) {
         }
         api::StepStatus::Unspecified => {}
     }
+    let ready = e.rec.state == NodeState::Ready;
     if let Some(ev) = event {
         reg.event(ev);
     }
+    ready
 }

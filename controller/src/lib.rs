@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod download;
+pub mod engine;
 pub mod grpc;
 pub mod model;
 pub mod pki;

@@ -27,6 +27,7 @@ impl fmt::Display for Role {
 /// Requested -> Booting -> Enrolled -> Provisioning(k/n) -> Ready
 ///     any state -> Failed (a step failed; kept for diagnosis, not replaced)
 ///     any state -> Lost (instance gone, boot deadline or heartbeat timeout)
+///     any state -> Draining (scale down) -> Terminating after the drain timeout
 ///     any state -> Terminating -> (forgotten once the provider confirms)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +49,9 @@ pub enum NodeState {
     Failed {
         step: String,
     },
+    /// Being removed: its engine stops giving it work (Disco blacklist, Dask
+    /// retire) until the drain timeout, then it is terminated.
+    Draining,
     /// Declared dead; its replacement is launched in the same tick.
     Lost,
     Terminating,
@@ -63,6 +67,7 @@ impl NodeState {
             NodeState::Provisioning { step, of } => format!("provisioning {}/{}", step + 1, of),
             NodeState::Ready => "ready".into(),
             NodeState::Failed { .. } => "failed".into(),
+            NodeState::Draining => "draining".into(),
             NodeState::Lost => "lost".into(),
             NodeState::Terminating => "terminating".into(),
         }
@@ -76,6 +81,7 @@ impl NodeState {
                 | NodeState::Provisioning { .. }
                 | NodeState::Ready
                 | NodeState::Failed { .. }
+                | NodeState::Draining
         )
     }
 }

@@ -13,6 +13,11 @@ use std::path::PathBuf;
 /// Where things live on a node; decided by the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeLayout {
+    /// The node's file system root: `/` on a real node; the local provider
+    /// gives each node its own folder so nothing lands on the host.
+    pub root: PathBuf,
+    /// May engines manage the system (users, packages, builds, host keys)?
+    pub system: bool,
     /// Home of the login user (management keys go to `.ssh/authorized_keys`).
     pub home: PathBuf,
     /// Owner to chown the keys to; `None` leaves ownership alone.
@@ -26,10 +31,28 @@ pub struct NodeLayout {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StepKind {
-    SystemPackages { packages: Vec<String>, install: bool },
-    Pip { requirements: Vec<String>, venv: String },
-    AuthorizedKeys { path: String, keys: Vec<String>, owner: String },
-    Shell { script: String, env: BTreeMap<String, String> },
+    SystemPackages {
+        packages: Vec<String>,
+        install: bool,
+    },
+    Pip {
+        requirements: Vec<String>,
+        venv: String,
+    },
+    AuthorizedKeys {
+        path: String,
+        keys: Vec<String>,
+        owner: String,
+    },
+    Shell {
+        script: String,
+        env: BTreeMap<String, String>,
+    },
+    /// Read a file and send it to the controller as a node attribute.
+    Collect {
+        attribute: String,
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -54,8 +77,15 @@ impl Plan {
     }
 }
 
-/// The steps for a node of `role` with `workers` workers.
-pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout) -> Plan {
+/// The steps for a node of `role` with `workers` workers: packages, pip,
+/// the engine's steps, management keys, POST_INIT last.
+pub fn build(
+    cfg: &Config,
+    role: Role,
+    workers: u32,
+    layout: &NodeLayout,
+    engine: &dyn crate::engine::Engine,
+) -> Plan {
     let mut steps = Vec::new();
     let packages: Vec<String> = cfg.base_packages.iter().chain(&cfg.additional_packages).cloned().collect();
     if !packages.is_empty() {
@@ -73,6 +103,7 @@ pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout) -> Pla
             },
         });
     }
+    steps.extend(engine.steps(role, workers, layout));
     if !cfg.mgmt_keys.is_empty() {
         steps.push(Step {
             name: "authorized_keys".into(),
@@ -121,6 +152,9 @@ impl From<&Step> for api::Step {
             StepKind::Shell { script, env } => {
                 Kind::Shell(api::Shell { script: script.clone(), env: env.clone().into_iter().collect() })
             }
+            StepKind::Collect { attribute, path } => {
+                Kind::Collect(api::Collect { attribute: attribute.clone(), path: path.clone() })
+            }
         };
         api::Step { name: s.name.clone(), kind: Some(kind) }
     }
@@ -132,6 +166,8 @@ mod tests {
 
     fn layout() -> NodeLayout {
         NodeLayout {
+            root: "/".into(),
+            system: true,
             home: "/home/ubuntu".into(),
             owner: Some("ubuntu".into()),
             venv: "/opt/ddisco/venv".into(),
@@ -146,7 +182,7 @@ mod tests {
             post_init: "echo hi".into(),
             ..Config::default()
         };
-        let p = build(&cfg, Role::Master, 4, &layout());
+        let p = build(&cfg, Role::Master, 4, &layout(), &crate::engine::NoEngine);
         let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["system_packages", "pip_requirements", "authorized_keys", "post_init"]);
         match &p.steps[2].kind {
@@ -170,15 +206,15 @@ mod tests {
             pip_requirements: vec![],
             ..Config::default()
         };
-        assert!(build(&cfg, Role::Slave, 1, &layout()).steps.is_empty());
+        assert!(build(&cfg, Role::Slave, 1, &layout(), &crate::engine::NoEngine).steps.is_empty());
     }
 
     #[test]
     fn plan_id_follows_content() {
         let cfg = Config::default();
-        let a = build(&cfg, Role::Slave, 2, &layout());
-        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout()).id);
+        let a = build(&cfg, Role::Slave, 2, &layout(), &crate::engine::NoEngine);
+        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), &crate::engine::NoEngine).id);
         let local = NodeLayout { install_packages: false, ..layout() };
-        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local).id);
+        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, &crate::engine::NoEngine).id);
     }
 }

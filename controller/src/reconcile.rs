@@ -75,6 +75,8 @@ pub fn distribute(total: u32, weights: &[(String, u32)]) -> BTreeMap<String, u32
 pub struct Limits {
     pub boot_timeout_ms: u64,
     pub heartbeat_timeout_ms: u64,
+    /// Drain before terminating on scale down; 0: terminate at once.
+    pub drain_ms: u64,
 }
 
 /// What the provider says about a node's instance.
@@ -103,6 +105,8 @@ pub struct NodeView {
     pub since_launch_ms: u64,
     /// Since the last message from its agent; `None` if never heard from.
     pub since_heartbeat_ms: Option<u64>,
+    /// Since it started draining (state `Draining`).
+    pub since_drain_ms: Option<u64>,
     pub instance: Instance,
 }
 
@@ -146,6 +150,8 @@ pub enum Action {
     Launch { role: Role, pool: String, count: u32 },
     /// Terminate the node's instance; it is `Terminating` from now on.
     Terminate { id: String, reason: Reason },
+    /// Start draining (scale down with an engine): `Draining`.
+    Drain { id: String },
     /// The provider shows the instance running: `Requested` -> `Booting`.
     MarkBooting { id: String },
     /// A terminating node whose instance is gone: drop it from the registry.
@@ -171,6 +177,12 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         }
         if n.state == NodeState::Requested && n.instance == Instance::Alive {
             actions.push(Action::MarkBooting { id: n.id.clone() });
+        }
+        if n.state == NodeState::Draining {
+            if n.since_drain_ms.unwrap_or(u64::MAX) >= limits.drain_ms {
+                actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+            }
+            continue;
         }
         if n.interrupted {
             noticed.push(n);
@@ -216,7 +228,12 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         } else if have > want {
             slaves.sort_by_key(|n| removal_rank(n));
             for n in &slaves[want as usize..] {
-                actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+                // Only ready slaves have work to drain.
+                if limits.drain_ms > 0 && n.state == NodeState::Ready {
+                    actions.push(Action::Drain { id: n.id.clone() });
+                } else {
+                    actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+                }
             }
         }
         let ready = slaves.iter().filter(|n| n.state == NodeState::Ready).count() as u64;
@@ -268,7 +285,7 @@ fn removal_rank(n: &NodeView) -> (u8, u64) {
         NodeState::Booting => 3,
         NodeState::Requested => 4,
         NodeState::Failed { .. } => 5,
-        NodeState::Lost | NodeState::Terminating => 6,
+        NodeState::Draining | NodeState::Lost | NodeState::Terminating => 6,
     };
     // Older (smaller seq) first: keep them; the newest are removed first.
     (group, n.seq)
@@ -278,7 +295,7 @@ fn removal_rank(n: &NodeView) -> (u8, u64) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { boot_timeout_ms: 60_000, heartbeat_timeout_ms: 15_000 };
+    const LIMITS: Limits = Limits { boot_timeout_ms: 60_000, heartbeat_timeout_ms: 15_000, drain_ms: 0 };
 
     fn node(id: &str, role: Role, state: NodeState, seq: u64) -> NodeView {
         NodeView {
@@ -290,6 +307,7 @@ mod tests {
             seq,
             since_launch_ms: 1_000,
             since_heartbeat_ms: Some(1_000),
+            since_drain_ms: None,
             instance: Instance::Alive,
         }
     }
@@ -497,6 +515,37 @@ mod tests {
         assert_eq!(
             decide(&Desired::slaves(1), &[m, s1, s2], LIMITS),
             vec![Action::Terminate { id: "s1".into(), reason: Reason::Interrupted }]
+        );
+    }
+
+    #[test]
+    fn scale_down_drains_ready_slaves_first_then_terminates() {
+        let limits = Limits { drain_ms: 5_000, ..LIMITS };
+        let nodes = [
+            ready("m", Role::Master, 0),
+            ready("s1", Role::Slave, 1),
+            ready("s2", Role::Slave, 2),
+            node("s3", Role::Slave, NodeState::Booting, 3),
+        ];
+        let a = decide(&Desired::slaves(1), &nodes, limits);
+        assert_eq!(
+            a,
+            vec![
+                Action::Drain { id: "s2".into() },
+                Action::Terminate { id: "s3".into(), reason: Reason::ScaleDown },
+            ]
+        );
+        // While draining it is not counted and not replaced; then it goes.
+        let mut d = ready("s2", Role::Slave, 2);
+        d.state = NodeState::Draining;
+        d.since_drain_ms = Some(4_999);
+        let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1), d.clone()];
+        assert!(decide(&Desired::slaves(1), &nodes, limits).is_empty());
+        d.since_drain_ms = Some(5_000);
+        let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1), d];
+        assert_eq!(
+            decide(&Desired::slaves(1), &nodes, limits),
+            vec![Action::Terminate { id: "s2".into(), reason: Reason::ScaleDown }]
         );
     }
 

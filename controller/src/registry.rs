@@ -47,6 +47,15 @@ pub struct NodeRecord {
     /// Interruption/rebalance notice received (empty: none).
     #[serde(default)]
     pub notice: String,
+    /// When draining started (state `Draining`).
+    #[serde(default)]
+    pub drain_started_unix_ms: Option<u64>,
+    /// Values its agent collected for the engine (public keys...).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Last problem its engine directives reported (empty: none).
+    #[serde(default)]
+    pub engine_detail: String,
     /// Why the node is in its state (failed step output, loss reason, ...).
     #[serde(default)]
     pub detail: String,
@@ -78,7 +87,13 @@ pub struct Liveness {
     revoked: AtomicBool,
     /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
     sessions: AtomicU32,
+    /// The newest session's outbound channel, and the id of the directives
+    /// last sent on it (a new session gets the full set again).
+    push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<PushMsg>, String)>>,
 }
+
+/// What the controller pushes on an agent's session.
+pub type PushMsg = Result<ddisco_proto::v1::ControllerMessage, tonic::Status>;
 
 /// Counts an open session for as long as it lives.
 pub struct SessionGuard(Arc<Liveness>);
@@ -111,6 +126,34 @@ impl Liveness {
     }
     pub fn connected(&self) -> bool {
         self.sessions.load(Ordering::Relaxed) > 0
+    }
+    /// Registers a session's outbound channel.
+    pub fn set_push(&self, tx: tokio::sync::mpsc::Sender<PushMsg>) {
+        *self.push.lock().expect("push lock") = Some((tx, String::new()));
+    }
+    /// Forgets a session's channel when that session ends (not a newer one's),
+    /// so its stream can close.
+    pub fn clear_push(&self, tx: &tokio::sync::mpsc::Sender<PushMsg>) {
+        let mut guard = self.push.lock().expect("push lock");
+        if guard.as_ref().is_some_and(|(t, _)| t.same_channel(tx)) {
+            *guard = None;
+        }
+    }
+
+    /// Sends `directives` unless this session already has them. Never
+    /// blocks: a full channel drops the push and the next publish retries.
+    pub fn push_directives(&self, d: &ddisco_proto::v1::Directives) {
+        let mut guard = self.push.lock().expect("push lock");
+        let Some((tx, last)) = guard.as_mut() else { return };
+        if *last == d.id {
+            return;
+        }
+        let msg = ddisco_proto::v1::ControllerMessage {
+            msg: Some(ddisco_proto::v1::controller_message::Msg::Directives(d.clone())),
+        };
+        if tx.try_send(Ok(msg)).is_ok() {
+            *last = d.id.clone();
+        }
     }
 }
 
@@ -226,6 +269,9 @@ impl Registry {
             batch: new.batch,
             instance_type: String::new(),
             notice: String::new(),
+            drain_started_unix_ms: None,
+            attributes: BTreeMap::new(),
+            engine_detail: String::new(),
             detail: String::new(),
             instance_id: None,
             address: address(seq),
@@ -397,6 +443,7 @@ impl Registry {
                 seq: e.rec.seq,
                 since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),
                 since_heartbeat_ms: e.live.last_seen_ms().map(|t| now_ms.saturating_sub(t)),
+                since_drain_ms: e.rec.drain_started_unix_ms.map(|t| now_unix_ms.saturating_sub(t)),
                 instance: match observed.get(&e.rec.id) {
                     Some(true) => Instance::Alive,
                     Some(false) => Instance::Gone,

@@ -31,6 +31,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Fast timings for tests: 0.5 s heartbeats, lost after 2 s.
 pub const FAST: &str = r#"
+engine = "none"
 base_packages = ["coreutils"]
 additional_packages = []
 pip_requirements = []

@@ -27,6 +27,9 @@ pub struct StatusView {
     pub nodes: Vec<NodeView>,
     pub events: Vec<String>,
     pub provider_notes: Vec<String>,
+    pub engine: String,
+    pub engine_endpoints: std::collections::BTreeMap<String, String>,
+    pub engine_lines: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +60,9 @@ impl From<api::StatusReply> for StatusView {
             desired_slaves: s.desired_slaves,
             desired_pools: s.desired_pools.into_iter().collect(),
             provider_notes: s.provider_notes,
+            engine: s.engine,
+            engine_endpoints: s.engine_endpoints.into_iter().collect(),
+            engine_lines: s.engine_lines,
             nodes: s
                 .nodes
                 .into_iter()
@@ -107,8 +113,8 @@ pub fn render(v: &StatusView) -> String {
         .map(|n| n.state.as_str())
         .unwrap_or("none");
     let mut out = format!(
-        "cluster {} ({} provider): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
-        v.cluster, v.provider, v.desired_slaves
+        "cluster {} ({} provider, {} engine): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
+        v.cluster, v.provider, v.engine, v.desired_slaves
     );
     if v.desired_pools.len() > 1 {
         let pools: Vec<String> = v.desired_pools.iter().map(|(k, n)| format!("{k}={n}")).collect();
@@ -150,6 +156,12 @@ pub fn render(v: &StatusView) -> String {
         out.push('\n');
         for n in problems {
             out.push_str(&format!("{}: {}\n", n.node_id, n.detail));
+        }
+    }
+    if !v.engine_lines.is_empty() {
+        out.push('\n');
+        for l in &v.engine_lines {
+            out.push_str(&format!("{l}\n"));
         }
     }
     for note in &v.provider_notes {

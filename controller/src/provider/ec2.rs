@@ -302,6 +302,8 @@ impl Provider for Ec2Provider {
 
     fn layout(&self, _node_id: &str) -> NodeLayout {
         NodeLayout {
+            root: "/".into(),
+            system: true,
             home: format!("/home/{}", self.ssh_user).into(),
             owner: Some(self.ssh_user.clone()),
             venv: "/opt/ddisco/venv".into(),

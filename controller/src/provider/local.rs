@@ -22,6 +22,7 @@ use std::time::Duration;
 /// Environment variables passed through to local nodes.
 const ENV_ALLOW: &[&str] = &[
     "PATH",
+    "PIP_CACHE_DIR",
     "HOME",
     "LANG",
     "LC_ALL",
@@ -90,6 +91,8 @@ impl LocalProvider {
             .env("DDISCO_NODE_ID", node_id)
             .env("DDISCO_CLUSTER_ID", &self.cluster_id)
             .env("DDISCO_NODE_ADDR", address)
+            // Local nodes share this machine's host name; engines need one each.
+            .env("DDISCO_HOSTNAME", node_id)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -114,6 +117,8 @@ impl Provider for LocalProvider {
     fn layout(&self, node_id: &str) -> NodeLayout {
         let dir = self.node_dir(node_id);
         NodeLayout {
+            root: dir.clone(),
+            system: false,
             home: dir.join("home"),
             owner: None,
             venv: dir.join("venv"),

@@ -1,0 +1,412 @@
+//! Converges the node on the engine directives the controller pushes: the
+//! full desired set each time. Files are written when their content differs,
+//! services are started, restarted when their spec changes, and stopped
+//! (SIGTERM, then SIGKILL after their grace) when they disappear; posts are
+//! made when their body changes and retried until they succeed. Nothing is
+//! applied before the plan has finished.
+
+use crate::session::Backoff;
+use crate::steps::Executor;
+use ddisco_proto::v1 as api;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc::UnboundedSender, watch};
+
+pub struct Converger {
+    dir: PathBuf,
+    executor: Arc<Executor>,
+    reports: UnboundedSender<api::AgentMessage>,
+    /// The latest set received (std mutex: a swap, never held across await).
+    desired: std::sync::Mutex<Option<api::Directives>>,
+    /// Wakes the one task that applies (so sets are applied in order).
+    kick: tokio::sync::Notify,
+    /// Owned by the applying task.
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    applied: String,
+    services: HashMap<String, Running>,
+    posts: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
+}
+
+struct Running {
+    spec: api::Service,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Converger {
+    pub fn new(
+        dir: &Path,
+        executor: Arc<Executor>,
+        reports: UnboundedSender<api::AgentMessage>,
+    ) -> Arc<Converger> {
+        let c = Arc::new(Converger {
+            dir: dir.to_owned(),
+            executor,
+            reports,
+            desired: Default::default(),
+            kick: Default::default(),
+            state: Default::default(),
+        });
+        // One task applies: on a new set, and once the plan is done.
+        let me = c.clone();
+        tokio::spawn(async move {
+            let mut done = me.executor.done();
+            loop {
+                tokio::select! {
+                    _ = me.kick.notified() => {}
+                    r = done.changed() => if r.is_err() { return },
+                }
+                me.apply().await;
+            }
+        });
+        c
+    }
+
+    /// Records the newest directive set; it is applied in the background.
+    pub fn update(&self, d: api::Directives) {
+        *self.desired.lock().expect("lock") = Some(d);
+        self.kick.notify_one();
+    }
+
+    async fn apply(self: &Arc<Self>) {
+        if !self.executor.is_done() {
+            return;
+        }
+        let mut st = self.state.lock().await;
+        let Some(d) = self.desired.lock().expect("lock").clone() else { return };
+        if d.id == st.applied {
+            return;
+        }
+        tracing::info!(id = %d.id, items = d.items.len(), "applying engine directives");
+        let mut want_services = HashMap::new();
+        let mut want_posts = HashMap::new();
+        for item in &d.items {
+            match &item.kind {
+                Some(api::directive::Kind::File(f)) => {
+                    let res = write_managed(f).await;
+                    self.report(&d.id, &item.name, res.err());
+                }
+                Some(api::directive::Kind::Service(s)) => {
+                    want_services.insert(item.name.clone(), s.clone());
+                }
+                Some(api::directive::Kind::Post(p)) => {
+                    want_posts.insert(item.name.clone(), p.clone());
+                }
+                None => {}
+            }
+        }
+        // Stop services that are gone or changed, then start what is missing.
+        let stale: Vec<String> = st
+            .services
+            .iter()
+            .filter(|(n, r)| want_services.get(*n) != Some(&r.spec))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = st.services.remove(&name) {
+                tracing::info!(service = %name, "stopping");
+                let _ = r.stop.send(true);
+                let _ = r.task.await;
+            }
+        }
+        for (name, spec) in want_services {
+            if st.services.contains_key(&name) {
+                continue;
+            }
+            let (stop, rx) = watch::channel(false);
+            let task = tokio::spawn(supervise(
+                name.clone(),
+                spec.clone(),
+                rx,
+                self.dir.join("services"),
+                self.reports.clone(),
+                d.id.clone(),
+            ));
+            st.services.insert(name, Running { spec, stop, task });
+        }
+        // Posts, in the order given (e.g. blacklist before the new table).
+        st.posts.retain(|name, (_, task)| {
+            let keep = want_posts.contains_key(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for item in &d.items {
+            let Some(api::directive::Kind::Post(p)) = &item.kind else { continue };
+            if st.posts.get(&item.name).is_some_and(|(body, _)| *body == p.body) {
+                continue;
+            }
+            if let Some((_, old)) = st.posts.remove(&item.name) {
+                old.abort();
+            }
+            let task =
+                tokio::spawn(post_until_ok(item.name.clone(), p.clone(), self.reports.clone(), d.id.clone()));
+            // Keep the order: wait (bounded) for this post before the next.
+            let done = tokio::time::timeout(Duration::from_secs(5), async {
+                while !task.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            let _ = done;
+            st.posts.insert(item.name.clone(), (p.body.clone(), task));
+        }
+        st.applied = d.id.clone();
+    }
+
+    fn report(&self, id: &str, name: &str, err: Option<String>) {
+        if let Some(e) = &err {
+            tracing::error!(directive = %name, "{e}");
+        }
+        let _ = self.reports.send(report(id, name, err));
+    }
+}
+
+fn report(id: &str, name: &str, err: Option<String>) -> api::AgentMessage {
+    api::AgentMessage {
+        msg: Some(api::agent_message::Msg::Directive(api::DirectiveReport {
+            directives_id: id.to_string(),
+            name: name.to_string(),
+            ok: err.is_none(),
+            message: err.unwrap_or_default(),
+        })),
+    }
+}
+
+/// Runs a service, restarting it with backoff when it exits, until stopped.
+async fn supervise(
+    name: String,
+    spec: api::Service,
+    mut stop: watch::Receiver<bool>,
+    logs: PathBuf,
+    reports: UnboundedSender<api::AgentMessage>,
+    id: String,
+) {
+    let mut backoff = Backoff::new();
+    let _ = std::fs::create_dir_all(&logs);
+    loop {
+        let Some(program) = spec.argv.first() else { return };
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")));
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&spec.argv[1..]).envs(&spec.env).stdin(Stdio::null());
+        if !spec.workdir.is_empty() {
+            cmd.current_dir(&spec.workdir);
+        }
+        if let Ok(log) = log {
+            if let Ok(l2) = log.try_clone() {
+                cmd.stdout(l2);
+            }
+            cmd.stderr(log);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reports.send(report(&id, &name, Some(format!("cannot start {program}: {e}"))));
+                let wait = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        tracing::info!(service = %name, pid = child.id(), "started");
+        let _ = reports.send(report(&id, &name, None));
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            status = child.wait() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff.reset();
+                }
+                let wait = backoff.next_delay();
+                let msg = format!("exited ({}); restarting in {:.1}s", status.map(|s| s.to_string()).unwrap_or_default(), wait.as_secs_f64());
+                tracing::warn!(service = %name, "{msg}");
+                let _ = reports.send(report(&id, &name, Some(msg)));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            _ = stop.changed() => {
+                // Graceful first (a Dask worker retires on SIGTERM).
+                if let Some(pid) = child.id() {
+                    let _ = nix_term(pid);
+                }
+                let grace = Duration::from_millis(u64::from(spec.grace_ms.max(100)));
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+                tracing::info!(service = %name, "stopped");
+                return;
+            }
+        }
+    }
+}
+
+fn nix_term(pid: u32) -> std::io::Result<()> {
+    // SAFETY-free: std has no kill(2); use the `kill` command.
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().map(|_| ())
+}
+
+/// POSTs until it gets a 2xx answer (backoff between tries).
+async fn post_until_ok(name: String, p: api::Post, reports: UnboundedSender<api::AgentMessage>, id: String) {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut backoff = Backoff::new();
+    let mut reported_failure = false;
+    loop {
+        let req = hyper::Request::post(&p.url)
+            .header(
+                "content-type",
+                if p.content_type.is_empty() { "application/json" } else { &p.content_type },
+            )
+            .body(Full::new(Bytes::from(p.body.clone())));
+        let result = match req {
+            Err(e) => Err(format!("bad request: {e}")),
+            Ok(req) => match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                Err(_) => Err(format!("POST {} timed out", p.url)),
+                Ok(Err(e)) => Err(format!("POST {}: {e}", p.url)),
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let body = http_body_util::BodyExt::collect(resp.into_body())
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                        .unwrap_or_default();
+                    if status.is_success() {
+                        Ok(())
+                    } else {
+                        Err(format!("POST {}: HTTP {status}: {body}", p.url))
+                    }
+                }
+            },
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(post = %name, "posted");
+                let _ = reports.send(report(&id, &name, None));
+                return;
+            }
+            Err(e) => {
+                if !reported_failure {
+                    tracing::warn!(post = %name, "{e}; retrying");
+                    let _ = reports.send(report(&id, &name, Some(e)));
+                    reported_failure = true;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Writes a managed file (whole, or the block between marker lines).
+async fn write_managed(f: &api::ManagedFile) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = Path::new(&f.path);
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let wanted =
+        if f.marker.is_empty() { f.content.clone() } else { with_block(&existing, &f.marker, &f.content) };
+    let mode = if f.mode == 0 { 0o644 } else { f.mode };
+    if wanted != existing || !path.exists() {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        // Written owner-only first, then given its mode (a 0400 cookie is
+        // never readable by others, even briefly).
+        let tmp = path.with_extension("ddisco-tmp");
+        std::fs::write(&tmp, &wanted).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    } else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if !f.owner.is_empty() {
+        let st = tokio::process::Command::new("chown")
+            .arg(format!("{0}:{0}", f.owner))
+            .arg(path)
+            .status()
+            .await
+            .map_err(|e| format!("chown: {e}"))?;
+        if !st.success() {
+            return Err(format!("chown {} {} failed", f.owner, path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// `text` with the block `# BEGIN marker` .. `# END marker` set to `content`.
+pub fn with_block(text: &str, marker: &str, content: &str) -> String {
+    let begin = format!("# BEGIN {marker}");
+    let end = format!("# END {marker}");
+    let mut block = format!("{begin}\n{content}");
+    if !block.ends_with('\n') {
+        block.push('\n');
+    }
+    block.push_str(&end);
+    block.push('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let b = lines.iter().position(|l| l.trim() == begin);
+    let e = lines.iter().position(|l| l.trim() == end);
+    match (b, e) {
+        (Some(b), Some(e)) if e > b => {
+            let mut out: String = lines[..b].iter().map(|l| format!("{l}\n")).collect();
+            out.push_str(&block);
+            for l in &lines[e + 1..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out
+        }
+        _ => {
+            let mut out = text.to_string();
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&block);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn managed_block_is_added_then_replaced_leaving_the_rest() {
+        let base = "127.0.0.1 localhost\n";
+        let once = with_block(base, "ddisco", "10.0.0.1 ip-1\n");
+        assert_eq!(once, "127.0.0.1 localhost\n# BEGIN ddisco\n10.0.0.1 ip-1\n# END ddisco\n");
+        let twice = with_block(&once, "ddisco", "10.0.0.2 ip-2");
+        assert_eq!(twice, "127.0.0.1 localhost\n# BEGIN ddisco\n10.0.0.2 ip-2\n# END ddisco\n");
+        assert_eq!(with_block(&twice, "ddisco", "10.0.0.2 ip-2"), twice);
+    }
+
+    #[tokio::test]
+    async fn files_get_content_and_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a/b/cookie");
+        let f = api::ManagedFile {
+            path: p.display().to_string(),
+            content: "SECRET".into(),
+            mode: 0o400,
+            owner: String::new(),
+            marker: String::new(),
+        };
+        write_managed(&f).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "SECRET");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o400);
+    }
+}

@@ -1,0 +1,475 @@
+//! The Disco engine, after Disco 0.5's documented contract
+//! (shared/docs/disco-facts.md):
+//!
+//! - install from a configured source (git URL + ref, or a tarball URL):
+//!   `make install` on the master, `make install-node` on slaves; Erlang and
+//!   build packages; the `disco` user;
+//! - one Erlang cookie per cluster, from the controller, delivered over the
+//!   mutual-TLS session as a managed file (mode 0400) -- never in userdata;
+//! - SSH trust without disabling host key checking: the master's disco
+//!   public key goes into every slave's authorized_keys and every slave's
+//!   host key into the master's known_hosts, collected and relayed by the
+//!   controller;
+//! - short host names resolvable cluster-wide: a managed block in every
+//!   node's /etc/hosts;
+//! - `/etc/disco/settings.py` as the original set it, DDFS replicas no
+//!   larger than the number of nodes;
+//! - Disco on the master, supervised by the agent;
+//! - the config table `[["host","workers"], ...]` (strings) POSTed to the
+//!   master's `save_config_table` by the master's agent on every membership
+//!   or worker-count change, the master included; a leaving slave is
+//!   blacklisted first so its tasks drain.
+//!
+//! With the local provider (`layout.system == false`) nothing touches the
+//! host system: files go under the node's own root, and no user, package or
+//! build step runs.
+
+use super::{Directive, DirectiveKind, Engine, Member, master, under};
+use crate::model::Role;
+use crate::plan::{NodeLayout, Step, StepKind};
+use std::collections::BTreeMap;
+
+pub struct Disco {
+    /// `git+URL@REF`, or an `http(s)://...tar.gz` URL; empty: preinstalled.
+    pub source: String,
+    pub port: u16,
+    pub root: String,
+    pub gc_after: u32,
+    /// The cluster's Erlang cookie (a secret: never logged, never userdata).
+    pub cookie: String,
+}
+
+impl Disco {
+    pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Disco {
+        Disco {
+            source: cfg.disco_source.clone(),
+            port: cfg.disco_port,
+            root: cfg.disco_root.clone(),
+            gc_after: cfg.disco_gc_after,
+            cookie,
+        }
+    }
+
+    fn home(layout: &NodeLayout) -> String {
+        under(layout, "home/disco")
+    }
+
+    fn settings(&self, members: &[Member], me: &Member) -> String {
+        let nodes = members.iter().filter(|m| m.ready && !m.leaving).count().max(1);
+        let replicas = nodes.min(3);
+        let master_host = master(members).map(|m| m.hostname.as_str()).unwrap_or("");
+        let proxy = if me.is_master() { "on" } else { "" };
+        format!(
+            "# Managed by ddisco: rewritten on every membership change.\n\
+             DISCO_MASTER_HOST = \"{master_host}\"\n\
+             DISCO_PORT = \"{port}\"\n\
+             DISCO_ROOT = \"{root}\"\n\
+             DISCO_DATA = \"{root}/data\"\n\
+             DISCO_LOG_DIR = \"{root}/log\"\n\
+             DISCO_GC_AFTER = \"{gc}\"\n\
+             DISCO_PROXY_ENABLED = \"{proxy}\"\n\
+             DDFS_TAG_MIN_REPLICAS = \"{replicas}\"\n\
+             DDFS_TAG_REPLICAS = \"{replicas}\"\n\
+             DDFS_BLOB_REPLICAS = \"{replicas}\"\n",
+            port = self.port,
+            root = self.root,
+            gc = self.gc_after,
+        )
+    }
+
+    /// The config table: the master and every ready slave (leaving ones too:
+    /// they are blacklisted, then dropped once gone). Values are strings.
+    pub fn config_table(members: &[Member]) -> String {
+        let mut rows: Vec<(String, String)> = members
+            .iter()
+            .filter(|m| m.ready && !m.hostname.is_empty())
+            .map(|m| (m.hostname.clone(), m.workers.max(1).to_string()))
+            .collect();
+        // Master first, then by host name: a stable body for change detection.
+        rows.sort_by_key(|(h, _)| (!members.iter().any(|m| m.is_master() && &m.hostname == h), h.clone()));
+        serde_json::to_string(&rows.iter().map(|(h, w)| [h, w]).collect::<Vec<_>>()).expect("serializes")
+    }
+
+    fn file(name: &str, path: String, content: String, mode: u32, owner: &str, marker: &str) -> Directive {
+        Directive {
+            name: name.into(),
+            kind: DirectiveKind::File { path, content, mode, owner: owner.into(), marker: marker.into() },
+        }
+    }
+}
+
+impl Engine for Disco {
+    fn name(&self) -> &'static str {
+        "disco"
+    }
+
+    fn steps(&self, role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let home = Disco::home(layout);
+        if layout.system {
+            steps.push(Step {
+                name: "disco_packages".into(),
+                kind: StepKind::SystemPackages {
+                    packages: [
+                        "erlang-nox",
+                        "erlang-dev",
+                        "make",
+                        "git",
+                        "curl",
+                        "openssh-server",
+                        "lighttpd",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    install: layout.install_packages,
+                },
+            });
+            steps.push(shell(
+                "disco_user",
+                "id disco >/dev/null 2>&1 || useradd --create-home --shell /bin/bash disco",
+            ));
+            if !self.source.is_empty() {
+                let target = if role == Role::Master { "install" } else { "install-node" };
+                steps.push(shell("disco_install", &install_script(&self.source, target)));
+            }
+            steps.push(shell(
+                "disco_dirs",
+                &format!("mkdir -p {r}/data {r}/log && chown -R disco:disco {r}", r = self.root),
+            ));
+        }
+        if role == Role::Master {
+            let owner = if layout.system { "chown -R disco:disco \"$H/.ssh\"" } else { "true" };
+            steps.push(shell(
+                "disco_ssh_key",
+                &format!(
+                    "H='{home}'; mkdir -p \"$H/.ssh\" && chmod 700 \"$H/.ssh\" && \
+                     {{ [ -f \"$H/.ssh/id_ed25519\" ] || ssh-keygen -q -t ed25519 -N '' -C disco@master -f \"$H/.ssh/id_ed25519\"; }} && {owner}"
+                ),
+            ));
+            steps.push(Step {
+                name: "disco_collect_key".into(),
+                kind: StepKind::Collect {
+                    attribute: "disco_pubkey".into(),
+                    path: format!("{home}/.ssh/id_ed25519.pub"),
+                },
+            });
+        } else if layout.system {
+            steps.push(Step {
+                name: "disco_collect_host_key".into(),
+                kind: StepKind::Collect {
+                    attribute: "ssh_host_key".into(),
+                    path: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
+                },
+            });
+        }
+        steps
+    }
+
+    fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive> {
+        let home = Disco::home(layout);
+        let owner = if layout.system { "disco" } else { "" };
+        let mut out = Vec::new();
+        // Short host names, resolvable cluster-wide.
+        let mut hosts: Vec<String> = members
+            .iter()
+            .filter(|m| !m.address.is_empty() && !m.hostname.is_empty())
+            .map(|m| format!("{} {}", m.address, m.hostname))
+            .collect();
+        hosts.sort();
+        out.push(Disco::file(
+            "hosts",
+            under(layout, "etc/hosts"),
+            hosts.join("\n") + "\n",
+            0o644,
+            "",
+            "ddisco",
+        ));
+        out.push(Disco::file(
+            "disco_settings",
+            under(layout, "etc/disco/settings.py"),
+            self.settings(members, me),
+            0o644,
+            "",
+            "",
+        ));
+        out.push(Disco::file(
+            "erlang_cookie",
+            format!("{home}/.erlang.cookie"),
+            self.cookie.clone(),
+            0o400,
+            owner,
+            "",
+        ));
+        if me.is_master() {
+            let mut known: Vec<String> = members
+                .iter()
+                .filter(|m| !m.is_master())
+                .filter_map(|m| {
+                    let key = m.attributes.get("ssh_host_key")?;
+                    Some(format!("{},{} {}", m.hostname, m.address, key.trim()))
+                })
+                .collect();
+            known.sort();
+            out.push(Disco::file(
+                "known_hosts",
+                format!("{home}/.ssh/known_hosts"),
+                known.join("\n") + "\n",
+                0o644,
+                owner,
+                "ddisco",
+            ));
+            let (argv, env) = if layout.system {
+                (
+                    ["runuser", "-u", "disco", "--", "disco", "nodaemon"].map(String::from).to_vec(),
+                    BTreeMap::new(),
+                )
+            } else {
+                (
+                    ["disco", "nodaemon"].map(String::from).to_vec(),
+                    BTreeMap::from([("DISCO_SETTINGS".into(), under(layout, "etc/disco/settings.py"))]),
+                )
+            };
+            out.push(Directive {
+                name: "disco".into(),
+                kind: DirectiveKind::Service { argv, env, workdir: String::new(), grace_ms: 10_000 },
+            });
+            let base = format!("http://127.0.0.1:{}/disco/ctrl", self.port);
+            // Leaving slaves are blacklisted first, so their tasks drain.
+            let mut leaving: Vec<&Member> =
+                members.iter().filter(|m| m.leaving && !m.is_master() && m.ready).collect();
+            leaving.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+            for m in leaving {
+                out.push(Directive {
+                    name: format!("blacklist {}", m.hostname),
+                    kind: DirectiveKind::Post {
+                        url: format!("{base}/blacklist"),
+                        body: serde_json::to_string(&m.hostname).expect("serializes"),
+                        content_type: "application/json".into(),
+                    },
+                });
+            }
+            out.push(Directive {
+                name: "config_table".into(),
+                kind: DirectiveKind::Post {
+                    url: format!("{base}/save_config_table"),
+                    body: Disco::config_table(members),
+                    content_type: "application/json".into(),
+                },
+            });
+        } else if let Some(m) = members.iter().find(|m| m.is_master())
+            && let Some(key) = m.attributes.get("disco_pubkey")
+        {
+            out.push(Disco::file(
+                "authorized_keys",
+                format!("{home}/.ssh/authorized_keys"),
+                key.trim().to_string() + "\n",
+                0o600,
+                owner,
+                "ddisco-master",
+            ));
+        }
+        out
+    }
+
+    fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
+        let mut e = BTreeMap::new();
+        if let Some(m) = master(members) {
+            e.insert("master".into(), format!("http://{}:{}", m.address, self.port));
+            e.insert("master_host".into(), m.hostname.clone());
+        }
+        e
+    }
+
+    fn lines(&self, members: &[Member]) -> Vec<String> {
+        match master(members) {
+            None => vec!["Disco: waiting for a ready master".into()],
+            Some(m) => vec![
+                format!("Disco master: {} ({}), web UI on port {}", m.hostname, m.address, self.port),
+                format!("  ssh disco@{} -L 8090:localhost:8999", m.address),
+                "  export DISCO_PROXY=http://localhost:8090".into(),
+            ],
+        }
+    }
+}
+
+fn shell(name: &str, script: &str) -> Step {
+    Step { name: name.into(), kind: StepKind::Shell { script: script.into(), env: BTreeMap::new() } }
+}
+
+/// Fetch and build Disco from `source`, once per source.
+fn install_script(source: &str, target: &str) -> String {
+    let fetch = if let Some(git) = source.strip_prefix("git+") {
+        let (url, reference) = git.rsplit_once('@').unwrap_or((git, "master"));
+        format!("git clone --depth 1 --branch '{reference}' '{url}' \"$S\"")
+    } else {
+        format!("mkdir -p \"$S\" && curl -fsSL '{source}' | tar xz -C \"$S\" --strip-components=1")
+    };
+    format!(
+        "set -e; S=/opt/disco-src; M=\"$S/.ddisco-{target}\"; \
+         if [ ! -f \"$M\" ]; then rm -rf \"$S\"; {fetch}; make -C \"$S\" {target}; touch \"$M\"; fi"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(system: bool) -> NodeLayout {
+        NodeLayout {
+            root: if system { "/".into() } else { "/n".into() },
+            home: "/home/ubuntu".into(),
+            owner: None,
+            venv: "/opt/ddisco/venv".into(),
+            install_packages: true,
+            system,
+        }
+    }
+
+    fn disco() -> Disco {
+        Disco {
+            source: "git+https://github.com/discoproject/disco.git@0.5.4".into(),
+            port: 8989,
+            root: "/mnt/disco".into(),
+            gc_after: 6400,
+            cookie: "COOKIE".into(),
+        }
+    }
+
+    fn m(id: &str, role: Role, host: &str, workers: u32) -> Member {
+        Member {
+            id: id.into(),
+            role: Some(role),
+            address: format!("10.0.0.{}", id.len()),
+            hostname: host.into(),
+            workers,
+            ready: true,
+            ..Default::default()
+        }
+    }
+
+    fn names(steps: &[Step]) -> Vec<&str> {
+        steps.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn plans_per_role() {
+        let master = disco().steps(Role::Master, 4, &layout(true));
+        assert_eq!(
+            names(&master),
+            [
+                "disco_packages",
+                "disco_user",
+                "disco_install",
+                "disco_dirs",
+                "disco_ssh_key",
+                "disco_collect_key"
+            ]
+        );
+        match &master[2].kind {
+            StepKind::Shell { script, .. } => {
+                assert!(script.contains("git clone --depth 1 --branch '0.5.4'"), "{script}");
+                assert!(script.contains("make -C \"$S\" install;"), "{script}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let slave = disco().steps(Role::Slave, 4, &layout(true));
+        assert_eq!(
+            names(&slave),
+            ["disco_packages", "disco_user", "disco_install", "disco_dirs", "disco_collect_host_key"]
+        );
+        match &slave[2].kind {
+            StepKind::Shell { script, .. } => {
+                assert!(script.contains("make -C \"$S\" install-node"), "{script}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Tarball sources.
+        let d = Disco { source: "https://example.org/disco-0.5.4.tar.gz".into(), ..disco() };
+        match &d.steps(Role::Slave, 1, &layout(true))[2].kind {
+            StepKind::Shell { script, .. } => assert!(
+                script.contains("curl -fsSL 'https://example.org/disco-0.5.4.tar.gz' | tar xz"),
+                "{script}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Local provider: nothing touches the host system.
+        let local = disco().steps(Role::Master, 1, &layout(false));
+        assert_eq!(names(&local), ["disco_ssh_key", "disco_collect_key"]);
+        assert!(disco().steps(Role::Slave, 1, &layout(false)).is_empty());
+    }
+
+    #[test]
+    fn config_table_has_string_values_master_first() {
+        let members = [m("s2", Role::Slave, "ip-10-0-0-2", 2), m("master", Role::Master, "ip-10-0-0-1", 4)];
+        assert_eq!(Disco::config_table(&members), r#"[["ip-10-0-0-1","4"],["ip-10-0-0-2","2"]]"#);
+    }
+
+    #[test]
+    fn master_blacklists_leaving_slaves_and_posts_the_table() {
+        let mut leaving = m("s3", Role::Slave, "ip-3", 1);
+        leaving.leaving = true;
+        let master = m("master", Role::Master, "ip-1", 4);
+        let members = [master.clone(), m("s2", Role::Slave, "ip-2", 2), leaving];
+        let d = disco().directives(&master, &members, &layout(true));
+        let posts: Vec<(&str, &str)> = d
+            .iter()
+            .filter_map(|d| match &d.kind {
+                DirectiveKind::Post { url, body, .. } => Some((url.as_str(), body.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            posts,
+            [
+                ("http://127.0.0.1:8989/disco/ctrl/blacklist", "\"ip-3\""),
+                (
+                    "http://127.0.0.1:8989/disco/ctrl/save_config_table",
+                    r#"[["ip-1","4"],["ip-2","2"],["ip-3","1"]]"#
+                ),
+            ]
+        );
+        let service = d.iter().find(|d| d.name == "disco").unwrap();
+        assert!(
+            matches!(&service.kind, DirectiveKind::Service { argv, .. } if argv[..3] == ["runuser", "-u", "disco"])
+        );
+    }
+
+    #[test]
+    fn cookie_settings_hosts_and_ssh_trust() {
+        let mut master = m("master", Role::Master, "ip-1", 4);
+        master.attributes.insert("disco_pubkey".into(), "ssh-ed25519 MASTERKEY disco@master".into());
+        let mut slave = m("s2", Role::Slave, "ip-2", 2);
+        slave.attributes.insert("ssh_host_key".into(), "ssh-ed25519 HOSTKEY root@ip-2".into());
+        let members = [master.clone(), slave.clone()];
+        let find = |d: &[Directive], n: &str| -> (String, String, u32, String) {
+            match &d.iter().find(|x| x.name == n).unwrap().kind {
+                DirectiveKind::File { path, content, mode, marker, .. } => {
+                    (path.clone(), content.clone(), *mode, marker.clone())
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let sd = disco().directives(&slave, &members, &layout(true));
+        let (path, content, mode, _) = find(&sd, "erlang_cookie");
+        assert_eq!((path.as_str(), content.as_str(), mode), ("/home/disco/.erlang.cookie", "COOKIE", 0o400));
+        let (path, content, _, marker) = find(&sd, "authorized_keys");
+        assert_eq!(path, "/home/disco/.ssh/authorized_keys");
+        assert_eq!(content, "ssh-ed25519 MASTERKEY disco@master\n");
+        assert_eq!(marker, "ddisco-master");
+        let (path, content, _, marker) = find(&sd, "hosts");
+        assert_eq!((path.as_str(), marker.as_str()), ("/etc/hosts", "ddisco"));
+        assert!(content.contains("ip-1") && content.contains("ip-2"));
+        let (_, settings, _, _) = find(&sd, "disco_settings");
+        assert!(settings.contains("DISCO_ROOT = \"/mnt/disco\""));
+        assert!(settings.contains("DDFS_BLOB_REPLICAS = \"2\""), "{settings}");
+        assert!(settings.contains("DISCO_PROXY_ENABLED = \"\""));
+        let md = disco().directives(&master, &members, &layout(true));
+        let (_, known, _, _) = find(&md, "known_hosts");
+        assert!(known.contains("ip-2,10.0.0.2 ssh-ed25519 HOSTKEY"), "{known}");
+        let (_, settings, _, _) = find(&md, "disco_settings");
+        assert!(settings.contains("DISCO_PROXY_ENABLED = \"on\""));
+        // Local provider: paths under the node's root.
+        let ld = disco().directives(&slave, &members, &layout(false));
+        assert_eq!(find(&ld, "hosts").0, "/n/etc/hosts");
+    }
+}

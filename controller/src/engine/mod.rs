@@ -1,0 +1,154 @@
+//! Engines: what turns a node of a role into a Disco or Dask node. Each
+//! engine lives in one module and is a set of plain functions:
+//!
+//! - `steps`: one-shot provisioning added to the node's plan (install,
+//!   key generation, collecting a public key for the controller);
+//! - `directives`: the engine's desired state on one node as a function of
+//!   the whole membership (services to run, files to own, HTTP posts to
+//!   make). The controller recomputes it on every membership change and the
+//!   agent converges on it;
+//! - `endpoints` / `lines`: how to reach the engine, for `status`.
+//!
+//! **Architecture Invariant:** engine knowledge lives here, one module per
+//! engine; the agent only knows the generic primitives (steps, services,
+//! managed files, posts).
+
+pub mod dask;
+pub mod disco;
+
+use crate::model::Role;
+use crate::plan::{NodeLayout, Step};
+use ddisco_proto::v1 as api;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// A node as engines see it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Member {
+    pub id: String,
+    pub role: Option<Role>,
+    /// Address engines bind to and peers dial.
+    pub address: String,
+    /// Short host name (first label).
+    pub hostname: String,
+    pub workers: u32,
+    /// Its plan finished.
+    pub ready: bool,
+    /// Being drained before removal, or interrupted: engines stop giving it
+    /// work.
+    pub leaving: bool,
+    /// Values its agent collected (public keys...).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Member {
+    pub fn is_master(&self) -> bool {
+        self.role == Some(Role::Master)
+    }
+}
+
+/// The ready master that is not leaving, if any.
+pub fn master(members: &[Member]) -> Option<&Member> {
+    members.iter().find(|m| m.is_master() && m.ready && !m.leaving && !m.address.is_empty())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DirectiveKind {
+    Service { argv: Vec<String>, env: BTreeMap<String, String>, workdir: String, grace_ms: u32 },
+    File { path: String, content: String, mode: u32, owner: String, marker: String },
+    Post { url: String, body: String, content_type: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Directive {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: DirectiveKind,
+}
+
+pub trait Engine: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Provisioning steps for a node of `role` (run after packages and pip,
+    /// before management keys and POST_INIT).
+    fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
+    /// The desired engine state on `me`, given every member.
+    fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
+    /// Named addresses (`scheduler`, `dashboard`, `master`...).
+    fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String>;
+    /// Lines for humans: tunnels, links.
+    fn lines(&self, members: &[Member]) -> Vec<String>;
+}
+
+/// No engine: nodes are provisioned and kept, nothing more.
+pub struct NoEngine;
+
+impl Engine for NoEngine {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn steps(&self, _: Role, _: u32, _: &NodeLayout) -> Vec<Step> {
+        vec![]
+    }
+    fn directives(&self, _: &Member, _: &[Member], _: &NodeLayout) -> Vec<Directive> {
+        vec![]
+    }
+    fn endpoints(&self, _: &[Member]) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+    fn lines(&self, _: &[Member]) -> Vec<String> {
+        vec![]
+    }
+}
+
+/// The engine named by the configuration.
+pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Box<dyn Engine> {
+    match cfg.engine {
+        crate::config::EngineKind::None => Box::new(NoEngine),
+        crate::config::EngineKind::Dask => Box::new(dask::Dask::from_config(cfg)),
+        crate::config::EngineKind::Disco => Box::new(disco::Disco::from_config(cfg, cookie)),
+    }
+}
+
+/// The wire form, with its content hash as id.
+pub fn to_api(items: &[Directive]) -> api::Directives {
+    let json = serde_json::to_vec(items).expect("directives serialize");
+    let id = hex::encode(&Sha256::digest(&json)[..12]);
+    let items = items
+        .iter()
+        .map(|d| api::Directive {
+            name: d.name.clone(),
+            kind: Some(match &d.kind {
+                DirectiveKind::Service { argv, env, workdir, grace_ms } => {
+                    api::directive::Kind::Service(api::Service {
+                        argv: argv.clone(),
+                        env: env.clone().into_iter().collect(),
+                        workdir: workdir.clone(),
+                        grace_ms: *grace_ms,
+                    })
+                }
+                DirectiveKind::File { path, content, mode, owner, marker } => {
+                    api::directive::Kind::File(api::ManagedFile {
+                        path: path.clone(),
+                        content: content.clone(),
+                        mode: *mode,
+                        owner: owner.clone(),
+                        marker: marker.clone(),
+                    })
+                }
+                DirectiveKind::Post { url, body, content_type } => api::directive::Kind::Post(api::Post {
+                    url: url.clone(),
+                    body: body.clone(),
+                    content_type: content_type.clone(),
+                }),
+            }),
+        })
+        .collect();
+    api::Directives { id, items }
+}
+
+/// `path` inside the node's root (the local provider gives each node its own).
+pub fn under(layout: &NodeLayout, path: &str) -> String {
+    layout.root.join(path.trim_start_matches('/')).display().to_string()
+}
