@@ -3,6 +3,7 @@
 //! `scripts/test`, or `cargo build --bins`) against a temporary state
 //! directory, and waits on conditions with deadlines, never on bare sleeps.
 
+pub mod disco;
 pub mod ec2;
 
 use serde_json::Value;

@@ -1,0 +1,246 @@
+//! Engines on a real local cluster: a real Dask cluster runs a real word
+//! count; the Disco engine drives a stand-in Disco master through scale up,
+//! replacement and scale down.
+
+use ddisco_tests::disco::DiscoStandIn;
+use ddisco_tests::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn killpg(pid: i32) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
+fn script() -> String {
+    format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the Dask client with the master's own interpreter (same versions).
+fn dask_job(python: &std::path::Path, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(python).arg(script()).args(args).output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn wait_workers(python: &std::path::Path, scheduler: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(180);
+    let mut last = String::new();
+    loop {
+        match dask_job(python, &["workers", scheduler]) {
+            Ok(v) if pred(&v) => return v,
+            Ok(v) => last = v.to_string(),
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < end,
+            "scheduler {scheduler} never reported the workers wanted; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn dask_cluster_runs_a_word_count_and_heals() {
+    let t0 = Instant::now();
+    let mut c = Cluster::start(
+        r#"
+engine = "dask"
+num_slaves = 2
+master_multiplier = 0.5
+slave_multiplier = 1.0
+heartbeat_timeout_secs = 5.0
+drain_timeout_secs = 3.0
+"#,
+    );
+    let s = c.wait_until("a ready Dask cluster", Duration::from_secs(600), |s| {
+        at_size(s, 2) && s["engine_endpoints"]["scheduler"].is_string()
+    });
+    let scheduler = s["engine_endpoints"]["scheduler"].as_str().unwrap().to_string();
+    assert!(s["engine_endpoints"]["dashboard"].as_str().unwrap().ends_with(":8787/status"));
+    let expected: u64 = nodes(&s).iter().map(|n| n["workers"].as_u64().unwrap()).sum();
+    let master = node_ids(&s, "master")[0].clone();
+    let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+    wait_workers(&python, &scheduler, |v| v["workers"].as_u64() == Some(expected));
+
+    // A real map/reduce: word count over generated text.
+    let vocab = ["map", "reduce", "spot", "disco", "dask", "cluster", "node", "slave", "master", "worker"];
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    let mut text = String::new();
+    for i in 0..3000usize {
+        let words: Vec<&str> = (0..(i % 9 + 1)).map(|j| vocab[(i * 7 + j * 3) % vocab.len()]).collect();
+        for w in &words {
+            *want.entry(w.to_string()).or_default() += 1;
+        }
+        text.push_str(&words.join(" "));
+        text.push('\n');
+    }
+    let file = c.dir.path().join("words.txt");
+    std::fs::write(&file, text).unwrap();
+    let result =
+        dask_job(&python, &["wordcount", &scheduler, file.to_str().unwrap(), "12"]).expect("word count");
+    let got: BTreeMap<String, u64> =
+        result["counts"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    assert_eq!(got, want);
+    assert_eq!(result["workers"].as_u64(), Some(expected));
+    eprintln!(
+        "MEASURE serve -> word count result on a local Dask cluster (1 master + 2 slaves): {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Kill a slave (its whole process tree): the replacement joins and the
+    // worker count returns.
+    let victim = node_ids(&s, "slave")[0].clone();
+    killpg(c.node_pid(&victim));
+    let s = c.wait_until("the slave is replaced", Duration::from_secs(600), |s| {
+        at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
+    });
+    let v = wait_workers(&python, &scheduler, |v| {
+        v["workers"].as_u64() == Some(expected)
+            && !v["names"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with(&victim))
+    });
+    let replacement = node_ids(&s, "slave").into_iter().find(|id| !id.is_empty() && *id != victim).unwrap();
+    assert!(v["names"].to_string().contains("slave-"), "{v}");
+    let _ = replacement;
+    let lines = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
+    assert!(lines.contains("Dask scheduler: tcp://"), "{lines}");
+}
+
+#[test]
+fn disco_engine_keeps_the_master_config_table_in_step() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let standin = DiscoStandIn::start(&rt);
+    // Stand-in for Disco's Erlang VM (`disco nodaemon`), which cannot be
+    // installed here: the agent supervises it like the real one.
+    let fakebin = tempfile::tempdir().unwrap();
+    let disco = fakebin.path().join("disco");
+    std::fs::write(&disco, "#!/bin/sh\nexec sleep 100000\n").unwrap();
+    std::fs::set_permissions(&disco, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", fakebin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let mut c = Cluster::start_with_env(
+        &format!(
+            r#"
+engine = "disco"
+disco_source = ""
+disco_port = {}
+num_slaves = 2
+master_multiplier = 2.0
+slave_multiplier = 1.0
+drain_timeout_secs = 1.5
+heartbeat_timeout_secs = 5.0
+"#,
+            standin.port
+        ),
+        vec![("PATH".into(), path)],
+    );
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let table_of = |s: &Value| -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = nodes(s)
+            .iter()
+            .map(|n| (n["node_id"].as_str().unwrap().to_string(), n["workers"].as_u64().unwrap().to_string()))
+            .collect();
+        rows.sort_by_key(|(h, _)| (!h.starts_with("master"), h.clone()));
+        rows
+    };
+    let wait_table = |c: &mut Cluster, what: &str, slaves: usize| -> Value {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = c.wait_until(what, Duration::from_secs(120), |s| at_size(s, slaves));
+            if standin.table() == table_of(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: table {:?} != {:?}\ncalls: {:#?}",
+                standin.table(),
+                table_of(&s),
+                standin.calls()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let s = wait_table(&mut c, "master + 2 slaves in the table", 2);
+    assert_eq!(standin.table()[0].1, (cores * 2).to_string(), "master first, MASTER_MULTIPLIER");
+    // One cookie per cluster, mode 0400, on every node; never in userdata.
+    let cookie = std::fs::read_to_string(c.state_dir().join("erlang.cookie")).unwrap();
+    assert!(cookie.len() >= 32);
+    let node_dir = |id: &str| c.state_dir().join("nodes").join(id);
+    let master = node_ids(&s, "master")[0].clone();
+    let master_key =
+        std::fs::read_to_string(node_dir(&master).join("home/disco/.ssh/id_ed25519.pub")).unwrap();
+    for n in nodes(&s) {
+        let id = n["node_id"].as_str().unwrap();
+        let f = node_dir(id).join("home/disco/.erlang.cookie");
+        let end = Instant::now() + Duration::from_secs(30);
+        while !f.exists() {
+            assert!(Instant::now() < end, "no cookie on {id}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), cookie);
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o400);
+        assert!(!std::fs::read_to_string(node_dir(id).join("userdata.sh")).unwrap().contains(&cookie));
+        let hosts = std::fs::read_to_string(node_dir(id).join("etc/hosts")).unwrap();
+        assert!(hosts.contains(&format!("# BEGIN ddisco")) && hosts.contains(&master), "{hosts}");
+        let settings = std::fs::read_to_string(node_dir(id).join("etc/disco/settings.py")).unwrap();
+        assert!(
+            settings.contains("DISCO_ROOT = \"/mnt/disco\"")
+                && settings.contains("DDFS_BLOB_REPLICAS = \"3\""),
+            "{settings}"
+        );
+        if n["role"] == "slave" {
+            // SSH trust: the master's disco key in every slave's authorized_keys.
+            let ak = std::fs::read_to_string(node_dir(id).join("home/disco/.ssh/authorized_keys")).unwrap();
+            assert!(ak.contains(master_key.trim()), "{ak}");
+        }
+    }
+    let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
+    assert!(
+        table.contains(&format!("ssh disco@")) && table.contains("DISCO_PROXY=http://localhost:8090"),
+        "{table}"
+    );
+
+    // Scale up.
+    assert!(c.ctl(&["scale", "3"]).status.success());
+    let s = wait_table(&mut c, "3 slaves in the table", 3);
+
+    // Replacement: a dead slave leaves the table, its replacement joins.
+    let victim = node_ids(&s, "slave")[0].clone();
+    killpg(c.node_pid(&victim));
+    let s = {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = wait_table(&mut c, "the replacement in the table", 3);
+            if !node_ids(&s, "slave").contains(&victim) {
+                break s;
+            }
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(!standin.table().iter().any(|(h, _)| *h == victim));
+
+    // Scale down: leaving slaves are blacklisted before the table drops them.
+    let before = standin.calls().len();
+    let out = c.ctl(&["scale", "1", "--wait", "--timeout", "120"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s2 = wait_table(&mut c, "1 slave in the table", 1);
+    let kept = node_ids(&s2, "slave");
+    let removed: Vec<String> = node_ids(&s, "slave").into_iter().filter(|id| !kept.contains(id)).collect();
+    assert_eq!(removed.len(), 2);
+    let calls = standin.calls()[before..].to_vec();
+    for h in &removed {
+        let bl = calls.iter().position(|c| c.op == "blacklist" && c.body == format!("\"{h}\""));
+        let dropped = calls.iter().position(|c| c.op == "save_config_table" && !c.body.contains(h.as_str()));
+        let (bl, dropped) =
+            (bl.unwrap_or_else(|| panic!("{h} never blacklisted: {calls:#?}")), dropped.unwrap());
+        assert!(bl < dropped, "{h} dropped before being blacklisted: {calls:#?}");
+    }
+    // Every call honoured Disco's contract.
+    let refused: Vec<_> = standin.calls().into_iter().filter(|c| c.status != 200).collect();
+    assert!(refused.is_empty(), "the stand-in refused: {refused:#?}");
+}
