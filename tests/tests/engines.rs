@@ -94,7 +94,8 @@ drain_timeout_secs = 3.0
 
     // Kill a slave (its whole process tree): the replacement joins and the
     // worker count returns.
-    let victim = node_ids(&s, "slave")[0].clone();
+    let before = node_ids(&s, "slave");
+    let victim = before[0].clone();
     killpg(c.node_pid(&victim));
     let s = c.wait_until("the slave is replaced", Duration::from_secs(600), |s| {
         at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
@@ -103,7 +104,7 @@ drain_timeout_secs = 3.0
         v["workers"].as_u64() == Some(expected)
             && !v["names"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with(&victim))
     });
-    let replacement = node_ids(&s, "slave").into_iter().find(|id| !id.is_empty() && *id != victim).unwrap();
+    let replacement = node_ids(&s, "slave").into_iter().find(|id| !before.contains(id)).unwrap();
     assert!(
         v["names"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with(&replacement)),
         "the replacement {replacement} has no worker: {v}"
