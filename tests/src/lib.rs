@@ -79,6 +79,28 @@ impl Cluster {
         self.dir.path().join(".ddisco")
     }
 
+    /// Everything useful when a test fails: status, the controller's log and
+    /// every node's console.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "status: {}\nserve log:\n{}\n",
+            self.status().map(|v| serde_json::to_string_pretty(&v).unwrap()).unwrap_or("none".into()),
+            self.serve_log()
+        );
+        if let Ok(dir) = std::fs::read_dir(self.state_dir().join("nodes")) {
+            for e in dir.flatten() {
+                let console = std::fs::read_to_string(e.path().join("console.log")).unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                out.push_str(&format!(
+                    "--- {} console (last lines):\n{}\n",
+                    e.file_name().to_string_lossy(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+        }
+        out
+    }
+
     pub fn serve_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
@@ -119,11 +141,8 @@ impl Cluster {
                 panic!("serve exited ({code}) while waiting for {what}\n{}", self.serve_log());
             }
             if Instant::now() > end {
-                panic!(
-                    "timed out after {deadline:?} waiting for {what}\nlast status: {}\nserve log:\n{}",
-                    last.map(|v| serde_json::to_string_pretty(&v).unwrap()).unwrap_or("none".into()),
-                    self.serve_log()
-                );
+                let _ = last;
+                panic!("timed out after {deadline:?} waiting for {what}\n{}", self.diagnostics());
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -29,7 +29,12 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     // --- scale 0 -> 3 -------------------------------------------------------
     let t0 = Instant::now();
     let out = c.ctl(&["scale", "3", "--wait", "--timeout", "60"]);
-    assert!(out.status.success(), "scale --wait failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scale --wait failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.diagnostics()
+    );
     eprintln!("MEASURE scale 0->3 until all ready: {:.2}s", t0.elapsed().as_secs_f64());
     let s = c.status().expect("status");
     assert!(at_size(&s, 3), "{s:#}");
