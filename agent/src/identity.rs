@@ -214,7 +214,10 @@ async fn try_enroll(creds: &Creds, req: api::EnrollRequest) -> Result<api::Enrol
         .connect()
         .await
         .map_err(|e| Attempt::Retry(format!("cannot reach {}: {e}", creds.controller)))?;
-    match api::enrollment_client::EnrollmentClient::new(ch).enroll(req).await {
+    // A stalled exchange is retried, never waited on forever.
+    let mut request = tonic::Request::new(req);
+    request.set_timeout(Duration::from_secs(30));
+    match api::enrollment_client::EnrollmentClient::new(ch).enroll(request).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s) => match s.code() {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {

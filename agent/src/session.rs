@@ -103,9 +103,15 @@ impl Agent {
         let hello = api::Hello { facts: Some(facts), plan_id, completed_steps: completed };
         tx.send(msg(api::agent_message::Msg::Hello(hello))).await.expect("receiver alive");
         let mut client = api::agent_client::AgentClient::new(channel);
-        let mut inbound = match client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return classify(s),
+        let opened = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await;
+        let mut inbound = match opened {
+            Err(_) => return Ok(End::Broken("the controller did not open the session within 30s".into())),
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return classify(s),
         };
         let mut interval = tokio::time::interval(Duration::from_secs(5));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
