@@ -58,9 +58,9 @@ url='{url}'
 sum='{sum}'
 fetch() {{
   if command -v curl >/dev/null 2>&1; then
-    curl -fsS --retry 3 --connect-timeout 10 --cacert ca.pem -o ddisco-agent.part "$url"
+    curl -fsS --retry 3 --connect-timeout 10 --max-time 300 --cacert ca.pem -o ddisco-agent.part "$url"
   else
-    wget -q --ca-certificate=ca.pem -O ddisco-agent.part "$url"
+    wget -q --timeout=60 --ca-certificate=ca.pem -O ddisco-agent.part "$url"
   fi
 }}
 i=0
