@@ -178,6 +178,7 @@ fn status_of(sh: &Shared) -> api::StatusReply {
         engine: sh.engine.name().to_string(),
         engine_endpoints,
         engine_lines,
+        events: reg.events().iter().map(|e| api::Event { unix_ms: e.unix_ms, message: e.message.clone() }).collect(),
         nodes,
         notes: {
             let ev = reg.events();
@@ -218,7 +219,9 @@ impl AdminClient {
             }))
             .await
             .map_err(|_| not_running())?;
-        Ok(AdminClient { inner: api::admin_client::AdminClient::new(channel) })
+        // Status of a large cluster is several MB.
+        let inner = api::admin_client::AdminClient::new(channel).max_decoding_message_size(256 << 20);
+        Ok(AdminClient { inner })
     }
 
     pub async fn status(&mut self) -> Result<api::StatusReply, Status> {

@@ -20,6 +20,8 @@ pub enum ProviderKind {
     Local,
     /// AWS EC2 spot instances.
     Ec2,
+    /// Benchmarks and tests: records launches, starts nothing.
+    Record,
 }
 
 impl fmt::Display for ProviderKind {
@@ -27,6 +29,7 @@ impl fmt::Display for ProviderKind {
         f.write_str(match self {
             ProviderKind::Local => "local",
             ProviderKind::Ec2 => "ec2",
+            ProviderKind::Record => "record",
         })
     }
 }
@@ -417,6 +420,7 @@ impl Config {
             }
             Some("local") => ProviderKind::Local,
             Some("ec2") => ProviderKind::Ec2,
+            Some("record") => ProviderKind::Record,
             Some(other) => {
                 return Err(err("provider", format!("unknown provider {other:?}; use \"local\" or \"ec2\"")));
             }

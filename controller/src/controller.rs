@@ -211,6 +211,10 @@ pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
                 .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
         )),
+        crate::config::ProviderKind::Record => Ok(Arc::new(
+            crate::provider::record::RecordProvider::new(&cfg.state_dir)
+                .with_context(|| format!("cannot prepare {}", cfg.state_dir.display()))?,
+        )),
         crate::config::ProviderKind::Ec2 => {
             Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await.map_err(preflight_error)?))
         }

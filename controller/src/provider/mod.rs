@@ -11,6 +11,7 @@
 
 pub mod ec2;
 pub mod local;
+pub mod record;
 
 use crate::model::Role;
 use crate::plan::NodeLayout;
