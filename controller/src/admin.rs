@@ -178,7 +178,11 @@ fn status_of(sh: &Shared) -> api::StatusReply {
         engine: sh.engine.name().to_string(),
         engine_endpoints,
         engine_lines,
-        events: reg.events().iter().map(|e| api::Event { unix_ms: e.unix_ms, message: e.message.clone() }).collect(),
+        events: reg
+            .events()
+            .iter()
+            .map(|e| api::Event { unix_ms: e.unix_ms, message: e.message.clone() })
+            .collect(),
         nodes,
         notes: {
             let ev = reg.events();

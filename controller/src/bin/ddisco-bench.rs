@@ -23,7 +23,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, Parser)]
-#[command(name = "ddisco-bench", about = "Benchmarks of the ddisco control plane (prints a table, writes JSON)")]
+#[command(
+    name = "ddisco-bench",
+    about = "Benchmarks of the ddisco control plane (prints a table, writes JSON)"
+)]
 struct Args {
     /// Scenarios to run: enroll (also measures scale 0->N), hold, detect, agent.
     #[arg(long, value_delimiter = ',', default_value = "enroll,hold,detect,agent")]
@@ -95,7 +98,11 @@ impl Ctl {
         text.push('\n');
         std::fs::write(&cfg, text)?;
         let exe = std::env::current_exe()?.with_file_name("ddisco-controller");
-        anyhow::ensure!(exe.exists(), "{} is missing: build it (cargo build --release --bins)", exe.display());
+        anyhow::ensure!(
+            exe.exists(),
+            "{} is missing: build it (cargo build --release --bins)",
+            exe.display()
+        );
         let log = std::fs::File::create(dir.path().join("serve.log"))?;
         let child = Command::new(exe)
             .args(["serve", "--config"])
@@ -193,8 +200,10 @@ impl Launch {
         let v: Value = serde_json::from_str(text).ok()?;
         let ud = v["userdata"].as_str()?;
         let ca = ud.split("<<'DDISCO_CA_EOF'\n").nth(1)?.split("DDISCO_CA_EOF").next()?;
-        let boot: Value =
-            serde_json::from_str(ud.split("<<'DDISCO_BOOT_EOF'\n").nth(1)?.split("\nDDISCO_BOOT_EOF").next()?).ok()?;
+        let boot: Value = serde_json::from_str(
+            ud.split("<<'DDISCO_BOOT_EOF'\n").nth(1)?.split("\nDDISCO_BOOT_EOF").next()?,
+        )
+        .ok()?;
         let slots = boot["slots"]
             .as_array()?
             .iter()
@@ -223,8 +232,9 @@ struct AgentState {
 }
 
 async fn endpoint(boot: &Boot, identity: Option<(&str, &str)>) -> Result<tonic::transport::Channel, String> {
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&boot.ca_pem)).domain_name(boot.server_name.clone());
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&boot.ca_pem))
+        .domain_name(boot.server_name.clone());
     if let Some((c, k)) = identity {
         tls = tls.identity(Identity::from_pem(c, k));
     }
@@ -258,7 +268,13 @@ async fn enroll(boot: &Boot, token: &str) -> Result<(Duration, String, String), 
 
 /// Holds a session: hello, then a heartbeat every `every` (first one at a
 /// random offset) unless frozen. Runs until the process ends.
-async fn session(boot: Arc<Boot>, cert: String, key: String, every: Duration, st: Arc<AgentState>) -> Result<(), String> {
+async fn session(
+    boot: Arc<Boot>,
+    cert: String,
+    key: String,
+    every: Duration,
+    st: Arc<AgentState>,
+) -> Result<(), String> {
     let ch = endpoint(&boot, Some((&cert, &key))).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let hello = api::AgentMessage {
@@ -342,7 +358,11 @@ async fn fleet(
                 Err(e) => errors.push(e),
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {} of {want} agents enrolled ({started} started)", latencies.len());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {want} agents enrolled ({started} started)",
+            latencies.len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     anyhow::ensure!(errors.is_empty(), "{} enrollments failed, first: {}", errors.len(), errors[0]);
@@ -351,7 +371,11 @@ async fn fleet(
     Ok((latencies, states, enroll_wall))
 }
 
-async fn wait_ready(admin: &mut AdminClient, n: usize, timeout: Duration) -> anyhow::Result<api::StatusReply> {
+async fn wait_ready(
+    admin: &mut AdminClient,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<api::StatusReply> {
     let end = Instant::now() + timeout;
     loop {
         let st = admin.status().await?;
@@ -365,12 +389,17 @@ async fn wait_ready(admin: &mut AdminClient, n: usize, timeout: Duration) -> any
 }
 
 async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
-    let ctl = Ctl::start(&format!("heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}", a.heartbeat_secs, a.heartbeat_secs * 3.0))?;
+    let ctl = Ctl::start(&format!(
+        "heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}",
+        a.heartbeat_secs,
+        a.heartbeat_secs * 3.0
+    ))?;
     let mut admin = ctl.admin().await?;
     let cpu0 = proc_cpu(ctl.pid());
     let t_scale = Instant::now();
     admin.scale((n - 1) as u32, Default::default()).await?;
-    let (mut lat, _states, wall) = fleet(&ctl, n, Duration::from_secs_f64(a.heartbeat_secs), a.concurrency).await?;
+    let (mut lat, _states, wall) =
+        fleet(&ctl, n, Duration::from_secs_f64(a.heartbeat_secs), a.concurrency).await?;
     let cpu_enroll = proc_cpu(ctl.pid()) - cpu0;
     wait_ready(&mut admin, n, Duration::from_secs(300)).await?;
     let scale_s = t_scale.elapsed().as_secs_f64();
@@ -388,7 +417,11 @@ async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
 
 async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     let every = Duration::from_secs_f64(a.heartbeat_secs);
-    let ctl = Ctl::start(&format!("heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}", a.heartbeat_secs, a.heartbeat_secs * 3.0))?;
+    let ctl = Ctl::start(&format!(
+        "heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}",
+        a.heartbeat_secs,
+        a.heartbeat_secs * 3.0
+    ))?;
     let mut admin = ctl.admin().await?;
     admin.scale((n - 1) as u32, Default::default()).await?;
     let (_, states, _) = fleet(&ctl, n, every, a.concurrency).await?;
@@ -435,8 +468,11 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
     wait_ready(&mut admin, n, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs_f64(interval * 2.0)).await;
     // Freeze every slave at a random moment within one interval.
-    let victims: Vec<(String, Arc<AgentState>)> =
-        states.iter().filter(|(id, _)| id.starts_with("slave")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let victims: Vec<(String, Arc<AgentState>)> = states
+        .iter()
+        .filter(|(id, _)| id.starts_with("slave"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for (_, st) in &victims {
         let st = st.clone();
         let delay = Duration::from_millis(rand::random_range(0..(interval * 1000.0) as u64));
@@ -460,7 +496,12 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
             }
         }
         launches.extend(ctl.new_launches(&mut seen).iter().map(|l| l.launched_unix_ms));
-        anyhow::ensure!(Instant::now() < end, "only {} of {} frozen agents declared lost", decided.len(), victims.len());
+        anyhow::ensure!(
+            Instant::now() < end,
+            "only {} of {} frozen agents declared lost",
+            decided.len(),
+            victims.len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -509,7 +550,8 @@ async fn scenario_agent(secs: u64, agent: Option<&Path>) -> anyhow::Result<Value
         ),
     )?;
     let serve = exe.with_file_name("ddisco-controller");
-    let mut child = Command::new(&serve).args(["serve", "--config"]).arg(&cfg).stderr(Stdio::null()).spawn()?;
+    let mut child =
+        Command::new(&serve).args(["serve", "--config"]).arg(&cfg).stderr(Stdio::null()).spawn()?;
     let result = async {
         let sock = dir.path().join(".ddisco/admin.sock");
         let end = Instant::now() + Duration::from_secs(30);

@@ -60,7 +60,8 @@ impl Provider for RecordProvider {
             "userdata": batch.userdata,
         });
         let path = self.dir.join(format!("{}.json", batch.batch_id));
-        crate::pki::write_private(&path, &record.to_string()).map_err(|e| ProviderError::Other(e.to_string()))?;
+        crate::pki::write_private(&path, &record.to_string())
+            .map_err(|e| ProviderError::Other(e.to_string()))?;
         let mut live = self.live.lock().expect("lock");
         Ok(batch
             .nodes
@@ -77,7 +78,12 @@ impl Provider for RecordProvider {
         let live = self.live.lock().expect("lock");
         Ok(live
             .iter()
-            .map(|(n, i)| Observed { instance_id: i.clone(), node_id: Some(n.clone()), batch: None, alive: true })
+            .map(|(n, i)| Observed {
+                instance_id: i.clone(),
+                node_id: Some(n.clone()),
+                batch: None,
+                alive: true,
+            })
             .collect())
     }
 
