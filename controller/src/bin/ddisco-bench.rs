@@ -114,6 +114,14 @@ impl Ctl {
         Ok(Ctl { child, dir, cfg })
     }
 
+    /// A controller with the default timeout ratio (timeout = 3 x interval).
+    fn with_heartbeats(interval_secs: f64) -> anyhow::Result<Ctl> {
+        Ctl::start(&format!(
+            "heartbeat_interval_secs = {interval_secs}\nheartbeat_timeout_secs = {}",
+            interval_secs * 3.0
+        ))
+    }
+
     fn state(&self) -> PathBuf {
         self.dir.path().join(".ddisco")
     }
@@ -389,11 +397,7 @@ async fn wait_ready(
 }
 
 async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
-    let ctl = Ctl::start(&format!(
-        "heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}",
-        a.heartbeat_secs,
-        a.heartbeat_secs * 3.0
-    ))?;
+    let ctl = Ctl::with_heartbeats(a.heartbeat_secs)?;
     let mut admin = ctl.admin().await?;
     let cpu0 = proc_cpu(ctl.pid());
     let t_scale = Instant::now();
@@ -417,11 +421,7 @@ async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
 
 async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     let every = Duration::from_secs_f64(a.heartbeat_secs);
-    let ctl = Ctl::start(&format!(
-        "heartbeat_interval_secs = {}\nheartbeat_timeout_secs = {}",
-        a.heartbeat_secs,
-        a.heartbeat_secs * 3.0
-    ))?;
+    let ctl = Ctl::with_heartbeats(a.heartbeat_secs)?;
     let mut admin = ctl.admin().await?;
     admin.scale((n - 1) as u32, Default::default()).await?;
     let (_, states, _) = fleet(&ctl, n, every, a.concurrency).await?;
