@@ -86,9 +86,14 @@ impl Ctl {
     fn start(extra: &str) -> anyhow::Result<Ctl> {
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("ddisco.toml");
-        let base = "provider = \"record\"\nengine = \"none\"\nbase_packages = []\nadditional_packages = []\n\
-                    pip_requirements = []\nlisten = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\n\
-                    reconcile_interval_secs = 1.0";
+        // Simulated nodes never download the agent, but serve wants one to
+        // offer: any existing file does (this program).
+        let base = format!(
+            "provider = \"record\"\nengine = \"none\"\nbase_packages = []\nadditional_packages = []\n\
+             pip_requirements = []\nlisten = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\n\
+             reconcile_interval_secs = 1.0\nagent_binary = \"{}\"",
+            std::env::current_exe()?.display()
+        );
         // Keys in `extra` replace the same keys of the base.
         let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
         let overridden: Vec<String> = extra.lines().map(key).collect();
