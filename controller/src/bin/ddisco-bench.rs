@@ -543,6 +543,7 @@ async fn scenario_agent(secs: u64, agent: Option<&Path>) -> anyhow::Result<Value
     let exe = std::env::current_exe()?;
     let agent = agent.map(Path::to_path_buf).unwrap_or_else(|| exe.with_file_name("ddisco-agent"));
     anyhow::ensure!(agent.exists(), "no agent binary at {}", agent.display());
+    let agent = agent.canonicalize()?;
     let size = std::fs::metadata(&agent)?.len();
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("ddisco.toml");
