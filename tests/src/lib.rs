@@ -30,7 +30,8 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Fast timings for tests: 0.5 s heartbeats, lost after 2 s.
+/// Fast timings for tests: 0.5 s heartbeats, lost after 3 s (headroom for
+/// several clusters sharing two cores).
 pub const FAST: &str = r#"
 engine = "none"
 base_packages = ["coreutils"]
@@ -39,7 +40,7 @@ pip_requirements = []
 listen = "127.0.0.1:0"
 download_listen = "127.0.0.1:0"
 heartbeat_interval_secs = 0.5
-heartbeat_timeout_secs = 2.0
+heartbeat_timeout_secs = 3.0
 reconcile_interval_secs = 0.3
 "#;
 

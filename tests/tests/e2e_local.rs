@@ -28,7 +28,7 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
 
     // --- scale 0 -> 3 -------------------------------------------------------
     let t0 = Instant::now();
-    let out = c.ctl(&["scale", "3", "--wait", "--timeout", "60"]);
+    let out = c.ctl(&["scale", "3", "--wait", "--timeout", "120"]);
     assert!(
         out.status.success(),
         "scale --wait failed: {}\n{}",
@@ -47,7 +47,7 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
         let want = (want as u64).max(1);
         assert_eq!(n["cores"].as_u64().unwrap() as u32, cores(), "{n}");
         assert_eq!(n["workers"].as_u64().unwrap(), want, "workers of {n}");
-        assert!(n["last_heartbeat_ms"].as_u64().unwrap() < 2_000, "{n}");
+        assert!(n["last_heartbeat_ms"].as_u64().unwrap() < 3_000, "{n}");
         // Every node ran its plan: keys installed, post_init last with its role.
         let dir = c.state_dir().join("nodes").join(n["node_id"].as_str().unwrap());
         let keys = std::fs::read_to_string(dir.join("home/.ssh/authorized_keys")).unwrap();
@@ -85,11 +85,11 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     });
     let lost_after = t_stop.elapsed();
     eprintln!(
-        "MEASURE frozen slave replaced and cluster ready again after {:.2}s (timeout 2.0s)",
+        "MEASURE frozen slave replaced and cluster ready again after {:.2}s (timeout 3.0s)",
         lost_after.as_secs_f64()
     );
     assert!(
-        lost_after >= Duration::from_millis(1_500),
+        lost_after >= Duration::from_millis(2_500),
         "declared lost before the heartbeat timeout: {lost_after:?}"
     );
     assert!(
@@ -104,7 +104,7 @@ post_init = "echo role=$DDISCO_ROLE workers=$DDISCO_WORKERS > post_init.out"
     // --- scale 3 -> 1: exactly one slave left, the others' processes gone ---
     let before = node_ids(&s, "slave");
     let pids: Vec<(String, i32)> = before.iter().map(|id| (id.clone(), c.node_pid(id))).collect();
-    let out = c.ctl(&["scale", "1", "--wait", "--timeout", "60"]);
+    let out = c.ctl(&["scale", "1", "--wait", "--timeout", "120"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = c.status().unwrap();
     assert!(at_size(&s, 1), "{s:#}");
