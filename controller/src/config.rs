@@ -95,6 +95,11 @@ pub struct Config {
     pub disco_port: u16,
     pub disco_root: String,
     pub disco_gc_after: u32,
+    /// Dashboard and /metrics (HTTP); local by default.
+    pub dashboard_listen: SocketAddr,
+    /// Bearer token required by the dashboard and /metrics; mandatory when
+    /// `dashboard_listen` is not a loopback address.
+    pub dashboard_token: Option<Secret>,
 }
 
 /// Which map/reduce engine the nodes run.
@@ -240,6 +245,10 @@ pub struct RawConfig {
     disco_root: Option<String>,
     #[serde(alias = "DISCO_GC_AFTER")]
     disco_gc_after: Option<u32>,
+    #[serde(alias = "DASHBOARD_LISTEN")]
+    dashboard_listen: Option<String>,
+    #[serde(alias = "DASHBOARD_TOKEN")]
+    dashboard_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,6 +335,8 @@ impl Default for Config {
             disco_port: 8989,
             disco_root: "/mnt/disco".into(),
             disco_gc_after: 6400,
+            dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
+            dashboard_token: None,
         }
     }
 }
@@ -532,6 +543,17 @@ impl Config {
         };
         let listen = addr("listen", raw.listen, d.listen)?;
         let download_listen = addr("download_listen", raw.download_listen, d.download_listen)?;
+        let dashboard_listen = addr("dashboard_listen", raw.dashboard_listen, d.dashboard_listen)?;
+        let dashboard_token = non_empty_secret(raw.dashboard_token);
+        if !dashboard_listen.ip().is_loopback() && dashboard_token.is_none() {
+            return Err(err(
+                "dashboard_token",
+                format!(
+                    "required because dashboard_listen ({dashboard_listen}) is not a loopback address: \
+                     anyone who reaches it would see the cluster; set a long random token"
+                ),
+            ));
+        }
 
         let aws_keys_in_file = raw.aws_access.is_some() || raw.aws_secret.is_some();
         if raw.aws_access.is_some() != raw.aws_secret.is_some() {
@@ -610,6 +632,8 @@ impl Config {
             disco_port: raw.disco_port.unwrap_or(d.disco_port),
             disco_root: raw.disco_root.unwrap_or(d.disco_root),
             disco_gc_after: raw.disco_gc_after.unwrap_or(d.disco_gc_after),
+            dashboard_listen,
+            dashboard_token,
         };
         for (key, list) in
             [("base_packages", &cfg.base_packages), ("additional_packages", &cfg.additional_packages)]
@@ -691,6 +715,10 @@ pub const DEFAULT_POOL: &str = "default";
 
 /// The master's pool name.
 pub const MASTER_POOL: &str = "master";
+
+fn non_empty_secret(v: Option<String>) -> Option<Secret> {
+    v.filter(|s| !s.trim().is_empty()).map(Secret)
+}
 
 /// Debian package names: lower-case alphanumerics and `+-.`, optionally
 /// `:arch` or `=version`. Refusing anything else keeps them shell-safe.
@@ -791,6 +819,11 @@ dask_version = "{dask}"
 dask_scheduler_port = 8786
 dask_dashboard_port = 8787
 
+# Dashboard and Prometheus /metrics (HTTP). Local by default; any other
+# address requires dashboard_token (sent as "Authorization: Bearer <token>").
+dashboard_listen = "127.0.0.1:7445"
+dashboard_token = ""
+
 # Controller.
 # gRPC (agents, TLS) and agent download (HTTPS) listen addresses.
 listen = "127.0.0.1:7443"
@@ -867,6 +900,7 @@ mod tests {
             ("provider = \"gcp\"", "provider"),
             ("base_packages = [\"rm -rf /\"]", "base_packages"),
             ("engine = \"spark\"", "engine"),
+            ("dashboard_listen = \"0.0.0.0:7445\"", "dashboard_token"),
             ("disco_root = \"mnt\"", "disco_root"),
         ] {
             let e = toml(text).unwrap_err();

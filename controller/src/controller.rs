@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -84,7 +84,7 @@ pub struct Shared {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
-    pub refusals: AtomicU64,
+    pub metrics: crate::metrics::Metrics,
     shutdown: watch::Sender<bool>,
 }
 
@@ -151,7 +151,7 @@ impl Shared {
     }
 
     pub fn metrics_refusal(&self) {
-        self.refusals.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::Metrics::inc(&self.metrics.refusals);
     }
 
     /// Fires when the controller stops.
@@ -254,6 +254,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let dl_listener = bind_keeping_port(cfg.download_listen, saved.map(|p| p.1), "download_listen")?;
     let grpc_addr = grpc_std.local_addr()?;
     let dl_addr = dl_listener.local_addr()?;
+    let dash_listener = tokio::net::TcpListener::bind(cfg.dashboard_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `dashboard_listen`)", cfg.dashboard_listen))?;
+    let dash_addr = dash_listener.local_addr()?;
+    pki::write_private(&cfg.state_dir.join("dashboard.addr"), &dash_addr.to_string())?;
     pki::write_private(&ports_file, &serde_json::to_string(&(grpc_addr.port(), dl_addr.port()))?)?;
     grpc_std.set_nonblocking(true)?;
     let grpc_listener = tokio::net::TcpListener::from_std(grpc_std)?;
@@ -311,7 +316,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         persist: Notify::new(),
         tick_lock: tokio::sync::Mutex::new(()),
         destroying: AtomicBool::new(false),
-        refusals: AtomicU64::new(0),
+        metrics: Default::default(),
         shutdown: shutdown_tx,
         cfg,
     });
@@ -320,6 +325,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         grpc = %endpoints.grpc_url,
         agent = %endpoints.agent_url,
         admin = %admin_path.display(),
+        metrics = %format!("http://{dash_addr}/metrics"),
         provider = shared.provider.name(),
         cluster = %shared.cfg.tag_key,
         ca_sha256 = %shared.pki.ca_fingerprint(),
@@ -330,6 +336,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tasks.spawn(grpc_server(shared.clone(), grpc_listener, shutdown_rx.clone()));
     tasks.spawn(crate::download::serve(shared.clone(), dl_listener, agent_bytes, shutdown_rx.clone()));
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
+    tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
 
@@ -459,7 +466,11 @@ async fn reconcile_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
     loop {
         if !shared.destroying.load(Ordering::Relaxed) {
             let _guard = shared.tick_lock.lock().await;
-            if let Err(e) = tick(&shared).await {
+            let t0 = std::time::Instant::now();
+            let res = tick(&shared).await;
+            crate::metrics::Metrics::inc(&shared.metrics.reconcile_ticks);
+            shared.metrics.reconcile_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if let Err(e) = res {
                 tracing::warn!("reconcile: {e:#}; trying again next tick");
             }
             shared.publish();
@@ -542,6 +553,7 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                     };
                     if reason.is_loss() {
                         tracing::warn!("{msg}");
+                        crate::metrics::Metrics::inc(&sh.metrics.replacements);
                     }
                     reg.event(msg);
                 }
@@ -621,6 +633,7 @@ async fn launch_batch(sh: &Arc<Shared>, role: Role, pool: &str, n: usize) -> any
     let mut reg = sh.registry.lock().expect("registry lock");
     match result {
         Ok(launched) => {
+            sh.metrics.launches.fetch_add(launched.len() as u64, Ordering::Relaxed);
             for l in &launched {
                 if let Some(e) = reg.get_mut(&l.node_id) {
                     e.rec.instance_id = Some(l.instance_id.clone());
@@ -632,6 +645,7 @@ async fn launch_batch(sh: &Arc<Shared>, role: Role, pool: &str, n: usize) -> any
             }
         }
         Err(e) => {
+            crate::metrics::Metrics::inc(&sh.metrics.launch_failures);
             for id in &nodes {
                 reg.remove(id);
             }

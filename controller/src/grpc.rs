@@ -86,6 +86,7 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             // Re-check: a concurrent enrollment with the same token loses.
             if let Err(e) = reg.check_token(&hash, unix_ms()) {
                 tracing::warn!(%from, "enrollment refused: {e}");
+                sh.metrics_refusal();
                 return Err(Status::permission_denied(e.to_string()));
             }
             // Tokens of one launch call share a userdata: each is also bound
@@ -108,6 +109,7 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
                 }
             }
             reg.complete_enrollment(&node_id, facts, sh.clock.now_ms());
+            crate::metrics::Metrics::inc(&sh.metrics.enrollments);
             reg.event(format!("{node_id} enrolled from {from}"));
         }
         sh.changed();
@@ -179,7 +181,10 @@ impl api::agent_server::Agent for AgentService {
                 }
                 live.touch(sh.clock.now_ms());
                 match msg.msg {
-                    Some(api::agent_message::Msg::Heartbeat(_)) | None => {}
+                    Some(api::agent_message::Msg::Heartbeat(_)) => {
+                        crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
+                    }
+                    None => {}
                     Some(api::agent_message::Msg::Hello(h)) => {
                         let assignment = on_hello(&sh, &node_id, h);
                         sh.changed();
@@ -276,6 +281,7 @@ fn on_notice(sh: &Shared, node_id: &str, n: api::Notice) {
         return;
     }
     e.rec.notice = kind.to_string();
+    crate::metrics::Metrics::inc(&sh.metrics.notices);
     let msg = format!("{node_id}: {kind} notice ({}); launching its replacement now", n.detail.trim());
     tracing::warn!("{msg}");
     reg.event(msg);

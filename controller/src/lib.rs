@@ -13,17 +13,21 @@
 //! - [`userdata`]: the boot script every node runs.
 //! - [`provider`]: where nodes run (`local`: processes on this machine).
 //! - [`controller`]: `serve`: wiring, reconcile loop, persistence.
-//! - [`grpc`], [`download`], [`admin`]: the edges (agents' gRPC/TLS, agent
-//!   download over HTTPS, local admin API on a Unix socket).
+//! - [`engine`]: Disco and Dask, as plain functions over the membership.
+//! - [`grpc`], [`download`], [`admin`], [`dashboard`]: the edges (agents'
+//!   gRPC/TLS, agent download over HTTPS, local admin API on a Unix socket,
+//!   `/metrics` over HTTP); [`metrics`] renders the Prometheus text.
 //! - [`cli`]: one module per subcommand.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod dashboard;
 pub mod download;
 pub mod engine;
 pub mod grpc;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod plan;

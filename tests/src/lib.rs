@@ -39,6 +39,7 @@ additional_packages = []
 pip_requirements = []
 listen = "127.0.0.1:0"
 download_listen = "127.0.0.1:0"
+dashboard_listen = "127.0.0.1:0"
 heartbeat_interval_secs = 0.5
 heartbeat_timeout_secs = 3.0
 reconcile_interval_secs = 0.3
@@ -147,6 +148,21 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `GET path` on the controller's dashboard listener (HTTP/1.0, so the
+    /// test needs no client library): (status code, body).
+    pub fn dashboard_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = std::fs::read_to_string(self.state_dir().join("dashboard.addr")).expect("dashboard.addr");
+        let mut s = std::net::TcpStream::connect(addr.trim()).expect("connect to the dashboard");
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
     }
 
     /// Pid of a node's process group leader (the agent, once it runs).

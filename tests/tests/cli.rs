@@ -137,9 +137,25 @@ fn every_command_explains_itself() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("Exit codes:"), "{text}");
-    for cmd in ["init", "serve", "scale", "status", "destroy"] {
+    for cmd in ["init", "serve", "scale", "status", "destroy", "completions"] {
         let out = run(&[cmd, "--help"], d.path());
         assert!(out.status.success(), "{cmd}");
         assert!(String::from_utf8_lossy(&out.stdout).len() > 100, "{cmd} --help is too thin");
     }
+}
+
+#[test]
+fn shell_completions_are_printed() {
+    let d = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell], d.path());
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("ddisco-controller") && text.contains("scale") && text.contains("destroy"),
+            "{shell}"
+        );
+    }
+    let out = run(&["completions", "tcsh"], d.path());
+    assert_eq!(out.status.code(), Some(2), "unknown shell is a usage error");
 }

@@ -200,3 +200,79 @@ fn pip_requirements_go_into_a_per_node_virtualenv() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn metrics_are_served_and_token_protected() {
+    let mut c = Cluster::start("num_slaves = 1\ndashboard_token = \"t0ken-for-the-test-0123456789\"");
+    c.wait_until("1 slave ready", READY, |s| at_size(s, 1));
+    let (code, _) = c.dashboard_get("/metrics", None);
+    assert_eq!(code, 401, "metrics without the token");
+    let (code, _) = c.dashboard_get("/metrics", Some("wrong"));
+    assert_eq!(code, 401);
+    // Wait for a heartbeat to be counted (0.5 s interval).
+    let end = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (code, body) = c.dashboard_get("/metrics", Some("t0ken-for-the-test-0123456789"));
+        assert_eq!(code, 200);
+        if !body.contains("ddisco_heartbeats_total 0\n") {
+            break body;
+        }
+        assert!(Instant::now() < end, "no heartbeat counted: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for line in [
+        "ddisco_nodes{role=\"master\",state=\"ready\"} 1",
+        "ddisco_nodes{role=\"slave\",state=\"ready\"} 1",
+        "ddisco_desired_slaves 1",
+        "ddisco_enrollments_total 2",
+        "ddisco_launches_total 2",
+        "# TYPE ddisco_reconcile_duration_seconds summary",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in:\n{body}");
+    }
+    assert!(!body.contains("t0ken"), "the token leaked into metrics");
+}
+
+#[test]
+fn status_watch_redraws_until_interrupted() {
+    use std::io::Read;
+    let mut c = Cluster::start("num_slaves = 0");
+    c.wait_until("master ready", READY, |s| at_size(s, 0));
+    let mut child = Command::new(bin("ddisco-controller"))
+        .args(["status", "--watch", "--config"])
+        .arg(&c.config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Read until the table has been drawn twice (deadline: 20 s).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut text = String::new();
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.matches("cluster ddisco").count() >= 2 {
+                let _ = tx.send(text.clone());
+                break;
+            }
+        }
+    });
+    let text = rx.recv_timeout(Duration::from_secs(20)).expect("status --watch did not redraw");
+    assert!(text.contains("\x1b[2J"), "no screen clear");
+    // Ctrl-C ends it with success.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{st}");
+            break;
+        }
+        assert!(Instant::now() < end, "status --watch ignored Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

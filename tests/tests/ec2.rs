@@ -295,6 +295,14 @@ fn scale_to_ten_is_one_launch_call() {
     let took = t0.elapsed();
     assert_eq!(w.proxy.count("RunInstances"), runs + 1, "{:?}", w.proxy.counts());
     assert_eq!(live(&w.moto()).len(), 11);
+    // The controller's own API counters agree with the proxy's.
+    let (code, body) = w.cluster.dashboard_get("/metrics", None);
+    assert_eq!(code, 200);
+    let line = format!(
+        "ddisco_provider_api_calls_total{{action=\"RunInstances\"}} {}",
+        w.proxy.count("RunInstances")
+    );
+    assert!(body.lines().any(|l| l == line), "missing {line:?}:\n{body}");
     eprintln!("MEASURE scale 0->10 on moto + hypervisor until all ready: {:.2}s", took.as_secs_f64());
     let d0 = w.proxy.counts();
     let out = w.cluster.ctl(&["destroy", "--yes"]);

@@ -91,7 +91,7 @@ impl Ctl {
         let base = format!(
             "provider = \"record\"\nengine = \"none\"\nbase_packages = []\nadditional_packages = []\n\
              pip_requirements = []\nlisten = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\n\
-             reconcile_interval_secs = 1.0\nagent_binary = \"{}\"",
+             dashboard_listen = \"127.0.0.1:0\"\nreconcile_interval_secs = 1.0\nagent_binary = \"{}\"",
             std::env::current_exe()?.display()
         );
         // Keys in `extra` replace the same keys of the base.
@@ -551,7 +551,8 @@ async fn scenario_agent(secs: u64, agent: Option<&Path>) -> anyhow::Result<Value
         &cfg,
         format!(
             "provider = \"local\"\nengine = \"none\"\nbase_packages = []\nadditional_packages = []\npip_requirements = []\n\
-             listen = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\nnum_slaves = 1\nagent_binary = \"{}\"\n",
+             listen = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\ndashboard_listen = \"127.0.0.1:0\"\n\
+             num_slaves = 1\nagent_binary = \"{}\"\n",
             agent.display()
         ),
     )?;

@@ -1,6 +1,7 @@
 //! The `ddisco-controller` command line: one module per subcommand, each with
 //! its clap arguments and an `exec` that hands off to the library.
 
+pub mod completions;
 pub mod destroy;
 pub mod init;
 pub mod scale;
@@ -42,6 +43,7 @@ pub enum Command {
     Scale(scale::ScaleArgs),
     Status(status::StatusArgs),
     Destroy(destroy::DestroyArgs),
+    Completions(completions::CompletionsArgs),
 }
 
 /// Options every command that touches a cluster takes.
@@ -87,6 +89,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scale(a) => scale::exec(a).await,
         Command::Status(a) => status::exec(a).await,
         Command::Destroy(a) => destroy::exec(a).await,
+        Command::Completions(a) => completions::exec(a),
     }
 }
 

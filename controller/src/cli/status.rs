@@ -12,8 +12,11 @@ use std::process::ExitCode;
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub json: bool,
+    /// Redraw the table every second until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -93,6 +96,19 @@ impl From<api::StatusReply> for StatusView {
 pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
+    if args.watch {
+        loop {
+            let view = StatusView::from(client.status().await?);
+            // Clear the screen, home the cursor, draw.
+            print!("\x1b[2J\x1b[H{}", render(&view));
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    }
     let view = StatusView::from(client.status().await?);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&view)?);

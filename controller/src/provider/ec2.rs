@@ -56,6 +56,8 @@ pub struct Ec2Provider {
     cooldown: Duration,
     /// Std mutex: a few field updates, never held across `.await`.
     state: Mutex<State>,
+    /// API calls and errors per action (for /metrics).
+    calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
 }
 
 #[derive(Default)]
@@ -173,6 +175,7 @@ impl Ec2Provider {
             ssh_user: cfg.ssh_user.clone(),
             cooldown: cfg.capacity_cooldown,
             state: Mutex::new(State::default()),
+            calls: Mutex::default(),
         })
     }
 
@@ -194,6 +197,16 @@ impl Ec2Provider {
             }
         }
         types.into_iter().flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone()))).collect()
+    }
+
+    /// Counts one API call and whether it failed.
+    fn count<T, E>(&self, action: &'static str, r: &Result<T, E>) {
+        let mut calls = self.calls.lock().expect("lock");
+        let e = calls.entry(action).or_default();
+        e.0 += 1;
+        if r.is_err() {
+            e.1 += 1;
+        }
     }
 
     fn throttled(&self, msg: &str) -> ProviderError {
@@ -265,16 +278,20 @@ impl Ec2Provider {
         if !self.group_names.is_empty() {
             req = req.set_security_groups(Some(self.group_names.clone()));
         }
-        req.send().await.map_err(|e| describe(&e))
+        let r = req.send().await;
+        self.count("RunInstances", &r);
+        r.map_err(|e| describe(&e))
     }
 
     /// Runs a preflight call; maps an error to the config key it concerns.
     fn check<T, E: ProvideErrorMetadata + std::fmt::Debug>(
         &self,
+        action: &'static str,
         r: Result<T, SdkError<E>>,
         key: &str,
         what: &str,
     ) -> Result<T, ProviderError> {
+        self.count(action, &r);
         r.map_err(|e| {
             let (code, msg) = describe(&e);
             match classify(&code) {
@@ -326,7 +343,12 @@ impl Provider for Ec2Provider {
 
     async fn preflight(&self) -> Result<(), ProviderError> {
         let c = &self.client;
-        let imgs = self.check(c.describe_images().image_ids(&self.ami).send().await, "ami", &self.ami)?;
+        let imgs = self.check(
+            "DescribeImages",
+            c.describe_images().image_ids(&self.ami).send().await,
+            "ami",
+            &self.ami,
+        )?;
         if imgs.images().is_empty() {
             return Err(ProviderError::Config {
                 key: "ami".into(),
@@ -335,6 +357,7 @@ impl Provider for Ec2Provider {
         }
         if !self.key_name.is_empty() {
             self.check(
+                "DescribeKeyPairs",
                 c.describe_key_pairs().key_names(&self.key_name).send().await,
                 "key_name",
                 &self.key_name,
@@ -343,6 +366,7 @@ impl Provider for Ec2Provider {
         if !self.group_ids.is_empty() {
             let what = self.group_ids.join(", ");
             self.check(
+                "DescribeSecurityGroups",
                 c.describe_security_groups().set_group_ids(Some(self.group_ids.clone())).send().await,
                 "security_groups",
                 &what,
@@ -351,6 +375,7 @@ impl Provider for Ec2Provider {
         if !self.group_names.is_empty() {
             let what = self.group_names.join(", ");
             self.check(
+                "DescribeSecurityGroups",
                 c.describe_security_groups().set_group_names(Some(self.group_names.clone())).send().await,
                 "security_groups",
                 &what,
@@ -359,7 +384,12 @@ impl Provider for Ec2Provider {
         let subnets: Vec<String> = self.subnets.iter().flatten().cloned().collect();
         if !subnets.is_empty() {
             let what = subnets.join(", ");
-            self.check(c.describe_subnets().set_subnet_ids(Some(subnets)).send().await, "subnet_ids", &what)?;
+            self.check(
+                "DescribeSubnets",
+                c.describe_subnets().set_subnet_ids(Some(subnets)).send().await,
+                "subnet_ids",
+                &what,
+            )?;
         }
         let mut types: Vec<(String, String)> =
             vec![(self.master_type.clone(), "master_instance_type".into())];
@@ -375,6 +405,7 @@ impl Provider for Ec2Provider {
                 key
             };
             self.check(
+                "DescribeInstanceTypes",
                 c.describe_instance_types().instance_types(InstanceType::from(t.as_str())).send().await,
                 &key,
                 &t,
@@ -464,6 +495,7 @@ impl Provider for Ec2Provider {
             self.client.describe_instances().filters(filter).max_results(1000).into_paginator().send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
+            self.count("DescribeInstances", &page);
             let page = page.map_err(|e| {
                 let (code, msg) = describe(&e);
                 match classify(&code) {
@@ -491,6 +523,7 @@ impl Provider for Ec2Provider {
         let ids: Vec<String> = targets.iter().filter_map(|t| t.instance_id.clone()).collect();
         for chunk in ids.chunks(1000) {
             let r = self.client.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await;
+            self.count("TerminateInstances", &r);
             if let Err(e) = r {
                 let (code, msg) = describe(&e);
                 if code == "InvalidInstanceID.NotFound" {
@@ -537,6 +570,10 @@ impl Provider for Ec2Provider {
                 })?;
         }
         Ok(ids)
+    }
+
+    fn api_calls(&self) -> Vec<(String, u64, u64)> {
+        self.calls.lock().expect("lock").iter().map(|(a, (n, e))| (a.to_string(), *n, *e)).collect()
     }
 
     fn notes(&self) -> Vec<String> {

@@ -126,4 +126,9 @@ pub trait Provider: Send + Sync + 'static {
     fn notes(&self) -> Vec<String> {
         vec![]
     }
+
+    /// API calls made so far: (action, calls, errors).
+    fn api_calls(&self) -> Vec<(String, u64, u64)> {
+        vec![]
+    }
 }
