@@ -116,7 +116,8 @@ impl api::admin_server::Admin for AdminService {
     }
 }
 
-fn status_of(sh: &Shared) -> api::StatusReply {
+/// The status as the admin API (and the dashboard) report it.
+pub fn status_of(sh: &Shared) -> api::StatusReply {
     let members = sh.members();
     let engine_endpoints = sh.engine.endpoints(&members).into_iter().collect();
     let engine_lines = sh.engine.lines(&members);

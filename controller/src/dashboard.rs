@@ -1,11 +1,13 @@
-//! The operator's HTTP listener: `/metrics` (Prometheus text format) and
-//! `/healthz`. Bound to localhost by default; when a `dashboard_token` is
-//! set, every request must carry `Authorization: Bearer <token>` (the
-//! configuration insists on a token for any non-loopback address).
+//! The operator's HTTP listener: the dashboard (`/`, a read-only page that
+//! refreshes itself from `/api/status` every second), `/metrics`
+//! (Prometheus text format) and `/healthz`. Bound to localhost by default;
+//! when a `dashboard_token` is set, every request must carry it, as
+//! `Authorization: Bearer <token>` or `?token=` (the page passes it on), and
+//! the configuration insists on a token for any non-loopback address.
 
 use crate::controller::Shared;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -18,6 +20,8 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let app = Router::new()
+        .route("/", get(page))
+        .route("/api/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(shared);
@@ -29,17 +33,46 @@ pub async fn serve(
     Ok(())
 }
 
-fn authorized(sh: &Shared, headers: &HeaderMap) -> bool {
+type Params = Query<std::collections::HashMap<String, String>>;
+
+fn authorized(sh: &Shared, headers: &HeaderMap, q: &Params) -> bool {
     let Some(token) = &sh.cfg.dashboard_token else { return true };
-    let want = format!("Bearer {}", token.0);
-    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let got = header.or(q.get("token").map(String::as_str)).unwrap_or("");
     // Constant-time comparison: a token is a password.
-    got.len() == want.len() && got.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    let want = token.0.as_bytes();
+    got.len() == want.len() && got.bytes().zip(want.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-async fn metrics(State(sh): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if !authorized(&sh, &headers) {
-        return (StatusCode::UNAUTHORIZED, "dashboard token required\n").into_response();
+fn refused() -> Response {
+    (StatusCode::UNAUTHORIZED, "dashboard token required\n").into_response()
+}
+
+async fn page(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+    if !authorized(&sh, &headers, &q) {
+        return refused();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-store")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+async fn status(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+    if !authorized(&sh, &headers, &q) {
+        return refused();
+    }
+    let view = crate::cli::status::StatusView::from(crate::admin::status_of(&sh));
+    axum::Json(view).into_response()
+}
+
+async fn metrics(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+    if !authorized(&sh, &headers, &q) {
+        return refused();
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&sh)).into_response()
 }

@@ -33,6 +33,14 @@ pub struct StatusView {
     pub engine: String,
     pub engine_endpoints: std::collections::BTreeMap<String, String>,
     pub engine_lines: Vec<String>,
+    /// Recent events with their times.
+    pub timed_events: Vec<EventView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub unix_ms: u64,
+    pub message: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,6 +74,11 @@ impl From<api::StatusReply> for StatusView {
             engine: s.engine,
             engine_endpoints: s.engine_endpoints.into_iter().collect(),
             engine_lines: s.engine_lines,
+            timed_events: s
+                .events
+                .into_iter()
+                .map(|e| EventView { unix_ms: e.unix_ms, message: e.message })
+                .collect(),
             nodes: s
                 .nodes
                 .into_iter()

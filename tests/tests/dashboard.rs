@@ -1,0 +1,85 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium`, which
+//! `.ci/run` and `scripts/test` install): the page shows the nodes of a
+//! running local cluster and, without reloading, reflects a killed slave.
+
+use ddisco_tests::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "dash-token-0123456789abcdef";
+
+/// The DOM after the page's scripts ran (virtual time: 4 s of timers).
+fn dump_dom(url: &str) -> String {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("chromium is not installed: apt-get install chromium (scripts/test does it)");
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("chromium did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
+    let mut c = Cluster::start(&format!("num_slaves = 2\ndashboard_token = \"{TOKEN}\""));
+    let s = c.wait_until("2 slaves ready", Duration::from_secs(60), |s| at_size(s, 2));
+    let addr = std::fs::read_to_string(c.state_dir().join("dashboard.addr")).unwrap();
+    let url = format!("http://{}/?token={TOKEN}", addr.trim());
+
+    // Without the token: refused.
+    let dom = dump_dom(&format!("http://{}/", addr.trim()));
+    assert!(dom.contains("dashboard token required"), "{dom}");
+
+    let dom = dump_dom(&url);
+    for n in nodes(&s) {
+        let id = n["node_id"].as_str().unwrap();
+        assert!(dom.contains(&format!("id=\"node-{id}\"")), "{id} not shown:\n{dom}");
+    }
+    assert!(dom.contains("2/2 slaves ready"), "{dom}");
+    assert!(dom.contains("id=\"updated\">updated "), "the page did not refresh from the API:\n{dom}");
+
+    // Kill a slave: the page shows it gone, its replacement, and the event.
+    let victim = node_ids(&s, "slave")[0].clone();
+    let pid = c.node_pid(&victim);
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    let s = c.wait_until("the slave is replaced", Duration::from_secs(60), |s| {
+        at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
+    });
+    let dom = dump_dom(&url);
+    assert!(!dom.contains(&format!("id=\"node-{victim}\"")), "{victim} still shown:\n{dom}");
+    for id in node_ids(&s, "slave") {
+        assert!(dom.contains(&format!("id=\"node-{id}\"")), "replacement {id} not shown:\n{dom}");
+    }
+    assert!(dom.contains(&format!("{victim} lost")), "no loss event:\n{dom}");
+    assert!(!dom.contains(TOKEN), "the token is rendered in the page");
+}
