@@ -167,6 +167,23 @@ pub fn status_of(sh: &Shared) -> api::StatusReply {
                 pool: r.pool.clone(),
                 instance_type: r.instance_type.clone(),
                 notice: r.notice.clone(),
+                phases: r
+                    .phases
+                    .iter()
+                    .map(|(name, t)| api::Phase { name: name.clone(), unix_ms: *t })
+                    .collect(),
+                steps: r
+                    .steps
+                    .iter()
+                    .map(|(name, l)| api::StepLog {
+                        name: name.clone(),
+                        status: l.status.clone(),
+                        exit_code: l.exit_code,
+                        duration_ms: l.duration_ms,
+                        output_tail: l.output_tail.clone(),
+                    })
+                    .collect(),
+                stuck: stuck(r, now_unix, &sh.cfg),
             }
         })
         .collect();
@@ -189,6 +206,33 @@ pub fn status_of(sh: &Shared) -> api::StatusReply {
             let ev = reg.events();
             ev.iter().skip(ev.len().saturating_sub(10)).map(|e| e.message.clone()).collect()
         },
+    }
+}
+
+/// How long a plan step may run before it is flagged.
+const STEP_EXPECTED_MS: u64 = 15 * 60 * 1000;
+
+/// Names the phase a node has been in for longer than expected, if any.
+fn stuck(r: &crate::registry::NodeRecord, now_unix: u64, cfg: &crate::config::Config) -> String {
+    let since = r.phases.last().map(|(_, t)| now_unix.saturating_sub(*t)).unwrap_or(0);
+    let boot = cfg.boot_timeout.as_millis() as u64;
+    match &r.state {
+        NodeState::Requested | NodeState::Booting if since > boot / 2 => format!(
+            "stuck in {} for {:.0}s: its agent has not enrolled (replaced after {:.0}s); see its console",
+            r.state.label(),
+            since as f64 / 1000.0,
+            boot as f64 / 1000.0
+        ),
+        NodeState::Enrolled if since > 60_000 => {
+            format!("enrolled {:.0}s ago but has not started its plan", since as f64 / 1000.0)
+        }
+        NodeState::Provisioning { .. } if since > STEP_EXPECTED_MS => format!(
+            "step {} running for {:.0} min (expected under {} min)",
+            r.current_step,
+            since as f64 / 60_000.0,
+            STEP_EXPECTED_MS / 60_000
+        ),
+        _ => String::new(),
     }
 }
 
@@ -243,5 +287,41 @@ impl AdminClient {
 
     pub async fn destroy(&mut self) -> Result<api::DestroyReply, Status> {
         Ok(self.inner.destroy(api::DestroyRequest {}).await?.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{NewNode, Registry};
+
+    #[test]
+    fn stuck_names_the_phase() {
+        let cfg =
+            crate::config::Config { boot_timeout: std::time::Duration::from_secs(600), ..Default::default() };
+        let mut reg = Registry::new(Default::default());
+        let new = NewNode {
+            role: crate::model::Role::Slave,
+            pool: "default".into(),
+            batch: None,
+            token_hash: "h".into(),
+            token_expires_unix_ms: 0,
+        };
+        let id = reg.add_node(new, |_| String::new());
+        let rec = &mut reg.get_mut(&id).unwrap().rec;
+        let t0 = rec.phases[0].1;
+        rec.state = NodeState::Booting;
+        assert_eq!(stuck(rec, t0 + 200_000, &cfg), "");
+        assert!(
+            stuck(rec, t0 + 400_000, &cfg).starts_with("stuck in booting for 400s"),
+            "{}",
+            stuck(rec, t0 + 400_000, &cfg)
+        );
+        rec.state = NodeState::Provisioning { step: 1, of: 3 };
+        rec.current_step = "pip_requirements".into();
+        rec.phases.push(("step pip_requirements".into(), t0));
+        assert!(stuck(rec, t0 + 16 * 60_000, &cfg).starts_with("step pip_requirements running for 16 min"));
+        rec.state = NodeState::Ready;
+        assert_eq!(stuck(rec, t0 + 3_600_000, &cfg), "");
     }
 }

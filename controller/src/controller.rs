@@ -518,6 +518,7 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                 Action::MarkBooting { id } => {
                     if let Some(e) = reg.get_mut(&id) {
                         e.rec.state = crate::model::NodeState::Booting;
+                        e.rec.phase("running");
                     }
                 }
                 Action::Forget { id } => {
@@ -537,6 +538,7 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                     let Some(e) = reg.get_mut(&id) else { continue };
                     let role = e.rec.role;
                     e.rec.state = crate::model::NodeState::Terminating;
+                    e.rec.phase("terminating");
                     e.rec.detail = reason.describe();
                     e.live.revoke();
                     to_terminate

@@ -253,6 +253,7 @@ fn on_hello(sh: &Shared, node_id: &str, h: api::Hello) -> api::Assignment {
     }
     let became_ready = e.rec.state == NodeState::Ready && was != NodeState::Ready;
     if became_ready {
+        e.rec.phase("ready");
         e.rec.current_step.clear();
         reg.event(format!("{node_id} ready ({role}, {workers} workers)"));
     }
@@ -329,8 +330,18 @@ fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) -> bool {
         _ => return false,
     };
     let mut event = None;
+    if status != api::StepStatus::Running {
+        let log = crate::registry::StepLog {
+            status: format!("{status:?}").to_lowercase(),
+            exit_code: s.exit_code,
+            duration_ms: s.duration_ms,
+            output_tail: s.output_tail.clone(),
+        };
+        e.rec.steps.insert(s.name.clone(), log);
+    }
     match status {
         api::StepStatus::Running => {
+            e.rec.phase(format!("step {}", s.name));
             e.rec.state = NodeState::Provisioning { step: s.index, of };
             e.rec.current_step = s.name.clone();
         }
@@ -338,6 +349,7 @@ fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) -> bool {
             tracing::info!(node = %node_id, step = %s.name, ms = s.duration_ms, "step succeeded");
             if s.index + 1 >= of {
                 e.rec.state = NodeState::Ready;
+                e.rec.phase("ready");
                 e.rec.current_step.clear();
                 event = Some(format!("{node_id} ready ({}, {} workers)", e.rec.role, e.rec.workers));
             } else {
@@ -346,6 +358,7 @@ fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) -> bool {
         }
         api::StepStatus::Failed => {
             e.rec.state = NodeState::Failed { step: s.name.clone() };
+            e.rec.phase(format!("failed at {}", s.name));
             e.rec.current_step = s.name.clone();
             e.rec.detail = format!("step {} failed (exit {}): {}", s.name, s.exit_code, s.output_tail.trim());
             event = Some(format!(

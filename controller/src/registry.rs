@@ -56,6 +56,12 @@ pub struct NodeRecord {
     /// Last problem its engine directives reported (empty: none).
     #[serde(default)]
     pub engine_detail: String,
+    /// When each boot phase began, in order (boot diagnostics).
+    #[serde(default)]
+    pub phases: Vec<(String, u64)>,
+    /// Each step's last report, by step name.
+    #[serde(default)]
+    pub steps: BTreeMap<String, StepLog>,
     /// Why the node is in its state (failed step output, loss reason, ...).
     #[serde(default)]
     pub detail: String,
@@ -178,6 +184,29 @@ struct ClusterFile {
     nodes: Vec<NodeRecord>,
 }
 
+/// A step's last report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepLog {
+    pub status: String,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub output_tail: String,
+}
+
+impl NodeRecord {
+    /// Notes the start of a boot phase (once per name in a row).
+    pub fn phase(&mut self, name: impl Into<String>) {
+        let name = name.into();
+        if self.phases.last().is_some_and(|(n, _)| *n == name) {
+            return;
+        }
+        // Bounded: a node that keeps reconnecting does not grow without end.
+        if self.phases.len() < 64 {
+            self.phases.push((name, unix_ms()));
+        }
+    }
+}
+
 /// What `add_node` needs.
 #[derive(Debug, Clone)]
 pub struct NewNode {
@@ -272,6 +301,8 @@ impl Registry {
             drain_started_unix_ms: None,
             attributes: BTreeMap::new(),
             engine_detail: String::new(),
+            phases: vec![("requested".into(), unix_ms())],
+            steps: BTreeMap::new(),
             detail: String::new(),
             instance_id: None,
             address: address(seq),
@@ -399,6 +430,7 @@ impl Registry {
             self.token_index.remove(&e.rec.token_hash);
             e.rec.token_used = true;
             e.rec.state = NodeState::Enrolled;
+            e.rec.phase("enrolled");
             e.rec.detail.clear();
             if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
                 e.rec.instance_id = Some(facts.instance_id.clone());

@@ -181,6 +181,23 @@ additional_packages = ["ddisco-no-such-package"]
     }
     let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
     assert!(table.contains("failed"), "{table}");
+    // Boot diagnostics: the phases with their times, and the step's output.
+    let id = node_ids(&s, "slave")[0].clone();
+    let out = c.ctl(&["status", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for phase in ["requested", "running", "enrolled", "step system_packages", "failed at system_packages"] {
+        assert!(text.contains(&format!("s  {phase}")), "phase {phase:?} missing:\n{text}");
+    }
+    let out = c.ctl(&["logs", &id, "system_packages"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("missing packages: ddisco-no-such-package"), "{text}");
+    let out = c.ctl(&["logs", &id, "no_such_step"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("system_packages"), "known steps are named");
+    let out = c.ctl(&["status", "slave-9999"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&id), "known nodes are named");
     // Nothing on the host was installed: the package is still missing.
     let q = Command::new("dpkg-query").args(["-W", "ddisco-no-such-package"]).output().unwrap();
     assert!(!q.status.success());

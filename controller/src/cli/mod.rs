@@ -4,6 +4,7 @@
 pub mod completions;
 pub mod destroy;
 pub mod init;
+pub mod logs;
 pub mod scale;
 pub mod serve;
 pub mod status;
@@ -43,6 +44,7 @@ pub enum Command {
     Scale(scale::ScaleArgs),
     Status(status::StatusArgs),
     Destroy(destroy::DestroyArgs),
+    Logs(logs::LogsArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -89,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scale(a) => scale::exec(a).await,
         Command::Status(a) => status::exec(a).await,
         Command::Destroy(a) => destroy::exec(a).await,
+        Command::Logs(a) => logs::exec(a).await,
         Command::Completions(a) => completions::exec(a),
     }
 }

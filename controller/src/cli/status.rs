@@ -9,8 +9,11 @@ use std::process::ExitCode;
 
 /// Show the cluster: every node with role, state, address, cores, workers,
 /// heartbeat age and current step, then recent events. --json for scripts.
+/// `status NODE` shows one node's boot phases with their times and its steps.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// One node's boot diagnostics instead of the table.
+    pub node: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, conflicts_with = "watch")]
     pub json: bool,
@@ -61,6 +64,19 @@ pub struct NodeView {
     pub pool: String,
     pub instance_type: String,
     pub notice: String,
+    /// (phase, unix ms it began).
+    pub phases: Vec<(String, u64)>,
+    pub steps: Vec<StepView>,
+    pub stuck: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepView {
+    pub name: String,
+    pub status: String,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub output_tail: String,
 }
 
 impl From<api::StatusReply> for StatusView {
@@ -99,6 +115,19 @@ impl From<api::StatusReply> for StatusView {
                     pool: n.pool,
                     instance_type: n.instance_type,
                     notice: n.notice,
+                    phases: n.phases.into_iter().map(|p| (p.name, p.unix_ms)).collect(),
+                    steps: n
+                        .steps
+                        .into_iter()
+                        .map(|l| StepView {
+                            name: l.name,
+                            status: l.status,
+                            exit_code: l.exit_code,
+                            duration_ms: l.duration_ms,
+                            output_tail: l.output_tail,
+                        })
+                        .collect(),
+                    stuck: n.stuck,
                 })
                 .collect(),
             events: s.notes,
@@ -123,12 +152,70 @@ pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let view = StatusView::from(client.status().await?);
+    if let Some(id) = &args.node {
+        let Some(n) = view.nodes.iter().find(|n| &n.node_id == id) else {
+            let known: Vec<&str> = view.nodes.iter().map(|n| n.node_id.as_str()).collect();
+            return Err(anyhow::Error::new(super::UsageError(format!(
+                "no node {id:?} in cluster {:?} (nodes: {})",
+                view.cluster,
+                known.join(", ")
+            ))));
+        };
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(n)?);
+        } else {
+            print!("{}", render_node(n));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print!("{}", render(&view));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One node's boot diagnostics.
+pub fn render_node(n: &NodeView) -> String {
+    let mut out = format!(
+        "{} ({}, pool {}): {}\n  instance {}  type {}  address {}  cores {}  workers {}\n",
+        n.node_id,
+        n.role,
+        if n.pool.is_empty() { "-" } else { &n.pool },
+        n.state,
+        if n.instance_id.is_empty() { "-" } else { &n.instance_id },
+        if n.instance_type.is_empty() { "-" } else { &n.instance_type },
+        if n.address.is_empty() { "-" } else { &n.address },
+        n.cores,
+        n.workers
+    );
+    if !n.stuck.is_empty() {
+        out.push_str(&format!("  STUCK: {}\n", n.stuck));
+    }
+    if !n.detail.is_empty() {
+        out.push_str(&format!("  {}\n", n.detail));
+    }
+    out.push_str("phases:\n");
+    let t0 = n.phases.first().map(|(_, t)| *t).unwrap_or(0);
+    for (i, (name, t)) in n.phases.iter().enumerate() {
+        let took = n.phases.get(i + 1).map(|(_, next)| format!("  ({:.1}s)", (next - t) as f64 / 1000.0));
+        out.push_str(&format!("  +{:>7.1}s  {name}{}\n", (t - t0) as f64 / 1000.0, took.unwrap_or_default()));
+    }
+    if !n.steps.is_empty() {
+        out.push_str("steps:\n");
+        for s in &n.steps {
+            out.push_str(&format!(
+                "  {:<20} {:<10} exit {:<4} {:.1}s\n",
+                s.name,
+                s.status,
+                s.exit_code,
+                s.duration_ms as f64 / 1000.0
+            ));
+        }
+        out.push_str(&format!("(output: ddisco-controller logs {} [STEP])\n", n.node_id));
+    }
+    out
 }
 
 /// The human table.
@@ -180,11 +267,16 @@ pub fn render(v: &StatusView) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    let problems: Vec<&NodeView> = v.nodes.iter().filter(|n| !n.detail.is_empty()).collect();
+    let problems: Vec<&NodeView> =
+        v.nodes.iter().filter(|n| !n.detail.is_empty() || !n.stuck.is_empty()).collect();
     if !problems.is_empty() {
         out.push('\n');
         for n in problems {
-            out.push_str(&format!("{}: {}\n", n.node_id, n.detail));
+            for text in [&n.stuck, &n.detail] {
+                if !text.is_empty() {
+                    out.push_str(&format!("{}: {}\n", n.node_id, text));
+                }
+            }
         }
     }
     if !v.engine_lines.is_empty() {
