@@ -106,13 +106,14 @@ impl api::admin_server::Admin for AdminService {
         let terminated = destroy_all(&self.shared)
             .await
             .map_err(|e| Status::internal(format!("destroy failed: {e:#}")))?;
+        let spent_usd = self.shared.registry.lock().expect("registry lock").spent_usd;
         // The cluster is gone; the controller stops after answering.
         let sh = self.shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             sh.stop();
         });
-        Ok(Response::new(api::DestroyReply { terminated }))
+        Ok(Response::new(api::DestroyReply { terminated, spent_usd }))
     }
 }
 
@@ -184,6 +185,7 @@ pub fn status_of(sh: &Shared) -> api::StatusReply {
                     })
                     .collect(),
                 stuck: stuck(r, now_unix, &sh.cfg),
+                price_per_hour: r.price_per_hour,
             }
         })
         .collect();
@@ -191,6 +193,8 @@ pub fn status_of(sh: &Shared) -> api::StatusReply {
         cluster: sh.cfg.tag_key.clone(),
         provider: sh.provider.name().to_string(),
         desired_slaves: reg.desired_slaves(),
+        cost_per_hour: reg.cost_per_hour(),
+        spent_usd: reg.spent_usd,
         desired_pools: reg.desired.clone().into_iter().collect(),
         provider_notes: sh.provider.notes(),
         engine: sh.engine.name().to_string(),

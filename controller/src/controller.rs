@@ -84,6 +84,8 @@ pub struct Shared {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
+    /// When spot prices were last fetched (tokio mutex: held across the call).
+    prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     pub metrics: crate::metrics::Metrics,
     shutdown: watch::Sender<bool>,
 }
@@ -316,6 +318,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         persist: Notify::new(),
         tick_lock: tokio::sync::Mutex::new(()),
         destroying: AtomicBool::new(false),
+        prices_at: tokio::sync::Mutex::new(None),
         metrics: Default::default(),
         shutdown: shutdown_tx,
         cfg,
@@ -474,12 +477,54 @@ async fn reconcile_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                 tracing::warn!("reconcile: {e:#}; trying again next tick");
             }
             shared.publish();
+            refresh_prices(&shared).await;
+            shared.registry.lock().expect("registry lock").account(unix_ms());
         }
         tokio::select! {
             _ = tokio::time::sleep(shared.cfg.reconcile_interval) => {}
             _ = shared.wake.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
+    }
+}
+
+/// Fetches spot prices every 10 minutes, or sooner (at most every 10 s)
+/// while a node has none yet. Failures only delay the next try.
+async fn refresh_prices(sh: &Arc<Shared>) {
+    let mut at = sh.prices_at.lock().await;
+    let (ids, unpriced) = {
+        let reg = sh.registry.lock().expect("registry lock");
+        let live: Vec<&crate::registry::Entry> = reg
+            .entries()
+            .filter(|e| e.rec.state != crate::model::NodeState::Terminating && e.rec.instance_id.is_some())
+            .collect();
+        let unpriced = live.iter().any(|e| e.rec.price_per_hour == 0.0);
+        (live.iter().filter_map(|e| e.rec.instance_id.clone()).collect::<Vec<_>>(), unpriced)
+    };
+    let now = tokio::time::Instant::now();
+    let due = match *at {
+        None => true,
+        Some(t) => now - t >= Duration::from_secs(600) || (unpriced && now - t >= Duration::from_secs(10)),
+    };
+    if ids.is_empty() || !due {
+        return;
+    }
+    *at = Some(now);
+    match sh.provider.prices(&ids).await {
+        Ok(prices) if !prices.is_empty() => {
+            let mut reg = sh.registry.lock().expect("registry lock");
+            // Count the time so far at the old prices first.
+            reg.account(unix_ms());
+            let nodes: Vec<(String, String)> =
+                reg.entries().filter_map(|e| Some((e.rec.id.clone(), e.rec.instance_id.clone()?))).collect();
+            for (node, instance) in nodes {
+                if let (Some(p), Some(e)) = (prices.get(&instance), reg.get_mut(&node)) {
+                    e.rec.price_per_hour = *p;
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
     }
 }
 

@@ -62,6 +62,12 @@ pub struct NodeRecord {
     /// Each step's last report, by step name.
     #[serde(default)]
     pub steps: BTreeMap<String, StepLog>,
+    /// Current price, USD per hour (0: unknown or free).
+    #[serde(default)]
+    pub price_per_hour: f64,
+    /// Spend counted up to this time (unix ms).
+    #[serde(default)]
+    pub accounted_unix_ms: u64,
     /// Why the node is in its state (failed step output, loss reason, ...).
     #[serde(default)]
     pub detail: String,
@@ -180,6 +186,9 @@ pub struct Event {
 struct ClusterFile {
     /// Slaves wanted per pool.
     desired: BTreeMap<String, u32>,
+    /// USD spent since the cluster was created (replaced nodes included).
+    #[serde(default)]
+    spent_usd: f64,
     next_seq: u64,
     nodes: Vec<NodeRecord>,
 }
@@ -234,6 +243,8 @@ pub enum TokenError {
 pub struct Registry {
     /// Slaves wanted per pool.
     pub desired: BTreeMap<String, u32>,
+    /// USD spent since the cluster was created (replaced nodes included).
+    pub spent_usd: f64,
     next_seq: u64,
     nodes: BTreeMap<String, Entry>,
     token_index: HashMap<String, String>,
@@ -251,6 +262,24 @@ pub fn unix_ms() -> u64 {
 impl Registry {
     pub fn new(desired: BTreeMap<String, u32>) -> Registry {
         Registry { desired, dirty: true, ..Default::default() }
+    }
+
+    /// Adds what every priced node cost since it was last counted.
+    pub fn account(&mut self, now_unix_ms: u64) {
+        let mut spent = 0.0;
+        for e in self.nodes.values_mut() {
+            let from = e.rec.accounted_unix_ms.max(e.rec.launched_unix_ms);
+            if now_unix_ms > from {
+                spent += e.rec.price_per_hour * (now_unix_ms - from) as f64 / 3_600_000.0;
+                e.rec.accounted_unix_ms = now_unix_ms;
+            }
+        }
+        self.spent_usd += spent;
+    }
+
+    /// USD per hour of the nodes present now.
+    pub fn cost_per_hour(&self) -> f64 {
+        self.nodes.values().map(|e| e.rec.price_per_hour).sum()
     }
 
     pub fn desired_slaves(&self) -> u32 {
@@ -277,6 +306,7 @@ impl Registry {
     pub fn to_json(&self) -> String {
         let file = ClusterFile {
             desired: self.desired.clone(),
+            spent_usd: self.spent_usd,
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
         };
@@ -303,6 +333,8 @@ impl Registry {
             engine_detail: String::new(),
             phases: vec![("requested".into(), unix_ms())],
             steps: BTreeMap::new(),
+            price_per_hour: 0.0,
+            accounted_unix_ms: unix_ms(),
             detail: String::new(),
             instance_id: None,
             address: address(seq),
@@ -498,6 +530,22 @@ mod tests {
             token_hash: hash.into(),
             token_expires_unix_ms: expires,
         }
+    }
+
+    #[test]
+    fn spend_is_counted_per_node_over_time() {
+        let (mut r, id) = reg_with_node(1_000);
+        let launched = r.get(&id).unwrap().rec.launched_unix_ms;
+        r.get_mut(&id).unwrap().rec.price_per_hour = 0.36;
+        r.account(launched + 1_800_000); // half an hour
+        assert!((r.spent_usd - 0.18).abs() < 1e-9, "{}", r.spent_usd);
+        r.account(launched + 1_800_000); // nothing new
+        assert!((r.spent_usd - 0.18).abs() < 1e-9);
+        assert!((r.cost_per_hour() - 0.36).abs() < 1e-9);
+        // A removed node's spend stays counted.
+        r.remove(&id);
+        assert!((r.spent_usd - 0.18).abs() < 1e-9);
+        assert_eq!(r.cost_per_hour(), 0.0);
     }
 
     #[test]

@@ -137,6 +137,19 @@ fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
     }
     assert_eq!(w.proxy.count("RunInstances"), 2, "{:?}", w.proxy.counts());
 
+    // Cost: every node priced from DescribeSpotPriceHistory (moto's flat
+    // 0.00001/hour), the cluster's cost per hour, and spend accruing.
+    let s = w.cluster.wait_until("spot prices and spend", READY, |s| {
+        nodes(s).iter().all(|n| n["price_per_hour"].as_f64().unwrap_or(0.0) > 0.0)
+            && s["spent_usd"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    for n in nodes(&s) {
+        assert!((n["price_per_hour"].as_f64().unwrap() - 0.00001).abs() < 1e-12, "{n}");
+    }
+    assert!((s["cost_per_hour"].as_f64().unwrap() - 0.00004).abs() < 1e-12, "{s:#}");
+    let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("cost: $0.00004/hour now"), "{table}");
+
     // A steady tick is one DescribeInstances and nothing else.
     let before = w.proxy.counts();
     let d0 = w.proxy.count("DescribeInstances");
@@ -200,6 +213,11 @@ fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
     // Destroy: no running or pending instance with the tag remains.
     let out = w.cluster.ctl(&["destroy", "--yes"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cluster cost: $"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(w.live_ids().is_empty(), "{:?}", w.moto());
     assert!(w.cluster.wait_serve_exit(Duration::from_secs(10)));
 }

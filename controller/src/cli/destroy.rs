@@ -34,8 +34,13 @@ pub async fn exec(args: DestroyArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
+    let mut spent = None;
     let terminated = match AdminClient::connect(&cfg.admin_socket()).await {
-        Ok(mut client) => client.destroy().await?.terminated,
+        Ok(mut client) => {
+            let r = client.destroy().await?;
+            spent = Some(r.spent_usd);
+            r.terminated
+        }
         Err(_) => {
             eprintln!("no controller running; terminating through the {} provider directly", cfg.provider);
             offline(&cfg).await?
@@ -48,6 +53,9 @@ pub async fn exec(args: DestroyArgs) -> anyhow::Result<ExitCode> {
             println!("terminated {id}");
         }
         println!("cluster {:?} destroyed: {} nodes terminated", cfg.tag_key, terminated.len());
+    }
+    if let Some(usd) = spent.filter(|s| *s > 0.0) {
+        println!("cluster cost: ${} since it was created", crate::cli::status::usd(usd));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -38,6 +38,10 @@ pub struct StatusView {
     pub engine_lines: Vec<String>,
     /// Recent events with their times.
     pub timed_events: Vec<EventView>,
+    /// USD per hour of the nodes present now.
+    pub cost_per_hour: f64,
+    /// USD spent since the cluster was created.
+    pub spent_usd: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +72,7 @@ pub struct NodeView {
     pub phases: Vec<(String, u64)>,
     pub steps: Vec<StepView>,
     pub stuck: String,
+    pub price_per_hour: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +95,8 @@ impl From<api::StatusReply> for StatusView {
             engine: s.engine,
             engine_endpoints: s.engine_endpoints.into_iter().collect(),
             engine_lines: s.engine_lines,
+            cost_per_hour: s.cost_per_hour,
+            spent_usd: s.spent_usd,
             timed_events: s
                 .events
                 .into_iter()
@@ -128,6 +135,7 @@ impl From<api::StatusReply> for StatusView {
                         })
                         .collect(),
                     stuck: n.stuck,
+                    price_per_hour: n.price_per_hour,
                 })
                 .collect(),
             events: s.notes,
@@ -176,6 +184,16 @@ pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Dollars with enough digits for cheap spot prices.
+pub fn usd(v: f64) -> String {
+    if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        let s = format!("{v:.8}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 /// One node's boot diagnostics.
 pub fn render_node(n: &NodeView) -> String {
     let mut out = format!(
@@ -190,6 +208,9 @@ pub fn render_node(n: &NodeView) -> String {
         n.cores,
         n.workers
     );
+    if n.price_per_hour > 0.0 {
+        out.push_str(&format!("  price ${}/hour\n", usd(n.price_per_hour)));
+    }
     if !n.stuck.is_empty() {
         out.push_str(&format!("  STUCK: {}\n", n.stuck));
     }
@@ -232,6 +253,13 @@ pub fn render(v: &StatusView) -> String {
         "cluster {} ({} provider, {} engine): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
         v.cluster, v.provider, v.engine, v.desired_slaves
     );
+    if v.cost_per_hour > 0.0 || v.spent_usd > 0.0 {
+        out.push_str(&format!(
+            "cost: ${}/hour now, ${} spent since the cluster was created\n\n",
+            usd(v.cost_per_hour),
+            usd(v.spent_usd)
+        ));
+    }
     if v.desired_pools.len() > 1 {
         let pools: Vec<String> = v.desired_pools.iter().map(|(k, n)| format!("{k}={n}")).collect();
         out.push_str(&format!("pools: {}\n\n", pools.join(" ")));

@@ -33,6 +33,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use std::collections::HashMap;
 use std::sync::Mutex;
+
 use std::time::{Duration, Instant};
 
 /// Tag holding the launch batch id.
@@ -58,6 +59,8 @@ pub struct Ec2Provider {
     state: Mutex<State>,
     /// API calls and errors per action (for /metrics).
     calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
+    /// instance id -> (type, zone), from the last listing (for prices).
+    placement: Mutex<HashMap<String, (String, String)>>,
 }
 
 #[derive(Default)]
@@ -176,6 +179,7 @@ impl Ec2Provider {
             cooldown: cfg.capacity_cooldown,
             state: Mutex::new(State::default()),
             calls: Mutex::default(),
+            placement: Mutex::default(),
         })
     }
 
@@ -450,6 +454,11 @@ impl Provider for Ec2Provider {
                     let mut launched = Vec::new();
                     for inst in out.instances() {
                         let idx = inst.ami_launch_index().unwrap_or(0) as usize;
+                        if let (Some(id), Some(z)) =
+                            (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
+                        {
+                            self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
+                        }
                         if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
                             launched.push(Launched {
                                 node_id: node.clone(),
@@ -505,6 +514,14 @@ impl Provider for Ec2Provider {
             })?;
             for inst in page.reservations().iter().flat_map(|r| r.instances()) {
                 let Some(id) = inst.instance_id() else { continue };
+                if let (Some(t), Some(z)) =
+                    (inst.instance_type(), inst.placement().and_then(|p| p.availability_zone()))
+                {
+                    self.placement
+                        .lock()
+                        .expect("lock")
+                        .insert(id.to_string(), (t.as_str().into(), z.into()));
+                }
                 let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
                 let state = inst.state().and_then(|s| s.name());
                 out.push(Observed {
@@ -570,6 +587,56 @@ impl Provider for Ec2Provider {
                 })?;
         }
         Ok(ids)
+    }
+
+    async fn prices(&self, instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
+        let wanted: Vec<(String, (String, String))> = {
+            let p = self.placement.lock().expect("lock");
+            instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.clone()))).collect()
+        };
+        let mut types: Vec<String> = wanted.iter().map(|(_, (t, _))| t.clone()).collect();
+        types.sort();
+        types.dedup();
+        if types.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let r = self
+            .client
+            .describe_spot_price_history()
+            .set_instance_types(Some(types.iter().map(|t| InstanceType::from(t.as_str())).collect()))
+            .product_descriptions("Linux/UNIX")
+            .start_time(aws_sdk_ec2::primitives::DateTime::from(std::time::SystemTime::now()))
+            .send()
+            .await;
+        self.count("DescribeSpotPriceHistory", &r);
+        let out = r.map_err(|e| {
+            let (code, msg) = describe(&e);
+            ProviderError::Other(format!("DescribeSpotPriceHistory: {code}: {msg}"))
+        })?;
+        // Newest price per (type, zone).
+        let mut latest: HashMap<(String, String), (i64, f64)> = HashMap::new();
+        for p in out.spot_price_history() {
+            let (Some(t), Some(z), Some(price)) = (p.instance_type(), p.availability_zone(), p.spot_price())
+            else {
+                continue;
+            };
+            let Ok(price) = price.parse::<f64>() else { continue };
+            let at = p.timestamp().map(|d| d.secs()).unwrap_or(0);
+            let e = latest.entry((t.as_str().to_string(), z.to_string())).or_insert((at, price));
+            if at >= e.0 {
+                *e = (at, price);
+            }
+        }
+        Ok(wanted
+            .into_iter()
+            .filter_map(|(id, (t, z))| {
+                let exact = latest.get(&(t.clone(), z)).map(|(_, p)| *p);
+                // Zone unknown to the history: the type's cheapest zone.
+                let any =
+                    || latest.iter().filter(|((lt, _), _)| *lt == t).map(|(_, (_, p))| *p).reduce(f64::min);
+                Some((id, exact.or_else(any)?))
+            })
+            .collect())
     }
 
     fn api_calls(&self) -> Vec<(String, u64, u64)> {

@@ -15,6 +15,7 @@ pub mod record;
 
 use crate::model::Role;
 use crate::plan::NodeLayout;
+use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -125,6 +126,11 @@ pub trait Provider: Send + Sync + 'static {
     /// Conditions worth showing in status (cool-downs, backoff, blocks).
     fn notes(&self) -> Vec<String> {
         vec![]
+    }
+
+    /// Current price per hour (USD) of these instances, where known.
+    async fn prices(&self, _instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
+        Ok(HashMap::new())
     }
 
     /// API calls made so far: (action, calls, errors).
