@@ -63,5 +63,17 @@ pub fn gather() -> api::NodeFacts {
         logical_cores: cores as u32,
         memory_bytes: sys.map(|s| s.total_memory()).unwrap_or(0),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        started_unix_ms: started_unix_ms(),
     }
+}
+
+/// When this process started (unix ms), taken once.
+pub fn started_unix_ms() -> u64 {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    })
 }

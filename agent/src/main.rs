@@ -25,6 +25,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ddisco_agent::facts::started_unix_ms();
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -37,6 +37,7 @@ fn facts_from(f: Option<api::NodeFacts>) -> Facts {
         logical_cores: f.logical_cores,
         memory_bytes: f.memory_bytes,
         agent_version: f.agent_version,
+        started_unix_ms: f.started_unix_ms,
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Facts {
     pub logical_cores: u32,
     pub memory_bytes: u64,
     pub agent_version: String,
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 /// A node as persisted.
@@ -462,6 +464,9 @@ impl Registry {
             self.token_index.remove(&e.rec.token_hash);
             e.rec.token_used = true;
             e.rec.state = NodeState::Enrolled;
+            if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
+                e.rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
+            }
             e.rec.phase("enrolled");
             e.rec.detail.clear();
             if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {

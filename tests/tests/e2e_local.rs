@@ -186,7 +186,14 @@ additional_packages = ["ddisco-no-such-package"]
     let out = c.ctl(&["status", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for phase in ["requested", "running", "enrolled", "step system_packages", "failed at system_packages"] {
+    for phase in [
+        "requested",
+        "running",
+        "agent downloaded and started",
+        "enrolled",
+        "step system_packages",
+        "failed at system_packages",
+    ] {
         assert!(text.contains(&format!("s  {phase}")), "phase {phase:?} missing:\n{text}");
     }
     let out = c.ctl(&["logs", &id, "system_packages"]);
