@@ -82,6 +82,8 @@ pub struct Config {
     pub slave_pools: Vec<Pool>,
     /// Attempts the AWS SDK makes per call (its own retries).
     pub ec2_max_attempts: u32,
+    /// Launch the master on-demand instead of spot (slaves stay spot).
+    pub master_on_demand: bool,
     /// How long a (pool, type, subnet) that hit a capacity error is skipped.
     pub capacity_cooldown: Duration,
     pub engine: EngineKind,
@@ -225,6 +227,8 @@ pub struct RawConfig {
     slave_pools: Option<Vec<Pool>>,
     #[serde(alias = "EC2_MAX_ATTEMPTS")]
     ec2_max_attempts: Option<u32>,
+    #[serde(alias = "MASTER_ON_DEMAND")]
+    master_on_demand: Option<bool>,
     #[serde(alias = "CAPACITY_COOLDOWN_SECS")]
     capacity_cooldown_secs: Option<f64>,
     #[serde(alias = "ENGINE")]
@@ -325,6 +329,7 @@ impl Default for Config {
             subnet_ids: vec![],
             slave_pools: vec![],
             ec2_max_attempts: 3,
+            master_on_demand: false,
             capacity_cooldown: Duration::from_secs(300),
             engine: EngineKind::Disco,
             drain_timeout: Duration::from_secs(60),
@@ -622,6 +627,7 @@ impl Config {
             subnet_ids: raw.subnet_ids.unwrap_or_default(),
             slave_pools: raw.slave_pools.unwrap_or_default(),
             ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2_max_attempts).clamp(1, 10),
+            master_on_demand: raw.master_on_demand.unwrap_or(false),
             capacity_cooldown,
             engine,
             drain_timeout,
@@ -790,6 +796,8 @@ endpoint_url = ""
 subnet_ids = []
 # Attempts per EC2 call made by the AWS SDK itself.
 ec2_max_attempts = 3
+# Run the master on-demand (it holds the cluster together; slaves stay spot).
+master_on_demand = false
 # A type/subnet that reported no capacity is skipped this long.
 capacity_cooldown_secs = 300.0
 # Slave pools: different instance types with counts (instead of num_slaves).

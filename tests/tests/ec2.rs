@@ -288,9 +288,18 @@ count = 2
 
 #[test]
 fn controller_crash_and_restart_launches_nothing_twice() {
-    let mut w = world("num_slaves = 2");
-    w.cluster
+    let mut w = world("num_slaves = 2\nmaster_on_demand = true");
+    let s = w
+        .cluster
         .wait_until("ready", READY, |s| at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true));
+    // The master was configured on-demand: no spot market for it, spot for slaves.
+    let insts = w.moto();
+    for i in live(&insts) {
+        let want = if i.tags[&w.tag] == "master" { "" } else { "spot" };
+        assert_eq!(i.lifecycle, want, "{i:?}");
+    }
+    let master = nodes(&s).iter().find(|n| n["role"] == "master").unwrap().clone();
+    assert_eq!(master["instance_type"], "c5.large on-demand", "{master}");
     let ids = w.live_ids();
     let runs = w.proxy.count("RunInstances");
     w.cluster.crash_serve();

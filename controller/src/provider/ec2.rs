@@ -52,6 +52,7 @@ pub struct Ec2Provider {
     subnets: Vec<Option<String>>,
     max_bid: String,
     master_type: String,
+    master_on_demand: bool,
     pools: Vec<Pool>,
     ssh_user: String,
     cooldown: Duration,
@@ -174,6 +175,7 @@ impl Ec2Provider {
             subnets,
             max_bid: cfg.max_bid.trim().to_string(),
             master_type: cfg.master_instance_type().to_string(),
+            master_on_demand: cfg.master_on_demand,
             pools: cfg.pools(),
             ssh_user: cfg.ssh_user.clone(),
             cooldown: cfg.capacity_cooldown,
@@ -201,6 +203,11 @@ impl Ec2Provider {
             }
         }
         types.into_iter().flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone()))).collect()
+    }
+
+    /// Does this role launch on-demand (not spot)?
+    fn on_demand(&self, role: Role) -> bool {
+        role == Role::Master && self.master_on_demand
     }
 
     /// Counts one API call and whether it failed.
@@ -270,7 +277,7 @@ impl Ec2Provider {
             .max_count(n)
             .client_token(format!("{}-{attempt}", batch.batch_id))
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
-            .instance_market_options(market)
+            .set_instance_market_options((!self.on_demand(batch.role)).then_some(market))
             .tag_specifications(spec(ResourceType::Instance))
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
@@ -460,10 +467,11 @@ impl Provider for Ec2Provider {
                             self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
                         }
                         if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
+                            let market = if self.on_demand(batch.role) { " on-demand" } else { "" };
                             launched.push(Launched {
                                 node_id: node.clone(),
                                 instance_id: id.to_string(),
-                                instance_type: itype.clone(),
+                                instance_type: format!("{itype}{market}"),
                             });
                         }
                     }
