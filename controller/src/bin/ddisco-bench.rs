@@ -79,7 +79,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 struct Ctl {
     child: Child,
     dir: tempfile::TempDir,
-    cfg: PathBuf,
 }
 
 impl Ctl {
@@ -116,7 +115,7 @@ impl Ctl {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Ctl { child, dir, cfg })
+        Ok(Ctl { child, dir })
     }
 
     /// A controller with the default timeout ratio (timeout = 3 x interval).
@@ -172,7 +171,6 @@ impl Drop for Ctl {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = &self.cfg;
     }
 }
 
