@@ -197,6 +197,7 @@ pub fn status_of(sh: &Shared) -> api::StatusReply {
         spent_usd: reg.spent_usd,
         desired_pools: reg.desired.clone().into_iter().collect(),
         provider_notes: sh.provider.notes(),
+        provider_facts: sh.provider.facts(),
         engine: sh.engine.name().to_string(),
         engine_endpoints,
         engine_lines,

@@ -302,7 +302,7 @@ impl Default for Config {
                 "pigz",
             ]),
             pip_requirements: strings(&["iso8601"]),
-            ami: String::new(),
+            ami: "ubuntu:24.04".into(),
             max_bid: "0.10".into(),
             instance_type: "c5.xlarge".into(),
             master_instance_type: String::new(),
@@ -669,7 +669,15 @@ impl Config {
         }
         if cfg.provider == ProviderKind::Ec2 {
             if cfg.ami.trim().is_empty() {
-                return Err(err("ami", "required with provider = \"ec2\": the image id (ami-...)".into()));
+                return Err(err(
+                    "ami",
+                    "required with provider = \"ec2\": an official Ubuntu image alias such as \"ubuntu:24.04\", \
+                     or an image id (ami-...)"
+                        .into(),
+                ));
+            }
+            if let Err(e) = crate::provider::images::parse(&cfg.ami) {
+                return Err(err("ami", e));
             }
             if cfg.security_groups.is_empty() {
                 return Err(err(
@@ -779,7 +787,10 @@ pip_requirements = ["iso8601"]
 post_init = ""
 
 # EC2 settings (provider = "ec2").
-ami = ""
+# Image: an official Ubuntu LTS alias ("ubuntu:24.04", "ubuntu:22.04", ...),
+# resolved per region and architecture to Canonical's newest server image,
+# or an image id (ami-...).
+ami = "ubuntu:24.04"
 # Spot max price per instance-hour, USD.
 max_bid = "0.10"
 instance_type = "c5.xlarge"
@@ -964,7 +975,11 @@ mod tests {
     #[test]
     fn ec2_requires_what_it_needs() {
         let base = "provider = \"ec2\"\n";
-        assert_eq!(toml(base).unwrap_err().key.as_deref(), Some("ami"));
+        // The image defaults to the newest Ubuntu LTS alias.
+        assert_eq!(toml(base).unwrap_err().key.as_deref(), Some("security_groups"));
+        for bad in ["ami = \"\"", "ami = \"ubuntu:18.04\"", "ami = \"centos:7\"", "ami = \"ami-zz\""] {
+            assert_eq!(toml(&format!("{base}{bad}\n")).unwrap_err().key.as_deref(), Some("ami"), "{bad}");
+        }
         let t = format!("{base}ami = \"ami-1\"\n");
         assert_eq!(toml(&t).unwrap_err().key.as_deref(), Some("security_groups"));
         let t = format!("{t}security_groups = [\"sg-1\"]\n");

@@ -34,51 +34,59 @@ use std::time::{Duration, Instant};
 /// started from `.venv-moto/bin/moto_server` (scripts/test installs it).
 pub fn moto() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        if let Ok(url) = std::env::var("DDISCO_MOTO_URL") {
-            return url;
-        }
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let server = std::env::var_os("DDISCO_MOTO_SERVER")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join(".venv-moto/bin/moto_server"));
-        assert!(
-            server.exists(),
-            "{} is missing: the EC2 tests need moto (scripts/test installs it: \
-             python3 -m venv .venv-moto && .venv-moto/bin/pip install 'moto[server]')",
-            server.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        // moto runs under a watchdog shell that kills it when this process's
-        // end of the stdin pipe closes, i.e. when the test process exits.
-        let script = r#"
-            "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 &
-            m=$!
-            cat >/dev/null
-            kill "$m"
-        "#;
-        let child = Command::new("sh")
-            .args(["-c", script])
-            .arg(&server)
-            .arg(port.to_string())
-            .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
-            .env("MOTO_ENABLE_AMI_VALIDATION", "true")
-            .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        // Keep the pipe open for the life of the process.
-        std::mem::forget(child);
-        let url = format!("http://127.0.0.1:{port}");
-        let end = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "moto did not start on {url}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        url
-    })
+    URL.get_or_init(|| std::env::var("DDISCO_MOTO_URL").unwrap_or_else(|_| start_moto(&[])))
+}
+
+/// A moto server whose only images are those of `amis_json` (moto's
+/// `MOTO_AMIS_PATH`), for tests that need particular images to exist.
+pub fn moto_with_amis(amis_json: &std::path::Path) -> String {
+    start_moto(&[("MOTO_AMIS_PATH", amis_json.to_str().expect("utf-8 path"))])
+}
+
+/// Starts a moto server (with its validations on) that lives as long as
+/// this test process; returns its URL.
+pub fn start_moto(env: &[(&str, &str)]) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let server = std::env::var_os("DDISCO_MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv-moto/bin/moto_server"));
+    assert!(
+        server.exists(),
+        "{} is missing: the EC2 tests need moto (scripts/test installs it: \
+         python3 -m venv .venv-moto && .venv-moto/bin/pip install 'moto[server]')",
+        server.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // moto runs under a watchdog shell that kills it when this process's
+    // end of the stdin pipe closes, i.e. when the test process exits.
+    let script = r#"
+        "$0" -H 127.0.0.1 -p "$1" >/dev/null 2>&1 &
+        m=$!
+        cat >/dev/null
+        kill "$m"
+    "#;
+    let child = Command::new("sh")
+        .args(["-c", script])
+        .arg(&server)
+        .arg(port.to_string())
+        .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+        .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+        .env("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    // Keep the pipe open for the life of the process.
+    std::mem::forget(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let end = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "moto did not start on {url}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    url
 }
 
 /// Environment for anything that talks to moto with the AWS SDK.
@@ -122,6 +130,7 @@ pub struct Inst {
     pub state: String,
     pub instance_type: String,
     pub lifecycle: String,
+    pub image_id: String,
     pub tags: HashMap<String, String>,
     pub launch_index: i32,
 }
@@ -138,6 +147,7 @@ pub async fn instances(c: &Client, tag_key: &str) -> Vec<Inst> {
             state: i.state().and_then(|s| s.name()).map(|s| s.as_str().to_string()).unwrap_or_default(),
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
             lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_string()).unwrap_or_default(),
+            image_id: i.image_id().unwrap_or_default().to_string(),
             tags: i
                 .tags()
                 .iter()

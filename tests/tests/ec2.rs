@@ -355,6 +355,8 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
         ("instance_type", "instance_type = \"c5.nope\""),
         ("security_groups", "security_groups = [\"sg-00000000\"]"),
         ("key_name", "key_name = \"no-such-key\""),
+        // An x86_64 image id with an arm64 (Graviton) type.
+        ("instance_type", "instance_type = \"m6g.large\""),
     ];
     for (i, (key, bad)) in cases.iter().enumerate() {
         let tag = format!("ddt-bad-{i}-{:x}", rand_u32());
@@ -413,4 +415,75 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("key `credentials`") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
+}
+
+/// `ami = "ubuntu:24.04"` resolves per architecture to Canonical's newest
+/// server image. moto is given an image list (MOTO_AMIS_PATH,
+/// tests/fixtures/canonical-amis.json) with several Canonical builds per
+/// architecture and newer look-alikes (other owner, images-testing,
+/// minimal, instance-store root, another release) that must not win. No
+/// hypervisor here: what is checked is what was launched.
+#[test]
+fn ubuntu_alias_resolves_to_the_newest_canonical_image_per_architecture() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/canonical-amis.json");
+    let url = moto_with_amis(&fixture);
+    let c = rt.block_on(client(&url));
+    let sg = rt.block_on(default_sg(&c));
+    let tag = format!("ddt-img-{:08x}", rand_u32());
+    let pools = r#"
+master_instance_type = "c5.large"
+[[slave_pools]]
+name = "intel"
+instance_types = ["c5.large"]
+count = 1
+[[slave_pools]]
+name = "graviton"
+instance_types = ["m6g.large"]
+count = 1
+"#;
+    let text = config(&url, &tag, &sg, pools).replace("ami = \"ami-1e749f67\"", "ami = \"ubuntu:24.04\"");
+    let mut cluster = Cluster::start_with_env(&text, aws_env());
+    let end = Instant::now() + READY;
+    let insts = loop {
+        let v = rt.block_on(instances(&c, &tag));
+        if live(&v).len() == 3 {
+            break v;
+        }
+        assert!(Instant::now() < end, "3 instances not launched: {v:#?}\n{}", cluster.serve_log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for i in live(&insts) {
+        let want =
+            if i.instance_type == "m6g.large" { "ami-0b0000000000000b2" } else { "ami-0a0000000000000a2" };
+        assert_eq!(i.image_id, want, "{i:?}");
+    }
+    let table = String::from_utf8(cluster.ctl(&["status"]).stdout).unwrap();
+    for line in [
+        "image: ubuntu:24.04 (amd64) = ami-0a0000000000000a2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261112",
+        "image: ubuntu:24.04 (arm64) = ami-0b0000000000000b2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-arm64-server-20261110",
+    ] {
+        assert!(table.contains(line), "missing {line:?} in:\n{table}");
+    }
+    let out = cluster.ctl(&["destroy", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(cluster.wait_serve_exit(Duration::from_secs(10)));
+
+    // A supported release with no image in the region: a clear error that
+    // names the alias and the region, and nothing is launched.
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("ddt-img-none-{:08x}", rand_u32());
+    let path = dir.path().join("ddisco.toml");
+    let text = config(&url, &tag, &sg, "").replace("ami = \"ami-1e749f67\"", "ami = \"ubuntu:20.04\"");
+    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `ami`") && err.contains("ubuntu:20.04") && err.contains("us-east-1"), "{err}");
+    assert!(live(&rt.block_on(instances(&c, &tag))).is_empty());
 }

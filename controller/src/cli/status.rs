@@ -33,6 +33,8 @@ pub struct StatusView {
     pub nodes: Vec<NodeView>,
     pub events: Vec<String>,
     pub provider_notes: Vec<String>,
+    /// What the provider launches with (image per architecture).
+    pub provider_facts: Vec<String>,
     pub engine: String,
     pub engine_endpoints: std::collections::BTreeMap<String, String>,
     pub engine_lines: Vec<String>,
@@ -92,6 +94,7 @@ impl From<api::StatusReply> for StatusView {
             desired_slaves: s.desired_slaves,
             desired_pools: s.desired_pools.into_iter().collect(),
             provider_notes: s.provider_notes,
+            provider_facts: s.provider_facts,
             engine: s.engine,
             engine_endpoints: s.engine_endpoints.into_iter().collect(),
             engine_lines: s.engine_lines,
@@ -312,6 +315,9 @@ pub fn render(v: &StatusView) -> String {
         for l in &v.engine_lines {
             out.push_str(&format!("{l}\n"));
         }
+    }
+    for fact in &v.provider_facts {
+        out.push_str(&format!("{fact}\n"));
     }
     for note in &v.provider_notes {
         out.push_str(&format!("provider: {note}\n"));

@@ -20,6 +20,7 @@
 //! - Every instance carries the tag `<tag_key> = master|slave` (as the
 //!   original did), `ddisco:pool` and `ddisco:batch`.
 
+use super::images::{self, ImageInfo, ImageSpec, Resolved};
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
 use crate::config::{Config, Pool};
 use crate::model::Role;
@@ -45,7 +46,10 @@ pub struct Ec2Provider {
     client: Client,
     region: String,
     tag_key: String,
-    ami: String,
+    /// The `ami` setting: an id, or an alias resolved at preflight.
+    ami: ImageSpec,
+    /// The setting as written (for messages).
+    ami_text: String,
     key_name: String,
     group_ids: Vec<String>,
     group_names: Vec<String>,
@@ -62,6 +66,24 @@ pub struct Ec2Provider {
     calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
     /// instance id -> (type, zone), from the last listing (for prices).
     placement: Mutex<HashMap<String, (String, String)>>,
+    /// Instance type -> architecture (`x86_64`, `arm64`), from preflight.
+    type_arch: Mutex<HashMap<String, String>>,
+    /// Architecture -> image id in force, from preflight.
+    image_by_arch: Mutex<HashMap<String, String>>,
+    /// Aliases resolved (for status), and the cache file holding them.
+    resolved: Mutex<Vec<Resolved>>,
+    image_cache: std::path::PathBuf,
+}
+
+/// Resolved aliases are reused from the cache file for this long, so a
+/// restarted controller keeps launching the image its running nodes have.
+const IMAGE_CACHE_SECS: u64 = 24 * 3600;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedImage {
+    resolved: Resolved,
+    /// Unix seconds.
+    at: u64,
 }
 
 #[derive(Default)]
@@ -168,7 +190,9 @@ impl Ec2Provider {
             client: Client::new(&sdk),
             region,
             tag_key: cfg.tag_key.clone(),
-            ami: cfg.ami.clone(),
+            ami: images::parse(&cfg.ami)
+                .map_err(|message| ProviderError::Config { key: "ami".into(), message })?,
+            ami_text: cfg.ami.trim().to_string(),
             key_name: cfg.key_name.clone(),
             group_ids,
             group_names,
@@ -182,6 +206,10 @@ impl Ec2Provider {
             state: Mutex::new(State::default()),
             calls: Mutex::default(),
             placement: Mutex::default(),
+            type_arch: Mutex::default(),
+            image_by_arch: Mutex::default(),
+            resolved: Mutex::default(),
+            image_cache: cfg.state_dir.join("images.json"),
         })
     }
 
@@ -271,7 +299,7 @@ impl Ec2Provider {
         let mut req = self
             .client
             .run_instances()
-            .image_id(&self.ami)
+            .image_id(self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?)
             .instance_type(InstanceType::from(itype))
             .min_count(n)
             .max_count(n)
@@ -292,6 +320,160 @@ impl Ec2Provider {
         let r = req.send().await;
         self.count("RunInstances", &r);
         r.map_err(|e| describe(&e))
+    }
+
+    /// The image to launch an instance type with (after preflight).
+    fn image_for(&self, itype: &str) -> Result<String, String> {
+        if let ImageSpec::Id(id) = &self.ami {
+            return Ok(id.clone());
+        }
+        let arch =
+            self.type_arch.lock().expect("lock").get(itype).cloned().unwrap_or_else(|| "x86_64".into());
+        self.image_by_arch
+            .lock()
+            .expect("lock")
+            .get(&arch)
+            .cloned()
+            .ok_or_else(|| format!("{} is not resolved for {arch} ({itype})", self.ami_text))
+    }
+
+    /// Checks the `ami` setting against every architecture the configured
+    /// instance types need: an id must exist and match them; an alias is
+    /// resolved once per architecture (or taken from the day's cache).
+    async fn resolve_images(&self, needed: &[(String, String, String)]) -> Result<(), ProviderError> {
+        let c = &self.client;
+        match &self.ami {
+            ImageSpec::Id(id) => {
+                let imgs =
+                    self.check("DescribeImages", c.describe_images().image_ids(id).send().await, "ami", id)?;
+                let Some(img) = imgs.images().first() else {
+                    return Err(ProviderError::Config {
+                        key: "ami".into(),
+                        message: format!("{id} does not exist in {}", self.region),
+                    });
+                };
+                let img_arch = img.architecture().map(|a| a.as_str().to_string());
+                for (arch, itype, key) in needed {
+                    if let Some(ia) = img_arch.as_deref().filter(|ia| ia != arch) {
+                        return Err(ProviderError::Config {
+                            key: key.clone(),
+                            message: format!(
+                                "{itype} runs {arch} but ami {id} is an {ia} image: use instance types of one \
+                                 architecture, or an alias such as `ami = \"ubuntu:24.04\"`, which resolves \
+                                 per architecture"
+                            ),
+                        });
+                    }
+                }
+            }
+            ImageSpec::Alias(alias) => {
+                let mut archs: Vec<&str> = needed.iter().map(|(a, _, _)| a.as_str()).collect();
+                archs.sort();
+                archs.dedup();
+                let mut cache = self.read_image_cache();
+                let mut resolved = Vec::new();
+                for arch in archs {
+                    let cached = cache
+                        .iter()
+                        .find(|e| {
+                            e.resolved.region == self.region
+                                && e.resolved.alias == alias.to_string()
+                                && e.resolved.architecture == arch
+                        })
+                        .map(|e| e.resolved.clone());
+                    let r = match cached {
+                        Some(r) if self.still_available(&r.image.id).await? => r,
+                        _ => {
+                            let r = self.resolve_alias(alias, arch).await?;
+                            cache.retain(|e| {
+                                !(e.resolved.region == r.region
+                                    && e.resolved.alias == r.alias
+                                    && e.resolved.architecture == r.architecture)
+                            });
+                            cache.push(CachedImage { resolved: r.clone(), at: unix_now() });
+                            r
+                        }
+                    };
+                    tracing::info!("image: {}", r.describe());
+                    self.image_by_arch.lock().expect("lock").insert(arch.to_string(), r.image.id.clone());
+                    resolved.push(r);
+                }
+                self.write_image_cache(&cache);
+                *self.resolved.lock().expect("lock") = resolved;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest official image of `alias` for `arch` in this region.
+    async fn resolve_alias(&self, alias: &images::Alias, arch: &str) -> Result<Resolved, ProviderError> {
+        let mut req = self.client.describe_images().owners(images::CANONICAL_OWNER);
+        for (name, value) in images::filters(alias, arch) {
+            req = req.filters(Filter::builder().name(name).values(value).build());
+        }
+        let what = format!("{alias} ({arch})");
+        let out = self.check("DescribeImages", req.send().await, "ami", &what)?;
+        let found: Vec<ImageInfo> = out
+            .images()
+            .iter()
+            .filter_map(|i| {
+                Some(ImageInfo {
+                    id: i.image_id()?.to_string(),
+                    name: i.name()?.to_string(),
+                    owner: i.owner_id()?.to_string(),
+                    architecture: i.architecture()?.as_str().to_string(),
+                    created: i.creation_date().unwrap_or("").to_string(),
+                    ebs: i.root_device_type().is_some_and(|d| d.as_str() == "ebs"),
+                })
+            })
+            .collect();
+        let image = images::newest(alias, arch, &found).ok_or_else(|| ProviderError::Config {
+            key: "ami".into(),
+            message: format!(
+                "`{alias}` resolves to no official Ubuntu image for {arch} in region {}: nothing owned by \
+                 Canonical ({}) is named {} there ({} candidates looked at); use another release, region or \
+                 instance type, or give an image id",
+                self.region,
+                images::CANONICAL_OWNER,
+                images::name_pattern(alias, arch),
+                found.len()
+            ),
+        })?;
+        Ok(Resolved {
+            region: self.region.clone(),
+            alias: alias.to_string(),
+            architecture: arch.into(),
+            image,
+        })
+    }
+
+    async fn still_available(&self, id: &str) -> Result<bool, ProviderError> {
+        let r = self.client.describe_images().image_ids(id).send().await;
+        self.count("DescribeImages", &r);
+        Ok(r.ok().is_some_and(|o| {
+            o.images().first().is_some_and(|i| i.state().is_some_and(|s| s.as_str() == "available"))
+        }))
+    }
+
+    fn read_image_cache(&self) -> Vec<CachedImage> {
+        let now = unix_now();
+        std::fs::read_to_string(&self.image_cache)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Vec<CachedImage>>(&t).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| now.saturating_sub(e.at) < IMAGE_CACHE_SECS)
+            .collect()
+    }
+
+    fn write_image_cache(&self, cache: &[CachedImage]) {
+        let text = serde_json::to_string_pretty(cache).expect("serialize");
+        if let Err(e) = std::fs::write(&self.image_cache, text) {
+            tracing::warn!(
+                "cannot write {}: {e} (images are resolved again next start)",
+                self.image_cache.display()
+            );
+        }
     }
 
     /// Runs a preflight call; maps an error to the config key it concerns.
@@ -320,6 +502,10 @@ impl Ec2Provider {
             }
         })
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[async_trait::async_trait]
@@ -354,18 +540,6 @@ impl Provider for Ec2Provider {
 
     async fn preflight(&self) -> Result<(), ProviderError> {
         let c = &self.client;
-        let imgs = self.check(
-            "DescribeImages",
-            c.describe_images().image_ids(&self.ami).send().await,
-            "ami",
-            &self.ami,
-        )?;
-        if imgs.images().is_empty() {
-            return Err(ProviderError::Config {
-                key: "ami".into(),
-                message: format!("{} does not exist in {}", self.ami, self.region),
-            });
-        }
         if !self.key_name.is_empty() {
             self.check(
                 "DescribeKeyPairs",
@@ -402,6 +576,7 @@ impl Provider for Ec2Provider {
                 &what,
             )?;
         }
+        // Instance types, and the architecture each one runs.
         let mut types: Vec<(String, String)> =
             vec![(self.master_type.clone(), "master_instance_type".into())];
         for (i, p) in self.pools.iter().enumerate() {
@@ -409,20 +584,34 @@ impl Provider for Ec2Provider {
                 types.push((t.clone(), format!("slave_pools[{i}].instance_types")));
             }
         }
+        let mut arch_keys: Vec<(String, String, String)> = Vec::new(); // (arch, type, key)
         for (t, key) in types {
             let key = if self.pools.len() == 1 && self.pools[0].name == crate::config::DEFAULT_POOL {
                 "instance_type".to_string()
             } else {
                 key
             };
-            self.check(
+            let out = self.check(
                 "DescribeInstanceTypes",
                 c.describe_instance_types().instance_types(InstanceType::from(t.as_str())).send().await,
                 &key,
                 &t,
             )?;
+            let supported: Vec<String> = out
+                .instance_types()
+                .iter()
+                .filter_map(|i| i.processor_info())
+                .flat_map(|p| p.supported_architectures())
+                .map(|a| a.as_str().to_string())
+                .collect();
+            let arch = images::type_arch(&supported).unwrap_or_else(|| {
+                tracing::warn!("{t}: the endpoint does not say which architecture it runs; assuming x86_64");
+                "x86_64".into()
+            });
+            self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
+            arch_keys.push((arch, t, key));
         }
-        Ok(())
+        self.resolve_images(&arch_keys).await
     }
 
     fn can_launch(&self) -> Result<(), ProviderError> {
@@ -649,6 +838,19 @@ impl Provider for Ec2Provider {
 
     fn api_calls(&self) -> Vec<(String, u64, u64)> {
         self.calls.lock().expect("lock").iter().map(|(a, (n, e))| (a.to_string(), *n, *e)).collect()
+    }
+
+    fn facts(&self) -> Vec<String> {
+        match &self.ami {
+            ImageSpec::Id(id) => vec![format!("image: {id}")],
+            ImageSpec::Alias(_) => self
+                .resolved
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|r| format!("image: {}", r.describe()))
+                .collect(),
+        }
     }
 
     fn notes(&self) -> Vec<String> {

@@ -10,6 +10,7 @@
 //! **Architecture Invariant:** only `provider/ec2.rs` knows about the AWS SDK.
 
 pub mod ec2;
+pub mod images;
 pub mod local;
 pub mod record;
 
@@ -121,6 +122,11 @@ pub trait Provider: Send + Sync + 'static {
     /// After `destroy`: release what is left (open spot requests).
     async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
         Ok(vec![])
+    }
+
+    /// What it launches with, worth showing in status (e.g. the image).
+    fn facts(&self) -> Vec<String> {
+        vec![]
     }
 
     /// Conditions worth showing in status (cool-downs, backoff, blocks).
