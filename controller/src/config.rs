@@ -86,6 +86,19 @@ pub struct Config {
     pub master_on_demand: bool,
     /// How long a (pool, type, subnet) that hit a capacity error is skipped.
     pub capacity_cooldown: Duration,
+    /// Instance profile (name or ARN) attached to every node: S3 access
+    /// through the instance role, no keys on nodes.
+    pub iam_instance_profile: Option<String>,
+    /// Which roles may fall back to on-demand when spot keeps failing.
+    pub on_demand_fallback: FallbackRoles,
+    /// Spot capacity/price failures of a pool, within the window, that
+    /// switch it to on-demand.
+    pub fallback_failures: u32,
+    /// Spot interruptions of a pool, within the window, that do the same.
+    pub fallback_interruptions: u32,
+    pub fallback_window: Duration,
+    /// Where each node's scratch space (instance store) is mounted.
+    pub scratch_path: String,
     pub engine: EngineKind,
     /// How long a slave being removed is drained before it is terminated.
     pub drain_timeout: Duration,
@@ -102,6 +115,27 @@ pub struct Config {
     /// Bearer token required by the dashboard and /metrics; mandatory when
     /// `dashboard_listen` is not a loopback address.
     pub dashboard_token: Option<Secret>,
+}
+
+/// Roles allowed to fall back to on-demand (`on_demand_fallback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackRoles {
+    None,
+    Slaves,
+    Master,
+    Both,
+}
+
+impl FallbackRoles {
+    pub fn covers(self, role: crate::model::Role) -> bool {
+        use crate::model::Role;
+        matches!(
+            (self, role),
+            (FallbackRoles::Both, _)
+                | (FallbackRoles::Slaves, Role::Slave)
+                | (FallbackRoles::Master, Role::Master)
+        )
+    }
 }
 
 /// Which map/reduce engine the nodes run.
@@ -231,6 +265,18 @@ pub struct RawConfig {
     master_on_demand: Option<bool>,
     #[serde(alias = "CAPACITY_COOLDOWN_SECS")]
     capacity_cooldown_secs: Option<f64>,
+    #[serde(alias = "IAM_INSTANCE_PROFILE")]
+    iam_instance_profile: Option<String>,
+    #[serde(alias = "ON_DEMAND_FALLBACK")]
+    on_demand_fallback: Option<String>,
+    #[serde(alias = "FALLBACK_FAILURES")]
+    fallback_failures: Option<u32>,
+    #[serde(alias = "FALLBACK_INTERRUPTIONS")]
+    fallback_interruptions: Option<u32>,
+    #[serde(alias = "FALLBACK_WINDOW_SECS")]
+    fallback_window_secs: Option<f64>,
+    #[serde(alias = "SCRATCH_PATH")]
+    scratch_path: Option<String>,
     #[serde(alias = "ENGINE")]
     engine: Option<String>,
     #[serde(alias = "DRAIN_TIMEOUT_SECS")]
@@ -331,6 +377,12 @@ impl Default for Config {
             ec2_max_attempts: 3,
             master_on_demand: false,
             capacity_cooldown: Duration::from_secs(300),
+            iam_instance_profile: None,
+            on_demand_fallback: FallbackRoles::None,
+            fallback_failures: 3,
+            fallback_interruptions: 3,
+            fallback_window: Duration::from_secs(900),
+            scratch_path: "/mnt".into(),
             engine: EngineKind::Disco,
             drain_timeout: Duration::from_secs(60),
             dask_version: crate::engine::dask::DASK_VERSION.into(),
@@ -515,6 +567,48 @@ impl Config {
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
         let capacity_cooldown =
             secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.capacity_cooldown)?;
+        let fallback_window = secs("fallback_window_secs", raw.fallback_window_secs, d.fallback_window)?;
+        let on_demand_fallback = match raw.on_demand_fallback.as_deref() {
+            None => d.on_demand_fallback,
+            Some("none") => FallbackRoles::None,
+            Some("slaves") => FallbackRoles::Slaves,
+            Some("master") => FallbackRoles::Master,
+            Some("both") => FallbackRoles::Both,
+            Some(other) => {
+                return Err(err(
+                    "on_demand_fallback",
+                    format!("{other:?}: use \"none\", \"slaves\", \"master\" or \"both\""),
+                ));
+            }
+        };
+        for (key, v) in [
+            ("fallback_failures", raw.fallback_failures),
+            ("fallback_interruptions", raw.fallback_interruptions),
+        ] {
+            if v == Some(0) {
+                return Err(err(key, "must be at least 1".into()));
+            }
+        }
+        let iam_instance_profile =
+            raw.iam_instance_profile.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        if let Some(p) = &iam_instance_profile
+            && !is_instance_profile(p)
+        {
+            return Err(err(
+                "iam_instance_profile",
+                format!(
+                    "{p:?} is neither an instance profile name (letters, digits and +=,.@_-, up to 128) nor its \
+                     ARN (arn:aws:iam::ACCOUNT:instance-profile/NAME)"
+                ),
+            ));
+        }
+        let scratch_path = raw.scratch_path.unwrap_or(d.scratch_path.clone());
+        if !scratch_path.starts_with('/') || scratch_path == "/" || scratch_path.contains("..") {
+            return Err(err(
+                "scratch_path",
+                format!("{scratch_path:?}: use an absolute directory such as \"/mnt\""),
+            ));
+        }
         let drain_timeout = match raw.drain_timeout_secs {
             Some(0.0) => Duration::ZERO,
             other => secs("drain_timeout_secs", other, d.drain_timeout)?,
@@ -629,6 +723,12 @@ impl Config {
             ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2_max_attempts).clamp(1, 10),
             master_on_demand: raw.master_on_demand.unwrap_or(false),
             capacity_cooldown,
+            iam_instance_profile,
+            on_demand_fallback,
+            fallback_failures: raw.fallback_failures.unwrap_or(d.fallback_failures),
+            fallback_interruptions: raw.fallback_interruptions.unwrap_or(d.fallback_interruptions),
+            fallback_window,
+            scratch_path,
             engine,
             drain_timeout,
             dask_version: non_empty(raw.dask_version).unwrap_or(d.dask_version),
@@ -730,6 +830,29 @@ pub const DEFAULT_POOL: &str = "default";
 /// The master's pool name.
 pub const MASTER_POOL: &str = "master";
 
+/// An IAM instance profile name, or an instance profile ARN.
+fn is_instance_profile(v: &str) -> bool {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 128
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c))
+    };
+    match v.strip_prefix("arn:") {
+        Some(rest) => {
+            let parts: Vec<&str> = rest.splitn(5, ':').collect();
+            parts.len() == 5
+                && parts[0].starts_with("aws")
+                && parts[1] == "iam"
+                && parts[3].len() == 12
+                && parts[3].chars().all(|c| c.is_ascii_digit())
+                && parts[4]
+                    .strip_prefix("instance-profile/")
+                    .is_some_and(|p| p.rsplit('/').next().is_some_and(name_ok))
+        }
+        None => name_ok(v),
+    }
+}
+
 fn non_empty_secret(v: Option<String>) -> Option<Secret> {
     v.filter(|s| !s.trim().is_empty()).map(Secret)
 }
@@ -811,6 +934,21 @@ ec2_max_attempts = 3
 master_on_demand = false
 # A type/subnet that reported no capacity is skipped this long.
 capacity_cooldown_secs = 300.0
+# On-demand fallback: "none", "slaves", "master" or "both". A pool whose spot
+# launches failed for capacity or price fallback_failures times, or whose
+# spot nodes were interrupted fallback_interruptions times, within
+# fallback_window_secs launches on-demand until that many seconds pass
+# quietly; then new nodes are spot again.
+on_demand_fallback = "none"
+fallback_failures = 3
+fallback_interruptions = 3
+fallback_window_secs = 900.0
+# Instance profile (name or ARN) for every node: jobs reach S3 through the
+# instance role; no AWS key ever goes to a node.
+iam_instance_profile = ""
+# Scratch space: instance-store volumes (striped if several) are formatted
+# and mounted here; without instance store, a directory on the root volume.
+scratch_path = "/mnt"
 # Slave pools: different instance types with counts (instead of num_slaves).
 # Types are tried in order on capacity errors, then the other pools' types.
 # [[slave_pools]]
@@ -921,6 +1059,13 @@ mod tests {
             ("engine = \"spark\"", "engine"),
             ("dashboard_listen = \"0.0.0.0:7445\"", "dashboard_token"),
             ("disco_root = \"mnt\"", "disco_root"),
+            ("on_demand_fallback = \"always\"", "on_demand_fallback"),
+            ("fallback_failures = 0", "fallback_failures"),
+            ("fallback_window_secs = -1", "fallback_window_secs"),
+            ("iam_instance_profile = \"has space\"", "iam_instance_profile"),
+            ("iam_instance_profile = \"arn:aws:iam::12:instance-profile/x\"", "iam_instance_profile"),
+            ("scratch_path = \"mnt\"", "scratch_path"),
+            ("scratch_path = \"/\"", "scratch_path"),
         ] {
             let e = toml(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
@@ -970,6 +1115,26 @@ mod tests {
         ] {
             assert_eq!(toml(text).unwrap_err().key.as_deref(), Some(key), "{text}");
         }
+    }
+
+    #[test]
+    fn instance_profile_names_and_arns() {
+        for ok in [
+            "ddisco-nodes",
+            "a+b=c,d.e@f_g",
+            "arn:aws:iam::123456789012:instance-profile/ddisco-nodes",
+            "arn:aws-cn:iam::123456789012:instance-profile/path/x",
+        ] {
+            assert!(is_instance_profile(ok), "{ok}");
+        }
+        for bad in ["", "a b", "arn:aws:iam::123456789012:role/x", "arn:aws:s3:::bucket"] {
+            assert!(!is_instance_profile(bad), "{bad}");
+        }
+        let c = toml("iam_instance_profile = \"ddisco-nodes\"\non_demand_fallback = \"both\"").unwrap();
+        assert_eq!(c.iam_instance_profile.as_deref(), Some("ddisco-nodes"));
+        assert_eq!(c.on_demand_fallback, FallbackRoles::Both);
+        assert!(FallbackRoles::Slaves.covers(crate::model::Role::Slave));
+        assert!(!FallbackRoles::Slaves.covers(crate::model::Role::Master));
     }
 
     #[test]

@@ -117,6 +117,27 @@ pub async fn client(endpoint: &str) -> Client {
     Client::new(&cfg)
 }
 
+/// Creates an IAM instance profile in moto (IAM query API; moto routes the
+/// request by the service named in the credential scope and checks no
+/// signature) and returns its ARN.
+pub fn create_instance_profile(endpoint: &str, name: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let body = format!("Action=CreateInstanceProfile&InstanceProfileName={name}&Version=2010-05-08");
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=testing/20261126/us-east-1/iam/aws4_request, \
+         SignedHeaders=host, Signature=00\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to moto");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let arn = resp.split("<Arn>").nth(1).and_then(|r| r.split("</Arn>").next());
+    arn.unwrap_or_else(|| panic!("CreateInstanceProfile failed: {resp}")).to_string()
+}
+
 /// The id of the default security group in moto.
 pub async fn default_sg(c: &Client) -> String {
     let r = c.describe_security_groups().group_names("default").send().await.expect("default sg");
@@ -131,6 +152,8 @@ pub struct Inst {
     pub instance_type: String,
     pub lifecycle: String,
     pub image_id: String,
+    /// ARN of the instance profile attached at launch.
+    pub iam_profile: String,
     pub tags: HashMap<String, String>,
     pub launch_index: i32,
 }
@@ -148,6 +171,7 @@ pub async fn instances(c: &Client, tag_key: &str) -> Vec<Inst> {
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
             lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_string()).unwrap_or_default(),
             image_id: i.image_id().unwrap_or_default().to_string(),
+            iam_profile: i.iam_instance_profile().and_then(|p| p.arn()).unwrap_or_default().to_string(),
             tags: i
                 .tags()
                 .iter()
@@ -356,7 +380,8 @@ pub struct Fault {
 
 #[derive(Default)]
 struct ProxyState {
-    calls: Vec<(Instant, String)>,
+    /// (when, Action, whether a fault was injected, form parameters).
+    calls: Vec<(Instant, String, bool, Vec<(String, String)>)>,
     faults: Vec<Fault>,
 }
 
@@ -395,7 +420,7 @@ impl FaultProxy {
     /// Calls per Action so far.
     pub fn counts(&self) -> HashMap<String, u32> {
         let mut m = HashMap::new();
-        for (_, a) in &self.state.lock().unwrap().calls {
+        for (_, a, _, _) in &self.state.lock().unwrap().calls {
             *m.entry(a.clone()).or_insert(0) += 1;
         }
         m
@@ -407,7 +432,18 @@ impl FaultProxy {
 
     /// Times of the calls of one Action.
     pub fn times(&self, action: &str) -> Vec<Instant> {
-        self.state.lock().unwrap().calls.iter().filter(|(_, a)| a == action).map(|(t, _)| *t).collect()
+        self.state.lock().unwrap().calls.iter().filter(|(_, a, _, _)| a == action).map(|(t, ..)| *t).collect()
+    }
+
+    /// The form parameters of every call of one Action, and whether the
+    /// call was answered with an injected fault.
+    pub fn requests(&self, action: &str) -> Vec<(bool, HashMap<String, String>)> {
+        let st = self.state.lock().unwrap();
+        st.calls
+            .iter()
+            .filter(|(_, a, _, _)| a == action)
+            .map(|(_, _, faulted, p)| (*faulted, p.iter().cloned().collect()))
+            .collect()
     }
 }
 
@@ -428,18 +464,19 @@ async fn proxy(
     let action = params.iter().find(|(k, _)| k == "Action").map(|(_, v)| v.clone()).unwrap_or_default();
     let fault = {
         let mut st = state.lock().unwrap();
-        st.calls.push((Instant::now(), action.clone()));
         let hit = st.faults.iter_mut().find(|f| {
             f.action == action
                 && f.times != Some(0)
                 && f.when.as_ref().is_none_or(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
         });
-        hit.map(|f| {
+        let fault = hit.map(|f| {
             if let Some(t) = f.times.as_mut() {
                 *t -= 1;
             }
             f.clone()
-        })
+        });
+        st.calls.push((Instant::now(), action.clone(), fault.is_some(), params.clone()));
+        fault
     };
     if let Some(f) = fault {
         let xml = format!(

@@ -288,16 +288,31 @@ count = 2
 
 #[test]
 fn controller_crash_and_restart_launches_nothing_twice() {
-    let mut w = world("num_slaves = 2\nmaster_on_demand = true");
+    let profile = format!("ddisco-nodes-{:08x}", rand_u32());
+    let arn = create_instance_profile(moto(), &profile);
+    let mut w =
+        world(&format!("num_slaves = 2\nmaster_on_demand = true\niam_instance_profile = \"{profile}\""));
     let s = w
         .cluster
         .wait_until("ready", READY, |s| at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true));
     // The master was configured on-demand: no spot market for it, spot for slaves.
+    // Every node carries the instance profile (S3 through the instance role),
+    // and no AWS key is in any userdata.
     let insts = w.moto();
     for i in live(&insts) {
         let want = if i.tags[&w.tag] == "master" { "" } else { "spot" };
         assert_eq!(i.lifecycle, want, "{i:?}");
+        let ud = std::fs::read_to_string(w.hv.dir.path().join(&i.id).join("userdata.sh")).unwrap();
+        assert!(!ud.contains("AWS_SECRET") && !ud.contains("AWS_ACCESS"), "{ud}");
     }
+    // Every launch asked for the instance profile. (moto associates it with
+    // the first instance of each RunInstances call only: checked there.)
+    let runs = w.proxy.requests("RunInstances");
+    assert_eq!(runs.len(), 2);
+    for (_, p) in &runs {
+        assert_eq!(p.get("IamInstanceProfile.Name"), Some(&profile), "{p:?}");
+    }
+    assert!(live(&insts).iter().filter(|i| i.launch_index == 0).all(|i| i.iam_profile == arn), "{insts:#?}");
     let master = nodes(&s).iter().find(|n| n["role"] == "master").unwrap().clone();
     assert_eq!(master["instance_type"], "c5.large on-demand", "{master}");
     let ids = w.live_ids();

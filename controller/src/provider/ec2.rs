@@ -59,6 +59,7 @@ pub struct Ec2Provider {
     master_on_demand: bool,
     pools: Vec<Pool>,
     ssh_user: String,
+    iam_profile: Option<String>,
     cooldown: Duration,
     /// Std mutex: a few field updates, never held across `.await`.
     state: Mutex<State>,
@@ -103,6 +104,15 @@ enum Kind {
     /// A config key is wrong.
     Config(&'static str),
     Other,
+}
+
+/// Sorts an EC2 error into the handling it needs, using the message where
+/// the code alone does not say which setting is wrong.
+fn classify_error(code: &str, msg: &str) -> Kind {
+    if code == "NoSuchEntity" || (code == "InvalidParameterValue" && msg.contains("iamInstanceProfile")) {
+        return Kind::Config("iam_instance_profile");
+    }
+    classify(code)
 }
 
 /// Sorts EC2 error codes into the handling they need.
@@ -202,6 +212,7 @@ impl Ec2Provider {
             master_on_demand: cfg.master_on_demand,
             pools: cfg.pools(),
             ssh_user: cfg.ssh_user.clone(),
+            iam_profile: cfg.iam_instance_profile.clone(),
             cooldown: cfg.capacity_cooldown,
             state: Mutex::new(State::default()),
             calls: Mutex::default(),
@@ -310,6 +321,11 @@ impl Ec2Provider {
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
             req = req.key_name(&self.key_name);
+        }
+        if let Some(p) = &self.iam_profile {
+            let spec = aws_sdk_ec2::types::IamInstanceProfileSpecification::builder();
+            req = req
+                .iam_instance_profile(if p.starts_with("arn:") { spec.arn(p) } else { spec.name(p) }.build());
         }
         if !self.group_ids.is_empty() {
             req = req.set_security_group_ids(Some(self.group_ids.clone()));
@@ -666,7 +682,7 @@ impl Provider for Ec2Provider {
                     }
                     return Ok(launched);
                 }
-                Err((code, msg)) => match classify(&code) {
+                Err((code, msg)) => match classify_error(&code, &msg) {
                     Kind::Capacity => {
                         let why = format!("{itype} in {}: {code}", subnet.as_deref().unwrap_or(&self.region));
                         tracing::warn!("{why}: {msg}; trying the next candidate");
@@ -893,5 +909,12 @@ mod tests {
         assert_eq!(classify("InvalidInstanceType"), Kind::Config("instance_type"));
         assert_eq!(classify("AuthFailure"), Kind::Config("credentials"));
         assert_eq!(classify("InternalError"), Kind::Other);
+        let bad_profile =
+            "Value (x) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name";
+        assert_eq!(
+            classify_error("InvalidParameterValue", bad_profile),
+            Kind::Config("iam_instance_profile")
+        );
+        assert_eq!(classify_error("InvalidParameterValue", "other"), Kind::Other);
     }
 }
