@@ -378,10 +378,12 @@ pub struct Fault {
     pub times: Option<u32>,
 }
 
+/// One call seen: (when, Action, whether a fault was injected, form parameters).
+type Call = (Instant, String, bool, Vec<(String, String)>);
+
 #[derive(Default)]
 struct ProxyState {
-    /// (when, Action, whether a fault was injected, form parameters).
-    calls: Vec<(Instant, String, bool, Vec<(String, String)>)>,
+    calls: Vec<Call>,
     faults: Vec<Fault>,
 }
 
