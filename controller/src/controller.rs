@@ -542,7 +542,13 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     if actions.is_empty() && orphans.is_empty() {
         return Ok(());
     }
-    if actions.iter().any(|a| !matches!(a, Action::MarkBooting { .. })) {
+    // Only removals change what engines see (new nodes join when ready).
+    // Launches must not wake the loop: a launch that fails would otherwise
+    // be retried at once, in a hot loop, instead of next tick.
+    if actions
+        .iter()
+        .any(|a| matches!(a, Action::Terminate { .. } | Action::Drain { .. } | Action::Forget { .. }))
+    {
         sh.membership_changed();
     }
     let mut to_terminate: Vec<Target> = orphans
@@ -686,6 +692,13 @@ async fn launch_batch(sh: &Arc<Shared>, role: Role, pool: &str, n: usize) -> any
                     e.rec.instance_id = Some(l.instance_id.clone());
                     e.rec.instance_type = l.instance_type.clone();
                 }
+            }
+            let on_demand: Vec<&str> =
+                launched.iter().filter(|l| l.on_demand_why.is_some()).map(|l| l.node_id.as_str()).collect();
+            if let Some(why) = launched.iter().find_map(|l| l.on_demand_why.as_deref()) {
+                let msg = format!("{} launched on-demand, not spot: {why}", on_demand.join(", "));
+                tracing::warn!("{msg}");
+                reg.event(msg);
             }
             for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
                 reg.remove(id);

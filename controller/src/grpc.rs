@@ -283,6 +283,9 @@ fn on_notice(sh: &Shared, node_id: &str, n: api::Notice) {
         return;
     }
     e.rec.notice = kind.to_string();
+    if kind == "spot-interruption" && !e.rec.instance_type.ends_with(" on-demand") {
+        sh.provider.interrupted(e.rec.role, &e.rec.pool, node_id);
+    }
     crate::metrics::Metrics::inc(&sh.metrics.notices);
     let msg = format!("{node_id}: {kind} notice ({}); launching its replacement now", n.detail.trim());
     tracing::warn!("{msg}");

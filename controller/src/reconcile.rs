@@ -21,7 +21,9 @@
 //!   is surplus.
 //! - A node with an interruption notice no longer counts: its replacement is
 //!   launched at once. It is terminated only when its role/pool is back at
-//!   size with ready nodes (or the provider takes it first).
+//!   size with ready nodes (or the provider takes it first). A superseded
+//!   node (on-demand while spot is back) is replaced the same way.
+//! - On scale down, on-demand slaves go before spot ones of the same state.
 
 use crate::model::{NodeState, Role};
 use std::collections::BTreeMap;
@@ -99,6 +101,11 @@ pub struct NodeView {
     pub pool: String,
     /// An interruption or rebalance notice was received for it.
     pub interrupted: bool,
+    /// Runs on-demand (not spot).
+    pub on_demand: bool,
+    /// On-demand while its pool is back on spot: replaced by a spot node
+    /// (launched first), then terminated.
+    pub superseded: bool,
     pub state: NodeState,
     /// Creation order (larger = newer).
     pub seq: u64,
@@ -122,6 +129,8 @@ pub enum Reason {
     ExtraMaster,
     /// Interruption notice; its replacement is ready.
     Interrupted,
+    /// On-demand node whose spot replacement is ready.
+    BackToSpot,
 }
 
 impl Reason {
@@ -140,6 +149,9 @@ impl Reason {
             Reason::ScaleDown => "scale down".into(),
             Reason::ExtraMaster => "more than one master".into(),
             Reason::Interrupted => "interruption notice; its replacement is ready".into(),
+            Reason::BackToSpot => {
+                "on-demand while spot is available again; its spot replacement is ready".into()
+            }
         }
     }
 }
@@ -184,7 +196,7 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             }
             continue;
         }
-        if n.interrupted {
+        if n.interrupted || n.superseded {
             noticed.push(n);
         } else {
             live.push(n);
@@ -247,10 +259,39 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             Role::Slave => pool_ready.get(n.pool.as_str()).copied().unwrap_or(true),
         };
         if replaced {
-            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Interrupted });
+            let reason = if n.interrupted { Reason::Interrupted } else { Reason::BackToSpot };
+            actions.push(Action::Terminate { id: n.id.clone(), reason });
         }
     }
     actions
+}
+
+/// At a scale change: which on-demand slaves to replace with spot ones,
+/// in pools where `spot_again(pool)` says spot launches work again. Only
+/// those the new size keeps (the others go with the scale down anyway).
+pub fn supersede(desired: &Desired, nodes: &[NodeView], spot_again: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for (pool, want) in &desired.pools {
+        let counted: Vec<&NodeView> = nodes
+            .iter()
+            .filter(|n| {
+                n.role == Role::Slave
+                    && &n.pool == pool
+                    && !n.interrupted
+                    && !n.superseded
+                    && !matches!(n.state, NodeState::Terminating | NodeState::Draining | NodeState::Lost)
+            })
+            .collect();
+        let spot = counted.iter().filter(|n| !n.on_demand).count();
+        let keep_on_demand = (*want as usize).saturating_sub(spot);
+        if keep_on_demand == 0 || !spot_again(pool) {
+            continue;
+        }
+        let mut od: Vec<&&NodeView> = counted.iter().filter(|n| n.on_demand).collect();
+        od.sort_by_key(|n| n.seq);
+        out.extend(od.into_iter().take(keep_on_demand).map(|n| n.id.clone()));
+    }
+    out
 }
 
 /// Why this node counts as lost, if it does.
@@ -276,8 +317,9 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
     }
 }
 
-/// Sort key: smaller = keep first. Ready and old nodes are the most useful.
-fn removal_rank(n: &NodeView) -> (u8, u64) {
+/// Sort key: smaller = keep first. Ready and old nodes are the most useful;
+/// spot ones before on-demand ones of the same state (cheaper).
+fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
     let group = match n.state {
         NodeState::Ready => 0,
         NodeState::Provisioning { .. } => 1,
@@ -288,7 +330,7 @@ fn removal_rank(n: &NodeView) -> (u8, u64) {
         NodeState::Draining | NodeState::Lost | NodeState::Terminating => 6,
     };
     // Older (smaller seq) first: keep them; the newest are removed first.
-    (group, n.seq)
+    (group, n.on_demand, n.seq)
 }
 
 #[cfg(test)]
@@ -303,6 +345,8 @@ mod tests {
             role,
             pool: if role == Role::Master { "master".into() } else { "default".into() },
             interrupted: false,
+            on_demand: false,
+            superseded: false,
             state,
             seq,
             since_launch_ms: 1_000,
@@ -516,6 +560,48 @@ mod tests {
             decide(&Desired::slaves(1), &[m, s1, s2], LIMITS),
             vec![Action::Terminate { id: "s1".into(), reason: Reason::Interrupted }]
         );
+    }
+
+    #[test]
+    fn on_demand_slaves_go_first_on_scale_down_and_superseded_ones_are_replaced_first() {
+        let m = ready("m", Role::Master, 0);
+        let mut od = ready("od", Role::Slave, 1);
+        od.on_demand = true;
+        let sp = ready("sp", Role::Slave, 2);
+        // Scale 2 -> 1: the on-demand slave goes although it is older.
+        assert_eq!(
+            terminated(&decide(&Desired::slaves(1), &[m.clone(), od.clone(), sp.clone()], LIMITS)),
+            vec![("od", &Reason::ScaleDown)]
+        );
+        // Superseded: a spot replacement first, the on-demand node once it is ready.
+        od.superseded = true;
+        assert_eq!(
+            decide(&Desired::slaves(2), &[m.clone(), od.clone(), sp.clone()], LIMITS),
+            vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 }]
+        );
+        let new = ready("new", Role::Slave, 3);
+        assert_eq!(
+            decide(&Desired::slaves(2), &[m, od, sp, new], LIMITS),
+            vec![Action::Terminate { id: "od".into(), reason: Reason::BackToSpot }]
+        );
+    }
+
+    #[test]
+    fn only_kept_on_demand_slaves_of_pools_back_on_spot_are_superseded() {
+        let od = |id: &str, seq| {
+            let mut n = ready(id, Role::Slave, seq);
+            n.on_demand = true;
+            n
+        };
+        let nodes = [ready("m", Role::Master, 0), od("od1", 1), od("od2", 2), ready("sp", Role::Slave, 3)];
+        // Size 3: both on-demand slaves stay, so both are replaced by spot.
+        assert_eq!(supersede(&Desired::slaves(3), &nodes, |_| true), vec!["od1", "od2"]);
+        // Size 2: one goes with the scale down; the other is replaced.
+        assert_eq!(supersede(&Desired::slaves(2), &nodes, |_| true), vec!["od1"]);
+        // Size 1: the spot slave is enough; scale down removes both.
+        assert!(supersede(&Desired::slaves(1), &nodes, |_| true).is_empty());
+        // Spot still failing: nothing.
+        assert!(supersede(&Desired::slaves(3), &nodes, |_| false).is_empty());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct NodeRecord {
     /// Interruption/rebalance notice received (empty: none).
     #[serde(default)]
     pub notice: String,
+    /// On-demand while its pool is back on spot: to be replaced by spot.
+    #[serde(default)]
+    pub superseded: bool,
     /// When draining started (state `Draining`).
     #[serde(default)]
     pub drain_started_unix_ms: Option<u64>,
@@ -330,6 +333,7 @@ impl Registry {
             batch: new.batch,
             instance_type: String::new(),
             notice: String::new(),
+            superseded: false,
             drain_started_unix_ms: None,
             attributes: BTreeMap::new(),
             engine_detail: String::new(),
@@ -508,6 +512,8 @@ impl Registry {
                 role: e.rec.role,
                 pool: e.rec.pool.clone(),
                 interrupted: !e.rec.notice.is_empty(),
+                on_demand: e.rec.instance_type.ends_with(" on-demand"),
+                superseded: e.rec.superseded,
                 state: e.rec.state.clone(),
                 seq: e.rec.seq,
                 since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),

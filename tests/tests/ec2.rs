@@ -27,8 +27,11 @@ struct World {
     rt: tokio::runtime::Runtime,
 }
 
+/// The test config; keys set in `extra` replace the same keys here.
 fn config(proxy: &str, tag: &str, sg: &str, extra: &str) -> String {
-    format!(
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    let overridden: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
+    let base = format!(
         r#"
 provider = "ec2"
 region = "us-east-1"
@@ -41,9 +44,11 @@ advertise = "127.0.0.1"
 ec2_max_attempts = 1
 capacity_cooldown_secs = 60
 heartbeat_timeout_secs = 5.0
-{extra}
 "#
-    )
+    );
+    let kept: String =
+        base.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
+    format!("{kept}{extra}\n")
 }
 
 fn world(extra: &str) -> World {
@@ -97,6 +102,11 @@ impl World {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The last 100 events (`events` holds the last 10).
+fn all_events(s: &Value) -> Vec<String> {
+    s["timed_events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
 }
 
 fn events(s: &Value) -> Vec<String> {
@@ -501,4 +511,91 @@ count = 1
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("key `ami`") && err.contains("ubuntu:20.04") && err.contains("us-east-1"), "{err}");
     assert!(live(&rt.block_on(instances(&c, &tag))).is_empty());
+}
+
+/// On-demand fallback: the proxy fails every spot launch with a capacity
+/// error. After `fallback_failures` failures the pool launches on-demand
+/// (status says which nodes and why); when the errors stop and the window
+/// passes quietly, new slaves are spot again and, at the next scale
+/// change, the on-demand ones are replaced by spot ones (spot first).
+#[test]
+fn spot_capacity_failures_fall_back_to_on_demand_and_back() {
+    let mut w = world(
+        "num_slaves = 1\non_demand_fallback = \"slaves\"\nfallback_failures = 2\n\
+         fallback_window_secs = 8\ncapacity_cooldown_secs = 1",
+    );
+    w.cluster.wait_until("1 spot slave ready", READY, |s| at_size(s, 1));
+    w.proxy.add_fault(Fault {
+        action: "RunInstances".into(),
+        when: Some(("InstanceMarketOptions.MarketType".into(), "spot".into())),
+        code: "InsufficientInstanceCapacity".into(),
+        status: 500,
+        times: None,
+    });
+    let before = w.proxy.requests("RunInstances").len();
+    let out = w.cluster.ctl(&["scale", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = w.cluster.wait_until("3 slaves, 2 of them on-demand", READY, |s| at_size(s, 3));
+
+    // Exactly `fallback_failures` spot attempts failed, then one on-demand call.
+    let runs: Vec<_> = w.proxy.requests("RunInstances").into_iter().skip(before).collect();
+    let spot = |p: &std::collections::HashMap<String, String>| {
+        p.get("InstanceMarketOptions.MarketType").map(String::as_str) == Some("spot")
+    };
+    assert_eq!(runs.iter().filter(|(faulted, p)| *faulted && spot(p)).count(), 2, "{runs:#?}");
+    assert_eq!(runs.iter().filter(|(faulted, p)| !*faulted && !spot(p)).count(), 1, "{runs:#?}");
+    // While the pool cooled down between the two failures, the loop ticked
+    // at its interval (0.3 s over the 1 s cool-down): no hot retry loop.
+    let run_times: Vec<Instant> = w.proxy.times("RunInstances").into_iter().skip(before).collect();
+    let ticks = w
+        .proxy
+        .times("DescribeInstances")
+        .into_iter()
+        .filter(|t| *t > run_times[0] && *t < run_times[1])
+        .count();
+    assert!(ticks <= 10, "{ticks} listings between two launch attempts 1 s apart: a hot loop");
+    eprintln!("MEASURE listings while the pool cooled down: {ticks}");
+    let slaves = |v: &[Inst]| -> Vec<Inst> {
+        live(v).into_iter().filter(|i| i.tags[&w.tag] == "slave").cloned().collect()
+    };
+    let v = slaves(&w.moto());
+    assert_eq!(v.iter().filter(|i| i.lifecycle.is_empty()).count(), 2, "{v:#?}");
+    assert_eq!(v.iter().filter(|i| i.lifecycle == "spot").count(), 1, "{v:#?}");
+    // Status says which nodes and why.
+    let od: Vec<String> = nodes(&s)
+        .iter()
+        .filter(|n| n["instance_type"] == "c5.large on-demand")
+        .map(|n| n["node_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(od.len(), 2, "{s:#}");
+    let ev = all_events(&s);
+    assert!(
+        ev.iter().any(|e| e.contains(&od[0])
+            && e.contains("launched on-demand")
+            && e.contains("2 spot launch failures")),
+        "{ev:#?}"
+    );
+    let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("pool default launches on-demand"), "{table}");
+
+    // Spot works again: once the window passes quietly the pool is back on spot.
+    w.proxy.clear_faults();
+    w.cluster.wait_until("the fallback to clear", READY, |s| {
+        !s["provider_notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("on-demand"))
+    });
+    // Next scale change: the new slave is spot, the on-demand ones are replaced by spot.
+    let out = w.cluster.ctl(&["scale", "4"]);
+    assert!(out.status.success());
+    w.wait_moto("4 spot slaves and no on-demand one", |v| {
+        let s = slaves(v);
+        s.len() == 4 && s.iter().all(|i| i.lifecycle == "spot")
+    });
+    let s = w.cluster.wait_until("4 spot slaves ready", READY, |s| {
+        at_size(s, 4)
+            && nodes(s).iter().filter(|n| n["role"] == "slave").all(|n| n["instance_type"] == "c5.large")
+    });
+    let ev = all_events(&s);
+    for id in &od {
+        assert!(ev.iter().any(|e| e.contains(id.as_str()) && e.contains("spot works again")), "{ev:#?}");
+    }
 }

@@ -20,6 +20,7 @@
 //! - Every instance carries the tag `<tag_key> = master|slave` (as the
 //!   original did), `ddisco:pool` and `ddisco:batch`.
 
+use super::fallback::{self, Market};
 use super::images::{self, ImageInfo, ImageSpec, Resolved};
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
 use crate::config::{Config, Pool};
@@ -61,6 +62,7 @@ pub struct Ec2Provider {
     ssh_user: String,
     iam_profile: Option<String>,
     cooldown: Duration,
+    fallback: fallback::Policy,
     /// Std mutex: a few field updates, never held across `.await`.
     state: Mutex<State>,
     /// API calls and errors per action (for /metrics).
@@ -90,7 +92,10 @@ struct CachedImage {
 #[derive(Default)]
 struct State {
     /// (instance type, subnet) -> (until, why).
-    cooling: HashMap<(String, Option<String>), (Instant, String)>,
+    /// (instance type, subnet, spot?) -> (until, why).
+    cooling: HashMap<(String, Option<String>, bool), (Instant, String)>,
+    /// Spot failures and interruptions per pool (on-demand fallback).
+    book: fallback::Book,
     backoff_until: Option<Instant>,
     backoff_attempt: u32,
     blocked: Option<(String, String)>,
@@ -155,8 +160,16 @@ impl Ec2Provider {
     /// Builds the client from the config and the standard AWS chain.
     pub async fn new(cfg: &Config) -> Result<Ec2Provider, ProviderError> {
         use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+        // Deadlines on every call: a hung connection must not stall the
+        // reconcile loop (it waits for each listing).
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(20))
+            .operation_timeout(Duration::from_secs(60))
+            .build();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::standard().with_max_attempts(cfg.ec2_max_attempts));
+            .retry_config(RetryConfig::standard().with_max_attempts(cfg.ec2_max_attempts))
+            .timeout_config(timeouts);
         if let Some(r) = &cfg.region {
             loader = loader.region(Region::new(r.clone()));
         }
@@ -214,6 +227,12 @@ impl Ec2Provider {
             ssh_user: cfg.ssh_user.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
             cooldown: cfg.capacity_cooldown,
+            fallback: fallback::Policy {
+                roles: cfg.on_demand_fallback,
+                failures: cfg.fallback_failures,
+                interruptions: cfg.fallback_interruptions,
+                window: cfg.fallback_window,
+            },
             state: Mutex::new(State::default()),
             calls: Mutex::default(),
             placement: Mutex::default(),
@@ -286,6 +305,7 @@ impl Ec2Provider {
         itype: &str,
         subnet: Option<&str>,
         attempt: usize,
+        spot: bool,
     ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, (String, String)> {
         let n = batch.nodes.len() as i32;
         let tags = [
@@ -316,7 +336,7 @@ impl Ec2Provider {
             .max_count(n)
             .client_token(format!("{}-{attempt}", batch.batch_id))
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
-            .set_instance_market_options((!self.on_demand(batch.role)).then_some(market))
+            .set_instance_market_options(spot.then_some(market))
             .tag_specifications(spec(ResourceType::Instance))
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
@@ -492,6 +512,99 @@ impl Ec2Provider {
         }
     }
 
+    /// Where a pool launches now: configured on-demand, fallen back to
+    /// on-demand, or spot.
+    fn market(&self, role: Role, pool: &str) -> Market {
+        if self.on_demand(role) {
+            return Market::OnDemand { why: "master_on_demand = true".into() };
+        }
+        self.state.lock().expect("lock").book.market(&self.fallback, role, pool, Instant::now())
+    }
+
+    /// Launches the batch with the first candidate (type, subnet) that has
+    /// capacity, on spot or on-demand. A candidate that reports no capacity
+    /// cools down (per market); a spot one also counts towards fallback.
+    async fn try_candidates(
+        &self,
+        batch: &LaunchBatch,
+        spot: bool,
+        why: Option<String>,
+    ) -> Result<Vec<Launched>, ProviderError> {
+        let mut last = None;
+        let market_name = if spot { "spot" } else { "on-demand" };
+        for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
+            let key = (itype.clone(), subnet.clone(), spot);
+            if self
+                .state
+                .lock()
+                .expect("lock")
+                .cooling
+                .get(&key)
+                .is_some_and(|(until, _)| *until > Instant::now())
+            {
+                continue;
+            }
+            let attempt = if spot { attempt } else { 1000 + attempt };
+            match self.run(batch, &itype, subnet.as_deref(), attempt, spot).await {
+                Ok(out) => {
+                    self.ok_call();
+                    let mut launched = Vec::new();
+                    for inst in out.instances() {
+                        let idx = inst.ami_launch_index().unwrap_or(0) as usize;
+                        if let (Some(id), Some(z)) =
+                            (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
+                        {
+                            self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
+                        }
+                        if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
+                            launched.push(Launched {
+                                node_id: node.clone(),
+                                instance_id: id.to_string(),
+                                instance_type: if spot {
+                                    itype.clone()
+                                } else {
+                                    format!("{itype} on-demand")
+                                },
+                                on_demand_why: why.clone(),
+                            });
+                        }
+                    }
+                    return Ok(launched);
+                }
+                Err((code, msg)) => match classify_error(&code, &msg) {
+                    Kind::Capacity => {
+                        let why = format!(
+                            "{itype} {market_name} in {}: {code}",
+                            subnet.as_deref().unwrap_or(&self.region)
+                        );
+                        tracing::warn!("{why}: {msg}; trying the next candidate");
+                        let mut st = self.state.lock().expect("lock");
+                        st.cooling.insert(key, (Instant::now() + self.cooldown, why.clone()));
+                        if spot {
+                            st.book.spot_failed(&batch.pool, Instant::now(), why.clone());
+                        }
+                        last = Some(why);
+                    }
+                    Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
+                    Kind::Config("instance_type") if self.pools.len() > 1 || batch.role == Role::Master => {
+                        let key =
+                            if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
+                        return Err(self.block(key, format!("{itype}: {code}: {msg}")));
+                    }
+                    Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
+                    Kind::Other => return Err(ProviderError::Other(format!("RunInstances: {code}: {msg}"))),
+                },
+            }
+        }
+        Err(ProviderError::Capacity(match last {
+            Some(why) => format!("every {market_name} candidate of pool {} failed, last: {why}", batch.pool),
+            None => format!(
+                "every {market_name} candidate of pool {} is cooling down after capacity errors",
+                batch.pool
+            ),
+        }))
+    }
+
     /// Runs a preflight call; maps an error to the config key it concerns.
     fn check<T, E: ProvideErrorMetadata + std::fmt::Debug>(
         &self,
@@ -648,66 +761,30 @@ impl Provider for Ec2Provider {
 
     async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
         self.can_launch()?;
-        let mut last = None;
-        for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
-            {
-                let st = self.state.lock().expect("lock");
-                if st
-                    .cooling
-                    .get(&(itype.clone(), subnet.clone()))
-                    .is_some_and(|(until, _)| *until > Instant::now())
-                {
-                    continue;
+        let market = self.market(batch.role, &batch.pool);
+        let spot = market == Market::Spot;
+        match self.try_candidates(&batch, spot, None).await {
+            Err(ProviderError::Capacity(m)) if spot => match self.market(batch.role, &batch.pool) {
+                // The failures just seen crossed the threshold: on-demand now.
+                Market::OnDemand { why } => {
+                    tracing::warn!(
+                        "pool {}: spot keeps failing ({m}); launching on-demand: {why}",
+                        batch.pool
+                    );
+                    self.try_candidates(&batch, false, Some(why)).await
                 }
-            }
-            match self.run(&batch, &itype, subnet.as_deref(), attempt).await {
-                Ok(out) => {
-                    self.ok_call();
-                    let mut launched = Vec::new();
-                    for inst in out.instances() {
-                        let idx = inst.ami_launch_index().unwrap_or(0) as usize;
-                        if let (Some(id), Some(z)) =
-                            (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
-                        {
-                            self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
-                        }
-                        if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
-                            let market = if self.on_demand(batch.role) { " on-demand" } else { "" };
-                            launched.push(Launched {
-                                node_id: node.clone(),
-                                instance_id: id.to_string(),
-                                instance_type: format!("{itype}{market}"),
-                            });
-                        }
-                    }
-                    return Ok(launched);
-                }
-                Err((code, msg)) => match classify_error(&code, &msg) {
-                    Kind::Capacity => {
-                        let why = format!("{itype} in {}: {code}", subnet.as_deref().unwrap_or(&self.region));
-                        tracing::warn!("{why}: {msg}; trying the next candidate");
-                        let mut st = self.state.lock().expect("lock");
-                        st.cooling.insert(
-                            (itype.clone(), subnet.clone()),
-                            (Instant::now() + self.cooldown, why.clone()),
-                        );
-                        last = Some(why);
-                    }
-                    Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
-                    Kind::Config("instance_type") if self.pools.len() > 1 || batch.role == Role::Master => {
-                        let key =
-                            if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
-                        return Err(self.block(key, format!("{itype}: {code}: {msg}")));
-                    }
-                    Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
-                    Kind::Other => return Err(ProviderError::Other(format!("RunInstances: {code}: {msg}"))),
-                },
-            }
+                Market::Spot => Err(ProviderError::Capacity(m)),
+            },
+            other => other,
         }
-        Err(ProviderError::Capacity(match last {
-            Some(why) => format!("every candidate of pool {} failed, last: {why}", batch.pool),
-            None => format!("every candidate of pool {} is cooling down after capacity errors", batch.pool),
-        }))
+        .map(|mut launched| {
+            if let Market::OnDemand { why } = market {
+                for l in &mut launched {
+                    l.on_demand_why.get_or_insert(why.clone());
+                }
+            }
+            launched
+        })
     }
 
     async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
@@ -869,10 +946,27 @@ impl Provider for Ec2Provider {
         }
     }
 
+    fn interrupted(&self, role: Role, pool: &str, node_id: &str) {
+        if !self.on_demand(role) {
+            self.state.lock().expect("lock").book.interrupted(pool, Instant::now(), node_id);
+        }
+    }
+
+    fn spot_again(&self, role: Role, pool: &str) -> bool {
+        self.market(role, pool) == Market::Spot
+    }
+
     fn notes(&self) -> Vec<String> {
-        let st = self.state.lock().expect("lock");
+        let mut st = self.state.lock().expect("lock");
         let now = Instant::now();
         let mut out = Vec::new();
+        for (pool, since, why) in st.book.on_demand_pools(&self.fallback, now) {
+            out.push(format!(
+                "pool {pool} launches on-demand (for {:.0}s): {why}; spot again after {:.0}s without spot trouble",
+                since.as_secs_f64(),
+                self.fallback.window.as_secs_f64()
+            ));
+        }
         if let Some((key, msg)) = &st.blocked {
             out.push(format!("launches blocked: config key `{key}`: {msg}; fix it and restart serve"));
         }

@@ -139,7 +139,12 @@ impl Provider for LocalProvider {
         for (i, node) in batch.nodes.iter().enumerate() {
             let address = batch.addresses.get(i).map(String::as_str).unwrap_or("");
             let instance_id = self.launch_one(node, address, &batch.userdata).await?;
-            out.push(Launched { node_id: node.clone(), instance_id, instance_type: "local".into() });
+            out.push(Launched {
+                node_id: node.clone(),
+                instance_id,
+                instance_type: "local".into(),
+                on_demand_why: None,
+            });
         }
         Ok(out)
     }

@@ -10,6 +10,7 @@
 //! **Architecture Invariant:** only `provider/ec2.rs` knows about the AWS SDK.
 
 pub mod ec2;
+pub mod fallback;
 pub mod images;
 pub mod local;
 pub mod record;
@@ -57,6 +58,8 @@ pub struct Launched {
     pub node_id: String,
     pub instance_id: String,
     pub instance_type: String,
+    /// Launched on-demand instead of spot, and why.
+    pub on_demand_why: Option<String>,
 }
 
 /// One instance of this cluster, as the provider sees it.
@@ -122,6 +125,16 @@ pub trait Provider: Send + Sync + 'static {
     /// After `destroy`: release what is left (open spot requests).
     async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
         Ok(vec![])
+    }
+
+    /// A node of `pool` got a spot interruption notice (feeds the
+    /// on-demand fallback).
+    fn interrupted(&self, _role: Role, _pool: &str, _node_id: &str) {}
+
+    /// Would a new node of `pool` launch on spot now? (An on-demand node of
+    /// a pool that is back on spot is replaced at the next scale change.)
+    fn spot_again(&self, _role: Role, _pool: &str) -> bool {
+        true
     }
 
     /// What it launches with, worth showing in status (e.g. the image).

@@ -69,7 +69,12 @@ impl Provider for RecordProvider {
             .map(|n| {
                 let instance_id = format!("rec-{n}");
                 live.insert(n.clone(), instance_id.clone());
-                Launched { node_id: n.clone(), instance_id, instance_type: "record".into() }
+                Launched {
+                    node_id: n.clone(),
+                    instance_id,
+                    instance_type: "record".into(),
+                    on_demand_why: None,
+                }
             })
             .collect())
     }
