@@ -399,7 +399,7 @@ fn cluster_cookie(cfg: &Config) -> anyhow::Result<String> {
 }
 
 /// A preflight failure that names a config key is a configuration error.
-fn preflight_error(e: ProviderError) -> anyhow::Error {
+pub fn preflight_error(e: ProviderError) -> anyhow::Error {
     match e {
         ProviderError::Config { key, message } => anyhow::Error::new(crate::config::ConfigError {
             path: "configuration".into(),

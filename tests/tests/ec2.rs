@@ -599,3 +599,96 @@ fn spot_capacity_failures_fall_back_to_on_demand_and_back() {
         assert!(ev.iter().any(|e| e.contains(id.as_str()) && e.contains("spot works again")), "{ev:#?}");
     }
 }
+
+/// `security-group` creates the cluster's group with the seed's rules (all
+/// TCP/UDP within the group, SSH from one address), opens the controller's
+/// ports in the controller's group, and run again adds nothing and says
+/// what exists already. Without a known address it refuses to guess.
+#[test]
+fn security_group_is_created_with_its_rules_and_run_twice_safely() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt.block_on(client(moto()));
+    let controller_sg = rt.block_on(default_sg(&c));
+    let tag = format!("ddt-sg-{:08x}", rand_u32());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ddisco.toml");
+    let ports = "listen = \"0.0.0.0:7443\"\ndownload_listen = \"0.0.0.0:7444\"\nheartbeat_interval_secs = 1.0";
+    std::fs::write(&path, config(moto(), &tag, &controller_sg, ports)).unwrap();
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        Command::new(bin("ddisco-controller"))
+            .args(["security-group", "--config"])
+            .arg(&path)
+            .args(extra)
+            .envs(aws_env())
+            .env_remove("SSH_CLIENT")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let args = ["--ssh-from", "198.51.100.7/32", "--controller-group", controller_sg.as_str()];
+    let group = |name: &str| {
+        let f = aws_sdk_ec2::types::Filter::builder().name("group-name").values(name).build();
+        let out = rt.block_on(c.describe_security_groups().filters(f).send()).unwrap();
+        out.security_groups().first().cloned()
+    };
+    // (protocol, from, to, source) of a group's ingress rules.
+    let rules = |g: &aws_sdk_ec2::types::SecurityGroup| {
+        let mut v: Vec<(String, i32, i32, String)> = Vec::new();
+        for p in g.ip_permissions() {
+            let key = |src: String| {
+                (
+                    p.ip_protocol().unwrap_or("").to_string(),
+                    p.from_port().unwrap_or(-1),
+                    p.to_port().unwrap_or(-1),
+                    src,
+                )
+            };
+            v.extend(p.user_id_group_pairs().iter().map(|u| key(u.group_id().unwrap_or("").to_string())));
+            v.extend(p.ip_ranges().iter().map(|r| key(r.cidr_ip().unwrap_or("").to_string())));
+        }
+        v.sort();
+        v
+    };
+
+    let out = run(&args, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(": created"), "{text}");
+    assert_eq!(text.matches("added:").count(), 5, "{text}");
+    let g = group(&format!("{tag}-nodes")).expect("group created");
+    let id = g.group_id().unwrap().to_string();
+    assert!(text.contains(&format!("security_groups = [\"{id}\"]")), "{text}");
+    let want = vec![
+        ("tcp".to_string(), 0, 65535, id.clone()),
+        ("tcp".to_string(), 22, 22, "198.51.100.7/32".to_string()),
+        ("udp".to_string(), 0, 65535, id.clone()),
+    ];
+    assert_eq!(rules(&g), want);
+    assert!(g.tags().iter().any(|t| t.key() == Some(tag.as_str())), "{g:?}");
+    let cg_rules = |c_rules: Vec<(String, i32, i32, String)>| {
+        c_rules.into_iter().filter(|r| r.3 == id).collect::<Vec<_>>()
+    };
+    let cg = rt.block_on(c.describe_security_groups().group_ids(&controller_sg).send()).unwrap();
+    let opened = cg_rules(rules(&cg.security_groups()[0]));
+    assert_eq!(opened, vec![("tcp".into(), 7443, 7443, id.clone()), ("tcp".into(), 7444, 7444, id.clone())]);
+
+    // Twice: nothing added, everything reported as existing.
+    let out = run(&args, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("({id})")) && text.contains(": exists already"), "{text}");
+    assert_eq!(text.matches("added:").count(), 0, "{text}");
+    assert_eq!(text.matches("exists already:").count(), 5, "{text}");
+    assert_eq!(rules(&group(&format!("{tag}-nodes")).unwrap()), want);
+
+    // No --ssh-from and no SSH_CLIENT: refused, nothing guessed.
+    let out = run(&[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--ssh-from"), "{err}");
+    // Logged in over SSH: that address is used.
+    let out = run(&[], &[("SSH_CLIENT", "203.0.113.9 51234 22")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("added:          TCP port 22 from 203.0.113.9/32"), "{text}");
+}

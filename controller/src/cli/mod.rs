@@ -6,6 +6,7 @@ pub mod destroy;
 pub mod init;
 pub mod logs;
 pub mod scale;
+pub mod security_group;
 pub mod serve;
 pub mod status;
 
@@ -45,6 +46,7 @@ pub enum Command {
     Status(status::StatusArgs),
     Destroy(destroy::DestroyArgs),
     Logs(logs::LogsArgs),
+    SecurityGroup(security_group::SecurityGroupArgs),
     Completions(completions::CompletionsArgs),
 }
 
@@ -92,6 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(a) => status::exec(a).await,
         Command::Destroy(a) => destroy::exec(a).await,
         Command::Logs(a) => logs::exec(a).await,
+        Command::SecurityGroup(a) => security_group::exec(a).await,
         Command::Completions(a) => completions::exec(a),
     }
 }

@@ -14,6 +14,7 @@ pub mod fallback;
 pub mod images;
 pub mod local;
 pub mod record;
+pub mod security_group;
 
 use crate::model::Role;
 use crate::plan::NodeLayout;
