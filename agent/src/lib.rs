@@ -8,6 +8,8 @@
 //!   spot interruption and rebalance notices).
 //! - [`session`]: the long-lived mutual-TLS session: hello, assignment,
 //!   heartbeats, step reports, reconnects with backoff and jitter.
+//! - [`scratch`]: the `scratch` step: instance-store volumes formatted and
+//!   mounted (striped if several) as the node's scratch space.
 //! - [`steps`]: runs the plan's steps in order and keeps progress on disk,
 //!   so a reconnect never re-runs a finished step.
 //! - [`converge`]: applies the engine directives the controller pushes
@@ -20,6 +22,7 @@ pub mod converge;
 pub mod facts;
 pub mod identity;
 pub mod imds;
+pub mod scratch;
 pub mod session;
 pub mod steps;
 

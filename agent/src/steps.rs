@@ -214,6 +214,7 @@ pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
         Some(Kind::SystemPackages(p)) => system_packages(p, &log).await,
         Some(Kind::Pip(p)) => pip(p, &log).await,
         Some(Kind::AuthorizedKeys(k)) => authorized_keys(k).await,
+        Some(Kind::Scratch(s)) => crate::scratch::scratch(s, &log).await,
         Some(Kind::Collect(c)) => fail(format!("collect {} must run inside a plan", c.attribute)),
         Some(Kind::Shell(s)) => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
@@ -331,7 +332,7 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
 }
 
 /// Runs a command, appending its output to `log` and keeping the tail.
-async fn run(mut cmd: tokio::process::Command, log: &Path) -> Outcome {
+pub(crate) async fn run(mut cmd: tokio::process::Command, log: &Path) -> Outcome {
     if let Some(d) = log.parent() {
         let _ = std::fs::create_dir_all(d);
     }

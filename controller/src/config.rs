@@ -794,6 +794,16 @@ impl Config {
                 ));
             }
         }
+        if cfg.provider == ProviderKind::Ec2
+            && cfg.engine == EngineKind::Disco
+            && !Path::new(&cfg.disco_root).starts_with(&cfg.scratch_path)
+        {
+            notes.push(format!(
+                "disco_root {:?} is not under scratch_path {:?}: Disco's data will be on the root volume, not \
+                 on instance store",
+                cfg.disco_root, cfg.scratch_path
+            ));
+        }
         Ok((cfg, notes))
     }
 

@@ -26,6 +26,9 @@ pub struct NodeLayout {
     pub venv: PathBuf,
     /// May system package steps install (`apt-get`), or only check?
     pub install_packages: bool,
+    /// Scratch space to set up from instance store (EC2); `None`: the
+    /// node's own folder serves (local provider).
+    pub scratch: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -47,6 +50,11 @@ pub enum StepKind {
     Shell {
         script: String,
         env: BTreeMap<String, String>,
+    },
+    /// Instance store formatted and mounted at `path` (striped if several
+    /// volumes); without instance store, a directory on the root volume.
+    Scratch {
+        path: String,
     },
     /// Read a file and send it to the controller as a node attribute.
     Collect {
@@ -87,6 +95,13 @@ pub fn build(
     engine: &dyn crate::engine::Engine,
 ) -> Plan {
     let mut steps = Vec::new();
+    // Scratch first: everything after it (the engine above all) may use it.
+    if let Some(path) = &layout.scratch {
+        steps.push(Step {
+            name: "scratch".into(),
+            kind: StepKind::Scratch { path: path.display().to_string() },
+        });
+    }
     let packages: Vec<String> = cfg.base_packages.iter().chain(&cfg.additional_packages).cloned().collect();
     if !packages.is_empty() {
         steps.push(Step {
@@ -144,6 +159,7 @@ impl From<&Step> for api::Step {
             StepKind::Pip { requirements, venv } => {
                 Kind::Pip(api::PipRequirements { requirements: requirements.clone(), venv: venv.clone() })
             }
+            StepKind::Scratch { path } => Kind::Scratch(api::Scratch { path: path.clone(), devices: vec![] }),
             StepKind::AuthorizedKeys { path, keys, owner } => Kind::AuthorizedKeys(api::AuthorizedKeys {
                 path: path.clone(),
                 keys: keys.clone(),
@@ -172,6 +188,7 @@ mod tests {
             owner: Some("ubuntu".into()),
             venv: "/opt/ddisco/venv".into(),
             install_packages: true,
+            scratch: None,
         }
     }
 
@@ -196,6 +213,27 @@ mod tests {
             StepKind::Shell { env, .. } => assert_eq!(env["DDISCO_WORKERS"], "4"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn scratch_comes_first_on_nodes_with_instance_store_handling() {
+        let cfg = Config { engine: crate::config::EngineKind::Dask, ..Config::default() };
+        let engine = crate::engine::dask::Dask::from_config(&cfg);
+        let ec2 = NodeLayout { scratch: Some("/mnt".into()), ..layout() };
+        let p = build(&cfg, Role::Slave, 2, &ec2, &engine);
+        assert_eq!(
+            p.steps[0],
+            Step { name: "scratch".into(), kind: StepKind::Scratch { path: "/mnt".into() } }
+        );
+        match api::Step::from(&p.steps[0]).kind {
+            Some(api::step::Kind::Scratch(s)) => assert_eq!((s.path.as_str(), s.devices.len()), ("/mnt", 0)),
+            other => panic!("{other:?}"),
+        }
+        // The engine's steps come after it.
+        assert!(p.steps.iter().position(|s| s.name.starts_with("dask")).unwrap_or(usize::MAX) > 0);
+        // Without scratch handling (local nodes): no such step.
+        let p = build(&cfg, Role::Slave, 2, &layout(), &engine);
+        assert!(p.steps.iter().all(|s| s.name != "scratch"));
     }
 
     #[test]

@@ -58,7 +58,9 @@ fn world(extra: &str) -> World {
     let client = rt.block_on(client(moto()));
     let sg = rt.block_on(default_sg(&client));
     let hv = Hypervisor::start(&rt, &tag);
-    let cluster = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, extra), aws_env());
+    // Scratch goes to the hypervisor's folder, not the host's /mnt.
+    let extra = format!("scratch_path = \"{}\"\n{extra}", hv.dir.path().join("scratch").display());
+    let cluster = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
     World { cluster, hv, proxy, client, tag, rt }
 }
 
@@ -146,6 +148,14 @@ fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
         assert!(live_insts.iter().any(|i| i.id == iid), "{n}");
     }
     assert_eq!(w.proxy.count("RunInstances"), 2, "{:?}", w.proxy.counts());
+    // Every EC2 node ran the scratch step first; these "instances" have no
+    // instance store, so scratch is on the root volume, and the step says so.
+    for n in nodes(&s) {
+        let steps = n["steps"].as_array().unwrap();
+        assert_eq!(steps[0]["name"], "scratch", "{n:#}");
+        assert_eq!(steps[0]["status"], "succeeded", "{n:#}");
+        assert!(steps[0]["output_tail"].as_str().unwrap().contains("no instance store"), "{n:#}");
+    }
 
     // Cost: every node priced from DescribeSpotPriceHistory (moto's flat
     // 0.00001/hour), the cluster's cost per hour, and spend accruing.
@@ -612,7 +622,8 @@ fn security_group_is_created_with_its_rules_and_run_twice_safely() {
     let tag = format!("ddt-sg-{:08x}", rand_u32());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ddisco.toml");
-    let ports = "listen = \"0.0.0.0:7443\"\ndownload_listen = \"0.0.0.0:7444\"\nheartbeat_interval_secs = 1.0";
+    let ports =
+        "listen = \"0.0.0.0:7443\"\ndownload_listen = \"0.0.0.0:7444\"\nheartbeat_interval_secs = 1.0";
     std::fs::write(&path, config(moto(), &tag, &controller_sg, ports)).unwrap();
     let run = |extra: &[&str], env: &[(&str, &str)]| {
         Command::new(bin("ddisco-controller"))

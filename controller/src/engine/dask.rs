@@ -32,6 +32,10 @@ impl Dask {
     }
 
     fn worker(&self, me: &Member, scheduler: &str, layout: &NodeLayout) -> Directive {
+        let local_dir = match &layout.scratch {
+            Some(s) => s.join("dask-worker").display().to_string(),
+            None => super::under(layout, "var/dask-worker"),
+        };
         let argv = [
             Dask::dask(layout).as_str(),
             "worker",
@@ -46,7 +50,7 @@ impl Dask {
             &me.id,
             "--no-dashboard",
             "--local-directory",
-            &super::under(layout, "var/dask-worker"),
+            &local_dir,
         ]
         .map(String::from)
         .to_vec();
@@ -152,6 +156,7 @@ mod tests {
             venv: "/n/venv".into(),
             install_packages: false,
             system: false,
+            scratch: None,
         }
     }
 

@@ -322,6 +322,7 @@ mod tests {
             venv: "/opt/ddisco/venv".into(),
             install_packages: true,
             system,
+            scratch: None,
         }
     }
 

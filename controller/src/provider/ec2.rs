@@ -62,6 +62,7 @@ pub struct Ec2Provider {
     pools: Vec<Pool>,
     ssh_user: String,
     iam_profile: Option<String>,
+    scratch_path: String,
     cooldown: Duration,
     fallback: fallback::Policy,
     /// Std mutex: a few field updates, never held across `.await`.
@@ -227,6 +228,7 @@ impl Ec2Provider {
             pools: cfg.pools(),
             ssh_user: cfg.ssh_user.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
+            scratch_path: cfg.scratch_path.clone(),
             cooldown: cfg.capacity_cooldown,
             fallback: fallback::Policy {
                 roles: cfg.on_demand_fallback,
@@ -838,6 +840,7 @@ impl Provider for Ec2Provider {
             owner: Some(self.ssh_user.clone()),
             venv: "/opt/ddisco/venv".into(),
             install_packages: true,
+            scratch: Some(self.scratch_path.clone().into()),
         }
     }
 

@@ -123,6 +123,7 @@ impl Provider for LocalProvider {
             owner: None,
             venv: dir.join("venv"),
             install_packages: self.install_packages,
+            scratch: None,
         }
     }
 

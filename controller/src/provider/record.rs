@@ -39,6 +39,7 @@ impl Provider for RecordProvider {
             owner: None,
             install_packages: false,
             system: false,
+            scratch: None,
         }
     }
 
