@@ -703,3 +703,31 @@ fn security_group_is_created_with_its_rules_and_run_twice_safely() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("added:          TCP port 22 from 203.0.113.9/32"), "{text}");
 }
+
+/// Interruptions count too: with `fallback_interruptions = 1`, the
+/// replacement of a slave that got a spot interruption notice is launched
+/// on-demand, and status says why.
+#[test]
+fn spot_interruptions_fall_back_to_on_demand() {
+    let mut w = world(
+        "num_slaves = 1\non_demand_fallback = \"slaves\"\nfallback_interruptions = 1\nfallback_window_secs = 600",
+    );
+    let s = w.cluster.wait_until("1 spot slave ready", READY, |s| at_size(s, 1));
+    let victim = node_ids(&s, "slave")[0].clone();
+    let victim_iid = World::instance_of(&s, &victim);
+    w.hv.set_instance_action(&victim_iid);
+    let s = w.cluster.wait_until("the interrupted slave replaced", READY, |s| {
+        at_size(s, 1) && !node_ids(s, "slave").contains(&victim)
+    });
+    let new = node_ids(&s, "slave")[0].clone();
+    let node = nodes(&s).iter().find(|n| n["node_id"] == new).unwrap().clone();
+    assert_eq!(node["instance_type"], "c5.large on-demand", "{node:#}");
+    let new_iid = World::instance_of(&s, &new);
+    let inst = w.moto().into_iter().find(|i| i.id == new_iid).unwrap();
+    assert_eq!(inst.lifecycle, "", "{inst:?}");
+    let ev = all_events(&s);
+    assert!(
+        ev.iter().any(|e| e.contains(&new) && e.contains("1 spot interruption ") && e.contains(&victim)),
+        "{ev:#?}"
+    );
+}

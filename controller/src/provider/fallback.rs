@@ -74,12 +74,15 @@ impl Book {
             None
         } else if h.failures.len() >= policy.failures as usize {
             let last = h.failures.back().map(|(_, w)| w.as_str()).unwrap_or("");
-            Some(format!("{} spot launch failures in the last {window:.0}s (last: {last})", h.failures.len()))
+            Some(format!(
+                "{} in the last {window:.0}s (last: {last})",
+                plural(h.failures.len(), "spot launch failure")
+            ))
         } else if h.interruptions.len() >= policy.interruptions as usize {
             let last = h.interruptions.back().map(|(_, w)| w.as_str()).unwrap_or("");
             Some(format!(
-                "{} spot interruptions in the last {window:.0}s (last: {last})",
-                h.interruptions.len()
+                "{} in the last {window:.0}s (last: {last})",
+                plural(h.interruptions.len(), "spot interruption")
             ))
         } else {
             None
@@ -111,6 +114,11 @@ impl Book {
         }
         out
     }
+}
+
+/// "1 thing", "2 things".
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
 }
 
 #[cfg(test)]
