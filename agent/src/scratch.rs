@@ -220,7 +220,9 @@ mod tests {
             devices: devs.iter().map(|d| d.display().to_string()).collect(),
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let t0 = std::time::Instant::now();
         let out = rt.block_on(scratch(&step, &dir.path().join("scratch.log")));
+        eprintln!("MEASURE scratch step on {n} x 256 MiB loop device(s): {:.2}s", t0.elapsed().as_secs_f64());
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let found = mounted_at(&mounts, &mnt);
         // Usable: a file can be written there.

@@ -494,6 +494,12 @@ count = 1
         assert_eq!(i.image_id, want, "{i:?}");
     }
     let table = String::from_utf8(cluster.ctl(&["status"]).stdout).unwrap();
+    // Resolved once per architecture at start, not per launch: one
+    // DescribeImages per architecture for 3 launches.
+    let (_, metrics) = cluster.dashboard_get("/metrics", None);
+    let line = "ddisco_provider_api_calls_total{action=\"DescribeImages\"} 2";
+    assert!(metrics.lines().any(|l| l == line), "missing {line:?}:\n{metrics}");
+    eprintln!("MEASURE image alias resolution: 2 DescribeImages (one per architecture) for 3 launches");
     for line in [
         "image: ubuntu:24.04 (amd64) = ami-0a0000000000000a2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261112",
         "image: ubuntu:24.04 (arm64) = ami-0b0000000000000b2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-arm64-server-20261110",
@@ -543,9 +549,17 @@ fn spot_capacity_failures_fall_back_to_on_demand_and_back() {
         times: None,
     });
     let before = w.proxy.requests("RunInstances").len();
+    let t0 = Instant::now();
     let out = w.cluster.ctl(&["scale", "3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = w.cluster.wait_until("3 slaves, 2 of them on-demand", READY, |s| at_size(s, 3));
+    let t_od = *w.proxy.times("RunInstances").last().unwrap();
+    eprintln!(
+        "MEASURE spot failing -> on-demand launch: {:.2}s after `scale` (2 failures, 1 s cool-down); \
+         ready after {:.2}s",
+        (t_od - t0).as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
 
     // Exactly `fallback_failures` spot attempts failed, then one on-demand call.
     let runs: Vec<_> = w.proxy.requests("RunInstances").into_iter().skip(before).collect();
@@ -730,4 +744,29 @@ fn spot_interruptions_fall_back_to_on_demand() {
         ev.iter().any(|e| e.contains(&new) && e.contains("1 spot interruption ") && e.contains(&victim)),
         "{ev:#?}"
     );
+}
+
+/// An instance profile that does not exist blocks launches with an error
+/// naming `iam_instance_profile` (EC2 checks it at launch; there is no
+/// IAM preflight), and nothing is launched in a loop.
+#[test]
+fn unknown_instance_profile_blocks_launches_naming_the_key() {
+    let mut w = world("num_slaves = 1\niam_instance_profile = \"no-such-profile\"");
+    let s = w.cluster.wait_until("launches blocked", READY, |s| {
+        s["provider_notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("iam_instance_profile"))
+    });
+    assert!(live(&w.moto()).is_empty(), "{s:#}");
+    let runs = w.proxy.count("RunInstances");
+    // Blocked: further ticks make no launch call.
+    let d0 = w.proxy.count("DescribeInstances");
+    let end = Instant::now() + Duration::from_secs(30);
+    while w.proxy.count("DescribeInstances") < d0 + 5 {
+        assert!(Instant::now() < end, "no reconcile ticks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.proxy.count("RunInstances"), runs, "launches retried while blocked");
 }

@@ -910,6 +910,10 @@ impl Provider for Ec2Provider {
             } else {
                 key
             };
+            if let Some(known) = self.type_arch.lock().expect("lock").get(&t).cloned() {
+                arch_keys.push((known, t, key)); // checked already (master and a pool share it)
+                continue;
+            }
             let out = self.check(
                 "DescribeInstanceTypes",
                 c.describe_instance_types().instance_types(InstanceType::from(t.as_str())).send().await,
