@@ -21,6 +21,23 @@ pub async fn gather_with(imds: Option<&crate::imds::Imds>) -> api::NodeFacts {
     f
 }
 
+/// The 1-minute load average x 1000, from `/proc/loadavg` (or the file
+/// `DDISCO_LOADAVG_FILE` names: the test hypervisor's stand-in for a node's
+/// own kernel). `None` if it cannot be read.
+pub fn load_milli() -> Option<u32> {
+    let path = std::env::var_os("DDISCO_LOADAVG_FILE")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "/proc/loadavg".into());
+    let text = std::fs::read_to_string(path).ok()?;
+    parse_loadavg(&text)
+}
+
+fn parse_loadavg(text: &str) -> Option<u32> {
+    let load1: f64 = text.split_whitespace().next()?.parse().ok()?;
+    (load1.is_finite() && load1 >= 0.0).then(|| (load1 * 1000.0).round().min(u32::MAX as f64) as u32)
+}
+
 pub fn gather() -> api::NodeFacts {
     let sys = System::new_with_specifics(
         RefreshKind::nothing()
@@ -76,4 +93,16 @@ pub fn started_unix_ms() -> u64 {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loadavg_is_parsed_to_thousandths() {
+        assert_eq!(super::parse_loadavg("0.42 0.30 0.20 1/123 4567\n"), Some(420));
+        assert_eq!(super::parse_loadavg("3.00 1 1 1/1 1"), Some(3000));
+        assert_eq!(super::parse_loadavg(""), None);
+        assert_eq!(super::parse_loadavg("x"), None);
+        assert!(super::load_milli().is_some(), "this Linux machine has /proc/loadavg");
+    }
 }

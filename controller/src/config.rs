@@ -97,6 +97,9 @@ pub struct Config {
     /// Spot interruptions of a pool, within the window, that do the same.
     pub fallback_interruptions: u32,
     pub fallback_window: Duration,
+    /// Replace on-demand slaves of pools back on spot once the cluster has
+    /// been idle this long; zero: only at scale changes.
+    pub on_demand_idle_replace: Duration,
     /// Where each node's scratch space (instance store) is mounted.
     pub scratch_path: String,
     pub engine: EngineKind,
@@ -275,6 +278,8 @@ pub struct RawConfig {
     fallback_interruptions: Option<u32>,
     #[serde(alias = "FALLBACK_WINDOW_SECS")]
     fallback_window_secs: Option<f64>,
+    #[serde(alias = "ON_DEMAND_IDLE_REPLACE_SECS")]
+    on_demand_idle_replace_secs: Option<f64>,
     #[serde(alias = "SCRATCH_PATH")]
     scratch_path: Option<String>,
     #[serde(alias = "ENGINE")]
@@ -382,6 +387,7 @@ impl Default for Config {
             fallback_failures: 3,
             fallback_interruptions: 3,
             fallback_window: Duration::from_secs(900),
+            on_demand_idle_replace: Duration::from_secs(600),
             scratch_path: "/mnt".into(),
             engine: EngineKind::Disco,
             drain_timeout: Duration::from_secs(60),
@@ -568,6 +574,10 @@ impl Config {
         let capacity_cooldown =
             secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.capacity_cooldown)?;
         let fallback_window = secs("fallback_window_secs", raw.fallback_window_secs, d.fallback_window)?;
+        let on_demand_idle_replace = match raw.on_demand_idle_replace_secs {
+            Some(0.0) => Duration::ZERO,
+            other => secs("on_demand_idle_replace_secs", other, d.on_demand_idle_replace)?,
+        };
         let on_demand_fallback = match raw.on_demand_fallback.as_deref() {
             None => d.on_demand_fallback,
             Some("none") => FallbackRoles::None,
@@ -728,6 +738,7 @@ impl Config {
             fallback_failures: raw.fallback_failures.unwrap_or(d.fallback_failures),
             fallback_interruptions: raw.fallback_interruptions.unwrap_or(d.fallback_interruptions),
             fallback_window,
+            on_demand_idle_replace,
             scratch_path,
             engine,
             drain_timeout,
@@ -948,11 +959,15 @@ capacity_cooldown_secs = 300.0
 # launches failed for capacity or price fallback_failures times, or whose
 # spot nodes were interrupted fallback_interruptions times, within
 # fallback_window_secs launches on-demand until that many seconds pass
-# quietly; then new nodes are spot again.
+# quietly; then new nodes are spot again, and its on-demand slaves are
+# replaced by spot ones at the next scale change or once the cluster has been
+# idle (every node's load below 0.1 per core) for
+# on_demand_idle_replace_secs (0: only at scale changes).
 on_demand_fallback = "none"
 fallback_failures = 3
 fallback_interruptions = 3
 fallback_window_secs = 900.0
+on_demand_idle_replace_secs = 600.0
 # Instance profile (name or ARN) for every node: jobs reach S3 through the
 # instance role; no AWS key ever goes to a node.
 iam_instance_profile = ""

@@ -86,6 +86,9 @@ pub struct Shared {
     pub destroying: AtomicBool,
     /// When spot prices were last fetched (tokio mutex: held across the call).
     prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Since when (controller clock, ms) the cluster has been idle while it
+    /// had on-demand slaves; `None`: not idle or nothing to replace.
+    idle_since: Mutex<Option<u64>>,
     pub metrics: crate::metrics::Metrics,
     shutdown: watch::Sender<bool>,
 }
@@ -319,6 +322,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tick_lock: tokio::sync::Mutex::new(()),
         destroying: AtomicBool::new(false),
         prices_at: tokio::sync::Mutex::new(None),
+        idle_since: Mutex::new(None),
         metrics: Default::default(),
         shutdown: shutdown_tx,
         cfg,
@@ -535,6 +539,7 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     let observed = sh.provider.list().await.context("listing the cluster's instances")?;
     let (actions, orphans) = {
         let mut reg = sh.registry.lock().expect("registry lock");
+        supersede_when_idle(sh, &mut reg);
         let (alive, orphans) = reg.match_observed(&observed);
         let views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
         (decide(&Desired { pools: reg.desired.clone() }, &views, sh.limits()), orphans)
@@ -634,6 +639,52 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
     }
     sh.changed();
     Ok(())
+}
+
+/// On-demand slaves of pools back on spot are replaced by spot ones once
+/// the cluster has been idle for `on_demand_idle_replace` (the other
+/// occasion is a scale change, in `admin.rs`).
+fn supersede_when_idle(sh: &Shared, reg: &mut crate::registry::Registry) {
+    use crate::model::NodeState;
+    let wait = sh.cfg.on_demand_idle_replace;
+    let mut since = sh.idle_since.lock().expect("idle lock");
+    let candidates = reg.entries().any(|e| {
+        e.rec.role == Role::Slave
+            && e.rec.instance_type.ends_with(" on-demand")
+            && !e.rec.superseded
+            && e.rec.notice.is_empty()
+            && !matches!(e.rec.state, NodeState::Terminating | NodeState::Draining | NodeState::Lost)
+    });
+    let loads: Vec<(Option<u32>, u32)> = reg
+        .entries()
+        .filter(|e| e.rec.state == NodeState::Ready)
+        .map(|e| (e.live.load_milli(), e.rec.facts.as_ref().map_or(1, |f| f.logical_cores)))
+        .collect();
+    if wait.is_zero() || !candidates || !crate::reconcile::idle(&loads) {
+        *since = None;
+        return;
+    }
+    let now = sh.clock.now_ms();
+    let start = *since.get_or_insert(now);
+    if now.saturating_sub(start) < wait.as_millis() as u64 {
+        return;
+    }
+    let views = reg.views(&Default::default(), 0, 0);
+    let desired = Desired { pools: reg.desired.clone() };
+    let ids = crate::reconcile::supersede(&desired, &views, |pool| sh.provider.spot_again(Role::Slave, pool));
+    for id in &ids {
+        if let Some(e) = reg.get_mut(id) {
+            e.rec.superseded = true;
+        }
+        reg.event(format!(
+            "cluster idle for {:.0}s: {id} runs on-demand but spot works again: replacing it with a spot node",
+            now.saturating_sub(start) as f64 / 1000.0
+        ));
+    }
+    if !ids.is_empty() {
+        reg.dirty = true;
+        *since = None;
+    }
 }
 
 /// Records `n` new nodes (persisted before the call, so that a crash cannot

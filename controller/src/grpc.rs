@@ -8,7 +8,7 @@
 //! - `Session` refuses a caller without a client certificate signed by the
 //!   cluster CA (rustls checks the chain), or whose node is unknown or being
 //!   terminated. A refusal is logged and changes no state.
-//! - Heartbeats take no lock: one atomic store per message.
+//! - Heartbeats take no lock: two atomic stores per message (last seen, load).
 
 use crate::controller::Shared;
 use crate::model::{NodeState, Role, worker_count};
@@ -182,7 +182,8 @@ impl api::agent_server::Agent for AgentService {
                 }
                 live.touch(sh.clock.now_ms());
                 match msg.msg {
-                    Some(api::agent_message::Msg::Heartbeat(_)) => {
+                    Some(api::agent_message::Msg::Heartbeat(h)) => {
+                        live.set_load(h.load_milli);
                         crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
                     }
                     None => {}

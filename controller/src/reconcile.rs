@@ -294,6 +294,19 @@ pub fn supersede(desired: &Desired, nodes: &[NodeView], spot_again: impl Fn(&str
     out
 }
 
+/// Below this 1-minute load average per core a node counts as idle.
+pub const IDLE_LOAD_PER_CORE: f64 = 0.1;
+
+/// Is the cluster idle? `loads`: (reported load x 1000, cores) of every
+/// ready node. Idle when there is at least one and each has reported a load
+/// below [`IDLE_LOAD_PER_CORE`] per core (no report: not idle).
+pub fn idle(loads: &[(Option<u32>, u32)]) -> bool {
+    !loads.is_empty()
+        && loads.iter().all(|(load, cores)| {
+            load.is_some_and(|l| f64::from(l) / 1000.0 < IDLE_LOAD_PER_CORE * f64::from((*cores).max(1)))
+        })
+}
+
 /// Why this node counts as lost, if it does.
 fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
     match n.instance {
@@ -602,6 +615,14 @@ mod tests {
         assert!(supersede(&Desired::slaves(1), &nodes, |_| true).is_empty());
         // Spot still failing: nothing.
         assert!(supersede(&Desired::slaves(3), &nodes, |_| false).is_empty());
+    }
+
+    #[test]
+    fn idle_means_every_ready_node_reported_a_low_load() {
+        assert!(idle(&[(Some(50), 1), (Some(150), 2)]));
+        assert!(!idle(&[(Some(50), 1), (Some(250), 2)]));
+        assert!(!idle(&[(Some(0), 2), (None, 2)]), "a node without a report is not known idle");
+        assert!(!idle(&[]));
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Liveness {
     revoked: AtomicBool,
     /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
     sessions: AtomicU32,
+    /// Last reported 1-minute load average x 1000, plus one; 0: unknown.
+    load_milli_plus_one: AtomicU32,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
     push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<PushMsg>, String)>>,
@@ -122,6 +124,17 @@ impl Drop for SessionGuard {
 }
 
 impl Liveness {
+    /// A heartbeat's load report (one relaxed store).
+    pub fn set_load(&self, load_milli: Option<u32>) {
+        let v = load_milli.map_or(0, |l| l.saturating_add(1));
+        self.load_milli_plus_one.store(v, Ordering::Relaxed);
+    }
+
+    /// The last reported load (x 1000), if any.
+    pub fn load_milli(&self) -> Option<u32> {
+        self.load_milli_plus_one.load(Ordering::Relaxed).checked_sub(1)
+    }
+
     pub fn touch(&self, now_ms: u64) {
         self.last_seen_ms.store(now_ms.max(1), Ordering::Relaxed);
     }

@@ -260,6 +260,13 @@ impl Hypervisor {
             Some(r#"{"action": "terminate", "time": "2026-11-26T12:00:00Z"}"#.to_string());
     }
 
+    /// What every node's kernel reports as its load (`/proc/loadavg`
+    /// format), e.g. "0.00 0.00 0.00 1/100 1" for an idle cluster. Until
+    /// this is called, nodes report this machine's own load.
+    pub fn set_loadavg(&self, text: &str) {
+        std::fs::write(self.dir.path().join("loadavg"), text).unwrap();
+    }
+
     pub fn booted_count(&self) -> usize {
         self.booted.lock().unwrap().len()
     }
@@ -321,6 +328,7 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
             .env("DDISCO_HOME", &dir)
             .env("DDISCO_IMDS", &imds_url)
             .env("DDISCO_NOTICE_POLL_MS", "200")
+            .env("DDISCO_LOADAVG_FILE", root.join("loadavg"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

@@ -720,12 +720,17 @@ fn security_group_is_created_with_its_rules_and_run_twice_safely() {
 
 /// Interruptions count too: with `fallback_interruptions = 1`, the
 /// replacement of a slave that got a spot interruption notice is launched
-/// on-demand, and status says why.
+/// on-demand, and status says why. Once the window has passed, the
+/// on-demand slave stays while the cluster is busy and is replaced by a
+/// spot one once the cluster is idle (nodes' load comes from a file the
+/// test writes: the hypervisor's stand-in for each node's kernel).
 #[test]
-fn spot_interruptions_fall_back_to_on_demand() {
+fn spot_interruptions_fall_back_to_on_demand_and_idle_clusters_go_back_to_spot() {
     let mut w = world(
-        "num_slaves = 1\non_demand_fallback = \"slaves\"\nfallback_interruptions = 1\nfallback_window_secs = 600",
+        "num_slaves = 1\non_demand_fallback = \"slaves\"\nfallback_interruptions = 1\nfallback_window_secs = 4\n\
+         on_demand_idle_replace_secs = 1",
     );
+    w.hv.set_loadavg("3.50 3.20 3.00 5/200 999\n");
     let s = w.cluster.wait_until("1 spot slave ready", READY, |s| at_size(s, 1));
     let victim = node_ids(&s, "slave")[0].clone();
     let victim_iid = World::instance_of(&s, &victim);
@@ -744,6 +749,25 @@ fn spot_interruptions_fall_back_to_on_demand() {
         ev.iter().any(|e| e.contains(&new) && e.contains("1 spot interruption ") && e.contains(&victim)),
         "{ev:#?}"
     );
+
+    // The window passes: spot again for new nodes, but the cluster is busy,
+    // so the on-demand slave stays.
+    let s = w.cluster.wait_until("the fallback to clear", READY, |s| {
+        !s["provider_notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("on-demand"))
+    });
+    assert!(node_ids(&s, "slave").contains(&new), "{s:#}");
+    assert!(!all_events(&s).iter().any(|e| e.contains("cluster idle")), "{s:#}");
+    // Idle: the on-demand slave is replaced by a spot one (spot first).
+    w.hv.set_loadavg("0.01 0.02 0.00 1/200 999\n");
+    w.wait_moto("one spot slave and no on-demand one", |v| {
+        let slaves: Vec<&Inst> = live(v).into_iter().filter(|i| i.tags[&w.tag] == "slave").collect();
+        slaves.len() == 1 && slaves[0].lifecycle == "spot"
+    });
+    let s = w.cluster.wait_until("back at size on spot", READY, |s| {
+        at_size(s, 1) && nodes(s).iter().all(|n| n["instance_type"] == "c5.large")
+    });
+    let ev = all_events(&s);
+    assert!(ev.iter().any(|e| e.contains("cluster idle for") && e.contains(&new)), "{ev:#?}");
 }
 
 /// An instance profile that does not exist blocks launches with an error

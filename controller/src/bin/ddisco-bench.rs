@@ -313,7 +313,9 @@ async fn session(
             continue;
         }
         seq += 1;
-        let hb = api::AgentMessage { msg: Some(api::agent_message::Msg::Heartbeat(api::Heartbeat { seq })) };
+        let hb = api::AgentMessage {
+            msg: Some(api::agent_message::Msg::Heartbeat(api::Heartbeat { seq, load_milli: Some(120) })),
+        };
         if tx.send(hb).await.is_err() {
             return Err("session closed".into());
         }
