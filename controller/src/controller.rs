@@ -581,12 +581,16 @@ pub async fn tick(sh: &Arc<Shared>) -> anyhow::Result<()> {
                     reg.remove(&id);
                 }
                 Action::Drain { id } => {
+                    let mut why = "scale down";
                     if let Some(e) = reg.get_mut(&id) {
                         e.rec.state = crate::model::NodeState::Draining;
                         e.rec.drain_started_unix_ms = Some(unix_ms());
+                        if e.rec.superseded {
+                            why = "on-demand, its spot replacement is ready";
+                        }
                     }
                     reg.event(format!(
-                        "{id} draining before removal (scale down; up to {:.0}s)",
+                        "{id} draining before removal ({why}; up to {:.0}s)",
                         sh.cfg.drain_timeout.as_secs_f64()
                     ));
                 }

@@ -192,7 +192,8 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         }
         if n.state == NodeState::Draining {
             if n.since_drain_ms.unwrap_or(u64::MAX) >= limits.drain_ms {
-                actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
+                let reason = if n.superseded { Reason::BackToSpot } else { Reason::ScaleDown };
+                actions.push(Action::Terminate { id: n.id.clone(), reason });
             }
             continue;
         }
@@ -258,9 +259,16 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             Role::Master => master_ready,
             Role::Slave => pool_ready.get(n.pool.as_str()).copied().unwrap_or(true),
         };
-        if replaced {
-            let reason = if n.interrupted { Reason::Interrupted } else { Reason::BackToSpot };
-            actions.push(Action::Terminate { id: n.id.clone(), reason });
+        if !replaced {
+            continue;
+        }
+        if n.interrupted {
+            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Interrupted });
+        } else if limits.drain_ms > 0 && n.state == NodeState::Ready {
+            // A superseded node is not in a hurry: its work drains first.
+            actions.push(Action::Drain { id: n.id.clone() });
+        } else {
+            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::BackToSpot });
         }
     }
     actions
@@ -594,7 +602,19 @@ mod tests {
         );
         let new = ready("new", Role::Slave, 3);
         assert_eq!(
-            decide(&Desired::slaves(2), &[m, od, sp, new], LIMITS),
+            decide(&Desired::slaves(2), &[m.clone(), od.clone(), sp.clone(), new.clone()], LIMITS),
+            vec![Action::Terminate { id: "od".into(), reason: Reason::BackToSpot }]
+        );
+        // With draining on, it drains first, then goes (as "back to spot").
+        let drain = Limits { drain_ms: 5_000, ..LIMITS };
+        assert_eq!(
+            decide(&Desired::slaves(2), &[m.clone(), od.clone(), sp.clone(), new.clone()], drain),
+            vec![Action::Drain { id: "od".into() }]
+        );
+        od.state = NodeState::Draining;
+        od.since_drain_ms = Some(6_000);
+        assert_eq!(
+            decide(&Desired::slaves(2), &[m, od, sp, new], drain),
             vec![Action::Terminate { id: "od".into(), reason: Reason::BackToSpot }]
         );
     }
