@@ -89,6 +89,16 @@ impl World {
         nodes(s).iter().find(|n| n["node_id"] == node).unwrap()["instance_id"].as_str().unwrap().to_string()
     }
 
+    /// Waits for `n` more reconcile ticks (each lists instances once).
+    fn wait_ticks(&self, n: u32) {
+        let d0 = self.proxy.count("DescribeInstances");
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.proxy.count("DescribeInstances") < d0 + n {
+            assert!(Instant::now() < end, "no reconcile ticks:\n{}", self.cluster.serve_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn wait_moto(&self, what: &str, pred: impl Fn(&[Inst]) -> bool) -> Vec<Inst> {
         let end = Instant::now() + READY;
         loop {
@@ -172,12 +182,7 @@ fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
 
     // A steady tick is one DescribeInstances and nothing else.
     let before = w.proxy.counts();
-    let d0 = w.proxy.count("DescribeInstances");
-    let end = Instant::now() + Duration::from_secs(30);
-    while w.proxy.count("DescribeInstances") < d0 + 5 {
-        assert!(Instant::now() < end, "no reconcile ticks");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    w.wait_ticks(5);
     let after = w.proxy.counts();
     for (action, n) in &after {
         if action != "DescribeInstances" {
@@ -786,11 +791,6 @@ fn unknown_instance_profile_blocks_launches_naming_the_key() {
     assert!(live(&w.moto()).is_empty(), "{s:#}");
     let runs = w.proxy.count("RunInstances");
     // Blocked: further ticks make no launch call.
-    let d0 = w.proxy.count("DescribeInstances");
-    let end = Instant::now() + Duration::from_secs(30);
-    while w.proxy.count("DescribeInstances") < d0 + 5 {
-        assert!(Instant::now() < end, "no reconcile ticks");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    w.wait_ticks(5);
     assert_eq!(w.proxy.count("RunInstances"), runs, "launches retried while blocked");
 }
