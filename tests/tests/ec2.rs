@@ -475,7 +475,7 @@ fn ubuntu_alias_resolves_to_the_newest_canonical_image_per_architecture() {
 master_instance_type = "c5.large"
 [[slave_pools]]
 name = "intel"
-instance_types = ["c5.large"]
+instance_types = ["c5d.large"]
 count = 1
 [[slave_pools]]
 name = "graviton"
@@ -506,6 +506,8 @@ count = 1
     assert!(metrics.lines().any(|l| l == line), "missing {line:?}:\n{metrics}");
     eprintln!("MEASURE image alias resolution: 2 DescribeImages (one per architecture) for 3 launches");
     for line in [
+        "scratch on c5.large: no instance store, /mnt is on the root volume",
+        "scratch on c5d.large: 1 x 50 GB instance store, mounted at /mnt",
         "image: ubuntu:24.04 (amd64) = ami-0a0000000000000a2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261112",
         "image: ubuntu:24.04 (arm64) = ami-0b0000000000000b2 ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-arm64-server-20261110",
     ] {

@@ -75,6 +75,8 @@ pub struct Ec2Provider {
     type_arch: Mutex<HashMap<String, String>>,
     /// Architecture -> image id in force, from preflight.
     image_by_arch: Mutex<HashMap<String, String>>,
+    /// What scratch each instance type gets (for status), from preflight.
+    scratch_notes: Mutex<Vec<String>>,
     /// Aliases resolved (for status), and the cache file holding them.
     resolved: Mutex<Vec<Resolved>>,
     image_cache: std::path::PathBuf,
@@ -240,6 +242,7 @@ impl Ec2Provider {
             calls: Mutex::default(),
             placement: Mutex::default(),
             type_arch: Mutex::default(),
+            scratch_notes: Mutex::default(),
             image_by_arch: Mutex::default(),
             resolved: Mutex::default(),
             image_cache: cfg.state_dir.join("images.json"),
@@ -931,6 +934,20 @@ impl Provider for Ec2Provider {
                 tracing::warn!("{t}: the endpoint does not say which architecture it runs; assuming x86_64");
                 "x86_64".into()
             });
+            let store = out.instance_types().first().and_then(|i| i.instance_storage_info()).map(|s| {
+                let disks: Vec<String> = s
+                    .disks()
+                    .iter()
+                    .map(|d| format!("{} x {} GB", d.count().unwrap_or(1), d.size_in_gb().unwrap_or(0)))
+                    .collect();
+                disks.join(" + ")
+            });
+            self.scratch_notes.lock().expect("lock").push(match store {
+                Some(disks) if !disks.is_empty() => {
+                    format!("scratch on {t}: {disks} instance store, mounted at {}", self.scratch_path)
+                }
+                _ => format!("scratch on {t}: no instance store, {} is on the root volume", self.scratch_path),
+            });
             self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
             arch_keys.push((arch, t, key));
         }
@@ -1128,7 +1145,7 @@ impl Provider for Ec2Provider {
     }
 
     fn facts(&self) -> Vec<String> {
-        match &self.ami {
+        let mut out: Vec<String> = match &self.ami {
             ImageSpec::Id(id) => vec![format!("image: {id}")],
             ImageSpec::Alias(_) => self
                 .resolved
@@ -1137,7 +1154,9 @@ impl Provider for Ec2Provider {
                 .iter()
                 .map(|r| format!("image: {}", r.describe()))
                 .collect(),
-        }
+        };
+        out.extend(self.scratch_notes.lock().expect("lock").iter().cloned());
+        out
     }
 
     fn interrupted(&self, role: Role, pool: &str, node_id: &str) {
