@@ -946,7 +946,9 @@ impl Provider for Ec2Provider {
                 Some(disks) if !disks.is_empty() => {
                     format!("scratch on {t}: {disks} instance store, mounted at {}", self.scratch_path)
                 }
-                _ => format!("scratch on {t}: no instance store, {} is on the root volume", self.scratch_path),
+                _ => {
+                    format!("scratch on {t}: no instance store, {} is on the root volume", self.scratch_path)
+                }
             });
             self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
             arch_keys.push((arch, t, key));
