@@ -153,7 +153,8 @@ impl Agent {
                 },
                 _ = interval.tick() => {
                     seq += 1;
-                    if tx.send(msg(api::agent_message::Msg::Heartbeat(api::Heartbeat { seq, load_milli: crate::facts::load_milli() }))).await.is_err() {
+                    let hb = api::Heartbeat { seq, load_milli: crate::facts::load_milli() };
+                    if tx.send(msg(api::agent_message::Msg::Heartbeat(hb))).await.is_err() {
                         return Ok(End::Broken("session stream closed".into()));
                     }
                 }

@@ -91,15 +91,8 @@ impl api::admin_server::Admin for AdminService {
             reg.event(format!("scale: {previous} -> {total} slaves ({})", summary.join(" ")));
             reg.desired = desired.clone();
             // On-demand slaves of pools back on spot: replaced by spot ones.
-            let views = reg.views(&Default::default(), 0, 0);
             let d = crate::reconcile::Desired { pools: desired.clone() };
-            let provider = &self.shared.provider;
-            for id in crate::reconcile::supersede(&d, &views, |pool| provider.spot_again(Role::Slave, pool)) {
-                if let Some(e) = reg.get_mut(&id) {
-                    e.rec.superseded = true;
-                }
-                reg.event(format!("{id} runs on-demand but spot works again: replacing it with a spot node"));
-            }
+            crate::controller::supersede_on_demand(&self.shared, &mut reg, &d, "");
             reg.dirty = true;
             (previous, desired)
         };

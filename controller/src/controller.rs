@@ -673,22 +673,34 @@ fn supersede_when_idle(sh: &Shared, reg: &mut crate::registry::Registry) {
     if now.saturating_sub(start) < wait.as_millis() as u64 {
         return;
     }
-    let views = reg.views(&Default::default(), 0, 0);
     let desired = Desired { pools: reg.desired.clone() };
-    let ids = crate::reconcile::supersede(&desired, &views, |pool| sh.provider.spot_again(Role::Slave, pool));
+    let idle_for = format!("cluster idle for {:.0}s: ", now.saturating_sub(start) as f64 / 1000.0);
+    if supersede_on_demand(sh, reg, &desired, &idle_for) > 0 {
+        *since = None;
+    }
+}
+
+/// Marks the on-demand slaves that `reconcile::supersede` picks (pools back
+/// on spot, kept by `desired`) for replacement by spot; returns how many.
+/// Called at a scale change and when the cluster is idle.
+pub fn supersede_on_demand(
+    sh: &Shared,
+    reg: &mut crate::registry::Registry,
+    desired: &Desired,
+    why: &str,
+) -> usize {
+    let views = reg.views(&Default::default(), 0, 0);
+    let ids = crate::reconcile::supersede(desired, &views, |pool| sh.provider.spot_again(Role::Slave, pool));
     for id in &ids {
         if let Some(e) = reg.get_mut(id) {
             e.rec.superseded = true;
         }
-        reg.event(format!(
-            "cluster idle for {:.0}s: {id} runs on-demand but spot works again: replacing it with a spot node",
-            now.saturating_sub(start) as f64 / 1000.0
-        ));
+        reg.event(format!("{why}{id} runs on-demand but spot works again: replacing it with a spot node"));
     }
     if !ids.is_empty() {
         reg.dirty = true;
-        *since = None;
     }
+    ids.len()
 }
 
 /// Records `n` new nodes (persisted before the call, so that a crash cannot

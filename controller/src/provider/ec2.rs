@@ -424,7 +424,7 @@ impl Ec2Provider {
                         })
                         .map(|e| e.resolved.clone());
                     let r = match cached {
-                        Some(r) if self.still_available(&r.image.id).await? => r,
+                        Some(r) if self.still_available(&r.image.id).await => r,
                         _ => {
                             let r = self.resolve_alias(alias, arch).await?;
                             cache.retain(|e| {
@@ -489,12 +489,14 @@ impl Ec2Provider {
         })
     }
 
-    async fn still_available(&self, id: &str) -> Result<bool, ProviderError> {
+    /// Is a cached image still there? Any doubt (an error too): no, and the
+    /// alias is resolved again.
+    async fn still_available(&self, id: &str) -> bool {
         let r = self.client.describe_images().image_ids(id).send().await;
         self.count("DescribeImages", &r);
-        Ok(r.ok().is_some_and(|o| {
+        r.ok().is_some_and(|o| {
             o.images().first().is_some_and(|i| i.state().is_some_and(|s| s.as_str() == "available"))
-        }))
+        })
     }
 
     fn read_image_cache(&self) -> Vec<CachedImage> {
