@@ -5,7 +5,7 @@
 //! made when their body changes and retried until they succeed. Nothing is
 //! applied before the plan has finished.
 
-use crate::session::Backoff;
+use crate::backoff::Backoff;
 use crate::steps::Executor;
 use ddisco_proto::v1 as api;
 use http_body_util::Full;

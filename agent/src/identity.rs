@@ -13,8 +13,6 @@ use crate::Fatal;
 use ddisco_proto::v1 as api;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -88,14 +86,6 @@ fn read(path: &Path) -> Result<String, Fatal> {
     std::fs::read_to_string(path).map_err(|e| Fatal::Setup(format!("cannot read {}: {e}", path.display())))
 }
 
-pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 fn identity_dir(dir: &Path) -> PathBuf {
     dir.join("identity")
 }
@@ -137,7 +127,7 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
     let facts = crate::facts::gather_with(imds.as_ref()).await;
     let req = api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts) };
-    let mut backoff = crate::session::Backoff::new();
+    let mut backoff = crate::backoff::Backoff::new();
     let reply = loop {
         match try_enroll(&creds, req.clone()).await {
             Ok(r) => break r,
@@ -150,8 +140,9 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         }
     };
     std::fs::create_dir_all(&idir).map_err(|e| Fatal::Setup(format!("{}: {e}", idir.display())))?;
-    let save =
-        |p: &Path, s: &str| write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())));
+    let save = |p: &Path, s: &str| {
+        crate::files::write_private(p, s).map_err(|e| Fatal::Setup(format!("{}: {e}", p.display())))
+    };
     save(&key_p, &key.serialize_pem())?;
     save(&cert_p, &reply.certificate_pem)?;
     save(&node_p, &reply.node_id)?;
@@ -175,7 +166,7 @@ async fn pick_slot(boot: &Bootstrap, imds: Option<&crate::imds::Imds>) -> Result
         (1, _) => 0,
         (_, None) => return Err(Fatal::Setup("several slots but no instance metadata to pick one".into())),
         (_, Some(imds)) => {
-            let mut backoff = crate::session::Backoff::new();
+            let mut backoff = crate::backoff::Backoff::new();
             let mut tries = 0;
             loop {
                 match imds.get("ami-launch-index").await {

@@ -12,14 +12,19 @@
 //!   mounted (striped if several) as the node's scratch space.
 //! - [`steps`]: runs the plan's steps in order and keeps progress on disk,
 //!   so a reconnect never re-runs a finished step.
+//! - [`backoff`], [`files`], [`command`]: the primitives the others share:
+//!   retry delays, the agent's private files, running a step's process.
 //! - [`converge`]: applies the engine directives the controller pushes
 //!   (supervised services, managed files, HTTP posts) once the plan is done.
 //!
 //! **Architecture Invariant:** no AWS SDK and no aws-lc in this crate's
 //! dependency tree; TLS uses rustls with ring.
 
+pub mod backoff;
+pub mod command;
 pub mod converge;
 pub mod facts;
+pub mod files;
 pub mod identity;
 pub mod imds;
 pub mod scratch;

@@ -14,7 +14,7 @@
 //!   the step says so. Already mounted (agent restarted, cloud-init's
 //!   ephemeral0 mount): used as it is.
 
-use crate::steps::{Outcome, run};
+use crate::command::{Outcome, fail, run};
 use ddisco_proto::v1 as api;
 use std::path::{Path, PathBuf};
 
@@ -128,10 +128,6 @@ pub async fn scratch(s: &api::Scratch, log: &Path) -> Outcome {
 
 fn ok(msg: String) -> Outcome {
     Outcome { code: 0, tail: msg }
-}
-
-fn fail(msg: String) -> Outcome {
-    Outcome { code: 1, tail: msg }
 }
 
 #[cfg(test)]

@@ -3,16 +3,14 @@
 //! finished step. A failed step stops the plan; the node stays failed (and
 //! says so) rather than silently ready.
 
+use crate::command::{Outcome, fail, run};
 use ddisco_proto::v1 as api;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::UnboundedSender;
-
-const TAIL_BYTES: usize = 4096;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
@@ -170,18 +168,10 @@ impl Executor {
 
     fn save(&self, p: &Progress) {
         let path = self.dir.join("progress.json");
-        if let Err(e) = crate::identity::write_private(&path, &serde_json::to_string(p).expect("serializes"))
-        {
+        if let Err(e) = crate::files::write_private(&path, &serde_json::to_string(p).expect("serializes")) {
             tracing::error!("cannot save {}: {e}", path.display());
         }
     }
-}
-
-/// A step's outcome: exit code (-1 when killed or not a process) and the
-/// tail of its output.
-pub struct Outcome {
-    pub code: i32,
-    pub tail: String,
 }
 
 /// Reads a file and sends it to the controller as an attribute.
@@ -200,10 +190,6 @@ fn collect(c: &api::Collect, reports: &UnboundedSender<api::AgentMessage>) -> Ou
         Ok(_) => fail(format!("{} is larger than 16 KiB", c.path)),
         Err(e) => fail(format!("cannot read {}: {e}", c.path)),
     }
-}
-
-fn fail(msg: impl Into<String>) -> Outcome {
-    Outcome { code: 1, tail: msg.into() }
 }
 
 pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
@@ -310,7 +296,7 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
                 added += 1;
             }
         }
-        crate::identity::write_private(&path, &text)?;
+        crate::files::write_private(&path, &text)?;
         Ok(added)
     })();
     match res {
@@ -328,53 +314,6 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
             }
             Outcome { code: 0, tail: format!("{added} key(s) added to {}", path.display()) }
         }
-    }
-}
-
-/// Runs a command, appending its output to `log` and keeping the tail.
-pub(crate) async fn run(mut cmd: tokio::process::Command, log: &Path) -> Outcome {
-    if let Some(d) = log.parent() {
-        let _ = std::fs::create_dir_all(d);
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot start {program}: {e}")),
-    };
-    let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let file = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(log).ok()));
-    let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
-        let tail = tail.clone();
-        let file = file.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = r.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                if let Some(f) = file.lock().expect("lock").as_mut() {
-                    let _ = std::io::Write::write_all(f, &buf[..n]);
-                }
-                let mut t = tail.lock().expect("lock");
-                t.extend_from_slice(&buf[..n]);
-                if t.len() > 2 * TAIL_BYTES {
-                    let cut = t.len() - TAIL_BYTES;
-                    t.drain(..cut);
-                }
-            }
-        })
-    };
-    let a = pump(Box::new(child.stdout.take().expect("piped")));
-    let b = pump(Box::new(child.stderr.take().expect("piped")));
-    let status = child.wait().await;
-    let _ = tokio::join!(a, b);
-    let t = tail.lock().expect("lock");
-    let start = t.len().saturating_sub(TAIL_BYTES);
-    let tail = String::from_utf8_lossy(&t[start..]).into_owned();
-    match status {
-        Ok(s) => Outcome { code: s.code().unwrap_or(-1), tail },
-        Err(e) => fail(format!("{program}: {e}")),
     }
 }
 
@@ -405,7 +344,7 @@ mod tests {
     async fn tail_keeps_the_end_of_long_output() {
         let d = tempfile::tempdir().unwrap();
         let out = run_step(&shell("long", "seq 1 20000; echo THE-END"), d.path(), 1).await;
-        assert!(out.tail.len() <= TAIL_BYTES);
+        assert!(out.tail.len() <= crate::command::TAIL_BYTES);
         assert!(out.tail.ends_with("THE-END\n"));
     }
 

@@ -442,7 +442,7 @@ impl Config {
                     .map_err(|e| err(None, format!("not valid TOML: {}", e.to_string().trim_end())))?;
                 serde_path_to_error::deserialize(de).map_err(|e| {
                     let key = key_of(&e.path().to_string(), e.inner().message());
-                    err(key, e.inner().message().to_string())
+                    err(key, explain(e.inner().message()))
                 })?
             }
             Format::LegacyJson => {
@@ -464,7 +464,7 @@ impl Config {
                 serde_path_to_error::deserialize(value).map_err(|e| {
                     let inner = e.inner().to_string();
                     let key = key_of(&e.path().to_string(), &inner);
-                    err(key, inner)
+                    err(key, explain(&inner))
                 })?
             }
         };
@@ -898,6 +898,28 @@ fn key_of(path: &str, message: &str) -> Option<String> {
     (!path.is_empty() && path != ".").then(|| path.to_string())
 }
 
+/// A serde message made for people: an unknown key gets the closest
+/// accepted one ("did you mean") instead of the list of all ~120.
+fn explain(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else { return message.to_string() };
+    let Some((unknown, tail)) = rest.split_once('`') else { return message.to_string() };
+    // serde lists the accepted names after "expected": `a`, `b`, ...
+    let accepted: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+    let closest = accepted
+        .iter()
+        .map(|k| (strsim::levenshtein(unknown, k), *k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+        .min();
+    match closest {
+        Some((_, k)) => format!(
+            "unknown key; did you mean `{k}`? (`ddisco-controller init` prints every key with its default)"
+        ),
+        None => {
+            "unknown key (`ddisco-controller init` prints every accepted key with its default)".to_string()
+        }
+    }
+}
+
 /// The commented configuration `ddisco-controller init` prints. Parsing it
 /// gives exactly `Config::default()` (a unit test holds them together).
 pub fn template(mgmt_key: Option<&str>) -> String {
@@ -1061,6 +1083,18 @@ mod tests {
         let e = toml("num_slavez = 3").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("num_slavez"));
         assert!(e.to_string().starts_with("c.toml: key `num_slavez`"), "{e}");
+        // The closest key is suggested, not the list of all of them.
+        assert!(e.message.contains("did you mean `num_slaves`?"), "{e}");
+        assert!(!e.message.contains("provider"), "{e}");
+        let e = toml("slave_multipler = 2").unwrap_err();
+        assert!(e.message.contains("did you mean `slave_multiplier`?"), "{e}");
+        let e = toml("completely_different = 1").unwrap_err();
+        assert!(e.message.starts_with("unknown key (`ddisco-controller init`"), "{e}");
+        // Inside a pool, and in the original's upper-case spelling.
+        let e = toml("[[slave_pools]]\nname = \"a\"\ninstance_typs = [\"x\"]").unwrap_err();
+        assert!(e.message.contains("did you mean `instance_types`?"), "{e}");
+        let e = json(&ORIGINAL.replace("\"POST_INIT\"", "\"POST_INT\"")).unwrap_err();
+        assert!(e.message.contains("did you mean `POST_INIT`?"), "{e}");
     }
 
     #[test]

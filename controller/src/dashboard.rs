@@ -5,7 +5,7 @@
 //! `Authorization: Bearer <token>` or `?token=` (the page passes it on), and
 //! the configuration insists on a token for any non-loopback address.
 
-use crate::controller::Shared;
+use crate::cluster::Cluster;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub async fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<Cluster>,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -35,7 +35,7 @@ pub async fn serve(
 
 type Params = Query<std::collections::HashMap<String, String>>;
 
-fn authorized(sh: &Shared, headers: &HeaderMap, q: &Params) -> bool {
+fn authorized(sh: &Cluster, headers: &HeaderMap, q: &Params) -> bool {
     let Some(token) = &sh.cfg.dashboard_token else { return true };
     let header = headers
         .get(header::AUTHORIZATION)
@@ -51,7 +51,7 @@ fn refused() -> Response {
     (StatusCode::UNAUTHORIZED, "dashboard token required\n").into_response()
 }
 
-async fn page(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+async fn page(State(sh): State<Arc<Cluster>>, headers: HeaderMap, q: Params) -> Response {
     if !authorized(&sh, &headers, &q) {
         return refused();
     }
@@ -62,17 +62,18 @@ async fn page(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> R
         .into_response()
 }
 
-async fn status(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+async fn status(State(sh): State<Arc<Cluster>>, headers: HeaderMap, q: Params) -> Response {
     if !authorized(&sh, &headers, &q) {
         return refused();
     }
-    let view = crate::cli::status::StatusView::from(crate::admin::status_of(&sh));
-    axum::Json(view).into_response()
+    axum::Json(crate::status::StatusView::of(&sh)).into_response()
 }
 
-async fn metrics(State(sh): State<Arc<Shared>>, headers: HeaderMap, q: Params) -> Response {
+async fn metrics(State(sh): State<Arc<Cluster>>, headers: HeaderMap, q: Params) -> Response {
     if !authorized(&sh, &headers, &q) {
         return refused();
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&sh)).into_response()
+    let (nodes, desired) = sh.node_counts();
+    let text = crate::metrics::render(&sh.metrics, &nodes, desired, &sh.provider.api_calls());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -2,7 +2,7 @@
 //! server certificate). The binary is public; its integrity is checked on the
 //! node against the SHA-256 written into the userdata.
 
-use crate::controller::Shared;
+use crate::cluster::Cluster;
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::header;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 pub async fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<Cluster>,
     listener: std::net::TcpListener,
     agent: Vec<u8>,
     mut shutdown: watch::Receiver<bool>,

@@ -1,8 +1,10 @@
 //! The agents' side of the control plane: `Enrollment` (token-authenticated)
 //! and `Agent` (mutual TLS), served on one TLS port.
 //!
-//! **API Boundary:** protobuf types are converted to domain types here and go
-//! no further.
+//! **API Boundary:** messages are converted by `wire` on arrival and on
+//! departure; this module authenticates, converts and calls the cluster's
+//! methods (which call the registry's transitions). It changes no state
+//! itself.
 //!
 //! # Guarantees
 //! - `Session` refuses a caller without a client certificate signed by the
@@ -10,39 +12,63 @@
 //!   terminated. A refusal is logged and changes no state.
 //! - Heartbeats take no lock: two atomic stores per message (last seen, load).
 
-use crate::controller::Shared;
-use crate::model::{NodeState, Role, worker_count};
+use crate::cluster::{Cluster, EnrollRefused};
+use crate::model::NodeState;
 use crate::pki;
-use crate::registry::{Facts, TokenError, unix_ms};
+use crate::registry::{Outbound, TokenError};
 use ddisco_proto::v1 as api;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+/// Serves `Enrollment` and `Agent` over TLS until shutdown.
+pub async fn serve(
+    shared: Arc<Cluster>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&shared.pki.server_cert_pem, &shared.pki.server_key_pem))
+        .client_ca_root(Certificate::from_pem(shared.pki.ca_pem()))
+        // Enrollment is reached without a certificate (it takes a token);
+        // the Agent service refuses sessions that present none.
+        .client_auth_optional(true);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(api::enrollment_server::EnrollmentServer::new(EnrollmentService {
+            shared: shared.clone(),
+        }))
+        .add_service(api::agent_server::AgentServer::new(AgentService { shared }))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
 pub struct EnrollmentService {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Cluster>,
 }
 
 pub struct AgentService {
-    pub shared: Arc<Shared>,
-}
-
-fn facts_from(f: Option<api::NodeFacts>) -> Facts {
-    let f = f.unwrap_or_default();
-    Facts {
-        instance_id: f.instance_id,
-        hostname: f.hostname,
-        addresses: f.addresses,
-        logical_cores: f.logical_cores,
-        memory_bytes: f.memory_bytes,
-        agent_version: f.agent_version,
-        started_unix_ms: f.started_unix_ms,
-    }
+    pub shared: Arc<Cluster>,
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown peer".into())
+}
+
+fn token_refusal(e: &TokenError) -> Status {
+    match e {
+        TokenError::Unknown | TokenError::Expired(_) => Status::unauthenticated(e.to_string()),
+        TokenError::Used(_) | TokenError::Terminated(_) => Status::permission_denied(e.to_string()),
+    }
 }
 
 #[tonic::async_trait]
@@ -59,61 +85,23 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
         }
         let hash = pki::token_hash(&r.token);
         let sh = &self.shared;
-        let node_id = {
-            let reg = sh.registry.lock().expect("registry lock");
-            reg.check_token(&hash, unix_ms())
-        };
-        let node_id = match node_id {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::warn!(%from, "enrollment refused: {e}");
-                sh.metrics_refusal();
-                return Err(match e {
-                    TokenError::Unknown | TokenError::Expired(_) => Status::unauthenticated(e.to_string()),
-                    TokenError::Used(_) | TokenError::Terminated(_) => {
-                        Status::permission_denied(e.to_string())
-                    }
-                });
-            }
-        };
+        let node_id = sh.check_token(&hash).map_err(|e| {
+            tracing::warn!(%from, "enrollment refused: {e}");
+            token_refusal(&e)
+        })?;
         // Signing is CPU work; it happens outside the registry lock.
         let cert = sh
             .pki
             .sign_node(&node_id, &r.csr_pem, sh.cert_validity)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let facts = facts_from(r.facts);
-        {
-            let mut reg = sh.registry.lock().expect("registry lock");
-            // Re-check: a concurrent enrollment with the same token loses.
-            if let Err(e) = reg.check_token(&hash, unix_ms()) {
-                tracing::warn!(%from, "enrollment refused: {e}");
-                sh.metrics_refusal();
-                return Err(Status::permission_denied(e.to_string()));
+        let facts = r.facts.unwrap_or_default().into();
+        sh.enroll(&node_id, &hash, facts, &from).map_err(|e| {
+            tracing::warn!(%from, "enrollment refused: {e}");
+            match e {
+                EnrollRefused::Token(t) => Status::permission_denied(t.to_string()),
+                EnrollRefused::Instance(msg) => Status::permission_denied(msg),
             }
-            // Tokens of one launch call share a userdata: each is also bound
-            // to the instance the launch returned for its slot.
-            if sh.provider.attests_instance_id() {
-                let recorded = reg.get(&node_id).and_then(|e| e.rec.instance_id.clone());
-                let claimed = &facts.instance_id;
-                let mismatch = match &recorded {
-                    Some(rec) => rec != claimed,
-                    None => claimed.is_empty(),
-                };
-                if mismatch {
-                    let msg = format!(
-                        "bootstrap token of node {node_id} is bound to instance {}, not {:?}",
-                        recorded.as_deref().unwrap_or("(unknown)"),
-                        claimed
-                    );
-                    tracing::warn!(%from, "enrollment refused: {msg}");
-                    return Err(Status::permission_denied(msg));
-                }
-            }
-            reg.complete_enrollment(&node_id, facts, sh.clock.now_ms());
-            crate::metrics::Metrics::inc(&sh.metrics.enrollments);
-            reg.event(format!("{node_id} enrolled from {from}"));
-        }
-        sh.changed();
+        })?;
         Ok(Response::new(api::EnrollResponse { node_id, certificate_pem: cert }))
     }
 }
@@ -131,7 +119,7 @@ impl api::agent_server::Agent for AgentService {
         let from = peer(&req);
         let Some(certs) = req.peer_certs().filter(|c| !c.is_empty()) else {
             tracing::warn!(%from, "session refused: no client certificate");
-            self.shared.metrics_refusal();
+            crate::metrics::Metrics::inc(&self.shared.metrics.refusals);
             return Err(Status::unauthenticated(
                 "client certificate required: enroll with a bootstrap token first",
             ));
@@ -144,9 +132,7 @@ impl api::agent_server::Agent for AgentService {
         let live = {
             let reg = sh.registry.lock().expect("registry lock");
             match reg.get(&node_id) {
-                Some(e) if !matches!(e.rec.state, NodeState::Terminating) && !e.live.is_revoked() => {
-                    e.live.clone()
-                }
+                Some(e) if e.rec.state != NodeState::Terminating && !e.live.is_revoked() => e.live.clone(),
                 _ => {
                     tracing::warn!(%from, node = %node_id, "session refused: node unknown or terminated");
                     return Err(Status::permission_denied(format!(
@@ -156,7 +142,7 @@ impl api::agent_server::Agent for AgentService {
             }
         };
         live.touch(sh.clock.now_ms());
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<api::ControllerMessage, Status>>(8);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Outbound>(8);
         live.set_push(tx.clone());
         let mut inbound = req.into_inner();
         let mut shutdown = sh.shutdown_signal();
@@ -171,211 +157,64 @@ impl api::agent_server::Agent for AgentService {
                 };
                 let Some(Ok(msg)) = msg else { break };
                 if live.is_revoked() {
-                    let _ = tx
-                        .send(Ok(api::ControllerMessage {
-                            msg: Some(api::controller_message::Msg::Shutdown(api::Shutdown {
-                                reason: "node terminated by the controller".into(),
-                            })),
-                        }))
-                        .await;
+                    let _ = tx.send(Outbound::Shutdown("node terminated by the controller".into())).await;
                     break;
                 }
                 live.touch(sh.clock.now_ms());
-                match msg.msg {
-                    Some(api::agent_message::Msg::Heartbeat(h)) => {
-                        live.set_load(h.load_milli);
-                        crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
+                if let Err(e) = handle(&sh, &node_id, &live, &tx, msg).await {
+                    match e {
+                        Handled::Closed => break,
+                        Handled::Refused(why) => tracing::warn!(node = %node_id, "report refused: {why}"),
                     }
-                    None => {}
-                    Some(api::agent_message::Msg::Hello(h)) => {
-                        let assignment = on_hello(&sh, &node_id, h);
-                        sh.changed();
-                        // The new session gets the node's directives.
-                        sh.membership_changed();
-                        let msg = api::ControllerMessage {
-                            msg: Some(api::controller_message::Msg::Assignment(assignment)),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(api::agent_message::Msg::Notice(n)) => {
-                        on_notice(&sh, &node_id, n);
-                        sh.changed();
-                        sh.wake.notify_one();
-                    }
-                    Some(api::agent_message::Msg::Step(s)) => {
-                        if on_step(&sh, &node_id, s) {
-                            sh.membership_changed();
-                        }
-                        sh.changed();
-                    }
-                    Some(api::agent_message::Msg::Attribute(a)) => {
-                        on_attribute(&sh, &node_id, a);
-                        sh.changed();
-                        sh.membership_changed();
-                    }
-                    Some(api::agent_message::Msg::Directive(d)) => on_directive_report(&sh, &node_id, d),
                 }
             }
             live.clear_push(&tx);
             tracing::debug!(node = %node_id, "session ended");
         });
-        let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let out =
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(|o| Ok(api::ControllerMessage::from(o)));
         Ok(Response::new(Box::pin(out)))
     }
 }
 
-/// An agent said hello: record its facts, compute its worker count and plan.
-fn on_hello(sh: &Shared, node_id: &str, h: api::Hello) -> api::Assignment {
-    let facts = facts_from(h.facts);
-    let mut reg = sh.registry.lock().expect("registry lock");
-    let Some(e) = reg.get_mut(node_id) else {
-        return api::Assignment::default();
-    };
-    let role = e.rec.role;
-    let multiplier = match role {
-        Role::Master => sh.cfg.master_multiplier,
-        Role::Slave => sh.cfg.slave_multiplier,
-    };
-    let workers = worker_count(facts.logical_cores, multiplier);
-    let plan = crate::plan::build(&sh.cfg, role, workers, &sh.provider.layout(node_id), sh.engine.as_ref());
-    let n = plan.steps.len() as u32;
-    e.rec.workers = workers;
-    e.rec.plan_id = plan.id.clone();
-    if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
-        e.rec.instance_id = Some(facts.instance_id.clone());
-    }
-    e.rec.facts = Some(facts);
-    let done = if h.plan_id == plan.id { h.completed_steps.min(n) } else { 0 };
-    let was = e.rec.state.clone();
-    if !matches!(was, NodeState::Failed { .. }) || h.plan_id != plan.id {
-        e.rec.state =
-            if done == n { NodeState::Ready } else { NodeState::Provisioning { step: done, of: n } };
-    }
-    let became_ready = e.rec.state == NodeState::Ready && was != NodeState::Ready;
-    if became_ready {
-        e.rec.phase("ready");
-        e.rec.current_step.clear();
-        reg.event(format!("{node_id} ready ({role}, {workers} workers)"));
-    }
-    api::Assignment {
-        node_id: node_id.to_string(),
-        role: match role {
-            Role::Master => api::Role::Master,
-            Role::Slave => api::Role::Slave,
-        } as i32,
-        workers,
-        heartbeat_interval_ms: sh.cfg.heartbeat_interval.as_millis() as u32,
-        plan: Some((&plan).into()),
-    }
+/// Why a message was not taken.
+enum Handled {
+    /// The session's outbound side is gone.
+    Closed,
+    /// Invalid, or refused by the registry; nothing changed.
+    Refused(String),
 }
 
-/// An agent relayed a notice from its cloud (spot interruption, rebalance).
-fn on_notice(sh: &Shared, node_id: &str, n: api::Notice) {
-    let kind = match api::NoticeKind::try_from(n.kind) {
-        Ok(api::NoticeKind::SpotInterruption) => "spot-interruption",
-        Ok(api::NoticeKind::Rebalance) => "rebalance-recommendation",
-        _ => return,
-    };
-    let mut reg = sh.registry.lock().expect("registry lock");
-    let Some(e) = reg.get_mut(node_id) else { return };
-    if !e.rec.notice.is_empty() {
-        return;
-    }
-    e.rec.notice = kind.to_string();
-    if kind == "spot-interruption" && !e.rec.instance_type.ends_with(" on-demand") {
-        sh.provider.interrupted(e.rec.role, &e.rec.pool, node_id);
-    }
-    crate::metrics::Metrics::inc(&sh.metrics.notices);
-    let msg = format!("{node_id}: {kind} notice ({}); launching its replacement now", n.detail.trim());
-    tracing::warn!("{msg}");
-    reg.event(msg);
-}
-
-/// The largest attribute accepted (public keys are well under this).
-const MAX_ATTRIBUTE: usize = 16 * 1024;
-
-/// An agent sent a value its plan collected (e.g. a public key).
-fn on_attribute(sh: &Shared, node_id: &str, a: api::Attribute) {
-    if a.name.is_empty() || a.value.len() > MAX_ATTRIBUTE {
-        tracing::warn!(node = %node_id, "attribute {:?} refused (empty name or over 16 KiB)", a.name);
-        return;
-    }
-    let mut reg = sh.registry.lock().expect("registry lock");
-    if let Some(e) = reg.get_mut(node_id) {
-        e.rec.attributes.insert(a.name, a.value);
-    }
-}
-
-/// An agent reported how applying a directive went.
-fn on_directive_report(sh: &Shared, node_id: &str, d: api::DirectiveReport) {
-    let mut reg = sh.registry.lock().expect("registry lock");
-    let Some(e) = reg.get_mut(node_id) else { return };
-    let detail = if d.ok { String::new() } else { format!("engine: {}: {}", d.name, d.message) };
-    if e.rec.engine_detail != detail {
-        e.rec.engine_detail = detail.clone();
-        if !detail.is_empty() {
-            let msg = format!("{node_id} {detail}");
-            reg.event_once(msg);
+/// One message of an open session: converted, then handed to the cluster.
+async fn handle(
+    sh: &Cluster,
+    node_id: &str,
+    live: &crate::registry::Liveness,
+    tx: &tokio::sync::mpsc::Sender<Outbound>,
+    msg: api::AgentMessage,
+) -> Result<(), Handled> {
+    use api::agent_message::Msg;
+    let refused = |e: &dyn std::fmt::Display| Handled::Refused(e.to_string());
+    match msg.msg {
+        Some(Msg::Heartbeat(h)) => {
+            live.set_load(h.load_milli);
+            crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
         }
-    }
-}
-
-/// An agent reported a step. Returns whether the node became ready.
-fn on_step(sh: &Shared, node_id: &str, s: api::StepReport) -> bool {
-    let status = api::StepStatus::try_from(s.status).unwrap_or(api::StepStatus::Unspecified);
-    let mut reg = sh.registry.lock().expect("registry lock");
-    let Some(e) = reg.get_mut(node_id) else { return false };
-    if s.plan_id != e.rec.plan_id {
-        return false; // a report about an older plan
-    }
-    let of = match e.rec.state {
-        NodeState::Provisioning { of, .. } => of,
-        _ => return false,
-    };
-    let mut event = None;
-    if status != api::StepStatus::Running {
-        let log = crate::registry::StepLog {
-            status: format!("{status:?}").to_lowercase(),
-            exit_code: s.exit_code,
-            duration_ms: s.duration_ms,
-            output_tail: s.output_tail.clone(),
-        };
-        e.rec.steps.insert(s.name.clone(), log);
-    }
-    match status {
-        api::StepStatus::Running => {
-            e.rec.phase(format!("step {}", s.name));
-            e.rec.state = NodeState::Provisioning { step: s.index, of };
-            e.rec.current_step = s.name.clone();
+        None => {}
+        Some(Msg::Hello(h)) => {
+            let assignment = sh.hello(node_id, h.into()).map_err(|e| refused(&e))?;
+            tx.send(Outbound::Assignment(assignment)).await.map_err(|_| Handled::Closed)?;
         }
-        api::StepStatus::Succeeded | api::StepStatus::Skipped => {
-            tracing::info!(node = %node_id, step = %s.name, ms = s.duration_ms, "step succeeded");
-            if s.index + 1 >= of {
-                e.rec.state = NodeState::Ready;
-                e.rec.phase("ready");
-                e.rec.current_step.clear();
-                event = Some(format!("{node_id} ready ({}, {} workers)", e.rec.role, e.rec.workers));
-            } else {
-                e.rec.state = NodeState::Provisioning { step: s.index + 1, of };
-            }
+        Some(Msg::Notice(n)) => {
+            let (kind, detail) = crate::wire::notice(n).map_err(|e| refused(&e.message()))?;
+            sh.notice(node_id, kind, &detail);
         }
-        api::StepStatus::Failed => {
-            e.rec.state = NodeState::Failed { step: s.name.clone() };
-            e.rec.phase(format!("failed at {}", s.name));
-            e.rec.current_step = s.name.clone();
-            e.rec.detail = format!("step {} failed (exit {}): {}", s.name, s.exit_code, s.output_tail.trim());
-            event = Some(format!(
-                "{node_id} FAILED at step {} (exit {}); see `ddisco-controller status`",
-                s.name, s.exit_code
-            ));
+        Some(Msg::Step(s)) => {
+            let report = s.try_into().map_err(|e: Status| refused(&e.message()))?;
+            sh.step_report(node_id, report).map_err(|e| refused(&e))?;
         }
-        api::StepStatus::Unspecified => {}
+        Some(Msg::Attribute(a)) => sh.attribute(node_id, a.name, a.value).map_err(|e| refused(&e))?,
+        Some(Msg::Directive(d)) => sh.directive_report(node_id, d.into()),
     }
-    let ready = e.rec.state == NodeState::Ready;
-    if let Some(ev) = event {
-        reg.event(ev);
-    }
-    ready
+    Ok(())
 }

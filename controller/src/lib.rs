@@ -12,7 +12,13 @@
 //! - [`pki`]: the cluster CA, node certificates, bootstrap tokens.
 //! - [`userdata`]: the boot script every node runs.
 //! - [`provider`]: where nodes run (`local`: processes on this machine).
-//! - [`controller`]: `serve`: wiring, reconcile loop, persistence.
+//! - [`cluster`]: the running cluster's shared state and what is done to
+//!   it: agents' reports, one reconcile pass (`tick`), scale and destroy
+//!   (`ops`).
+//! - [`serve`]: `serve`'s wiring: listeners, PKI, provider, the loops.
+//! - [`status`]: the status model shared by the admin API, the dashboard
+//!   and the CLI.
+//! - [`wire`]: every protobuf <-> domain conversion.
 //! - [`engine`]: Disco and Dask, as plain functions over the membership.
 //! - [`grpc`], [`download`], [`admin`], [`dashboard`]: the edges (agents'
 //!   gRPC/TLS, agent download over HTTPS, local admin API on a Unix socket,
@@ -21,8 +27,8 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
-pub mod controller;
 pub mod dashboard;
 pub mod download;
 pub mod engine;
@@ -34,7 +40,10 @@ pub mod plan;
 pub mod provider;
 pub mod reconcile;
 pub mod registry;
+pub mod serve;
+pub mod status;
 pub mod userdata;
+pub mod wire;
 
 pub use config::Config;
 pub use model::{NodeState, Role};

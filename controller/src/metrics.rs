@@ -1,8 +1,7 @@
 //! Prometheus metrics: counters kept as atomics at the edges (one relaxed
-//! add each, no lock), gauges computed from the registry when scraped, in
-//! the Prometheus text format.
+//! add each, no lock), gauges computed from the registry when scraped
+//! (`Cluster::node_counts`), rendered in the Prometheus text format.
 
-use crate::controller::Shared;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,22 +30,17 @@ fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
         writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
 }
 
-/// The whole scrape.
-pub fn render(sh: &Shared) -> String {
-    let m = &sh.metrics;
+/// The whole scrape: counters `m`, nodes by (role, state), the slaves
+/// asked for, and the provider's API calls (action, calls, errors).
+pub fn render(
+    m: &Metrics,
+    by: &BTreeMap<(String, String), u64>,
+    desired: u32,
+    calls: &[(String, u64, u64)],
+) -> String {
     let mut out = String::new();
-    let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
-    let desired = {
-        let reg = sh.registry.lock().expect("registry lock");
-        for e in reg.entries() {
-            let state = e.rec.state.label();
-            let state = state.split(' ').next().unwrap_or("").to_string();
-            *by.entry((e.rec.role.to_string(), state)).or_default() += 1;
-        }
-        reg.desired_slaves()
-    };
     let _ = writeln!(out, "# HELP ddisco_nodes Nodes by role and state.\n# TYPE ddisco_nodes gauge");
-    for ((role, state), n) in &by {
+    for ((role, state), n) in by {
         let _ = writeln!(out, "ddisco_nodes{{role=\"{role}\",state=\"{state}\"}} {n}");
     }
     let _ = writeln!(
@@ -73,20 +67,19 @@ pub fn render(sh: &Shared) -> String {
          # TYPE ddisco_reconcile_duration_seconds summary\n\
          ddisco_reconcile_duration_seconds_sum {secs}\nddisco_reconcile_duration_seconds_count {ticks}"
     );
-    let calls = sh.provider.api_calls();
     if !calls.is_empty() {
         let _ = writeln!(
             out,
             "# HELP ddisco_provider_api_calls_total Provider API calls by action.\n# TYPE ddisco_provider_api_calls_total counter"
         );
-        for (action, n, _) in &calls {
+        for (action, n, _) in calls {
             let _ = writeln!(out, "ddisco_provider_api_calls_total{{action=\"{action}\"}} {n}");
         }
         let _ = writeln!(
             out,
             "# HELP ddisco_provider_api_errors_total Provider API errors by action.\n# TYPE ddisco_provider_api_errors_total counter"
         );
-        for (action, _, e) in &calls {
+        for (action, _, e) in calls {
             let _ = writeln!(out, "ddisco_provider_api_errors_total{{action=\"{action}\"}} {e}");
         }
     }

@@ -21,12 +21,41 @@ impl fmt::Display for Role {
     }
 }
 
+/// How a node's instance is bought. Local and recorded nodes count as spot
+/// (they can be "interrupted" like spot instances).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Market {
+    #[default]
+    Spot,
+    OnDemand,
+}
+
+/// A notice a node's cloud sent about its instance, relayed by its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Notice {
+    /// The spot instance will be reclaimed (two-minute warning).
+    #[serde(rename = "spot-interruption")]
+    SpotInterruption,
+    /// EC2 recommends moving off this instance (elevated risk).
+    #[serde(rename = "rebalance-recommendation")]
+    Rebalance,
+}
+
+impl Notice {
+    pub fn label(self) -> &'static str {
+        match self {
+            Notice::SpotInterruption => "spot-interruption",
+            Notice::Rebalance => "rebalance-recommendation",
+        }
+    }
+}
+
 /// Where a node is in its life. Transitions (anything else is a bug):
 ///
 /// ```text
 /// Requested -> Booting -> Enrolled -> Provisioning(k/n) -> Ready
 ///     any state -> Failed (a step failed; kept for diagnosis, not replaced)
-///     any state -> Lost (instance gone, boot deadline or heartbeat timeout)
 ///     any state -> Draining (scale down) -> Terminating after the drain timeout
 ///     any state -> Terminating -> (forgotten once the provider confirms)
 /// ```
@@ -52,8 +81,6 @@ pub enum NodeState {
     /// Being removed: its engine stops giving it work (Disco blacklist, Dask
     /// retire) until the drain timeout, then it is terminated.
     Draining,
-    /// Declared dead; its replacement is launched in the same tick.
-    Lost,
     Terminating,
 }
 
@@ -68,7 +95,6 @@ impl NodeState {
             NodeState::Ready => "ready".into(),
             NodeState::Failed { .. } => "failed".into(),
             NodeState::Draining => "draining".into(),
-            NodeState::Lost => "lost".into(),
             NodeState::Terminating => "terminating".into(),
         }
     }

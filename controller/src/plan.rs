@@ -4,7 +4,6 @@
 
 use crate::config::Config;
 use crate::model::Role;
-use ddisco_proto::v1 as api;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -85,15 +84,20 @@ impl Plan {
     }
 }
 
-/// The steps for a node of `role` with `workers` workers: packages, pip,
-/// the engine's steps, management keys, POST_INIT last.
-pub fn build(
-    cfg: &Config,
-    role: Role,
-    workers: u32,
-    layout: &NodeLayout,
-    engine: &dyn crate::engine::Engine,
-) -> Plan {
+/// What a node is told when its session opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub node_id: String,
+    pub role: Role,
+    pub workers: u32,
+    pub heartbeat_interval_ms: u32,
+    pub plan: Plan,
+}
+
+/// The steps for a node of `role` with `workers` workers: scratch,
+/// packages, pip, the engine's steps (`engine_steps`), management keys,
+/// POST_INIT last.
+pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout, engine_steps: Vec<Step>) -> Plan {
     let mut steps = Vec::new();
     // Scratch first: everything after it (the engine above all) may use it.
     if let Some(path) = &layout.scratch {
@@ -118,7 +122,7 @@ pub fn build(
             },
         });
     }
-    steps.extend(engine.steps(role, workers, layout));
+    steps.extend(engine_steps);
     if !cfg.mgmt_keys.is_empty() {
         steps.push(Step {
             name: "authorized_keys".into(),
@@ -141,39 +145,6 @@ pub fn build(
         });
     }
     Plan::new(steps)
-}
-
-impl From<&Plan> for api::Plan {
-    fn from(p: &Plan) -> api::Plan {
-        api::Plan { id: p.id.clone(), steps: p.steps.iter().map(api::Step::from).collect() }
-    }
-}
-
-impl From<&Step> for api::Step {
-    fn from(s: &Step) -> api::Step {
-        use api::step::Kind;
-        let kind = match &s.kind {
-            StepKind::SystemPackages { packages, install } => {
-                Kind::SystemPackages(api::SystemPackages { packages: packages.clone(), install: *install })
-            }
-            StepKind::Pip { requirements, venv } => {
-                Kind::Pip(api::PipRequirements { requirements: requirements.clone(), venv: venv.clone() })
-            }
-            StepKind::Scratch { path } => Kind::Scratch(api::Scratch { path: path.clone(), devices: vec![] }),
-            StepKind::AuthorizedKeys { path, keys, owner } => Kind::AuthorizedKeys(api::AuthorizedKeys {
-                path: path.clone(),
-                keys: keys.clone(),
-                owner: owner.clone(),
-            }),
-            StepKind::Shell { script, env } => {
-                Kind::Shell(api::Shell { script: script.clone(), env: env.clone().into_iter().collect() })
-            }
-            StepKind::Collect { attribute, path } => {
-                Kind::Collect(api::Collect { attribute: attribute.clone(), path: path.clone() })
-            }
-        };
-        api::Step { name: s.name.clone(), kind: Some(kind) }
-    }
 }
 
 #[cfg(test)]
@@ -199,7 +170,7 @@ mod tests {
             post_init: "echo hi".into(),
             ..Config::default()
         };
-        let p = build(&cfg, Role::Master, 4, &layout(), &crate::engine::NoEngine);
+        let p = build(&cfg, Role::Master, 4, &layout(), vec![]);
         let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["system_packages", "pip_requirements", "authorized_keys", "post_init"]);
         match &p.steps[2].kind {
@@ -218,21 +189,20 @@ mod tests {
     #[test]
     fn scratch_comes_first_on_nodes_with_instance_store_handling() {
         let cfg = Config { engine: crate::config::EngineKind::Dask, ..Config::default() };
-        let engine = crate::engine::dask::Dask::from_config(&cfg);
+        let engine = vec![Step {
+            name: "dask_install".into(),
+            kind: StepKind::Shell { script: "true".into(), env: Default::default() },
+        }];
         let ec2 = NodeLayout { scratch: Some("/mnt".into()), ..layout() };
-        let p = build(&cfg, Role::Slave, 2, &ec2, &engine);
+        let p = build(&cfg, Role::Slave, 2, &ec2, engine.clone());
         assert_eq!(
             p.steps[0],
             Step { name: "scratch".into(), kind: StepKind::Scratch { path: "/mnt".into() } }
         );
-        match api::Step::from(&p.steps[0]).kind {
-            Some(api::step::Kind::Scratch(s)) => assert_eq!((s.path.as_str(), s.devices.len()), ("/mnt", 0)),
-            other => panic!("{other:?}"),
-        }
         // The engine's steps come after it.
         assert!(p.steps.iter().position(|s| s.name.starts_with("dask")).unwrap_or(usize::MAX) > 0);
         // Without scratch handling (local nodes): no such step.
-        let p = build(&cfg, Role::Slave, 2, &layout(), &engine);
+        let p = build(&cfg, Role::Slave, 2, &layout(), engine);
         assert!(p.steps.iter().all(|s| s.name != "scratch"));
     }
 
@@ -244,15 +214,15 @@ mod tests {
             pip_requirements: vec![],
             ..Config::default()
         };
-        assert!(build(&cfg, Role::Slave, 1, &layout(), &crate::engine::NoEngine).steps.is_empty());
+        assert!(build(&cfg, Role::Slave, 1, &layout(), vec![]).steps.is_empty());
     }
 
     #[test]
     fn plan_id_follows_content() {
         let cfg = Config::default();
-        let a = build(&cfg, Role::Slave, 2, &layout(), &crate::engine::NoEngine);
-        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), &crate::engine::NoEngine).id);
+        let a = build(&cfg, Role::Slave, 2, &layout(), vec![]);
+        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), vec![]).id);
         let local = NodeLayout { install_packages: false, ..layout() };
-        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, &crate::engine::NoEngine).id);
+        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, vec![]).id);
     }
 }

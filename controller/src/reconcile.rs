@@ -39,10 +39,6 @@ impl Desired {
     pub fn slaves(n: u32) -> Desired {
         Desired { pools: BTreeMap::from([(crate::config::DEFAULT_POOL.to_string(), n)]) }
     }
-
-    pub fn total(&self) -> u32 {
-        self.pools.values().sum()
-    }
 }
 
 /// Spreads `total` slaves over pools in proportion to their weights (the
@@ -287,17 +283,18 @@ pub fn supersede(desired: &Desired, nodes: &[NodeView], spot_again: impl Fn(&str
                     && &n.pool == pool
                     && !n.interrupted
                     && !n.superseded
-                    && !matches!(n.state, NodeState::Terminating | NodeState::Draining | NodeState::Lost)
+                    && !matches!(n.state, NodeState::Terminating | NodeState::Draining)
             })
             .collect();
         let spot = counted.iter().filter(|n| !n.on_demand).count();
-        let keep_on_demand = (*want as usize).saturating_sub(spot);
-        if keep_on_demand == 0 || !spot_again(pool) {
+        // On-demand slaves the new size still needs: replace them by spot.
+        let to_replace = (*want as usize).saturating_sub(spot);
+        if to_replace == 0 || !spot_again(pool) {
             continue;
         }
         let mut od: Vec<&&NodeView> = counted.iter().filter(|n| n.on_demand).collect();
         od.sort_by_key(|n| n.seq);
-        out.extend(od.into_iter().take(keep_on_demand).map(|n| n.id.clone()));
+        out.extend(od.into_iter().take(to_replace).map(|n| n.id.clone()));
     }
     out
 }
@@ -326,7 +323,6 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
         _ => {}
     }
     match &n.state {
-        NodeState::Lost => Some(Reason::InstanceGone),
         NodeState::Requested | NodeState::Booting => {
             (n.since_launch_ms > limits.boot_timeout_ms).then_some(Reason::BootTimeout)
         }
@@ -348,7 +344,7 @@ fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
         NodeState::Booting => 3,
         NodeState::Requested => 4,
         NodeState::Failed { .. } => 5,
-        NodeState::Draining | NodeState::Lost | NodeState::Terminating => 6,
+        NodeState::Draining | NodeState::Terminating => 6,
     };
     // Older (smaller seq) first: keep them; the newest are removed first.
     (group, n.on_demand, n.seq)

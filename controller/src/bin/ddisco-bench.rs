@@ -11,7 +11,7 @@
 //! `cargo run --release -p ddisco-controller --bin ddisco-bench -- --help`
 
 use clap::Parser;
-use ddisco_controller::admin::AdminClient;
+use ddisco_controller::cli::client::AdminClient;
 use ddisco_proto::v1 as api;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
@@ -388,7 +388,7 @@ async fn wait_ready(
     admin: &mut AdminClient,
     n: usize,
     timeout: Duration,
-) -> anyhow::Result<api::StatusReply> {
+) -> anyhow::Result<ddisco_controller::status::StatusView> {
     let end = Instant::now() + timeout;
     loop {
         let st = admin.status().await?;
@@ -434,14 +434,14 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     while states.values().any(|s| !s.ready.load(Ordering::Relaxed)) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events_before = admin.status().await?.events.len();
+    let events_before = admin.status().await?.timed_events.len();
     let cpu0 = proc_cpu(ctl.pid());
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let cpu = proc_cpu(ctl.pid()) - cpu0;
     let wall = t0.elapsed().as_secs_f64();
     let st = admin.status().await?;
-    let lost = st.events.iter().skip(events_before).filter(|e| e.message.contains(" lost ")).count();
+    let lost = st.timed_events.iter().skip(events_before).filter(|e| e.message.contains(" lost ")).count();
     let mut ages: Vec<f64> = st.nodes.iter().filter_map(|x| x.last_heartbeat_ms).map(|m| m as f64).collect();
     let not_ready = st.nodes.iter().filter(|x| x.state != "ready").count();
     let heartbeats = n as f64 * wall / every.as_secs_f64();
@@ -493,7 +493,7 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
     let mut launches: Vec<u64> = Vec::new();
     while decided.len() < victims.len() {
         let st = admin.status().await?;
-        for e in &st.events {
+        for e in &st.timed_events {
             for (id, _) in &victims {
                 if e.message.starts_with(&format!("{id} lost")) {
                     decided.entry(id.clone()).or_insert(e.unix_ms);

@@ -1,7 +1,7 @@
 //! `destroy`: terminate every node of this cluster, and nothing else.
 
 use super::ConfigArgs;
-use crate::admin::AdminClient;
+use super::client::AdminClient;
 use clap::Args;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -66,7 +66,7 @@ async fn offline(cfg: &crate::config::Config) -> anyhow::Result<Vec<String>> {
     if !cfg.state_dir.exists() {
         return Ok(vec![]);
     }
-    let provider = crate::controller::make_provider(cfg).await?;
+    let provider = crate::serve::make_provider(cfg).await?;
     let observed = provider.list().await?;
     let targets: Vec<crate::provider::Target> = observed
         .iter()
@@ -86,10 +86,7 @@ async fn offline(cfg: &crate::config::Config) -> anyhow::Result<Vec<String>> {
     let file = cfg.state_dir.join("cluster.json");
     if let Ok(text) = std::fs::read_to_string(&file) {
         let mut reg = crate::registry::Registry::from_json(&text, 1)?;
-        let all: Vec<String> = reg.entries().map(|e| e.rec.id.clone()).collect();
-        for id in all {
-            reg.remove(&id);
-        }
+        reg.forget_all();
         crate::pki::write_private(&file, &reg.to_json())?;
     }
     Ok(ids)

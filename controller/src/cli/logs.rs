@@ -1,8 +1,7 @@
 //! `logs NODE [STEP]`: print the output of a node's plan steps.
 
 use super::ConfigArgs;
-use crate::admin::AdminClient;
-use crate::cli::status::StatusView;
+use super::client::AdminClient;
 use clap::Args;
 use std::process::ExitCode;
 
@@ -22,7 +21,7 @@ pub struct LogsArgs {
 pub async fn exec(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
-    let view = StatusView::from(client.status().await?);
+    let view = client.status().await?;
     let usage = |m: String| anyhow::Error::new(super::UsageError(m));
     let Some(n) = view.nodes.iter().find(|n| n.node_id == args.node) else {
         let known: Vec<&str> = view.nodes.iter().map(|n| n.node_id.as_str()).collect();

@@ -1,6 +1,7 @@
 //! The `ddisco-controller` command line: one module per subcommand, each with
 //! its clap arguments and an `exec` that hands off to the library.
 
+pub mod client;
 pub mod completions;
 pub mod destroy;
 pub mod init;
@@ -108,7 +109,7 @@ pub struct UsageError(pub String);
 pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
     if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<UsageError>().is_some() {
         ExitCode::from(2)
-    } else if e.downcast_ref::<crate::admin::NotRunning>().is_some() {
+    } else if e.downcast_ref::<client::NotRunning>().is_some() {
         ExitCode::from(3)
     } else if let Some(s) = e.downcast_ref::<tonic::Status>()
         && s.code() == tonic::Code::InvalidArgument

@@ -1,9 +1,10 @@
 //! `scale N`: change the number of slaves of the running controller.
 
 use super::ConfigArgs;
-use crate::admin::AdminClient;
+use super::client::AdminClient;
+use crate::model::Role;
+use crate::status::StatusView;
 use clap::Args;
-use ddisco_proto::v1 as api;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -99,9 +100,9 @@ pub struct Progress {
 }
 
 /// Done when exactly one master and `slaves` slaves exist and all are ready.
-pub fn progress(st: &api::StatusReply, slaves: u32) -> Progress {
+pub fn progress(st: &StatusView, slaves: u32) -> Progress {
     let ready = st.nodes.iter().filter(|n| n.state == "ready").count() as u64;
-    let masters = st.nodes.iter().filter(|n| n.role == api::Role::Master as i32).count();
+    let masters = st.nodes.iter().filter(|n| n.role == Role::Master).count();
     let failed: Vec<&str> =
         st.nodes.iter().filter(|n| n.state == "failed").map(|n| n.node_id.as_str()).collect();
     let done =

@@ -61,11 +61,11 @@ pub async fn exec(args: SecurityGroupArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let provider =
-        crate::provider::ec2::Ec2Provider::new(&cfg).await.map_err(crate::controller::preflight_error)?;
+        crate::provider::ec2::Ec2Provider::new(&cfg).await.map_err(crate::serve::preflight_error)?;
     let r = provider
         .ensure_security_group(&name, ssh.as_deref(), controller)
         .await
-        .map_err(crate::controller::preflight_error)?;
+        .map_err(crate::serve::preflight_error)?;
     let what = if r.created { "created" } else { "exists already" };
     println!("security group {name} ({}) in {}: {what}", r.group_id, r.vpc_id);
     for rule in &r.added {

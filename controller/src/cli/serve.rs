@@ -26,6 +26,6 @@ pub async fn exec(args: ServeArgs) -> anyhow::Result<ExitCode> {
         builder.init();
     }
     let cfg = args.config.load()?;
-    crate::controller::serve(cfg).await?;
+    crate::serve::serve(cfg).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,10 +1,10 @@
 //! `status`: what the running controller sees.
 
 use super::ConfigArgs;
-use crate::admin::AdminClient;
+use super::client::AdminClient;
+use crate::model::Role;
+use crate::status::{NodeStatus, StatusView};
 use clap::Args;
-use ddisco_proto::v1 as api;
-use serde::Serialize;
 use std::process::ExitCode;
 
 /// Show the cluster: every node with role, state, address, cores, workers,
@@ -24,134 +24,12 @@ pub struct StatusArgs {
     pub config: ConfigArgs,
 }
 
-#[derive(Debug, Serialize)]
-pub struct StatusView {
-    pub cluster: String,
-    pub provider: String,
-    pub desired_slaves: u32,
-    pub desired_pools: std::collections::BTreeMap<String, u32>,
-    pub nodes: Vec<NodeView>,
-    pub events: Vec<String>,
-    pub provider_notes: Vec<String>,
-    /// What the provider launches with (image per architecture).
-    pub provider_facts: Vec<String>,
-    pub engine: String,
-    pub engine_endpoints: std::collections::BTreeMap<String, String>,
-    pub engine_lines: Vec<String>,
-    /// Recent events with their times.
-    pub timed_events: Vec<EventView>,
-    /// USD per hour of the nodes present now.
-    pub cost_per_hour: f64,
-    /// USD spent since the cluster was created.
-    pub spent_usd: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EventView {
-    pub unix_ms: u64,
-    pub message: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NodeView {
-    pub node_id: String,
-    pub role: &'static str,
-    pub state: String,
-    pub instance_id: String,
-    pub address: String,
-    pub hostname: String,
-    pub cores: u32,
-    pub workers: u32,
-    pub last_heartbeat_ms: Option<u64>,
-    pub current_step: String,
-    pub detail: String,
-    pub age_ms: u64,
-    pub connected: bool,
-    pub pool: String,
-    pub instance_type: String,
-    pub notice: String,
-    /// (phase, unix ms it began).
-    pub phases: Vec<(String, u64)>,
-    pub steps: Vec<StepView>,
-    pub stuck: String,
-    pub price_per_hour: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StepView {
-    pub name: String,
-    pub status: String,
-    pub exit_code: i32,
-    pub duration_ms: u64,
-    pub output_tail: String,
-}
-
-impl From<api::StatusReply> for StatusView {
-    fn from(s: api::StatusReply) -> StatusView {
-        StatusView {
-            cluster: s.cluster,
-            provider: s.provider,
-            desired_slaves: s.desired_slaves,
-            desired_pools: s.desired_pools.into_iter().collect(),
-            provider_notes: s.provider_notes,
-            provider_facts: s.provider_facts,
-            engine: s.engine,
-            engine_endpoints: s.engine_endpoints.into_iter().collect(),
-            engine_lines: s.engine_lines,
-            cost_per_hour: s.cost_per_hour,
-            spent_usd: s.spent_usd,
-            timed_events: s
-                .events
-                .into_iter()
-                .map(|e| EventView { unix_ms: e.unix_ms, message: e.message })
-                .collect(),
-            nodes: s
-                .nodes
-                .into_iter()
-                .map(|n| NodeView {
-                    role: if n.role == api::Role::Master as i32 { "master" } else { "slave" },
-                    node_id: n.node_id,
-                    state: n.state,
-                    instance_id: n.instance_id,
-                    address: n.address,
-                    hostname: n.hostname,
-                    cores: n.cores,
-                    workers: n.workers,
-                    last_heartbeat_ms: n.last_heartbeat_ms,
-                    current_step: n.current_step,
-                    detail: n.detail,
-                    age_ms: n.age_ms,
-                    connected: n.connected,
-                    pool: n.pool,
-                    instance_type: n.instance_type,
-                    notice: n.notice,
-                    phases: n.phases.into_iter().map(|p| (p.name, p.unix_ms)).collect(),
-                    steps: n
-                        .steps
-                        .into_iter()
-                        .map(|l| StepView {
-                            name: l.name,
-                            status: l.status,
-                            exit_code: l.exit_code,
-                            duration_ms: l.duration_ms,
-                            output_tail: l.output_tail,
-                        })
-                        .collect(),
-                    stuck: n.stuck,
-                    price_per_hour: n.price_per_hour,
-                })
-                .collect(),
-            events: s.notes,
-        }
-    }
-}
-
 pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
     if args.watch {
         loop {
-            let view = StatusView::from(client.status().await?);
+            let view = client.status().await?;
             // Clear the screen, home the cursor, draw.
             print!("\x1b[2J\x1b[H{}", render(&view));
             use std::io::Write;
@@ -162,7 +40,7 @@ pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let view = StatusView::from(client.status().await?);
+    let view = client.status().await?;
     if let Some(id) = &args.node {
         let Some(n) = view.nodes.iter().find(|n| &n.node_id == id) else {
             let known: Vec<&str> = view.nodes.iter().map(|n| n.node_id.as_str()).collect();
@@ -198,7 +76,7 @@ pub fn usd(v: f64) -> String {
 }
 
 /// One node's boot diagnostics.
-pub fn render_node(n: &NodeView) -> String {
+pub fn render_node(n: &NodeStatus) -> String {
     let mut out = format!(
         "{} ({}, pool {}): {}\n  instance {}  type {}  address {}  cores {}  workers {}\n",
         n.node_id,
@@ -244,12 +122,12 @@ pub fn render_node(n: &NodeView) -> String {
 
 /// The human table.
 pub fn render(v: &StatusView) -> String {
-    let slaves = v.nodes.iter().filter(|n| n.role == "slave").count();
-    let ready_slaves = v.nodes.iter().filter(|n| n.role == "slave" && n.state == "ready").count();
+    let slaves = v.nodes.iter().filter(|n| n.role == Role::Slave).count();
+    let ready_slaves = v.nodes.iter().filter(|n| n.role == Role::Slave && n.state == "ready").count();
     let master = v
         .nodes
         .iter()
-        .find(|n| n.role == "master" && n.state != "terminating")
+        .find(|n| n.role == Role::Master && n.state != "terminating")
         .map(|n| n.state.as_str())
         .unwrap_or("none");
     let mut out = format!(
@@ -298,7 +176,7 @@ pub fn render(v: &StatusView) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    let problems: Vec<&NodeView> =
+    let problems: Vec<&NodeStatus> =
         v.nodes.iter().filter(|n| !n.detail.is_empty() || !n.stuck.is_empty()).collect();
     if !problems.is_empty() {
         out.push('\n');

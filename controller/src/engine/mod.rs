@@ -18,7 +18,6 @@ pub mod disco;
 
 use crate::model::Role;
 use crate::plan::{NodeLayout, Step};
-use ddisco_proto::v1 as api;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -70,6 +69,10 @@ pub struct Directive {
 
 pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Does a node leaving need draining first (its work moved away)?
+    fn drains(&self) -> bool {
+        true
+    }
     /// Provisioning steps for a node of `role` (run after packages and pip,
     /// before management keys and POST_INIT).
     fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
@@ -87,6 +90,9 @@ pub struct NoEngine;
 impl Engine for NoEngine {
     fn name(&self) -> &'static str {
         "none"
+    }
+    fn drains(&self) -> bool {
+        false
     }
     fn steps(&self, _: Role, _: u32, _: &NodeLayout) -> Vec<Step> {
         vec![]
@@ -111,41 +117,19 @@ pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Box<dyn Engin
     }
 }
 
-/// The wire form, with its content hash as id.
-pub fn to_api(items: &[Directive]) -> api::Directives {
-    let json = serde_json::to_vec(items).expect("directives serialize");
-    let id = hex::encode(&Sha256::digest(&json)[..12]);
-    let items = items
-        .iter()
-        .map(|d| api::Directive {
-            name: d.name.clone(),
-            kind: Some(match &d.kind {
-                DirectiveKind::Service { argv, env, workdir, grace_ms } => {
-                    api::directive::Kind::Service(api::Service {
-                        argv: argv.clone(),
-                        env: env.clone().into_iter().collect(),
-                        workdir: workdir.clone(),
-                        grace_ms: *grace_ms,
-                    })
-                }
-                DirectiveKind::File { path, content, mode, owner, marker } => {
-                    api::directive::Kind::File(api::ManagedFile {
-                        path: path.clone(),
-                        content: content.clone(),
-                        mode: *mode,
-                        owner: owner.clone(),
-                        marker: marker.clone(),
-                    })
-                }
-                DirectiveKind::Post { url, body, content_type } => api::directive::Kind::Post(api::Post {
-                    url: url.clone(),
-                    body: body.clone(),
-                    content_type: content_type.clone(),
-                }),
-            }),
-        })
-        .collect();
-    api::Directives { id, items }
+/// One node's directives, with their content hash as id (an agent that
+/// has this id has them all).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectiveSet {
+    pub id: String,
+    pub items: Vec<Directive>,
+}
+
+impl DirectiveSet {
+    pub fn new(items: Vec<Directive>) -> DirectiveSet {
+        let json = serde_json::to_vec(&items).expect("directives serialize");
+        DirectiveSet { id: hex::encode(&Sha256::digest(&json)[..12]), items }
+    }
 }
 
 /// `path` inside the node's root (the local provider gives each node its own).

@@ -568,10 +568,11 @@ impl Ec2Provider {
                             launched.push(Launched {
                                 node_id: node.clone(),
                                 instance_id: id.to_string(),
-                                instance_type: if spot {
-                                    itype.clone()
+                                instance_type: itype.clone(),
+                                market: if spot {
+                                    crate::model::Market::Spot
                                 } else {
-                                    format!("{itype} on-demand")
+                                    crate::model::Market::OnDemand
                                 },
                                 on_demand_why: why.clone(),
                             });
@@ -860,6 +861,10 @@ impl Provider for Ec2Provider {
 
     fn attests_instance_id(&self) -> bool {
         true
+    }
+
+    fn imds_url(&self) -> Option<&'static str> {
+        Some("http://169.254.169.254")
     }
 
     async fn preflight(&self) -> Result<(), ProviderError> {

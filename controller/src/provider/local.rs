@@ -144,6 +144,7 @@ impl Provider for LocalProvider {
                 node_id: node.clone(),
                 instance_id,
                 instance_type: "local".into(),
+                market: crate::model::Market::Spot,
                 on_demand_why: None,
             });
         }

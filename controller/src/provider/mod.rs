@@ -59,7 +59,8 @@ pub struct Launched {
     pub node_id: String,
     pub instance_id: String,
     pub instance_type: String,
-    /// Launched on-demand instead of spot, and why.
+    pub market: crate::model::Market,
+    /// Launched on-demand although its role/pool normally runs spot: why.
     pub on_demand_why: Option<String>,
 }
 
@@ -100,6 +101,12 @@ pub trait Provider: Send + Sync + 'static {
     /// the one the launch returned?
     fn attests_instance_id(&self) -> bool {
         false
+    }
+
+    /// The instance metadata service nodes query (launch index, notices),
+    /// if the provider has one.
+    fn imds_url(&self) -> Option<&'static str> {
+        None
     }
 
     /// Checks the configuration against the provider before anything runs.

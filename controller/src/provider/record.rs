@@ -74,6 +74,7 @@ impl Provider for RecordProvider {
                     node_id: n.clone(),
                     instance_id,
                     instance_type: "record".into(),
+                    market: crate::model::Market::Spot,
                     on_demand_why: None,
                 }
             })

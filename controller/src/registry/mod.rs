@@ -8,7 +8,13 @@
 //! does not take it at all: each node's [`Liveness`] is an atomic that the
 //! agent's session task updates directly.
 
-use crate::model::{NodeState, Role};
+mod transitions;
+
+pub use transitions::{
+    DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, Noticed, Refused, StepReport, StepStatus,
+};
+
+use crate::model::{Market, NodeState, Notice, Role};
 use crate::provider::Observed;
 use crate::reconcile::{Instance, NodeView};
 use serde::{Deserialize, Serialize};
@@ -46,9 +52,12 @@ pub struct NodeRecord {
     pub batch: Option<(String, u32)>,
     #[serde(default)]
     pub instance_type: String,
-    /// Interruption/rebalance notice received (empty: none).
+    /// Spot or on-demand.
     #[serde(default)]
-    pub notice: String,
+    pub market: Market,
+    /// Interruption/rebalance notice received, if any.
+    #[serde(default, deserialize_with = "notice_compat")]
+    pub notice: Option<Notice>,
     /// On-demand while its pool is back on spot: to be replaced by spot.
     #[serde(default)]
     pub superseded: bool,
@@ -94,6 +103,17 @@ pub struct NodeRecord {
     pub current_step: String,
 }
 
+/// Reads `notice` as written now (null or the kind) and as written before
+/// it was typed (a string, empty for none).
+fn notice_compat<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Notice>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some("spot-interruption") => Ok(Some(Notice::SpotInterruption)),
+        Some("rebalance-recommendation") => Ok(Some(Notice::Rebalance)),
+        Some(other) => Err(serde::de::Error::custom(format!("unknown notice {other:?}"))),
+    }
+}
+
 /// Liveness of one node, shared with its session task. Updating it costs one
 /// atomic store: no lock, no allocation, no scan.
 #[derive(Debug, Default)]
@@ -108,11 +128,16 @@ pub struct Liveness {
     load_milli_plus_one: AtomicU32,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
-    push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<PushMsg>, String)>>,
+    push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
 }
 
-/// What the controller pushes on an agent's session.
-pub type PushMsg = Result<ddisco_proto::v1::ControllerMessage, tonic::Status>;
+/// What the controller sends on an agent's session.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Assignment(crate::plan::Assignment),
+    Directives(Arc<crate::engine::DirectiveSet>),
+    Shutdown(String),
+}
 
 /// Counts an open session for as long as it lives.
 pub struct SessionGuard(Arc<Liveness>);
@@ -158,12 +183,12 @@ impl Liveness {
         self.sessions.load(Ordering::Relaxed) > 0
     }
     /// Registers a session's outbound channel.
-    pub fn set_push(&self, tx: tokio::sync::mpsc::Sender<PushMsg>) {
+    pub fn set_push(&self, tx: tokio::sync::mpsc::Sender<Outbound>) {
         *self.push.lock().expect("push lock") = Some((tx, String::new()));
     }
     /// Forgets a session's channel when that session ends (not a newer one's),
     /// so its stream can close.
-    pub fn clear_push(&self, tx: &tokio::sync::mpsc::Sender<PushMsg>) {
+    pub fn clear_push(&self, tx: &tokio::sync::mpsc::Sender<Outbound>) {
         let mut guard = self.push.lock().expect("push lock");
         if guard.as_ref().is_some_and(|(t, _)| t.same_channel(tx)) {
             *guard = None;
@@ -172,16 +197,13 @@ impl Liveness {
 
     /// Sends `directives` unless this session already has them. Never
     /// blocks: a full channel drops the push and the next publish retries.
-    pub fn push_directives(&self, d: &ddisco_proto::v1::Directives) {
+    pub fn push_directives(&self, d: &Arc<crate::engine::DirectiveSet>) {
         let mut guard = self.push.lock().expect("push lock");
         let Some((tx, last)) = guard.as_mut() else { return };
         if *last == d.id {
             return;
         }
-        let msg = ddisco_proto::v1::ControllerMessage {
-            msg: Some(ddisco_proto::v1::controller_message::Msg::Directives(d.clone())),
-        };
-        if tx.try_send(Ok(msg)).is_ok() {
+        if tx.try_send(Outbound::Directives(d.clone())).is_ok() {
             *last = d.id.clone();
         }
     }
@@ -221,6 +243,15 @@ pub struct StepLog {
 }
 
 impl NodeRecord {
+    /// Where peers reach it: the provider's address, else the first one its
+    /// agent reported.
+    pub fn address(&self) -> &str {
+        if !self.address.is_empty() {
+            return &self.address;
+        }
+        self.facts.as_ref().and_then(|f| f.addresses.first()).map_or("", String::as_str)
+    }
+
     /// Notes the start of a boot phase (once per name in a row).
     pub fn phase(&mut self, name: impl Into<String>) {
         let name = name.into();
@@ -309,8 +340,18 @@ impl Registry {
     /// reconnect to a restarted controller before anything is declared lost.
     pub fn from_json(text: &str, seen_ms: u64) -> Result<Registry, serde_json::Error> {
         let file: ClusterFile = serde_json::from_str(text)?;
-        let mut reg = Registry { desired: file.desired, next_seq: file.next_seq, ..Default::default() };
-        for rec in file.nodes {
+        let mut reg = Registry {
+            desired: file.desired,
+            spent_usd: file.spent_usd,
+            next_seq: file.next_seq,
+            ..Default::default()
+        };
+        for mut rec in file.nodes {
+            // Before the market was a field it was a suffix of the type.
+            if let Some(t) = rec.instance_type.strip_suffix(" on-demand") {
+                rec.instance_type = t.to_string();
+                rec.market = Market::OnDemand;
+            }
             let live = Arc::new(Liveness::default());
             live.touch(seen_ms);
             if !rec.token_used {
@@ -345,7 +386,8 @@ impl Registry {
             state: NodeState::Requested,
             batch: new.batch,
             instance_type: String::new(),
-            notice: String::new(),
+            market: Market::Spot,
+            notice: None,
             superseded: false,
             drain_started_unix_ms: None,
             attributes: BTreeMap::new(),
@@ -469,30 +511,10 @@ impl Registry {
         if now_unix_ms > e.rec.token_expires_unix_ms {
             return Err(TokenError::Expired(id.clone()));
         }
-        if matches!(e.rec.state, NodeState::Terminating | NodeState::Lost) {
+        if e.rec.state == NodeState::Terminating {
             return Err(TokenError::Terminated(id.clone()));
         }
         Ok(id.clone())
-    }
-
-    /// Marks the token used and the node enrolled.
-    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64) {
-        if let Some(e) = self.nodes.get_mut(id) {
-            self.token_index.remove(&e.rec.token_hash);
-            e.rec.token_used = true;
-            e.rec.state = NodeState::Enrolled;
-            if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
-                e.rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
-            }
-            e.rec.phase("enrolled");
-            e.rec.detail.clear();
-            if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
-                e.rec.instance_id = Some(facts.instance_id.clone());
-            }
-            e.rec.facts = Some(facts);
-            e.live.touch(now_ms);
-            self.dirty = true;
-        }
     }
 
     /// Records an event unless it repeats the previous one (a condition
@@ -524,8 +546,8 @@ impl Registry {
                 id: e.rec.id.clone(),
                 role: e.rec.role,
                 pool: e.rec.pool.clone(),
-                interrupted: !e.rec.notice.is_empty(),
-                on_demand: e.rec.instance_type.ends_with(" on-demand"),
+                interrupted: e.rec.notice.is_some(),
+                on_demand: e.rec.market == Market::OnDemand,
                 superseded: e.rec.superseded,
                 state: e.rec.state.clone(),
                 seq: e.rec.seq,
@@ -602,6 +624,26 @@ mod tests {
     }
 
     #[test]
+    fn files_written_before_typed_fields_load() {
+        let (r, id) = reg_with_node(1_000);
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        v["nodes"][0]["instance_type"] = "c5.large on-demand".into();
+        v["nodes"][0]["notice"] = "spot-interruption".into();
+        v["nodes"][0].as_object_mut().unwrap().remove("market");
+        let r2 = Registry::from_json(&v.to_string(), 1).unwrap();
+        let rec = &r2.get(&id).unwrap().rec;
+        assert_eq!((rec.instance_type.as_str(), rec.market), ("c5.large", Market::OnDemand));
+        assert_eq!(rec.notice, Some(Notice::SpotInterruption));
+        v["nodes"][0]["notice"] = "".into();
+        let r3 = Registry::from_json(&v.to_string(), 1).unwrap();
+        assert_eq!(r3.get(&id).unwrap().rec.notice, None);
+        // And the typed form round-trips.
+        let r4 = Registry::from_json(&r2.to_json(), 1).unwrap();
+        assert_eq!(r4.get(&id).unwrap().rec.notice, Some(Notice::SpotInterruption));
+        assert_eq!(r4.get(&id).unwrap().rec.market, Market::OnDemand);
+    }
+
+    #[test]
     fn token_checks() {
         let (mut r, id) = reg_with_node(1_000);
         assert_eq!(r.check_token("nope", 10), Err(TokenError::Unknown));
@@ -627,6 +669,7 @@ mod tests {
     #[test]
     fn round_trip_keeps_nodes_and_tokens() {
         let (mut r, id) = reg_with_node(1_000);
+        r.spent_usd = 1.25;
         let id2 = r.add_node(new(Role::Master, "h2", 1_000), |_| String::new());
         r.complete_enrollment(&id2, Facts::default(), 5);
         let r2 = Registry::from_json(&r.to_json(), 77).unwrap();
@@ -634,6 +677,8 @@ mod tests {
         assert_eq!(r2.check_token("h1", 10), Ok(id.clone()));
         assert_eq!(r2.check_token("h2", 10), Err(TokenError::Used(id2.clone())));
         assert_eq!(r2.get(&id2).unwrap().live.last_seen_ms(), Some(77));
+        // Spend survives a restart.
+        assert_eq!(r2.spent_usd, r.spent_usd);
         // Sequence continues: no id is reused.
         let mut r2 = r2;
         let id3 = r2.add_node(new(Role::Slave, "h3", 1), |_| String::new());

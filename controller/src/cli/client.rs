@@ -1,0 +1,62 @@
+//! The CLI's client for the admin socket: connects, calls, and converts the
+//! replies to domain types (through `wire`).
+
+use crate::cluster::ops::{Destroyed, Scaled};
+use crate::status::StatusView;
+use ddisco_proto::v1 as api;
+use std::path::{Path, PathBuf};
+use tonic::Status;
+
+/// A client for the admin socket.
+pub struct AdminClient {
+    inner: api::admin_client::AdminClient<tonic::transport::Channel>,
+}
+
+/// The controller is not running (no one answers on the admin socket).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no controller is running for {path} (admin socket missing or not answering); start one with `ddisco-controller serve`"
+)]
+pub struct NotRunning {
+    pub path: PathBuf,
+}
+
+impl AdminClient {
+    pub async fn connect(path: &Path) -> Result<AdminClient, NotRunning> {
+        let not_running = || NotRunning { path: path.to_owned() };
+        if tokio::net::UnixStream::connect(path).await.is_err() {
+            return Err(not_running());
+        }
+        let p = path.to_owned();
+        let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }))
+            .await
+            .map_err(|_| not_running())?;
+        // Status of a large cluster is several MB.
+        let inner = api::admin_client::AdminClient::new(channel).max_decoding_message_size(256 << 20);
+        Ok(AdminClient { inner })
+    }
+
+    pub async fn status(&mut self) -> Result<StatusView, Status> {
+        Ok(self.inner.status(api::StatusRequest {}).await?.into_inner().into())
+    }
+
+    pub async fn scale(
+        &mut self,
+        slaves: u32,
+        pools: std::collections::HashMap<String, u32>,
+    ) -> Result<Scaled, Status> {
+        Ok(self.inner.scale(api::ScaleRequest { slaves, pools }).await?.into_inner().into())
+    }
+
+    pub async fn destroy(&mut self) -> Result<Destroyed, Status> {
+        Ok(self.inner.destroy(api::DestroyRequest {}).await?.into_inner().into())
+    }
+}

@@ -1,0 +1,345 @@
+//! The running cluster: its shared state ([`Cluster`]: registry, PKI,
+//! provider, engine) and everything done to it: what agents report (this
+//! file), one reconcile pass ([`tick`]), scaling and destroying ([`ops`]).
+//! The edges (`grpc`, `admin`, `dashboard`, `download`) and `serve`'s wiring
+//! call into it; it calls none of them.
+//!
+//! ```text
+//!  agents --TLS gRPC--> grpc (Enrollment, Agent) --\
+//!  nodes  --HTTPS-----> download (agent binary)     |--> Cluster (registry, pki, provider, engine)
+//!  CLI    --Unix sock-> admin (Status/Scale/Destroy)/        ^
+//!                       reconcile loop (serve): tick = provider.list -> decide -> act
+//! ```
+//!
+//! # Guarantees
+//! - The registry's std mutex is held only for short synchronous sections,
+//!   never across `.await`; provider calls happen outside it.
+//! - Node state changes only through the registry's transition methods
+//!   (`registry::transitions`).
+
+pub mod ops;
+pub mod tick;
+
+use crate::config::Config;
+use crate::engine::{DirectiveSet, Engine, Member};
+use crate::model::{Market, NodeState, Notice, Role, worker_count};
+use crate::pki::{self, Pki};
+use crate::plan::Assignment;
+use crate::provider::Provider;
+use crate::reconcile::Limits;
+use crate::registry::{DirectiveReport, Facts, Hello, Refused, Registry, StepReport, TokenError, unix_ms};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// Monotonic milliseconds since the controller started (never 0).
+#[derive(Debug)]
+pub struct Clock {
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock { start: tokio::time::Instant::now() }
+    }
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Addresses and artifacts written into every node's userdata.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub grpc_url: String,
+    pub agent_url: String,
+    pub agent_sha256: String,
+}
+
+/// State shared by the servers and the reconcile loop.
+pub struct Cluster {
+    pub cfg: Config,
+    /// The map/reduce engine (plain functions over the membership).
+    pub engine: Box<dyn Engine>,
+    /// Membership changed since the last `publish`.
+    membership_changed: AtomicBool,
+    /// Held only for short, synchronous sections; never across `.await`.
+    pub registry: Mutex<Registry>,
+    pub clock: Clock,
+    pub pki: Pki,
+    pub provider: Arc<dyn Provider>,
+    pub endpoints: Endpoints,
+    pub cert_validity: Duration,
+    /// Wakes the reconcile loop early (scale, notice, removals).
+    pub wake: Notify,
+    /// Wakes the persister.
+    pub persist: Notify,
+    /// Serialises reconcile ticks with `destroy` (a tokio mutex: held across
+    /// provider calls).
+    pub tick_lock: tokio::sync::Mutex<()>,
+    /// Set by `destroy`: no more launches.
+    pub destroying: AtomicBool,
+    /// When spot prices were last fetched (tokio mutex: held across the call).
+    prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Since when (controller clock, ms) the cluster has been idle while it
+    /// had on-demand slaves to replace; `None`: not idle or nothing to replace.
+    idle_since: Mutex<Option<u64>>,
+    pub metrics: crate::metrics::Metrics,
+    shutdown: watch::Sender<bool>,
+}
+
+/// What `Cluster::new` is built from (everything `serve` prepared).
+pub struct Parts {
+    pub cfg: Config,
+    pub engine: Box<dyn Engine>,
+    pub registry: Registry,
+    pub clock: Clock,
+    pub pki: Pki,
+    pub provider: Arc<dyn Provider>,
+    pub endpoints: Endpoints,
+}
+
+impl Cluster {
+    pub fn new(p: Parts) -> Cluster {
+        Cluster {
+            engine: p.engine,
+            membership_changed: AtomicBool::new(true),
+            cert_validity: Duration::from_secs(30 * 86_400),
+            registry: Mutex::new(p.registry),
+            clock: p.clock,
+            pki: p.pki,
+            provider: p.provider,
+            endpoints: p.endpoints,
+            wake: Notify::new(),
+            persist: Notify::new(),
+            tick_lock: tokio::sync::Mutex::new(()),
+            destroying: AtomicBool::new(false),
+            prices_at: tokio::sync::Mutex::new(None),
+            idle_since: Mutex::new(None),
+            metrics: Default::default(),
+            shutdown: watch::channel(false).0,
+            cfg: p.cfg,
+        }
+    }
+
+    /// The registry changed: save it soon.
+    pub fn changed(&self) {
+        self.persist.notify_one();
+    }
+
+    /// Something engines care about changed (a node became ready or started
+    /// leaving, an attribute arrived): recompute directives on the next tick.
+    pub fn membership_changed(&self) {
+        self.membership_changed.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// The engine's view of every node.
+    pub fn members(&self) -> Vec<Member> {
+        let reg = self.registry.lock().expect("registry lock");
+        reg.entries()
+            .filter(|e| e.rec.state != NodeState::Terminating)
+            .map(|e| {
+                let r = &e.rec;
+                let hostname = r.facts.as_ref().map_or("", |f| f.hostname.as_str());
+                Member {
+                    id: r.id.clone(),
+                    role: Some(r.role),
+                    address: r.address().to_string(),
+                    hostname: hostname.split('.').next().unwrap_or("").to_string(),
+                    workers: r.workers,
+                    ready: r.state == NodeState::Ready || r.state == NodeState::Draining,
+                    leaving: r.state == NodeState::Draining || r.notice.is_some(),
+                    attributes: r.attributes.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Recomputes every ready node's directives and pushes those that
+    /// changed to connected agents. Runs after membership changes, not per
+    /// heartbeat.
+    pub fn publish(&self) {
+        if !self.membership_changed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let members = self.members();
+        let lives: BTreeMap<String, Arc<crate::registry::Liveness>> = {
+            let reg = self.registry.lock().expect("registry lock");
+            reg.entries().map(|e| (e.rec.id.clone(), e.live.clone())).collect()
+        };
+        for me in members.iter().filter(|m| m.ready) {
+            let Some(live) = lives.get(&me.id) else { continue };
+            let layout = self.provider.layout(&me.id);
+            let set = DirectiveSet::new(self.engine.directives(me, &members, &layout));
+            live.push_directives(&Arc::new(set));
+        }
+    }
+
+    /// Nodes by (role, first word of the state), for `/metrics`.
+    pub fn node_counts(&self) -> (BTreeMap<(String, String), u64>, u32) {
+        let reg = self.registry.lock().expect("registry lock");
+        let mut by = BTreeMap::new();
+        for e in reg.entries() {
+            let state = e.rec.state.label();
+            let state = state.split(' ').next().unwrap_or("").to_string();
+            *by.entry((e.rec.role.to_string(), state)).or_default() += 1;
+        }
+        (by, reg.desired_slaves())
+    }
+
+    /// Fires when the controller stops.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Asks `serve` to stop.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            boot_timeout_ms: self.cfg.boot_timeout.as_millis() as u64,
+            heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
+            drain_ms: if self.engine.drains() { self.cfg.drain_timeout.as_millis() as u64 } else { 0 },
+        }
+    }
+
+    fn cluster_file(&self) -> PathBuf {
+        self.cfg.state_dir.join("cluster.json")
+    }
+
+    /// Writes `cluster.json` if anything changed since the last save.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let json = {
+            let mut reg = self.registry.lock().expect("registry lock");
+            if !reg.dirty {
+                return Ok(());
+            }
+            reg.dirty = false;
+            reg.to_json()
+        };
+        pki::write_private(&self.cluster_file(), &json)?;
+        Ok(())
+    }
+
+    // ---- what agents report; each calls one registry transition ----
+
+    /// Checks a bootstrap token (refusals change nothing and count as such).
+    pub fn check_token(&self, hash: &str) -> Result<String, TokenError> {
+        let r = self.registry.lock().expect("registry lock").check_token(hash, unix_ms());
+        if r.is_err() {
+            crate::metrics::Metrics::inc(&self.metrics.refusals);
+        }
+        r
+    }
+
+    /// Spends the token (checked again under the lock: of two concurrent
+    /// enrollments with one token, one loses) and enrolls the node. On a
+    /// provider that attests instances, the instance the agent reports must
+    /// be the one launched for its slot.
+    pub fn enroll(&self, node_id: &str, hash: &str, facts: Facts, from: &str) -> Result<(), EnrollRefused> {
+        let mut reg = self.registry.lock().expect("registry lock");
+        if let Err(e) = reg.check_token(hash, unix_ms()) {
+            crate::metrics::Metrics::inc(&self.metrics.refusals);
+            return Err(EnrollRefused::Token(e));
+        }
+        if self.provider.attests_instance_id() {
+            let recorded = reg.get(node_id).and_then(|e| e.rec.instance_id.clone());
+            let claimed = &facts.instance_id;
+            let mismatch = match &recorded {
+                Some(rec) => rec != claimed,
+                None => claimed.is_empty(),
+            };
+            if mismatch {
+                crate::metrics::Metrics::inc(&self.metrics.refusals);
+                return Err(EnrollRefused::Instance(format!(
+                    "bootstrap token of node {node_id} is bound to instance {}, not {:?}",
+                    recorded.as_deref().unwrap_or("(unknown)"),
+                    claimed
+                )));
+            }
+        }
+        reg.complete_enrollment(node_id, facts, self.clock.now_ms());
+        crate::metrics::Metrics::inc(&self.metrics.enrollments);
+        reg.event(format!("{node_id} enrolled from {from}"));
+        drop(reg);
+        self.changed();
+        Ok(())
+    }
+
+    /// An agent opened its session: its worker count and plan.
+    pub fn hello(&self, node_id: &str, hello: Hello) -> Result<Assignment, Refused> {
+        let mut reg = self.registry.lock().expect("registry lock");
+        let role = reg.get(node_id).ok_or_else(|| Refused::UnknownNode(node_id.to_string()))?.rec.role;
+        let multiplier = match role {
+            Role::Master => self.cfg.master_multiplier,
+            Role::Slave => self.cfg.slave_multiplier,
+        };
+        let workers = worker_count(hello.facts.logical_cores, multiplier);
+        let layout = self.provider.layout(node_id);
+        let steps = self.engine.steps(role, workers, &layout);
+        let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps);
+        reg.on_hello(node_id, hello, workers, &plan)?;
+        drop(reg);
+        self.changed();
+        // The new session gets the node's directives.
+        self.membership_changed();
+        Ok(Assignment {
+            node_id: node_id.to_string(),
+            role,
+            workers,
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u32,
+            plan,
+        })
+    }
+
+    pub fn step_report(&self, node_id: &str, report: StepReport) -> Result<(), Refused> {
+        let ready = self.registry.lock().expect("registry lock").on_step(node_id, report)?;
+        if ready {
+            self.membership_changed();
+        }
+        self.changed();
+        Ok(())
+    }
+
+    pub fn notice(&self, node_id: &str, kind: Notice, detail: &str) {
+        let noticed = self.registry.lock().expect("registry lock").on_notice(node_id, kind, detail);
+        let Some(n) = noticed else { return };
+        if kind == Notice::SpotInterruption && n.market == Market::Spot {
+            self.provider.interrupted(n.role, &n.pool, node_id);
+        }
+        crate::metrics::Metrics::inc(&self.metrics.notices);
+        self.changed();
+        self.wake.notify_one();
+    }
+
+    pub fn attribute(&self, node_id: &str, name: String, value: String) -> Result<(), Refused> {
+        self.registry.lock().expect("registry lock").on_attribute(node_id, name, value)?;
+        self.changed();
+        self.membership_changed();
+        Ok(())
+    }
+
+    pub fn directive_report(&self, node_id: &str, report: DirectiveReport) {
+        self.registry.lock().expect("registry lock").on_directive_report(node_id, report);
+    }
+}
+
+/// Why an enrollment with a valid-looking token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollRefused {
+    #[error("{0}")]
+    Token(TokenError),
+    #[error("{0}")]
+    Instance(String),
+}

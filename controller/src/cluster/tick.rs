@@ -1,0 +1,255 @@
+//! One reconcile pass: observe the provider, decide (`reconcile::decide`),
+//! apply the actions to the registry (its transitions), then carry out what
+//! is left for the provider (terminate, launch). Also the per-tick chores:
+//! spot prices, and replacing on-demand slaves once the cluster is idle.
+
+use super::Cluster;
+use crate::model::Role;
+use crate::pki;
+use crate::provider::{LaunchBatch, ProviderError, Target};
+use crate::reconcile::{Action, Desired, NodeView, decide};
+use crate::registry::{Effect, NewNode, Registry, unix_ms};
+use crate::userdata::{Bootstrap, Slot, Userdata};
+use anyhow::Context;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What the reconcile loop does each time: a tick, then publishing
+/// directives, prices and spend. Serialised with `destroy` by `tick_lock`.
+pub async fn pass(sh: &Arc<Cluster>) {
+    let _guard = sh.tick_lock.lock().await;
+    let t0 = std::time::Instant::now();
+    let res = tick(sh).await;
+    crate::metrics::Metrics::inc(&sh.metrics.reconcile_ticks);
+    sh.metrics.reconcile_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if let Err(e) = res {
+        tracing::warn!("reconcile: {e:#}; trying again next tick");
+    }
+    sh.publish();
+    refresh_prices(sh).await;
+    sh.registry.lock().expect("registry lock").account(unix_ms());
+}
+
+/// One reconcile pass: observe, decide, act.
+pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
+    // Without a fresh listing nothing is decided: stale data could kill
+    // healthy nodes or launch duplicates.
+    let observed = sh.provider.list().await.context("listing the cluster's instances")?;
+    let mut to_terminate = Vec::new();
+    let mut launches = Vec::new();
+    {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        let (alive, orphans) = reg.match_observed(&observed);
+        let mut views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
+        if supersede_when_idle(sh, &mut reg, &views) {
+            views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
+        }
+        let actions = decide(&Desired { pools: reg.desired.clone() }, &views, sh.limits());
+        if actions.is_empty() && orphans.is_empty() {
+            return Ok(());
+        }
+        // Only removals change what engines see (new nodes join when
+        // ready). Launches must not wake the loop: a launch that fails would
+        // otherwise be retried at once, in a hot loop, instead of next tick.
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::Terminate { .. } | Action::Drain { .. } | Action::Forget { .. }))
+        {
+            sh.membership_changed();
+        }
+        for o in orphans {
+            reg.event(format!(
+                "terminating orphan instance {}: tagged for this cluster but unknown to it",
+                o.instance_id
+            ));
+            to_terminate.push(Target { node_id: o.node_id, instance_id: Some(o.instance_id) });
+        }
+        let drain_secs = sh.cfg.drain_timeout.as_secs_f64();
+        for action in actions {
+            match reg.apply(action, drain_secs) {
+                Effect::Nothing => {}
+                Effect::Terminate { target, loss } => {
+                    if loss {
+                        crate::metrics::Metrics::inc(&sh.metrics.replacements);
+                    }
+                    to_terminate.push(target);
+                }
+                Effect::Launch { role, pool, count } => launches.push((role, pool, count)),
+            }
+        }
+    }
+    if !to_terminate.is_empty() {
+        sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
+        // Look again right away: terminated instances can then be forgotten.
+        sh.wake.notify_one();
+    }
+    for (role, pool, count) in launches {
+        if let Err(e) = sh.provider.can_launch() {
+            let mut reg = sh.registry.lock().expect("registry lock");
+            reg.event_once(format!("launches held back: {e}"));
+            break;
+        }
+        let mut left = count as usize;
+        while left > 0 {
+            let n = left.min(sh.provider.max_batch().max(1));
+            left -= n;
+            launch_batch(sh, role, &pool, n).await?;
+        }
+    }
+    sh.changed();
+    Ok(())
+}
+
+/// On-demand slaves of pools back on spot are replaced by spot ones once
+/// the cluster has been idle for `on_demand_idle_replace` (the other
+/// occasion is a scale change, `ops::scale`).
+/// Returns whether it marked any.
+fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> bool {
+    let wait = sh.cfg.on_demand_idle_replace;
+    let mut since = sh.idle_since.lock().expect("idle lock");
+    let desired = Desired { pools: reg.desired.clone() };
+    let spot_again = |pool: &str| sh.provider.spot_again(Role::Slave, pool);
+    let candidates = crate::reconcile::supersede(&desired, views, spot_again);
+    let loads: Vec<(Option<u32>, u32)> = reg
+        .entries()
+        .filter(|e| e.rec.state == crate::model::NodeState::Ready)
+        .map(|e| (e.live.load_milli(), e.rec.facts.as_ref().map_or(1, |f| f.logical_cores)))
+        .collect();
+    if wait.is_zero() || candidates.is_empty() || !crate::reconcile::idle(&loads) {
+        *since = None;
+        return false;
+    }
+    let now = sh.clock.now_ms();
+    let start = *since.get_or_insert(now);
+    if now.saturating_sub(start) < wait.as_millis() as u64 {
+        return false;
+    }
+    let idle_for = format!("cluster idle for {:.0}s: ", now.saturating_sub(start) as f64 / 1000.0);
+    reg.supersede(&candidates, &idle_for);
+    *since = None;
+    true
+}
+
+/// Records `n` new nodes (persisted before the call, so that a crash cannot
+/// leak what the call starts), mints their tokens, and launches them in one
+/// provider call.
+async fn launch_batch(sh: &Arc<Cluster>, role: Role, pool: &str, n: usize) -> anyhow::Result<()> {
+    let batch_id = format!("b{}", hex::encode(rand::random::<[u8; 8]>()));
+    let expires = unix_ms() + sh.cfg.token_ttl.as_millis() as u64;
+    let mut secrets = Vec::with_capacity(n);
+    let mut nodes = Vec::with_capacity(n);
+    let mut addresses = Vec::with_capacity(n);
+    {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for i in 0..n {
+            let (secret, token_hash) = pki::mint_token();
+            let new = NewNode {
+                role,
+                pool: pool.to_string(),
+                batch: Some((batch_id.clone(), i as u32)),
+                token_hash,
+                token_expires_unix_ms: expires,
+            };
+            let id = reg.add_node(new, |seq| sh.provider.address_for(seq));
+            addresses.push(reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default());
+            nodes.push(id);
+            secrets.push(secret);
+        }
+        reg.event(format!("launching {} ({role}, pool {pool})", nodes.join(", ")));
+    }
+    sh.save()?;
+    let ca_sha = sh.pki.ca_fingerprint();
+    let userdata = Userdata {
+        bootstrap: Bootstrap {
+            controller: &sh.endpoints.grpc_url,
+            server_name: pki::SERVER_NAME,
+            ca_sha256: &ca_sha,
+            imds: (sh.provider.name() == "ec2").then_some("http://169.254.169.254"),
+            slots: nodes.iter().zip(&secrets).map(|(node_id, token)| Slot { node_id, token }).collect(),
+        },
+        ca_pem: sh.pki.ca_pem(),
+        agent_url: &sh.endpoints.agent_url,
+        agent_sha256: &sh.endpoints.agent_sha256,
+        default_home: "/var/lib/ddisco",
+    }
+    .render();
+    drop(secrets);
+    let batch =
+        LaunchBatch { batch_id, role, pool: pool.to_string(), nodes: nodes.clone(), addresses, userdata };
+    let result = sh.provider.launch(batch).await;
+    let mut reg = sh.registry.lock().expect("registry lock");
+    match result {
+        Ok(launched) => {
+            sh.metrics.launches.fetch_add(launched.len() as u64, Ordering::Relaxed);
+            for l in &launched {
+                if let Some(e) = reg.get_mut(&l.node_id) {
+                    e.rec.instance_id = Some(l.instance_id.clone());
+                    e.rec.instance_type = l.instance_type.clone();
+                }
+            }
+            let on_demand: Vec<&str> =
+                launched.iter().filter(|l| l.on_demand_why.is_some()).map(|l| l.node_id.as_str()).collect();
+            if let Some(why) = launched.iter().find_map(|l| l.on_demand_why.as_deref()) {
+                let msg = format!("{} launched on-demand, not spot: {why}", on_demand.join(", "));
+                tracing::warn!("{msg}");
+                reg.event(msg);
+            }
+            for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
+                reg.remove(id);
+            }
+        }
+        Err(e) => {
+            crate::metrics::Metrics::inc(&sh.metrics.launch_failures);
+            for id in &nodes {
+                reg.remove(id);
+            }
+            match &e {
+                ProviderError::Config { .. } => tracing::error!("launch blocked: {e}"),
+                _ => tracing::warn!("launch of {} failed: {e}", nodes.join(", ")),
+            }
+            reg.event_once(format!("launch in pool {pool} failed: {e}; will retry"));
+        }
+    }
+    Ok(())
+}
+
+/// Fetches spot prices every 10 minutes, or sooner (at most every 10 s)
+/// while a node has none yet. Failures only delay the next try.
+async fn refresh_prices(sh: &Arc<Cluster>) {
+    let mut at = sh.prices_at.lock().await;
+    let (ids, unpriced) = {
+        let reg = sh.registry.lock().expect("registry lock");
+        let live: Vec<&crate::registry::Entry> = reg
+            .entries()
+            .filter(|e| e.rec.state != crate::model::NodeState::Terminating && e.rec.instance_id.is_some())
+            .collect();
+        let unpriced = live.iter().any(|e| e.rec.price_per_hour == 0.0);
+        (live.iter().filter_map(|e| e.rec.instance_id.clone()).collect::<Vec<_>>(), unpriced)
+    };
+    let now = tokio::time::Instant::now();
+    let due = match *at {
+        None => true,
+        Some(t) => now - t >= Duration::from_secs(600) || (unpriced && now - t >= Duration::from_secs(10)),
+    };
+    if ids.is_empty() || !due {
+        return;
+    }
+    *at = Some(now);
+    match sh.provider.prices(&ids).await {
+        Ok(prices) if !prices.is_empty() => {
+            let mut reg = sh.registry.lock().expect("registry lock");
+            // Count the time so far at the old prices first.
+            reg.account(unix_ms());
+            let nodes: Vec<(String, String)> =
+                reg.entries().filter_map(|e| Some((e.rec.id.clone(), e.rec.instance_id.clone()?))).collect();
+            for (node, instance) in nodes {
+                if let (Some(p), Some(e)) = (prices.get(&instance), reg.get_mut(&node)) {
+                    e.rec.price_per_hour = *p;
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
+    }
+}

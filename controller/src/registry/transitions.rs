@@ -1,0 +1,505 @@
+//! Every transition of a node, as a method of the [`Registry`]: what an
+//! agent reports (`on_hello`, `on_step`, `on_notice`, ...), what the
+//! reconcile pass decided (`apply`), what the operator asked (`set_desired`,
+//! `supersede`). Network handlers and the reconcile pass call these; no other
+//! code sets a node's state. The diagram they implement is in
+//! [`NodeState`]'s documentation.
+//!
+//! # Guarantees
+//! - Reports are validated before anything changes: a report for another
+//!   plan, a step index outside the plan, an oversized attribute change
+//!   nothing and say why.
+//! - "Became ready" is one method ([`Registry::become_ready`]), whichever
+//!   report completes the plan.
+
+use super::{Facts, Registry, StepLog, unix_ms};
+use crate::model::{Market, NodeState, Notice, Role};
+use crate::plan::Plan;
+use crate::provider::Target;
+use crate::reconcile::{Action, Reason};
+use std::collections::BTreeMap;
+
+/// What an agent says when its session opens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hello {
+    pub facts: Facts,
+    /// The plan its progress belongs to.
+    pub plan_id: String,
+    /// Steps of that plan already done.
+    pub completed_steps: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    Running,
+    Succeeded,
+    Skipped,
+    Failed,
+}
+
+impl StepStatus {
+    pub fn label(self) -> &'static str {
+        match self {
+            StepStatus::Running => "running",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Skipped => "skipped",
+            StepStatus::Failed => "failed",
+        }
+    }
+}
+
+/// An agent's report about one step of its plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    pub plan_id: String,
+    pub index: u32,
+    pub name: String,
+    pub status: StepStatus,
+    pub duration_ms: u64,
+    pub exit_code: i32,
+    pub output_tail: String,
+}
+
+/// How applying one engine directive went on a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectiveReport {
+    pub name: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// The largest attribute accepted (public keys are well under this).
+pub const MAX_ATTRIBUTE: usize = 16 * 1024;
+
+/// A report that changed nothing, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("node {0} is not in the registry")]
+    UnknownNode(String),
+    #[error("step index {index} is outside the plan of {of} steps")]
+    StepOutOfRange { index: u32, of: u32 },
+    #[error("attribute {0:?} refused: empty name or over 16 KiB")]
+    Attribute(String),
+}
+
+/// What an applied action leaves for the provider to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Nothing,
+    /// Terminate this instance; `loss`: the node was lost, not removed.
+    Terminate {
+        target: Target,
+        loss: bool,
+    },
+    Launch {
+        role: Role,
+        pool: String,
+        count: u32,
+    },
+}
+
+/// What a notice changed, for the caller to pass on (on-demand fallback,
+/// metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Noticed {
+    pub role: Role,
+    pub pool: String,
+    pub market: Market,
+}
+
+impl Registry {
+    /// The token is spent and the node `Enrolled`.
+    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64) {
+        let Some(e) = self.nodes.get_mut(id) else { return };
+        self.token_index.remove(&e.rec.token_hash);
+        e.rec.token_used = true;
+        e.rec.state = NodeState::Enrolled;
+        if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
+            e.rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
+        }
+        e.rec.phase("enrolled");
+        e.rec.detail.clear();
+        if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
+            e.rec.instance_id = Some(facts.instance_id.clone());
+        }
+        e.rec.facts = Some(facts);
+        e.live.touch(now_ms);
+        self.dirty = true;
+    }
+
+    /// An agent opened a session: records its facts and its assignment
+    /// (`workers`, `plan`), and moves it to where its progress says.
+    /// Returns whether it became ready.
+    pub fn on_hello(&mut self, id: &str, hello: Hello, workers: u32, plan: &Plan) -> Result<bool, Refused> {
+        let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        self.dirty = true;
+        let n = plan.steps.len() as u32;
+        e.rec.workers = workers;
+        e.rec.plan_id = plan.id.clone();
+        if e.rec.instance_id.is_none() && !hello.facts.instance_id.is_empty() {
+            e.rec.instance_id = Some(hello.facts.instance_id.clone());
+        }
+        e.rec.facts = Some(hello.facts);
+        let same_plan = hello.plan_id == plan.id;
+        let done = if same_plan { hello.completed_steps.min(n) } else { 0 };
+        let was_ready = e.rec.state == NodeState::Ready;
+        // A failed node stays failed for the plan that failed; a draining
+        // one keeps draining.
+        if (matches!(e.rec.state, NodeState::Failed { .. }) && same_plan)
+            || e.rec.state == NodeState::Draining
+        {
+            return Ok(false);
+        }
+        if done == n {
+            if !was_ready {
+                self.become_ready(id);
+                return Ok(true);
+            }
+        } else {
+            e.rec.state = NodeState::Provisioning { step: done, of: n };
+        }
+        Ok(false)
+    }
+
+    /// The one "became ready" transition.
+    fn become_ready(&mut self, id: &str) {
+        let Some(e) = self.nodes.get_mut(id) else { return };
+        e.rec.state = NodeState::Ready;
+        e.rec.phase("ready");
+        e.rec.current_step.clear();
+        let msg = format!("{id} ready ({}, {} workers)", e.rec.role, e.rec.workers);
+        self.dirty = true;
+        self.event(msg);
+    }
+
+    /// A step report. Reports about another plan, or arriving when the node
+    /// is not provisioning, are ignored. Returns whether the node became
+    /// ready.
+    pub fn on_step(&mut self, id: &str, s: StepReport) -> Result<bool, Refused> {
+        let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        if s.plan_id != e.rec.plan_id {
+            return Ok(false); // a report about an older plan
+        }
+        let NodeState::Provisioning { of, .. } = e.rec.state else { return Ok(false) };
+        if s.index >= of {
+            return Err(Refused::StepOutOfRange { index: s.index, of });
+        }
+        self.dirty = true;
+        if s.status != StepStatus::Running {
+            let log = StepLog {
+                status: s.status.label().to_string(),
+                exit_code: s.exit_code,
+                duration_ms: s.duration_ms,
+                output_tail: s.output_tail.clone(),
+            };
+            e.rec.steps.insert(s.name.clone(), log);
+        }
+        match s.status {
+            StepStatus::Running => {
+                e.rec.phase(format!("step {}", s.name));
+                e.rec.state = NodeState::Provisioning { step: s.index, of };
+                e.rec.current_step = s.name;
+            }
+            StepStatus::Succeeded | StepStatus::Skipped => {
+                tracing::info!(node = %id, step = %s.name, ms = s.duration_ms, "step succeeded");
+                // `index < of`, so `index + 1` cannot overflow.
+                if s.index + 1 == of {
+                    self.become_ready(id);
+                    return Ok(true);
+                }
+                e.rec.state = NodeState::Provisioning { step: s.index + 1, of };
+            }
+            StepStatus::Failed => {
+                e.rec.state = NodeState::Failed { step: s.name.clone() };
+                e.rec.phase(format!("failed at {}", s.name));
+                e.rec.detail =
+                    format!("step {} failed (exit {}): {}", s.name, s.exit_code, s.output_tail.trim());
+                let msg = format!(
+                    "{id} FAILED at step {} (exit {}); see `ddisco-controller status`",
+                    s.name, s.exit_code
+                );
+                e.rec.current_step = s.name;
+                self.event(msg);
+            }
+        }
+        Ok(false)
+    }
+
+    /// A notice from the node's cloud. Recorded once per node; returns what
+    /// it concerns when it is new.
+    pub fn on_notice(&mut self, id: &str, kind: Notice, detail: &str) -> Option<Noticed> {
+        let e = self.nodes.get_mut(id)?;
+        if e.rec.notice.is_some() {
+            return None;
+        }
+        e.rec.notice = Some(kind);
+        let noticed = Noticed { role: e.rec.role, pool: e.rec.pool.clone(), market: e.rec.market };
+        self.dirty = true;
+        let msg = format!("{id}: {} notice ({}); launching its replacement now", kind.label(), detail.trim());
+        tracing::warn!("{msg}");
+        self.event(msg);
+        Some(noticed)
+    }
+
+    /// A value the node's plan collected for the engine (a public key...).
+    pub fn on_attribute(&mut self, id: &str, name: String, value: String) -> Result<(), Refused> {
+        if name.is_empty() || value.len() > MAX_ATTRIBUTE {
+            return Err(Refused::Attribute(name));
+        }
+        let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        e.rec.attributes.insert(name, value);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// How applying an engine directive went; a new problem is an event.
+    pub fn on_directive_report(&mut self, id: &str, d: DirectiveReport) {
+        let Some(e) = self.nodes.get_mut(id) else { return };
+        let detail = if d.ok { String::new() } else { format!("engine: {}: {}", d.name, d.message) };
+        if e.rec.engine_detail == detail {
+            return;
+        }
+        e.rec.engine_detail = detail.clone();
+        self.dirty = true;
+        if !detail.is_empty() {
+            self.event_once(format!("{id} {detail}"));
+        }
+    }
+
+    /// Carries out a reconcile action on the registry; returns what is left
+    /// for the provider. `drain_secs` is only for the operator's message.
+    pub fn apply(&mut self, action: Action, drain_secs: f64) -> Effect {
+        match action {
+            Action::MarkBooting { id } => {
+                if let Some(e) = self.get_mut(&id) {
+                    e.rec.state = NodeState::Booting;
+                    e.rec.phase("running");
+                }
+                Effect::Nothing
+            }
+            Action::Forget { id } => {
+                self.remove(&id);
+                Effect::Nothing
+            }
+            Action::Drain { id } => {
+                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
+                e.rec.state = NodeState::Draining;
+                e.rec.drain_started_unix_ms = Some(unix_ms());
+                let why =
+                    if e.rec.superseded { "on-demand, its spot replacement is ready" } else { "scale down" };
+                self.event(format!("{id} draining before removal ({why}; up to {drain_secs:.0}s)"));
+                Effect::Nothing
+            }
+            Action::Terminate { id, reason } => {
+                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
+                let role = e.rec.role;
+                e.rec.state = NodeState::Terminating;
+                e.rec.phase("terminating");
+                e.rec.detail = reason.describe();
+                e.live.revoke();
+                let target = Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() };
+                let loss = reason.is_loss();
+                let msg = match (&reason, role) {
+                    (r, Role::Master) if r.is_loss() => format!(
+                        "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
+                         launching one now; slaves keep running and will be pointed at it",
+                        r.describe()
+                    ),
+                    (r, _) if r.is_loss() => format!("{id} lost ({}); replacing it", r.describe()),
+                    (Reason::ScaleDown, _) => format!("{id} removed (scale down)"),
+                    (r, _) => format!("{id} terminated ({})", r.describe()),
+                };
+                if loss {
+                    tracing::warn!("{msg}");
+                }
+                self.event(msg);
+                Effect::Terminate { target, loss }
+            }
+            Action::Launch { role, pool, count } => Effect::Launch { role, pool, count },
+        }
+    }
+
+    /// The operator asked for `desired` slaves per pool; returns the total
+    /// before.
+    pub fn set_desired(&mut self, desired: BTreeMap<String, u32>) -> u32 {
+        let previous = self.desired_slaves();
+        let total: u32 = desired.values().sum();
+        let summary: Vec<String> = desired.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.event(format!("scale: {previous} -> {total} slaves ({})", summary.join(" ")));
+        self.desired = desired;
+        self.dirty = true;
+        previous
+    }
+
+    /// Marks on-demand slaves for replacement by spot ones (chosen by
+    /// `reconcile::supersede`); `why` prefixes each event.
+    pub fn supersede(&mut self, ids: &[String], why: &str) {
+        for id in ids {
+            if let Some(e) = self.get_mut(id) {
+                e.rec.superseded = true;
+            }
+            self.event(format!(
+                "{why}{id} runs on-demand but spot works again: replacing it with a spot node"
+            ));
+        }
+    }
+
+    /// `destroy`: every node is terminating and its session revoked; returns
+    /// what to terminate.
+    pub fn terminate_all(&mut self) -> Vec<Target> {
+        self.dirty = true;
+        self.nodes
+            .values_mut()
+            .map(|e| {
+                e.live.revoke();
+                e.rec.state = NodeState::Terminating;
+                Target { node_id: Some(e.rec.id.clone()), instance_id: e.rec.instance_id.clone() }
+            })
+            .collect()
+    }
+
+    /// `destroy` finished: forgets every node.
+    pub fn forget_all(&mut self) {
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for id in ids {
+            self.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Step, StepKind};
+    use crate::registry::NewNode;
+
+    fn plan(n: usize) -> Plan {
+        Plan::new(
+            (0..n)
+                .map(|i| Step {
+                    name: format!("s{i}"),
+                    kind: StepKind::Shell { script: "true".into(), env: Default::default() },
+                })
+                .collect(),
+        )
+    }
+
+    fn registry_with(role: Role) -> (Registry, String) {
+        let mut r = Registry::new(BTreeMap::new());
+        let id = r.add_node(
+            NewNode {
+                role,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "h".into(),
+                token_expires_unix_ms: u64::MAX,
+            },
+            |_| String::new(),
+        );
+        r.complete_enrollment(&id, Facts::default(), 1);
+        (r, id)
+    }
+
+    fn report(p: &Plan, index: u32, status: StepStatus) -> StepReport {
+        StepReport {
+            plan_id: p.id.clone(),
+            index,
+            name: format!("s{index}"),
+            status,
+            duration_ms: 1,
+            exit_code: 0,
+            output_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn hello_then_steps_make_a_node_ready_once() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let p = plan(2);
+        assert_eq!(r.on_hello(&id, Hello::default(), 3, &p), Ok(false));
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 2 });
+        assert_eq!(r.on_step(&id, report(&p, 0, StepStatus::Succeeded)), Ok(false));
+        assert_eq!(r.on_step(&id, report(&p, 1, StepStatus::Succeeded)), Ok(true));
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Ready);
+        // A reconnect with the finished progress does not become ready twice.
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 2, ..Default::default() };
+        assert_eq!(r.on_hello(&id, hello, 3, &p), Ok(false));
+        let readies = r.events().iter().filter(|e| e.message.contains(" ready (")).count();
+        assert_eq!(readies, 1);
+    }
+
+    #[test]
+    fn a_hello_with_finished_progress_is_ready_at_once() {
+        let (mut r, id) = registry_with(Role::Master);
+        let p = plan(1);
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 1, ..Default::default() };
+        assert_eq!(r.on_hello(&id, hello, 2, &p), Ok(true));
+        assert!(r.events().back().unwrap().message.contains("ready (master, 2 workers)"));
+    }
+
+    #[test]
+    fn a_step_index_outside_the_plan_is_refused_not_a_panic() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let p = plan(2);
+        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        for index in [2, u32::MAX] {
+            for status in [StepStatus::Running, StepStatus::Succeeded, StepStatus::Failed] {
+                assert_eq!(
+                    r.on_step(&id, report(&p, index, status)),
+                    Err(Refused::StepOutOfRange { index, of: 2 })
+                );
+            }
+        }
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 2 });
+    }
+
+    #[test]
+    fn a_failed_node_stays_failed_for_its_plan() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let p = plan(2);
+        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        r.on_step(&id, report(&p, 0, StepStatus::Failed)).unwrap();
+        assert!(matches!(r.get(&id).unwrap().rec.state, NodeState::Failed { .. }));
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 0, ..Default::default() };
+        r.on_hello(&id, hello, 1, &p).unwrap();
+        assert!(matches!(r.get(&id).unwrap().rec.state, NodeState::Failed { .. }));
+        // A new plan starts over.
+        r.on_hello(&id, Hello::default(), 1, &plan(3)).unwrap();
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 3 });
+    }
+
+    #[test]
+    fn reports_about_another_plan_change_nothing() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let p = plan(2);
+        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        let mut s = report(&p, 1, StepStatus::Succeeded);
+        s.plan_id = "old".into();
+        assert_eq!(r.on_step(&id, s), Ok(false));
+        assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 2 });
+    }
+
+    #[test]
+    fn notices_are_recorded_once_and_attributes_bounded() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let n = r.on_notice(&id, Notice::SpotInterruption, "soon").unwrap();
+        assert_eq!((n.role, n.market), (Role::Slave, Market::Spot));
+        assert_eq!(r.on_notice(&id, Notice::Rebalance, "again"), None);
+        assert_eq!(r.get(&id).unwrap().rec.notice, Some(Notice::SpotInterruption));
+        assert!(r.on_attribute(&id, "k".into(), "v".into()).is_ok());
+        assert!(r.on_attribute(&id, String::new(), "v".into()).is_err());
+        assert!(r.on_attribute(&id, "big".into(), "x".repeat(MAX_ATTRIBUTE + 1)).is_err());
+        assert_eq!(r.get(&id).unwrap().rec.attributes.len(), 1);
+    }
+
+    #[test]
+    fn terminating_a_lost_master_says_so_and_revokes_it() {
+        let (mut r, id) = registry_with(Role::Master);
+        let effect = r.apply(Action::Terminate { id: id.clone(), reason: Reason::BootTimeout }, 60.0);
+        assert!(matches!(effect, Effect::Terminate { loss: true, .. }));
+        let e = r.get(&id).unwrap();
+        assert_eq!(e.rec.state, NodeState::Terminating);
+        assert!(e.live.is_revoked());
+        assert!(r.events().back().unwrap().message.starts_with(&format!("MASTER {id} LOST")));
+    }
+}

@@ -1,0 +1,271 @@
+//! `serve`: prepares the state directory, listeners, PKI, provider and
+//! engine, builds the [`Cluster`], and runs the servers and loops until
+//! Ctrl-C, SIGTERM or `destroy`.
+//!
+//! Every long-running task takes the cluster's shutdown signal (a `watch`
+//! channel) and ends when it fires; `serve` returns once all of them have
+//! stopped.
+
+use crate::cluster::{Clock, Cluster, Endpoints, Parts};
+use crate::config::Config;
+use crate::pki::{self, Pki};
+use crate::provider::{Provider, ProviderError};
+use crate::registry::Registry;
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long a restarted controller waits for adopted nodes to reconnect
+/// before their heartbeat timeout starts (the agents' backoff cap).
+pub const ADOPTION_GRACE_MS: u64 = 10_000;
+
+/// Creates the state directory (mode 0700).
+pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on state_dir {}", cfg.state_dir.display()))?;
+    Ok(())
+}
+
+/// The provider named by the configuration.
+pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    match cfg.provider {
+        crate::config::ProviderKind::Local => Ok(Arc::new(
+            crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
+                .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
+        )),
+        crate::config::ProviderKind::Record => Ok(Arc::new(
+            crate::provider::record::RecordProvider::new(&cfg.state_dir)
+                .with_context(|| format!("cannot prepare {}", cfg.state_dir.display()))?,
+        )),
+        crate::config::ProviderKind::Ec2 => {
+            Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await.map_err(preflight_error)?))
+        }
+    }
+}
+
+/// Finds the agent binary to serve: the configured path, or `ddisco-agent`
+/// next to this program.
+pub fn agent_binary_path(cfg: &Config) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cfg.agent_binary {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("cannot locate this program")?;
+    Ok(exe.with_file_name("ddisco-agent"))
+}
+
+/// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    prepare_state_dir(&cfg)?;
+
+    let agent_path = agent_binary_path(&cfg)?;
+    let agent_bytes = std::fs::read(&agent_path).with_context(|| {
+        format!(
+            "cannot read the agent binary {} (set agent_binary in the config, or build it: \
+             cargo build -p ddisco-agent)",
+            agent_path.display()
+        )
+    })?;
+    let agent_sha256 = hex::encode(Sha256::digest(&agent_bytes));
+
+    // Port 0 means "pick one", once: nodes know the address from their
+    // userdata, so a restarted controller must come back on the same ports.
+    let ports_file = cfg.state_dir.join("ports.json");
+    let saved: Option<(u16, u16)> =
+        std::fs::read_to_string(&ports_file).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let grpc_std = bind_keeping_port(cfg.listen, saved.map(|p| p.0), "listen")?;
+    let dl_listener = bind_keeping_port(cfg.download_listen, saved.map(|p| p.1), "download_listen")?;
+    let grpc_addr = grpc_std.local_addr()?;
+    let dl_addr = dl_listener.local_addr()?;
+    let dash_listener = tokio::net::TcpListener::bind(cfg.dashboard_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (key `dashboard_listen`)", cfg.dashboard_listen))?;
+    let dash_addr = dash_listener.local_addr()?;
+    pki::write_private(&cfg.state_dir.join("dashboard.addr"), &dash_addr.to_string())?;
+    pki::write_private(&ports_file, &serde_json::to_string(&(grpc_addr.port(), dl_addr.port()))?)?;
+    grpc_std.set_nonblocking(true)?;
+    let grpc_listener = tokio::net::TcpListener::from_std(grpc_std)?;
+
+    let host = advertise_host(&cfg, grpc_addr);
+    let pki = Pki::load_or_create(&cfg.state_dir, &cfg.tag_key, std::slice::from_ref(&host))
+        .context("cannot prepare the cluster CA in state_dir")?;
+    let endpoints = Endpoints {
+        grpc_url: format!("https://{}", join_host_port(&host, grpc_addr.port())),
+        agent_url: format!("https://{}/agent/ddisco-agent", join_host_port(&host, dl_addr.port())),
+        agent_sha256,
+    };
+
+    let clock = Clock::new();
+    let cluster_file = cfg.state_dir.join("cluster.json");
+    let registry = match std::fs::read_to_string(&cluster_file) {
+        Ok(text) => {
+            // Agents reconnect with a backoff capped at 10 s: count every
+            // adopted node as heard from until then.
+            let reg = Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
+                format!("{} is damaged; move it away to start afresh", cluster_file.display())
+            })?;
+            tracing::info!(
+                nodes = reg.len(),
+                desired_slaves = reg.desired_slaves(),
+                "re-adopting the cluster from {}",
+                cluster_file.display()
+            );
+            reg
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Registry::new(cfg.pools().into_iter().map(|p| (p.name, p.count)).collect())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
+    };
+
+    let provider = make_provider(&cfg).await?;
+    provider.preflight().await.map_err(preflight_error)?;
+    let admin_path = cfg.admin_socket();
+    let admin_listener = crate::admin::bind(&admin_path).await?;
+
+    let cookie = cluster_cookie(&cfg)?;
+    let engine = crate::engine::from_config(&cfg, cookie);
+    let shared = Arc::new(Cluster::new(Parts {
+        cfg,
+        engine,
+        registry,
+        clock,
+        pki,
+        provider,
+        endpoints: endpoints.clone(),
+    }));
+    let shutdown_rx = shared.shutdown_signal();
+
+    tracing::info!(
+        grpc = %endpoints.grpc_url,
+        agent = %endpoints.agent_url,
+        admin = %admin_path.display(),
+        metrics = %format!("http://{dash_addr}/metrics"),
+        provider = shared.provider.name(),
+        cluster = %shared.cfg.tag_key,
+        ca_sha256 = %shared.pki.ca_fingerprint(),
+        "controller started"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::grpc::serve(shared.clone(), grpc_listener, shutdown_rx.clone()));
+    tasks.spawn(crate::download::serve(shared.clone(), dl_listener, agent_bytes, shutdown_rx.clone()));
+    tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
+    tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
+    tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
+    tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
+
+    let mut stop_rx = shutdown_rx.clone();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping the controller (nodes keep running; `destroy` removes them)"),
+        _ = sigterm.recv() => tracing::info!("SIGTERM; stopping the controller (nodes keep running; `destroy` removes them)"),
+        _ = stop_rx.changed() => {}
+        Some(res) = tasks.join_next() => {
+            shared.stop();
+            res??;
+        }
+    }
+    shared.stop();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res? {
+            tracing::error!("{e:#}");
+        }
+    }
+    shared.save()?;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+/// Binds `addr`; when its port is 0 and an earlier run picked `saved`, tries
+/// that port first so existing nodes can reconnect.
+fn bind_keeping_port(
+    addr: SocketAddr,
+    saved: Option<u16>,
+    key: &str,
+) -> anyhow::Result<std::net::TcpListener> {
+    if addr.port() == 0
+        && let Some(port) = saved
+    {
+        match std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(l) => return Ok(l),
+            Err(e) => tracing::warn!(
+                "cannot reuse port {port} of the previous run ({e}); nodes launched before will not \
+                 find this controller and will be replaced"
+            ),
+        }
+    }
+    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
+}
+
+/// The cluster's Erlang cookie: created once (0600 in the state directory),
+/// delivered to nodes only over their mutual-TLS sessions.
+fn cluster_cookie(cfg: &Config) -> anyhow::Result<String> {
+    let path = cfg.state_dir.join("erlang.cookie");
+    if let Ok(c) = std::fs::read_to_string(&path) {
+        return Ok(c.trim().to_string());
+    }
+    let cookie: String = hex::encode(rand::random::<[u8; 20]>()).to_uppercase();
+    pki::write_private(&path, &cookie)?;
+    Ok(cookie)
+}
+
+/// A preflight failure that names a config key is a configuration error.
+pub fn preflight_error(e: ProviderError) -> anyhow::Error {
+    match e {
+        ProviderError::Config { key, message } => anyhow::Error::new(crate::config::ConfigError {
+            path: "configuration".into(),
+            key: Some(key),
+            message,
+        }),
+        other => anyhow::anyhow!("the provider is not usable: {other}"),
+    }
+}
+
+fn advertise_host(cfg: &Config, grpc: SocketAddr) -> String {
+    if let Some(a) = &cfg.advertise {
+        return a.clone();
+    }
+    match grpc.ip() {
+        ip if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST).to_string(),
+        ip => ip.to_string(),
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+async fn persist_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shared.persist.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        // Coalesce bursts (many enrollments) into one write.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = shared.save() {
+            tracing::error!("cannot save the cluster state: {e:#}");
+        }
+    }
+}
+
+async fn reconcile_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        if !shared.destroying.load(Ordering::Relaxed) {
+            crate::cluster::tick::pass(&shared).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(shared.cfg.reconcile_interval) => {}
+            _ = shared.wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}

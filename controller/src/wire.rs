@@ -1,0 +1,399 @@
+//! Every conversion between the generated protobuf types (`api`) and the
+//! controller's domain types, in both directions.
+//!
+//! **API Boundary:** `api::*` types appear only here and in the modules that
+//! serve or call gRPC (`grpc`, `admin`, `cli::client`); everything else works
+//! on domain types. Input from agents is validated here: a message that does
+//! not make sense (an unspecified status or kind) is refused with a
+//! [`Status`] that names the field.
+
+use crate::cluster::ops::{Destroyed, Scaled};
+use crate::engine::{DirectiveKind, DirectiveSet};
+use crate::model::{Notice, Role};
+use crate::plan::{Assignment, Plan, Step, StepKind};
+use crate::registry::{DirectiveReport, Facts, Hello, Outbound, StepReport, StepStatus};
+use crate::status::{EventView, NodeStatus, StatusView, StepView};
+use ddisco_proto::v1 as api;
+use tonic::Status;
+
+// ---- agents -> controller ----
+
+impl From<api::NodeFacts> for Facts {
+    fn from(f: api::NodeFacts) -> Facts {
+        Facts {
+            instance_id: f.instance_id,
+            hostname: f.hostname,
+            addresses: f.addresses,
+            logical_cores: f.logical_cores,
+            memory_bytes: f.memory_bytes,
+            agent_version: f.agent_version,
+            started_unix_ms: f.started_unix_ms,
+        }
+    }
+}
+
+impl From<api::Hello> for Hello {
+    fn from(h: api::Hello) -> Hello {
+        Hello {
+            facts: h.facts.unwrap_or_default().into(),
+            plan_id: h.plan_id,
+            completed_steps: h.completed_steps,
+        }
+    }
+}
+
+impl TryFrom<api::StepReport> for StepReport {
+    type Error = Status;
+    fn try_from(s: api::StepReport) -> Result<StepReport, Status> {
+        let status = match api::StepStatus::try_from(s.status) {
+            Ok(api::StepStatus::Running) => StepStatus::Running,
+            Ok(api::StepStatus::Succeeded) => StepStatus::Succeeded,
+            Ok(api::StepStatus::Skipped) => StepStatus::Skipped,
+            Ok(api::StepStatus::Failed) => StepStatus::Failed,
+            Ok(api::StepStatus::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!("step.status: {} is not a status", s.status)));
+            }
+        };
+        Ok(StepReport {
+            plan_id: s.plan_id,
+            index: s.index,
+            name: s.name,
+            status,
+            duration_ms: s.duration_ms,
+            exit_code: s.exit_code,
+            output_tail: s.output_tail,
+        })
+    }
+}
+
+/// A notice's kind and detail.
+pub fn notice(n: api::Notice) -> Result<(Notice, String), Status> {
+    let kind = match api::NoticeKind::try_from(n.kind) {
+        Ok(api::NoticeKind::SpotInterruption) => Notice::SpotInterruption,
+        Ok(api::NoticeKind::Rebalance) => Notice::Rebalance,
+        Ok(api::NoticeKind::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!("notice.kind: {} is not a notice kind", n.kind)));
+        }
+    };
+    Ok((kind, n.detail))
+}
+
+impl From<api::DirectiveReport> for DirectiveReport {
+    fn from(d: api::DirectiveReport) -> DirectiveReport {
+        DirectiveReport { name: d.name, ok: d.ok, message: d.message }
+    }
+}
+
+// ---- controller -> agents ----
+
+fn role(r: Role) -> api::Role {
+    match r {
+        Role::Master => api::Role::Master,
+        Role::Slave => api::Role::Slave,
+    }
+}
+
+impl From<Outbound> for api::ControllerMessage {
+    fn from(o: Outbound) -> api::ControllerMessage {
+        use api::controller_message::Msg;
+        let msg = match o {
+            Outbound::Assignment(a) => Msg::Assignment(api::Assignment::from(&a)),
+            Outbound::Directives(d) => Msg::Directives(api::Directives::from(&*d)),
+            Outbound::Shutdown(reason) => Msg::Shutdown(api::Shutdown { reason }),
+        };
+        api::ControllerMessage { msg: Some(msg) }
+    }
+}
+
+impl From<&Assignment> for api::Assignment {
+    fn from(a: &Assignment) -> api::Assignment {
+        api::Assignment {
+            node_id: a.node_id.clone(),
+            role: role(a.role) as i32,
+            workers: a.workers,
+            heartbeat_interval_ms: a.heartbeat_interval_ms,
+            plan: Some((&a.plan).into()),
+        }
+    }
+}
+
+impl From<&Plan> for api::Plan {
+    fn from(p: &Plan) -> api::Plan {
+        api::Plan { id: p.id.clone(), steps: p.steps.iter().map(api::Step::from).collect() }
+    }
+}
+
+impl From<&Step> for api::Step {
+    fn from(s: &Step) -> api::Step {
+        use api::step::Kind;
+        let kind = match &s.kind {
+            StepKind::SystemPackages { packages, install } => {
+                Kind::SystemPackages(api::SystemPackages { packages: packages.clone(), install: *install })
+            }
+            StepKind::Pip { requirements, venv } => {
+                Kind::Pip(api::PipRequirements { requirements: requirements.clone(), venv: venv.clone() })
+            }
+            StepKind::Scratch { path } => Kind::Scratch(api::Scratch { path: path.clone(), devices: vec![] }),
+            StepKind::AuthorizedKeys { path, keys, owner } => Kind::AuthorizedKeys(api::AuthorizedKeys {
+                path: path.clone(),
+                keys: keys.clone(),
+                owner: owner.clone(),
+            }),
+            StepKind::Shell { script, env } => {
+                Kind::Shell(api::Shell { script: script.clone(), env: env.clone().into_iter().collect() })
+            }
+            StepKind::Collect { attribute, path } => {
+                Kind::Collect(api::Collect { attribute: attribute.clone(), path: path.clone() })
+            }
+        };
+        api::Step { name: s.name.clone(), kind: Some(kind) }
+    }
+}
+
+impl From<&DirectiveSet> for api::Directives {
+    fn from(set: &DirectiveSet) -> api::Directives {
+        use api::directive::Kind;
+        let items = set
+            .items
+            .iter()
+            .map(|d| api::Directive {
+                name: d.name.clone(),
+                kind: Some(match &d.kind {
+                    DirectiveKind::Service { argv, env, workdir, grace_ms } => Kind::Service(api::Service {
+                        argv: argv.clone(),
+                        env: env.clone().into_iter().collect(),
+                        workdir: workdir.clone(),
+                        grace_ms: *grace_ms,
+                    }),
+                    DirectiveKind::File { path, content, mode, owner, marker } => {
+                        Kind::File(api::ManagedFile {
+                            path: path.clone(),
+                            content: content.clone(),
+                            mode: *mode,
+                            owner: owner.clone(),
+                            marker: marker.clone(),
+                        })
+                    }
+                    DirectiveKind::Post { url, body, content_type } => Kind::Post(api::Post {
+                        url: url.clone(),
+                        body: body.clone(),
+                        content_type: content_type.clone(),
+                    }),
+                }),
+            })
+            .collect();
+        api::Directives { id: set.id.clone(), items }
+    }
+}
+
+// ---- admin API: the server's side and the CLI's side ----
+
+impl From<StatusView> for api::StatusReply {
+    fn from(v: StatusView) -> api::StatusReply {
+        api::StatusReply {
+            cluster: v.cluster,
+            provider: v.provider,
+            desired_slaves: v.desired_slaves,
+            nodes: v.nodes.into_iter().map(api::NodeStatus::from).collect(),
+            notes: v.events,
+            desired_pools: v.desired_pools.into_iter().collect(),
+            provider_notes: v.provider_notes,
+            engine: v.engine,
+            engine_endpoints: v.engine_endpoints.into_iter().collect(),
+            engine_lines: v.engine_lines,
+            events: v
+                .timed_events
+                .into_iter()
+                .map(|e| api::Event { unix_ms: e.unix_ms, message: e.message })
+                .collect(),
+            cost_per_hour: v.cost_per_hour,
+            spent_usd: v.spent_usd,
+            provider_facts: v.provider_facts,
+        }
+    }
+}
+
+impl From<NodeStatus> for api::NodeStatus {
+    fn from(n: NodeStatus) -> api::NodeStatus {
+        api::NodeStatus {
+            node_id: n.node_id,
+            role: role(n.role) as i32,
+            state: n.state,
+            instance_id: n.instance_id,
+            address: n.address,
+            hostname: n.hostname,
+            cores: n.cores,
+            workers: n.workers,
+            last_heartbeat_ms: n.last_heartbeat_ms,
+            current_step: n.current_step,
+            detail: n.detail,
+            age_ms: n.age_ms,
+            connected: n.connected,
+            pool: n.pool,
+            instance_type: n.instance_type,
+            notice: n.notice,
+            phases: n.phases.into_iter().map(|(name, unix_ms)| api::Phase { name, unix_ms }).collect(),
+            steps: n
+                .steps
+                .into_iter()
+                .map(|l| api::StepLog {
+                    name: l.name,
+                    status: l.status,
+                    exit_code: l.exit_code,
+                    duration_ms: l.duration_ms,
+                    output_tail: l.output_tail,
+                })
+                .collect(),
+            stuck: n.stuck,
+            price_per_hour: n.price_per_hour,
+        }
+    }
+}
+
+impl From<api::StatusReply> for StatusView {
+    fn from(s: api::StatusReply) -> StatusView {
+        StatusView {
+            cluster: s.cluster,
+            provider: s.provider,
+            desired_slaves: s.desired_slaves,
+            desired_pools: s.desired_pools.into_iter().collect(),
+            provider_notes: s.provider_notes,
+            provider_facts: s.provider_facts,
+            engine: s.engine,
+            engine_endpoints: s.engine_endpoints.into_iter().collect(),
+            engine_lines: s.engine_lines,
+            cost_per_hour: s.cost_per_hour,
+            spent_usd: s.spent_usd,
+            timed_events: s
+                .events
+                .into_iter()
+                .map(|e| EventView { unix_ms: e.unix_ms, message: e.message })
+                .collect(),
+            nodes: s.nodes.into_iter().map(NodeStatus::from).collect(),
+            events: s.notes,
+        }
+    }
+}
+
+impl From<api::NodeStatus> for NodeStatus {
+    fn from(n: api::NodeStatus) -> NodeStatus {
+        NodeStatus {
+            role: if n.role == api::Role::Master as i32 { Role::Master } else { Role::Slave },
+            node_id: n.node_id,
+            state: n.state,
+            instance_id: n.instance_id,
+            address: n.address,
+            hostname: n.hostname,
+            cores: n.cores,
+            workers: n.workers,
+            last_heartbeat_ms: n.last_heartbeat_ms,
+            current_step: n.current_step,
+            detail: n.detail,
+            age_ms: n.age_ms,
+            connected: n.connected,
+            pool: n.pool,
+            instance_type: n.instance_type,
+            notice: n.notice,
+            phases: n.phases.into_iter().map(|p| (p.name, p.unix_ms)).collect(),
+            steps: n
+                .steps
+                .into_iter()
+                .map(|l| StepView {
+                    name: l.name,
+                    status: l.status,
+                    exit_code: l.exit_code,
+                    duration_ms: l.duration_ms,
+                    output_tail: l.output_tail,
+                })
+                .collect(),
+            stuck: n.stuck,
+            price_per_hour: n.price_per_hour,
+        }
+    }
+}
+
+impl From<Scaled> for api::ScaleReply {
+    fn from(s: Scaled) -> api::ScaleReply {
+        api::ScaleReply { previous: s.previous, desired: s.desired, pools: s.pools.into_iter().collect() }
+    }
+}
+
+impl From<api::ScaleReply> for Scaled {
+    fn from(s: api::ScaleReply) -> Scaled {
+        Scaled { previous: s.previous, desired: s.desired, pools: s.pools.into_iter().collect() }
+    }
+}
+
+impl From<Destroyed> for api::DestroyReply {
+    fn from(d: Destroyed) -> api::DestroyReply {
+        api::DestroyReply { terminated: d.terminated, spent_usd: d.spent_usd }
+    }
+}
+
+impl From<api::DestroyReply> for Destroyed {
+    fn from(d: api::DestroyReply) -> Destroyed {
+        Destroyed { terminated: d.terminated, spent_usd: d.spent_usd }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_survives_the_wire() {
+        let view = StatusView {
+            cluster: "c".into(),
+            provider: "local".into(),
+            desired_slaves: 2,
+            desired_pools: [("default".to_string(), 2)].into(),
+            nodes: vec![NodeStatus {
+                node_id: "master-0001".into(),
+                role: Role::Master,
+                state: "ready".into(),
+                instance_id: "i-1".into(),
+                address: "10.0.0.1".into(),
+                hostname: "h".into(),
+                cores: 4,
+                workers: 4,
+                last_heartbeat_ms: Some(10),
+                current_step: String::new(),
+                detail: "d".into(),
+                age_ms: 5,
+                connected: true,
+                pool: "master".into(),
+                instance_type: "c5.large on-demand".into(),
+                notice: "spot-interruption".into(),
+                phases: vec![("requested".into(), 1)],
+                steps: vec![StepView {
+                    name: "s".into(),
+                    status: "succeeded".into(),
+                    exit_code: 0,
+                    duration_ms: 3,
+                    output_tail: "ok".into(),
+                }],
+                stuck: String::new(),
+                price_per_hour: 0.5,
+            }],
+            events: vec!["e".into()],
+            provider_notes: vec!["n".into()],
+            provider_facts: vec!["f".into()],
+            engine: "dask".into(),
+            engine_endpoints: [("scheduler".to_string(), "tls://x".to_string())].into(),
+            engine_lines: vec!["l".into()],
+            timed_events: vec![EventView { unix_ms: 1, message: "e".into() }],
+            cost_per_hour: 0.5,
+            spent_usd: 1.5,
+        };
+        assert_eq!(StatusView::from(api::StatusReply::from(view.clone())), view);
+    }
+
+    #[test]
+    fn unspecified_enums_from_agents_are_refused_by_field() {
+        let s = api::StepReport { status: 0, ..Default::default() };
+        let e = StepReport::try_from(s).unwrap_err();
+        assert!(e.message().starts_with("step.status"), "{e:?}");
+        let e = notice(api::Notice { kind: 42, detail: String::new() }).unwrap_err();
+        assert!(e.message().starts_with("notice.kind"), "{e:?}");
+    }
+}
