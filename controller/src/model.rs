@@ -112,6 +112,13 @@ impl NodeState {
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
+/// it).
+pub fn unix_ms() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// `workers = max(1, floor(cores x multiplier))`.
 pub fn worker_count(cores: u32, multiplier: f64) -> u32 {
     let w = (f64::from(cores) * multiplier).floor();

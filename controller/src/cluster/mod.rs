@@ -82,6 +82,10 @@ pub struct Cluster {
     pub wake: Notify,
     /// Wakes the persister.
     pub persist: Notify,
+    /// Held from taking the registry's snapshot to renaming the file, so
+    /// that two saves (the persister's, a launch's) neither share a
+    /// temporary file nor let an older snapshot replace a newer one.
+    save_lock: Mutex<()>,
     /// Serialises reconcile ticks with `destroy` (a tokio mutex: held across
     /// provider calls).
     pub tick_lock: tokio::sync::Mutex<()>,
@@ -120,6 +124,7 @@ impl Cluster {
             endpoints: p.endpoints,
             wake: Notify::new(),
             persist: Notify::new(),
+            save_lock: Mutex::new(()),
             tick_lock: tokio::sync::Mutex::new(()),
             destroying: AtomicBool::new(false),
             prices_at: tokio::sync::Mutex::new(None),
@@ -220,6 +225,7 @@ impl Cluster {
 
     /// Writes `cluster.json` if anything changed since the last save.
     pub fn save(&self) -> anyhow::Result<()> {
+        let _order = self.save_lock.lock().expect("save lock");
         let json = {
             let mut reg = self.registry.lock().expect("registry lock");
             if !reg.dirty {
@@ -228,7 +234,11 @@ impl Cluster {
             reg.dirty = false;
             reg.to_json()
         };
-        pki::write_private(&self.cluster_file(), &json)?;
+        if let Err(e) = pki::write_private(&self.cluster_file(), &json) {
+            // Not saved: try again at the next change.
+            self.registry.lock().expect("registry lock").dirty = true;
+            return Err(e.into());
+        }
         Ok(())
     }
 

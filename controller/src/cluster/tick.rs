@@ -158,14 +158,19 @@ async fn launch_batch(sh: &Arc<Cluster>, role: Role, pool: &str, n: usize) -> an
         }
         reg.event(format!("launching {} ({role}, pool {pool})", nodes.join(", ")));
     }
-    sh.save()?;
+    if let Err(e) = sh.save() {
+        // Never launch what is not on disk (a crash would leak it); the
+        // nodes recorded for this batch are dropped and launched next tick.
+        sh.registry.lock().expect("registry lock").on_launched(&nodes, &[]);
+        return Err(e.context("saving cluster.json before a launch"));
+    }
     let ca_sha = sh.pki.ca_fingerprint();
     let userdata = Userdata {
         bootstrap: Bootstrap {
             controller: &sh.endpoints.grpc_url,
             server_name: pki::SERVER_NAME,
             ca_sha256: &ca_sha,
-            imds: (sh.provider.name() == "ec2").then_some("http://169.254.169.254"),
+            imds: sh.provider.imds_url(),
             slots: nodes.iter().zip(&secrets).map(|(node_id, token)| Slot { node_id, token }).collect(),
         },
         ca_pem: sh.pki.ca_pem(),
@@ -182,28 +187,11 @@ async fn launch_batch(sh: &Arc<Cluster>, role: Role, pool: &str, n: usize) -> an
     match result {
         Ok(launched) => {
             sh.metrics.launches.fetch_add(launched.len() as u64, Ordering::Relaxed);
-            for l in &launched {
-                if let Some(e) = reg.get_mut(&l.node_id) {
-                    e.rec.instance_id = Some(l.instance_id.clone());
-                    e.rec.instance_type = l.instance_type.clone();
-                }
-            }
-            let on_demand: Vec<&str> =
-                launched.iter().filter(|l| l.on_demand_why.is_some()).map(|l| l.node_id.as_str()).collect();
-            if let Some(why) = launched.iter().find_map(|l| l.on_demand_why.as_deref()) {
-                let msg = format!("{} launched on-demand, not spot: {why}", on_demand.join(", "));
-                tracing::warn!("{msg}");
-                reg.event(msg);
-            }
-            for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
-                reg.remove(id);
-            }
+            reg.on_launched(&nodes, &launched);
         }
         Err(e) => {
             crate::metrics::Metrics::inc(&sh.metrics.launch_failures);
-            for id in &nodes {
-                reg.remove(id);
-            }
+            reg.on_launched(&nodes, &[]);
             match &e {
                 ProviderError::Config { .. } => tracing::error!("launch blocked: {e}"),
                 _ => tracing::warn!("launch of {} failed: {e}", nodes.join(", ")),
@@ -238,16 +226,7 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
     *at = Some(now);
     match sh.provider.prices(&ids).await {
         Ok(prices) if !prices.is_empty() => {
-            let mut reg = sh.registry.lock().expect("registry lock");
-            // Count the time so far at the old prices first.
-            reg.account(unix_ms());
-            let nodes: Vec<(String, String)> =
-                reg.entries().filter_map(|e| Some((e.rec.id.clone(), e.rec.instance_id.clone()?))).collect();
-            for (node, instance) in nodes {
-                if let (Some(p), Some(e)) = (prices.get(&instance), reg.get_mut(&node)) {
-                    e.rec.price_per_hour = *p;
-                }
-            }
+            sh.registry.lock().expect("registry lock").set_prices(&prices, unix_ms());
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),

@@ -9,9 +9,6 @@ use crate::model::Role;
 use crate::plan::{NodeLayout, Step, StepKind};
 use std::collections::BTreeMap;
 
-/// Pinned so that clients can match it (`pip install dask[distributed]==...`).
-pub const DASK_VERSION: &str = "2026.8.0";
-
 pub struct Dask {
     pub version: String,
     pub scheduler_port: u16,
@@ -173,7 +170,7 @@ mod tests {
     }
 
     fn dask() -> Dask {
-        Dask { version: DASK_VERSION.into(), scheduler_port: 8786, dashboard_port: 8787 }
+        Dask { version: crate::config::DASK_VERSION.into(), scheduler_port: 8786, dashboard_port: 8787 }
     }
 
     fn argv(d: &Directive) -> &Vec<String> {
@@ -215,7 +212,10 @@ mod tests {
         let steps = dask().steps(Role::Slave, 1, &layout());
         match &steps[0].kind {
             StepKind::Pip { requirements, venv } => {
-                assert_eq!(requirements, &vec![format!("dask[distributed]=={DASK_VERSION}")]);
+                assert_eq!(
+                    requirements,
+                    &vec![format!("dask[distributed]=={}", crate::config::DASK_VERSION)]
+                );
                 assert_eq!(venv, "/n/venv");
             }
             other => panic!("{other:?}"),

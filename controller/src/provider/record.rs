@@ -57,7 +57,7 @@ impl Provider for RecordProvider {
             "role": batch.role.to_string(),
             "pool": batch.pool,
             "nodes": batch.nodes,
-            "launched_unix_ms": crate::registry::unix_ms(),
+            "launched_unix_ms": crate::model::unix_ms(),
             "userdata": batch.userdata,
         });
         let path = self.dir.join(format!("{}.json", batch.batch_id));

@@ -21,7 +21,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Facts an agent reports about its node.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -304,9 +303,7 @@ pub struct Registry {
 
 const MAX_EVENTS: usize = 100;
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use crate::model::unix_ms;
 
 impl Registry {
     pub fn new(desired: BTreeMap<String, u32>) -> Registry {
@@ -324,6 +321,18 @@ impl Registry {
             }
         }
         self.spent_usd += spent;
+    }
+
+    /// New prices by instance id; the time so far is counted at the old
+    /// prices first.
+    pub fn set_prices(&mut self, prices: &HashMap<String, f64>, now_unix_ms: u64) {
+        self.account(now_unix_ms);
+        for e in self.nodes.values_mut() {
+            if let Some(p) = e.rec.instance_id.as_ref().and_then(|i| prices.get(i)) {
+                e.rec.price_per_hour = *p;
+                self.dirty = true;
+            }
+        }
     }
 
     /// USD per hour of the nodes present now.
@@ -582,7 +591,8 @@ mod tests {
     fn spend_is_counted_per_node_over_time() {
         let (mut r, id) = reg_with_node(1_000);
         let launched = r.get(&id).unwrap().rec.launched_unix_ms;
-        r.get_mut(&id).unwrap().rec.price_per_hour = 0.36;
+        r.get_mut(&id).unwrap().rec.instance_id = Some("i-1".into());
+        r.set_prices(&HashMap::from([("i-1".to_string(), 0.36)]), launched);
         r.account(launched + 1_800_000); // half an hour
         assert!((r.spent_usd - 0.18).abs() < 1e-9, "{}", r.spent_usd);
         r.account(launched + 1_800_000); // nothing new

@@ -15,7 +15,7 @@
 use super::{Facts, Registry, StepLog, unix_ms};
 use crate::model::{Market, NodeState, Notice, Role};
 use crate::plan::Plan;
-use crate::provider::Target;
+use crate::provider::{Launched, Target};
 use crate::reconcile::{Action, Reason};
 use std::collections::BTreeMap;
 
@@ -125,6 +125,29 @@ impl Registry {
         e.rec.facts = Some(facts);
         e.live.touch(now_ms);
         self.dirty = true;
+    }
+
+    /// The provider started `launched` of the batch `nodes`: they get their
+    /// instance, type and market; the rest of the batch is forgotten (it
+    /// will be launched again).
+    pub fn on_launched(&mut self, nodes: &[String], launched: &[Launched]) {
+        for l in launched {
+            if let Some(e) = self.get_mut(&l.node_id) {
+                e.rec.instance_id = Some(l.instance_id.clone());
+                e.rec.instance_type = l.instance_type.clone();
+                e.rec.market = l.market;
+            }
+        }
+        let on_demand: Vec<&str> =
+            launched.iter().filter(|l| l.on_demand_why.is_some()).map(|l| l.node_id.as_str()).collect();
+        if let Some(why) = launched.iter().find_map(|l| l.on_demand_why.as_deref()) {
+            let msg = format!("{} launched on-demand, not spot: {why}", on_demand.join(", "));
+            tracing::warn!("{msg}");
+            self.event(msg);
+        }
+        for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
+            self.remove(id);
+        }
     }
 
     /// An agent opened a session: records its facts and its assignment
@@ -490,6 +513,38 @@ mod tests {
         assert!(r.on_attribute(&id, String::new(), "v".into()).is_err());
         assert!(r.on_attribute(&id, "big".into(), "x".repeat(MAX_ATTRIBUTE + 1)).is_err());
         assert_eq!(r.get(&id).unwrap().rec.attributes.len(), 1);
+    }
+
+    #[test]
+    fn a_launch_records_instance_type_and_market_and_drops_what_did_not_start() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let id2 = r.add_node(
+            NewNode {
+                role: Role::Slave,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "h2".into(),
+                token_expires_unix_ms: 0,
+            },
+            |_| String::new(),
+        );
+        let l = Launched {
+            node_id: id.clone(),
+            instance_id: "i-1".into(),
+            instance_type: "c5.large".into(),
+            market: Market::OnDemand,
+            on_demand_why: Some("spot kept failing".into()),
+        };
+        r.on_launched(&[id.clone(), id2.clone()], &[l]);
+        let rec = &r.get(&id).unwrap().rec;
+        assert_eq!(
+            (rec.instance_id.as_deref(), rec.instance_type.as_str(), rec.market),
+            (Some("i-1"), "c5.large", Market::OnDemand)
+        );
+        assert!(r.get(&id2).is_none());
+        assert!(
+            r.events().back().unwrap().message.contains("launched on-demand, not spot: spot kept failing")
+        );
     }
 
     #[test]

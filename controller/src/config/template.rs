@@ -1,0 +1,138 @@
+//! The commented configuration `ddisco-controller init` prints.
+
+use super::DASK_VERSION;
+
+/// The commented configuration `ddisco-controller init` prints. Parsing it
+/// gives exactly `Config::default()` (a unit test holds them together).
+pub fn template(mgmt_key: Option<&str>) -> String {
+    let mgmt = mgmt_key.unwrap_or("").trim();
+    format!(
+        r#"# ddisco cluster configuration (TOML). Every setting is shown with its default.
+# The original disposabledisco config.json (upper-case keys) is accepted as-is too.
+
+# Where nodes run: "local" (processes on this machine, no cloud account) or "ec2".
+provider = "local"
+# EC2 region; empty: the standard AWS chain (AWS_REGION, profile).
+region = ""
+# Marks every resource of this cluster; must be unique per cluster.  (TAG_KEY)
+tag_key = "ddisco"
+# Number of slaves; change a running cluster with `ddisco-controller scale N`.  (NUM_SLAVES)
+num_slaves = 0
+# Map/reduce engine the nodes run: "disco", "dask" or "none".
+engine = "disco"
+# A slave being removed is drained (Disco: blacklisted; Dask: retired) this
+# long before it is terminated; 0: terminate at once.
+drain_timeout_secs = 60.0
+# Engine workers per node = max(1, floor(cores x multiplier)).
+master_multiplier = 1.0
+slave_multiplier = 1.0
+
+# Packages every node gets (apt), then pip requirements (into a virtualenv).
+base_packages = ["python3-pip", "python3-venv", "python3-dev", "lighttpd"]
+additional_packages = ["git", "libwww-perl", "python3-numpy", "python3-scipy", "libzmq3-dev", "s3cmd", "chrony", "libguess1", "python3-dnspython", "python3-dateutil", "pigz"]
+pip_requirements = ["iso8601"]
+# Bash run as root after everything else on every node.
+post_init = ""
+
+# EC2 settings (provider = "ec2").
+# Image: an official Ubuntu LTS alias ("ubuntu:24.04", "ubuntu:22.04", ...),
+# resolved per region and architecture to Canonical's newest server image,
+# or an image id (ami-...).
+ami = "ubuntu:24.04"
+# Spot max price per instance-hour, USD.
+max_bid = "0.10"
+instance_type = "c5.xlarge"
+# Empty: instance_type.
+master_instance_type = ""
+slave_instance_type = ""
+# EC2 key pair for ssh as ssh_user.
+key_name = ""
+security_groups = []
+ssh_user = "ubuntu"
+# EC2-compatible endpoint (e.g. moto, LocalStack); empty: AWS.
+endpoint_url = ""
+# Subnets (and so zones) to launch into, tried in order; empty: default VPC.
+subnet_ids = []
+# Attempts per EC2 call made by the AWS SDK itself.
+ec2_max_attempts = 3
+# Run the master on-demand (it holds the cluster together; slaves stay spot).
+master_on_demand = false
+# A type/subnet that reported no capacity is skipped this long.
+capacity_cooldown_secs = 300.0
+# On-demand fallback: "none", "slaves", "master" or "both". A pool whose spot
+# launches failed for capacity or price fallback_failures times, or whose
+# spot nodes were interrupted fallback_interruptions times, within
+# fallback_window_secs launches on-demand until that many seconds pass
+# quietly; then new nodes are spot again, and its on-demand slaves are
+# replaced by spot ones at the next scale change or once the cluster has been
+# idle (every node's load below 0.1 per core) for
+# on_demand_idle_replace_secs (0: only at scale changes).
+on_demand_fallback = "none"
+fallback_failures = 3
+fallback_interruptions = 3
+fallback_window_secs = 900.0
+on_demand_idle_replace_secs = 600.0
+# Instance profile (name or ARN) for every node: jobs reach S3 through the
+# instance role; no AWS key ever goes to a node.
+iam_instance_profile = ""
+# Scratch space: instance-store volumes (striped if several) are formatted
+# and mounted here; without instance store, a directory on the root volume.
+scratch_path = "/mnt"
+# Slave pools: different instance types with counts (instead of num_slaves).
+# Types are tried in order on capacity errors, then the other pools' types.
+# [[slave_pools]]
+# name = "c5"
+# instance_types = ["c5.xlarge", "c5a.xlarge"]
+# count = 10
+# [[slave_pools]]
+# name = "m5"
+# instance_types = ["m5.xlarge"]
+# count = 10
+# Public keys (one per line) added to every node's authorized_keys.
+mgmt_key = "{mgmt}"
+
+# Disco engine: install source ("git+URL@REF" or a tarball URL, built with
+# make install / make install-node; empty: Disco is preinstalled on the AMI),
+# its port, DISCO_ROOT (instance store) and DISCO_GC_AFTER.
+disco_source = "git+https://github.com/discoproject/disco.git@0.5.4"
+disco_port = 8989
+disco_root = "/mnt/disco"
+disco_gc_after = 6400
+
+# Dask engine: version installed with pip on every node; scheduler and
+# dashboard ports on the master.
+dask_version = "{dask}"
+dask_scheduler_port = 8786
+dask_dashboard_port = 8787
+
+# Dashboard and Prometheus /metrics (HTTP). Local by default; any other
+# address requires dashboard_token (sent as "Authorization: Bearer <token>").
+dashboard_listen = "127.0.0.1:7445"
+dashboard_token = ""
+
+# Controller.
+# gRPC (agents, TLS) and agent download (HTTPS) listen addresses.
+listen = "127.0.0.1:7443"
+download_listen = "127.0.0.1:7444"
+# Host name or IP nodes use to reach the controller; empty: the listen IP
+# (127.0.0.1 when listening on 0.0.0.0).
+advertise = ""
+# CA, certificates, node records, admin socket, local nodes. Relative paths
+# are resolved against this file's folder.
+state_dir = ".ddisco"
+heartbeat_interval_secs = 5.0
+# A node silent for this long is lost and replaced.
+heartbeat_timeout_secs = 15.0
+# A node that has not enrolled this long after launch is replaced.
+boot_timeout_secs = 600.0
+# Lifetime of a node's one-time bootstrap token.
+token_ttl_secs = 3600.0
+reconcile_interval_secs = 2.0
+# The agent binary served to nodes; empty: ddisco-agent next to this program.
+agent_binary = ""
+# Local provider: install missing apt packages on this host (changes the host!).
+local_install_packages = false
+"#,
+        dask = DASK_VERSION,
+    )
+}

@@ -1,0 +1,85 @@
+//! How EC2 errors are handled: each code sorted into capacity, throttling,
+//! a configuration key, or other; and the code and message of an SDK error.
+
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+
+/// How an EC2 error is handled.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Capacity,
+    Throttled,
+    /// A config key is wrong.
+    Config(&'static str),
+    Other,
+}
+
+/// Sorts an EC2 error into the handling it needs, using the message where
+/// the code alone does not say which setting is wrong.
+pub(super) fn classify_error(code: &str, msg: &str) -> Kind {
+    if code == "NoSuchEntity" || (code == "InvalidParameterValue" && msg.contains("iamInstanceProfile")) {
+        return Kind::Config("iam_instance_profile");
+    }
+    classify(code)
+}
+
+/// Sorts EC2 error codes into the handling they need.
+pub(super) fn classify(code: &str) -> Kind {
+    match code {
+        "InsufficientInstanceCapacity"
+        | "InsufficientCapacity"
+        | "InsufficientHostCapacity"
+        | "SpotMaxPriceTooLow"
+        | "MaxSpotInstanceCountExceeded"
+        | "Unsupported"
+        | "InsufficientFreeAddressesInSubnet"
+        | "InstanceLimitExceeded"
+        | "VcpuLimitExceeded" => Kind::Capacity,
+        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled" => Kind::Throttled,
+        c if c.starts_with("InvalidAMIID") => Kind::Config("ami"),
+        c if c.starts_with("InvalidKeyPair") => Kind::Config("key_name"),
+        c if c.starts_with("InvalidGroup") => Kind::Config("security_groups"),
+        c if c.starts_with("InvalidSubnet") => Kind::Config("subnet_ids"),
+        c if c.starts_with("InvalidInstanceType") => Kind::Config("instance_type"),
+        "AuthFailure" | "UnauthorizedOperation" | "OptInRequired" | "Blocked" => Kind::Config("credentials"),
+        _ => Kind::Other,
+    }
+}
+
+pub(super) fn describe<E: ProvideErrorMetadata + std::fmt::Debug>(e: &SdkError<E>) -> (String, String) {
+    let code = e.code().unwrap_or("").to_string();
+    let msg = match e.message() {
+        Some(m) => m.to_string(),
+        None => match e {
+            SdkError::DispatchFailure(d) => format!("cannot reach the EC2 endpoint: {d:?}"),
+            SdkError::TimeoutError(_) => "EC2 call timed out".into(),
+            other => format!("{other:?}"),
+        },
+    };
+    (code, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn error_codes_map_to_handling() {
+        assert_eq!(classify("InsufficientInstanceCapacity"), Kind::Capacity);
+        assert_eq!(classify("SpotMaxPriceTooLow"), Kind::Capacity);
+        assert_eq!(classify("RequestLimitExceeded"), Kind::Throttled);
+        assert_eq!(classify("InvalidAMIID.NotFound"), Kind::Config("ami"));
+        assert_eq!(classify("InvalidAMIID.Malformed"), Kind::Config("ami"));
+        assert_eq!(classify("InvalidKeyPair.NotFound"), Kind::Config("key_name"));
+        assert_eq!(classify("InvalidGroup.NotFound"), Kind::Config("security_groups"));
+        assert_eq!(classify("InvalidInstanceType"), Kind::Config("instance_type"));
+        assert_eq!(classify("AuthFailure"), Kind::Config("credentials"));
+        assert_eq!(classify("InternalError"), Kind::Other);
+        let bad_profile =
+            "Value (x) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name";
+        assert_eq!(
+            classify_error("InvalidParameterValue", bad_profile),
+            Kind::Config("iam_instance_profile")
+        );
+        assert_eq!(classify_error("InvalidParameterValue", "other"), Kind::Other);
+    }
+}

@@ -1,0 +1,182 @@
+//! Launching: one `RunInstances` per batch, candidate by candidate (type,
+//! subnet), spot or on-demand, with cool-downs and the on-demand fallback.
+
+use super::errors::{Kind, classify_error, describe};
+use super::*;
+use base64::Engine as _;
+
+impl Ec2Provider {
+    /// `Provider::launch`: spot, or on-demand when the pool's market says
+    /// so or spot failures just crossed the fallback threshold.
+    pub(super) async fn launch_batch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+        self.can_launch()?;
+        let market = self.market(batch.role, &batch.pool);
+        let spot = market == Market::Spot;
+        match self.try_candidates(&batch, spot, None).await {
+            Err(ProviderError::Capacity(m)) if spot => match self.market(batch.role, &batch.pool) {
+                // The failures just seen crossed the threshold: on-demand now.
+                Market::OnDemand { why } => {
+                    tracing::warn!(
+                        "pool {}: spot keeps failing ({m}); launching on-demand: {why}",
+                        batch.pool
+                    );
+                    self.try_candidates(&batch, false, Some(why)).await
+                }
+                Market::Spot => Err(ProviderError::Capacity(m)),
+            },
+            other => other,
+        }
+        .map(|mut launched| {
+            if let Market::OnDemand { why } = market {
+                for l in &mut launched {
+                    l.on_demand_why.get_or_insert(why.clone());
+                }
+            }
+            launched
+        })
+    }
+
+    pub(super) async fn run(
+        &self,
+        batch: &LaunchBatch,
+        itype: &str,
+        subnet: Option<&str>,
+        attempt: usize,
+        spot: bool,
+    ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, (String, String)> {
+        let n = batch.nodes.len() as i32;
+        let tags = [
+            Tag::builder().key(&self.tag_key).value(batch.role.to_string()).build(),
+            Tag::builder().key(POOL_TAG).value(&batch.pool).build(),
+            Tag::builder().key(BATCH_TAG).value(&batch.batch_id).build(),
+            Tag::builder().key("Name").value(format!("{}-{}", self.tag_key, batch.role)).build(),
+        ];
+        let spec = |rt: ResourceType| {
+            TagSpecification::builder().resource_type(rt).set_tags(Some(tags.to_vec())).build()
+        };
+        let market = InstanceMarketOptionsRequest::builder()
+            .market_type(MarketType::Spot)
+            .spot_options(
+                SpotMarketOptions::builder()
+                    .max_price(&self.max_bid)
+                    .spot_instance_type(SpotInstanceType::OneTime)
+                    .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                    .build(),
+            )
+            .build();
+        let mut req = self
+            .client
+            .run_instances()
+            .image_id(self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?)
+            .instance_type(InstanceType::from(itype))
+            .min_count(n)
+            .max_count(n)
+            .client_token(format!("{}-{attempt}", batch.batch_id))
+            .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
+            .set_instance_market_options(spot.then_some(market))
+            .tag_specifications(spec(ResourceType::Instance))
+            .set_subnet_id(subnet.map(String::from));
+        if !self.key_name.is_empty() {
+            req = req.key_name(&self.key_name);
+        }
+        if let Some(p) = &self.iam_profile {
+            let spec = aws_sdk_ec2::types::IamInstanceProfileSpecification::builder();
+            req = req
+                .iam_instance_profile(if p.starts_with("arn:") { spec.arn(p) } else { spec.name(p) }.build());
+        }
+        if !self.group_ids.is_empty() {
+            req = req.set_security_group_ids(Some(self.group_ids.clone()));
+        }
+        if !self.group_names.is_empty() {
+            req = req.set_security_groups(Some(self.group_names.clone()));
+        }
+        let r = req.send().await;
+        self.count("RunInstances", &r);
+        r.map_err(|e| describe(&e))
+    }
+
+    /// Launches the batch with the first candidate (type, subnet) that has
+    /// capacity, on spot or on-demand. A candidate that reports no capacity
+    /// cools down (per market); a spot one also counts towards fallback.
+    pub(super) async fn try_candidates(
+        &self,
+        batch: &LaunchBatch,
+        spot: bool,
+        why: Option<String>,
+    ) -> Result<Vec<Launched>, ProviderError> {
+        let mut last = None;
+        let market_name = if spot { "spot" } else { "on-demand" };
+        for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
+            let key = (itype.clone(), subnet.clone(), spot);
+            if self
+                .state
+                .lock()
+                .expect("lock")
+                .cooling
+                .get(&key)
+                .is_some_and(|(until, _)| *until > Instant::now())
+            {
+                continue;
+            }
+            let attempt = if spot { attempt } else { 1000 + attempt };
+            match self.run(batch, &itype, subnet.as_deref(), attempt, spot).await {
+                Ok(out) => {
+                    self.ok_call();
+                    let mut launched = Vec::new();
+                    for inst in out.instances() {
+                        let idx = inst.ami_launch_index().unwrap_or(0) as usize;
+                        if let (Some(id), Some(z)) =
+                            (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
+                        {
+                            self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
+                        }
+                        if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
+                            launched.push(Launched {
+                                node_id: node.clone(),
+                                instance_id: id.to_string(),
+                                instance_type: itype.clone(),
+                                market: if spot {
+                                    crate::model::Market::Spot
+                                } else {
+                                    crate::model::Market::OnDemand
+                                },
+                                on_demand_why: why.clone(),
+                            });
+                        }
+                    }
+                    return Ok(launched);
+                }
+                Err((code, msg)) => match classify_error(&code, &msg) {
+                    Kind::Capacity => {
+                        let why = format!(
+                            "{itype} {market_name} in {}: {code}",
+                            subnet.as_deref().unwrap_or(&self.region)
+                        );
+                        tracing::warn!("{why}: {msg}; trying the next candidate");
+                        let mut st = self.state.lock().expect("lock");
+                        st.cooling.insert(key, (Instant::now() + self.cooldown, why.clone()));
+                        if spot {
+                            st.book.spot_failed(&batch.pool, Instant::now(), why.clone());
+                        }
+                        last = Some(why);
+                    }
+                    Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
+                    Kind::Config("instance_type") if self.pools.len() > 1 || batch.role == Role::Master => {
+                        let key =
+                            if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
+                        return Err(self.block(key, format!("{itype}: {code}: {msg}")));
+                    }
+                    Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
+                    Kind::Other => return Err(ProviderError::Other(format!("RunInstances: {code}: {msg}"))),
+                },
+            }
+        }
+        Err(ProviderError::Capacity(match last {
+            Some(why) => format!("every {market_name} candidate of pool {} failed, last: {why}", batch.pool),
+            None => format!(
+                "every {market_name} candidate of pool {} is cooling down after capacity errors",
+                batch.pool
+            ),
+        }))
+    }
+}

@@ -1,0 +1,473 @@
+//! The EC2 spot provider: the only module that knows the AWS SDK.
+//!
+//! # Expected flow
+//! - `preflight` checks credentials, region, AMI, key pair, security groups,
+//!   subnets and instance types once, so a bad value is one clear error that
+//!   names its config key instead of a storm of failed launches.
+//! - `launch` starts a whole batch (one pool, up to 100 nodes) with one
+//!   `RunInstances` call: spot market, one-time, max price = `max_bid`,
+//!   `MinCount = MaxCount = N` (all or nothing), tagged at launch, with a
+//!   `ClientToken` so a retried call never launches twice. On a capacity or
+//!   price error it tries the pool's next instance type / subnet, then the
+//!   other pools' types; a failing candidate cools down (shown in status).
+//! - `list` is one paginated `DescribeInstances` with a tag filter per tick;
+//!   `terminate` batches `TerminateInstances` (1000 ids per call).
+//!
+//! # Guarantees
+//! - Throttling backs off exponentially (with jitter) and launches wait;
+//!   configuration errors block launches until the config is fixed. Neither
+//!   retries in a hot loop.
+//! - Every instance carries the tag `<tag_key> = master|slave` (as the
+//!   original did), `ddisco:pool` and `ddisco:batch`.
+
+mod errors;
+mod image_lookup;
+mod launch;
+mod preflight;
+mod prices;
+mod security_group;
+
+pub use security_group::SgReport;
+
+use super::fallback::{self, Market};
+use super::images::{self, ImageInfo, ImageSpec, Resolved};
+use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
+use crate::config::{Config, Pool};
+use crate::model::Role;
+use crate::plan::NodeLayout;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
+    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+};
+use errors::{Kind, classify, describe};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use std::time::{Duration, Instant};
+
+/// Tag holding the launch batch id.
+pub const BATCH_TAG: &str = "ddisco:batch";
+/// Tag holding the slave pool.
+pub const POOL_TAG: &str = "ddisco:pool";
+
+pub struct Ec2Provider {
+    client: Client,
+    region: String,
+    tag_key: String,
+    /// The `ami` setting: an id, or an alias resolved at preflight.
+    ami: ImageSpec,
+    /// The setting as written (for messages).
+    ami_text: String,
+    key_name: String,
+    group_ids: Vec<String>,
+    group_names: Vec<String>,
+    subnets: Vec<Option<String>>,
+    max_bid: String,
+    master_type: String,
+    master_on_demand: bool,
+    pools: Vec<Pool>,
+    ssh_user: String,
+    iam_profile: Option<String>,
+    scratch_path: String,
+    cooldown: Duration,
+    fallback: fallback::Policy,
+    /// Std mutex: a few field updates, never held across `.await`.
+    state: Mutex<State>,
+    /// API calls and errors per action (for /metrics).
+    calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
+    /// instance id -> (type, zone), from the last listing (for prices).
+    placement: Mutex<HashMap<String, (String, String)>>,
+    /// Instance type -> architecture (`x86_64`, `arm64`), from preflight.
+    type_arch: Mutex<HashMap<String, String>>,
+    /// Architecture -> image id in force, from preflight.
+    image_by_arch: Mutex<HashMap<String, String>>,
+    /// What scratch each instance type gets (for status), from preflight.
+    scratch_notes: Mutex<Vec<String>>,
+    /// Aliases resolved (for status), and the cache file holding them.
+    resolved: Mutex<Vec<Resolved>>,
+    image_cache: std::path::PathBuf,
+}
+
+#[derive(Default)]
+struct State {
+    /// (instance type, subnet) -> (until, why).
+    /// (instance type, subnet, spot?) -> (until, why).
+    cooling: HashMap<(String, Option<String>, bool), (Instant, String)>,
+    /// Spot failures and interruptions per pool (on-demand fallback).
+    book: fallback::Book,
+    backoff_until: Option<Instant>,
+    backoff_attempt: u32,
+    blocked: Option<(String, String)>,
+}
+
+impl Ec2Provider {
+    /// Builds the client from the config and the standard AWS chain.
+    pub async fn new(cfg: &Config) -> Result<Ec2Provider, ProviderError> {
+        use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
+        // Deadlines on every call: a hung connection must not stall the
+        // reconcile loop (it waits for each listing).
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(20))
+            .operation_timeout(Duration::from_secs(60))
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(cfg.ec2_max_attempts))
+            .timeout_config(timeouts);
+        if let Some(r) = &cfg.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(url) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some((access, secret)) = &cfg.aws_keys {
+            loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                access,
+                &secret.0,
+                None,
+                None,
+                "ddisco-config-file",
+            ));
+        }
+        let sdk = loader.load().await;
+        let region = sdk.region().map(|r| r.to_string()).ok_or_else(|| ProviderError::Config {
+            key: "region".into(),
+            message: "no AWS region: set `region` in the config, or AWS_REGION, or a profile's region".into(),
+        })?;
+        let no_creds = |why: String| ProviderError::Config {
+            key: "credentials".into(),
+            message: format!(
+                "no AWS credentials ({why}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE \
+                 (aws configure / aws sso login), or run the controller with an instance role"
+            ),
+        };
+        {
+            use aws_sdk_ec2::config::ProvideCredentials;
+            let provider = sdk.credentials_provider().ok_or_else(|| no_creds("no provider".into()))?;
+            provider.provide_credentials().await.map_err(|e| no_creds(e.to_string()))?;
+        }
+        let (group_ids, group_names) =
+            cfg.security_groups.iter().cloned().partition(|g: &String| g.starts_with("sg-"));
+        let subnets = if cfg.subnet_ids.is_empty() {
+            vec![None]
+        } else {
+            cfg.subnet_ids.iter().cloned().map(Some).collect()
+        };
+        Ok(Ec2Provider {
+            client: Client::new(&sdk),
+            region,
+            tag_key: cfg.tag_key.clone(),
+            ami: images::parse(&cfg.ami)
+                .map_err(|message| ProviderError::Config { key: "ami".into(), message })?,
+            ami_text: cfg.ami.trim().to_string(),
+            key_name: cfg.key_name.clone(),
+            group_ids,
+            group_names,
+            subnets,
+            max_bid: cfg.max_bid.trim().to_string(),
+            master_type: cfg.master_instance_type().to_string(),
+            master_on_demand: cfg.master_on_demand,
+            pools: cfg.pools(),
+            ssh_user: cfg.ssh_user.clone(),
+            iam_profile: cfg.iam_instance_profile.clone(),
+            scratch_path: cfg.scratch_path.clone(),
+            cooldown: cfg.capacity_cooldown,
+            fallback: fallback::Policy {
+                roles: cfg.on_demand_fallback,
+                failures: cfg.fallback_failures,
+                interruptions: cfg.fallback_interruptions,
+                window: cfg.fallback_window,
+            },
+            state: Mutex::new(State::default()),
+            calls: Mutex::default(),
+            placement: Mutex::default(),
+            type_arch: Mutex::default(),
+            scratch_notes: Mutex::default(),
+            image_by_arch: Mutex::default(),
+            resolved: Mutex::default(),
+            image_cache: cfg.state_dir.join("images.json"),
+        })
+    }
+
+    /// (type, subnet) pairs to try for a pool, in order: the pool's own
+    /// types, then the other pools' (overflow), each in every subnet.
+    fn candidates(&self, role: Role, pool: &str) -> Vec<(String, Option<String>)> {
+        let mut types: Vec<String> = Vec::new();
+        if role == Role::Master {
+            types.push(self.master_type.clone());
+        } else {
+            let own = self.pools.iter().filter(|p| p.name == pool);
+            let others = self.pools.iter().filter(|p| p.name != pool);
+            for p in own.chain(others) {
+                for t in &p.instance_types {
+                    if !types.contains(t) {
+                        types.push(t.clone());
+                    }
+                }
+            }
+        }
+        types.into_iter().flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone()))).collect()
+    }
+
+    /// Does this role launch on-demand (not spot)?
+    fn on_demand(&self, role: Role) -> bool {
+        role == Role::Master && self.master_on_demand
+    }
+
+    /// Counts one API call and whether it failed.
+    fn count<T, E>(&self, action: &'static str, r: &Result<T, E>) {
+        let mut calls = self.calls.lock().expect("lock");
+        let e = calls.entry(action).or_default();
+        e.0 += 1;
+        if r.is_err() {
+            e.1 += 1;
+        }
+    }
+
+    fn throttled(&self, msg: &str) -> ProviderError {
+        let mut st = self.state.lock().expect("lock");
+        st.backoff_attempt = (st.backoff_attempt + 1).min(6);
+        let ceiling = Duration::from_secs(1u64 << st.backoff_attempt); // 2 s .. 64 s
+        let wait =
+            ceiling / 2 + Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64 / 2));
+        st.backoff_until = Some(Instant::now() + wait);
+        ProviderError::Throttled(format!("{msg}; backing off {:.1}s", wait.as_secs_f64()))
+    }
+
+    fn block(&self, key: &str, msg: String) -> ProviderError {
+        self.state.lock().expect("lock").blocked = Some((key.to_string(), msg.clone()));
+        ProviderError::Config { key: key.to_string(), message: msg }
+    }
+
+    fn ok_call(&self) {
+        let mut st = self.state.lock().expect("lock");
+        st.backoff_attempt = 0;
+        st.backoff_until = None;
+    }
+
+    /// Where a pool launches now: configured on-demand, fallen back to
+    /// on-demand, or spot.
+    fn market(&self, role: Role, pool: &str) -> Market {
+        if self.on_demand(role) {
+            return Market::OnDemand { why: "master_on_demand = true".into() };
+        }
+        self.state.lock().expect("lock").book.market(&self.fallback, role, pool, Instant::now())
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Ec2Provider {
+    fn name(&self) -> &'static str {
+        "ec2"
+    }
+
+    fn layout(&self, _node_id: &str) -> NodeLayout {
+        NodeLayout {
+            root: "/".into(),
+            system: true,
+            home: format!("/home/{}", self.ssh_user).into(),
+            owner: Some(self.ssh_user.clone()),
+            venv: "/opt/ddisco/venv".into(),
+            install_packages: true,
+            scratch: Some(self.scratch_path.clone().into()),
+        }
+    }
+
+    fn address_for(&self, _seq: u64) -> String {
+        String::new()
+    }
+
+    fn max_batch(&self) -> usize {
+        // One userdata (16 KiB at most) carries every slot of the batch.
+        100
+    }
+
+    fn attests_instance_id(&self) -> bool {
+        true
+    }
+
+    fn imds_url(&self) -> Option<&'static str> {
+        Some("http://169.254.169.254")
+    }
+
+    async fn preflight(&self) -> Result<(), ProviderError> {
+        self.preflight_checks().await
+    }
+
+    fn can_launch(&self) -> Result<(), ProviderError> {
+        let st = self.state.lock().expect("lock");
+        if let Some((key, msg)) = &st.blocked {
+            return Err(ProviderError::Config { key: key.clone(), message: msg.clone() });
+        }
+        if let Some(until) = st.backoff_until
+            && until > Instant::now()
+        {
+            return Err(ProviderError::Throttled(format!(
+                "backing off for {:.1}s more",
+                (until - Instant::now()).as_secs_f64()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+        self.launch_batch(batch).await
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
+        let filter =
+            Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
+        let mut pages =
+            self.client.describe_instances().filters(filter).max_results(1000).into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            self.count("DescribeInstances", &page);
+            let page = page.map_err(|e| {
+                let (code, msg) = describe(&e);
+                match classify(&code) {
+                    Kind::Throttled => self.throttled(&format!("DescribeInstances: {code}: {msg}")),
+                    _ => ProviderError::Other(format!("DescribeInstances: {code}: {msg}")),
+                }
+            })?;
+            for inst in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = inst.instance_id() else { continue };
+                if let (Some(t), Some(z)) =
+                    (inst.instance_type(), inst.placement().and_then(|p| p.availability_zone()))
+                {
+                    self.placement
+                        .lock()
+                        .expect("lock")
+                        .insert(id.to_string(), (t.as_str().into(), z.into()));
+                }
+                let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
+                let state = inst.state().and_then(|s| s.name());
+                out.push(Observed {
+                    instance_id: id.to_string(),
+                    node_id: None,
+                    batch: tag(BATCH_TAG)
+                        .map(|b| (b.to_string(), inst.ami_launch_index().unwrap_or(0) as u32)),
+                    alive: matches!(state, Some(InstanceStateName::Pending | InstanceStateName::Running)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
+        let ids: Vec<String> = targets.iter().filter_map(|t| t.instance_id.clone()).collect();
+        for chunk in ids.chunks(1000) {
+            let r = self.client.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await;
+            self.count("TerminateInstances", &r);
+            if let Err(e) = r {
+                let (code, msg) = describe(&e);
+                if code == "InvalidInstanceID.NotFound" {
+                    continue; // already gone
+                }
+                return Err(match classify(&code) {
+                    Kind::Throttled => self.throttled(&format!("TerminateInstances: {code}: {msg}")),
+                    _ => ProviderError::Other(format!("TerminateInstances: {code}: {msg}")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
+        let filter =
+            Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
+        let open = Filter::builder().name("state").values("open").build();
+        let reqs =
+            match self.client.describe_spot_instance_requests().filters(filter).filters(open).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let (code, msg) = describe(&e);
+                    tracing::warn!(
+                        "cannot list open spot requests ({code}: {msg}); check them in the console"
+                    );
+                    return Ok(vec![]);
+                }
+            };
+        let ids: Vec<String> = reqs
+            .spot_instance_requests()
+            .iter()
+            .filter_map(|r| r.spot_instance_request_id())
+            .map(String::from)
+            .collect();
+        if !ids.is_empty() {
+            self.client
+                .cancel_spot_instance_requests()
+                .set_spot_instance_request_ids(Some(ids.clone()))
+                .send()
+                .await
+                .map_err(|e| {
+                    ProviderError::Other(format!("CancelSpotInstanceRequests: {:?}", describe(&e)))
+                })?;
+        }
+        Ok(ids)
+    }
+
+    async fn prices(&self, instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
+        self.spot_prices(instance_ids).await
+    }
+
+    fn api_calls(&self) -> Vec<(String, u64, u64)> {
+        self.calls.lock().expect("lock").iter().map(|(a, (n, e))| (a.to_string(), *n, *e)).collect()
+    }
+
+    fn facts(&self) -> Vec<String> {
+        let mut out: Vec<String> = match &self.ami {
+            ImageSpec::Id(id) => vec![format!("image: {id}")],
+            ImageSpec::Alias(_) => self
+                .resolved
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|r| format!("image: {}", r.describe()))
+                .collect(),
+        };
+        out.extend(self.scratch_notes.lock().expect("lock").iter().cloned());
+        out
+    }
+
+    fn interrupted(&self, role: Role, pool: &str, node_id: &str) {
+        if !self.on_demand(role) {
+            self.state.lock().expect("lock").book.interrupted(pool, Instant::now(), node_id);
+        }
+    }
+
+    fn spot_again(&self, role: Role, pool: &str) -> bool {
+        self.market(role, pool) == Market::Spot
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut st = self.state.lock().expect("lock");
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (pool, since, why) in st.book.on_demand_pools(&self.fallback, now) {
+            out.push(format!(
+                "pool {pool} launches on-demand (for {:.0}s): {why}; spot again after {:.0}s without spot trouble",
+                since.as_secs_f64(),
+                self.fallback.window.as_secs_f64()
+            ));
+        }
+        if let Some((key, msg)) = &st.blocked {
+            out.push(format!("launches blocked: config key `{key}`: {msg}; fix it and restart serve"));
+        }
+        if let Some(until) = st.backoff_until.filter(|u| *u > now) {
+            out.push(format!("throttled by EC2: launches wait {:.0}s more", (until - now).as_secs_f64()));
+        }
+        let mut cooling: Vec<String> = st
+            .cooling
+            .values()
+            .filter(|(until, _)| *until > now)
+            .map(|(until, why)| {
+                format!("no capacity: {why} (skipped for {:.0}s more)", (*until - now).as_secs_f64())
+            })
+            .collect();
+        cooling.sort();
+        out.extend(cooling);
+        out
+    }
+}
