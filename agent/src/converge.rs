@@ -6,8 +6,8 @@
 //! applied before the plan has finished.
 
 use crate::backoff::Backoff;
+use crate::model::{DirectiveKind, DirectiveReport, Directives, ManagedFile, Post, Report, Service};
 use crate::steps::Executor;
-use ddisco_proto::v1 as api;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use std::collections::HashMap;
@@ -20,9 +20,9 @@ use tokio::sync::{mpsc::UnboundedSender, watch};
 pub struct Converger {
     dir: PathBuf,
     executor: Arc<Executor>,
-    reports: UnboundedSender<api::AgentMessage>,
+    reports: UnboundedSender<Report>,
     /// The latest set received (std mutex: a swap, never held across await).
-    desired: std::sync::Mutex<Option<api::Directives>>,
+    desired: std::sync::Mutex<Option<Directives>>,
     /// Wakes the one task that applies (so sets are applied in order).
     kick: tokio::sync::Notify,
     /// Owned by the applying task.
@@ -37,17 +37,13 @@ struct State {
 }
 
 struct Running {
-    spec: api::Service,
+    spec: Service,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Converger {
-    pub fn new(
-        dir: &Path,
-        executor: Arc<Executor>,
-        reports: UnboundedSender<api::AgentMessage>,
-    ) -> Arc<Converger> {
+    pub fn new(dir: &Path, executor: Arc<Executor>, reports: UnboundedSender<Report>) -> Arc<Converger> {
         let c = Arc::new(Converger {
             dir: dir.to_owned(),
             executor,
@@ -72,7 +68,7 @@ impl Converger {
     }
 
     /// Records the newest directive set; it is applied in the background.
-    pub fn update(&self, d: api::Directives) {
+    pub fn update(&self, d: Directives) {
         *self.desired.lock().expect("lock") = Some(d);
         self.kick.notify_one();
     }
@@ -91,17 +87,19 @@ impl Converger {
         let mut want_posts = HashMap::new();
         for item in &d.items {
             match &item.kind {
-                Some(api::directive::Kind::File(f)) => {
+                DirectiveKind::File(f) => {
                     let res = write_managed(f).await;
                     self.report(&d.id, &item.name, res.err());
                 }
-                Some(api::directive::Kind::Service(s)) => {
+                DirectiveKind::Service(s) => {
                     want_services.insert(item.name.clone(), s.clone());
                 }
-                Some(api::directive::Kind::Post(p)) => {
+                DirectiveKind::Post(p) => {
                     want_posts.insert(item.name.clone(), p.clone());
                 }
-                None => {}
+                DirectiveKind::Unknown => {
+                    self.report(&d.id, &item.name, Some("a directive kind this agent does not know".into()))
+                }
             }
         }
         // Stop services that are gone or changed, then start what is missing.
@@ -142,7 +140,7 @@ impl Converger {
             keep
         });
         for item in &d.items {
-            let Some(api::directive::Kind::Post(p)) = &item.kind else { continue };
+            let DirectiveKind::Post(p) = &item.kind else { continue };
             if st.posts.get(&item.name).is_some_and(|(body, _)| *body == p.body) {
                 continue;
             }
@@ -172,24 +170,22 @@ impl Converger {
     }
 }
 
-fn report(id: &str, name: &str, err: Option<String>) -> api::AgentMessage {
-    api::AgentMessage {
-        msg: Some(api::agent_message::Msg::Directive(api::DirectiveReport {
-            directives_id: id.to_string(),
-            name: name.to_string(),
-            ok: err.is_none(),
-            message: err.unwrap_or_default(),
-        })),
-    }
+fn report(id: &str, name: &str, err: Option<String>) -> Report {
+    Report::Directive(DirectiveReport {
+        directives_id: id.to_string(),
+        name: name.to_string(),
+        ok: err.is_none(),
+        message: err.unwrap_or_default(),
+    })
 }
 
 /// Runs a service, restarting it with backoff when it exits, until stopped.
 async fn supervise(
     name: String,
-    spec: api::Service,
+    spec: Service,
     mut stop: watch::Receiver<bool>,
     logs: PathBuf,
-    reports: UnboundedSender<api::AgentMessage>,
+    reports: UnboundedSender<Report>,
     id: String,
 ) {
     let mut backoff = Backoff::new();
@@ -259,7 +255,7 @@ fn nix_term(pid: u32) -> std::io::Result<()> {
 }
 
 /// POSTs until it gets a 2xx answer (backoff between tries).
-async fn post_until_ok(name: String, p: api::Post, reports: UnboundedSender<api::AgentMessage>, id: String) {
+async fn post_until_ok(name: String, p: Post, reports: UnboundedSender<Report>, id: String) {
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let mut backoff = Backoff::new();
@@ -309,7 +305,7 @@ async fn post_until_ok(name: String, p: api::Post, reports: UnboundedSender<api:
 }
 
 /// Writes a managed file (whole, or the block between marker lines).
-async fn write_managed(f: &api::ManagedFile) -> Result<(), String> {
+async fn write_managed(f: &ManagedFile) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let path = Path::new(&f.path);
     let existing = std::fs::read_to_string(path).unwrap_or_default();
@@ -398,7 +394,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a/b/cookie");
-        let f = api::ManagedFile {
+        let f = ManagedFile {
             path: p.display().to_string(),
             content: "SECRET".into(),
             mode: 0o400,

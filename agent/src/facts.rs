@@ -1,11 +1,11 @@
 //! Facts about this node, reported at enrollment and in every hello.
 
-use ddisco_proto::v1 as api;
+use crate::model::Facts;
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, Networks, RefreshKind, System};
 
 /// Facts from this machine, completed from instance metadata when there is
 /// an instance metadata service.
-pub async fn gather_with(imds: Option<&crate::imds::Imds>) -> api::NodeFacts {
+pub async fn gather_with(imds: Option<&crate::imds::Imds>) -> Facts {
     let mut f = gather();
     if let Some(imds) = imds {
         if let Ok(Some(id)) = imds.get("instance-id").await {
@@ -38,7 +38,7 @@ fn parse_loadavg(text: &str) -> Option<u32> {
     (load1.is_finite() && load1 >= 0.0).then(|| (load1 * 1000.0).round().min(u32::MAX as f64) as u32)
 }
 
-pub fn gather() -> api::NodeFacts {
+pub fn gather() -> Facts {
     let sys = System::new_with_specifics(
         RefreshKind::nothing()
             .with_cpu(CpuRefreshKind::nothing())
@@ -69,7 +69,7 @@ pub fn gather() -> api::NodeFacts {
             })
             .unwrap_or_default(),
     };
-    api::NodeFacts {
+    Facts {
         instance_id: std::env::var("DDISCO_INSTANCE_ID").unwrap_or_default(),
         hostname: std::env::var("DDISCO_HOSTNAME")
             .ok()

@@ -126,7 +126,7 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .and_then(|r| r.pem())
         .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
     let facts = crate::facts::gather_with(imds.as_ref()).await;
-    let req = api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts) };
+    let req = api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts.into()) };
     let mut backoff = crate::backoff::Backoff::new();
     let reply = loop {
         match try_enroll(&creds, req.clone()).await {

@@ -1,6 +1,9 @@
 //! ddisco-agent: the small static binary on every node.
 //!
 //! # Layout
+//! - [`model`]: the agent's domain (assignment, plan and steps, engine
+//!   directives, reports); [`wire`] converts it from and to the generated
+//!   protobuf types, which appear only there, in `session` and `identity`.
 //! - [`identity`]: the bootstrap file, enrollment (token -> client
 //!   certificate), and the identity kept on disk afterwards.
 //! - [`facts`]: what the agent reports about its node (cores, memory, ...).
@@ -27,9 +30,11 @@ pub mod facts;
 pub mod files;
 pub mod identity;
 pub mod imds;
+pub mod model;
 pub mod scratch;
 pub mod session;
 pub mod steps;
+pub mod wire;
 
 /// Errors that end the agent: retrying cannot help.
 #[derive(Debug, thiserror::Error)]

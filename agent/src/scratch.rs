@@ -15,7 +15,7 @@
 //!   ephemeral0 mount): used as it is.
 
 use crate::command::{Outcome, fail, run};
-use ddisco_proto::v1 as api;
+use crate::model::Scratch;
 use std::path::{Path, PathBuf};
 
 /// The model string of EC2 instance-store NVMe controllers.
@@ -68,7 +68,7 @@ pub fn format_command(devices: &[PathBuf]) -> (Vec<String>, PathBuf) {
     }
 }
 
-pub async fn scratch(s: &api::Scratch, log: &Path) -> Outcome {
+pub async fn scratch(s: &Scratch, log: &Path) -> Outcome {
     let path = PathBuf::from(&s.path);
     if !path.is_absolute() || path == Path::new("/") {
         return fail(format!("scratch path {:?} must be an absolute directory other than /", s.path));
@@ -211,7 +211,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let devs = loop_devices(dir.path(), n, needs)?;
         let mnt = dir.path().join("mnt");
-        let step = api::Scratch {
+        let step = Scratch {
             path: mnt.display().to_string(),
             devices: devs.iter().map(|d| d.display().to_string()).collect(),
         };
@@ -264,7 +264,7 @@ mod tests {
     fn without_instance_store_the_root_volume_is_used_and_said() {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("scratch");
-        let step = api::Scratch { path: mnt.display().to_string(), devices: vec![] };
+        let step = Scratch { path: mnt.display().to_string(), devices: vec![] };
         // This machine has no instance store (checked, not assumed).
         if !discover(Path::new("/sys/block")).is_empty() {
             eprintln!("SKIPPED: this machine has instance store");

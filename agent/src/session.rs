@@ -12,6 +12,7 @@
 use crate::Fatal;
 use crate::backoff::Backoff;
 use crate::identity::Creds;
+use crate::model::{Inbound, NoticeKind, Report};
 use crate::steps::{Executor, Progress};
 use ddisco_proto::v1 as api;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ enum End {
 impl Agent {
     /// Runs sessions until the controller says shutdown or refuses us.
     pub async fn run(self) -> Result<(), Fatal> {
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<api::AgentMessage>();
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         let converger = crate::converge::Converger::new(&self.dir, self.executor.clone(), report_tx.clone());
         if let Some(imds) = self.creds.imds.clone() {
             tokio::spawn(watch_notices(imds, report_tx.clone()));
@@ -57,8 +58,8 @@ impl Agent {
 
     async fn session(
         &self,
-        report_tx: &mpsc::UnboundedSender<api::AgentMessage>,
-        report_rx: &mut mpsc::UnboundedReceiver<api::AgentMessage>,
+        report_tx: &mpsc::UnboundedSender<Report>,
+        report_rx: &mut mpsc::UnboundedReceiver<Report>,
         backoff: &mut Backoff,
         converger: &Arc<crate::converge::Converger>,
     ) -> Result<End, Fatal> {
@@ -73,8 +74,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<api::AgentMessage>(16);
         let Progress { plan_id, completed, .. } = self.executor.progress();
         let facts = crate::facts::gather_with(self.creds.imds.as_ref()).await;
-        let hello = api::Hello { facts: Some(facts), plan_id, completed_steps: completed };
-        tx.send(msg(api::agent_message::Msg::Hello(hello))).await.expect("receiver alive");
+        tx.send(crate::wire::hello(facts, plan_id, completed)).await.expect("receiver alive");
         let mut client = api::agent_client::AgentClient::new(channel);
         let opened = tokio::time::timeout(
             Duration::from_secs(30),
@@ -92,8 +92,8 @@ impl Agent {
         let mut seq = 0u64;
         loop {
             tokio::select! {
-                m = inbound.message() => match m {
-                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Assignment(a)) })) => {
+                m = inbound.message() => match m.map(|m| m.map(Inbound::from)) {
+                    Ok(Some(Inbound::Assignment(a))) => {
                         backoff.reset();
                         let every = Duration::from_millis(u64::from(a.heartbeat_interval_ms).max(100));
                         if interval.period() != every {
@@ -102,7 +102,7 @@ impl Agent {
                             interval.reset();
                         }
                         tracing::info!(
-                            node = %a.node_id, role = ?api::Role::try_from(a.role).unwrap_or_default(),
+                            node = %a.node_id, role = ?a.role,
                             workers = a.workers, steps = a.plan.as_ref().map_or(0, |p| p.steps.len()),
                             "assignment received"
                         );
@@ -111,28 +111,24 @@ impl Agent {
                         }
                         // Re-send a failure the controller may have missed.
                         if let Some(r) = self.executor.failure() {
-                            let _ = tx.send(msg(api::agent_message::Msg::Step(r))).await;
+                            let _ = tx.send(Report::Step(r).into()).await;
                         }
                     }
-                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Directives(d)) })) => {
-                        converger.update(d);
-                    }
-                    Ok(Some(api::ControllerMessage { msg: Some(api::controller_message::Msg::Shutdown(s)) })) => {
-                        return Ok(End::Shutdown(s.reason));
-                    }
-                    Ok(Some(_)) => {}
+                    Ok(Some(Inbound::Directives(d))) => converger.update(d),
+                    Ok(Some(Inbound::Shutdown(reason))) => return Ok(End::Shutdown(reason)),
+                    Ok(Some(Inbound::Unknown)) => {}
                     Ok(None) => return Ok(End::Broken("the controller closed the session".into())),
                     Err(s) => return classify(s),
                 },
                 _ = interval.tick() => {
                     seq += 1;
-                    let hb = api::Heartbeat { seq, load_milli: crate::facts::load_milli() };
-                    if tx.send(msg(api::agent_message::Msg::Heartbeat(hb))).await.is_err() {
+                    let hb = crate::wire::heartbeat(seq, crate::facts::load_milli());
+                    if tx.send(hb).await.is_err() {
                         return Ok(End::Broken("session stream closed".into()));
                     }
                 }
                 Some(r) = report_rx.recv() => {
-                    if tx.send(r).await.is_err() {
+                    if tx.send(r.into()).await.is_err() {
                         return Ok(End::Broken("session stream closed".into()));
                     }
                 }
@@ -144,7 +140,7 @@ impl Agent {
 /// Polls instance metadata for a spot interruption notice and a rebalance
 /// recommendation; relays each once. (A notice that arrives while the
 /// session is down waits in the channel.)
-async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<api::AgentMessage>) {
+async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<Report>) {
     let mut sent_interruption = false;
     let mut sent_rebalance = false;
     let every = std::env::var("DDISCO_NOTICE_POLL_MS")
@@ -156,8 +152,8 @@ async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<api::
     loop {
         tick.tick().await;
         for (path, kind, sent) in [
-            ("spot/instance-action", api::NoticeKind::SpotInterruption, &mut sent_interruption),
-            ("events/recommendations/rebalance", api::NoticeKind::Rebalance, &mut sent_rebalance),
+            ("spot/instance-action", NoticeKind::SpotInterruption, &mut sent_interruption),
+            ("events/recommendations/rebalance", NoticeKind::Rebalance, &mut sent_rebalance),
         ] {
             if *sent {
                 continue;
@@ -165,8 +161,7 @@ async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<api::
             if let Ok(Some(detail)) = imds.get(path).await {
                 tracing::warn!("{path}: {detail}");
                 *sent = true;
-                let notice = api::Notice { kind: kind as i32, detail };
-                if out.send(msg(api::agent_message::Msg::Notice(notice))).is_err() {
+                if out.send(Report::Notice { kind, detail }).is_err() {
                     return;
                 }
             }
@@ -175,10 +170,6 @@ async fn watch_notices(imds: crate::imds::Imds, out: mpsc::UnboundedSender<api::
             return;
         }
     }
-}
-
-fn msg(m: api::agent_message::Msg) -> api::AgentMessage {
-    api::AgentMessage { msg: Some(m) }
 }
 
 fn classify(s: tonic::Status) -> Result<End, Fatal> {

@@ -4,7 +4,7 @@
 //! says so) rather than silently ready.
 
 use crate::command::{Outcome, fail, run};
-use ddisco_proto::v1 as api;
+use crate::model::{Plan, Report, Step, StepKind, StepReport, StepStatus};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -71,14 +71,14 @@ impl Executor {
         self.state.lock().expect("lock").progress.clone()
     }
 
-    pub fn failure(&self) -> Option<api::StepReport> {
+    pub fn failure(&self) -> Option<StepReport> {
         let st = self.state.lock().expect("lock");
         let f = st.progress.failed.as_ref()?;
-        Some(api::StepReport {
+        Some(StepReport {
             plan_id: st.progress.plan_id.clone(),
             index: f.index,
             name: f.name.clone(),
-            status: api::StepStatus::Failed as i32,
+            status: StepStatus::Failed,
             duration_ms: f.duration_ms,
             exit_code: f.exit_code,
             output_tail: f.output_tail.clone(),
@@ -87,12 +87,7 @@ impl Executor {
 
     /// Starts executing `plan` in the background, unless it is already
     /// running or finished (or failed) in this process.
-    pub fn start(
-        self: Arc<Self>,
-        plan: api::Plan,
-        workers: u32,
-        reports: UnboundedSender<api::AgentMessage>,
-    ) {
+    pub fn start(self: Arc<Self>, plan: Plan, workers: u32, reports: UnboundedSender<Report>) {
         let start_at = {
             let mut st = self.state.lock().expect("lock");
             if st.running.as_deref() == Some(plan.id.as_str()) {
@@ -115,22 +110,22 @@ impl Executor {
         tokio::spawn(async move {
             for (i, step) in plan.steps.iter().enumerate().skip(start_at as usize) {
                 let i = i as u32;
-                let report = |status: api::StepStatus, ms: u64, code: i32, tail: String| api::AgentMessage {
-                    msg: Some(api::agent_message::Msg::Step(api::StepReport {
+                let report = |status: StepStatus, ms: u64, code: i32, tail: String| {
+                    Report::Step(StepReport {
                         plan_id: plan.id.clone(),
                         index: i,
                         name: step.name.clone(),
-                        status: status as i32,
+                        status,
                         duration_ms: ms,
                         exit_code: code,
                         output_tail: tail,
-                    })),
+                    })
                 };
-                let _ = reports.send(report(api::StepStatus::Running, 0, 0, String::new()));
+                let _ = reports.send(report(StepStatus::Running, 0, 0, String::new()));
                 tracing::info!(step = %step.name, "step {}/{} started", i + 1, plan.steps.len());
                 let t0 = Instant::now();
                 let out = match &step.kind {
-                    Some(api::step::Kind::Collect(c)) => collect(c, &reports),
+                    StepKind::Collect { attribute, path } => collect(attribute, path, &reports),
                     _ => run_step(step, &self.dir, workers).await,
                 };
                 let ms = t0.elapsed().as_millis() as u64;
@@ -153,10 +148,10 @@ impl Executor {
                 }
                 if ok {
                     tracing::info!(step = %step.name, ms, "step succeeded");
-                    let _ = reports.send(report(api::StepStatus::Succeeded, ms, 0, out.tail));
+                    let _ = reports.send(report(StepStatus::Succeeded, ms, 0, out.tail));
                 } else {
                     tracing::error!(step = %step.name, code = out.code, "step failed: {}", out.tail.trim());
-                    let _ = reports.send(report(api::StepStatus::Failed, ms, out.code, out.tail));
+                    let _ = reports.send(report(StepStatus::Failed, ms, out.code, out.tail));
                     return;
                 }
             }
@@ -175,49 +170,41 @@ impl Executor {
 }
 
 /// Reads a file and sends it to the controller as an attribute.
-fn collect(c: &api::Collect, reports: &UnboundedSender<api::AgentMessage>) -> Outcome {
-    match std::fs::read_to_string(&c.path) {
+fn collect(attribute: &str, path: &str, reports: &UnboundedSender<Report>) -> Outcome {
+    match std::fs::read_to_string(path) {
         Ok(value) if value.len() <= 16 * 1024 => {
-            let msg = api::AgentMessage {
-                msg: Some(api::agent_message::Msg::Attribute(api::Attribute {
-                    name: c.attribute.clone(),
-                    value: value.trim().to_string(),
-                })),
-            };
-            let _ = reports.send(msg);
-            Outcome { code: 0, tail: format!("sent {} from {}", c.attribute, c.path) }
+            let value = value.trim().to_string();
+            let _ = reports.send(Report::Attribute { name: attribute.to_string(), value });
+            Outcome { code: 0, tail: format!("sent {attribute} from {path}") }
         }
-        Ok(_) => fail(format!("{} is larger than 16 KiB", c.path)),
-        Err(e) => fail(format!("cannot read {}: {e}", c.path)),
+        Ok(_) => fail(format!("{path} is larger than 16 KiB")),
+        Err(e) => fail(format!("cannot read {path}: {e}")),
     }
 }
 
-pub async fn run_step(step: &api::Step, dir: &Path, workers: u32) -> Outcome {
-    use api::step::Kind;
+pub async fn run_step(step: &Step, dir: &Path, workers: u32) -> Outcome {
     let log = dir.join("steps").join(format!("{}.log", step.name));
     match &step.kind {
-        None => fail(format!("step {} has no kind: the controller is newer than this agent", step.name)),
-        Some(Kind::SystemPackages(p)) => system_packages(p, &log).await,
-        Some(Kind::Pip(p)) => pip(p, &log).await,
-        Some(Kind::AuthorizedKeys(k)) => authorized_keys(k).await,
-        Some(Kind::Scratch(s)) => crate::scratch::scratch(s, &log).await,
-        Some(Kind::Collect(c)) => fail(format!("collect {} must run inside a plan", c.attribute)),
-        Some(Kind::Shell(s)) => {
+        StepKind::Unknown => {
+            fail(format!("step {} is of a kind this agent does not know: the controller is newer", step.name))
+        }
+        StepKind::SystemPackages { packages, install } => system_packages(packages, *install, &log).await,
+        StepKind::Pip { requirements, venv } => pip(requirements, venv, &log).await,
+        StepKind::AuthorizedKeys { path, keys, owner } => authorized_keys(path, keys, owner).await,
+        StepKind::Scratch(s) => crate::scratch::scratch(s, &log).await,
+        StepKind::Collect { attribute, .. } => fail(format!("collect {attribute} must run inside a plan")),
+        StepKind::Shell { script, env } => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
             let mut cmd = tokio::process::Command::new(shell);
-            cmd.arg("-c")
-                .arg(&s.script)
-                .current_dir(dir)
-                .envs(&s.env)
-                .env("DDISCO_WORKERS", workers.to_string());
+            cmd.arg("-c").arg(script).current_dir(dir).envs(env).env("DDISCO_WORKERS", workers.to_string());
             run(cmd, &log).await
         }
     }
 }
 
-async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
+async fn system_packages(packages: &[String], install: bool, log: &Path) -> Outcome {
     let mut missing = Vec::new();
-    for pkg in &p.packages {
+    for pkg in packages {
         let out = tokio::process::Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", pkg])
             .stderr(Stdio::null())
@@ -234,9 +221,9 @@ async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
         }
     }
     if missing.is_empty() {
-        return Outcome { code: 0, tail: format!("all {} packages installed", p.packages.len()) };
+        return Outcome { code: 0, tail: format!("all {} packages installed", packages.len()) };
     }
-    if !p.install {
+    if !install {
         return fail(format!(
             "missing packages: {} (this node may only check packages, not install them: install them \
              on the host, remove them from base_packages/additional_packages, or set local_install_packages = true)",
@@ -257,8 +244,8 @@ async fn system_packages(p: &api::SystemPackages, log: &Path) -> Outcome {
     run(install, log).await
 }
 
-async fn pip(p: &api::PipRequirements, log: &Path) -> Outcome {
-    let venv = PathBuf::from(&p.venv);
+async fn pip(requirements: &[String], venv: &str, log: &Path) -> Outcome {
+    let venv = PathBuf::from(venv);
     let python = venv.join("bin/python");
     if !python.exists() {
         let mut mk = tokio::process::Command::new("python3");
@@ -269,16 +256,15 @@ async fn pip(p: &api::PipRequirements, log: &Path) -> Outcome {
         }
     }
     let mut cmd = tokio::process::Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"])
-        .args(&p.requirements);
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q"]).args(requirements);
     run(cmd, log).await
 }
 
-async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
+async fn authorized_keys(path: &str, keys: &[String], owner: &str) -> Outcome {
     use std::os::unix::fs::PermissionsExt;
-    let path = PathBuf::from(&k.path);
+    let path = PathBuf::from(path);
     let Some(ssh_dir) = path.parent() else {
-        return fail(format!("authorized_keys path {:?} has no folder", k.path));
+        return fail(format!("authorized_keys path {:?} has no folder", path.display()));
     };
     let res = (|| -> std::io::Result<usize> {
         std::fs::create_dir_all(ssh_dir)?;
@@ -286,7 +272,7 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
         let existing = std::fs::read_to_string(&path).unwrap_or_default();
         let mut text = existing.clone();
         let mut added = 0;
-        for key in &k.keys {
+        for key in keys {
             if !existing.lines().any(|l| l.trim() == key.trim()) {
                 if !text.is_empty() && !text.ends_with('\n') {
                     text.push('\n');
@@ -302,8 +288,8 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
     match res {
         Err(e) => fail(format!("cannot write {}: {e}", path.display())),
         Ok(added) => {
-            if !k.owner.is_empty() {
-                let owner = format!("{0}:{0}", k.owner);
+            if !owner.is_empty() {
+                let owner = format!("{owner}:{owner}");
                 let out =
                     tokio::process::Command::new("chown").arg(&owner).arg(ssh_dir).arg(&path).output().await;
                 match out {
@@ -321,11 +307,8 @@ async fn authorized_keys(k: &api::AuthorizedKeys) -> Outcome {
 mod tests {
     use super::*;
 
-    fn shell(name: &str, script: &str) -> api::Step {
-        api::Step {
-            name: name.into(),
-            kind: Some(api::step::Kind::Shell(api::Shell { script: script.into(), env: Default::default() })),
-        }
+    fn shell(name: &str, script: &str) -> Step {
+        Step { name: name.into(), kind: StepKind::Shell { script: script.into(), env: Default::default() } }
     }
 
     #[tokio::test]
@@ -351,12 +334,12 @@ mod tests {
     #[tokio::test]
     async fn missing_package_is_named_and_nothing_installed() {
         let d = tempfile::tempdir().unwrap();
-        let step = api::Step {
+        let step = Step {
             name: "system_packages".into(),
-            kind: Some(api::step::Kind::SystemPackages(api::SystemPackages {
+            kind: StepKind::SystemPackages {
                 packages: vec!["coreutils".into(), "ddisco-no-such-package".into()],
                 install: false,
-            })),
+            },
         };
         let out = run_step(&step, d.path(), 1).await;
         assert_eq!(out.code, 1);
@@ -368,13 +351,13 @@ mod tests {
     async fn authorized_keys_are_added_once() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("home/.ssh/authorized_keys");
-        let step = api::Step {
+        let step = Step {
             name: "keys".into(),
-            kind: Some(api::step::Kind::AuthorizedKeys(api::AuthorizedKeys {
+            kind: StepKind::AuthorizedKeys {
                 path: path.display().to_string(),
                 keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
                 owner: String::new(),
-            })),
+            },
         };
         assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
         assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
@@ -386,7 +369,7 @@ mod tests {
     async fn progress_survives_a_restart_and_failed_plans_stay_failed() {
         let d = tempfile::tempdir().unwrap();
         let marker = d.path().join("ran");
-        let plan = api::Plan {
+        let plan = Plan {
             id: "p1".into(),
             steps: vec![shell("one", &format!("echo x >> {}", marker.display())), shell("two", "exit 3")],
         };
@@ -396,9 +379,7 @@ mod tests {
         while let Some(r) = rx.recv().await {
             last = Some(r);
         }
-        let Some(api::agent_message::Msg::Step(last)) = last.unwrap().msg else {
-            panic!("not a step report")
-        };
+        let Some(Report::Step(last)) = last else { panic!("not a step report") };
         assert_eq!((last.index, last.exit_code), (1, 3));
         // A new process (restart) neither re-runs step one nor retries two.
         let ex = Arc::new(Executor::new(d.path()));

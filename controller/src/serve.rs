@@ -45,9 +45,11 @@ pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             crate::provider::record::RecordProvider::new(&cfg.state_dir)
                 .with_context(|| format!("cannot prepare {}", cfg.state_dir.display()))?,
         )),
-        crate::config::ProviderKind::Ec2 => {
-            Ok(Arc::new(crate::provider::ec2::Ec2Provider::new(cfg).await.map_err(preflight_error)?))
-        }
+        crate::config::ProviderKind::Ec2 => Ok(Arc::new(
+            crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir)
+                .await
+                .map_err(preflight_error)?,
+        )),
     }
 }
 

@@ -143,14 +143,22 @@ fn only_the_ec2_provider_uses_the_aws_sdk() {
 }
 
 #[test]
-fn generated_protobuf_types_stay_at_the_controllers_edges() {
-    // The modules that serve or call gRPC, and the one that converts.
-    let edges = ["wire.rs", "grpc.rs", "admin.rs", "cli/client.rs"];
-    for (rel, text) in sources(&root().join("controller/src")) {
-        if edges.contains(&rel.as_str()) || rel.starts_with("bin/") {
-            continue;
+fn generated_protobuf_types_stay_at_the_edges() {
+    // Per crate: the modules that serve or call gRPC, and the one that
+    // converts.
+    for (krate, edges) in [
+        ("controller", &["wire.rs", "grpc.rs", "admin.rs", "cli/client.rs"][..]),
+        ("agent", &["wire.rs", "session.rs", "identity.rs"][..]),
+    ] {
+        let mut checked = 0;
+        for (rel, text) in sources(&root().join(krate).join("src")) {
+            if edges.contains(&rel.as_str()) || rel.starts_with("bin/") {
+                continue;
+            }
+            checked += 1;
+            assert!(!code(&text).contains("ddisco_proto"), "{krate}/src/{rel} uses the generated types");
         }
-        assert!(!code(&text).contains("ddisco_proto"), "controller/src/{rel} uses the generated types");
+        assert!(checked > 5, "{krate}: too few files checked");
     }
 }
 

@@ -60,8 +60,9 @@ pub async fn exec(args: SecurityGroupArgs) -> anyhow::Result<ExitCode> {
         Some(g) => Some((g.as_str(), &ports[..])),
         None => None,
     };
-    let provider =
-        crate::provider::ec2::Ec2Provider::new(&cfg).await.map_err(crate::serve::preflight_error)?;
+    let provider = crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir)
+        .await
+        .map_err(crate::serve::preflight_error)?;
     let r = provider
         .ensure_security_group(&name, ssh.as_deref(), controller)
         .await
@@ -88,7 +89,7 @@ pub async fn exec(args: SecurityGroupArgs) -> anyhow::Result<ExitCode> {
             ports[0], ports[1]
         );
     }
-    if cfg.security_groups.iter().any(|g| g == &r.group_id || g == &name) {
+    if cfg.ec2.security_groups.iter().any(|g| g == &r.group_id || g == &name) {
         println!("the config uses it already");
     } else {
         println!("use it: security_groups = [\"{}\"]", r.group_id);

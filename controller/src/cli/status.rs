@@ -28,15 +28,22 @@ pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
     if args.watch {
+        // Registered once, before the first draw: a Ctrl-C that arrives
+        // while a table is being fetched or drawn is not lost.
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         loop {
             let view = client.status().await?;
-            // Clear the screen, home the cursor, draw.
-            print!("\x1b[2J\x1b[H{}", render(&view));
             use std::io::Write;
-            std::io::stdout().flush()?;
+            let mut out = std::io::stdout().lock();
+            // Clear the screen, home the cursor, draw. A reader that went
+            // away (a closed pipe) ends the watch quietly.
+            if write!(out, "\x1b[2J\x1b[H{}", render(&view)).and_then(|_| out.flush()).is_err() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            drop(out);
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
             }
         }
     }

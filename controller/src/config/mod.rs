@@ -46,7 +46,6 @@ impl fmt::Display for ProviderKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub provider: ProviderKind,
-    pub region: Option<String>,
     pub tag_key: String,
     pub num_slaves: u32,
     pub master_multiplier: f64,
@@ -54,13 +53,9 @@ pub struct Config {
     pub base_packages: Vec<String>,
     pub additional_packages: Vec<String>,
     pub pip_requirements: Vec<String>,
-    pub ami: String,
-    pub max_bid: String,
     pub instance_type: String,
     pub master_instance_type: String,
     pub slave_instance_type: String,
-    pub key_name: String,
-    pub security_groups: Vec<String>,
     /// Public keys, one per line, added to every node's authorized_keys.
     pub mgmt_keys: Vec<String>,
     pub post_init: String,
@@ -78,6 +73,35 @@ pub struct Config {
     pub agent_binary: Option<PathBuf>,
     /// Local provider only: allow `apt-get install` of missing packages.
     pub local_install_packages: bool,
+    /// Slave pools as configured (empty: one pool from num_slaves).
+    pub slave_pools: Vec<Pool>,
+    /// Replace on-demand slaves of pools back on spot once the cluster has
+    /// been idle this long; zero: only at scale changes.
+    pub on_demand_idle_replace: Duration,
+    /// Where each node's scratch space (instance store) is mounted.
+    pub scratch_path: String,
+    pub engine: EngineKind,
+    /// How long a slave being removed is drained before it is terminated.
+    pub drain_timeout: Duration,
+    /// Dashboard and /metrics (HTTP); local by default.
+    pub dashboard_listen: SocketAddr,
+    /// Bearer token required by the dashboard and /metrics; mandatory when
+    /// `dashboard_listen` is not a loopback address.
+    pub dashboard_token: Option<Secret>,
+    /// EC2 settings (provider = "ec2"): all the EC2 provider sees of the file.
+    pub ec2: Ec2Config,
+    pub dask: DaskConfig,
+    pub disco: DiscoConfig,
+}
+
+/// The EC2 section: every setting only the EC2 provider reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ec2Config {
+    pub region: Option<String>,
+    pub ami: String,
+    pub max_bid: String,
+    pub key_name: String,
+    pub security_groups: Vec<String>,
     /// Legacy AWS keys found in the file (the credential chain is preferred).
     pub aws_keys_in_file: bool,
     /// The legacy AWS_ACCESS / AWS_SECRET values, when given.
@@ -86,8 +110,6 @@ pub struct Config {
     pub endpoint_url: Option<String>,
     /// Subnets to launch into, tried in order; empty: the default VPC.
     pub subnet_ids: Vec<String>,
-    /// Slave pools as configured (empty: one pool from num_slaves).
-    pub slave_pools: Vec<Pool>,
     /// Attempts the AWS SDK makes per call (its own retries).
     pub ec2_max_attempts: u32,
     /// Launch the master on-demand instead of spot (slaves stay spot).
@@ -105,27 +127,35 @@ pub struct Config {
     /// Spot interruptions of a pool, within the window, that do the same.
     pub fallback_interruptions: u32,
     pub fallback_window: Duration,
-    /// Replace on-demand slaves of pools back on spot once the cluster has
-    /// been idle this long; zero: only at scale changes.
-    pub on_demand_idle_replace: Duration,
-    /// Where each node's scratch space (instance store) is mounted.
-    pub scratch_path: String,
-    pub engine: EngineKind,
-    /// How long a slave being removed is drained before it is terminated.
-    pub drain_timeout: Duration,
-    pub dask_version: String,
-    pub dask_scheduler_port: u16,
-    pub dask_dashboard_port: u16,
+}
+
+/// The Dask engine's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaskConfig {
+    pub version: String,
+    pub scheduler_port: u16,
+    pub dashboard_port: u16,
+}
+
+/// The Disco engine's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoConfig {
     /// Disco install source: `git+URL@REF` or a tarball URL; empty: preinstalled.
-    pub disco_source: String,
-    pub disco_port: u16,
-    pub disco_root: String,
-    pub disco_gc_after: u32,
-    /// Dashboard and /metrics (HTTP); local by default.
-    pub dashboard_listen: SocketAddr,
-    /// Bearer token required by the dashboard and /metrics; mandatory when
-    /// `dashboard_listen` is not a loopback address.
-    pub dashboard_token: Option<Secret>,
+    pub source: String,
+    pub port: u16,
+    pub root: String,
+    pub gc_after: u32,
+}
+
+/// What the EC2 provider needs to know of the nodes besides its section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeShape {
+    /// Marks every resource of the cluster.
+    pub tag_key: String,
+    pub master_instance_type: String,
+    pub pools: Vec<Pool>,
+    pub ssh_user: String,
+    pub scratch_path: String,
 }
 
 /// Roles allowed to fall back to on-demand (`on_demand_fallback`).
@@ -200,7 +230,6 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             provider: ProviderKind::Local,
-            region: None,
             tag_key: "ddisco".into(),
             num_slaves: 0,
             master_multiplier: 1.0,
@@ -220,13 +249,9 @@ impl Default for Config {
                 "pigz",
             ]),
             pip_requirements: strings(&["iso8601"]),
-            ami: "ubuntu:24.04".into(),
-            max_bid: "0.10".into(),
             instance_type: "c5.xlarge".into(),
             master_instance_type: String::new(),
             slave_instance_type: String::new(),
-            key_name: String::new(),
-            security_groups: vec![],
             mgmt_keys: vec![],
             post_init: String::new(),
             ssh_user: "ubuntu".into(),
@@ -241,32 +266,39 @@ impl Default for Config {
             reconcile_interval: Duration::from_secs(2),
             agent_binary: None,
             local_install_packages: false,
-            aws_keys_in_file: false,
-            aws_keys: None,
-            endpoint_url: None,
-            subnet_ids: vec![],
             slave_pools: vec![],
-            ec2_max_attempts: 3,
-            master_on_demand: false,
-            capacity_cooldown: Duration::from_secs(300),
-            iam_instance_profile: None,
-            on_demand_fallback: FallbackRoles::None,
-            fallback_failures: 3,
-            fallback_interruptions: 3,
-            fallback_window: Duration::from_secs(900),
             on_demand_idle_replace: Duration::from_secs(600),
             scratch_path: "/mnt".into(),
             engine: EngineKind::Disco,
             drain_timeout: Duration::from_secs(60),
-            dask_version: DASK_VERSION.into(),
-            dask_scheduler_port: 8786,
-            dask_dashboard_port: 8787,
-            disco_source: "git+https://github.com/discoproject/disco.git@0.5.4".into(),
-            disco_port: 8989,
-            disco_root: "/mnt/disco".into(),
-            disco_gc_after: 6400,
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
+            ec2: Ec2Config {
+                region: None,
+                ami: "ubuntu:24.04".into(),
+                max_bid: "0.10".into(),
+                key_name: String::new(),
+                security_groups: vec![],
+                aws_keys_in_file: false,
+                aws_keys: None,
+                endpoint_url: None,
+                subnet_ids: vec![],
+                ec2_max_attempts: 3,
+                master_on_demand: false,
+                capacity_cooldown: Duration::from_secs(300),
+                iam_instance_profile: None,
+                on_demand_fallback: FallbackRoles::None,
+                fallback_failures: 3,
+                fallback_interruptions: 3,
+                fallback_window: Duration::from_secs(900),
+            },
+            dask: DaskConfig { version: DASK_VERSION.into(), scheduler_port: 8786, dashboard_port: 8787 },
+            disco: DiscoConfig {
+                source: "git+https://github.com/discoproject/disco.git@0.5.4".into(),
+                port: 8989,
+                root: "/mnt/disco".into(),
+                gc_after: 6400,
+            },
         }
     }
 }
@@ -357,6 +389,17 @@ impl Config {
             }]
         } else {
             self.slave_pools.clone()
+        }
+    }
+
+    /// What the EC2 provider needs of the nodes (it reads `ec2` for the rest).
+    pub fn node_shape(&self) -> NodeShape {
+        NodeShape {
+            tag_key: self.tag_key.clone(),
+            master_instance_type: self.master_instance_type().to_string(),
+            pools: self.pools(),
+            ssh_user: self.ssh_user.clone(),
+            scratch_path: self.scratch_path.clone(),
         }
     }
 
@@ -511,8 +554,8 @@ mod tests {
             assert!(!is_instance_profile(bad), "{bad}");
         }
         let c = toml("iam_instance_profile = \"ddisco-nodes\"\non_demand_fallback = \"both\"").unwrap();
-        assert_eq!(c.iam_instance_profile.as_deref(), Some("ddisco-nodes"));
-        assert_eq!(c.on_demand_fallback, FallbackRoles::Both);
+        assert_eq!(c.ec2.iam_instance_profile.as_deref(), Some("ddisco-nodes"));
+        assert_eq!(c.ec2.on_demand_fallback, FallbackRoles::Both);
         assert!(FallbackRoles::Slaves.covers(crate::model::Role::Slave));
         assert!(!FallbackRoles::Slaves.covers(crate::model::Role::Master));
     }
@@ -541,7 +584,7 @@ mod tests {
         assert_eq!(c.master_multiplier, 2.0);
         assert_eq!(c.mgmt_keys.len(), 2);
         assert_eq!(c.master_instance_type(), "c1.xlarge");
-        assert!(c.aws_keys_in_file);
+        assert!(c.ec2.aws_keys_in_file);
         assert!(notes.iter().any(|n| n.contains("credential chain")), "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("PROVIDER")), "{notes:?}");
     }
@@ -563,6 +606,6 @@ mod tests {
     #[test]
     fn numeric_max_bid_is_accepted() {
         let text = ORIGINAL.replace("\"MAX_BID\": \"0.10\"", "\"MAX_BID\": 0.25");
-        assert_eq!(json(&text).unwrap().0.max_bid, "0.25");
+        assert_eq!(json(&text).unwrap().0.ec2.max_bid, "0.25");
     }
 }

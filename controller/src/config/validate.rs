@@ -73,7 +73,7 @@ impl Config {
         let slave_multiplier = multiplier("slave_multiplier", raw.slave_multiplier, d.slave_multiplier)?;
 
         let max_bid = match raw.max_bid {
-            None => d.max_bid,
+            None => d.ec2.max_bid,
             Some(StringOrNumber::S(s)) => s,
             Some(StringOrNumber::N(n)) => n.to_string(),
         };
@@ -110,14 +110,14 @@ impl Config {
         }
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
         let capacity_cooldown =
-            secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.capacity_cooldown)?;
-        let fallback_window = secs("fallback_window_secs", raw.fallback_window_secs, d.fallback_window)?;
+            secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.ec2.capacity_cooldown)?;
+        let fallback_window = secs("fallback_window_secs", raw.fallback_window_secs, d.ec2.fallback_window)?;
         let on_demand_idle_replace = match raw.on_demand_idle_replace_secs {
             Some(0.0) => Duration::ZERO,
             other => secs("on_demand_idle_replace_secs", other, d.on_demand_idle_replace)?,
         };
         let on_demand_fallback = match raw.on_demand_fallback.as_deref() {
-            None => d.on_demand_fallback,
+            None => d.ec2.on_demand_fallback,
             Some("none") => FallbackRoles::None,
             Some("slaves") => FallbackRoles::Slaves,
             Some("master") => FallbackRoles::Master,
@@ -227,7 +227,6 @@ impl Config {
 
         let cfg = Config {
             provider,
-            region: non_empty(raw.region),
             tag_key,
             num_slaves,
             master_multiplier,
@@ -235,13 +234,9 @@ impl Config {
             base_packages: raw.base_packages.unwrap_or(d.base_packages),
             additional_packages: raw.additional_packages.unwrap_or(d.additional_packages),
             pip_requirements: raw.pip_requirements.unwrap_or(d.pip_requirements),
-            ami: raw.ami.unwrap_or(d.ami),
-            max_bid,
             instance_type: raw.instance_type.unwrap_or(d.instance_type),
             master_instance_type: raw.master_instance_type.unwrap_or_default(),
             slave_instance_type: raw.slave_instance_type.unwrap_or_default(),
-            key_name: raw.key_name.unwrap_or_default(),
-            security_groups: raw.security_groups.unwrap_or_default(),
             mgmt_keys,
             post_init: raw.post_init.unwrap_or_default(),
             ssh_user: raw.ssh_user.unwrap_or(d.ssh_user),
@@ -256,39 +251,50 @@ impl Config {
             reconcile_interval,
             agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
             local_install_packages: raw.local_install_packages.unwrap_or(false),
-            aws_keys_in_file,
-            aws_keys: match (raw.aws_access, raw.aws_secret) {
-                (Some(a), Some(s))
-                    if !a.trim().is_empty() && !s.trim().is_empty() && !a.contains("FILL THIS") =>
-                {
-                    Some((a, Secret(s)))
-                }
-                _ => None,
-            },
-            endpoint_url: non_empty(raw.endpoint_url),
-            subnet_ids: raw.subnet_ids.unwrap_or_default(),
             slave_pools: raw.slave_pools.unwrap_or_default(),
-            ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2_max_attempts).clamp(1, 10),
-            master_on_demand: raw.master_on_demand.unwrap_or(false),
-            capacity_cooldown,
-            iam_instance_profile,
-            on_demand_fallback,
-            fallback_failures: raw.fallback_failures.unwrap_or(d.fallback_failures),
-            fallback_interruptions: raw.fallback_interruptions.unwrap_or(d.fallback_interruptions),
-            fallback_window,
             on_demand_idle_replace,
             scratch_path,
             engine,
             drain_timeout,
-            dask_version: non_empty(raw.dask_version).unwrap_or(d.dask_version),
-            dask_scheduler_port: raw.dask_scheduler_port.unwrap_or(d.dask_scheduler_port),
-            dask_dashboard_port: raw.dask_dashboard_port.unwrap_or(d.dask_dashboard_port),
-            disco_source: raw.disco_source.unwrap_or(d.disco_source),
-            disco_port: raw.disco_port.unwrap_or(d.disco_port),
-            disco_root: raw.disco_root.unwrap_or(d.disco_root),
-            disco_gc_after: raw.disco_gc_after.unwrap_or(d.disco_gc_after),
             dashboard_listen,
             dashboard_token,
+            ec2: Ec2Config {
+                region: non_empty(raw.region),
+                ami: raw.ami.unwrap_or(d.ec2.ami),
+                max_bid,
+                key_name: raw.key_name.unwrap_or_default(),
+                security_groups: raw.security_groups.unwrap_or_default(),
+                aws_keys_in_file,
+                aws_keys: match (raw.aws_access, raw.aws_secret) {
+                    (Some(a), Some(s))
+                        if !a.trim().is_empty() && !s.trim().is_empty() && !a.contains("FILL THIS") =>
+                    {
+                        Some((a, Secret(s)))
+                    }
+                    _ => None,
+                },
+                endpoint_url: non_empty(raw.endpoint_url),
+                subnet_ids: raw.subnet_ids.unwrap_or_default(),
+                ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2.ec2_max_attempts).clamp(1, 10),
+                master_on_demand: raw.master_on_demand.unwrap_or(false),
+                capacity_cooldown,
+                iam_instance_profile,
+                on_demand_fallback,
+                fallback_failures: raw.fallback_failures.unwrap_or(d.ec2.fallback_failures),
+                fallback_interruptions: raw.fallback_interruptions.unwrap_or(d.ec2.fallback_interruptions),
+                fallback_window,
+            },
+            dask: DaskConfig {
+                version: non_empty(raw.dask_version).unwrap_or(d.dask.version),
+                scheduler_port: raw.dask_scheduler_port.unwrap_or(d.dask.scheduler_port),
+                dashboard_port: raw.dask_dashboard_port.unwrap_or(d.dask.dashboard_port),
+            },
+            disco: DiscoConfig {
+                source: raw.disco_source.unwrap_or(d.disco.source),
+                port: raw.disco_port.unwrap_or(d.disco.port),
+                root: raw.disco_root.unwrap_or(d.disco.root),
+                gc_after: raw.disco_gc_after.unwrap_or(d.disco.gc_after),
+            },
         };
         for (key, list) in
             [("base_packages", &cfg.base_packages), ("additional_packages", &cfg.additional_packages)]
@@ -317,7 +323,7 @@ impl Config {
             ));
         }
         if cfg.provider == ProviderKind::Ec2 {
-            if cfg.ami.trim().is_empty() {
+            if cfg.ec2.ami.trim().is_empty() {
                 return Err(err(
                     "ami",
                     "required with provider = \"ec2\": an official Ubuntu image alias such as \"ubuntu:24.04\", \
@@ -325,10 +331,10 @@ impl Config {
                         .into(),
                 ));
             }
-            if let Err(e) = image::parse(&cfg.ami) {
+            if let Err(e) = image::parse(&cfg.ec2.ami) {
                 return Err(err("ami", e));
             }
-            if cfg.security_groups.is_empty() {
+            if cfg.ec2.security_groups.is_empty() {
                 return Err(err(
                     "security_groups",
                     "required with provider = \"ec2\": at least one group (id sg-... or name)".into(),
@@ -345,12 +351,12 @@ impl Config {
         }
         if cfg.provider == ProviderKind::Ec2
             && cfg.engine == EngineKind::Disco
-            && !Path::new(&cfg.disco_root).starts_with(&cfg.scratch_path)
+            && !Path::new(&cfg.disco.root).starts_with(&cfg.scratch_path)
         {
             notes.push(format!(
                 "disco_root {:?} is not under scratch_path {:?}: Disco's data will be on the root volume, not \
                  on instance store",
-                cfg.disco_root, cfg.scratch_path
+                cfg.disco.root, cfg.scratch_path
             ));
         }
         Ok((cfg, notes))

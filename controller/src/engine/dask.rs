@@ -18,9 +18,9 @@ pub struct Dask {
 impl Dask {
     pub fn from_config(cfg: &crate::config::Config) -> Dask {
         Dask {
-            version: cfg.dask_version.clone(),
-            scheduler_port: cfg.dask_scheduler_port,
-            dashboard_port: cfg.dask_dashboard_port,
+            version: cfg.dask.version.clone(),
+            scheduler_port: cfg.dask.scheduler_port,
+            dashboard_port: cfg.dask.dashboard_port,
         }
     }
 

@@ -42,10 +42,10 @@ pub struct Disco {
 impl Disco {
     pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Disco {
         Disco {
-            source: cfg.disco_source.clone(),
-            port: cfg.disco_port,
-            root: cfg.disco_root.clone(),
-            gc_after: cfg.disco_gc_after,
+            source: cfg.disco.source.clone(),
+            port: cfg.disco.port,
+            root: cfg.disco.root.clone(),
+            gc_after: cfg.disco.gc_after,
             cookie,
         }
     }

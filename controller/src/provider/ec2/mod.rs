@@ -32,7 +32,7 @@ pub use security_group::SgReport;
 use super::fallback::{self, Market};
 use super::images::{self, ImageInfo, ImageSpec, Resolved};
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
-use crate::config::{Config, Pool};
+use crate::config::{Ec2Config, NodeShape, Pool};
 use crate::model::Role;
 use crate::plan::NodeLayout;
 use aws_sdk_ec2::Client;
@@ -43,6 +43,7 @@ use aws_sdk_ec2::types::{
 };
 use errors::{Kind, classify, describe};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Mutex;
 
 use std::time::{Duration, Instant};
@@ -103,8 +104,13 @@ struct State {
 }
 
 impl Ec2Provider {
-    /// Builds the client from the config and the standard AWS chain.
-    pub async fn new(cfg: &Config) -> Result<Ec2Provider, ProviderError> {
+    /// Builds the client from the EC2 section and the standard AWS chain;
+    /// `nodes` says what it launches, `state_dir` holds the image cache.
+    pub async fn new(
+        cfg: &Ec2Config,
+        nodes: &NodeShape,
+        state_dir: &Path,
+    ) -> Result<Ec2Provider, ProviderError> {
         use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
         // Deadlines on every call: a hung connection must not stall the
         // reconcile loop (it waits for each listing).
@@ -158,7 +164,7 @@ impl Ec2Provider {
         Ok(Ec2Provider {
             client: Client::new(&sdk),
             region,
-            tag_key: cfg.tag_key.clone(),
+            tag_key: nodes.tag_key.clone(),
             ami: images::parse(&cfg.ami)
                 .map_err(|message| ProviderError::Config { key: "ami".into(), message })?,
             ami_text: cfg.ami.trim().to_string(),
@@ -167,12 +173,12 @@ impl Ec2Provider {
             group_names,
             subnets,
             max_bid: cfg.max_bid.trim().to_string(),
-            master_type: cfg.master_instance_type().to_string(),
+            master_type: nodes.master_instance_type.clone(),
             master_on_demand: cfg.master_on_demand,
-            pools: cfg.pools(),
-            ssh_user: cfg.ssh_user.clone(),
+            pools: nodes.pools.clone(),
+            ssh_user: nodes.ssh_user.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
-            scratch_path: cfg.scratch_path.clone(),
+            scratch_path: nodes.scratch_path.clone(),
             cooldown: cfg.capacity_cooldown,
             fallback: fallback::Policy {
                 roles: cfg.on_demand_fallback,
@@ -187,7 +193,7 @@ impl Ec2Provider {
             scratch_notes: Mutex::default(),
             image_by_arch: Mutex::default(),
             resolved: Mutex::default(),
-            image_cache: cfg.state_dir.join("images.json"),
+            image_cache: state_dir.join("images.json"),
         })
     }
 
