@@ -51,13 +51,23 @@ impl Notice {
     }
 }
 
-/// Where a node is in its life. Transitions (anything else is a bug):
+/// Where a node is in its life. The transitions, all methods of the
+/// registry (`registry/transitions.rs`); anything else is a bug:
 ///
 /// ```text
-/// Requested -> Booting -> Enrolled -> Provisioning(k/n) -> Ready
-///     any state -> Failed (a step failed; kept for diagnosis, not replaced)
-///     any state -> Draining (scale down) -> Terminating after the drain timeout
-///     any state -> Terminating -> (forgotten once the provider confirms)
+/// Requested -> Booting            the provider lists its instance (apply MarkBooting)
+/// Requested | Booting -> Enrolled its agent spent the token (complete_enrollment)
+/// Enrolled -> Provisioning(k/n)   hello: the plan starts or resumes (on_hello)
+/// Provisioning -> Provisioning    step reports (on_step)
+/// Provisioning -> Ready           the last step succeeded (on_step), or a hello
+///                                 says the plan is done (on_hello)
+/// Provisioning -> Failed          a step failed: kept for diagnosis, not replaced
+/// Ready | Failed -> Provisioning  hello with a different plan
+/// Ready -> Draining               scale down, or superseded (apply Drain)
+/// Draining -> Terminating         after the drain timeout (apply Terminate)
+/// any -> Terminating              lost, removed, destroyed (apply Terminate,
+///                                 terminate_all); then forgotten once the
+///                                 provider no longer lists it alive (apply Forget)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
