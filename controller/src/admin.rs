@@ -53,8 +53,13 @@ struct AdminService {
 
 #[tonic::async_trait]
 impl api::admin_server::Admin for AdminService {
-    async fn status(&self, _: Request<api::StatusRequest>) -> Result<Response<api::StatusReply>, Status> {
-        Ok(Response::new(StatusView::of(&self.shared).into()))
+    async fn status(&self, req: Request<api::StatusRequest>) -> Result<Response<api::StatusReply>, Status> {
+        let view = if req.into_inner().brief {
+            StatusView::brief(&self.shared)
+        } else {
+            StatusView::of(&self.shared)
+        };
+        Ok(Response::new(view.into()))
     }
 
     async fn scale(&self, req: Request<api::ScaleRequest>) -> Result<Response<api::ScaleReply>, Status> {

@@ -203,7 +203,7 @@ async fn handle(
         None => {}
         Some(Msg::Hello(h)) => {
             let assignment = sh.hello(node_id, h.into()).map_err(|e| refused(&e))?;
-            tx.send(Outbound::Assignment(assignment)).await.map_err(|_| Handled::Closed)?;
+            tx.send(Outbound::Assignment(Box::new(assignment))).await.map_err(|_| Handled::Closed)?;
         }
         Some(Msg::Notice(n)) => {
             let (kind, detail) = crate::wire::notice(n).map_err(|e| refused(&e.message()))?;

@@ -23,6 +23,8 @@
 //! - [`grpc`], [`download`], [`admin`], [`dashboard`]: the edges (agents'
 //!   gRPC/TLS, agent download over HTTPS, local admin API on a Unix socket,
 //!   `/metrics` over HTTP); [`metrics`] renders the Prometheus text.
+//! - [`limits`]: the open-file limit `serve` raises, and whether it is
+//!   enough for the cluster.
 //! - [`cli`]: one module per subcommand.
 
 pub mod admin;
@@ -33,6 +35,7 @@ pub mod dashboard;
 pub mod download;
 pub mod engine;
 pub mod grpc;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pki;

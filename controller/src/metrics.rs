@@ -17,6 +17,14 @@ pub struct Metrics {
     pub notices: AtomicU64,
     pub reconcile_ticks: AtomicU64,
     pub reconcile_micros: AtomicU64,
+    /// Directive sets computed by `publish` (work accounting).
+    pub directive_sets: AtomicU64,
+    /// Bytes serialised for them.
+    pub directive_bytes: AtomicU64,
+    /// Bytes of `cluster.json` written.
+    pub save_bytes: AtomicU64,
+    /// Times `cluster.json` was written.
+    pub saves: AtomicU64,
 }
 
 impl Metrics {
@@ -59,6 +67,8 @@ pub fn render(
         "Spot interruption/rebalance notices.",
         &m.notices,
     );
+    counter(&mut out, "ddisco_directive_sets_total", "Engine directive sets computed.", &m.directive_sets);
+    counter(&mut out, "ddisco_state_bytes_written_total", "Bytes of cluster.json written.", &m.save_bytes);
     let ticks = m.reconcile_ticks.load(Ordering::Relaxed);
     let secs = m.reconcile_micros.load(Ordering::Relaxed) as f64 / 1e6;
     let _ = writeln!(

@@ -66,6 +66,18 @@ pub fn agent_binary_path(cfg: &Config) -> anyhow::Result<PathBuf> {
 /// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
+    // Every node holds a connection: a default soft limit of 1,024 would
+    // cap the cluster at a few hundred nodes.
+    let fd_limit = match crate::limits::raise_fd_limit() {
+        Ok((soft, hard, now)) => {
+            tracing::info!(soft_before = soft, hard, now, "open-file limit");
+            now
+        }
+        Err(e) => {
+            tracing::warn!("cannot read or raise the open-file limit: {e}");
+            u64::MAX
+        }
+    };
 
     let agent_path = agent_binary_path(&cfg)?;
     let agent_bytes = std::fs::read(&agent_path).with_context(|| {
@@ -110,9 +122,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(text) => {
             // Agents reconnect with a backoff capped at 10 s: count every
             // adopted node as heard from until then.
-            let reg = Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
-                format!("{} is damaged; move it away to start afresh", cluster_file.display())
-            })?;
+            let mut reg =
+                Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
+                    format!("{} is damaged; move it away to start afresh", cluster_file.display())
+                })?;
+            reg.replay_spent(&crate::cluster::persist::Journal::replay(&cfg.state_dir));
             tracing::info!(
                 nodes = reg.len(),
                 desired_slaves = reg.desired_slaves(),
@@ -142,7 +156,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         pki,
         provider,
         endpoints: endpoints.clone(),
+        fd_limit,
     }));
+    if let Some(w) = crate::limits::fd_warning(
+        fd_limit,
+        shared.registry.lock().expect("registry lock").desired_slaves() + 1,
+    ) {
+        tracing::warn!("{w}");
+    }
     let shutdown_rx = shared.shutdown_signal();
 
     tracing::info!(
@@ -163,6 +184,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
+    tasks.spawn(publish_loop(shared.clone(), shutdown_rx.clone()));
 
     let mut stop_rx = shutdown_rx.clone();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -196,7 +218,7 @@ fn bind_keeping_port(
     if addr.port() == 0
         && let Some(port) = saved
     {
-        match std::net::TcpListener::bind(SocketAddr::new(addr.ip(), port)) {
+        match listen(SocketAddr::new(addr.ip(), port)) {
             Ok(l) => return Ok(l),
             Err(e) => tracing::warn!(
                 "cannot reuse port {port} of the previous run ({e}); nodes launched before will not \
@@ -204,7 +226,26 @@ fn bind_keeping_port(
             ),
         }
     }
-    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
+    listen(addr).with_context(|| format!("cannot listen on {addr} (key `{key}`)"))
+}
+
+/// Connections the kernel may queue before they are accepted. std's
+/// `TcpListener::bind` asks for 128: a burst of enrollments (a scale-up of
+/// thousands of nodes) overflows that, and the kernel drops handshakes. The
+/// kernel caps it at `net.core.somaxconn` (4096 on current Linux).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds and listens with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // `TcpSocket::listen` needs a runtime only for registering the
+    // listener; `serve` runs inside one.
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 /// The cluster's Erlang cookie: created once (0600 in the state directory),
@@ -245,17 +286,33 @@ fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
+/// How long the publisher waits after a membership change for more: a
+/// burst of nodes becoming ready is published once.
+const PUBLISH_COALESCE: Duration = Duration::from_millis(50);
+
+async fn publish_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shared.publish_wake.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        tokio::time::sleep(PUBLISH_COALESCE).await;
+        shared.publish();
+    }
+}
+
 async fn persist_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut spacing = Duration::from_millis(100);
     loop {
         tokio::select! {
             _ = shared.persist.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }
-        // Coalesce bursts (many enrollments) into one write.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Err(e) = shared.save() {
-            tracing::error!("cannot save the cluster state: {e:#}");
-        }
+        // Coalesce bursts (many enrollments) into one write, and space
+        // writes by their cost (see `persist::save_spacing`).
+        tokio::time::sleep(spacing).await;
+        let took = crate::cluster::persist::save_timed(&shared);
+        spacing = crate::cluster::persist::save_spacing(took);
     }
 }
 

@@ -18,6 +18,10 @@ pub struct StatusView {
     pub nodes: Vec<NodeStatus>,
     pub events: Vec<String>,
     pub provider_notes: Vec<String>,
+    /// Conditions of the controller itself (its open-file limit).
+    pub controller_notes: Vec<String>,
+    /// Counts over every node (also in a brief status, which has no nodes).
+    pub counts: NodeCounts,
     /// What the provider launches with (image per architecture).
     pub provider_facts: Vec<String>,
     pub engine: String,
@@ -71,17 +75,46 @@ pub struct StepView {
     pub output_tail: String,
 }
 
+/// Counts over every node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NodeCounts {
+    pub nodes: u32,
+    pub ready: u32,
+    pub masters: u32,
+    /// Ids of failed nodes.
+    pub failed: Vec<String>,
+}
+
 impl StatusView {
     /// What the cluster looks like now.
     pub fn of(sh: &Cluster) -> StatusView {
+        StatusView::build(sh, false)
+    }
+
+    /// Without the node list: O(N) counting, no per-node strings.
+    pub fn brief(sh: &Cluster) -> StatusView {
+        StatusView::build(sh, true)
+    }
+
+    fn build(sh: &Cluster, brief: bool) -> StatusView {
         let members = sh.members();
         let engine_endpoints = sh.engine.endpoints(&members);
         let engine_lines = sh.engine.lines(&members);
         let now = sh.clock.now_ms();
         let now_unix = unix_ms();
         let reg = sh.registry.lock().expect("registry lock");
+        let mut counts = NodeCounts::default();
+        for e in reg.entries() {
+            counts.nodes += 1;
+            counts.ready += u32::from(e.rec.state == NodeState::Ready);
+            counts.masters += u32::from(e.rec.role == Role::Master);
+            if matches!(e.rec.state, NodeState::Failed { .. }) {
+                counts.failed.push(e.rec.id.clone());
+            }
+        }
         let nodes = reg
             .entries()
+            .filter(|_| !brief)
             .map(|e| {
                 let r = &e.rec;
                 let facts = r.facts.clone().unwrap_or_default();
@@ -146,6 +179,10 @@ impl StatusView {
                 .map(|e| e.message.clone())
                 .collect(),
             provider_notes: sh.provider.notes(),
+            controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
+                .into_iter()
+                .collect(),
+            counts,
             provider_facts: sh.provider.facts(),
             engine: sh.engine.name().to_string(),
             engine_endpoints,

@@ -12,7 +12,7 @@ use crate::engine::{DirectiveKind, DirectiveSet};
 use crate::model::{Notice, Role};
 use crate::plan::{Assignment, Plan, Step, StepKind};
 use crate::registry::{DirectiveReport, Facts, Hello, Outbound, StepReport, StepStatus};
-use crate::status::{EventView, NodeStatus, StatusView, StepView};
+use crate::status::{EventView, NodeCounts, NodeStatus, StatusView, StepView};
 use ddisco_proto::v1 as api;
 use tonic::Status;
 
@@ -97,7 +97,7 @@ impl From<Outbound> for api::ControllerMessage {
     fn from(o: Outbound) -> api::ControllerMessage {
         use api::controller_message::Msg;
         let msg = match o {
-            Outbound::Assignment(a) => Msg::Assignment(api::Assignment::from(&a)),
+            Outbound::Assignment(a) => Msg::Assignment(api::Assignment::from(&*a)),
             Outbound::Directives(d) => Msg::Directives(api::Directives::from(&*d)),
             Outbound::Shutdown(reason) => Msg::Shutdown(api::Shutdown { reason }),
         };
@@ -198,6 +198,13 @@ impl From<StatusView> for api::StatusReply {
             notes: v.events,
             desired_pools: v.desired_pools.into_iter().collect(),
             provider_notes: v.provider_notes,
+            controller_notes: v.controller_notes,
+            counts: Some(api::NodeCounts {
+                nodes: v.counts.nodes,
+                ready: v.counts.ready,
+                masters: v.counts.masters,
+                failed: v.counts.failed,
+            }),
             engine: v.engine,
             engine_endpoints: v.engine_endpoints.into_iter().collect(),
             engine_lines: v.engine_lines,
@@ -258,6 +265,11 @@ impl From<api::StatusReply> for StatusView {
             desired_slaves: s.desired_slaves,
             desired_pools: s.desired_pools.into_iter().collect(),
             provider_notes: s.provider_notes,
+            controller_notes: s.controller_notes,
+            counts: s
+                .counts
+                .map(|c| NodeCounts { nodes: c.nodes, ready: c.ready, masters: c.masters, failed: c.failed })
+                .unwrap_or_default(),
             provider_facts: s.provider_facts,
             engine: s.engine,
             engine_endpoints: s.engine_endpoints.into_iter().collect(),
@@ -377,6 +389,8 @@ mod tests {
             }],
             events: vec!["e".into()],
             provider_notes: vec!["n".into()],
+            controller_notes: vec!["c".into()],
+            counts: NodeCounts { nodes: 1, ready: 1, masters: 1, failed: vec![] },
             provider_facts: vec!["f".into()],
             engine: "dask".into(),
             engine_endpoints: [("scheduler".to_string(), "tls://x".to_string())].into(),

@@ -18,7 +18,7 @@ fn benchmark_smoke_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for s in ["enroll", "hold", "detect", "agent"] {
+    for s in ["floor", "enroll", "scaling", "hold", "detect", "agent"] {
         assert!(v[s].is_object(), "scenario {s} missing: {v:#}");
     }
     assert_eq!(v["enroll"]["agents"], 50);
@@ -26,6 +26,10 @@ fn benchmark_smoke_run() {
     assert_eq!(v["hold"]["false_alarms"], 0, "{v:#}");
     assert_eq!(v["hold"]["nodes_not_ready"], 0, "{v:#}");
     assert_eq!(v["detect"]["frozen_agents"], v["detect"]["within_timeout_plus_1s"], "{v:#}");
+    assert_eq!(v["detect"]["false_alarms"], 0, "{v:#}");
+    assert_eq!(v["scaling"]["points"].as_array().unwrap().len(), 2, "{v:#}");
+    assert!(v["scaling"]["cpu_per_enrollment_ratio_largest_to_smallest"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(v["floor"]["enrollment_floor_ms"].as_f64().unwrap() > 0.0, "{v:#}");
     assert!(v["agent"]["binary_bytes"].as_u64().unwrap() > 0);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("agents_per_s") && table.contains("controller_rss_mb"), "{table}");

@@ -28,9 +28,17 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
     about = "Benchmarks of the ddisco control plane (prints a table, writes JSON)"
 )]
 struct Args {
-    /// Scenarios to run: enroll (also measures scale 0->N), hold, detect, agent.
-    #[arg(long, value_delimiter = ',', default_value = "enroll,hold,detect,agent")]
+    /// Scenarios to run: enroll (also measures scale 0->N), scaling (enroll
+    /// at each of --scaling-agents), hold, detect, agent, floor.
+    #[arg(long, value_delimiter = ',', default_value = "floor,enroll,scaling,hold,detect,agent")]
     scenarios: Vec<String>,
+    /// Cluster sizes of the scaling curve.
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,8000")]
+    scaling_agents: Vec<usize>,
+    /// Agents held (heartbeating) besides the frozen ones in the detect
+    /// scenario: detection must not degrade with the cluster's size.
+    #[arg(long, default_value_t = 10_000)]
+    detect_held: usize,
     /// Agents enrolling from cold (enroll/scale scenario).
     #[arg(long, default_value_t = 1000)]
     enroll_agents: usize,
@@ -168,7 +176,18 @@ impl Ctl {
 }
 
 impl Drop for Ctl {
+    /// SIGTERM first (the controller saves and exits; a profiler wrapping
+    /// it writes its report), SIGKILL after 10 s.
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        let _ = kill(nix::unistd::Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -391,12 +410,16 @@ async fn wait_ready(
 ) -> anyhow::Result<ddisco_controller::status::StatusView> {
     let end = Instant::now() + timeout;
     loop {
-        let st = admin.status().await?;
-        let ready = st.nodes.iter().filter(|x| x.state == "ready").count();
+        let st = admin.brief_status().await?;
+        let ready = st.counts.ready as usize;
         if ready >= n {
             return Ok(st);
         }
-        anyhow::ensure!(Instant::now() < end, "only {ready} of {n} nodes ready");
+        anyhow::ensure!(
+            Instant::now() < end,
+            "gave up after {:.0}s waiting for {n} nodes to be ready: {ready} are",
+            timeout.as_secs_f64()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -431,7 +454,16 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     admin.scale((n - 1) as u32, Default::default()).await?;
     let (_, states, _) = fleet(&ctl, n, every, a.concurrency).await?;
     wait_ready(&mut admin, n, Duration::from_secs(600)).await?;
-    while states.values().any(|s| !s.ready.load(Ordering::Relaxed)) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let open = states.values().filter(|s| s.ready.load(Ordering::Relaxed)).count();
+        if open == n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < end,
+            "gave up after 120s waiting for every simulated agent's session: {open} of {n} open"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let events_before = admin.status().await?.timed_events.len();
@@ -440,7 +472,14 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let cpu = proc_cpu(ctl.pid()) - cpu0;
     let wall = t0.elapsed().as_secs_f64();
+    // What `status --json` and the dashboard's API cost at this size.
+    let (cpu_s0, t_s) = (proc_cpu(ctl.pid()), Instant::now());
     let st = admin.status().await?;
+    let status_ms = t_s.elapsed().as_secs_f64() * 1000.0;
+    let status_cpu_ms = (proc_cpu(ctl.pid()) - cpu_s0) * 1000.0;
+    let t_b = Instant::now();
+    let _ = admin.brief_status().await?;
+    let brief_ms = t_b.elapsed().as_secs_f64() * 1000.0;
     let lost = st.timed_events.iter().skip(events_before).filter(|e| e.message.contains(" lost ")).count();
     let mut ages: Vec<f64> = st.nodes.iter().filter_map(|x| x.last_heartbeat_ms).map(|m| m as f64).collect();
     let not_ready = st.nodes.iter().filter(|x| x.state != "ready").count();
@@ -459,10 +498,20 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
         "heartbeat_age_ms_max": pct(&mut ages, 1.0),
         "false_alarms": lost,
         "nodes_not_ready": not_ready,
+        "full_status_ms": status_ms,
+        "full_status_controller_cpu_ms": status_cpu_ms,
+        "brief_status_ms": brief_ms,
     }))
 }
 
-async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> anyhow::Result<Value> {
+async fn scenario_detect(
+    a: &Args,
+    frozen: usize,
+    held: usize,
+    interval: f64,
+    timeout: f64,
+) -> anyhow::Result<Value> {
+    let n = frozen + held + 1;
     let ctl = Ctl::start(&format!(
         "heartbeat_interval_secs = {interval}\nheartbeat_timeout_secs = {timeout}\nreconcile_interval_secs = {}",
         (interval / 5.0).max(0.1)
@@ -472,12 +521,16 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
     let (_, states, _) = fleet(&ctl, n, Duration::from_secs_f64(interval), a.concurrency).await?;
     wait_ready(&mut admin, n, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs_f64(interval * 2.0)).await;
-    // Freeze every slave at a random moment within one interval.
-    let victims: Vec<(String, Arc<AgentState>)> = states
+    // Freeze `frozen` slaves, chosen at random, each at a random moment
+    // within one interval; the others keep heartbeating.
+    let mut victims: Vec<(String, Arc<AgentState>)> = states
         .iter()
         .filter(|(id, _)| id.starts_with("slave"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    while victims.len() > frozen {
+        victims.swap_remove(rand::random_range(0..victims.len()));
+    }
     for (_, st) in &victims {
         let st = st.clone();
         let delay = Duration::from_millis(rand::random_range(0..(interval * 1000.0) as u64));
@@ -492,7 +545,7 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
     let mut decided: BTreeMap<String, u64> = BTreeMap::new();
     let mut launches: Vec<u64> = Vec::new();
     while decided.len() < victims.len() {
-        let st = admin.status().await?;
+        let st = admin.brief_status().await?;
         for e in &st.timed_events {
             for (id, _) in &victims {
                 if e.message.starts_with(&format!("{id} lost")) {
@@ -524,7 +577,11 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
     }
     let target = timeout + 1.0;
     let within = to_lost.iter().filter(|d| **d <= target).count();
+    let lost_total =
+        admin.brief_status().await?.timed_events.iter().filter(|e| e.message.contains(" lost (")).count();
     Ok(json!({
+        "agents_held": held + 1,
+        "false_alarms": lost_total.saturating_sub(victims.len()),
         "frozen_agents": victims.len(),
         "heartbeat_interval_s": interval,
         "heartbeat_timeout_s": timeout,
@@ -535,6 +592,84 @@ async fn scenario_detect(a: &Args, n: usize, interval: f64, timeout: f64) -> any
         "last_heartbeat_to_replacement_launch_s_max": pct(&mut to_launch, 1.0),
         "within_timeout_plus_1s": within,
     }))
+}
+
+/// The enrollment curve: a fresh controller per size; controller CPU per
+/// enrollment at each, and the ratio of the largest to the smallest (1.0:
+/// perfectly linear total cost).
+async fn scenario_scaling(a: &Args) -> anyhow::Result<Value> {
+    let mut points = Vec::new();
+    for &n in &a.scaling_agents {
+        eprintln!("   scaling: {n} agents");
+        let r = scenario_enroll(a, n).await?;
+        let per = r["controller_cpu_s"].as_f64().unwrap_or(f64::NAN) * 1000.0 / n as f64;
+        points.push(json!({
+            "agents": n,
+            "agents_per_s": r["agents_per_s"],
+            "controller_cpu_s": r["controller_cpu_s"],
+            "controller_cpu_ms_per_enrollment": per,
+            "latency_ms_p99": r["latency_ms_p99"],
+        }));
+    }
+    let per: Vec<f64> =
+        points.iter().filter_map(|p| p["controller_cpu_ms_per_enrollment"].as_f64()).collect();
+    let (lo, hi) = per.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+    Ok(json!({
+        "points": points,
+        "cpu_per_enrollment_ratio_largest_to_smallest": hi / lo,
+    }))
+}
+
+/// The cryptographic floor of one enrollment, timed in this process with
+/// ring (the library the controller's TLS and certificates use): the
+/// enrollment's TLS handshake (the server signs once, verifies nothing),
+/// the certificate (one signature, the CSR's signature verified), and the
+/// session's mutual-TLS handshake (one signature; the client's certificate
+/// and its handshake signature verified): 3 P-256 signatures and 3
+/// verifications, plus 2 X25519 key agreements.
+fn crypto_floor() -> Value {
+    use ring::signature::{self, EcdsaKeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("key");
+    let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("key");
+    let msg = [7u8; 256];
+    let n = 2000;
+    let t0 = Instant::now();
+    let mut sig = None;
+    for _ in 0..n {
+        sig = Some(key.sign(&rng, &msg).expect("sign"));
+    }
+    let sign = t0.elapsed().as_secs_f64() / n as f64;
+    let sig = sig.expect("signed");
+    let public =
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, key.public_key().as_ref());
+    let t0 = Instant::now();
+    for _ in 0..n {
+        public.verify(&msg, sig.as_ref()).expect("verify");
+    }
+    let verify = t0.elapsed().as_secs_f64() / n as f64;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let mine =
+            ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng).expect("x25519");
+        let theirs = ring::agreement::EphemeralPrivateKey::generate(&ring::agreement::X25519, &rng)
+            .expect("x25519")
+            .compute_public_key()
+            .expect("public");
+        let peer =
+            ring::agreement::UnparsedPublicKey::new(&ring::agreement::X25519, theirs.as_ref().to_vec());
+        ring::agreement::agree_ephemeral(mine, &peer, |_| ()).expect("agree");
+    }
+    // Two key generations and one agreement per loop: count it as one
+    // handshake's key exchange (both sides).
+    let kx = t0.elapsed().as_secs_f64() / n as f64;
+    json!({
+        "p256_sign_us": sign * 1e6,
+        "p256_verify_us": verify * 1e6,
+        "x25519_exchange_us": kx * 1e6,
+        "enrollment_floor_ms": (3.0 * sign + 3.0 * verify + 2.0 * kx) * 1000.0,
+    })
 }
 
 /// The real agent binary: size, and idle RSS/CPU of two real agents (a
@@ -616,11 +751,17 @@ fn main() -> anyhow::Result<()> {
         a.hold_agents = a.hold_agents.min(100);
         a.hold_secs = a.hold_secs.min(3);
         a.detect_agents = a.detect_agents.min(4);
+        a.detect_held = a.detect_held.min(20);
+        a.scaling_agents = vec![20, 40];
         a.agent_secs = a.agent_secs.min(3);
         a.heartbeat_secs = a.heartbeat_secs.min(1.0);
     }
     // Each agent is a connection here and one in the controller (a child).
-    let biggest = a.hold_agents.max(a.enroll_agents) as u64;
+    let biggest = [a.hold_agents, a.enroll_agents, a.detect_agents + a.detect_held + 1]
+        .into_iter()
+        .chain(a.scaling_agents.iter().copied())
+        .max()
+        .unwrap_or(0) as u64;
     raise_fd_limit(biggest + 512)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut results = serde_json::Map::new();
@@ -641,10 +782,16 @@ fn main() -> anyhow::Result<()> {
                 "hold" => scenario_hold(&a, a.hold_agents, a.hold_secs).await,
                 "detect" => {
                     let (i, t) = if a.quick { (0.5, 1.5) } else { (5.0, 15.0) };
-                    scenario_detect(&a, a.detect_agents + 1, i, t).await
+                    scenario_detect(&a, a.detect_agents, a.detect_held, i, t).await
                 }
+                "scaling" => scenario_scaling(&a).await,
+                "floor" => Ok(crypto_floor()),
                 "agent" => scenario_agent(a.agent_secs, a.agent.as_deref()).await,
-                other => anyhow::bail!("unknown scenario {other:?}: use enroll, hold, detect, agent"),
+                other => {
+                    anyhow::bail!(
+                        "unknown scenario {other:?}: use floor, enroll, scaling, hold, detect, agent"
+                    )
+                }
             }
         })?;
         print_table(&s, &r);

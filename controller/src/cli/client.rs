@@ -45,7 +45,13 @@ impl AdminClient {
     }
 
     pub async fn status(&mut self) -> Result<StatusView, Status> {
-        Ok(self.inner.status(api::StatusRequest {}).await?.into_inner().into())
+        Ok(self.inner.status(api::StatusRequest { brief: false }).await?.into_inner().into())
+    }
+
+    /// The status without the node list (counts, events, notes): cheap at
+    /// any cluster size.
+    pub async fn brief_status(&mut self) -> Result<StatusView, Status> {
+        Ok(self.inner.status(api::StatusRequest { brief: true }).await?.into_inner().into())
     }
 
     pub async fn scale(

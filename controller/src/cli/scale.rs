@@ -2,7 +2,6 @@
 
 use super::ConfigArgs;
 use super::client::AdminClient;
-use crate::model::Role;
 use crate::status::StatusView;
 use clap::Args;
 use std::process::ExitCode;
@@ -49,7 +48,7 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
         .expect("template"),
     );
     loop {
-        let st = client.status().await?;
+        let st = client.brief_status().await?;
         let p = progress(&st, slaves);
         bar.set_position(p.ready);
         bar.set_message(p.summary.clone());
@@ -101,15 +100,11 @@ pub struct Progress {
 
 /// Done when exactly one master and `slaves` slaves exist and all are ready.
 pub fn progress(st: &StatusView, slaves: u32) -> Progress {
-    let ready = st.nodes.iter().filter(|n| n.state == "ready").count() as u64;
-    let masters = st.nodes.iter().filter(|n| n.role == Role::Master).count();
-    let failed: Vec<&str> =
-        st.nodes.iter().filter(|n| n.state == "failed").map(|n| n.node_id.as_str()).collect();
-    let done =
-        masters == 1 && st.nodes.len() as u64 == u64::from(slaves) + 1 && ready == st.nodes.len() as u64;
-    let mut summary = format!("{} nodes, {} ready", st.nodes.len(), ready);
-    if !failed.is_empty() {
-        summary.push_str(&format!(", FAILED: {}", failed.join(" ")));
+    let c = &st.counts;
+    let done = c.masters == 1 && u64::from(c.nodes) == u64::from(slaves) + 1 && c.ready == c.nodes;
+    let mut summary = format!("{} nodes, {} ready", c.nodes, c.ready);
+    if !c.failed.is_empty() {
+        summary.push_str(&format!(", FAILED: {}", c.failed.join(" ")));
     }
-    Progress { ready, done, summary }
+    Progress { ready: u64::from(c.ready), done, summary }
 }

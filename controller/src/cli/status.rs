@@ -207,6 +207,9 @@ pub fn render(v: &StatusView) -> String {
     for note in &v.provider_notes {
         out.push_str(&format!("provider: {note}\n"));
     }
+    for note in &v.controller_notes {
+        out.push_str(&format!("controller: {note}\n"));
+    }
     if !v.events.is_empty() {
         out.push_str("\nrecent events:\n");
         for e in &v.events {

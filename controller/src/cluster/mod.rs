@@ -18,18 +18,21 @@
 //!   (`registry::transitions`).
 
 pub mod ops;
+pub mod persist;
 pub mod tick;
+
+#[cfg(test)]
+mod work_tests;
 
 use crate::config::Config;
 use crate::engine::{DirectiveSet, Engine, Member};
 use crate::model::{Market, NodeState, Notice, Role, worker_count};
-use crate::pki::{self, Pki};
+use crate::pki::Pki;
 use crate::plan::Assignment;
 use crate::provider::Provider;
 use crate::reconcile::Limits;
 use crate::registry::{DirectiveReport, Facts, Hello, Refused, Registry, StepReport, TokenError, unix_ms};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,10 +85,17 @@ pub struct Cluster {
     pub wake: Notify,
     /// Wakes the persister.
     pub persist: Notify,
+    /// Wakes the publisher.
+    pub publish_wake: Notify,
+    /// What was last published: the engine's shared key and each node's
+    /// member data then (std mutex: only `publish` takes it).
+    published: Mutex<Published>,
     /// Held from taking the registry's snapshot to renaming the file, so
     /// that two saves (the persister's, a launch's) neither share a
     /// temporary file nor let an older snapshot replace a newer one.
     save_lock: Mutex<()>,
+    /// Spent tokens, appended at each enrollment (see `persist`).
+    journal: persist::Journal,
     /// Serialises reconcile ticks with `destroy` (a tokio mutex: held across
     /// provider calls).
     pub tick_lock: tokio::sync::Mutex<()>,
@@ -97,7 +107,16 @@ pub struct Cluster {
     /// had on-demand slaves to replace; `None`: not idle or nothing to replace.
     idle_since: Mutex<Option<u64>>,
     pub metrics: crate::metrics::Metrics,
+    /// The open-file limit in force (`serve` raised it at start).
+    pub fd_limit: u64,
     shutdown: watch::Sender<bool>,
+}
+
+/// What `publish` last pushed.
+#[derive(Default)]
+struct Published {
+    shared: String,
+    members: std::collections::HashMap<String, Member>,
 }
 
 /// What `Cluster::new` is built from (everything `serve` prepared).
@@ -109,6 +128,7 @@ pub struct Parts {
     pub pki: Pki,
     pub provider: Arc<dyn Provider>,
     pub endpoints: Endpoints,
+    pub fd_limit: u64,
 }
 
 impl Cluster {
@@ -124,12 +144,16 @@ impl Cluster {
             endpoints: p.endpoints,
             wake: Notify::new(),
             persist: Notify::new(),
+            publish_wake: Notify::new(),
+            published: Mutex::new(Published::default()),
             save_lock: Mutex::new(()),
+            journal: persist::Journal::new(&p.cfg.state_dir),
             tick_lock: tokio::sync::Mutex::new(()),
             destroying: AtomicBool::new(false),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
             metrics: Default::default(),
+            fd_limit: p.fd_limit,
             shutdown: watch::channel(false).0,
             cfg: p.cfg,
         }
@@ -141,10 +165,11 @@ impl Cluster {
     }
 
     /// Something engines care about changed (a node became ready or started
-    /// leaving, an attribute arrived): recompute directives on the next tick.
+    /// leaving, an attribute arrived): the publisher recomputes directives
+    /// shortly (a burst of changes is published once).
     pub fn membership_changed(&self) {
         self.membership_changed.store(true, Ordering::Relaxed);
-        self.wake.notify_one();
+        self.publish_wake.notify_one();
     }
 
     /// The engine's view of every node.
@@ -169,24 +194,53 @@ impl Cluster {
             .collect()
     }
 
-    /// Recomputes every ready node's directives and pushes those that
-    /// changed to connected agents. Runs after membership changes, not per
-    /// heartbeat.
+    /// Recomputes the directives of the ready nodes whose inputs changed
+    /// and pushes them to connected agents. Runs after membership changes
+    /// (coalesced by the publisher loop), never per heartbeat.
+    ///
+    /// Cost per call: building the membership and the engine's shared key
+    /// are O(N); directives are computed only for nodes that changed, or for
+    /// every ready node when the shared key changed (Dask: the scheduler's
+    /// address; the default and Disco: any change).
     pub fn publish(&self) {
         if !self.membership_changed.swap(false, Ordering::Relaxed) {
             return;
         }
         let members = self.members();
+        let shared = self.engine.shared_key(&members);
         let lives: BTreeMap<String, Arc<crate::registry::Liveness>> = {
             let reg = self.registry.lock().expect("registry lock");
             reg.entries().map(|e| (e.rec.id.clone(), e.live.clone())).collect()
         };
+        let mut last = self.published.lock().expect("published lock");
+        let everyone = last.shared != shared;
+        let mut still = std::collections::HashSet::with_capacity(members.len());
         for me in members.iter().filter(|m| m.ready) {
+            still.insert(me.id.as_str());
+            if !everyone && last.members.get(&me.id) == Some(me) {
+                continue; // its inputs did not change
+            }
             let Some(live) = lives.get(&me.id) else { continue };
             let layout = self.provider.layout(&me.id);
             let set = DirectiveSet::new(self.engine.directives(me, &members, &layout));
-            live.push_directives(&Arc::new(set));
+            crate::metrics::Metrics::inc(&self.metrics.directive_sets);
+            self.metrics.directive_bytes.fetch_add(set.json_len as u64, Ordering::Relaxed);
+            if live.push_directives(&Arc::new(set)) {
+                last.members.insert(me.id.clone(), me.clone());
+            } else {
+                // Not delivered (no session, or its queue is full): next time.
+                last.members.remove(&me.id);
+            }
         }
+        last.members.retain(|id, _| still.contains(id.as_str()));
+        last.shared = shared;
+    }
+
+    /// A new session must get its node's directives even if nothing
+    /// changed: forget what was published for it.
+    fn republish(&self, node_id: &str) {
+        self.published.lock().expect("published lock").members.remove(node_id);
+        self.membership_changed();
     }
 
     /// Nodes by (role, first word of the state), for `/metrics`.
@@ -217,29 +271,6 @@ impl Cluster {
             heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
             drain_ms: if self.engine.drains() { self.cfg.drain_timeout.as_millis() as u64 } else { 0 },
         }
-    }
-
-    fn cluster_file(&self) -> PathBuf {
-        self.cfg.state_dir.join("cluster.json")
-    }
-
-    /// Writes `cluster.json` if anything changed since the last save.
-    pub fn save(&self) -> anyhow::Result<()> {
-        let _order = self.save_lock.lock().expect("save lock");
-        let json = {
-            let mut reg = self.registry.lock().expect("registry lock");
-            if !reg.dirty {
-                return Ok(());
-            }
-            reg.dirty = false;
-            reg.to_json()
-        };
-        if let Err(e) = pki::write_private(&self.cluster_file(), &json) {
-            // Not saved: try again at the next change.
-            self.registry.lock().expect("registry lock").dirty = true;
-            return Err(e.into());
-        }
-        Ok(())
     }
 
     // ---- what agents report; each calls one registry transition ----
@@ -283,6 +314,13 @@ impl Cluster {
         crate::metrics::Metrics::inc(&self.metrics.enrollments);
         reg.event(format!("{node_id} enrolled from {from}"));
         drop(reg);
+        // The spend is durable before the certificate is handed out.
+        if let Err(e) = self.journal.spent(node_id) {
+            tracing::error!("cannot append to tokens.log ({e}); saving cluster.json instead");
+            if let Err(e) = self.save() {
+                tracing::error!("cannot save the spent token of {node_id}: {e:#}");
+            }
+        }
         self.changed();
         Ok(())
     }
@@ -303,7 +341,7 @@ impl Cluster {
         drop(reg);
         self.changed();
         // The new session gets the node's directives.
-        self.membership_changed();
+        self.republish(node_id);
         Ok(Assignment {
             node_id: node_id.to_string(),
             role,

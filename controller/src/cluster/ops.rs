@@ -89,7 +89,10 @@ pub fn scale(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Resul
         reg.supersede(&ids, "");
         Scaled { previous, desired: desired.values().sum(), pools: desired }
     };
-    sh.changed();
+    // What the operator asked for is on disk before the answer.
+    if let Err(e) = sh.save() {
+        tracing::error!("cannot save the new size: {e:#}; it is kept in memory and saved at the next change");
+    }
     sh.wake.notify_one();
     Ok(scaled)
 }

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// What the reconcile loop does each time: a tick, then publishing
-/// directives, prices and spend. Serialised with `destroy` by `tick_lock`.
+/// What the reconcile loop does each time: a tick, then prices and spend.
+/// Serialised with `destroy` by `tick_lock`. (Directives are published by
+/// their own loop, `serve::publish_loop`.)
 pub async fn pass(sh: &Arc<Cluster>) {
     let _guard = sh.tick_lock.lock().await;
     let t0 = std::time::Instant::now();
@@ -26,7 +27,6 @@ pub async fn pass(sh: &Arc<Cluster>) {
     if let Err(e) = res {
         tracing::warn!("reconcile: {e:#}; trying again next tick");
     }
-    sh.publish();
     refresh_prices(sh).await;
     sh.registry.lock().expect("registry lock").account(unix_ms());
 }
@@ -50,8 +50,9 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
             return Ok(());
         }
         // Only removals change what engines see (new nodes join when
-        // ready). Launches must not wake the loop: a launch that fails would
-        // otherwise be retried at once, in a hot loop, instead of next tick.
+        // ready): they wake the publisher. Nothing here wakes this loop but
+        // terminations (to forget them soon): a launch that fails is
+        // retried next tick, not in a hot loop.
         if actions
             .iter()
             .any(|a| matches!(a, Action::Terminate { .. } | Action::Drain { .. } | Action::Forget { .. }))
@@ -84,6 +85,10 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
         // Look again right away: terminated instances can then be forgotten.
         sh.wake.notify_one();
     }
+    // Every batch is recorded, then saved once, then launched: a crash
+    // cannot leak what the calls start, and a large scale-up writes the
+    // state once, not once per batch.
+    let mut batches = Vec::new();
     for (role, pool, count) in launches {
         if let Err(e) = sh.provider.can_launch() {
             let mut reg = sh.registry.lock().expect("registry lock");
@@ -94,8 +99,22 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
         while left > 0 {
             let n = left.min(sh.provider.max_batch().max(1));
             left -= n;
-            launch_batch(sh, role, &pool, n).await?;
+            batches.push(record_batch(sh, role, &pool, n));
         }
+    }
+    if !batches.is_empty()
+        && let Err(e) = sh.save()
+    {
+        // Never launch what is not on disk; these are dropped and
+        // launched next tick.
+        let mut reg = sh.registry.lock().expect("registry lock");
+        for b in &batches {
+            reg.on_launched(&b.nodes, &[]);
+        }
+        return Err(e.context("saving cluster.json before a launch"));
+    }
+    for b in batches {
+        launch_batch(sh, b).await;
     }
     sh.changed();
     Ok(())
@@ -131,39 +150,47 @@ fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> 
     true
 }
 
-/// Records `n` new nodes (persisted before the call, so that a crash cannot
-/// leak what the call starts), mints their tokens, and launches them in one
-/// provider call.
-async fn launch_batch(sh: &Arc<Cluster>, role: Role, pool: &str, n: usize) -> anyhow::Result<()> {
+/// A batch recorded in the registry, about to be launched in one call.
+struct Batch {
+    batch_id: String,
+    role: Role,
+    pool: String,
+    nodes: Vec<String>,
+    addresses: Vec<String>,
+    /// The bootstrap tokens, in node order (only their hashes are kept).
+    secrets: Vec<String>,
+}
+
+/// Records `n` new nodes of one batch and mints their tokens.
+fn record_batch(sh: &Cluster, role: Role, pool: &str, n: usize) -> Batch {
     let batch_id = format!("b{}", hex::encode(rand::random::<[u8; 8]>()));
     let expires = unix_ms() + sh.cfg.token_ttl.as_millis() as u64;
     let mut secrets = Vec::with_capacity(n);
     let mut nodes = Vec::with_capacity(n);
     let mut addresses = Vec::with_capacity(n);
-    {
-        let mut reg = sh.registry.lock().expect("registry lock");
-        for i in 0..n {
-            let (secret, token_hash) = pki::mint_token();
-            let new = NewNode {
-                role,
-                pool: pool.to_string(),
-                batch: Some((batch_id.clone(), i as u32)),
-                token_hash,
-                token_expires_unix_ms: expires,
-            };
-            let id = reg.add_node(new, |seq| sh.provider.address_for(seq));
-            addresses.push(reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default());
-            nodes.push(id);
-            secrets.push(secret);
-        }
-        reg.event(format!("launching {} ({role}, pool {pool})", nodes.join(", ")));
+    let mut reg = sh.registry.lock().expect("registry lock");
+    for i in 0..n {
+        let (secret, token_hash) = pki::mint_token();
+        let new = NewNode {
+            role,
+            pool: pool.to_string(),
+            batch: Some((batch_id.clone(), i as u32)),
+            token_hash,
+            token_expires_unix_ms: expires,
+        };
+        let id = reg.add_node(new, |seq| sh.provider.address_for(seq));
+        addresses.push(reg.get(&id).map(|e| e.rec.address.clone()).unwrap_or_default());
+        nodes.push(id);
+        secrets.push(secret);
     }
-    if let Err(e) = sh.save() {
-        // Never launch what is not on disk (a crash would leak it); the
-        // nodes recorded for this batch are dropped and launched next tick.
-        sh.registry.lock().expect("registry lock").on_launched(&nodes, &[]);
-        return Err(e.context("saving cluster.json before a launch"));
-    }
+    reg.event(format!("launching {} ({role}, pool {pool})", nodes.join(", ")));
+    Batch { batch_id, role, pool: pool.to_string(), nodes, addresses, secrets }
+}
+
+/// Launches a recorded (and saved) batch in one provider call.
+async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
+    let Batch { batch_id, role, pool, nodes, addresses, secrets } = b;
+    let pool = pool.as_str();
     let ca_sha = sh.pki.ca_fingerprint();
     let userdata = Userdata {
         bootstrap: Bootstrap {
@@ -199,7 +226,6 @@ async fn launch_batch(sh: &Arc<Cluster>, role: Role, pool: &str, n: usize) -> an
             reg.event_once(format!("launch in pool {pool} failed: {e}; will retry"));
         }
     }
-    Ok(())
 }
 
 /// Fetches spot prices every 10 minutes, or sooner (at most every 10 s)

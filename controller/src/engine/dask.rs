@@ -115,6 +115,11 @@ impl Engine for Dask {
         out
     }
 
+    /// A slave's directives depend only on the scheduler's address.
+    fn shared_key(&self, members: &[Member]) -> String {
+        master(members).map(|m| m.address.clone()).unwrap_or_default()
+    }
+
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
         let mut e = BTreeMap::new();
         if let Some(m) = master(members) {

@@ -78,6 +78,17 @@ pub trait Engine: Send + Sync {
     fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
     /// The desired engine state on `me`, given every member.
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
+    /// A fingerprint of everything in the membership that a node's
+    /// directives depend on besides the node itself. While it stays the
+    /// same, only the nodes that changed are recomputed. The default (the
+    /// whole membership) recomputes every node on any change.
+    fn shared_key(&self, members: &[Member]) -> String {
+        let mut h = Sha256::new();
+        for m in members {
+            h.update(format!("{m:?}\n").as_bytes());
+        }
+        hex::encode(&h.finalize()[..12])
+    }
     /// Named addresses (`scheduler`, `dashboard`, `master`...).
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String>;
     /// Lines for humans: tunnels, links.
@@ -93,6 +104,9 @@ impl Engine for NoEngine {
     }
     fn drains(&self) -> bool {
         false
+    }
+    fn shared_key(&self, _: &[Member]) -> String {
+        String::new()
     }
     fn steps(&self, _: Role, _: u32, _: &NodeLayout) -> Vec<Step> {
         vec![]
@@ -123,12 +137,14 @@ pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Box<dyn Engin
 pub struct DirectiveSet {
     pub id: String,
     pub items: Vec<Directive>,
+    /// Bytes serialised to compute the id (work accounting).
+    pub json_len: usize,
 }
 
 impl DirectiveSet {
     pub fn new(items: Vec<Directive>) -> DirectiveSet {
         let json = serde_json::to_vec(&items).expect("directives serialize");
-        DirectiveSet { id: hex::encode(&Sha256::digest(&json)[..12]), items }
+        DirectiveSet { id: hex::encode(&Sha256::digest(&json)[..12]), items, json_len: json.len() }
     }
 }
 

@@ -130,10 +130,11 @@ pub struct Liveness {
     push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
 }
 
-/// What the controller sends on an agent's session.
+/// What the controller sends on an agent's session. Kept small (the
+/// assignment is boxed): every session's channel holds a block of these.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    Assignment(crate::plan::Assignment),
+    Assignment(Box<crate::plan::Assignment>),
     Directives(Arc<crate::engine::DirectiveSet>),
     Shutdown(String),
 }
@@ -194,17 +195,20 @@ impl Liveness {
         }
     }
 
-    /// Sends `directives` unless this session already has them. Never
-    /// blocks: a full channel drops the push and the next publish retries.
-    pub fn push_directives(&self, d: &Arc<crate::engine::DirectiveSet>) {
+    /// Sends `directives` unless this session already has them; returns
+    /// whether the session has them now. Never blocks: a full channel (or
+    /// no session) drops the push, and the next publish tries again.
+    pub fn push_directives(&self, d: &Arc<crate::engine::DirectiveSet>) -> bool {
         let mut guard = self.push.lock().expect("push lock");
-        let Some((tx, last)) = guard.as_mut() else { return };
+        let Some((tx, last)) = guard.as_mut() else { return false };
         if *last == d.id {
-            return;
+            return true;
         }
         if tx.try_send(Outbound::Directives(d.clone())).is_ok() {
             *last = d.id.clone();
+            return true;
         }
+        false
     }
 }
 
@@ -378,7 +382,21 @@ impl Registry {
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
         };
-        serde_json::to_string_pretty(&file).expect("registry serializes")
+        serde_json::to_string(&file).expect("registry serializes")
+    }
+
+    /// Applies the journal of spent tokens (`cluster::persist`) to a
+    /// restored registry: those tokens are used, whatever the snapshot says.
+    pub fn replay_spent(&mut self, node_ids: &[String]) {
+        for id in node_ids {
+            if let Some(e) = self.nodes.get_mut(id) {
+                self.token_index.remove(&e.rec.token_hash);
+                if !e.rec.token_used {
+                    e.rec.token_used = true;
+                    self.dirty = true;
+                }
+            }
+        }
     }
 
     /// Records a new node about to be launched; returns its id.
@@ -689,6 +707,10 @@ mod tests {
         assert_eq!(r2.get(&id2).unwrap().live.last_seen_ms(), Some(77));
         // Spend survives a restart.
         assert_eq!(r2.spent_usd, r.spent_usd);
+        // A spend in the journal wins over an older snapshot.
+        let mut r3 = Registry::from_json(&r.to_json(), 77).unwrap();
+        r3.replay_spent(std::slice::from_ref(&id));
+        assert_eq!(r3.check_token("h1", 10), Err(TokenError::Used(id.clone())));
         // Sequence continues: no id is reused.
         let mut r2 = r2;
         let id3 = r2.add_node(new(Role::Slave, "h3", 1), |_| String::new());

@@ -1,0 +1,127 @@
+//! Work per membership change, counted (not timed) at N and 4N nodes: it
+//! must grow at most linearly with the cluster, and the directives
+//! recomputed must be only those of the nodes that changed where the
+//! engine allows it. A quadratic publish or save would fail here.
+
+use super::*;
+use crate::config::{Config, EngineKind};
+use crate::plan::Plan;
+use crate::registry::{Hello, NewNode, Outbound};
+use tokio::sync::mpsc;
+
+struct Counted {
+    directive_sets: u64,
+    directive_bytes: u64,
+    save_bytes: u64,
+    /// Directive sets computed when the master (the scheduler) changed.
+    on_master_change: u64,
+}
+
+/// A cluster with the record provider (starts nothing) in a temp dir.
+fn cluster(dir: &std::path::Path, engine: EngineKind) -> Cluster {
+    let cfg = Config { state_dir: dir.to_path_buf(), engine, ..Config::default() };
+    let engine = crate::engine::from_config(&cfg, "COOKIE".into());
+    let pki = Pki::load_or_create(dir, "test", &["127.0.0.1".to_string()]).expect("pki");
+    let provider = Arc::new(crate::provider::record::RecordProvider::new(dir).expect("record provider"));
+    Cluster::new(Parts {
+        registry: Registry::new(BTreeMap::from([("default".into(), 0)])),
+        clock: Clock::new(),
+        pki,
+        provider,
+        endpoints: Endpoints {
+            grpc_url: String::new(),
+            agent_url: String::new(),
+            agent_sha256: String::new(),
+        },
+        fd_limit: u64::MAX,
+        engine,
+        cfg,
+    })
+}
+
+/// Adds a node that enrolled, said hello with an empty plan (so it is
+/// ready at once) and has an open session; returns its session's receiver.
+fn ready_node(sh: &Cluster, role: Role, i: usize) -> (String, mpsc::Receiver<Outbound>) {
+    let mut reg = sh.registry.lock().unwrap();
+    let new = NewNode {
+        role,
+        pool: "default".into(),
+        batch: None,
+        token_hash: format!("h{i}"),
+        token_expires_unix_ms: u64::MAX,
+    };
+    let id = reg.add_node(new, |seq| format!("10.0.{}.{}", seq / 250, seq % 250 + 1));
+    let facts = Facts { logical_cores: 2, hostname: format!("ip-{i}"), ..Default::default() };
+    reg.complete_enrollment(&id, facts.clone(), 1);
+    reg.on_hello(&id, Hello { facts, ..Default::default() }, 2, &Plan::new(vec![])).unwrap();
+    let (tx, rx) = mpsc::channel(64);
+    reg.get(&id).unwrap().live.set_push(tx);
+    (id, rx)
+}
+
+fn count(n: usize, engine: EngineKind) -> Counted {
+    let dir = tempfile::tempdir().unwrap();
+    let sh = cluster(dir.path(), engine);
+    let mut sessions = vec![ready_node(&sh, Role::Master, 0).1];
+    for i in 1..=n {
+        sessions.push(ready_node(&sh, Role::Slave, i).1);
+    }
+    sh.membership_changed();
+    sh.publish();
+    sh.save().unwrap();
+    let m = &sh.metrics;
+    let before = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let (sets0, bytes0, save0) =
+        (before(&m.directive_sets), before(&m.directive_bytes), before(&m.save_bytes));
+    // One membership change: a slave becomes ready.
+    sessions.push(ready_node(&sh, Role::Slave, n + 1).1);
+    sh.membership_changed();
+    sh.publish();
+    sh.save().unwrap();
+    let counted = Counted {
+        directive_sets: before(&m.directive_sets) - sets0,
+        directive_bytes: before(&m.directive_bytes) - bytes0,
+        save_bytes: before(&m.save_bytes) - save0,
+        on_master_change: 0,
+    };
+    // The master changes: every node's directives depend on it.
+    let sets1 = before(&m.directive_sets);
+    let master =
+        sh.registry.lock().unwrap().entries().find(|e| e.rec.role == Role::Master).unwrap().rec.id.clone();
+    sh.registry.lock().unwrap().on_notice(&master, crate::model::Notice::SpotInterruption, "");
+    sh.membership_changed();
+    sh.publish();
+    Counted { on_master_change: before(&m.directive_sets) - sets1, ..counted }
+}
+
+#[test]
+fn work_per_membership_change_grows_at_most_linearly() {
+    let (n, big) = (200, 800);
+    for engine in [EngineKind::Dask, EngineKind::None, EngineKind::Disco] {
+        let small = count(n, engine);
+        let large = count(big, engine);
+        let linear = |what: &str, a: u64, b: u64| {
+            // 4x the nodes may cost at most ~4x the work per change.
+            assert!(
+                b <= a * 4 + a / 2 + 64,
+                "{engine:?}: {what} per change grew from {a} to {b} at 4x the nodes"
+            );
+        };
+        linear("directive sets", small.directive_sets, large.directive_sets);
+        // Disco gives every node the cluster's hosts table: a join changes
+        // N files of O(N) bytes. That is the one cost per change that is
+        // not linear (written down in ARCHITECTURE.md).
+        if engine != EngineKind::Disco {
+            linear("directive bytes", small.directive_bytes, large.directive_bytes);
+        }
+        linear("cluster.json bytes", small.save_bytes, large.save_bytes);
+        linear("directive sets on a master change", small.on_master_change, large.on_master_change);
+        if engine == EngineKind::Dask {
+            // A slave joining changes only its own directives.
+            assert_eq!((small.directive_sets, large.directive_sets), (1, 1), "{engine:?}");
+        }
+        if engine == EngineKind::None {
+            assert_eq!(large.directive_sets, 1, "{engine:?}");
+        }
+    }
+}
