@@ -299,6 +299,27 @@ pub fn supersede(desired: &Desired, nodes: &[NodeView], spot_again: impl Fn(&str
     out
 }
 
+/// Milliseconds until the first deadline among `nodes` passes: a heartbeat
+/// or boot timeout, or the end of a drain. `None`: nothing is pending (the
+/// loop then waits its usual interval).
+pub fn next_deadline_ms(nodes: &[NodeView], limits: Limits) -> Option<u64> {
+    nodes
+        .iter()
+        .filter_map(|n| match &n.state {
+            NodeState::Terminating => None,
+            NodeState::Requested | NodeState::Booting => {
+                Some(limits.boot_timeout_ms.saturating_sub(n.since_launch_ms))
+            }
+            NodeState::Draining => Some(limits.drain_ms.saturating_sub(n.since_drain_ms.unwrap_or(0))),
+            s if s.is_enrolled() => {
+                let silent = n.since_heartbeat_ms.unwrap_or(n.since_launch_ms);
+                Some(limits.heartbeat_timeout_ms.saturating_sub(silent))
+            }
+            _ => None,
+        })
+        .min()
+}
+
 /// Below this 1-minute load average per core a node counts as idle.
 pub const IDLE_LOAD_PER_CORE: f64 = 0.1;
 
@@ -385,6 +406,25 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_next_deadline_is_the_first_timeout_to_pass() {
+        let mut a = ready("a", Role::Slave, 1);
+        a.since_heartbeat_ms = Some(4_000);
+        let mut b = ready("b", Role::Slave, 2);
+        b.since_heartbeat_ms = Some(12_500);
+        let mut c = node("c", Role::Slave, NodeState::Booting, 3);
+        c.since_launch_ms = 50_000;
+        let gone = node("d", Role::Slave, NodeState::Terminating, 4);
+        // b is silent for 12.5 s of 15: 2.5 s left; c boots for 10 s more.
+        assert_eq!(next_deadline_ms(&[a.clone(), b.clone(), c.clone(), gone.clone()], LIMITS), Some(2_500));
+        assert_eq!(next_deadline_ms(&[a, c], LIMITS), Some(10_000));
+        assert_eq!(next_deadline_ms(&[gone], LIMITS), None);
+        let mut draining = node("e", Role::Slave, NodeState::Draining, 5);
+        draining.since_drain_ms = Some(100);
+        let drain = Limits { drain_ms: 1_000, ..LIMITS };
+        assert_eq!(next_deadline_ms(&[draining], drain), Some(900));
     }
 
     #[test]

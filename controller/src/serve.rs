@@ -316,13 +316,22 @@ async fn persist_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
+/// The reconcile loop never waits less than this (a deadline that is due
+/// again at once must not spin).
+const MIN_TICK_GAP: Duration = Duration::from_millis(20);
+
 async fn reconcile_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     loop {
-        if !shared.destroying.load(Ordering::Relaxed) {
-            crate::cluster::tick::pass(&shared).await;
+        let mut wait = shared.cfg.reconcile_interval;
+        if !shared.destroying.load(Ordering::Relaxed)
+            && let Some(deadline) = crate::cluster::tick::pass(&shared).await
+        {
+            // Just past the deadline (a node is lost when silent for *more*
+            // than the timeout).
+            wait = wait.min((deadline + Duration::from_millis(1)).max(MIN_TICK_GAP));
         }
         tokio::select! {
-            _ = tokio::time::sleep(shared.cfg.reconcile_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shared.wake.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
         }

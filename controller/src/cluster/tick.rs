@@ -18,26 +18,38 @@ use std::time::Duration;
 /// What the reconcile loop does each time: a tick, then prices and spend.
 /// Serialised with `destroy` by `tick_lock`. (Directives are published by
 /// their own loop, `serve::publish_loop`.)
-pub async fn pass(sh: &Arc<Cluster>) {
+///
+/// Returns how long until the next node deadline (heartbeat, boot, drain)
+/// expires, if one is pending: the loop wakes then, so a silent node is
+/// declared lost when its timeout passes, not up to an interval later.
+pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     let _guard = sh.tick_lock.lock().await;
     let t0 = std::time::Instant::now();
     let res = tick(sh).await;
     crate::metrics::Metrics::inc(&sh.metrics.reconcile_ticks);
     sh.metrics.reconcile_micros.fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-    if let Err(e) = res {
-        tracing::warn!("reconcile: {e:#}; trying again next tick");
-    }
+    let next = match res {
+        Ok(next) => next,
+        Err(e) => {
+            tracing::warn!("reconcile: {e:#}; trying again next tick");
+            None
+        }
+    };
     refresh_prices(sh).await;
     sh.registry.lock().expect("registry lock").account(unix_ms());
+    // Measured from when the views were taken, less the time since.
+    next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
 
-/// One reconcile pass: observe, decide, act.
-pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
+/// One reconcile pass: observe, decide, act. Returns the milliseconds until
+/// the next node deadline (`reconcile::next_deadline_ms`).
+pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // Without a fresh listing nothing is decided: stale data could kill
     // healthy nodes or launch duplicates.
     let observed = sh.provider.list().await.context("listing the cluster's instances")?;
     let mut to_terminate = Vec::new();
     let mut launches = Vec::new();
+    let next_deadline;
     {
         let mut reg = sh.registry.lock().expect("registry lock");
         let (alive, orphans) = reg.match_observed(&observed);
@@ -46,8 +58,9 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
             views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
         }
         let actions = decide(&Desired { pools: reg.desired.clone() }, &views, sh.limits());
+        next_deadline = crate::reconcile::next_deadline_ms(&views, sh.limits());
         if actions.is_empty() && orphans.is_empty() {
-            return Ok(());
+            return Ok(next_deadline);
         }
         // Only removals change what engines see (new nodes join when
         // ready): they wake the publisher. Nothing here wakes this loop but
@@ -117,7 +130,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<()> {
         launch_batch(sh, b).await;
     }
     sh.changed();
-    Ok(())
+    Ok(next_deadline)
 }
 
 /// On-demand slaves of pools back on spot are replaced by spot ones once
