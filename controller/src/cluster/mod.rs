@@ -112,6 +112,21 @@ pub struct Cluster {
     shutdown: watch::Sender<bool>,
 }
 
+/// The engine's view of one node.
+fn member_of(r: &crate::registry::NodeRecord) -> Member {
+    let hostname = r.facts.as_ref().map_or("", |f| f.hostname.as_str());
+    Member {
+        id: r.id.clone(),
+        role: Some(r.role),
+        address: r.address().to_string(),
+        hostname: hostname.split('.').next().unwrap_or("").to_string(),
+        workers: r.workers,
+        ready: r.state == NodeState::Ready || r.state == NodeState::Draining,
+        leaving: r.state == NodeState::Draining || r.notice.is_some(),
+        attributes: r.attributes.clone(),
+    }
+}
+
 /// What `publish` last pushed.
 #[derive(Default)]
 struct Published {
@@ -175,37 +190,62 @@ impl Cluster {
     /// The engine's view of every node.
     pub fn members(&self) -> Vec<Member> {
         let reg = self.registry.lock().expect("registry lock");
-        reg.entries()
-            .filter(|e| e.rec.state != NodeState::Terminating)
-            .map(|e| {
-                let r = &e.rec;
-                let hostname = r.facts.as_ref().map_or("", |f| f.hostname.as_str());
-                Member {
-                    id: r.id.clone(),
-                    role: Some(r.role),
-                    address: r.address().to_string(),
-                    hostname: hostname.split('.').next().unwrap_or("").to_string(),
-                    workers: r.workers,
-                    ready: r.state == NodeState::Ready || r.state == NodeState::Draining,
-                    leaving: r.state == NodeState::Draining || r.notice.is_some(),
-                    attributes: r.attributes.clone(),
-                }
-            })
-            .collect()
+        reg.entries().filter(|e| e.rec.state != NodeState::Terminating).map(|e| member_of(&e.rec)).collect()
     }
 
     /// Recomputes the directives of the ready nodes whose inputs changed
     /// and pushes them to connected agents. Runs after membership changes
     /// (coalesced by the publisher loop), never per heartbeat.
     ///
-    /// Cost per call: building the membership and the engine's shared key
-    /// are O(N); directives are computed only for nodes that changed, or for
-    /// every ready node when the shared key changed (Dask: the scheduler's
-    /// address; the default and Disco: any change).
+    /// Cost per call: for an engine whose directives depend only on the
+    /// node and the master (`Engine::partial`: Dask, none), O(changed
+    /// nodes + masters) while the master's part (`shared_key`) holds;
+    /// otherwise, or when it changed, O(N) to build the membership, with
+    /// directives computed for every ready node whose inputs changed.
     pub fn publish(&self) {
         if !self.membership_changed.swap(false, Ordering::Relaxed) {
             return;
         }
+        let (changed, masters) = {
+            let mut reg = self.registry.lock().expect("registry lock");
+            let changed: Vec<(Member, Arc<crate::registry::Liveness>)> = reg
+                .take_changed_members()
+                .iter()
+                .filter_map(|id| reg.get(id))
+                .filter(|e| e.rec.state != NodeState::Terminating)
+                .map(|e| (member_of(&e.rec), e.live.clone()))
+                .collect();
+            let masters: Vec<Member> =
+                reg.entries().filter(|e| e.rec.role == Role::Master).map(|e| member_of(&e.rec)).collect();
+            (changed, masters)
+        };
+        if self.engine.partial() {
+            let shared = self.engine.shared_key(&masters);
+            let mut last = self.published.lock().expect("published lock");
+            if shared == last.shared {
+                let mut retry = Vec::new();
+                for (me, live) in changed.iter().filter(|(m, _)| m.ready) {
+                    let mut around = masters.clone();
+                    if !me.is_master() {
+                        around.push(me.clone());
+                    }
+                    if !self.push_to(me, &around, live) {
+                        retry.push(me.id.clone());
+                    }
+                }
+                drop(last);
+                self.retry(retry);
+                return;
+            }
+            last.shared = shared;
+            last.members.clear();
+        }
+        self.publish_all();
+    }
+
+    /// Every ready node whose inputs changed since its last push (all of
+    /// them when the engine's shared key changed).
+    fn publish_all(&self) {
         let members = self.members();
         let shared = self.engine.shared_key(&members);
         let lives: BTreeMap<String, Arc<crate::registry::Liveness>> = {
@@ -213,27 +253,48 @@ impl Cluster {
             reg.entries().map(|e| (e.rec.id.clone(), e.live.clone())).collect()
         };
         let mut last = self.published.lock().expect("published lock");
-        let everyone = last.shared != shared;
+        let everyone = last.shared != shared || self.engine.partial();
         let mut still = std::collections::HashSet::with_capacity(members.len());
+        let mut retry = Vec::new();
         for me in members.iter().filter(|m| m.ready) {
             still.insert(me.id.as_str());
             if !everyone && last.members.get(&me.id) == Some(me) {
                 continue; // its inputs did not change
             }
             let Some(live) = lives.get(&me.id) else { continue };
-            let layout = self.provider.layout(&me.id);
-            let set = DirectiveSet::new(self.engine.directives(me, &members, &layout));
-            crate::metrics::Metrics::inc(&self.metrics.directive_sets);
-            self.metrics.directive_bytes.fetch_add(set.json_len as u64, Ordering::Relaxed);
-            if live.push_directives(&Arc::new(set)) {
+            if self.push_to(me, &members, live) {
                 last.members.insert(me.id.clone(), me.clone());
             } else {
-                // Not delivered (no session, or its queue is full): next time.
                 last.members.remove(&me.id);
+                retry.push(me.id.clone());
             }
         }
         last.members.retain(|id, _| still.contains(id.as_str()));
         last.shared = shared;
+        drop(last);
+        self.retry(retry);
+    }
+
+    /// Computes `me`'s directives from `members` and pushes them; false
+    /// when its session did not take them (none open, or its queue full).
+    fn push_to(&self, me: &Member, members: &[Member], live: &crate::registry::Liveness) -> bool {
+        let layout = self.provider.layout(&me.id);
+        let set = DirectiveSet::new(self.engine.directives(me, members, &layout));
+        crate::metrics::Metrics::inc(&self.metrics.directive_sets);
+        self.metrics.directive_bytes.fetch_add(set.json_len as u64, Ordering::Relaxed);
+        live.push_directives(&Arc::new(set))
+    }
+
+    /// Nodes whose push did not go through are published again at the
+    /// next change.
+    fn retry(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut reg = self.registry.lock().expect("registry lock");
+        for id in ids {
+            reg.member_changed(&id);
+        }
     }
 
     /// A new session must get its node's directives even if nothing
@@ -368,6 +429,8 @@ impl Cluster {
         }
         crate::metrics::Metrics::inc(&self.metrics.notices);
         self.changed();
+        // It is leaving: engines stop giving it work.
+        self.membership_changed();
         self.wake.notify_one();
     }
 

@@ -115,6 +115,11 @@ impl Engine for Dask {
         out
     }
 
+    /// A node's directives depend on itself and the master only.
+    fn partial(&self) -> bool {
+        true
+    }
+
     /// A slave's directives depend only on the scheduler's address.
     fn shared_key(&self, members: &[Member]) -> String {
         master(members).map(|m| m.address.clone()).unwrap_or_default()

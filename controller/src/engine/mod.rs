@@ -78,6 +78,11 @@ pub trait Engine: Send + Sync {
     fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
     /// The desired engine state on `me`, given every member.
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
+    /// Do a node's directives depend only on the node itself and the
+    /// masters (then a change to one slave recomputes only that slave's)?
+    fn partial(&self) -> bool {
+        false
+    }
     /// A fingerprint of everything in the membership that a node's
     /// directives depend on besides the node itself. While it stays the
     /// same, only the nodes that changed are recomputed. The default (the
@@ -104,6 +109,9 @@ impl Engine for NoEngine {
     }
     fn drains(&self) -> bool {
         false
+    }
+    fn partial(&self) -> bool {
+        true
     }
     fn shared_key(&self, _: &[Member]) -> String {
         String::new()

@@ -303,6 +303,9 @@ pub struct Registry {
     events: VecDeque<Event>,
     /// Changed since the last save.
     pub dirty: bool,
+    /// Nodes whose engine-visible data (readiness, leaving, facts,
+    /// attributes, presence) changed since the publisher last took them.
+    changed_members: Vec<String>,
 }
 
 const MAX_EVENTS: usize = 100;
@@ -504,8 +507,22 @@ impl Registry {
         self.nodes.values()
     }
 
+    /// Notes that `id`'s engine-visible data changed (for the publisher).
+    pub fn member_changed(&mut self, id: &str) {
+        self.changed_members.push(id.to_string());
+    }
+
+    /// The nodes noted by `member_changed` since the last call, once each.
+    pub fn take_changed_members(&mut self) -> Vec<String> {
+        let mut ids = std::mem::take(&mut self.changed_members);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn remove(&mut self, id: &str) -> Option<Entry> {
         let e = self.nodes.remove(id)?;
+        self.changed_members.push(id.to_string());
         self.token_index.remove(&e.rec.token_hash);
         self.dirty = true;
         Some(e)

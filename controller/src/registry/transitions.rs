@@ -156,6 +156,9 @@ impl Registry {
     pub fn on_hello(&mut self, id: &str, hello: Hello, workers: u32, plan: &Plan) -> Result<bool, Refused> {
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
         self.dirty = true;
+        // Its facts may have changed, and a new session needs its
+        // directives again.
+        self.changed_members.push(id.to_string());
         let n = plan.steps.len() as u32;
         e.rec.workers = workers;
         e.rec.plan_id = plan.id.clone();
@@ -192,6 +195,7 @@ impl Registry {
         e.rec.current_step.clear();
         let msg = format!("{id} ready ({}, {} workers)", e.rec.role, e.rec.workers);
         self.dirty = true;
+        self.changed_members.push(id.to_string());
         self.event(msg);
     }
 
@@ -258,6 +262,7 @@ impl Registry {
         e.rec.notice = Some(kind);
         let noticed = Noticed { role: e.rec.role, pool: e.rec.pool.clone(), market: e.rec.market };
         self.dirty = true;
+        self.changed_members.push(id.to_string());
         let msg = format!("{id}: {} notice ({}); launching its replacement now", kind.label(), detail.trim());
         tracing::warn!("{msg}");
         self.event(msg);
@@ -272,6 +277,7 @@ impl Registry {
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
         e.rec.attributes.insert(name, value);
         self.dirty = true;
+        self.changed_members.push(id.to_string());
         Ok(())
     }
 
@@ -310,6 +316,7 @@ impl Registry {
                 e.rec.drain_started_unix_ms = Some(unix_ms());
                 let why =
                     if e.rec.superseded { "on-demand, its spot replacement is ready" } else { "scale down" };
+                self.changed_members.push(id.clone());
                 self.event(format!("{id} draining before removal ({why}; up to {drain_secs:.0}s)"));
                 Effect::Nothing
             }
@@ -322,6 +329,7 @@ impl Registry {
                 e.live.revoke();
                 let target = Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() };
                 let loss = reason.is_loss();
+                self.changed_members.push(id.clone());
                 let msg = match (&reason, role) {
                     (r, Role::Master) if r.is_loss() => format!(
                         "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
