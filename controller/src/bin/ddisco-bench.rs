@@ -443,6 +443,9 @@ async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
         "latency_ms_p50": pct(&mut lat, 0.5),
         "latency_ms_p99": pct(&mut lat, 0.99),
         "controller_cpu_s": cpu_enroll,
+        "controller_cpu_ms_per_enrollment": cpu_enroll * 1000.0 / n as f64,
+        // The cryptographic floor, for comparison (see `crypto_floor`).
+        "crypto_floor_ms_per_enrollment": crypto_floor()["enrollment_floor_ms"],
         "scale_0_to_n_ready_s": scale_s,
     }))
 }
@@ -608,6 +611,7 @@ async fn scenario_scaling(a: &Args) -> anyhow::Result<Value> {
             "agents_per_s": r["agents_per_s"],
             "controller_cpu_s": r["controller_cpu_s"],
             "controller_cpu_ms_per_enrollment": per,
+            "crypto_floor_ms_per_enrollment": r["crypto_floor_ms_per_enrollment"],
             "latency_ms_p99": r["latency_ms_p99"],
         }));
     }
