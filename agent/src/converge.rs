@@ -304,41 +304,25 @@ async fn post_until_ok(name: String, p: Post, reports: UnboundedSender<Report>, 
     }
 }
 
-/// Writes a managed file (whole, or the block between marker lines).
+/// Writes a managed file (whole, or the block between marker lines),
+/// through `files`: never following a symlink another user planted, and a
+/// managed file that is not a regular file is refused (reported).
 async fn write_managed(f: &ManagedFile) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let path = Path::new(&f.path);
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
-    let wanted =
-        if f.marker.is_empty() { f.content.clone() } else { with_block(&existing, &f.marker, &f.content) };
-    let mode = if f.mode == 0 { 0o644 } else { f.mode };
-    if wanted != existing || !path.exists() {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
-        // Written owner-only first, then given its mode (a 0400 cookie is
-        // never readable by others, even briefly).
-        let tmp = path.with_extension("ddisco-tmp");
-        std::fs::write(&tmp, &wanted).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let owner = if f.owner.is_empty() { None } else { Some(crate::files::Owner::of_user(&f.owner)?) };
+    let wanted = if f.marker.is_empty() {
+        f.content.clone()
     } else {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if !f.owner.is_empty() {
-        let st = tokio::process::Command::new("chown")
-            .arg(format!("{0}:{0}", f.owner))
-            .arg(path)
-            .status()
-            .await
-            .map_err(|e| format!("chown: {e}"))?;
-        if !st.success() {
-            return Err(format!("chown {} {} failed", f.owner, path.display()));
-        }
-    }
-    Ok(())
+        let existing = crate::files::read_safely(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .unwrap_or_default();
+        with_block(&existing, &f.marker, &f.content)
+    };
+    // Written owner-only first, then given its mode (a 0400 cookie is never
+    // readable by others, even briefly), and renamed into place.
+    let mode = if f.mode == 0 { 0o644 } else { f.mode };
+    crate::files::write_safely(path, wanted.as_bytes(), mode, owner)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `text` with the block `# BEGIN marker` .. `# END marker` set to `content`.

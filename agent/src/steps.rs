@@ -171,13 +171,15 @@ impl Executor {
 
 /// Reads a file and sends it to the controller as an attribute.
 fn collect(attribute: &str, path: &str, reports: &UnboundedSender<Report>) -> Outcome {
-    match std::fs::read_to_string(path) {
-        Ok(value) if value.len() <= 16 * 1024 => {
+    // A user-owned file (a public key in a home): never through a symlink.
+    match crate::files::read_safely(Path::new(path)) {
+        Ok(None) => fail(format!("cannot read {path}: it does not exist")),
+        Ok(Some(value)) if value.len() <= 16 * 1024 => {
             let value = value.trim().to_string();
             let _ = reports.send(Report::Attribute { name: attribute.to_string(), value });
             Outcome { code: 0, tail: format!("sent {attribute} from {path}") }
         }
-        Ok(_) => fail(format!("{path} is larger than 16 KiB")),
+        Ok(Some(_)) => fail(format!("{path} is larger than 16 KiB")),
         Err(e) => fail(format!("cannot read {path}: {e}")),
     }
 }
@@ -260,16 +262,25 @@ async fn pip(requirements: &[String], venv: &str, log: &Path) -> Outcome {
     run(cmd, log).await
 }
 
+/// Adds keys to an authorized_keys file in a user's home, through `files`
+/// (no symlink another user planted is followed; the directory and the file
+/// are given to `owner` through their descriptors).
 async fn authorized_keys(path: &str, keys: &[String], owner: &str) -> Outcome {
-    use std::os::unix::fs::PermissionsExt;
-    let path = PathBuf::from(path);
-    let Some(ssh_dir) = path.parent() else {
+    let path = Path::new(path);
+    let (Some(ssh_dir), Some(name)) = (path.parent(), path.file_name()) else {
         return fail(format!("authorized_keys path {:?} has no folder", path.display()));
     };
+    let owner = if owner.is_empty() {
+        None
+    } else {
+        match crate::files::Owner::of_user(owner) {
+            Ok(o) => Some(o),
+            Err(e) => return fail(e),
+        }
+    };
     let res = (|| -> std::io::Result<usize> {
-        std::fs::create_dir_all(ssh_dir)?;
-        std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700))?;
-        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        let dir = crate::files::prepare_dir(ssh_dir, 0o700, owner)?;
+        let existing = crate::files::read_in(&dir, name)?.unwrap_or_default();
         let mut text = existing.clone();
         let mut added = 0;
         for key in keys {
@@ -282,24 +293,12 @@ async fn authorized_keys(path: &str, keys: &[String], owner: &str) -> Outcome {
                 added += 1;
             }
         }
-        crate::files::write_private(&path, &text)?;
+        crate::files::write_in(&dir, name, text.as_bytes(), 0o600, owner)?;
         Ok(added)
     })();
     match res {
         Err(e) => fail(format!("cannot write {}: {e}", path.display())),
-        Ok(added) => {
-            if !owner.is_empty() {
-                let owner = format!("{owner}:{owner}");
-                let out =
-                    tokio::process::Command::new("chown").arg(&owner).arg(ssh_dir).arg(&path).output().await;
-                match out {
-                    Ok(o) if o.status.success() => {}
-                    Ok(o) => return fail(format!("chown {owner}: {}", String::from_utf8_lossy(&o.stderr))),
-                    Err(e) => return fail(format!("chown {owner}: {e}")),
-                }
-            }
-            Outcome { code: 0, tail: format!("{added} key(s) added to {}", path.display()) }
-        }
+        Ok(added) => Outcome { code: 0, tail: format!("{added} key(s) added to {}", path.display()) },
     }
 }
 

@@ -136,10 +136,13 @@ impl StatusView {
                         NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
                         _ => String::new(),
                     },
-                    detail: match (r.detail.is_empty(), r.engine_detail.is_empty()) {
-                        (_, true) => r.detail.clone(),
-                        (true, false) => r.engine_detail.clone(),
-                        (false, false) => format!("{}; {}", r.detail, r.engine_detail),
+                    detail: {
+                        let engine = r.engine_detail();
+                        match (r.detail.is_empty(), engine.is_empty()) {
+                            (_, true) => r.detail.clone(),
+                            (true, false) => engine,
+                            (false, false) => format!("{}; {}", r.detail, engine),
+                        }
                     },
                     age_ms: now_unix.saturating_sub(r.launched_unix_ms),
                     connected: e.live.connected(),

@@ -204,9 +204,32 @@ heartbeat_timeout_secs = 5.0
     let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
     assert!(table.contains("ssh disco@") && table.contains("DISCO_PROXY=http://localhost:8090"), "{table}");
 
+    // A user of a slave replaces its managed /etc/hosts by a symlink to a
+    // secret (the agent, as root, used to read and write through it): at
+    // the next membership change the agent refuses and says so, and the
+    // secret is untouched.
+    let attacked = node_ids(&s, "slave")[0].clone();
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("shadow");
+    std::fs::write(&secret, "SECRET\n").unwrap();
+    let hosts = node_dir(&attacked).join("etc/hosts");
+    std::fs::remove_file(&hosts).unwrap();
+    std::os::unix::fs::symlink(&secret, &hosts).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(node_dir(&attacked).join("etc"), Some(65534), Some(65534)).unwrap();
+    }
+
     // Scale up.
     assert!(c.ctl(&["scale", "3"]).status.success());
-    let s = wait_table(&mut c, "3 slaves in the table", 3);
+    wait_table(&mut c, "3 slaves in the table", 3);
+    let s = c.wait_until("the attacked slave to report the refusal", Duration::from_secs(60), |s| {
+        nodes(s).iter().any(|n| {
+            n["node_id"] == attacked.as_str()
+                && n["detail"].as_str().unwrap_or("").contains("refusing to read")
+        })
+    });
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "SECRET\n", "{s:#}");
+    assert!(std::fs::symlink_metadata(&hosts).unwrap().file_type().is_symlink());
 
     // Replacement: a dead slave leaves the table, its replacement joins.
     let victim = node_ids(&s, "slave")[0].clone();

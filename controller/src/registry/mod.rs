@@ -11,7 +11,8 @@
 mod transitions;
 
 pub use transitions::{
-    DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, Noticed, Refused, StepReport, StepStatus,
+    DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, MAX_ENGINE_MESSAGE, MAX_ENGINE_PROBLEMS, Noticed, Refused,
+    StepReport, StepStatus,
 };
 
 use crate::model::{Market, NodeState, Notice, Role};
@@ -66,9 +67,10 @@ pub struct NodeRecord {
     /// Values its agent collected for the engine (public keys...).
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
-    /// Last problem its engine directives reported (empty: none).
+    /// Problems its engine directives reported, by directive name (a
+    /// directive that works again clears its own).
     #[serde(default)]
-    pub engine_detail: String,
+    pub engine_problems: BTreeMap<String, String>,
     /// When each boot phase began, in order (boot diagnostics).
     #[serde(default)]
     pub phases: Vec<(String, u64)>,
@@ -246,6 +248,13 @@ pub struct StepLog {
 }
 
 impl NodeRecord {
+    /// Its engine problems in one line (empty: none).
+    pub fn engine_detail(&self) -> String {
+        let parts: Vec<String> =
+            self.engine_problems.iter().map(|(name, msg)| format!("engine: {name}: {msg}")).collect();
+        parts.join("; ")
+    }
+
     /// Where peers reach it: the provider's address, else the first one its
     /// agent reported.
     pub fn address(&self) -> &str {
@@ -421,7 +430,7 @@ impl Registry {
             superseded: false,
             drain_started_unix_ms: None,
             attributes: BTreeMap::new(),
-            engine_detail: String::new(),
+            engine_problems: BTreeMap::new(),
             phases: vec![("requested".into(), unix_ms())],
             steps: BTreeMap::new(),
             price_per_hour: 0.0,

@@ -68,6 +68,10 @@ pub struct DirectiveReport {
     pub message: String,
 }
 
+/// Engine problems kept per node, and the longest message kept.
+pub const MAX_ENGINE_PROBLEMS: usize = 32;
+pub const MAX_ENGINE_MESSAGE: usize = 1024;
+
 /// The largest attribute accepted (public keys are well under this).
 pub const MAX_ATTRIBUTE: usize = 16 * 1024;
 
@@ -281,18 +285,36 @@ impl Registry {
         Ok(())
     }
 
-    /// How applying an engine directive went; a new problem is an event.
+    /// How applying an engine directive went. Problems are kept per
+    /// directive (a later success of another one does not hide it); a new
+    /// problem is an event. Bounded: at most [`MAX_ENGINE_PROBLEMS`] names,
+    /// messages cut at [`MAX_ENGINE_MESSAGE`] bytes.
     pub fn on_directive_report(&mut self, id: &str, d: DirectiveReport) {
         let Some(e) = self.nodes.get_mut(id) else { return };
-        let detail = if d.ok { String::new() } else { format!("engine: {}: {}", d.name, d.message) };
-        if e.rec.engine_detail == detail {
+        if d.ok {
+            if e.rec.engine_problems.remove(&d.name).is_some() {
+                self.dirty = true;
+            }
             return;
         }
-        e.rec.engine_detail = detail.clone();
-        self.dirty = true;
-        if !detail.is_empty() {
-            self.event_once(format!("{id} {detail}"));
+        let mut message = d.message;
+        if message.len() > MAX_ENGINE_MESSAGE {
+            let mut cut = MAX_ENGINE_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
         }
+        if e.rec.engine_problems.get(&d.name) == Some(&message)
+            || (e.rec.engine_problems.len() >= MAX_ENGINE_PROBLEMS
+                && !e.rec.engine_problems.contains_key(&d.name))
+        {
+            return;
+        }
+        let event = format!("{id} engine: {}: {message}", d.name);
+        e.rec.engine_problems.insert(d.name, message);
+        self.dirty = true;
+        self.event_once(event);
     }
 
     /// Carries out a reconcile action on the registry; returns what is left
@@ -553,6 +575,26 @@ mod tests {
         assert!(
             r.events().back().unwrap().message.contains("launched on-demand, not spot: spot kept failing")
         );
+    }
+
+    #[test]
+    fn engine_problems_are_kept_per_directive() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let report = |name: &str, ok: bool| DirectiveReport { name: name.into(), ok, message: "no".into() };
+        r.on_directive_report(&id, report("hosts", false));
+        // Another directive that works does not hide it.
+        r.on_directive_report(&id, report("settings", true));
+        assert_eq!(r.get(&id).unwrap().rec.engine_detail(), "engine: hosts: no");
+        r.on_directive_report(&id, report("hosts", true));
+        assert_eq!(r.get(&id).unwrap().rec.engine_detail(), "");
+        // Bounded.
+        for i in 0..100 {
+            r.on_directive_report(&id, report(&format!("d{i}"), false));
+        }
+        assert_eq!(r.get(&id).unwrap().rec.engine_problems.len(), MAX_ENGINE_PROBLEMS);
+        let long = DirectiveReport { name: "d0".into(), ok: false, message: "é".repeat(2000) };
+        r.on_directive_report(&id, long);
+        assert!(r.get(&id).unwrap().rec.engine_problems["d0"].len() <= MAX_ENGINE_MESSAGE);
     }
 
     #[test]
