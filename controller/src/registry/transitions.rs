@@ -71,6 +71,8 @@ pub struct DirectiveReport {
 /// Engine problems kept per node, and the longest message kept.
 pub const MAX_ENGINE_PROBLEMS: usize = 32;
 pub const MAX_ENGINE_MESSAGE: usize = 1024;
+/// Longer directive names are not ours: such reports are ignored.
+pub const MAX_ENGINE_NAME: usize = 256;
 
 /// The largest attribute accepted (public keys are well under this).
 pub const MAX_ATTRIBUTE: usize = 16 * 1024;
@@ -291,6 +293,9 @@ impl Registry {
     /// messages cut at [`MAX_ENGINE_MESSAGE`] bytes.
     pub fn on_directive_report(&mut self, id: &str, d: DirectiveReport) {
         let Some(e) = self.nodes.get_mut(id) else { return };
+        if d.name.len() > MAX_ENGINE_NAME {
+            return; // no directive has such a name
+        }
         if d.ok {
             if e.rec.engine_problems.remove(&d.name).is_some() {
                 self.dirty = true;
@@ -587,11 +592,19 @@ mod tests {
         assert_eq!(r.get(&id).unwrap().rec.engine_detail(), "engine: hosts: no");
         r.on_directive_report(&id, report("hosts", true));
         assert_eq!(r.get(&id).unwrap().rec.engine_detail(), "");
-        // Bounded.
+        // Bounded: a name no directive has is ignored.
+        let unnamed =
+            DirectiveReport { name: "x".repeat(MAX_ENGINE_NAME + 1), ok: false, message: "m".into() };
+        r.on_directive_report(&id, unnamed);
+        assert!(r.get(&id).unwrap().rec.engine_problems.is_empty());
         for i in 0..100 {
             r.on_directive_report(&id, report(&format!("d{i}"), false));
         }
         assert_eq!(r.get(&id).unwrap().rec.engine_problems.len(), MAX_ENGINE_PROBLEMS);
+        let unnamed =
+            DirectiveReport { name: "x".repeat(MAX_ENGINE_NAME + 1), ok: false, message: "m".into() };
+        r.on_directive_report(&id, unnamed);
+        assert!(r.get(&id).unwrap().rec.engine_problems.keys().all(|k| k.len() <= MAX_ENGINE_NAME));
         let long = DirectiveReport { name: "d0".into(), ok: false, message: "é".repeat(2000) };
         r.on_directive_report(&id, long);
         assert!(r.get(&id).unwrap().rec.engine_problems["d0"].len() <= MAX_ENGINE_MESSAGE);
