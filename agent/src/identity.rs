@@ -126,7 +126,12 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         .and_then(|r| r.pem())
         .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
     let facts = crate::facts::gather_with(imds.as_ref()).await;
-    let req = api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts.into()) };
+    let identity = match imds.as_ref() {
+        Some(imds) => Some(instance_identity(imds).await?),
+        None => None,
+    };
+    let req =
+        api::EnrollRequest { token: slot.token.clone(), csr_pem: csr, facts: Some(facts.into()), identity };
     let mut backoff = crate::backoff::Backoff::new();
     let reply = loop {
         match try_enroll(&creds, req.clone()).await {
@@ -191,6 +196,24 @@ async fn pick_slot(boot: &Bootstrap, imds: Option<&crate::imds::Imds>) -> Result
         .get(index)
         .cloned()
         .ok_or_else(|| Fatal::Setup(format!("launch index {index} has no slot ({} slots)", boot.slots.len())))
+}
+
+/// The signed instance identity document the controller checks the
+/// instance with (transient metadata errors are retried a few times).
+async fn instance_identity(imds: &crate::imds::Imds) -> Result<api::InstanceIdentity, Fatal> {
+    let mut backoff = crate::backoff::Backoff::new();
+    let mut tries = 0;
+    loop {
+        match imds.identity().await {
+            Ok((document, signature)) => return Ok(api::InstanceIdentity { document, signature }),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                tracing::warn!("{e}; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(Fatal::Setup(e)),
+        }
+    }
 }
 
 enum Attempt {

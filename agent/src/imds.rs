@@ -57,8 +57,23 @@ impl Imds {
 
     /// `GET /latest/meta-data/<path>`: `Ok(None)` when it does not exist.
     pub async fn get(&self, path: &str) -> Result<Option<String>, String> {
+        self.get_under("meta-data", path).await
+    }
+
+    /// The instance identity document and AWS's signature of it
+    /// (`/latest/dynamic/instance-identity/{document,signature}`).
+    pub async fn identity(&self) -> Result<(String, String), String> {
+        let doc = self.get_under("dynamic", "instance-identity/document").await?;
+        let sig = self.get_under("dynamic", "instance-identity/signature").await?;
+        match (doc, sig) {
+            (Some(d), Some(s)) => Ok((d, s)),
+            _ => Err("instance metadata has no instance identity document".into()),
+        }
+    }
+
+    async fn get_under(&self, tree: &str, path: &str) -> Result<Option<String>, String> {
         let token = self.token().await?;
-        let req = hyper::Request::get(format!("{}/latest/meta-data/{path}", self.base))
+        let req = hyper::Request::get(format!("{}/latest/{tree}/{path}", self.base))
             .header("X-aws-ec2-metadata-token", token)
             .body(Empty::new())
             .map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@
 use crate::cluster::{Cluster, EnrollRefused};
 use crate::model::NodeState;
 use crate::pki;
-use crate::registry::{Outbound, TokenError};
+use crate::registry::{Outbound, Refused, TokenError};
 use ddisco_proto::v1 as api;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -89,17 +89,36 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             tracing::warn!(%from, "enrollment refused: {e}");
             token_refusal(&e)
         })?;
+        // On EC2 the instance proves itself with its signed identity
+        // document; what the agent claims about itself is not evidence.
+        let attested = match sh.provider.attestor() {
+            None => None,
+            Some(a) => {
+                let id = r.identity.unwrap_or_default();
+                let doc = a.verify(&id.document, &id.signature).map_err(|e| {
+                    tracing::warn!(%from, node = %node_id, "enrollment refused: {e}");
+                    crate::metrics::Metrics::inc(&sh.metrics.refusals);
+                    Status::permission_denied(e.to_string())
+                })?;
+                Some(doc)
+            }
+        };
         // Signing is CPU work; it happens outside the registry lock.
         let cert = sh
             .pki
             .sign_node(&node_id, &r.csr_pem, sh.cert_validity)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let facts = r.facts.unwrap_or_default().into();
-        sh.enroll(&node_id, &hash, facts, &from).map_err(|e| {
-            tracing::warn!(%from, "enrollment refused: {e}");
+        sh.enroll(&node_id, &hash, facts, attested.as_ref(), &from).map_err(|e| {
+            match &attested {
+                Some(doc) => tracing::warn!(%from, node = %node_id, instance = %doc.instance_id, "enrollment refused: {e}"),
+                None => tracing::warn!(%from, node = %node_id, "enrollment refused: {e}"),
+            }
             match e {
                 EnrollRefused::Token(t) => Status::permission_denied(t.to_string()),
-                EnrollRefused::Instance(msg) => Status::permission_denied(msg),
+                EnrollRefused::Instance => Status::permission_denied(e.to_string()),
+                EnrollRefused::NotYet => Status::unavailable(e.to_string()),
+                EnrollRefused::Invalid(why) => Status::invalid_argument(why),
             }
         })?;
         Ok(Response::new(api::EnrollResponse { node_id, certificate_pem: cert }))
@@ -185,6 +204,19 @@ enum Handled {
     Refused(String),
 }
 
+/// A refused report. One no honest agent sends failed the node: its
+/// session ends, and the agent is told why (it stops).
+async fn invalid(tx: &tokio::sync::mpsc::Sender<Outbound>, node_id: &str, e: Refused) -> Handled {
+    match e {
+        Refused::Invalid(why) => {
+            tracing::warn!(node = %node_id, "report refused, node failed: {why}");
+            let _ = tx.send(Outbound::Shutdown(format!("refused by the controller: {why}"))).await;
+            Handled::Closed
+        }
+        other => Handled::Refused(other.to_string()),
+    }
+}
+
 /// One message of an open session: converted, then handed to the cluster.
 async fn handle(
     sh: &Cluster,
@@ -202,7 +234,10 @@ async fn handle(
         }
         None => {}
         Some(Msg::Hello(h)) => {
-            let assignment = sh.hello(node_id, h.into()).map_err(|e| refused(&e))?;
+            let assignment = match sh.hello(node_id, h.into()) {
+                Ok(a) => a,
+                Err(e) => return Err(invalid(tx, node_id, e).await),
+            };
             tx.send(Outbound::Assignment(Box::new(assignment))).await.map_err(|_| Handled::Closed)?;
         }
         Some(Msg::Notice(n)) => {
@@ -213,7 +248,11 @@ async fn handle(
             let report = s.try_into().map_err(|e: Status| refused(&e.message()))?;
             sh.step_report(node_id, report).map_err(|e| refused(&e))?;
         }
-        Some(Msg::Attribute(a)) => sh.attribute(node_id, a.name, a.value).map_err(|e| refused(&e))?,
+        Some(Msg::Attribute(a)) => {
+            if let Err(e) = sh.attribute(node_id, &a.name, &a.value) {
+                return Err(invalid(tx, node_id, e).await);
+            }
+        }
         Some(Msg::Directive(d)) => sh.directive_report(node_id, d.into()),
     }
     Ok(())

@@ -11,12 +11,16 @@ use crate::cluster::ops::{Destroyed, Scaled};
 use crate::engine::{DirectiveKind, DirectiveSet};
 use crate::model::{Notice, Role};
 use crate::plan::{Assignment, Plan, Step, StepKind};
+use crate::registry::untrusted::{clean_line, clean_text};
 use crate::registry::{DirectiveReport, Facts, Hello, Outbound, StepReport, StepStatus};
 use crate::status::{EventView, NodeCounts, NodeStatus, StatusView, StepView};
 use ddisco_proto::v1 as api;
 use tonic::Status;
 
 // ---- agents -> controller ----
+// Free text from agents loses its control characters here (it is shown on
+// terminals); facts and attributes are checked by `untrusted` where they
+// are stored.
 
 impl From<api::NodeFacts> for Facts {
     fn from(f: api::NodeFacts) -> Facts {
@@ -57,11 +61,11 @@ impl TryFrom<api::StepReport> for StepReport {
         Ok(StepReport {
             plan_id: s.plan_id,
             index: s.index,
-            name: s.name,
+            name: clean_line(&s.name),
             status,
             duration_ms: s.duration_ms,
             exit_code: s.exit_code,
-            output_tail: s.output_tail,
+            output_tail: clean_text(&s.output_tail),
         })
     }
 }
@@ -75,12 +79,12 @@ pub fn notice(n: api::Notice) -> Result<(Notice, String), Status> {
             return Err(Status::invalid_argument(format!("notice.kind: {} is not a notice kind", n.kind)));
         }
     };
-    Ok((kind, n.detail))
+    Ok((kind, clean_line(&n.detail)))
 }
 
 impl From<api::DirectiveReport> for DirectiveReport {
     fn from(d: api::DirectiveReport) -> DirectiveReport {
-        DirectiveReport { name: d.name, ok: d.ok, message: d.message }
+        DirectiveReport { name: clean_line(&d.name), ok: d.ok, message: clean_text(&d.message) }
     }
 }
 

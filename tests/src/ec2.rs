@@ -7,9 +7,12 @@
 //!   from moto and runs it as a local node (like the local provider does),
 //!   with a per-instance metadata service (IMDSv2 token, instance-id,
 //!   ami-launch-index, instance-type, zone, local-ipv4, and the
-//!   `spot/instance-action` / rebalance notices a test can set).
-//!   Terminating the instance in moto kills its node. **Test double:** no
-//!   real instance can boot here.
+//!   `spot/instance-action` / rebalance notices a test can set, and the
+//!   instance identity document, signed like AWS signs it but with the test
+//!   key of `tests/fixtures/`: [`IDENTITY_CERTIFICATE`] is what the
+//!   controller must be told to trust). Terminating the instance in moto
+//!   kills its node. Instances a test holds are not booted until it
+//!   releases them. **Test double:** no real instance can boot here.
 //! - [`FaultProxy`]: an HTTP proxy in front of moto that counts EC2 calls
 //!   per Action and injects faults (capacity errors, throttling, latency)
 //!   for chosen Actions, because moto never produces them.
@@ -190,8 +193,47 @@ pub fn live(v: &[Inst]) -> Vec<&Inst> {
 // Hypervisor
 // --------------------------------------------------------------------------
 
+/// The certificate of the key the test metadata services sign identity
+/// documents with (tests/fixtures; stands in for AWS's, which nobody here
+/// can sign with).
+pub fn identity_certificate() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/imds-test-cert.pem")
+}
+
+/// The instance identity document of `i` (AWS's layout) and its base64
+/// RSA-SHA256 signature by the test key: what a process on that instance
+/// reads from its metadata service.
+pub fn identity_of(i: &Inst, ip: &str, zone: &str) -> (String, String) {
+    let doc = format!(
+        "{{\n  \"accountId\" : \"123456789012\",\n  \"architecture\" : \"x86_64\",\n  \
+         \"availabilityZone\" : \"{zone}\",\n  \"imageId\" : \"{}\",\n  \"instanceId\" : \"{}\",\n  \
+         \"instanceType\" : \"{}\",\n  \"pendingTime\" : \"2026-11-27T00:00:00Z\",\n  \
+         \"privateIp\" : \"{ip}\",\n  \"region\" : \"us-east-1\",\n  \"version\" : \"2017-09-30\"\n}}",
+        i.image_id, i.id, i.instance_type
+    );
+    let sig = sign(&doc);
+    (doc, sig)
+}
+
+/// Base64 RSA PKCS #1 v1.5 SHA-256 signature by the test key, wrapped at
+/// 64 columns like AWS's.
+pub fn sign(doc: &str) -> String {
+    let pem =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/imds-test-key.pem"))
+            .unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let key = ring::rsa::KeyPair::from_pkcs8(&der).unwrap();
+    let mut sig = vec![0; key.public().modulus_len()];
+    key.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), doc.as_bytes(), &mut sig)
+        .unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(sig);
+    b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n")
+}
+
 #[derive(Default, Clone)]
 struct Meta {
+    identity: (String, String),
     instance_id: String,
     instance_type: String,
     launch_index: i32,
@@ -207,9 +249,13 @@ struct Booted {
     _imds: tokio::task::JoinHandle<()>,
 }
 
+/// Which instances a test keeps from booting.
+type Hold = Arc<Mutex<Option<Box<dyn Fn(&Inst) -> bool + Send>>>>;
+
 /// Boots the instances moto reports for one cluster tag as local nodes.
 pub struct Hypervisor {
     booted: Arc<Mutex<HashMap<String, Booted>>>,
+    hold: Hold,
     task: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
 }
@@ -217,9 +263,20 @@ pub struct Hypervisor {
 impl Hypervisor {
     /// Starts watching moto (directly) for instances tagged `tag_key`.
     pub fn start(rt: &tokio::runtime::Runtime, tag_key: &str) -> Hypervisor {
+        Self::start_holding(rt, tag_key, |_| false)
+    }
+
+    /// Like `start`, but instances for which `hold` is true are not booted
+    /// until [`Hypervisor::release`].
+    pub fn start_holding(
+        rt: &tokio::runtime::Runtime,
+        tag_key: &str,
+        hold: impl Fn(&Inst) -> bool + Send + 'static,
+    ) -> Hypervisor {
         let dir = tempfile::tempdir().unwrap();
         let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
-        let (b, root, tag) = (booted.clone(), dir.path().to_path_buf(), tag_key.to_string());
+        let hold: Hold = Arc::new(Mutex::new(Some(Box::new(hold))));
+        let (b, root, tag, h) = (booted.clone(), dir.path().to_path_buf(), tag_key.to_string(), hold.clone());
         let task = rt.spawn(async move {
             let c = client(moto()).await;
             loop {
@@ -227,7 +284,8 @@ impl Hypervisor {
                 for i in &all {
                     let known = b.lock().unwrap().contains_key(&i.id);
                     let running = i.state == "running" || i.state == "pending";
-                    if running && !known {
+                    let held = h.lock().unwrap().as_ref().is_some_and(|f| f(i));
+                    if running && !known && !held {
                         match boot(&c, i, &root).await {
                             Ok(node) => {
                                 b.lock().unwrap().insert(i.id.clone(), node);
@@ -244,7 +302,12 @@ impl Hypervisor {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         });
-        Hypervisor { booted, task, dir }
+        Hypervisor { booted, hold, task, dir }
+    }
+
+    /// Boots the held instances too (from the next pass on).
+    pub fn release(&self) {
+        *self.hold.lock().unwrap() = None;
     }
 
     /// Pid of the node process group booted for an instance.
@@ -286,28 +349,37 @@ fn kill_group(pid: i32) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
-async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, String> {
+/// An instance's userdata, as it reads it from its metadata service.
+pub async fn userdata_of(c: &Client, instance_id: &str) -> Result<String, String> {
     let attr = c
         .describe_instance_attribute()
-        .instance_id(&i.id)
+        .instance_id(instance_id)
         .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
         .send()
         .await
         .map_err(|e| format!("{e:?}"))?;
     let b64 = attr.user_data().and_then(|u| u.value()).ok_or("no userdata")?;
-    let userdata = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| e.to_string())?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| e.to_string())?;
+    String::from_utf8(bytes).map_err(|e| e.to_string())
+}
+
+async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, String> {
+    let userdata = userdata_of(c, &i.id).await?;
     let dir = root.join(&i.id);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("userdata.sh"), userdata).map_err(|e| e.to_string())?;
 
     let d = c.describe_instances().instance_ids(&i.id).send().await.map_err(|e| format!("{e:?}"))?;
     let inst = d.reservations().first().and_then(|r| r.instances().first()).ok_or("instance vanished")?;
+    let zone = inst.placement().and_then(|p| p.availability_zone()).unwrap_or("us-east-1a").to_string();
+    let ip = inst.private_ip_address().unwrap_or("").to_string();
     let meta = Arc::new(Mutex::new(Meta {
+        identity: identity_of(i, &ip, &zone),
         instance_id: i.id.clone(),
         instance_type: i.instance_type.clone(),
         launch_index: i.launch_index,
-        zone: inst.placement().and_then(|p| p.availability_zone()).unwrap_or("us-east-1a").to_string(),
-        ip: inst.private_ip_address().unwrap_or("").to_string(),
+        zone,
+        ip,
         ..Default::default()
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
@@ -315,6 +387,7 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
     let app = axum::Router::new()
         .route("/latest/api/token", put(|| async { "imds-test-token" }))
         .route("/latest/meta-data/{*path}", get(imds_get))
+        .route("/latest/dynamic/instance-identity/{part}", get(imds_identity))
         .with_state(meta.clone());
     let imds = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -327,6 +400,8 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
             .current_dir(&dir)
             .env("DDISCO_HOME", &dir)
             .env("DDISCO_IMDS", &imds_url)
+            // EC2's host names: ip-10-0-0-7 for 10.0.0.7.
+            .env("DDISCO_HOSTNAME", format!("ip-{}", meta.lock().unwrap().ip.replace('.', "-")))
             .env("DDISCO_NOTICE_POLL_MS", "200")
             .env("DDISCO_LOADAVG_FILE", root.join("loadavg"))
             .stdin(Stdio::null())
@@ -343,6 +418,22 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
         let _ = child.wait();
     });
     Ok(Booted { pid, meta, _imds: imds })
+}
+
+async fn imds_identity(
+    State(meta): State<Arc<Mutex<Meta>>>,
+    Path(part): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.get("X-aws-ec2-metadata-token").is_none() {
+        return (StatusCode::UNAUTHORIZED, "IMDSv2 token required").into_response();
+    }
+    let (doc, sig) = meta.lock().unwrap().identity.clone();
+    match part.as_str() {
+        "document" => doc.into_response(),
+        "signature" => sig.into_response(),
+        _ => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
 }
 
 async fn imds_get(

@@ -5,6 +5,7 @@
 
 pub mod disco;
 pub mod ec2;
+pub mod peer;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -44,7 +44,9 @@ advertise = "127.0.0.1"
 ec2_max_attempts = 1
 capacity_cooldown_secs = 60
 heartbeat_timeout_secs = 5.0
-"#
+identity_certificate = "{cert}"
+"#,
+        cert = identity_certificate().display()
     );
     let kept: String =
         base.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
@@ -52,12 +54,19 @@ heartbeat_timeout_secs = 5.0
 }
 
 fn world(extra: &str) -> World {
+    world_holding(extra, |_, _| false)
+}
+
+/// A world whose hypervisor does not boot the instances `hold(tag, i)`
+/// picks until the test calls `hv.release()`.
+fn world_holding(extra: &str, hold: impl Fn(&str, &Inst) -> bool + Send + 'static) -> World {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let tag = format!("ddt-{:08x}", rand_u32());
     let proxy = FaultProxy::start(&rt);
     let client = rt.block_on(client(moto()));
     let sg = rt.block_on(default_sg(&client));
-    let hv = Hypervisor::start(&rt, &tag);
+    let t = tag.clone();
+    let hv = Hypervisor::start_holding(&rt, &tag, move |i| hold(&t, i));
     // Scratch goes to the hypervisor's folder, not the host's /mnt.
     let extra = format!("scratch_path = \"{}\"\n{extra}", hv.dir.path().join("scratch").display());
     let cluster = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
@@ -795,4 +804,66 @@ fn unknown_instance_profile_blocks_launches_naming_the_key() {
     // Blocked: further ticks make no launch call.
     w.wait_ticks(5);
     assert_eq!(w.proxy.count("RunInstances"), runs, "launches retried while blocked");
+}
+
+/// Issue 13, part 2. Every instance of a launch batch can read the batch's
+/// userdata, and so every slot's token. A process on slave A takes slave
+/// B's token and tries to enroll as B: claiming B's instance id (which it
+/// can see in the tags or guess), with A's genuine signed identity
+/// document, with A's document edited to name B, and with no document.
+/// All are refused without revealing B's instance id, B's token stays
+/// unspent, and B, once booted, enrolls with it.
+#[test]
+fn a_slot_token_taken_by_another_instance_of_the_batch_does_not_enroll() {
+    let mut w =
+        world_holding("num_slaves = 2", |tag, i| i.tags.get(tag).map(String::as_str) == Some("slave"));
+    let insts = w.wait_moto("two slaves launched", |v| {
+        live(v).iter().filter(|i| i.tags.get(&w.tag).map(String::as_str) == Some("slave")).count() == 2
+    });
+    let mut slaves: Vec<Inst> =
+        insts.into_iter().filter(|i| i.tags.get(&w.tag).map(String::as_str) == Some("slave")).collect();
+    slaves.sort_by_key(|i| i.launch_index);
+    let (a, b) = (&slaves[0], &slaves[1]);
+    // What a process on A can read from its metadata service.
+    let userdata = w.rt.block_on(userdata_of(&w.client, &a.id)).unwrap();
+    let boot = ddisco_tests::peer::Boot::of(&userdata);
+    assert_eq!(boot.slots.len(), 2, "one userdata for the batch: {:?}", boot.slots);
+    let (b_node, b_token) = boot.slots[1].clone();
+    let (doc_a, sig_a) = identity_of(a, "10.0.0.10", "us-east-1a");
+    let claim = |id: &str| ddisco_proto::v1::NodeFacts {
+        instance_id: id.into(),
+        logical_cores: 2,
+        ..Default::default()
+    };
+    let enroll =
+        |facts, identity| w.rt.block_on(ddisco_tests::peer::enroll_as(&boot, &b_token, facts, identity));
+    let attempts = [
+        (
+            "B's real instance id claimed, A's genuine document",
+            claim(&b.id),
+            Some((doc_a.clone(), sig_a.clone())),
+        ),
+        (
+            "a guessed instance id, A's genuine document",
+            claim("i-0000000000000000f"),
+            Some((doc_a.clone(), sig_a.clone())),
+        ),
+        ("A's document edited to name B", claim(&b.id), Some((doc_a.replace(&a.id, &b.id), sig_a.clone()))),
+        ("B's real instance id claimed, no document", claim(&b.id), None),
+    ];
+    for (what, facts, identity) in attempts {
+        let e = enroll(facts, identity).err().unwrap_or_else(|| panic!("{what}: enrolled as {b_node}"));
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e:?}");
+        assert!(!e.message().contains(&b.id), "{what}: the refusal reveals B's instance id: {e:?}");
+    }
+    let log = w.cluster.serve_log();
+    assert!(!log.contains(&b_token), "a token leaked into the log");
+
+    // B boots and enrolls with the token nobody could spend.
+    w.hv.release();
+    let s = w.cluster.wait_until("master + 2 slaves ready", READY, |s| at_size(s, 2));
+    assert_eq!(World::instance_of(&s, &b_node), b.id);
+    for why in ["not issued to this instance", "signature does not verify", "no instance identity document"] {
+        assert!(log.contains(why), "refusal {why:?} not logged:\n{log}");
+    }
 }

@@ -7,11 +7,11 @@
 //! unused and the test can play the agent itself with a real gRPC/TLS client.
 
 use ddisco_proto::v1 as api;
+use ddisco_tests::peer::*;
 use ddisco_tests::*;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -20,85 +20,6 @@ fn sleeper(dir: &Path) -> String {
     let p = dir.join("sleeper.sh");
     std::fs::write(&p, "#!/bin/sh\nexec sleep 300\n").unwrap();
     format!("agent_binary = \"{}\"", p.display())
-}
-
-struct Boot {
-    controller: String,
-    server_name: String,
-    token: String,
-    ca_pem: String,
-}
-
-fn boot_of(userdata: &str) -> Boot {
-    let ca = userdata.split("<<'DDISCO_CA_EOF'\n").nth(1).unwrap().split("DDISCO_CA_EOF").next().unwrap();
-    let json =
-        userdata.split("<<'DDISCO_BOOT_EOF'\n").nth(1).unwrap().split("\nDDISCO_BOOT_EOF").next().unwrap();
-    let v: Value = serde_json::from_str(json).unwrap();
-    Boot {
-        controller: v["controller"].as_str().unwrap().into(),
-        server_name: v["server_name"].as_str().unwrap().into(),
-        token: v["slots"][0]["token"].as_str().unwrap().into(),
-        ca_pem: ca.into(),
-    }
-}
-
-async fn channel(b: &Boot, identity: Option<(&str, &str)>) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&b.ca_pem))
-        .domain_name(b.server_name.clone());
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Endpoint::from_shared(b.controller.clone())?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-}
-
-fn csr() -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
-    (csr.pem().unwrap(), key.serialize_pem())
-}
-
-async fn enroll(b: &Boot, token: &str) -> Result<(api::EnrollResponse, String), tonic::Status> {
-    let (csr_pem, key) = csr();
-    let ch = channel(b, None).await.expect("TLS to the controller");
-    let req = api::EnrollRequest { token: token.into(), csr_pem, facts: Some(api::NodeFacts::default()) };
-    let r = api::enrollment_client::EnrollmentClient::new(ch).enroll(req).await?;
-    Ok((r.into_inner(), key))
-}
-
-/// Opens a session and returns the first controller message.
-async fn session(b: &Boot, identity: Option<(&str, &str)>) -> Result<api::ControllerMessage, String> {
-    let ch = channel(b, identity).await.map_err(|e| format!("connect: {e}"))?;
-    let hello = api::AgentMessage {
-        msg: Some(api::agent_message::Msg::Hello(api::Hello {
-            facts: Some(api::NodeFacts { logical_cores: 4, ..Default::default() }),
-            ..Default::default()
-        })),
-    };
-    let out = tokio_stream_once(hello);
-    let mut inbound = api::agent_client::AgentClient::new(ch)
-        .session(out)
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-        Ok(Ok(Some(m))) => Ok(m),
-        other => Err(format!("no assignment: {other:?}")),
-    }
-}
-
-/// A request stream that sends one message and then stays open.
-fn tokio_stream_once(
-    m: api::AgentMessage,
-) -> impl tonic::codegen::tokio_stream::Stream<Item = api::AgentMessage> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.try_send(m).unwrap();
-    std::mem::forget(tx); // keep the stream open for the test's lifetime
-    tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 fn states(s: &Value) -> Vec<(String, String)> {
@@ -118,7 +39,7 @@ async fn tokens_are_one_time_and_sessions_need_a_cluster_certificate() {
         })
     });
     let before = states(&s);
-    let b = boot_of(&c.userdata("master-0001"));
+    let b = Boot::of(&c.userdata("master-0001"));
     assert_eq!(b.token.len(), 64, "256-bit token");
 
     // Unknown and malformed tokens: refused, nothing changes.
@@ -161,7 +82,7 @@ async fn tokens_are_one_time_and_sessions_need_a_cluster_certificate() {
     let log = c.serve_log();
     assert!(log.contains("enrollment refused"), "{log}");
     assert!(log.contains("session refused: no client certificate"), "{log}");
-    let slave_token = boot_of(&c.userdata("slave-0002")).token;
+    let slave_token = Boot::of(&c.userdata("slave-0002")).token;
     assert!(!log.contains(&b.token) && !log.contains(&slave_token), "a token leaked into the log");
 }
 
@@ -175,7 +96,7 @@ async fn expired_token_is_refused() {
             nodes(s).len() == 1 && nodes(s)[0]["age_ms"].as_u64().unwrap() > 1_500
         })
     });
-    let b = boot_of(&c.userdata("master-0001"));
+    let b = Boot::of(&c.userdata("master-0001"));
     let e = enroll(&b, &b.token).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("expired"), "{e:?}");
@@ -219,4 +140,84 @@ fn userdata_refuses_a_tampered_agent_binary() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(work.path().join("node-ok/ddisco-agent").exists());
+}
+
+/// Issue 13, part 3. What a node reports reaches other nodes' files. A
+/// slave whose host name carries `/etc/hosts` lines, and one whose
+/// `ssh_host_key` carries a `@cert-authority` line for the master's
+/// `known_hosts`, are failed with the reason and their values reach no
+/// node; an honest slave's values do. The test plays the master (ready, so
+/// it receives the engine's files) and the slaves over real gRPC/TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slaves_hostile_host_name_or_key_reaches_no_other_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(&format!("engine = \"disco\"\nnum_slaves = 3\n{}", sleeper(dir.path())));
+    tokio::task::block_in_place(|| {
+        c.wait_until("four nodes booting", WAIT, |s| {
+            nodes(s).len() == 4 && nodes(s).iter().all(|n| n["state"] == "booting")
+        })
+    });
+    let boots: Vec<Boot> = ["master-0001", "slave-0002", "slave-0003", "slave-0004"]
+        .iter()
+        .map(|id| Boot::of(&c.userdata(id)))
+        .collect();
+    let enrolled = |i: usize| {
+        let b = boots[i].clone();
+        async move {
+            let (reply, key) = enroll(&b, &b.token).await.expect("enrolls");
+            (b, reply.certificate_pem, key)
+        }
+    };
+    let facts = |host: &str| api::NodeFacts { hostname: host.into(), logical_cores: 2, ..Default::default() };
+    let (mb, mcert, mkey) = enrolled(0).await;
+    let mut master = Session::open(&mb, Some((&mcert, &mkey)), facts("master-0001")).await.unwrap();
+    master.finish_plan().await;
+
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINDXutbB7qRqVzBDiLzGqDUXnJ+ApqvHYmtaUeSjbDK0";
+    // /etc/hosts: a host name that closes ddisco's block and adds a line.
+    let (b, cert, k) = enrolled(1).await;
+    let evil_host = "x\n# END ddisco\n10.9.9.9 master-0001";
+    let a = Session::open(&b, Some((&cert, &k)), facts(evil_host)).await.unwrap();
+    // known_hosts: a valid key, then a line trusting the attacker's CA.
+    let (b, cert, k) = enrolled(2).await;
+    let s = Session::open(&b, Some((&cert, &k)), facts("slave-0003")).await.unwrap();
+    let evil_key = format!("{key}\n@cert-authority * {key}");
+    s.send(api::agent_message::Msg::Attribute(api::Attribute {
+        name: "ssh_host_key".into(),
+        value: evil_key,
+    }))
+    .await;
+
+    let st = tokio::task::block_in_place(|| {
+        c.wait_until("both hostile slaves failed", WAIT, |s| {
+            ["slave-0002", "slave-0003"]
+                .iter()
+                .all(|id| nodes(s).iter().any(|n| n["node_id"] == *id && n["state"] == "failed"))
+        })
+    });
+    let detail =
+        |id: &str| nodes(&st).iter().find(|n| n["node_id"] == id).map(|n| n.to_string()).unwrap_or_default();
+    assert!(detail("slave-0002").contains("facts.hostname"), "{}", detail("slave-0002"));
+    assert!(detail("slave-0003").contains("ssh_host_key"), "{}", detail("slave-0003"));
+    // The hostile slave was told why instead of getting an assignment.
+    assert!(format!("{:?}", a.first).contains("refused by the controller"), "{:?}", a.first);
+
+    // An honest slave joins; once the master has its host name, it has had
+    // every membership change before it.
+    let (b, cert, k) = enrolled(3).await;
+    let honest = Session::open(&b, Some((&cert, &k)), facts("honest-4")).await.unwrap();
+    honest.finish_plan().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut seen = String::new();
+    while !seen.contains("honest-4") {
+        let m = master.next_before(deadline).await;
+        assert!(m.is_some(), "the master never got the honest slave's host name; got:\n{seen}");
+        seen.push_str(&format!("{m:?}\n"));
+    }
+    for bad in ["# END ddisco", "10.9.9.9", "@cert-authority"] {
+        assert!(!seen.contains(bad), "{bad:?} reached the master:\n{seen}");
+    }
+    let log = c.serve_log();
+    assert!(log.contains("node failed"), "{log}");
+    assert!(!log.contains("\n# END ddisco"), "a raw newline from a node reached the log");
 }

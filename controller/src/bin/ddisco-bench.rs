@@ -290,7 +290,12 @@ async fn enroll(boot: &Boot, token: &str) -> Result<(Duration, String, String), 
     let req = api::EnrollRequest {
         token: token.into(),
         csr_pem: csr,
-        facts: Some(api::NodeFacts { logical_cores: 2, ..Default::default() }),
+        facts: Some(api::NodeFacts {
+            logical_cores: 2,
+            hostname: "bench-enrolling".into(),
+            ..Default::default()
+        }),
+        identity: None,
     };
     let r = api::enrollment_client::EnrollmentClient::new(ch).enroll(req).await.map_err(|s| s.to_string())?;
     Ok((t0.elapsed(), r.into_inner().certificate_pem, key.serialize_pem()))
@@ -309,7 +314,12 @@ async fn session(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let hello = api::AgentMessage {
         msg: Some(api::agent_message::Msg::Hello(api::Hello {
-            facts: Some(api::NodeFacts { logical_cores: 2, ..Default::default() }),
+            facts: Some(api::NodeFacts {
+                logical_cores: 2,
+                // Host names are unique in a cluster.
+                hostname: format!("bench-{:016x}", rand::random::<u64>()),
+                ..Default::default()
+            }),
             ..Default::default()
         })),
     };

@@ -24,6 +24,7 @@ pub mod tick;
 #[cfg(test)]
 mod work_tests;
 
+use crate::attest::IdentityDoc;
 use crate::config::Config;
 use crate::engine::{DirectiveSet, Engine, Member};
 use crate::model::{Market, NodeState, Notice, Role, worker_count};
@@ -347,29 +348,36 @@ impl Cluster {
 
     /// Spends the token (checked again under the lock: of two concurrent
     /// enrollments with one token, one loses) and enrolls the node. On a
-    /// provider that attests instances, the instance the agent reports must
-    /// be the one launched for its slot.
-    pub fn enroll(&self, node_id: &str, hash: &str, facts: Facts, from: &str) -> Result<(), EnrollRefused> {
+    /// provider that attests instances, `attested` is the verified identity
+    /// document: it must name the instance launched for the token's slot,
+    /// and its instance id and private address replace what the agent said.
+    pub fn enroll(
+        &self,
+        node_id: &str,
+        hash: &str,
+        mut facts: Facts,
+        attested: Option<&IdentityDoc>,
+        from: &str,
+    ) -> Result<(), EnrollRefused> {
         let mut reg = self.registry.lock().expect("registry lock");
         if let Err(e) = reg.check_token(hash, unix_ms()) {
             crate::metrics::Metrics::inc(&self.metrics.refusals);
             return Err(EnrollRefused::Token(e));
         }
-        if self.provider.attests_instance_id() {
-            let recorded = reg.get(node_id).and_then(|e| e.rec.instance_id.clone());
-            let claimed = &facts.instance_id;
-            let mismatch = match &recorded {
-                Some(rec) => rec != claimed,
-                None => claimed.is_empty(),
-            };
-            if mismatch {
+        if let Some(doc) = attested {
+            let recorded = reg.get(node_id).and_then(|e| e.rec.instance_id.as_deref());
+            if let Err(e) = check_binding(recorded, &doc.instance_id) {
                 crate::metrics::Metrics::inc(&self.metrics.refusals);
-                return Err(EnrollRefused::Instance(format!(
-                    "bootstrap token of node {node_id} is bound to instance {}, not {:?}",
-                    recorded.as_deref().unwrap_or("(unknown)"),
-                    claimed
-                )));
+                return Err(e);
             }
+            facts.instance_id = doc.instance_id.clone();
+            if let Some(ip) = doc.private_ip {
+                facts.addresses = vec![ip.to_string()];
+            }
+        }
+        if let Err(why) = crate::registry::untrusted::check_facts(&facts) {
+            crate::metrics::Metrics::inc(&self.metrics.refusals);
+            return Err(EnrollRefused::Invalid(why));
         }
         reg.complete_enrollment(node_id, facts, self.clock.now_ms());
         crate::metrics::Metrics::inc(&self.metrics.enrollments);
@@ -398,7 +406,12 @@ impl Cluster {
         let layout = self.provider.layout(node_id);
         let steps = self.engine.steps(role, workers, &layout);
         let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps);
-        reg.on_hello(node_id, hello, workers, &plan)?;
+        let attested = self.provider.attestor().is_some();
+        if let Err(e) = reg.on_hello(node_id, hello, workers, &plan, attested) {
+            drop(reg);
+            self.changed(); // a refused hello fails the node
+            return Err(e);
+        }
         drop(reg);
         self.changed();
         // The new session gets the node's directives.
@@ -434,11 +447,18 @@ impl Cluster {
         self.wake.notify_one();
     }
 
-    pub fn attribute(&self, node_id: &str, name: String, value: String) -> Result<(), Refused> {
-        self.registry.lock().expect("registry lock").on_attribute(node_id, name, value)?;
-        self.changed();
-        self.membership_changed();
-        Ok(())
+    /// A collected attribute; only a changed value republishes.
+    pub fn attribute(&self, node_id: &str, name: &str, value: &str) -> Result<(), Refused> {
+        let r = self.registry.lock().expect("registry lock").on_attribute(node_id, name, value);
+        match r {
+            Ok(false) => {}
+            Ok(true) => {
+                self.changed();
+                self.membership_changed();
+            }
+            Err(_) => self.changed(), // the node failed
+        }
+        r.map(|_| ())
     }
 
     pub fn directive_report(&self, node_id: &str, report: DirectiveReport) {
@@ -446,11 +466,48 @@ impl Cluster {
     }
 }
 
-/// Why an enrollment with a valid-looking token was refused.
-#[derive(Debug, thiserror::Error)]
+/// Why an enrollment with a valid-looking token was refused. The messages
+/// go to an unauthenticated caller: they tell it nothing it did not know.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnrollRefused {
     #[error("{0}")]
     Token(TokenError),
+    /// The token's slot was launched as another instance. The token stays
+    /// unspent: the rightful instance can still use it.
+    #[error("this bootstrap token was not issued to this instance")]
+    Instance,
+    /// The controller has not recorded which instance the slot became
+    /// (a launch whose answer it has not seen yet): try again shortly.
+    #[error("the controller does not know this slot's instance yet: retry later")]
+    NotYet,
+    /// The facts sent are not valid (`untrusted::check_facts`); the token
+    /// stays unspent.
     #[error("{0}")]
-    Instance(String),
+    Invalid(String),
+}
+
+/// Whether the attested instance may use the token of a slot whose
+/// recorded instance is `recorded`. An unknown slot instance is never
+/// filled in from the caller's claim.
+pub fn check_binding(recorded: Option<&str>, attested: &str) -> Result<(), EnrollRefused> {
+    match recorded {
+        None => Err(EnrollRefused::NotYet),
+        Some(r) if r != attested => Err(EnrollRefused::Instance),
+        Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_token_binds_only_the_recorded_instance_and_never_trusts_a_claim() {
+        assert_eq!(check_binding(Some("i-0a"), "i-0a"), Ok(()));
+        assert_eq!(check_binding(Some("i-0a"), "i-0b"), Err(EnrollRefused::Instance));
+        // Not recorded yet (a launch whose answer was lost): retry later,
+        // never "take the caller's word and record it".
+        assert_eq!(check_binding(None, "i-0b"), Err(EnrollRefused::NotYet));
+        assert!(!EnrollRefused::Instance.to_string().contains("i-0"));
+    }
 }

@@ -119,6 +119,9 @@ pub struct Ec2Config {
     /// Instance profile (name or ARN) attached to every node: S3 access
     /// through the instance role, no keys on nodes.
     pub iam_instance_profile: Option<String>,
+    /// PEM certificate whose key signs the instance identity documents
+    /// (`None`: AWS's certificate for most regions, built in).
+    pub identity_certificate: Option<PathBuf>,
     /// Which roles may fall back to on-demand when spot keeps failing.
     pub on_demand_fallback: FallbackRoles,
     /// Spot capacity/price failures of a pool, within the window, that
@@ -287,6 +290,7 @@ impl Default for Config {
                 master_on_demand: false,
                 capacity_cooldown: Duration::from_secs(300),
                 iam_instance_profile: None,
+                identity_certificate: None,
                 on_demand_fallback: FallbackRoles::None,
                 fallback_failures: 3,
                 fallback_interruptions: 3,

@@ -75,6 +75,11 @@ on_demand_idle_replace_secs = 600.0
 # Instance profile (name or ARN) for every node: jobs reach S3 through the
 # instance role; no AWS key ever goes to a node.
 iam_instance_profile = ""
+# Agents prove which instance they run on with the instance identity
+# document AWS signs. Empty: AWS's certificate for every region but Hong
+# Kong, Bahrain, Cape Town, Milan, China and GovCloud (there, give the path
+# of the region's certificate from the EC2 user guide).
+identity_certificate = ""
 # Scratch space: instance-store volumes (striped if several) are formatted
 # and mounted here; without instance store, a directory on the root volume.
 scratch_path = "/mnt"

@@ -279,6 +279,7 @@ impl Config {
                 master_on_demand: raw.master_on_demand.unwrap_or(false),
                 capacity_cooldown,
                 iam_instance_profile,
+                identity_certificate: non_empty(raw.identity_certificate).map(PathBuf::from),
                 on_demand_fallback,
                 fallback_failures: raw.fallback_failures.unwrap_or(d.ec2.fallback_failures),
                 fallback_interruptions: raw.fallback_interruptions.unwrap_or(d.ec2.fallback_interruptions),

@@ -97,10 +97,11 @@ pub trait Provider: Send + Sync + 'static {
     /// Most nodes one `launch` call takes.
     fn max_batch(&self) -> usize;
 
-    /// Does the agent report an instance id the controller can check against
-    /// the one the launch returned?
-    fn attests_instance_id(&self) -> bool {
-        false
+    /// How agents prove which instance they run on (EC2: the signed
+    /// instance identity document); `None`: instances are not attested
+    /// (local nodes are processes of this machine's user).
+    fn attestor(&self) -> Option<&crate::attest::Attestor> {
+        None
     }
 
     /// The instance metadata service nodes query (launch index, notices),

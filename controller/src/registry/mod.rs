@@ -9,6 +9,7 @@
 //! agent's session task updates directly.
 
 mod transitions;
+pub mod untrusted;
 
 pub use transitions::{
     DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, MAX_ENGINE_MESSAGE, MAX_ENGINE_PROBLEMS, Noticed, Refused,
@@ -102,6 +103,9 @@ pub struct NodeRecord {
     pub plan_id: String,
     #[serde(default)]
     pub current_step: String,
+    /// The attributes its plan collects (the only ones it may send).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collects: Vec<String>,
 }
 
 /// Reads `notice` as written now (null or the kind) and as written before
@@ -300,6 +304,39 @@ pub enum TokenError {
     Terminated(String),
 }
 
+/// A name or address a node holds (see `Registry::claims`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Claim {
+    Host(String),
+    Address(String),
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Host(h) => write!(f, "host name {h}"),
+            Claim::Address(a) => write!(f, "address {a}"),
+        }
+    }
+}
+
+/// What a node with `hostname` at `address` holds.
+pub fn claims(hostname: &str, address: &str) -> Vec<Claim> {
+    let mut v = Vec::with_capacity(2);
+    let short = hostname.split('.').next().unwrap_or("");
+    if !short.is_empty() {
+        v.push(Claim::Host(short.to_ascii_lowercase()));
+    }
+    if !address.is_empty() {
+        v.push(Claim::Address(address.to_string()));
+    }
+    v
+}
+
+fn claims_of(rec: &NodeRecord) -> Vec<Claim> {
+    claims(rec.facts.as_ref().map_or("", |f| f.hostname.as_str()), rec.address())
+}
+
 #[derive(Debug, Default)]
 pub struct Registry {
     /// Slaves wanted per pool.
@@ -309,6 +346,9 @@ pub struct Registry {
     next_seq: u64,
     nodes: BTreeMap<String, Entry>,
     token_index: HashMap<String, String>,
+    /// Host names (first label, lower case) and addresses in use, and by
+    /// which node: a hello that would reuse one is refused in O(1).
+    claims: HashMap<Claim, String>,
     events: VecDeque<Event>,
     /// Changed since the last save.
     pub dirty: bool,
@@ -382,6 +422,9 @@ impl Registry {
             if !rec.token_used {
                 reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
             }
+            for c in claims_of(&rec) {
+                reg.claims.insert(c, rec.id.clone());
+            }
             reg.nodes.insert(rec.id.clone(), Entry { rec, live });
         }
         Ok(reg)
@@ -446,6 +489,7 @@ impl Registry {
             workers: 0,
             plan_id: String::new(),
             current_step: String::new(),
+            collects: Vec::new(),
         };
         self.nodes.insert(id.clone(), Entry { rec, live: Arc::new(Liveness::default()) });
         self.dirty = true;
@@ -533,6 +577,11 @@ impl Registry {
         let e = self.nodes.remove(id)?;
         self.changed_members.push(id.to_string());
         self.token_index.remove(&e.rec.token_hash);
+        for c in claims_of(&e.rec) {
+            if self.claims.get(&c).is_some_and(|owner| owner == id) {
+                self.claims.remove(&c);
+            }
+        }
         self.dirty = true;
         Some(e)
     }

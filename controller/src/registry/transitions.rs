@@ -84,8 +84,9 @@ pub enum Refused {
     UnknownNode(String),
     #[error("step index {index} is outside the plan of {of} steps")]
     StepOutOfRange { index: u32, of: u32 },
-    #[error("attribute {0:?} refused: empty name or over 16 KiB")]
-    Attribute(String),
+    /// A report no honest agent sends; the node was failed for it.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// What an applied action leaves for the provider to do.
@@ -159,8 +160,52 @@ impl Registry {
     /// An agent opened a session: records its facts and its assignment
     /// (`workers`, `plan`), and moves it to where its progress says.
     /// Returns whether it became ready.
-    pub fn on_hello(&mut self, id: &str, hello: Hello, workers: u32, plan: &Plan) -> Result<bool, Refused> {
+    /// Its facts are checked first (`untrusted::check_facts`; host name and
+    /// address unique among the nodes not being terminated): invalid ones
+    /// are not stored, the node fails saying why. With `keep_identity`
+    /// (attested nodes) its instance id and addresses stay those the
+    /// enrollment verified, whatever the hello says.
+    pub fn on_hello(
+        &mut self,
+        id: &str,
+        mut hello: Hello,
+        workers: u32,
+        plan: &Plan,
+        keep_identity: bool,
+    ) -> Result<bool, Refused> {
+        let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        if keep_identity && let Some(old) = &e.rec.facts {
+            hello.facts.instance_id = old.instance_id.clone();
+            hello.facts.addresses = old.addresses.clone();
+        }
+        let address = if e.rec.address.is_empty() {
+            hello.facts.addresses.first().cloned().unwrap_or_default()
+        } else {
+            e.rec.address.clone()
+        };
+        let wanted = super::claims(&hello.facts.hostname, &address);
+        if let Err(why) = super::untrusted::check_facts(&hello.facts).and_then(|()| self.unique(id, &wanted))
+        {
+            self.reject(id, "hello", &why);
+            return Err(Refused::Invalid(why));
+        }
+        let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        let old = super::claims_of(&e.rec);
+        for c in old.into_iter().filter(|c| !wanted.contains(c)) {
+            self.claims.remove(&c);
+        }
+        for c in wanted {
+            self.claims.insert(c, id.to_string());
+        }
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        e.rec.collects = plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                crate::plan::StepKind::Collect { attribute, .. } => Some(attribute.clone()),
+                _ => None,
+            })
+            .collect();
         self.dirty = true;
         // Its facts may have changed, and a new session needs its
         // directives again.
@@ -275,16 +320,70 @@ impl Registry {
         Some(noticed)
     }
 
-    /// A value the node's plan collected for the engine (a public key...).
-    pub fn on_attribute(&mut self, id: &str, name: String, value: String) -> Result<(), Refused> {
-        if name.is_empty() || value.len() > MAX_ATTRIBUTE {
-            return Err(Refused::Attribute(name));
-        }
+    /// A value the node's plan collected for the engine: an SSH public key
+    /// (see `StepKind::Collect`). A name its plan does not collect, or a
+    /// value that is not one valid key line, fails the node and is not
+    /// stored. Returns whether the value changed.
+    pub fn on_attribute(&mut self, id: &str, name: &str, value: &str) -> Result<bool, Refused> {
+        let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        let checked = if name.len() > MAX_ATTRIBUTE || !e.rec.collects.iter().any(|c| c == name) {
+            Err(format!(
+                "attribute {:?} is not one its plan collects",
+                super::untrusted::clean_line(&name[..name.len().min(64)])
+            ))
+        } else if value.len() > MAX_ATTRIBUTE {
+            Err(format!("attribute {name}: over {MAX_ATTRIBUTE} bytes"))
+        } else {
+            super::untrusted::ssh_public_key(value).map_err(|e| format!("attribute {name}: {e}"))
+        };
+        let key = match checked {
+            Ok(k) => k,
+            Err(why) => {
+                self.reject(id, "attribute", &why);
+                return Err(Refused::Invalid(why));
+            }
+        };
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
-        e.rec.attributes.insert(name, value);
+        if e.rec.attributes.get(name) == Some(&key) {
+            return Ok(false);
+        }
+        e.rec.attributes.insert(name.to_string(), key);
         self.dirty = true;
         self.changed_members.push(id.to_string());
+        Ok(true)
+    }
+
+    /// Host name (first label, any case) and address held by no other
+    /// node of the registry (a node being replaced holds them until it is
+    /// gone). One lookup each, whatever the cluster's size.
+    fn unique(&self, id: &str, wanted: &[super::Claim]) -> Result<(), String> {
+        for c in wanted {
+            if let Some(other) = self.claims.get(c).filter(|o| o.as_str() != id) {
+                return Err(format!("{c} is already node {other}'s"));
+            }
+        }
         Ok(())
+    }
+
+    /// A node that sent what no honest agent sends: failed, with the reason
+    /// (its session is refused; it is kept for diagnosis like a failed step).
+    fn reject(&mut self, id: &str, what: &str, why: &str) {
+        let Some(e) = self.nodes.get_mut(id) else { return };
+        if e.rec.state == NodeState::Terminating {
+            return;
+        }
+        let first =
+            !matches!(&e.rec.state, NodeState::Failed { step } if step == what) || e.rec.detail != why;
+        e.rec.state = NodeState::Failed { step: what.to_string() };
+        e.rec.phase(format!("failed: invalid {what}"));
+        e.rec.detail = format!("refused its {what}: {why}");
+        self.dirty = true;
+        self.changed_members.push(id.to_string());
+        if first {
+            let msg = format!("{id} FAILED: its {what} was refused: {why}");
+            tracing::warn!("{msg}");
+            self.event(msg);
+        }
     }
 
     /// How applying an engine directive went. Problems are kept per
@@ -458,6 +557,11 @@ mod tests {
         (r, id)
     }
 
+    /// A hello with valid facts.
+    fn good() -> Hello {
+        Hello { facts: Facts { hostname: "node-1".into(), ..Default::default() }, ..Default::default() }
+    }
+
     fn report(p: &Plan, index: u32, status: StepStatus) -> StepReport {
         StepReport {
             plan_id: p.id.clone(),
@@ -474,14 +578,14 @@ mod tests {
     fn hello_then_steps_make_a_node_ready_once() {
         let (mut r, id) = registry_with(Role::Slave);
         let p = plan(2);
-        assert_eq!(r.on_hello(&id, Hello::default(), 3, &p), Ok(false));
+        assert_eq!(r.on_hello(&id, good(), 3, &p, false), Ok(false));
         assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 2 });
         assert_eq!(r.on_step(&id, report(&p, 0, StepStatus::Succeeded)), Ok(false));
         assert_eq!(r.on_step(&id, report(&p, 1, StepStatus::Succeeded)), Ok(true));
         assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Ready);
         // A reconnect with the finished progress does not become ready twice.
-        let hello = Hello { plan_id: p.id.clone(), completed_steps: 2, ..Default::default() };
-        assert_eq!(r.on_hello(&id, hello, 3, &p), Ok(false));
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 2, ..good() };
+        assert_eq!(r.on_hello(&id, hello, 3, &p, false), Ok(false));
         let readies = r.events().iter().filter(|e| e.message.contains(" ready (")).count();
         assert_eq!(readies, 1);
     }
@@ -490,8 +594,8 @@ mod tests {
     fn a_hello_with_finished_progress_is_ready_at_once() {
         let (mut r, id) = registry_with(Role::Master);
         let p = plan(1);
-        let hello = Hello { plan_id: p.id.clone(), completed_steps: 1, ..Default::default() };
-        assert_eq!(r.on_hello(&id, hello, 2, &p), Ok(true));
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 1, ..good() };
+        assert_eq!(r.on_hello(&id, hello, 2, &p, false), Ok(true));
         assert!(r.events().back().unwrap().message.contains("ready (master, 2 workers)"));
     }
 
@@ -499,7 +603,7 @@ mod tests {
     fn a_step_index_outside_the_plan_is_refused_not_a_panic() {
         let (mut r, id) = registry_with(Role::Slave);
         let p = plan(2);
-        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        r.on_hello(&id, good(), 1, &p, false).unwrap();
         for index in [2, u32::MAX] {
             for status in [StepStatus::Running, StepStatus::Succeeded, StepStatus::Failed] {
                 assert_eq!(
@@ -515,14 +619,14 @@ mod tests {
     fn a_failed_node_stays_failed_for_its_plan() {
         let (mut r, id) = registry_with(Role::Slave);
         let p = plan(2);
-        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        r.on_hello(&id, good(), 1, &p, false).unwrap();
         r.on_step(&id, report(&p, 0, StepStatus::Failed)).unwrap();
         assert!(matches!(r.get(&id).unwrap().rec.state, NodeState::Failed { .. }));
-        let hello = Hello { plan_id: p.id.clone(), completed_steps: 0, ..Default::default() };
-        r.on_hello(&id, hello, 1, &p).unwrap();
+        let hello = Hello { plan_id: p.id.clone(), completed_steps: 0, ..good() };
+        r.on_hello(&id, hello, 1, &p, false).unwrap();
         assert!(matches!(r.get(&id).unwrap().rec.state, NodeState::Failed { .. }));
         // A new plan starts over.
-        r.on_hello(&id, Hello::default(), 1, &plan(3)).unwrap();
+        r.on_hello(&id, good(), 1, &plan(3), false).unwrap();
         assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 3 });
     }
 
@@ -530,7 +634,7 @@ mod tests {
     fn reports_about_another_plan_change_nothing() {
         let (mut r, id) = registry_with(Role::Slave);
         let p = plan(2);
-        r.on_hello(&id, Hello::default(), 1, &p).unwrap();
+        r.on_hello(&id, good(), 1, &p, false).unwrap();
         let mut s = report(&p, 1, StepStatus::Succeeded);
         s.plan_id = "old".into();
         assert_eq!(r.on_step(&id, s), Ok(false));
@@ -544,10 +648,97 @@ mod tests {
         assert_eq!((n.role, n.market), (Role::Slave, Market::Spot));
         assert_eq!(r.on_notice(&id, Notice::Rebalance, "again"), None);
         assert_eq!(r.get(&id).unwrap().rec.notice, Some(Notice::SpotInterruption));
-        assert!(r.on_attribute(&id, "k".into(), "v".into()).is_ok());
-        assert!(r.on_attribute(&id, String::new(), "v".into()).is_err());
-        assert!(r.on_attribute(&id, "big".into(), "x".repeat(MAX_ATTRIBUTE + 1)).is_err());
-        assert_eq!(r.get(&id).unwrap().rec.attributes.len(), 1);
+    }
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINDXutbB7qRqVzBDiLzGqDUXnJ+ApqvHYmtaUeSjbDK0";
+
+    fn collecting(attribute: &str) -> Plan {
+        Plan::new(vec![crate::plan::Step {
+            name: "collect".into(),
+            kind: crate::plan::StepKind::Collect { attribute: attribute.into(), path: "/k.pub".into() },
+        }])
+    }
+
+    #[test]
+    fn only_collected_attributes_holding_one_valid_key_are_stored() {
+        let (mut r, id) = registry_with(Role::Slave);
+        r.on_hello(&id, good(), 1, &collecting("ssh_host_key"), false).unwrap();
+        assert_eq!(r.on_attribute(&id, "ssh_host_key", &format!("{KEY} root@x\n")), Ok(true));
+        assert_eq!(r.get(&id).unwrap().rec.attributes["ssh_host_key"], format!("{KEY} root@x"));
+        // The same value again changes nothing (no republish).
+        r.take_changed_members();
+        assert_eq!(r.on_attribute(&id, "ssh_host_key", &format!("{KEY} root@x")), Ok(false));
+        assert!(r.take_changed_members().is_empty());
+        // An injected second line: refused, the node fails, nothing stored.
+        let evil = format!("{KEY}\n@cert-authority * {KEY}");
+        assert!(matches!(r.on_attribute(&id, "ssh_host_key", &evil), Err(Refused::Invalid(_))));
+        let rec = &r.get(&id).unwrap().rec;
+        assert_eq!(rec.attributes["ssh_host_key"], format!("{KEY} root@x"));
+        assert!(
+            matches!(rec.state, NodeState::Failed { .. }) && rec.detail.contains("ssh_host_key"),
+            "{rec:?}"
+        );
+        // A name its plan does not collect.
+        let (mut r, id) = registry_with(Role::Slave);
+        r.on_hello(&id, good(), 1, &collecting("ssh_host_key"), false).unwrap();
+        assert!(matches!(r.on_attribute(&id, "disco_pubkey", KEY), Err(Refused::Invalid(_))));
+        assert!(r.get(&id).unwrap().rec.attributes.is_empty());
+        assert!(r.get(&id).unwrap().rec.detail.contains("not one its plan collects"));
+    }
+
+    #[test]
+    fn a_hello_with_invalid_or_duplicate_facts_fails_the_node_and_stores_nothing() {
+        let (mut r, id) = registry_with(Role::Slave);
+        let mut h = good();
+        h.facts.hostname = "x\n# END ddisco\n10.0.0.9 master".into();
+        assert!(matches!(r.on_hello(&id, h, 1, &plan(1), false), Err(Refused::Invalid(_))));
+        let rec = &r.get(&id).unwrap().rec;
+        assert!(matches!(rec.state, NodeState::Failed { .. }), "{rec:?}");
+        assert!(rec.facts.as_ref().is_none_or(|f| !f.hostname.contains('\n')));
+        assert!(r.events().back().unwrap().message.contains("facts.hostname"));
+
+        // Another node may not take a host name or address already in use.
+        let (mut r, a) = registry_with(Role::Master);
+        r.on_hello(&a, good(), 1, &plan(1), false).unwrap();
+        let b = r.add_node(
+            NewNode {
+                role: Role::Slave,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "h2".into(),
+                token_expires_unix_ms: u64::MAX,
+            },
+            |_| String::new(),
+        );
+        r.complete_enrollment(&b, Facts::default(), 1);
+        let mut h = good();
+        h.facts.hostname = "NODE-1.ec2.internal".into();
+        assert!(
+            matches!(r.on_hello(&b, h, 1, &plan(1), false), Err(Refused::Invalid(why)) if why.contains(&a))
+        );
+    }
+
+    #[test]
+    fn an_attested_node_keeps_the_instance_and_address_its_enrollment_proved() {
+        let mut r = Registry::new(BTreeMap::new());
+        let id = r.add_node(
+            NewNode {
+                role: Role::Slave,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "h".into(),
+                token_expires_unix_ms: u64::MAX,
+            },
+            |_| String::new(),
+        );
+        let proved = Facts { instance_id: "i-0a".into(), addresses: vec!["10.0.0.7".into()], ..good().facts };
+        r.complete_enrollment(&id, proved, 1);
+        let mut h = good();
+        h.facts.instance_id = "i-0b".into();
+        h.facts.addresses = vec!["10.0.0.1".into()];
+        r.on_hello(&id, h, 1, &plan(1), true).unwrap();
+        let f = r.get(&id).unwrap().rec.facts.clone().unwrap();
+        assert_eq!((f.instance_id.as_str(), f.addresses), ("i-0a", vec!["10.0.0.7".to_string()]));
     }
 
     #[test]

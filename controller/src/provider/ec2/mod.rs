@@ -32,6 +32,7 @@ pub use security_group::SgReport;
 use super::fallback::{self, Market};
 use super::images::{self, ImageInfo, ImageSpec, Resolved};
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
+use crate::attest::Attestor;
 use crate::config::{Ec2Config, NodeShape, Pool};
 use crate::model::Role;
 use crate::plan::NodeLayout;
@@ -56,6 +57,8 @@ pub const POOL_TAG: &str = "ddisco:pool";
 pub struct Ec2Provider {
     client: Client,
     region: String,
+    /// Checks the identity documents agents enroll with.
+    attestor: Attestor,
     tag_key: String,
     /// The `ami` setting: an id, or an alias resolved at preflight.
     ami: ImageSpec,
@@ -101,6 +104,29 @@ struct State {
     backoff_until: Option<Instant>,
     backoff_attempt: u32,
     blocked: Option<(String, String)>,
+}
+
+/// The identity-document checker for `region`: the certificate at `path`,
+/// else AWS's built-in one (refused for the regions AWS signs with another).
+fn attestor_for(path: Option<&Path>, region: &str) -> Result<Attestor, ProviderError> {
+    let err = |message: String| ProviderError::Config { key: "identity_certificate".into(), message };
+    let pem = match path {
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?
+        }
+        None if crate::attest::REGIONS_WITH_OWN_CERTIFICATE.contains(&region)
+            || region.starts_with("cn-")
+            || region.starts_with("us-gov-") =>
+        {
+            return Err(err(format!(
+                "AWS signs the instance identity documents of {region} with a certificate of its own: save it \
+                 from the EC2 user guide (\"Verify the instance identity document\") and give its path here"
+            )));
+        }
+        None => crate::attest::AWS_IDENTITY_CERTIFICATE.to_string(),
+    };
+    let what = path.map(|p| p.display().to_string()).unwrap_or_else(|| "the built-in AWS certificate".into());
+    Attestor::from_pem(&pem, region).map_err(|e| err(format!("{what}: {e}")))
 }
 
 impl Ec2Provider {
@@ -154,6 +180,7 @@ impl Ec2Provider {
             let provider = sdk.credentials_provider().ok_or_else(|| no_creds("no provider".into()))?;
             provider.provide_credentials().await.map_err(|e| no_creds(e.to_string()))?;
         }
+        let attestor = attestor_for(cfg.identity_certificate.as_deref(), &region)?;
         let (group_ids, group_names) =
             cfg.security_groups.iter().cloned().partition(|g: &String| g.starts_with("sg-"));
         let subnets = if cfg.subnet_ids.is_empty() {
@@ -163,6 +190,7 @@ impl Ec2Provider {
         };
         Ok(Ec2Provider {
             client: Client::new(&sdk),
+            attestor,
             region,
             tag_key: nodes.tag_key.clone(),
             ami: images::parse(&cfg.ami)
@@ -290,8 +318,8 @@ impl Provider for Ec2Provider {
         100
     }
 
-    fn attests_instance_id(&self) -> bool {
-        true
+    fn attestor(&self) -> Option<&Attestor> {
+        Some(&self.attestor)
     }
 
     fn imds_url(&self) -> Option<&'static str> {
