@@ -2,6 +2,7 @@
 //! server certificate). The binary is public; its integrity is checked on the
 //! node against the SHA-256 written into the userdata.
 
+use crate::admission::{Gate, Limits};
 use crate::cluster::Cluster;
 use axum::Router;
 use axum::body::Bytes;
@@ -10,6 +11,11 @@ use axum::routing::get;
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// How long a client may take to send its request's headers.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves until shutdown; connections come through `admission` (limits for
+/// peers without a certificate: here, every peer).
 pub async fn serve(
     shared: Arc<Cluster>,
     listener: std::net::TcpListener,
@@ -38,18 +44,27 @@ pub async fn serve(
         )
         .route("/healthz", get(|| async { "ok" }));
 
-    let handle = axum_server::Handle::new();
-    let h = handle.clone();
-    tokio::spawn(async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-        h.graceful_shutdown(Some(std::time::Duration::from_secs(1)));
-    });
-    axum_server::from_tcp_rustls(
-        listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
-    )?
-    .handle(handle)
-    .serve(app.into_make_service())
-    .await?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let gate = Arc::new(Gate::new("download port", Limits::DOWNLOAD, shared.metrics.clone()));
+    let mut incoming = crate::admission::incoming(listener, Arc::new(tls), gate);
+    loop {
+        let conn = tokio::select! {
+            c = incoming.recv() => c,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let stream = match conn {
+            Some(Ok(s)) => s,
+            Some(Err(_)) => continue,
+            None => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            // A peer that trickles its request headers is cut off.
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+        });
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //!   terminated. A refusal is logged and changes no state.
 //! - Heartbeats take no lock: two atomic stores per message (last seen, load).
 
+use crate::admission::{Gate, Limits, RateLimitedLog};
 use crate::cluster::{Cluster, EnrollRefused};
 use crate::model::NodeState;
 use crate::pki;
@@ -24,27 +25,66 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-/// Serves `Enrollment` and `Agent` over TLS until shutdown.
+/// Largest message taken from a peer without a certificate (an
+/// enrollment: token, CSR, facts, identity document).
+pub const MAX_ENROLL_MESSAGE: usize = 64 * 1024;
+/// Largest message taken on a session (a step report with its output).
+pub const MAX_SESSION_MESSAGE: usize = 256 * 1024;
+
+/// The port's TLS: the server certificate; a client certificate is
+/// optional (`Enrollment` takes a token) but, when sent, must chain to the
+/// cluster CA.
+fn tls_config(pki: &pki::Pki) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs =
+        CertificateDer::pem_slice_iter(pki.server_cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(pki.ca_pem().as_bytes()) {
+        roots.add(ca?)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tls)
+}
+
+/// Serves `Enrollment` and `Agent` over TLS until shutdown. Connections
+/// come through `admission` (limits for peers without a certificate).
 pub async fn serve(
     shared: Arc<Cluster>,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&shared.pki.server_cert_pem, &shared.pki.server_key_pem))
-        .client_ca_root(Certificate::from_pem(shared.pki.ca_pem()))
-        // Enrollment is reached without a certificate (it takes a token);
-        // the Agent service refuses sessions that present none.
-        .client_auth_optional(true);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use tonic::transport::Server;
+    let tls = Arc::new(tls_config(&shared.pki)?);
+    let gate = Arc::new(Gate::new("agents' port", Limits::GRPC, shared.metrics.clone()));
+    let incoming =
+        tokio_stream::wrappers::ReceiverStream::new(crate::admission::incoming(listener, tls, gate));
+    let log = Arc::new(RateLimitedLog::default());
     Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(api::enrollment_server::EnrollmentServer::new(EnrollmentService {
-            shared: shared.clone(),
-        }))
-        .add_service(api::agent_server::AgentServer::new(AgentService { shared }))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(16))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .add_service(
+            api::enrollment_server::EnrollmentServer::new(EnrollmentService {
+                shared: shared.clone(),
+                log: log.clone(),
+            })
+            .max_decoding_message_size(MAX_ENROLL_MESSAGE),
+        )
+        .add_service(
+            api::agent_server::AgentServer::new(AgentService { shared, log })
+                .max_decoding_message_size(MAX_SESSION_MESSAGE),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
@@ -54,10 +94,13 @@ pub async fn serve(
 
 pub struct EnrollmentService {
     pub shared: Arc<Cluster>,
+    /// Refusals of unauthenticated callers: logged, but not without bound.
+    pub log: Arc<RateLimitedLog>,
 }
 
 pub struct AgentService {
     pub shared: Arc<Cluster>,
+    pub log: Arc<RateLimitedLog>,
 }
 
 fn peer(req: &Request<impl Sized>) -> String {
@@ -80,13 +123,13 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
         let from = peer(&req);
         let r = req.into_inner();
         if r.token.len() < 32 {
-            tracing::warn!(%from, "enrollment refused: token missing or too short");
+            self.log.warn(|| format!("enrollment from {from} refused: token missing or too short"));
             return Err(Status::invalid_argument("token: missing or too short"));
         }
         let hash = pki::token_hash(&r.token);
         let sh = &self.shared;
         let node_id = sh.check_token(&hash).map_err(|e| {
-            tracing::warn!(%from, "enrollment refused: {e}");
+            self.log.warn(|| format!("enrollment from {from} refused: {e}"));
             token_refusal(&e)
         })?;
         // On EC2 the instance proves itself with its signed identity
@@ -96,7 +139,7 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             Some(a) => {
                 let id = r.identity.unwrap_or_default();
                 let doc = a.verify(&id.document, &id.signature).map_err(|e| {
-                    tracing::warn!(%from, node = %node_id, "enrollment refused: {e}");
+                    self.log.warn(|| format!("enrollment of {node_id} from {from} refused: {e}"));
                     crate::metrics::Metrics::inc(&sh.metrics.refusals);
                     Status::permission_denied(e.to_string())
                 })?;
@@ -111,8 +154,10 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
         let facts = r.facts.unwrap_or_default().into();
         sh.enroll(&node_id, &hash, facts, attested.as_ref(), &from).map_err(|e| {
             match &attested {
-                Some(doc) => tracing::warn!(%from, node = %node_id, instance = %doc.instance_id, "enrollment refused: {e}"),
-                None => tracing::warn!(%from, node = %node_id, "enrollment refused: {e}"),
+                Some(doc) => self.log.warn(|| {
+                    format!("enrollment of {node_id} from {from} (instance {}) refused: {e}", doc.instance_id)
+                }),
+                None => self.log.warn(|| format!("enrollment of {node_id} from {from} refused: {e}")),
             }
             match e {
                 EnrollRefused::Token(t) => Status::permission_denied(t.to_string()),
@@ -137,14 +182,14 @@ impl api::agent_server::Agent for AgentService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let from = peer(&req);
         let Some(certs) = req.peer_certs().filter(|c| !c.is_empty()) else {
-            tracing::warn!(%from, "session refused: no client certificate");
+            self.log.warn(|| format!("session from {from} refused: no client certificate"));
             crate::metrics::Metrics::inc(&self.shared.metrics.refusals);
             return Err(Status::unauthenticated(
                 "client certificate required: enroll with a bootstrap token first",
             ));
         };
         let Some(node_id) = pki::node_id_of(&certs[0]) else {
-            tracing::warn!(%from, "session refused: certificate without a node id");
+            self.log.warn(|| format!("session from {from} refused: certificate without a node id"));
             return Err(Status::unauthenticated("client certificate names no node"));
         };
         let sh = self.shared.clone();
@@ -153,7 +198,9 @@ impl api::agent_server::Agent for AgentService {
             match reg.get(&node_id) {
                 Some(e) if e.rec.state != NodeState::Terminating && !e.live.is_revoked() => e.live.clone(),
                 _ => {
-                    tracing::warn!(%from, node = %node_id, "session refused: node unknown or terminated");
+                    self.log.warn(|| {
+                        format!("session of {node_id} from {from} refused: node unknown or terminated")
+                    });
                     return Err(Status::permission_denied(format!(
                         "node {node_id} is not part of this cluster (terminated or replaced)"
                     )));

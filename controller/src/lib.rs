@@ -28,6 +28,7 @@
 //! - [`cli`]: one module per subcommand.
 
 pub mod admin;
+pub mod admission;
 pub mod attest;
 pub mod cli;
 pub mod cluster;

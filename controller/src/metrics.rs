@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     pub enrollments: AtomicU64,
     pub refusals: AtomicU64,
+    /// Connections closed by `admission` (over a limit, handshake too slow).
+    pub connections_refused: AtomicU64,
     pub heartbeats: AtomicU64,
     pub launches: AtomicU64,
     pub launch_failures: AtomicU64,
@@ -57,6 +59,13 @@ pub fn render(
     );
     counter(&mut out, "ddisco_enrollments_total", "Agents enrolled.", &m.enrollments);
     counter(&mut out, "ddisco_refusals_total", "Enrollments and sessions refused.", &m.refusals);
+    counter(
+        &mut out,
+        "ddisco_connections_refused_total",
+        "Connections closed before any exchange: over a limit for peers without a certificate, or a TLS \
+         handshake not finished in time.",
+        &m.connections_refused,
+    );
     counter(&mut out, "ddisco_heartbeats_total", "Heartbeats received.", &m.heartbeats);
     counter(&mut out, "ddisco_launches_total", "Nodes launched.", &m.launches);
     counter(&mut out, "ddisco_launch_failures_total", "Launch calls that failed.", &m.launch_failures);

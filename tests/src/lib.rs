@@ -53,6 +53,8 @@ pub struct Cluster {
     serve: Option<Child>,
     /// Extra environment for every controller command (AWS settings).
     env: Vec<(String, String)>,
+    /// Open-file limit (soft and hard) `serve` runs under, if set.
+    fd_limit: Option<u32>,
 }
 
 impl Cluster {
@@ -62,8 +64,18 @@ impl Cluster {
         Cluster::start_with_env(extra, vec![])
     }
 
+    /// Like `start`, with `serve` limited to `fds` open files (soft and
+    /// hard: it cannot raise them).
+    pub fn start_with_fd_limit(extra: &str, fds: u32) -> Cluster {
+        Cluster::start_inner(extra, vec![], Some(fds))
+    }
+
     /// Like `start`, with extra environment for the controller.
     pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Cluster {
+        Cluster::start_inner(extra, env, None)
+    }
+
+    fn start_inner(extra: &str, env: Vec<(String, String)>, fd_limit: Option<u32>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("ddisco.toml");
         // Keys in `extra` override the same keys of FAST.
@@ -72,7 +84,7 @@ impl Cluster {
         let base: String =
             FAST.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
         std::fs::write(&config, format!("{base}\n{extra}\n")).expect("write config");
-        let mut c = Cluster { dir, config, serve: None, env };
+        let mut c = Cluster { dir, config, serve: None, env, fd_limit };
         c.spawn_serve();
         c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
         c
@@ -187,7 +199,15 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join("serve.log"))
             .expect("log");
-        let serve = Command::new(bin("ddisco-controller"))
+        let mut cmd = match self.fd_limit {
+            None => Command::new(bin("ddisco-controller")),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\"")]).arg(bin("ddisco-controller"));
+                c
+            }
+        };
+        let serve = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .envs(self.env.iter().map(|(k, v)| (k, v)))

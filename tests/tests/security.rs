@@ -80,8 +80,8 @@ async fn tokens_are_one_time_and_sessions_need_a_cluster_certificate() {
 
     // Refusals are logged; tokens never are.
     let log = c.serve_log();
-    assert!(log.contains("enrollment refused"), "{log}");
-    assert!(log.contains("session refused: no client certificate"), "{log}");
+    assert!(log.contains("refused: unknown bootstrap token"), "{log}");
+    assert!(log.contains("refused: no client certificate"), "{log}");
     let slave_token = Boot::of(&c.userdata("slave-0002")).token;
     assert!(!log.contains(&b.token) && !log.contains(&slave_token), "a token leaked into the log");
 }
@@ -220,4 +220,105 @@ async fn a_slaves_hostile_host_name_or_key_reaches_no_other_node() {
     let log = c.serve_log();
     assert!(log.contains("node failed"), "{log}");
     assert!(!log.contains("\n# END ddisco"), "a raw newline from a node reached the log");
+}
+
+/// Issue 13, part 4. Peers that prove nothing cannot hold the controller's
+/// resources. With `serve` limited to 1,024 open files, 1,100 idle TCP
+/// connections to the agents' port (no TLS handshake), and a download
+/// client that trickles its request headers: enrollment from another
+/// address still works at once, the idle connections are closed (the
+/// handshake deadline, or at once over the limits), the trickling client
+/// is cut off, and the refusals are counted in /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_peers_cannot_exhaust_the_controller() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    // The test itself holds the idle sockets.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    let mut c = Cluster::start_with_fd_limit(&format!("num_slaves = 1\n{}", sleeper(dir.path())), 1024);
+    tokio::task::block_in_place(|| c.wait_until("both nodes booting", WAIT, |s| nodes(s).len() == 2));
+    let b = Boot::of(&c.userdata("master-0001"));
+    let grpc = b.controller.trim_start_matches("https://").to_string();
+    let idle: Vec<std::net::TcpStream> =
+        (0..1100).filter_map(|_| std::net::TcpStream::connect(&grpc).ok()).collect();
+    assert!(idle.len() >= 1000, "only {} idle connections opened", idle.len());
+
+    // A download client that sends a header line every second, forever.
+    let url = c.userdata("master-0001").lines().find_map(|l| l.strip_prefix("url='")).unwrap().to_string();
+    let dl = url.trim_end_matches('\'').trim_start_matches("https://").split('/').next().unwrap().to_string();
+    let (ca, name) = (b.ca_pem.clone(), b.server_name.clone());
+    let slow = std::thread::spawn(move || -> Result<Duration, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        use rustls::pki_types::pem::PemObject;
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name.try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, std::net::TcpStream::connect(&dl).unwrap());
+        let t0 = std::time::Instant::now();
+        tls.write_all(b"GET /agent/ddisco-agent HTTP/1.1\r\nHost: x\r\n").map_err(|e| e.to_string())?;
+        for i in 0..40 {
+            if tls.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).and_then(|()| tls.flush()).is_err() {
+                return Ok(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        Err("still open after 40 s of trickled headers".into())
+    });
+
+    // Enrollment from another address works while they are held.
+    let (csr_pem, _key) = csr();
+    let ch = tonic::transport::Endpoint::from_shared(b.controller.clone())
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&b.ca_pem))
+                .domain_name(b.server_name.clone()),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a connection from another address is accepted");
+    let req = api::EnrollRequest { token: b.token.clone(), csr_pem, facts: Some(facts()), identity: None };
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(Duration::from_secs(10));
+    let reply = api::enrollment_client::EnrollmentClient::new(ch).enroll(req).await.expect("enrolls");
+    assert_eq!(reply.into_inner().node_id, "master-0001");
+
+    // Every idle connection is closed by the controller (EOF or reset).
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    for mut s in idle {
+        let left = end.saturating_duration_since(std::time::Instant::now()).max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {
+            }
+            other => panic!("an idle connection is still open after the deadline: {other:?}"),
+        }
+    }
+    let cut = slow.join().unwrap().expect("the trickling download client is cut off");
+    assert!(cut < Duration::from_secs(20), "cut off after {cut:?}");
+    let (_, metrics) = c.dashboard_get("/metrics", None);
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ddisco_connections_refused_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 500, "connections refused: {refused}\n{metrics}");
+    // The refusals did not flood the log.
+    let lines = c.serve_log().lines().filter(|l| l.contains("connection from")).count();
+    assert!(lines <= 30, "{lines} refusal lines logged");
 }

@@ -107,7 +107,7 @@ pub struct Cluster {
     /// Since when (controller clock, ms) the cluster has been idle while it
     /// had on-demand slaves to replace; `None`: not idle or nothing to replace.
     idle_since: Mutex<Option<u64>>,
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The open-file limit in force (`serve` raised it at start).
     pub fd_limit: u64,
     shutdown: watch::Sender<bool>,

@@ -106,6 +106,9 @@ pub struct NodeRecord {
     /// The attributes its plan collects (the only ones it may send).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub collects: Vec<String>,
+    /// Its plan's step names, in order (reports must name these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_names: Vec<String>,
 }
 
 /// Reads `notice` as written now (null or the kind) and as written before
@@ -345,6 +348,7 @@ pub struct Registry {
     pub spent_usd: f64,
     next_seq: u64,
     nodes: BTreeMap<String, Entry>,
+    /// Token hash -> node, for every node (spent tokens too).
     token_index: HashMap<String, String>,
     /// Host names (first label, lower case) and addresses in use, and by
     /// which node: a hello that would reuse one is refused in O(1).
@@ -419,9 +423,7 @@ impl Registry {
             }
             let live = Arc::new(Liveness::default());
             live.touch(seen_ms);
-            if !rec.token_used {
-                reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
-            }
+            reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
             for c in claims_of(&rec) {
                 reg.claims.insert(c, rec.id.clone());
             }
@@ -444,12 +446,11 @@ impl Registry {
     /// restored registry: those tokens are used, whatever the snapshot says.
     pub fn replay_spent(&mut self, node_ids: &[String]) {
         for id in node_ids {
-            if let Some(e) = self.nodes.get_mut(id) {
-                self.token_index.remove(&e.rec.token_hash);
-                if !e.rec.token_used {
-                    e.rec.token_used = true;
-                    self.dirty = true;
-                }
+            if let Some(e) = self.nodes.get_mut(id)
+                && !e.rec.token_used
+            {
+                e.rec.token_used = true;
+                self.dirty = true;
             }
         }
     }
@@ -490,6 +491,7 @@ impl Registry {
             plan_id: String::new(),
             current_step: String::new(),
             collects: Vec::new(),
+            step_names: Vec::new(),
         };
         self.nodes.insert(id.clone(), Entry { rec, live: Arc::new(Liveness::default()) });
         self.dirty = true;
@@ -596,16 +598,9 @@ impl Registry {
 
     /// Checks a bootstrap token without changing anything.
     pub fn check_token(&self, hash: &str, now_unix_ms: u64) -> Result<String, TokenError> {
-        let id = match self.token_index.get(hash) {
-            Some(id) => id,
-            None => {
-                // A used token is dropped from the index; name its node.
-                return match self.nodes.values().find(|e| e.rec.token_hash == hash) {
-                    Some(e) => Err(TokenError::Used(e.rec.id.clone())),
-                    None => Err(TokenError::Unknown),
-                };
-            }
-        };
+        // One hash lookup, used tokens included (they stay indexed until
+        // their node is removed): no scan, whatever the token.
+        let id = self.token_index.get(hash).ok_or(TokenError::Unknown)?;
         let e = self.nodes.get(id).ok_or(TokenError::Unknown)?;
         if e.rec.token_used {
             return Err(TokenError::Used(id.clone()));

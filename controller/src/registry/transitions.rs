@@ -76,13 +76,16 @@ pub const MAX_ENGINE_NAME: usize = 256;
 
 /// The largest attribute accepted (public keys are well under this).
 pub const MAX_ATTRIBUTE: usize = 16 * 1024;
+/// Step output kept per step (the agent sends its last 4 KiB; more is cut
+/// from the front).
+pub const MAX_STEP_OUTPUT: usize = 8 * 1024;
 
 /// A report that changed nothing, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     #[error("node {0} is not in the registry")]
     UnknownNode(String),
-    #[error("step index {index} is outside the plan of {of} steps")]
+    #[error("step index {index} is outside the plan of {of} steps, or names another step")]
     StepOutOfRange { index: u32, of: u32 },
     /// A report no honest agent sends; the node was failed for it.
     #[error("{0}")]
@@ -118,7 +121,6 @@ impl Registry {
     /// The token is spent and the node `Enrolled`.
     pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64) {
         let Some(e) = self.nodes.get_mut(id) else { return };
-        self.token_index.remove(&e.rec.token_hash);
         e.rec.token_used = true;
         e.rec.state = NodeState::Enrolled;
         if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
@@ -198,6 +200,7 @@ impl Registry {
             self.claims.insert(c, id.to_string());
         }
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        e.rec.step_names = plan.steps.iter().map(|s| s.name.clone()).collect();
         e.rec.collects = plan
             .steps
             .iter()
@@ -261,6 +264,19 @@ impl Registry {
         let NodeState::Provisioning { of, .. } = e.rec.state else { return Ok(false) };
         if s.index >= of {
             return Err(Refused::StepOutOfRange { index: s.index, of });
+        }
+        // The name is the plan's: a node cannot grow its record with names
+        // of its own.
+        if e.rec.step_names.get(s.index as usize) != Some(&s.name) {
+            return Err(Refused::StepOutOfRange { index: s.index, of });
+        }
+        let mut s = s;
+        if s.output_tail.len() > MAX_STEP_OUTPUT {
+            let mut cut = s.output_tail.len() - MAX_STEP_OUTPUT;
+            while !s.output_tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            s.output_tail.drain(..cut);
         }
         self.dirty = true;
         if s.status != StepStatus::Running {
@@ -613,6 +629,17 @@ mod tests {
             }
         }
         assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Provisioning { step: 0, of: 2 });
+        // A name of its own, at a valid index: refused, nothing stored.
+        let mut named = report(&p, 0, StepStatus::Succeeded);
+        named.name = "spam-0001".into();
+        assert!(matches!(r.on_step(&id, named), Err(Refused::StepOutOfRange { .. })));
+        assert!(r.get(&id).unwrap().rec.steps.is_empty());
+        // Output is cut to its last MAX_STEP_OUTPUT bytes.
+        let mut big = report(&p, 0, StepStatus::Succeeded);
+        big.output_tail = format!("{}end", "é".repeat(MAX_STEP_OUTPUT));
+        r.on_step(&id, big).unwrap();
+        let kept = &r.get(&id).unwrap().rec.steps["s0"].output_tail;
+        assert!(kept.len() <= MAX_STEP_OUTPUT && kept.ends_with("end"), "{}", kept.len());
     }
 
     #[test]
