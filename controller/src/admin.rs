@@ -72,6 +72,47 @@ impl api::admin_server::Admin for AdminService {
         }
     }
 
+    async fn credentials(
+        &self,
+        req: Request<api::CredentialsRequest>,
+    ) -> Result<Response<api::CredentialsReply>, Status> {
+        let r = req.into_inner();
+        let sh = &self.shared;
+        if sh.engine.name() != "dask" {
+            return Err(Status::failed_precondition(format!(
+                "this cluster runs the {} engine; client credentials are for Dask's mutual TLS",
+                sh.engine.name()
+            )));
+        }
+        let name = r.name.trim();
+        if name.is_empty()
+            || name.len() > 64
+            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+        {
+            return Err(Status::invalid_argument(format!("name {name:?}: 1 to 64 letters, digits and -_.@")));
+        }
+        if !(1..=3650).contains(&r.valid_days) {
+            return Err(Status::invalid_argument(format!("days {}: from 1 to 3650", r.valid_days)));
+        }
+        let valid = std::time::Duration::from_secs(u64::from(r.valid_days) * 86_400);
+        let (cert_pem, key_pem) = sh
+            .pki
+            .issue(&format!("dask client {name}"), &[], valid)
+            .map_err(|e| Status::internal(format!("cannot issue the certificate: {e}")))?;
+        let members = sh.members();
+        let scheduler = sh.engine.endpoints(&members).remove("scheduler").unwrap_or_default();
+        sh.registry
+            .lock()
+            .expect("registry lock")
+            .event(format!("client credential issued to {name:?} ({} days)", r.valid_days));
+        Ok(Response::new(api::CredentialsReply {
+            ca_pem: sh.pki.ca_pem().to_string(),
+            cert_pem,
+            key_pem,
+            scheduler,
+        }))
+    }
+
     async fn destroy(&self, _: Request<api::DestroyRequest>) -> Result<Response<api::DestroyReply>, Status> {
         let destroyed = ops::destroy(&self.shared)
             .await

@@ -123,6 +123,35 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A key and a certificate for an engine's service or client (Dask's
+    /// mutual TLS): common name `name`, valid for TLS servers too when
+    /// `ips` (its addresses) are given. Returns (certificate, key) PEMs.
+    pub fn issue(
+        &self,
+        name: &str,
+        ips: &[String],
+        valid_for: Duration,
+    ) -> Result<(String, String), PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        if !ips.is_empty() {
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+            for ip in ips {
+                let ip: std::net::IpAddr =
+                    ip.parse().map_err(|_| PkiError::Invalid(format!("{ip:?} is not an IP address")))?;
+                params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+            }
+        }
+        validity(&mut params, valid_for);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// The node id (common name) of a verified client certificate (DER).
 pub fn node_id_of(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;

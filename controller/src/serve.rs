@@ -147,7 +147,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let admin_listener = crate::admin::bind(&admin_path).await?;
 
     let cookie = cluster_cookie(&cfg)?;
-    let engine = crate::engine::from_config(&cfg, cookie);
+    let pki = Arc::new(pki);
+    let engine = crate::engine::from_config(&cfg, cookie, pki.clone());
     let shared = Arc::new(Cluster::new(Parts {
         cfg,
         engine,

@@ -2,21 +2,77 @@
 
   dask_job.py workers SCHEDULER              -> JSON: {"workers": n, "names": [...]}
   dask_job.py wordcount SCHEDULER FILE [N]   -> JSON: {"counts": {...}, "workers": n}
+  dask_job.py tls-probe tls://HOST:PORT [CERT KEY]
+                                             -> JSON: {"refused": bool, "why": "..."}
+    (a raw TLS connection, with the client certificate given or none:
+    does the scheduler refuse it once the handshake is done?)
 
 `wordcount` is a real map/reduce on the cluster: the text file's lines are
 spread over N partitions, split into words on the workers (map) and the
 per-word counts are combined (reduce) by dask.bag.
+
+The scheduler speaks mutual TLS only: DDISCO_DASK_TLS names the folder
+`ddisco-controller credentials --out` wrote (ca.pem, client.pem,
+client.key). DDISCO_DASK_CA_ONLY=1 uses the CA but no client certificate
+(what a peer that read the CA from a node's userdata has);
+DDISCO_DASK_TIMEOUT bounds the connection (default 30s).
 """
 import json
+import os
 import sys
 
 from dask.distributed import Client
 import dask.bag as db
 
 
+def security():
+    folder = os.environ.get("DDISCO_DASK_TLS")
+    if not folder:
+        return None
+    from distributed.security import Security
+
+    if os.environ.get("DDISCO_DASK_CA_ONLY") == "1":
+        return Security(tls_ca_file=f"{folder}/ca.pem", require_encryption=True)
+    return Security(
+        tls_ca_file=f"{folder}/ca.pem",
+        tls_client_cert=f"{folder}/client.pem",
+        tls_client_key=f"{folder}/client.key",
+        require_encryption=True,
+    )
+
+
+def tls_probe(address, cert=None, key=None):
+    import socket
+    import ssl
+
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # an attacker need not check the server
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                tls.settimeout(3)
+                # TLS 1.3: the server judges the client certificate after
+                # the handshake; its verdict arrives on the first read.
+                if tls.recv(1):
+                    return {"refused": False, "why": "the scheduler answered (its comm handshake)"}
+                return {"refused": True, "why": "closed by the scheduler"}
+    except socket.timeout:
+        return {"refused": False, "why": "the scheduler kept the connection and waits for a message"}
+    except (ssl.SSLError, ConnectionError) as e:
+        return {"refused": True, "why": f"{type(e).__name__}: {e}"}
+
+
 def main():
     mode, scheduler = sys.argv[1], sys.argv[2]
-    with Client(scheduler, timeout="30s") as client:
+    if mode == "tls-probe":
+        print(json.dumps(tls_probe(scheduler, *sys.argv[3:5])))
+        return
+    timeout = os.environ.get("DDISCO_DASK_TIMEOUT", "30s")
+    with Client(scheduler, timeout=timeout, security=security()) as client:
         info = client.scheduler_info(n_workers=-1)
         workers = info["workers"]
         names = sorted(str(w.get("name")) for w in workers.values())

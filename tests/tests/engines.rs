@@ -18,9 +18,21 @@ fn script() -> String {
     format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs the Dask client with the master's own interpreter (same versions).
+/// The client credential (`ddisco-controller credentials`) the jobs use.
+static TLS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Runs the Dask client with the master's own interpreter (same versions),
+/// with the client credential once `TLS` is set.
 fn dask_job(python: &std::path::Path, args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(python).arg(script()).args(args).output().map_err(|e| e.to_string())?;
+    dask_job_with(python, args, &[])
+}
+
+fn dask_job_with(python: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<Value, String> {
+    let mut cmd = Command::new(python);
+    if let Some(dir) = TLS.get() {
+        cmd.env("DDISCO_DASK_TLS", dir);
+    }
+    let out = cmd.arg(script()).args(args).envs(env.iter().copied()).output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -61,11 +73,57 @@ drain_timeout_secs = 3.0
         at_size(s, 2) && s["engine_endpoints"]["scheduler"].is_string()
     });
     let scheduler = s["engine_endpoints"]["scheduler"].as_str().unwrap().to_string();
+    assert!(scheduler.starts_with("tls://"), "{scheduler}");
     assert!(s["engine_endpoints"]["dashboard"].as_str().unwrap().ends_with(":8787/status"));
     let expected: u64 = nodes(&s).iter().map(|n| n["workers"].as_u64().unwrap()).sum();
     let master = node_ids(&s, "master")[0].clone();
     let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+
+    // Issue 13, part 5: Dask speaks mutual TLS only: a client needs the
+    // certificate `credentials` writes.
+    let creds = c.dir.path().join("client");
+    let out = c.ctl(&["credentials", "--out", creds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(printed.contains("Security(tls_ca_file=") && printed.contains(&scheduler), "{printed}");
+    let key_mode = std::fs::metadata(creds.join("client.key")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+    TLS.set(creds).unwrap();
     wait_workers(&python, &scheduler, |v| v["workers"].as_u64() == Some(expected));
+    // Without one the running scheduler refuses: a TLS client with no
+    // certificate, one with a certificate of another CA, and plain TCP.
+    let foreign = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "dask client user");
+        let (cert, key_pem) = (c.dir.path().join("foreign.pem"), c.dir.path().join("foreign.key"));
+        std::fs::write(&cert, p.self_signed(&key).unwrap().pem()).unwrap();
+        std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+        (cert.display().to_string(), key_pem.display().to_string())
+    };
+    let tls = TLS.get().unwrap();
+    let (mine_cert, mine_key) =
+        (tls.join("client.pem").display().to_string(), tls.join("client.key").display().to_string());
+    let probe =
+        |args: &[&str]| dask_job(&python, &[&["tls-probe", scheduler.as_str()], args].concat()).unwrap();
+    for (what, args) in
+        [("no client certificate", vec![]), ("another CA's certificate", vec![&foreign.0, &foreign.1])]
+    {
+        let v = probe(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        assert_eq!(v["refused"], true, "{what}: the scheduler accepted it: {v}");
+        eprintln!("{what}: refused: {}", v["why"]);
+    }
+    // The same probe with the credential is kept (the probe can tell).
+    let v = probe(&[&mine_cert, &mine_key]);
+    assert_eq!(v["refused"], false, "with the credential: {v}");
+    let plain = scheduler.replace("tls://", "tcp://");
+    let e = dask_job_with(
+        &python,
+        &["workers", &plain],
+        &[("DDISCO_DASK_TIMEOUT", "5s"), ("DDISCO_DASK_TLS", "")],
+    )
+    .expect_err("plain TCP reached the scheduler");
+    eprintln!("plain TCP: refused: {}", e.lines().last().unwrap_or(""));
 
     // A real map/reduce: word count over generated text.
     let vocab = ["map", "reduce", "spot", "disco", "dask", "cluster", "node", "slave", "master", "worker"];
@@ -110,7 +168,7 @@ drain_timeout_secs = 3.0
         "the replacement {replacement} has no worker: {v}"
     );
     let lines = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
-    assert!(lines.contains("Dask scheduler: tcp://"), "{lines}");
+    assert!(lines.contains("Dask scheduler: tls://"), "{lines}");
 }
 
 #[test]

@@ -62,7 +62,32 @@ impl AdminClient {
         Ok(self.inner.scale(api::ScaleRequest { slaves, pools }).await?.into_inner().into())
     }
 
+    /// A client certificate for the engine's services.
+    pub async fn credentials(&mut self, name: &str, valid_days: u32) -> Result<Credentials, Status> {
+        let r = self
+            .inner
+            .credentials(api::CredentialsRequest { name: name.into(), valid_days })
+            .await?
+            .into_inner();
+        Ok(Credentials { ca_pem: r.ca_pem, cert_pem: r.cert_pem, key_pem: r.key_pem, scheduler: r.scheduler })
+    }
+
     pub async fn destroy(&mut self) -> Result<Destroyed, Status> {
         Ok(self.inner.destroy(api::DestroyRequest {}).await?.into_inner().into())
+    }
+}
+
+/// A client certificate, its key and the CA, for the engine's services.
+pub struct Credentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The scheduler's address, empty while there is none.
+    pub scheduler: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("scheduler", &self.scheduler).finish_non_exhaustive()
     }
 }

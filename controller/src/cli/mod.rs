@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod completions;
+pub mod credentials;
 pub mod destroy;
 pub mod init;
 pub mod logs;
@@ -46,6 +47,7 @@ pub enum Command {
     Scale(scale::ScaleArgs),
     Status(status::StatusArgs),
     Destroy(destroy::DestroyArgs),
+    Credentials(credentials::CredentialsArgs),
     Logs(logs::LogsArgs),
     SecurityGroup(security_group::SecurityGroupArgs),
     Completions(completions::CompletionsArgs),
@@ -94,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Scale(a) => scale::exec(a).await,
         Command::Status(a) => status::exec(a).await,
         Command::Destroy(a) => destroy::exec(a).await,
+        Command::Credentials(a) => credentials::exec(a).await,
         Command::Logs(a) => logs::exec(a).await,
         Command::SecurityGroup(a) => security_group::exec(a).await,
         Command::Completions(a) => completions::exec(a),

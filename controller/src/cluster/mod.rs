@@ -78,7 +78,7 @@ pub struct Cluster {
     /// Held only for short, synchronous sections; never across `.await`.
     pub registry: Mutex<Registry>,
     pub clock: Clock,
-    pub pki: Pki,
+    pub pki: Arc<Pki>,
     pub provider: Arc<dyn Provider>,
     pub endpoints: Endpoints,
     pub cert_validity: Duration,
@@ -141,7 +141,7 @@ pub struct Parts {
     pub engine: Box<dyn Engine>,
     pub registry: Registry,
     pub clock: Clock,
-    pub pki: Pki,
+    pub pki: Arc<Pki>,
     pub provider: Arc<dyn Provider>,
     pub endpoints: Endpoints,
     pub fd_limit: u64,

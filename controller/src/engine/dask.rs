@@ -3,24 +3,50 @@
 //! <workers>` pointed at the scheduler. Installed with pip into the node's
 //! virtualenv. A slave that is leaving gets no worker directive: its agent
 //! stops the worker with SIGTERM, which retires it gracefully.
+//!
+//! # Security
+//! - Scheduler, workers and clients speak **mutual TLS** only (`tls://`,
+//!   Dask's `require_encryption`): every node gets a key and a certificate
+//!   issued by the cluster CA (pushed as files over the agent's mutual-TLS
+//!   session, the key readable by the Dask user alone); users get a client
+//!   certificate with `ddisco-controller credentials`. A peer without one is
+//!   refused by Dask itself.
+//! - On machines the agent provisions as root, Dask runs as the
+//!   unprivileged system user `dask` (`runuser -u dask`), whose only
+//!   writable places are its home and the worker's local directory.
+//! - The dashboard (HTTP, read-only views) stays plain, bound to the
+//!   master's private address.
 
 use super::{Directive, DirectiveKind, Engine, Member, master};
 use crate::model::Role;
+use crate::pki::Pki;
 use crate::plan::{NodeLayout, Step, StepKind};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The system user Dask runs as where the agent is root.
+pub const DASK_USER: &str = "dask";
+/// How long a node's Dask certificate is valid (clusters are disposable).
+pub const DASK_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 
 pub struct Dask {
     pub version: String,
     pub scheduler_port: u16,
     pub dashboard_port: u16,
+    pki: Arc<Pki>,
+    /// Each node's (certificate, key), issued once per controller run.
+    creds: Mutex<HashMap<String, Arc<(String, String)>>>,
 }
 
 impl Dask {
-    pub fn from_config(cfg: &crate::config::Config) -> Dask {
+    pub fn from_config(cfg: &crate::config::Config, pki: Arc<Pki>) -> Dask {
         Dask {
             version: cfg.dask.version.clone(),
             scheduler_port: cfg.dask.scheduler_port,
             dashboard_port: cfg.dask.dashboard_port,
+            pki,
+            creds: Mutex::default(),
         }
     }
 
@@ -28,12 +54,74 @@ impl Dask {
         layout.venv.join("bin/dask").display().to_string()
     }
 
-    fn worker(&self, me: &Member, scheduler: &str, layout: &NodeLayout) -> Directive {
-        let local_dir = match &layout.scratch {
+    /// Where Dask's files live on a node: the `dask` user's home, or a
+    /// folder of the node's root for nodes that are not machines of their
+    /// own.
+    fn home(layout: &NodeLayout) -> String {
+        if layout.system { "/var/lib/dask".into() } else { super::under(layout, "var/dask") }
+    }
+
+    fn local_dir(layout: &NodeLayout) -> String {
+        match &layout.scratch {
             Some(s) => s.join("dask-worker").display().to_string(),
             None => super::under(layout, "var/dask-worker"),
+        }
+    }
+
+    /// `argv`, run as the `dask` user where the agent is root.
+    fn as_dask(layout: &NodeLayout, argv: Vec<String>) -> Vec<String> {
+        if !layout.system {
+            return argv;
+        }
+        ["runuser", "-u", DASK_USER, "--"].iter().map(|s| s.to_string()).chain(argv).collect()
+    }
+
+    fn tls_args(layout: &NodeLayout) -> Vec<String> {
+        let tls = format!("{}/tls", Dask::home(layout));
+        vec![
+            "--tls-ca-file".into(),
+            format!("{tls}/ca.pem"),
+            "--tls-cert".into(),
+            format!("{tls}/node.pem"),
+            "--tls-key".into(),
+            format!("{tls}/node.key"),
+        ]
+    }
+
+    /// The node's TLS files: the CA, its certificate and its key.
+    fn tls_files(&self, me: &Member, layout: &NodeLayout) -> Vec<Directive> {
+        let creds = {
+            let mut map = self.creds.lock().expect("dask creds lock");
+            match map.get(&me.id) {
+                Some(c) => c.clone(),
+                None => match self.pki.issue(
+                    &format!("dask {}", me.id),
+                    std::slice::from_ref(&me.address),
+                    DASK_CERT_VALIDITY,
+                ) {
+                    Ok(c) => map.entry(me.id.clone()).or_insert(Arc::new(c)).clone(),
+                    Err(e) => {
+                        tracing::error!(node = %me.id, "cannot issue its Dask certificate: {e}");
+                        return vec![];
+                    }
+                },
+            }
         };
-        let argv = [
+        let tls = format!("{}/tls", Dask::home(layout));
+        let owner = if layout.system { DASK_USER } else { "" };
+        let file = |name: &str, path: String, content: String, mode: u32| Directive {
+            name: name.into(),
+            kind: DirectiveKind::File { path, content, mode, owner: owner.into(), marker: String::new() },
+        };
+        vec![
+            file("dask_tls_ca", format!("{tls}/ca.pem"), self.pki.ca_pem().to_string(), 0o444),
+            file("dask_tls_cert", format!("{tls}/node.pem"), creds.0.clone(), 0o444),
+            file("dask_tls_key", format!("{tls}/node.key"), creds.1.clone(), 0o400),
+        ]
+    }
+
+    fn worker(&self, me: &Member, scheduler: &str, layout: &NodeLayout) -> Directive {
+        let mut argv: Vec<String> = [
             Dask::dask(layout).as_str(),
             "worker",
             scheduler,
@@ -47,19 +135,24 @@ impl Dask {
             &me.id,
             "--no-dashboard",
             "--local-directory",
-            &local_dir,
+            &Dask::local_dir(layout),
         ]
         .map(String::from)
         .to_vec();
+        argv.extend(Dask::tls_args(layout));
         Directive {
             name: "dask-worker".into(),
             kind: DirectiveKind::Service {
-                argv,
+                argv: Dask::as_dask(layout, argv),
                 env: BTreeMap::new(),
                 workdir: String::new(),
                 grace_ms: 20_000,
             },
         }
+    }
+
+    fn scheduler_url(&self, address: &str) -> String {
+        format!("tls://{address}:{}", self.scheduler_port)
     }
 }
 
@@ -69,24 +162,41 @@ impl Engine for Dask {
     }
 
     fn steps(&self, _role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
-        vec![Step {
-            name: "dask_install".into(),
-            kind: StepKind::Pip {
-                requirements: vec![format!("dask[distributed]=={}", self.version)],
-                venv: layout.venv.display().to_string(),
+        let home = Dask::home(layout);
+        let local = Dask::local_dir(layout);
+        let script = if layout.system {
+            format!(
+                "id -u {DASK_USER} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {DASK_USER} \
+                 && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' '{home}/tls' \
+                 && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{local}'"
+            )
+        } else {
+            format!("mkdir -p '{home}/tls' '{local}' && chmod 0700 '{home}/tls'")
+        };
+        vec![
+            Step {
+                name: "dask_install".into(),
+                kind: StepKind::Pip {
+                    requirements: vec![format!("dask[distributed]=={}", self.version)],
+                    venv: layout.venv.display().to_string(),
+                },
             },
-        }]
+            Step { name: "dask_user".into(), kind: StepKind::Shell { script, env: BTreeMap::new() } },
+        ]
     }
 
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive> {
         if me.leaving || me.address.is_empty() {
+            self.creds.lock().expect("dask creds lock").remove(&me.id);
             return vec![];
         }
         let mut out = Vec::new();
         if me.is_master() {
-            let argv = [
+            let mut argv: Vec<String> = [
                 Dask::dask(layout).as_str(),
                 "scheduler",
+                "--protocol",
+                "tls",
                 "--host",
                 &me.address,
                 "--port",
@@ -96,21 +206,22 @@ impl Engine for Dask {
             ]
             .map(String::from)
             .to_vec();
+            argv.extend(Dask::tls_args(layout));
+            out.extend(self.tls_files(me, layout));
             out.push(Directive {
                 name: "dask-scheduler".into(),
                 kind: DirectiveKind::Service {
-                    argv,
+                    argv: Dask::as_dask(layout, argv),
                     env: BTreeMap::new(),
                     workdir: String::new(),
                     grace_ms: 5_000,
                 },
             });
-            let scheduler = format!("tcp://{}:{}", me.address, self.scheduler_port);
-            out.push(self.worker(me, &scheduler, layout));
+            out.push(self.worker(me, &self.scheduler_url(&me.address), layout));
         } else if let Some(m) = master(members) {
             // Slaves wait for a ready master.
-            let scheduler = format!("tcp://{}:{}", m.address, self.scheduler_port);
-            out.push(self.worker(me, &scheduler, layout));
+            out.extend(self.tls_files(me, layout));
+            out.push(self.worker(me, &self.scheduler_url(&m.address), layout));
         }
         out
     }
@@ -128,7 +239,7 @@ impl Engine for Dask {
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
         let mut e = BTreeMap::new();
         if let Some(m) = master(members) {
-            e.insert("scheduler".into(), format!("tcp://{}:{}", m.address, self.scheduler_port));
+            e.insert("scheduler".into(), self.scheduler_url(&m.address));
             e.insert("dashboard".into(), format!("http://{}:{}/status", m.address, self.dashboard_port));
         }
         e
@@ -138,7 +249,11 @@ impl Engine for Dask {
         match master(members) {
             None => vec!["Dask: waiting for a ready master".into()],
             Some(m) => vec![
-                format!("Dask scheduler: tcp://{}:{}", m.address, self.scheduler_port),
+                format!(
+                    "Dask scheduler: {} (mutual TLS: `ddisco-controller credentials` writes a client certificate \
+                     and prints the Security to use)",
+                    self.scheduler_url(&m.address)
+                ),
                 format!(
                     "Dask dashboard: http://{}:{}/status (remote: ssh -L {p}:{}:{p} <master>, then http://localhost:{p}/status)",
                     m.address,
@@ -180,7 +295,15 @@ mod tests {
     }
 
     fn dask() -> Dask {
-        Dask { version: crate::config::DASK_VERSION.into(), scheduler_port: 8786, dashboard_port: 8787 }
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        Dask {
+            version: crate::config::DASK_VERSION.into(),
+            scheduler_port: 8786,
+            dashboard_port: 8787,
+            pki: Arc::new(pki),
+            creds: Mutex::default(),
+        }
     }
 
     fn argv(d: &Directive) -> &Vec<String> {
@@ -196,12 +319,20 @@ mod tests {
         let s = member("slave-0002", Role::Slave, "10.0.0.2", 3);
         let all = [m.clone(), s.clone()];
         let d = dask().directives(&m, &all, &layout());
-        assert_eq!(d.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["dask-scheduler", "dask-worker"]);
-        assert!(argv(&d[0]).contains(&"10.0.0.1".to_string()));
+        assert_eq!(
+            d.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["dask_tls_ca", "dask_tls_cert", "dask_tls_key", "dask-scheduler", "dask-worker"]
+        );
+        let sched = argv(&d[3]);
+        assert!(
+            sched.contains(&"10.0.0.1".to_string()) && sched.contains(&"--tls-key".to_string()),
+            "{sched:?}"
+        );
         let d = dask().directives(&s, &all, &layout());
-        let a = argv(&d[0]);
-        assert_eq!(a[2], "tcp://10.0.0.1:8786");
+        let a = argv(d.iter().find(|d| d.name == "dask-worker").unwrap());
+        assert_eq!(a[2], "tls://10.0.0.1:8786");
         assert_eq!(a[a.iter().position(|x| x == "--nworkers").unwrap() + 1], "3");
+        assert!(a.contains(&"--tls-cert".to_string()), "{a:?}");
     }
 
     #[test]
@@ -214,7 +345,32 @@ mod tests {
         let mut leaving = s.clone();
         leaving.leaving = true;
         assert!(dask().directives(&leaving, &[m.clone(), leaving.clone()], &layout()).is_empty());
-        assert_eq!(dask().endpoints(&[m])["scheduler"], "tcp://10.0.0.1:8786");
+        assert_eq!(dask().endpoints(&[m])["scheduler"], "tls://10.0.0.1:8786");
+    }
+
+    #[test]
+    fn each_node_has_its_own_key_kept_across_publishes_and_root_nodes_run_dask_unprivileged() {
+        let d = dask();
+        let m = member("m", Role::Master, "10.0.0.1", 1);
+        let s = member("s", Role::Slave, "10.0.0.2", 1);
+        let all = [m.clone(), s.clone()];
+        let key = |ds: &[Directive]| match &ds.iter().find(|x| x.name == "dask_tls_key").unwrap().kind {
+            DirectiveKind::File { content, mode, .. } => (content.clone(), *mode),
+            other => panic!("{other:?}"),
+        };
+        let (k1, mode) = key(&d.directives(&s, &all, &layout()));
+        assert!(k1.contains("PRIVATE KEY") && mode == 0o400);
+        // Same key on the next publish (the directives' hash is stable).
+        assert_eq!(key(&d.directives(&s, &all, &layout())).0, k1);
+        assert_ne!(key(&d.directives(&m, &all, &layout())).0, k1, "one key per node");
+        let mut sys = layout();
+        sys.system = true;
+        let ds = d.directives(&s, &all, &sys);
+        let w = argv(ds.iter().find(|x| x.name == "dask-worker").unwrap());
+        assert_eq!(w[..4], ["runuser", "-u", DASK_USER, "--"]);
+        for f in ds.iter().filter(|x| x.name.starts_with("dask_tls")) {
+            assert!(matches!(&f.kind, DirectiveKind::File { owner, .. } if owner == DASK_USER), "{f:?}");
+        }
     }
 
     #[test]

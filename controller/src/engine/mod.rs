@@ -131,10 +131,14 @@ impl Engine for NoEngine {
 }
 
 /// The engine named by the configuration.
-pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Box<dyn Engine> {
+pub fn from_config(
+    cfg: &crate::config::Config,
+    cookie: String,
+    pki: std::sync::Arc<crate::pki::Pki>,
+) -> Box<dyn Engine> {
     match cfg.engine {
         crate::config::EngineKind::None => Box::new(NoEngine),
-        crate::config::EngineKind::Dask => Box::new(dask::Dask::from_config(cfg)),
+        crate::config::EngineKind::Dask => Box::new(dask::Dask::from_config(cfg, pki)),
         crate::config::EngineKind::Disco => Box::new(disco::Disco::from_config(cfg, cookie)),
     }
 }
