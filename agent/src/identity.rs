@@ -109,6 +109,7 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
         cert_pem: String::new(),
         key_pem: String::new(),
     };
+    finish_renewal(&idir).map_err(Fatal::Setup)?;
     if cert_p.exists() && key_p.exists() && node_p.exists() {
         creds.cert_pem = read(&cert_p)?;
         creds.key_pem = read(&key_p)?;
@@ -120,11 +121,7 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
     if slot.token.is_empty() {
         return Err(Fatal::Setup("no identity and no bootstrap token: this node cannot enroll".into()));
     }
-    let key = rcgen::KeyPair::generate().map_err(|e| Fatal::Setup(format!("key generation: {e}")))?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .and_then(|r| r.pem())
-        .map_err(|e| Fatal::Setup(format!("signing request: {e}")))?;
+    let (key, csr) = signing_request().map_err(Fatal::Setup)?;
     let facts = crate::facts::gather_with(imds.as_ref()).await;
     let identity = match imds.as_ref() {
         Some(imds) => Some(instance_identity(imds).await?),
@@ -162,6 +159,45 @@ pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
     creds.cert_pem = reply.certificate_pem;
     creds.key_pem = key.serialize_pem();
     Ok(creds)
+}
+
+/// A fresh key and a signing request for it (the controller sets the
+/// subject).
+pub fn signing_request() -> Result<(rcgen::KeyPair, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|r| r.pem())
+        .map_err(|e| format!("signing request: {e}"))?;
+    Ok((key, csr))
+}
+
+/// Keeps a renewed certificate and its key: both written beside the
+/// current ones (`*.new`), then renamed key first, certificate last. A
+/// crash in between is finished by [`finish_renewal`] at the next start.
+pub fn store_renewed(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    let idir = identity_dir(dir);
+    let (cert_new, key_new) = (idir.join("cert.pem.new"), idir.join("key.pem.new"));
+    crate::files::write_private(&key_new, key_pem).map_err(|e| format!("{}: {e}", key_new.display()))?;
+    crate::files::write_private(&cert_new, cert_pem).map_err(|e| format!("{}: {e}", cert_new.display()))?;
+    finish_renewal(&idir)
+}
+
+/// Moves a renewed key and certificate into place (key first): once
+/// `cert.pem.new` is written, both new files are complete.
+fn finish_renewal(idir: &Path) -> Result<(), String> {
+    let (cert_new, key_new) = (idir.join("cert.pem.new"), idir.join("key.pem.new"));
+    if !cert_new.exists() {
+        let _ = std::fs::remove_file(&key_new); // a renewal cut short: the old pair stands
+        return Ok(());
+    }
+    let mv = |from: &Path, to: &str| {
+        std::fs::rename(from, idir.join(to)).map_err(|e| format!("{} -> {to}: {e}", from.display()))
+    };
+    if key_new.exists() {
+        mv(&key_new, "key.pem")?;
+    }
+    mv(&cert_new, "cert.pem")
 }
 
 /// This instance's slot: the only one, or the one at its launch index.

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     let res = rt.block_on(async move {
         let creds = identity::load_or_enroll(&dir).await?;
         let executor = Arc::new(steps::Executor::new(&dir));
-        session::Agent { creds, dir, executor }.run().await
+        session::Agent { creds: std::sync::Mutex::new(creds), dir, executor }.run().await
     });
     match res {
         Ok(()) => ExitCode::SUCCESS,

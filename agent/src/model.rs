@@ -24,6 +24,10 @@ pub enum Inbound {
     Assignment(Assignment),
     Directives(Directives),
     Shutdown(String),
+    /// Send a signing request for a fresh key (the certificate nears its end).
+    RenewCertificate,
+    /// The certificate for the fresh key.
+    NewCertificate(String),
     /// A message this agent does not know (a newer controller).
     Unknown,
 }

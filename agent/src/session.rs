@@ -21,7 +21,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub struct Agent {
-    pub creds: Creds,
+    /// Replaced when the certificate is renewed (the next connection uses
+    /// the new one).
+    pub creds: std::sync::Mutex<Creds>,
     pub dir: PathBuf,
     pub executor: Arc<Executor>,
 }
@@ -32,11 +34,15 @@ enum End {
 }
 
 impl Agent {
+    fn creds(&self) -> Creds {
+        self.creds.lock().expect("creds lock").clone()
+    }
+
     /// Runs sessions until the controller says shutdown or refuses us.
     pub async fn run(self) -> Result<(), Fatal> {
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         let converger = crate::converge::Converger::new(&self.dir, self.executor.clone(), report_tx.clone());
-        if let Some(imds) = self.creds.imds.clone() {
+        if let Some(imds) = self.creds().imds.clone() {
             tokio::spawn(watch_notices(imds, report_tx.clone()));
         }
         let mut backoff = Backoff::new();
@@ -63,17 +69,19 @@ impl Agent {
         backoff: &mut Backoff,
         converger: &Arc<crate::converge::Converger>,
     ) -> Result<End, Fatal> {
-        let endpoint = self
-            .creds
+        let creds = self.creds();
+        let endpoint = creds
             .endpoint(true)
-            .map_err(|e| Fatal::Setup(format!("bad controller address {:?}: {e}", self.creds.controller)))?;
+            .map_err(|e| Fatal::Setup(format!("bad controller address {:?}: {e}", creds.controller)))?;
         let channel = match endpoint.connect().await {
             Ok(c) => c,
-            Err(e) => return Ok(End::Broken(format!("cannot reach {}: {e}", self.creds.controller))),
+            Err(e) => return Ok(End::Broken(format!("cannot reach {}: {e}", creds.controller))),
         };
+        // The key of a renewal in flight.
+        let mut renewing: Option<rcgen::KeyPair> = None;
         let (tx, rx) = mpsc::channel::<api::AgentMessage>(16);
         let Progress { plan_id, completed, .. } = self.executor.progress();
-        let facts = crate::facts::gather_with(self.creds.imds.as_ref()).await;
+        let facts = crate::facts::gather_with(creds.imds.as_ref()).await;
         tx.send(crate::wire::hello(facts, plan_id, completed)).await.expect("receiver alive");
         let mut client = api::agent_client::AgentClient::new(channel);
         let opened = tokio::time::timeout(
@@ -116,6 +124,27 @@ impl Agent {
                     }
                     Ok(Some(Inbound::Directives(d))) => converger.update(d),
                     Ok(Some(Inbound::Shutdown(reason))) => return Ok(End::Shutdown(reason)),
+                    Ok(Some(Inbound::RenewCertificate)) => match crate::identity::signing_request() {
+                        Ok((key, csr)) => {
+                            renewing = Some(key);
+                            if tx.send(crate::wire::renew(csr)).await.is_err() {
+                                return Ok(End::Broken("session stream closed".into()));
+                            }
+                        }
+                        Err(e) => tracing::error!("cannot renew the certificate: {e}"),
+                    },
+                    Ok(Some(Inbound::NewCertificate(cert))) => match renewing.take() {
+                        Some(key) => match crate::identity::store_renewed(&self.dir, &cert, &key.serialize_pem()) {
+                            Ok(()) => {
+                                let mut c = self.creds.lock().expect("creds lock");
+                                c.cert_pem = cert;
+                                c.key_pem = key.serialize_pem();
+                                tracing::info!("certificate renewed; the next connection uses it");
+                            }
+                            Err(e) => tracing::error!("cannot keep the renewed certificate: {e}"),
+                        },
+                        None => tracing::warn!("a certificate arrived that was not asked for; ignored"),
+                    },
                     Ok(Some(Inbound::Unknown)) => {}
                     Ok(None) => return Ok(End::Broken("the controller closed the session".into())),
                     Err(s) => return classify(s),

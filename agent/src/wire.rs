@@ -18,6 +18,8 @@ impl From<api::ControllerMessage> for Inbound {
             Some(Msg::Assignment(a)) => Inbound::Assignment(a.into()),
             Some(Msg::Directives(d)) => Inbound::Directives(d.into()),
             Some(Msg::Shutdown(s)) => Inbound::Shutdown(s.reason),
+            Some(Msg::RenewCertificate(_)) => Inbound::RenewCertificate,
+            Some(Msg::NewCertificate(c)) => Inbound::NewCertificate(c.certificate_pem),
             None => Inbound::Unknown,
         }
     }
@@ -160,6 +162,11 @@ impl From<Report> for api::AgentMessage {
             }),
         })
     }
+}
+
+/// The answer to a renewal request.
+pub fn renew(csr_pem: String) -> api::AgentMessage {
+    api::AgentMessage { msg: Some(api::agent_message::Msg::Renew(api::Renew { csr_pem })) }
 }
 
 #[cfg(test)]

@@ -152,7 +152,8 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             .sign_node(&node_id, &r.csr_pem, sh.cert_validity)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let facts = r.facts.unwrap_or_default().into();
-        sh.enroll(&node_id, &hash, facts, attested.as_ref(), &from).map_err(|e| {
+        let fingerprint = pki::pem_sha256(&cert).map_err(|e| Status::internal(e.to_string()))?;
+        sh.enroll(&node_id, &hash, facts, attested.as_ref(), &fingerprint, &from).map_err(|e| {
             match &attested {
                 Some(doc) => self.log.warn(|| {
                     format!("enrollment of {node_id} from {from} (instance {}) refused: {e}", doc.instance_id)
@@ -193,9 +194,16 @@ impl api::agent_server::Agent for AgentService {
             return Err(Status::unauthenticated("client certificate names no node"));
         };
         let sh = self.shared.clone();
+        let fingerprint = pki::cert_sha256(&certs[0]);
+        let mut renewal = Renewal {
+            not_after: pki::not_after_unix(&certs[0]).unwrap_or(i64::MAX),
+            validity: sh.cert_validity,
+            requested: false,
+            issued: false,
+        };
         let live = {
-            let reg = sh.registry.lock().expect("registry lock");
-            match reg.get(&node_id) {
+            let mut reg = sh.registry.lock().expect("registry lock");
+            let live = match reg.get(&node_id) {
                 Some(e) if e.rec.state != NodeState::Terminating && !e.live.is_revoked() => e.live.clone(),
                 _ => {
                     self.log.warn(|| {
@@ -205,7 +213,16 @@ impl api::agent_server::Agent for AgentService {
                         "node {node_id} is not part of this cluster (terminated or replaced)"
                     )));
                 }
+            };
+            // Only the certificate issued to this node speaks for it (not
+            // another one of the same CA naming it: an earlier cluster's).
+            if let Err(e) = reg.accept_session_cert(&node_id, &fingerprint) {
+                drop(reg);
+                crate::metrics::Metrics::inc(&sh.metrics.refusals);
+                self.log.warn(|| format!("session of {node_id} from {from} refused: {e}"));
+                return Err(Status::permission_denied(e.to_string()));
             }
+            live
         };
         live.touch(sh.clock.now_ms());
         let (tx, rx) = tokio::sync::mpsc::channel::<Outbound>(8);
@@ -227,7 +244,7 @@ impl api::agent_server::Agent for AgentService {
                     break;
                 }
                 live.touch(sh.clock.now_ms());
-                if let Err(e) = handle(&sh, &node_id, &live, &tx, msg).await {
+                if let Err(e) = handle(&sh, &node_id, &live, &tx, &mut renewal, msg).await {
                     match e {
                         Handled::Closed => break,
                         Handled::Refused(why) => tracing::warn!(node = %node_id, "report refused: {why}"),
@@ -240,6 +257,29 @@ impl api::agent_server::Agent for AgentService {
         let out =
             tokio_stream::wrappers::ReceiverStream::new(rx).map(|o| Ok(api::ControllerMessage::from(o)));
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// A session's certificate renewal: asked for once, when a third of its
+/// validity is left; one new certificate per request.
+struct Renewal {
+    not_after: i64,
+    validity: Duration,
+    requested: bool,
+    issued: bool,
+}
+
+impl Renewal {
+    /// Whether to ask for a renewal now (an integer comparison: checked on
+    /// every message).
+    fn ask(&mut self) -> bool {
+        if self.requested
+            || !pki::renewal_due(self.not_after, crate::model::unix_ms() as i64 / 1000, self.validity)
+        {
+            return false;
+        }
+        self.requested = true;
+        true
     }
 }
 
@@ -270,10 +310,14 @@ async fn handle(
     node_id: &str,
     live: &crate::registry::Liveness,
     tx: &tokio::sync::mpsc::Sender<Outbound>,
+    renewal: &mut Renewal,
     msg: api::AgentMessage,
 ) -> Result<(), Handled> {
     use api::agent_message::Msg;
     let refused = |e: &dyn std::fmt::Display| Handled::Refused(e.to_string());
+    if renewal.ask() {
+        tx.send(Outbound::RenewCertificate).await.map_err(|_| Handled::Closed)?;
+    }
     match msg.msg {
         Some(Msg::Heartbeat(h)) => {
             live.set_load(h.load_milli);
@@ -301,6 +345,14 @@ async fn handle(
             }
         }
         Some(Msg::Directive(d)) => sh.directive_report(node_id, d.into()),
+        Some(Msg::Renew(r)) => {
+            if !renewal.requested || renewal.issued {
+                return Err(Handled::Refused("a certificate renewal that was not asked for".into()));
+            }
+            renewal.issued = true;
+            let cert = sh.renew(node_id, &r.csr_pem).map_err(|e| refused(&e))?;
+            tx.send(Outbound::NewCertificate(cert)).await.map_err(|_| Handled::Closed)?;
+        }
     }
     Ok(())
 }

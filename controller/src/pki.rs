@@ -152,6 +152,28 @@ impl Pki {
     }
 }
 
+/// SHA-256 (hex) of a certificate: of its DER, given as DER or PEM.
+pub fn cert_sha256(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// SHA-256 (hex) of the DER of a PEM certificate.
+pub fn pem_sha256(pem: &str) -> Result<String, PkiError> {
+    Ok(cert_sha256(&pem_to_der(pem)?))
+}
+
+/// Seconds since the epoch at which a certificate (DER) ends.
+pub fn not_after_unix(cert_der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// Whether a certificate ending at `not_after` (unix seconds) should be
+/// renewed at `now`: when less than a third of `validity` is left.
+pub fn renewal_due(not_after: i64, now: i64, validity: Duration) -> bool {
+    not_after.saturating_sub(now) < (validity.as_secs() / 3) as i64
+}
+
 /// The node id (common name) of a verified client certificate (DER).
 pub fn node_id_of(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
@@ -214,6 +236,15 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_is_due_when_a_third_is_left() {
+        let v = Duration::from_secs(30 * 86_400);
+        let end = 1_000_000_000;
+        assert!(!renewal_due(end, end - 11 * 86_400, v));
+        assert!(renewal_due(end, end - 9 * 86_400, v));
+        assert!(renewal_due(end, end + 5, v), "expired");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

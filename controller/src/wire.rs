@@ -104,6 +104,10 @@ impl From<Outbound> for api::ControllerMessage {
             Outbound::Assignment(a) => Msg::Assignment(api::Assignment::from(&*a)),
             Outbound::Directives(d) => Msg::Directives(api::Directives::from(&*d)),
             Outbound::Shutdown(reason) => Msg::Shutdown(api::Shutdown { reason }),
+            Outbound::RenewCertificate => Msg::RenewCertificate(api::RenewCertificate {}),
+            Outbound::NewCertificate(certificate_pem) => {
+                Msg::NewCertificate(api::NewCertificate { certificate_pem })
+            }
         };
         api::ControllerMessage { msg: Some(msg) }
     }

@@ -322,3 +322,73 @@ async fn idle_and_slow_peers_cannot_exhaust_the_controller() {
     let lines = c.serve_log().lines().filter(|l| l.contains("connection from")).count();
     assert!(lines <= 30, "{lines} refusal lines logged");
 }
+
+/// Issue 13, part 6. A session is accepted only with the certificate
+/// issued to that node. The operator starts over (cluster.json removed) on
+/// the same state directory, so the CA is reused and node ids start again:
+/// the old master's certificate, which names `master-0001` and chains to
+/// that CA, does not speak for the new `master-0001`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_nodes_certificate_does_not_speak_for_a_new_node_of_the_same_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(&format!("num_slaves = 0\n{}", sleeper(dir.path())));
+    tokio::task::block_in_place(|| c.wait_until("the master booting", WAIT, |s| nodes(s).len() == 1));
+    let b = Boot::of(&c.userdata("master-0001"));
+    let (reply, key) = enroll(&b, &b.token).await.expect("enrolls");
+    let old = (reply.certificate_pem.as_str(), key.as_str());
+    session(&b, Some(old)).await.expect("its own certificate opens its session");
+
+    c.stop_serve();
+    for f in ["cluster.json", "tokens.log"] {
+        let _ = std::fs::remove_file(c.state_dir().join(f));
+    }
+    tokio::task::block_in_place(|| {
+        c.restart_serve();
+        c.wait_until("a new master-0001 launched", WAIT, |s| {
+            nodes(s).iter().any(|n| n["node_id"] == "master-0001" && n["state"] == "booting")
+        })
+    });
+    let b2 = Boot::of(&c.userdata("master-0001"));
+    assert_ne!(b2.token, b.token, "a new node");
+    assert_eq!(b2.ca_pem, b.ca_pem, "the same CA");
+    let e = session(&b2, Some(old)).await.expect_err("the old certificate opened the new node's session");
+    assert!(e.starts_with("PermissionDenied") && e.contains("not the one issued"), "{e}");
+    // The new node's own enrollment still works.
+    let (reply, key) = enroll(&b2, &b2.token).await.expect("the new node enrolls");
+    session(&b2, Some((&reply.certificate_pem, &key))).await.expect("with its own certificate");
+}
+
+/// Issue 13, part 6. Certificates are renewed over the session before
+/// they expire: with 12-second certificates, a real agent gets a new one,
+/// keeps it, and after its first certificate has expired it reconnects
+/// (controller restarted) with the renewed one.
+#[test]
+fn a_nodes_certificate_is_renewed_before_it_expires() {
+    let mut c = Cluster::start("num_slaves = 0\ncert_validity_secs = 12.0");
+    c.wait_until("the master ready", WAIT, |s| at_size(s, 0));
+    let cert = c.state_dir().join("nodes/master-0001/identity/cert.pem");
+    let first = std::fs::read_to_string(&cert).unwrap();
+    let t0 = std::time::Instant::now();
+    let end = t0 + WAIT;
+    while std::fs::read_to_string(&cert).unwrap() == first {
+        assert!(std::time::Instant::now() < end, "never renewed:\n{}", c.diagnostics());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = c.serve_log();
+    assert!(!log.contains("refused"), "{log}");
+    assert!(log.contains("master-0001: client certificate renewed"), "{log}");
+    // Past the first certificate's end, a new connection must use the
+    // renewed one (TLS checks validity at the handshake).
+    while t0.elapsed() < Duration::from_secs(13) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.stop_serve();
+    c.restart_serve();
+    let since = std::time::Instant::now();
+    c.wait_until("the master reconnected", WAIT, |s| {
+        nodes(s).iter().any(|n| n["connected"] == true && n["state"] == "ready")
+    });
+    assert!(since.elapsed() < WAIT);
+    let log = c.serve_log();
+    assert!(!log.contains("refused"), "{log}");
+}

@@ -152,7 +152,7 @@ impl Cluster {
         Cluster {
             engine: p.engine,
             membership_changed: AtomicBool::new(true),
-            cert_validity: Duration::from_secs(30 * 86_400),
+            cert_validity: p.cfg.cert_validity,
             registry: Mutex::new(p.registry),
             clock: p.clock,
             pki: p.pki,
@@ -357,6 +357,7 @@ impl Cluster {
         hash: &str,
         mut facts: Facts,
         attested: Option<&IdentityDoc>,
+        cert_sha256: &str,
         from: &str,
     ) -> Result<(), EnrollRefused> {
         let mut reg = self.registry.lock().expect("registry lock");
@@ -379,7 +380,7 @@ impl Cluster {
             crate::metrics::Metrics::inc(&self.metrics.refusals);
             return Err(EnrollRefused::Invalid(why));
         }
-        reg.complete_enrollment(node_id, facts, self.clock.now_ms());
+        reg.complete_enrollment(node_id, facts, self.clock.now_ms(), cert_sha256);
         crate::metrics::Metrics::inc(&self.metrics.enrollments);
         reg.event(format!("{node_id} enrolled from {from}"));
         drop(reg);
@@ -459,6 +460,19 @@ impl Cluster {
             Err(_) => self.changed(), // the node failed
         }
         r.map(|_| ())
+    }
+
+    /// Signs a renewed certificate for `node_id` and records it as accepted
+    /// (durably, before the agent gets it: a reconnect with it must work).
+    pub fn renew(&self, node_id: &str, csr_pem: &str) -> Result<String, String> {
+        let cert = self.pki.sign_node(node_id, csr_pem, self.cert_validity).map_err(|e| e.to_string())?;
+        let sha = crate::pki::pem_sha256(&cert).map_err(|e| e.to_string())?;
+        let mut reg = self.registry.lock().expect("registry lock");
+        reg.renewed(node_id, &sha);
+        reg.event(format!("{node_id}: client certificate renewed"));
+        drop(reg);
+        self.save().map_err(|e| format!("cannot save the renewed certificate's record: {e:#}"))?;
+        Ok(cert)
     }
 
     pub fn directive_report(&self, node_id: &str, report: DirectiveReport) {

@@ -52,7 +52,7 @@ fn ready_node(sh: &Cluster, role: Role, i: usize) -> (String, mpsc::Receiver<Out
     };
     let id = reg.add_node(new, |seq| format!("10.0.{}.{}", seq / 250, seq % 250 + 1));
     let facts = Facts { logical_cores: 2, hostname: format!("ip-{i}"), ..Default::default() };
-    reg.complete_enrollment(&id, facts.clone(), 1);
+    reg.complete_enrollment(&id, facts.clone(), 1, "fp");
     reg.on_hello(&id, Hello { facts, ..Default::default() }, 2, &Plan::new(vec![]), false).unwrap();
     let (tx, rx) = mpsc::channel(64);
     reg.get(&id).unwrap().live.set_push(tx);

@@ -69,6 +69,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub boot_timeout: Duration,
     pub token_ttl: Duration,
+    /// Lifetime of a node's client certificate (renewed at two thirds).
+    pub cert_validity: Duration,
     pub reconcile_interval: Duration,
     pub agent_binary: Option<PathBuf>,
     /// Local provider only: allow `apt-get install` of missing packages.
@@ -266,6 +268,7 @@ impl Default for Config {
             heartbeat_timeout: Duration::from_secs(15),
             boot_timeout: Duration::from_secs(600),
             token_ttl: Duration::from_secs(3600),
+            cert_validity: Duration::from_secs(30 * 86_400),
             reconcile_interval: Duration::from_secs(2),
             agent_binary: None,
             local_install_packages: false,

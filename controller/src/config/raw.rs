@@ -83,6 +83,8 @@ pub struct RawConfig {
     pub(super) boot_timeout_secs: Option<f64>,
     #[serde(alias = "TOKEN_TTL_SECS")]
     pub(super) token_ttl_secs: Option<f64>,
+    #[serde(alias = "CERT_VALIDITY_SECS")]
+    pub(super) cert_validity_secs: Option<f64>,
     #[serde(alias = "RECONCILE_INTERVAL_SECS")]
     pub(super) reconcile_interval_secs: Option<f64>,
     #[serde(alias = "AGENT_BINARY")]

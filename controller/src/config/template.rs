@@ -132,6 +132,9 @@ heartbeat_timeout_secs = 15.0
 boot_timeout_secs = 600.0
 # Lifetime of a node's one-time bootstrap token.
 token_ttl_secs = 3600.0
+# Lifetime of a node's client certificate; agents renew it over their
+# session when a third of it is left.
+cert_validity_secs = 2592000.0
 reconcile_interval_secs = 2.0
 # The agent binary served to nodes; empty: ddisco-agent next to this program.
 agent_binary = ""

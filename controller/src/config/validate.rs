@@ -177,6 +177,10 @@ impl Config {
             return Err(err("disco_root", "must be an absolute path, e.g. \"/mnt/disco\"".into()));
         }
         let token_ttl = secs("token_ttl_secs", raw.token_ttl_secs, d.token_ttl)?;
+        let cert_validity = secs("cert_validity_secs", raw.cert_validity_secs, d.cert_validity)?;
+        if cert_validity < Duration::from_secs(10) {
+            return Err(err("cert_validity_secs", "must be at least 10 seconds".into()));
+        }
         let reconcile_interval =
             secs("reconcile_interval_secs", raw.reconcile_interval_secs, d.reconcile_interval)?;
 
@@ -248,6 +252,7 @@ impl Config {
             heartbeat_timeout,
             boot_timeout,
             token_ttl,
+            cert_validity,
             reconcile_interval,
             agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
             local_install_packages: raw.local_install_packages.unwrap_or(false),

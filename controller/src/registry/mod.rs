@@ -109,6 +109,18 @@ pub struct NodeRecord {
     /// Its plan's step names, in order (reports must name these).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub step_names: Vec<String>,
+    /// SHA-256 (hex) of the client certificate issued to it: the only one
+    /// its sessions may present.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    /// A renewed certificate, accepted besides the current one until a
+    /// session presents it (then it is the current one).
+    #[serde(default)]
+    pub cert_sha256_next: Option<String>,
+    /// Enrolled before certificates were pinned (read from an older
+    /// cluster.json): its first session's certificate is pinned.
+    #[serde(skip)]
+    pub pin_first_session: bool,
 }
 
 /// Reads `notice` as written now (null or the kind) and as written before
@@ -146,6 +158,10 @@ pub enum Outbound {
     Assignment(Box<crate::plan::Assignment>),
     Directives(Arc<crate::engine::DirectiveSet>),
     Shutdown(String),
+    /// Ask the agent for a signing request (its certificate nears its end).
+    RenewCertificate,
+    /// The renewed certificate.
+    NewCertificate(String),
 }
 
 /// Counts an open session for as long as it lives.
@@ -424,6 +440,7 @@ impl Registry {
             let live = Arc::new(Liveness::default());
             live.touch(seen_ms);
             reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
+            rec.pin_first_session = rec.token_used && rec.cert_sha256.is_none();
             for c in claims_of(&rec) {
                 reg.claims.insert(c, rec.id.clone());
             }
@@ -492,6 +509,9 @@ impl Registry {
             current_step: String::new(),
             collects: Vec::new(),
             step_names: Vec::new(),
+            cert_sha256: None,
+            cert_sha256_next: None,
+            pin_first_session: false,
         };
         self.nodes.insert(id.clone(), Entry { rec, live: Arc::new(Liveness::default()) });
         self.dirty = true;
@@ -747,7 +767,7 @@ mod tests {
         assert_eq!(r.check_token("nope", 10), Err(TokenError::Unknown));
         assert_eq!(r.check_token("h1", 2_000), Err(TokenError::Expired(id.clone())));
         assert_eq!(r.check_token("h1", 10), Ok(id.clone()));
-        r.complete_enrollment(&id, Facts::default(), 5);
+        r.complete_enrollment(&id, Facts::default(), 5, "fp");
         assert_eq!(r.check_token("h1", 10), Err(TokenError::Used(id.clone())));
         assert_eq!(r.get(&id).unwrap().rec.state, NodeState::Enrolled);
     }
@@ -769,7 +789,7 @@ mod tests {
         let (mut r, id) = reg_with_node(1_000);
         r.spent_usd = 1.25;
         let id2 = r.add_node(new(Role::Master, "h2", 1_000), |_| String::new());
-        r.complete_enrollment(&id2, Facts::default(), 5);
+        r.complete_enrollment(&id2, Facts::default(), 5, "fp2");
         let r2 = Registry::from_json(&r.to_json(), 77).unwrap();
         assert_eq!(r2.len(), 2);
         assert_eq!(r2.check_token("h1", 10), Ok(id.clone()));

@@ -119,9 +119,11 @@ pub struct Noticed {
 
 impl Registry {
     /// The token is spent and the node `Enrolled`.
-    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64) {
+    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64, cert_sha256: &str) {
         let Some(e) = self.nodes.get_mut(id) else { return };
         e.rec.token_used = true;
+        e.rec.cert_sha256 = Some(cert_sha256.to_string());
+        e.rec.cert_sha256_next = None;
         e.rec.state = NodeState::Enrolled;
         if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
             e.rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
@@ -134,6 +136,38 @@ impl Registry {
         e.rec.facts = Some(facts);
         e.live.touch(now_ms);
         self.dirty = true;
+    }
+
+    /// Whether a session may present the certificate with SHA-256 `sha256`
+    /// for node `id`: the one issued at enrollment, or its renewal (which
+    /// then becomes the current one). A record from before certificates
+    /// were pinned pins the first one presented.
+    pub fn accept_session_cert(&mut self, id: &str, sha256: &str) -> Result<(), Refused> {
+        let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        if e.rec.cert_sha256.as_deref() == Some(sha256) {
+            return Ok(());
+        }
+        if e.rec.cert_sha256_next.as_deref() == Some(sha256) {
+            e.rec.cert_sha256 = e.rec.cert_sha256_next.take();
+            self.dirty = true;
+            return Ok(());
+        }
+        if e.rec.pin_first_session && e.rec.cert_sha256.is_none() {
+            e.rec.cert_sha256 = Some(sha256.to_string());
+            e.rec.pin_first_session = false;
+            self.dirty = true;
+            return Ok(());
+        }
+        Err(Refused::Invalid(format!("the certificate presented is not the one issued to node {id}")))
+    }
+
+    /// A renewed certificate was issued to `id`: accepted from now on
+    /// besides the current one.
+    pub fn renewed(&mut self, id: &str, sha256: &str) {
+        if let Some(e) = self.nodes.get_mut(id) {
+            e.rec.cert_sha256_next = Some(sha256.to_string());
+            self.dirty = true;
+        }
     }
 
     /// The provider started `launched` of the batch `nodes`: they get their
@@ -569,7 +603,7 @@ mod tests {
             },
             |_| String::new(),
         );
-        r.complete_enrollment(&id, Facts::default(), 1);
+        r.complete_enrollment(&id, Facts::default(), 1, "fp");
         (r, id)
     }
 
@@ -640,6 +674,30 @@ mod tests {
         r.on_step(&id, big).unwrap();
         let kept = &r.get(&id).unwrap().rec.steps["s0"].output_tail;
         assert!(kept.len() <= MAX_STEP_OUTPUT && kept.ends_with("end"), "{}", kept.len());
+    }
+
+    #[test]
+    fn only_the_certificate_issued_to_a_node_opens_its_sessions_and_a_renewal_takes_over() {
+        let (mut r, id) = registry_with(Role::Slave); // enrolled with "fp"
+        assert_eq!(r.accept_session_cert(&id, "fp"), Ok(()));
+        assert!(matches!(r.accept_session_cert(&id, "other"), Err(Refused::Invalid(_))));
+        r.renewed(&id, "fp2");
+        // Until the renewed one is used, both work; then only it.
+        assert_eq!(r.accept_session_cert(&id, "fp"), Ok(()));
+        assert_eq!(r.accept_session_cert(&id, "fp2"), Ok(()));
+        assert!(r.accept_session_cert(&id, "fp").is_err());
+        // A node not enrolled yet has no certificate: nothing opens it.
+        let b = r.add_node(
+            NewNode {
+                role: Role::Slave,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "hb".into(),
+                token_expires_unix_ms: u64::MAX,
+            },
+            |_| String::new(),
+        );
+        assert!(r.accept_session_cert(&b, "fp").is_err());
     }
 
     #[test]
@@ -737,7 +795,7 @@ mod tests {
             },
             |_| String::new(),
         );
-        r.complete_enrollment(&b, Facts::default(), 1);
+        r.complete_enrollment(&b, Facts::default(), 1, "fp-b");
         let mut h = good();
         h.facts.hostname = "NODE-1.ec2.internal".into();
         assert!(
@@ -759,7 +817,7 @@ mod tests {
             |_| String::new(),
         );
         let proved = Facts { instance_id: "i-0a".into(), addresses: vec!["10.0.0.7".into()], ..good().facts };
-        r.complete_enrollment(&id, proved, 1);
+        r.complete_enrollment(&id, proved, 1, "fp");
         let mut h = good();
         h.facts.instance_id = "i-0b".into();
         h.facts.addresses = vec!["10.0.0.1".into()];
