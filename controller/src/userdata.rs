@@ -21,11 +21,17 @@ pub struct Bootstrap<'a> {
     pub slots: Vec<Slot<'a>>,
 }
 
-/// A node and its one-time bootstrap token.
-#[derive(Debug, Serialize)]
+/// A node and its one-time bootstrap token (`Debug` leaves it out).
+#[derive(Serialize)]
 pub struct Slot<'a> {
     pub node_id: &'a str,
     pub token: &'a str,
+}
+
+impl std::fmt::Debug for Slot<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("node_id", &self.node_id).field("token", &"<redacted>").finish()
+    }
 }
 
 pub struct Userdata<'a> {
@@ -98,6 +104,15 @@ fn ensure_newline(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_token() {
+        let slot = || Slot { node_id: "slave-0001", token: "tok-secret-123" };
+        let boot =
+            Bootstrap { controller: "c", server_name: "s", ca_sha256: "x", imds: None, slots: vec![slot()] };
+        let shown = format!("{:?} {boot:?}", slot());
+        assert!(!shown.contains("tok-secret-123") && shown.contains("slave-0001"), "{shown}");
+    }
 
     #[test]
     fn carries_what_the_node_needs_and_no_other_secret() {

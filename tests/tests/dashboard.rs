@@ -1,6 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium`, which
-//! `.ci/run` and `scripts/test` install): the page shows the nodes of a
-//! running local cluster and, without reloading, reflects a killed slave.
+//! `.ci/run` and `scripts/test` install): the browser signs in once with the
+//! token (a form POST: never in a URL) and keeps a session cookie; the page
+//! shows the nodes of a running local cluster and, without reloading,
+//! reflects a killed slave.
 
 use ddisco_tests::*;
 use std::process::{Command, Stdio};
@@ -10,11 +12,15 @@ const TOKEN: &str = "dash-token-0123456789abcdef";
 
 /// The DOM after the page's scripts ran (virtual time: 4 s of timers).
 fn dump_dom(url: &str) -> String {
+    dump_dom_in(url, &tempfile::tempdir().unwrap())
+}
+
+/// The same, with a browser profile (cookies) kept in `profile`.
+fn dump_dom_in(url: &str, profile: &tempfile::TempDir) -> String {
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("chromium is not installed: apt-get install chromium (scripts/test does it)");
-    let profile = tempfile::tempdir().unwrap();
     let mut child = Command::new(chromium)
         .args([
             "--headless",
@@ -54,13 +60,30 @@ fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
     let mut c = Cluster::start(&format!("num_slaves = 2\ndashboard_token = \"{TOKEN}\""));
     let s = c.wait_until("2 slaves ready", Duration::from_secs(60), |s| at_size(s, 2));
     let addr = std::fs::read_to_string(c.state_dir().join("dashboard.addr")).unwrap();
-    let url = format!("http://{}/?token={TOKEN}", addr.trim());
+    let url = format!("http://{}/", addr.trim());
 
-    // Without the token: refused.
-    let dom = dump_dom(&format!("http://{}/", addr.trim()));
-    assert!(dom.contains("dashboard token required"), "{dom}");
-
+    // Without signing in: the sign-in form. A token in the URL (which
+    // would land in history and proxy logs) is not taken either.
     let dom = dump_dom(&url);
+    assert!(dom.contains("dashboard token required") && dom.contains("<form"), "{dom}");
+    let dom = dump_dom(&format!("{url}?token={TOKEN}"));
+    assert!(dom.contains("dashboard token required"), "a token in the URL was taken:\n{dom}");
+    let (code, _) = c.dashboard_get(&format!("/api/status?token={TOKEN}"), None);
+    assert_eq!(code, 401);
+
+    // The browser signs in once (the form POSTs the token in its body) and
+    // keeps the session cookie in its profile.
+    let profile = tempfile::tempdir().unwrap();
+    let signin = profile.path().join("signin.html");
+    std::fs::write(
+        &signin,
+        format!(
+            "<form method=post action='{url}login'><input name=token value='{TOKEN}'></form>\
+             <script>document.forms[0].submit()</script>"
+        ),
+    )
+    .unwrap();
+    let dom = dump_dom_in(&format!("file://{}", signin.display()), &profile);
     for n in nodes(&s) {
         let id = n["node_id"].as_str().unwrap();
         assert!(dom.contains(&format!("id=\"node-{id}\"")), "{id} not shown:\n{dom}");
@@ -75,7 +98,8 @@ fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
     let s = c.wait_until("the slave is replaced", Duration::from_secs(60), |s| {
         at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
     });
-    let dom = dump_dom(&url);
+    // Later visits need no token: the cookie signs them in.
+    let dom = dump_dom_in(&url, &profile);
     assert!(!dom.contains(&format!("id=\"node-{victim}\"")), "{victim} still shown:\n{dom}");
     for id in node_ids(&s, "slave") {
         assert!(dom.contains(&format!("id=\"node-{id}\"")), "replacement {id} not shown:\n{dom}");

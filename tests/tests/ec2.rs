@@ -858,6 +858,14 @@ fn a_slot_token_taken_by_another_instance_of_the_batch_does_not_enroll() {
     }
     let log = w.cluster.serve_log();
     assert!(!log.contains(&b_token), "a token leaked into the log");
+    // Issue 13, part 7: instances are launched with IMDSv2 required and a
+    // hop limit of 1 (no container or SSRF on a node reads the userdata).
+    let runs = w.proxy.requests("RunInstances");
+    assert!(!runs.is_empty());
+    for (_, p) in &runs {
+        assert_eq!(p.get("MetadataOptions.HttpTokens").map(String::as_str), Some("required"), "{p:?}");
+        assert_eq!(p.get("MetadataOptions.HttpPutResponseHopLimit").map(String::as_str), Some("1"), "{p:?}");
+    }
 
     // B boots and enrolls with the token nobody could spend.
     w.hv.release();

@@ -108,8 +108,17 @@ pub fn render_node(n: &NodeStatus) -> String {
     out.push_str("phases:\n");
     let t0 = n.phases.first().map(|(_, t)| *t).unwrap_or(0);
     for (i, (name, t)) in n.phases.iter().enumerate() {
-        let took = n.phases.get(i + 1).map(|(_, next)| format!("  ({:.1}s)", (next - t) as f64 / 1000.0));
-        out.push_str(&format!("  +{:>7.1}s  {name}{}\n", (t - t0) as f64 / 1000.0, took.unwrap_or_default()));
+        // Phases come from two clocks (the agent reports when it started):
+        // a small disorder shows as 0, never as a panic.
+        let took = n
+            .phases
+            .get(i + 1)
+            .map(|(_, next)| format!("  ({:.1}s)", next.saturating_sub(*t) as f64 / 1000.0));
+        out.push_str(&format!(
+            "  +{:>7.1}s  {name}{}\n",
+            t.saturating_sub(t0) as f64 / 1000.0,
+            took.unwrap_or_default()
+        ));
     }
     if !n.steps.is_empty() {
         out.push_str("steps:\n");

@@ -488,6 +488,7 @@ mod tests {
             ("base_packages = [\"rm -rf /\"]", "base_packages"),
             ("engine = \"spark\"", "engine"),
             ("dashboard_listen = \"0.0.0.0:7445\"", "dashboard_token"),
+            ("dashboard_token = \"short-token\"", "dashboard_token"),
             ("disco_root = \"mnt\"", "disco_root"),
             ("on_demand_fallback = \"always\"", "on_demand_fallback"),
             ("fallback_failures = 0", "fallback_failures"),

@@ -111,7 +111,9 @@ dask_scheduler_port = 8786
 dask_dashboard_port = 8787
 
 # Dashboard and Prometheus /metrics (HTTP). Local by default; any other
-# address requires dashboard_token (sent as "Authorization: Bearer <token>").
+# address requires dashboard_token (16 characters at least): browsers sign
+# in once on the page (a session cookie), scripts send it as
+# "Authorization: Bearer <token>".
 dashboard_listen = "127.0.0.1:7445"
 dashboard_token = ""
 

@@ -196,6 +196,18 @@ impl Config {
         let download_listen = addr("download_listen", raw.download_listen, d.download_listen)?;
         let dashboard_listen = addr("dashboard_listen", raw.dashboard_listen, d.dashboard_listen)?;
         let dashboard_token = non_empty_secret(raw.dashboard_token);
+        if let Some(t) = &dashboard_token
+            && t.0.chars().count() < 16
+        {
+            return Err(err(
+                "dashboard_token",
+                format!(
+                    "{} characters: at least 16 (a password anyone who reaches the dashboard can try); \
+                     e.g. `openssl rand -hex 16`",
+                    t.0.chars().count()
+                ),
+            ));
+        }
         if !dashboard_listen.ip().is_loopback() && dashboard_token.is_none() {
             return Err(err(
                 "dashboard_token",

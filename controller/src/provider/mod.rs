@@ -38,8 +38,9 @@ pub enum ProviderError {
     Other(String),
 }
 
-/// Nodes to start in one provider call.
-#[derive(Debug, Clone)]
+/// Nodes to start in one provider call. `Debug` leaves the userdata out
+/// (it holds the bootstrap tokens).
+#[derive(Clone)]
 pub struct LaunchBatch {
     /// Unique per launch: the idempotency token and the `ddisco:batch` tag.
     pub batch_id: String,
@@ -51,6 +52,19 @@ pub struct LaunchBatch {
     pub addresses: Vec<String>,
     /// The boot script (see `userdata`): one slot per node.
     pub userdata: String,
+}
+
+impl std::fmt::Debug for LaunchBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchBatch")
+            .field("batch_id", &self.batch_id)
+            .field("role", &self.role)
+            .field("pool", &self.pool)
+            .field("nodes", &self.nodes)
+            .field("addresses", &self.addresses)
+            .field("userdata", &format_args!("<{} bytes, redacted: bootstrap tokens>", self.userdata.len()))
+            .finish()
+    }
 }
 
 /// One started instance.
@@ -164,5 +178,24 @@ pub trait Provider: Send + Sync + 'static {
     /// API calls made so far: (action, calls, errors).
     fn api_calls(&self) -> Vec<(String, u64, u64)> {
         vec![]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_launch_batch_debug_never_shows_its_userdata() {
+        let b = LaunchBatch {
+            batch_id: "b1".into(),
+            role: Role::Slave,
+            pool: "default".into(),
+            nodes: vec!["slave-0002".into()],
+            addresses: vec![],
+            userdata: "\"token\":\"tok-secret-123\"".into(),
+        };
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("tok-secret-123") && shown.contains("slave-0002"), "{shown}");
     }
 }

@@ -75,6 +75,7 @@ impl Ec2Provider {
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
             .set_instance_market_options(spot.then_some(market))
             .tag_specifications(spec(ResourceType::Instance))
+            .metadata_options(metadata_options())
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
             req = req.key_name(&self.key_name);
@@ -179,4 +180,19 @@ impl Ec2Provider {
             ),
         }))
     }
+}
+
+/// Instance metadata as nodes get it: IMDSv2 only (a session token from a
+/// PUT, which a server-side request forgery cannot make) and a hop limit of
+/// 1, so a container on a node cannot reach the userdata (its bootstrap
+/// tokens) or the instance role's credentials.
+pub(super) fn metadata_options() -> aws_sdk_ec2::types::InstanceMetadataOptionsRequest {
+    use aws_sdk_ec2::types::{
+        HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    };
+    InstanceMetadataOptionsRequest::builder()
+        .http_endpoint(InstanceMetadataEndpointState::Enabled)
+        .http_tokens(HttpTokensState::Required)
+        .http_put_response_hop_limit(1)
+        .build()
 }
