@@ -4,9 +4,11 @@
 //! # Guarantees
 //! - A TCP connection gets a ticket before anything else: at most
 //!   [`Limits::unauthenticated`] connections without a client certificate
-//!   at once, [`Limits::per_ip`] of them from one address. Over the limit
-//!   the connection is closed at once and counted
-//!   (`ddisco_connections_refused_total`).
+//!   at once (and never more than a quarter of the open-file limit), at
+//!   most [`Limits::per_ip`] of them from one address. Loopback peers are
+//!   processes of this machine (the local provider's nodes, the benchmark)
+//!   and count against the total only. Over a limit the connection is
+//!   closed at once and counted (`ddisco_connections_refused_total`).
 //! - The TLS handshake must finish within [`Limits::handshake`].
 //! - A connection that presented no client certificate lives at most
 //!   [`Limits::unauthenticated_lifetime`] (an enrollment or a download
@@ -40,6 +42,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// These limits on a process that may hold `fd_limit` open files: the
+    /// connections without a certificate take at most a quarter of them.
+    pub fn within(self, fd_limit: u64) -> Limits {
+        let quarter = usize::try_from(fd_limit / 4).unwrap_or(usize::MAX).max(16);
+        Limits { unauthenticated: self.unauthenticated.min(quarter), ..self }
+    }
+
     /// The agents' port: enrollments are one short exchange each.
     pub const GRPC: Limits = Limits {
         unauthenticated: 2048,
@@ -71,17 +80,19 @@ pub struct Gate {
 #[derive(Debug)]
 pub struct Ticket {
     _permit: OwnedSemaphorePermit,
-    ip: IpAddr,
+    /// Counted per address (not for loopback peers).
+    ip: Option<IpAddr>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
         let mut m = self.per_ip.lock().expect("per-ip lock");
-        if let Some(n) = m.get_mut(&self.ip) {
+        if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                m.remove(&ip);
             }
         }
     }
@@ -106,13 +117,16 @@ impl Gate {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "too many connections without a certificate")?;
+        if ip.is_loopback() {
+            return Ok(Ticket { _permit: permit, ip: None, per_ip: self.per_ip.clone() });
+        }
         let mut m = self.per_ip.lock().expect("per-ip lock");
         let n = m.entry(ip).or_insert(0);
         if *n >= self.limits.per_ip {
             return Err("too many connections without a certificate from this address");
         }
         *n += 1;
-        Ok(Ticket { _permit: permit, ip, per_ip: self.per_ip.clone() })
+        Ok(Ticket { _permit: permit, ip: Some(ip), per_ip: self.per_ip.clone() })
     }
 
     /// Connections without a certificate now open.
@@ -128,7 +142,10 @@ impl Gate {
 
 /// A TLS connection that passed the gate.
 pub struct Guarded {
-    inner: TlsStream<TcpStream>,
+    /// Boxed: the connection task's future holds this in several of its
+    /// states, and rustls' connection state is large (measured: 3 KiB more
+    /// per held agent unboxed).
+    inner: Box<TlsStream<TcpStream>>,
     /// Until it proves itself (a client certificate), it holds a ticket
     /// and has a deadline.
     _ticket: Option<Ticket>,
@@ -255,7 +272,7 @@ pub fn incoming(
                         return;
                     }
                 };
-                let mut g = Guarded { inner: tls, _ticket: Some(ticket), deadline: None };
+                let mut g = Guarded { inner: Box::new(tls), _ticket: Some(ticket), deadline: None };
                 if g.authenticated() {
                     g._ticket = None;
                 } else {
@@ -336,6 +353,13 @@ mod tests {
         drop(t1);
         assert_eq!(g.open(), 2);
         assert!(g.admit(a).is_ok(), "a ticket given back is available again");
+        // Loopback peers count against the total only.
+        let g = Gate::new("test", limits, Arc::default());
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let _l: Vec<Ticket> = (0..3).map(|_| g.admit(lo).unwrap()).collect();
+        assert!(g.admit(lo).is_err(), "the total still holds");
+        assert_eq!(Limits::GRPC.within(1024).unauthenticated, 256);
+        assert_eq!(Limits::GRPC.within(1 << 20).unauthenticated, Limits::GRPC.unauthenticated);
     }
 
     #[test]

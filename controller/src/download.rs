@@ -46,7 +46,8 @@ pub async fn serve(
 
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let gate = Arc::new(Gate::new("download port", Limits::DOWNLOAD, shared.metrics.clone()));
+    let limits = Limits::DOWNLOAD.within(shared.fd_limit);
+    let gate = Arc::new(Gate::new("download port", limits, shared.metrics.clone()));
     let mut incoming = crate::admission::incoming(listener, Arc::new(tls), gate);
     loop {
         let conn = tokio::select! {

@@ -65,7 +65,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     use tonic::transport::Server;
     let tls = Arc::new(tls_config(&shared.pki)?);
-    let gate = Arc::new(Gate::new("agents' port", Limits::GRPC, shared.metrics.clone()));
+    let limits = Limits::GRPC.within(shared.fd_limit);
+    let gate = Arc::new(Gate::new("agents' port", limits, shared.metrics.clone()));
     let incoming =
         tokio_stream::wrappers::ReceiverStream::new(crate::admission::incoming(listener, tls, gate));
     let log = Arc::new(RateLimitedLog::default());
