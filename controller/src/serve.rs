@@ -63,9 +63,36 @@ pub fn agent_binary_path(cfg: &Config) -> anyhow::Result<PathBuf> {
     Ok(exe.with_file_name("ddisco-agent"))
 }
 
+/// The address nodes dial, on EC2 when `advertise` is not set: this
+/// instance's private IPv4 (from its instance metadata); listeners left on
+/// loopback bind it instead. Elsewhere, an error that says what to set.
+async fn resolve_advertise(mut cfg: Config) -> anyhow::Result<Config> {
+    if cfg.provider != crate::config::ProviderKind::Ec2 || cfg.advertise.is_some() {
+        return Ok(cfg);
+    }
+    let Some(ip) = crate::provider::ec2::instance_private_ip().await else {
+        return Err(preflight_error(ProviderError::Config {
+            key: "advertise".into(),
+            message: "not set, and this machine is not an EC2 instance (its instance metadata did not answer). \
+                      Nodes dial the controller: set advertise to an address of this machine they can reach, and \
+                      listen / download_listen to bind it (e.g. \"0.0.0.0:7443\", \"0.0.0.0:7444\")"
+                .into(),
+        }));
+    };
+    tracing::info!(%ip, "advertise: this instance's private address (from its instance metadata)");
+    cfg.advertise = Some(ip.to_string());
+    for addr in [&mut cfg.listen, &mut cfg.download_listen] {
+        if addr.ip().is_loopback() {
+            addr.set_ip(ip);
+        }
+    }
+    Ok(cfg)
+}
+
 /// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
+    let cfg = resolve_advertise(cfg).await?;
     // Every node holds a connection: a default soft limit of 1,024 would
     // cap the cluster at a few hundred nodes.
     let fd_limit = match crate::limits::raise_fd_limit() {

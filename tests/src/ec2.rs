@@ -193,6 +193,33 @@ pub fn live(v: &[Inst]) -> Vec<&Inst> {
 // Hypervisor
 // --------------------------------------------------------------------------
 
+/// A metadata service for the controller's own machine (IMDSv2), saying
+/// its private address is `ip`: what `serve` sees on an EC2 instance.
+/// Returns its URL (for `AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+pub fn controller_imds(rt: &tokio::runtime::Runtime, ip: &str) -> String {
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let ip = ip.to_string();
+    // Like EC2's, the token's answer says its lifetime (the AWS SDK needs it).
+    let token = || async { ([("x-aws-ec2-metadata-token-ttl-seconds", "21600")], "controller-imds-token") };
+    let app = axum::Router::new().route("/latest/api/token", put(token)).route(
+        "/latest/meta-data/local-ipv4",
+        get(move |headers: HeaderMap| {
+            let ip = ip.clone();
+            async move {
+                if headers.get("X-aws-ec2-metadata-token").is_none() {
+                    return (StatusCode::UNAUTHORIZED, "IMDSv2 token required").into_response();
+                }
+                ip.into_response()
+            }
+        }),
+    );
+    rt.spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
 /// The certificate of the key the test metadata services sign identity
 /// documents with (tests/fixtures; stands in for AWS's, which nobody here
 /// can sign with).

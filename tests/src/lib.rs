@@ -70,6 +70,18 @@ impl Cluster {
         Cluster::start_inner(extra, vec![], Some(fds))
     }
 
+    /// `serve` with `json` as its `config.json` (the original's format),
+    /// unchanged: nothing of `FAST` is added.
+    pub fn start_json(json: &str, env: Vec<(String, String)>) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, json).expect("write config");
+        let mut c = Cluster { dir, config, serve: None, env, fd_limit: None };
+        c.spawn_serve();
+        c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
+        c
+    }
+
     /// Like `start`, with extra environment for the controller.
     pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Cluster {
         Cluster::start_inner(extra, env, None)

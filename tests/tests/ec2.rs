@@ -428,6 +428,23 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
         let live = live(&rt.block_on(instances(&c, &tag))).len();
         assert_eq!(live, 0, "{key}: something was launched");
     }
+    // On EC2 without advertise, off an instance (its metadata does not
+    // answer): said plainly, naming the key; nothing launched.
+    let path = dir.path().join("noadvertise.toml");
+    let text = config(moto(), "ddt-noadv", &sg, "").replace("advertise = \"127.0.0.1\"", "");
+    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_EC2_METADATA_DISABLED"))
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `advertise`") && err.contains("not an EC2 instance"), "{err}");
+    assert_eq!(live(&rt.block_on(instances(&c, "ddt-noadv"))).len(), 0);
+
     // No region anywhere: said plainly.
     let path = dir.path().join("noregion.toml");
     let text = config(moto(), "ddt-noregion", &sg, "").replace("region = \"us-east-1\"", "");
@@ -874,4 +891,68 @@ fn a_slot_token_taken_by_another_instance_of_the_batch_does_not_enroll() {
     for why in ["not issued to this instance", "signature does not verify", "no instance identity document"] {
         assert!(log.contains(why), "refusal {why:?} not logged:\n{log}");
     }
+}
+
+/// Issue 14, item 1 and 2. The original's `config.json`, unchanged (its
+/// AMI, spot bid, instance type, security group by name, AWS keys, tag
+/// key), launches on EC2: the original only ran there. The EC2 endpoint
+/// comes from the standard `AWS_ENDPOINT_URL` (moto, with the original's
+/// AMI), and `serve` runs "on an instance": its metadata service gives the
+/// address nodes dial, since the original has no such key.
+#[test]
+fn the_original_config_json_launches_on_ec2() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let amis = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/original-amis.json");
+    let moto = moto_with_amis(&amis);
+    let client = rt.block_on(client(&moto));
+    rt.block_on(
+        client.create_security_group().group_name("disco").description("the original's group").send(),
+    )
+    .expect("create the security group");
+    let imds = controller_imds(&rt, "127.0.0.1");
+    let original = r#"{
+    "BASE_PACKAGES": ["python-pip", "python-dev", "lighttpd"],
+    "ADDITIONAL_PACKAGES": ["git", "pigz"],
+    "PIP_REQUIREMENTS": ["iso8601"],
+    "AWS_ACCESS": "AKIAEXAMPLE",
+    "AWS_SECRET": "not-a-real-secret",
+    "AMI": "ami-6d3f9704",
+    "MAX_BID": "0.10",
+    "INSTANCE_TYPE": "c1.xlarge",
+    "KEY_NAME": "",
+    "SECURITY_GROUPS": ["disco"],
+    "MGMT_KEY": "ssh-rsa AAAA me@host",
+    "TAG_KEY": "disposabledisco",
+    "NUM_SLAVES": 2,
+    "MASTER_MULTIPLIER": 1,
+    "SLAVE_MULTIPLIER": 1,
+    "POST_INIT": ""
+}"#;
+    let mut env: Vec<(String, String)> =
+        aws_env().into_iter().filter(|(k, _)| k != "AWS_EC2_METADATA_DISABLED").collect();
+    env.push(("AWS_ENDPOINT_URL".into(), moto.clone()));
+    env.push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), imds));
+    let c = Cluster::start_json(original, env);
+    let insts = {
+        let end = Instant::now() + READY;
+        loop {
+            let v = rt.block_on(instances(&client, "disposabledisco"));
+            if live(&v).len() == 3 {
+                break v;
+            }
+            assert!(Instant::now() < end, "no master and 2 slaves on EC2: {v:#?}\n{}", c.serve_log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let roles: Vec<&str> = insts.iter().map(|i| i.tags["disposabledisco"].as_str()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "master").count(), 1, "{roles:?}");
+    for i in live(&insts) {
+        assert_eq!((i.lifecycle.as_str(), i.instance_type.as_str()), ("spot", "c1.xlarge"), "{i:?}");
+        assert_eq!(i.image_id, "ami-6d3f9704");
+    }
+    let log = c.serve_log();
+    assert!(log.contains("advertise: this instance's private address"), "{log}");
+    assert!(!log.contains("not-a-real-secret"), "the AWS secret reached the log");
+    let ud = rt.block_on(userdata_of(&client, &insts[0].id)).unwrap();
+    assert!(ud.contains("https://127.0.0.1:"), "nodes dial the instance's address: {ud}");
 }

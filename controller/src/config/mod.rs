@@ -579,8 +579,7 @@ mod tests {
         let t = format!("{base}ami = \"ami-1\"\n");
         assert_eq!(toml(&t).unwrap_err().key.as_deref(), Some("security_groups"));
         let t = format!("{t}security_groups = [\"sg-1\"]\n");
-        assert_eq!(toml(&t).unwrap_err().key.as_deref(), Some("advertise"));
-        let t = format!("{t}advertise = \"10.0.0.5\"\n");
+        // advertise may stay empty: on an instance, serve takes its address.
         assert_eq!(toml(&t).unwrap().provider, ProviderKind::Ec2);
     }
 
@@ -595,6 +594,12 @@ mod tests {
         assert!(c.ec2.aws_keys_in_file);
         assert!(notes.iter().any(|n| n.contains("credential chain")), "{notes:?}");
         assert!(notes.iter().any(|n| n.contains("PROVIDER")), "{notes:?}");
+        // The original ran only on EC2.
+        assert_eq!(c.provider, ProviderKind::Ec2);
+        let (c, _) =
+            json(&ORIGINAL.replace("\"POST_INIT\": \"\"", "\"POST_INIT\": \"\", \"PROVIDER\": \"local\""))
+                .unwrap();
+        assert_eq!(c.provider, ProviderKind::Local);
     }
 
     #[test]

@@ -122,7 +122,8 @@ dashboard_token = ""
 listen = "127.0.0.1:7443"
 download_listen = "127.0.0.1:7444"
 # Host name or IP nodes use to reach the controller; empty: the listen IP
-# (127.0.0.1 when listening on 0.0.0.0).
+# (127.0.0.1 when listening on 0.0.0.0), or with provider = "ec2" on an EC2
+# instance, its private IP (and loopback listen addresses bind it).
 advertise = ""
 # CA, certificates, node records, admin socket, local nodes. Relative paths
 # are resolved against this file's folder.

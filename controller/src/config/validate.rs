@@ -19,17 +19,16 @@ impl Config {
         let mut notes = Vec::new();
 
         let provider = match raw.provider.as_deref() {
-            None => {
-                if format == Format::LegacyJson {
-                    notes.push(
-                        "config.json (disposabledisco format): PROVIDER is not set, so the \
-                         local provider runs the nodes on this machine; add \"PROVIDER\": \"ec2\" \
-                         to launch on EC2"
-                            .to_string(),
-                    );
-                }
-                d.provider
+            // The original ran only on EC2: its config.json means EC2.
+            None if format == Format::LegacyJson => {
+                notes.push(
+                    "config.json (disposabledisco format) launches on EC2, like the original; add \
+                     \"PROVIDER\": \"local\" to run the nodes on this machine instead"
+                        .to_string(),
+                );
+                ProviderKind::Ec2
             }
+            None => d.provider,
             Some("local") => ProviderKind::Local,
             Some("ec2") => ProviderKind::Ec2,
             Some("record") => ProviderKind::Record,
@@ -356,14 +355,6 @@ impl Config {
                 return Err(err(
                     "security_groups",
                     "required with provider = \"ec2\": at least one group (id sg-... or name)".into(),
-                ));
-            }
-            if cfg.advertise.is_none() {
-                return Err(err(
-                    "advertise",
-                    "required with provider = \"ec2\": the host name or IP instances use to reach this \
-                     controller"
-                        .into(),
                 ));
             }
         }

@@ -106,6 +106,20 @@ struct State {
     blocked: Option<(String, String)>,
 }
 
+/// This machine's private IPv4 address when it is an EC2 instance (its
+/// instance metadata answers within a second); `None` elsewhere. The
+/// standard AWS settings apply (`AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+pub async fn instance_private_ip() -> Option<std::net::IpAddr> {
+    let client = aws_config::imds::Client::builder()
+        .max_attempts(1)
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(1))
+        .operation_timeout(Duration::from_secs(3))
+        .build();
+    let ip = client.get("/latest/meta-data/local-ipv4").await.ok()?;
+    ip.as_ref().trim().parse().ok()
+}
+
 /// The identity-document checker for `region`: the certificate at `path`,
 /// else AWS's built-in one (refused for the regions AWS signs with another).
 fn attestor_for(path: Option<&Path>, region: &str) -> Result<Attestor, ProviderError> {
