@@ -46,6 +46,7 @@ pub mod provider;
 pub mod reconcile;
 pub mod registry;
 pub mod serve;
+pub mod state;
 pub mod status;
 pub mod userdata;
 pub mod wire;

@@ -34,8 +34,9 @@ pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The provider named by the configuration.
-pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+/// The provider named by the configuration, for the cluster `cluster_id`
+/// (`state::cluster_id`: what its launches are tagged with).
+pub async fn make_provider(cfg: &Config, cluster_id: &str) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider {
         crate::config::ProviderKind::Local => Ok(Arc::new(
             crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
@@ -46,7 +47,7 @@ pub async fn make_provider(cfg: &Config) -> anyhow::Result<Arc<dyn Provider>> {
                 .with_context(|| format!("cannot prepare {}", cfg.state_dir.display()))?,
         )),
         crate::config::ProviderKind::Ec2 => Ok(Arc::new(
-            crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir)
+            crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir, cluster_id)
                 .await
                 .map_err(preflight_error)?,
         )),
@@ -92,6 +93,8 @@ async fn resolve_advertise(mut cfg: Config) -> anyhow::Result<Config> {
 /// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
+    let cluster_id = crate::state::cluster_id_or_mint(&cfg.state_dir)
+        .with_context(|| format!("cannot keep the cluster id in {}", cfg.state_dir.display()))?;
     let cfg = resolve_advertise(cfg).await?;
     // Every node holds a connection: a default soft limit of 1,024 would
     // cap the cluster at a few hundred nodes.
@@ -168,7 +171,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
     };
 
-    let provider = make_provider(&cfg).await?;
+    let provider = make_provider(&cfg, &cluster_id).await?;
     provider.preflight().await.map_err(preflight_error)?;
     let admin_path = cfg.admin_socket();
     let admin_listener = crate::admin::bind(&admin_path).await?;
@@ -185,6 +188,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         provider,
         endpoints: endpoints.clone(),
         fd_limit,
+        cluster_id: cluster_id.clone(),
     }));
     if let Some(w) = crate::limits::fd_warning(
         fd_limit,

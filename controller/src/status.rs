@@ -12,6 +12,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusView {
     pub cluster: String,
+    /// The cluster's id (`state::cluster_id`), on everything it launched.
+    pub cluster_id: String,
     pub provider: String,
     pub desired_slaves: u32,
     pub desired_pools: std::collections::BTreeMap<String, u32>,
@@ -172,6 +174,7 @@ impl StatusView {
         let events = reg.events();
         StatusView {
             cluster: sh.cfg.tag_key.clone(),
+            cluster_id: sh.cluster_id.clone(),
             provider: sh.provider.name().to_string(),
             desired_slaves: reg.desired_slaves(),
             desired_pools: reg.desired.clone(),

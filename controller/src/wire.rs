@@ -200,6 +200,7 @@ impl From<StatusView> for api::StatusReply {
     fn from(v: StatusView) -> api::StatusReply {
         api::StatusReply {
             cluster: v.cluster,
+            cluster_id: v.cluster_id,
             provider: v.provider,
             desired_slaves: v.desired_slaves,
             nodes: v.nodes.into_iter().map(api::NodeStatus::from).collect(),
@@ -269,6 +270,7 @@ impl From<api::StatusReply> for StatusView {
     fn from(s: api::StatusReply) -> StatusView {
         StatusView {
             cluster: s.cluster,
+            cluster_id: s.cluster_id,
             provider: s.provider,
             desired_slaves: s.desired_slaves,
             desired_pools: s.desired_pools.into_iter().collect(),
@@ -364,6 +366,7 @@ mod tests {
     fn status_survives_the_wire() {
         let view = StatusView {
             cluster: "c".into(),
+            cluster_id: "c-0123456789ab".into(),
             provider: "local".into(),
             desired_slaves: 2,
             desired_pools: [("default".to_string(), 2)].into(),

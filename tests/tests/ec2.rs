@@ -956,3 +956,73 @@ fn the_original_config_json_launches_on_ec2() {
     let ud = rt.block_on(userdata_of(&client, &insts[0].id)).unwrap();
     assert!(ud.contains("https://127.0.0.1:"), "nodes dial the instance's address: {ud}");
 }
+
+/// Issue 14, item 3. Two clusters with the same `tag_key` (two users with
+/// default settings) in one account and region: each keeps its own nodes
+/// (the other's instances are not its orphans), and `destroy` of one
+/// leaves the other running; `destroy --cluster-id` finds a cluster whose
+/// state directory is gone, and only it.
+#[test]
+fn two_clusters_with_the_same_tag_key_never_touch_each_other() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    let hv = Hypervisor::start(&rt, &tag);
+    let extra = format!("num_slaves = 1\nscratch_path = \"{}\"\n", hv.dir.path().join("scratch").display());
+    let mut a = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
+    let mut b = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
+    let sa = a.wait_until("A: master + 1 slave ready", READY, |s| at_size(s, 1));
+    let sb = b.wait_until("B: master + 1 slave ready", READY, |s| at_size(s, 1));
+    let ids = |s: &Value| -> Vec<String> {
+        let mut v: Vec<String> =
+            nodes(s).iter().map(|n| n["instance_id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    let (ia, ib) = (ids(&sa), ids(&sb));
+    assert!(ia.iter().all(|i| !ib.contains(i)));
+    let (ca, cb) =
+        (sa["cluster_id"].as_str().unwrap().to_string(), sb["cluster_id"].as_str().unwrap().to_string());
+    assert!(ca.starts_with("c-") && ca != cb, "{ca} {cb}");
+    // Both reconcile several times over each other's instances: none is
+    // terminated, none is adopted.
+    let d0 = proxy.count("DescribeInstances");
+    let end = Instant::now() + Duration::from_secs(30);
+    while proxy.count("DescribeInstances") < d0 + 6 {
+        assert!(Instant::now() < end, "no reconcile ticks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let alive = |ids: &[String]| {
+        let v = rt.block_on(instances(&client, &tag));
+        ids.iter().all(|i| v.iter().any(|x| &x.id == i && (x.state == "running" || x.state == "pending")))
+    };
+    assert!(
+        alive(&ia) && alive(&ib),
+        "a cluster terminated the other's instances:\n{}\n{}",
+        a.serve_log(),
+        b.serve_log()
+    );
+    assert_eq!(ids(&a.status().unwrap()), ia);
+    assert_eq!(ids(&b.status().unwrap()), ib);
+    let tagged = rt.block_on(instances(&client, &tag));
+    for i in tagged.iter().filter(|i| ia.contains(&i.id)) {
+        assert_eq!(i.tags.get("ddisco:cluster"), Some(&ca), "{i:?}");
+    }
+
+    // A's state directory is lost (its controller with it): destroy with
+    // the id terminates A's instances only.
+    a.stop_serve();
+    std::fs::remove_dir_all(a.state_dir()).unwrap();
+    let out = a.ctl(&["destroy", "--yes", "--cluster-id", &ca]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = rt.block_on(instances(&client, &tag));
+    for i in &ia {
+        let st = &v.iter().find(|x| &x.id == i).unwrap().state;
+        assert!(st == "shutting-down" || st == "terminated", "{i}: {st}");
+    }
+    assert!(alive(&ib), "destroying A touched B");
+    let sb = b.wait_until("B still at size", READY, |s| at_size(s, 1));
+    assert_eq!(ids(&sb), ib);
+}

@@ -14,6 +14,10 @@ pub struct DestroyArgs {
     /// Do not ask for confirmation (required when not on a terminal).
     #[arg(long, short = 'y')]
     pub yes: bool,
+    /// The cluster to terminate when its state directory is gone (the id
+    /// `status` shows, c-...): only instances tagged with it are touched.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -43,7 +47,7 @@ pub async fn exec(args: DestroyArgs) -> anyhow::Result<ExitCode> {
         }
         Err(_) => {
             eprintln!("no controller running; terminating through the {} provider directly", cfg.provider);
-            offline(&cfg).await?
+            offline(&cfg, args.cluster_id.as_deref()).await?
         }
     };
     if terminated.is_empty() {
@@ -62,15 +66,46 @@ pub async fn exec(args: DestroyArgs) -> anyhow::Result<ExitCode> {
 
 /// Destroy without a controller: ask the provider for everything of this
 /// cluster, terminate it, and clear the saved node list.
-async fn offline(cfg: &crate::config::Config) -> anyhow::Result<Vec<String>> {
-    if !cfg.state_dir.exists() {
-        return Ok(vec![]);
+async fn offline(cfg: &crate::config::Config, given: Option<&str>) -> anyhow::Result<Vec<String>> {
+    if let Some(id) = given
+        && !crate::state::is_cluster_id(id)
+    {
+        return Err(super::UsageError(format!(
+            "--cluster-id {id:?}: a cluster id is c- and 12 hex digits (see status)"
+        ))
+        .into());
     }
-    let provider = crate::serve::make_provider(cfg).await?;
+    let kept = crate::state::cluster_id(&cfg.state_dir)?;
+    let id = match (given, kept) {
+        (Some(g), Some(k)) if g != k => {
+            return Err(super::UsageError(format!(
+                "--cluster-id {g} is not the cluster of state_dir {} ({k})",
+                cfg.state_dir.display()
+            ))
+            .into());
+        }
+        (Some(g), _) => g.to_string(),
+        (None, Some(k)) => k,
+        (None, None) => {
+            if cfg.provider == crate::config::ProviderKind::Ec2 {
+                eprintln!(
+                    "no cluster id in {} (state directory gone?): pass --cluster-id (shown by status) to find \
+                     this cluster's instances; instances of other clusters are never touched",
+                    cfg.state_dir.display()
+                );
+            }
+            if !cfg.state_dir.exists() {
+                return Ok(vec![]);
+            }
+            String::new()
+        }
+    };
+    let provider = crate::serve::make_provider(cfg, &id).await?;
     let observed = provider.list().await?;
+    // Only this cluster's instances: others with the same tag_key are not ours.
     let targets: Vec<crate::provider::Target> = observed
         .iter()
-        .filter(|o| o.alive)
+        .filter(|o| o.alive && !o.foreign)
         .map(|o| crate::provider::Target {
             node_id: o.node_id.clone(),
             instance_id: Some(o.instance_id.clone()),

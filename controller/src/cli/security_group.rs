@@ -60,7 +60,9 @@ pub async fn exec(args: SecurityGroupArgs) -> anyhow::Result<ExitCode> {
         Some(g) => Some((g.as_str(), &ports[..])),
         None => None,
     };
-    let provider = crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir)
+    // It launches nothing: the cluster id (if any yet) is only carried along.
+    let id = crate::state::cluster_id(&cfg.state_dir).ok().flatten().unwrap_or_default();
+    let provider = crate::provider::ec2::Ec2Provider::new(&cfg.ec2, &cfg.node_shape(), &cfg.state_dir, &id)
         .await
         .map_err(crate::serve::preflight_error)?;
     let r = provider

@@ -147,8 +147,8 @@ pub fn render(v: &StatusView) -> String {
         .map(|n| n.state.as_str())
         .unwrap_or("none");
     let mut out = format!(
-        "cluster {} ({} provider, {} engine): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
-        v.cluster, v.provider, v.engine, v.desired_slaves
+        "cluster {} [{}] ({} provider, {} engine): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
+        v.cluster, v.cluster_id, v.provider, v.engine, v.desired_slaves
     );
     if v.cost_per_hour > 0.0 || v.spent_usd > 0.0 {
         out.push_str(&format!(

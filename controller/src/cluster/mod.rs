@@ -109,6 +109,9 @@ pub struct Cluster {
     idle_since: Mutex<Option<u64>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The open-file limit in force (`serve` raised it at start).
+    /// Minted at the first start (`state::cluster_id`): everything
+    /// launched carries it.
+    pub cluster_id: String,
     pub fd_limit: u64,
     shutdown: watch::Sender<bool>,
 }
@@ -145,6 +148,7 @@ pub struct Parts {
     pub provider: Arc<dyn Provider>,
     pub endpoints: Endpoints,
     pub fd_limit: u64,
+    pub cluster_id: String,
 }
 
 impl Cluster {
@@ -170,6 +174,7 @@ impl Cluster {
             idle_since: Mutex::new(None),
             metrics: Default::default(),
             fd_limit: p.fd_limit,
+            cluster_id: p.cluster_id,
             shutdown: watch::channel(false).0,
             cfg: p.cfg,
         }

@@ -33,6 +33,7 @@ fn cluster(dir: &std::path::Path, engine: EngineKind) -> Cluster {
             agent_url: String::new(),
             agent_sha256: String::new(),
         },
+        cluster_id: "c-000000000000".into(),
         fd_limit: u64::MAX,
         engine,
         cfg,

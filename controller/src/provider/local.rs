@@ -162,6 +162,7 @@ impl Provider for LocalProvider {
                 alive: self.live_pid(&id).is_some(),
                 node_id: Some(id),
                 batch: None,
+                foreign: false, // its own state directory's nodes
             });
         }
         Ok(out)

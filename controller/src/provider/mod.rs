@@ -88,6 +88,10 @@ pub struct Observed {
     pub batch: Option<(String, u32)>,
     /// Running or pending (not stopping, stopped, shutting down, terminated).
     pub alive: bool,
+    /// Carries another cluster's id, or none (launched by another
+    /// controller with the same `tag_key`): never adopted as an orphan,
+    /// never terminated, unless it is a node's own instance.
+    pub foreign: bool,
 }
 
 /// An instance to terminate.

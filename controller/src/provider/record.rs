@@ -90,6 +90,7 @@ impl Provider for RecordProvider {
                 node_id: Some(n.clone()),
                 batch: None,
                 alive: true,
+                foreign: false,
             })
             .collect())
     }

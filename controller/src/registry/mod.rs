@@ -554,7 +554,8 @@ impl Registry {
                     let e = map.entry(id.to_string()).or_insert(false);
                     *e |= o.alive;
                 }
-                None if o.alive => orphans.push(o.clone()),
+                // Another cluster's instance (same tag_key): not ours to end.
+                None if o.alive && !o.foreign => orphans.push(o.clone()),
                 None => {}
             }
         }
@@ -720,15 +721,19 @@ mod tests {
             node_id: None,
             batch: batch.map(|(b, n)| (b.to_string(), n)),
             alive,
+            foreign: false,
         };
         // Adopted by batch + index (launched just before a crash).
+        let foreign = Observed { foreign: true, ..obs("i-7", None, true) };
         let (map, orphans) = r.match_observed(&[
             obs("i-1", Some(("b1", 0)), true),
             obs("i-9", None, true),
             obs("i-8", None, false),
+            foreign,
         ]);
         assert_eq!(map.get(&id), Some(&true));
         assert_eq!(r.get(&id).unwrap().rec.instance_id.as_deref(), Some("i-1"));
+        // Another cluster's instance (i-7) is nobody's orphan here.
         assert_eq!(orphans.iter().map(|o| o.instance_id.as_str()).collect::<Vec<_>>(), ["i-9"]);
         // Then by instance id; an old dead instance does not hide a live one.
         let (map, _) = r.match_observed(&[obs("i-1", None, false)]);

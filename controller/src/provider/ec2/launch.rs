@@ -49,6 +49,7 @@ impl Ec2Provider {
             Tag::builder().key(&self.tag_key).value(batch.role.to_string()).build(),
             Tag::builder().key(POOL_TAG).value(&batch.pool).build(),
             Tag::builder().key(BATCH_TAG).value(&batch.batch_id).build(),
+            Tag::builder().key(CLUSTER_TAG).value(&self.cluster_id).build(),
             Tag::builder().key("Name").value(format!("{}-{}", self.tag_key, batch.role)).build(),
         ];
         let spec = |rt: ResourceType| {

@@ -51,6 +51,8 @@ use std::time::{Duration, Instant};
 
 /// Tag holding the launch batch id.
 pub const BATCH_TAG: &str = "ddisco:batch";
+/// The cluster id (`state::cluster_id`) on everything launched.
+pub const CLUSTER_TAG: &str = "ddisco:cluster";
 /// Tag holding the slave pool.
 pub const POOL_TAG: &str = "ddisco:pool";
 
@@ -59,6 +61,8 @@ pub struct Ec2Provider {
     region: String,
     /// Checks the identity documents agents enroll with.
     attestor: Attestor,
+    /// Tagged on everything launched; only instances carrying it are ours.
+    cluster_id: String,
     tag_key: String,
     /// The `ami` setting: an id, or an alias resolved at preflight.
     ami: ImageSpec,
@@ -150,6 +154,7 @@ impl Ec2Provider {
         cfg: &Ec2Config,
         nodes: &NodeShape,
         state_dir: &Path,
+        cluster_id: &str,
     ) -> Result<Ec2Provider, ProviderError> {
         use aws_config::{BehaviorVersion, Region, retry::RetryConfig};
         // Deadlines on every call: a hung connection must not stall the
@@ -204,6 +209,7 @@ impl Ec2Provider {
         };
         Ok(Ec2Provider {
             client: Client::new(&sdk),
+            cluster_id: cluster_id.to_string(),
             attestor,
             region,
             tag_key: nodes.tag_key.clone(),
@@ -397,6 +403,7 @@ impl Provider for Ec2Provider {
                     batch: tag(BATCH_TAG)
                         .map(|b| (b.to_string(), inst.ami_launch_index().unwrap_or(0) as u32)),
                     alive: matches!(state, Some(InstanceStateName::Pending | InstanceStateName::Running)),
+                    foreign: tag(CLUSTER_TAG) != Some(self.cluster_id.as_str()),
                 });
             }
         }
