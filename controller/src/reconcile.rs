@@ -75,6 +75,9 @@ pub struct Limits {
     pub heartbeat_timeout_ms: u64,
     /// Drain before terminating on scale down; 0: terminate at once.
     pub drain_ms: u64,
+    /// A terminated instance still running this long after the request is
+    /// asked again.
+    pub reterminate_ms: u64,
 }
 
 /// What the provider says about a node's instance.
@@ -110,6 +113,8 @@ pub struct NodeView {
     pub since_heartbeat_ms: Option<u64>,
     /// Since it started draining (state `Draining`).
     pub since_drain_ms: Option<u64>,
+    /// Since its instance was last asked to terminate (state `Terminating`).
+    pub since_terminate_ms: Option<u64>,
     pub instance: Instance,
 }
 
@@ -164,6 +169,10 @@ pub enum Action {
     MarkBooting { id: String },
     /// A terminating node whose instance is gone: drop it from the registry.
     Forget { id: String },
+    /// A terminating node whose instance still runs [`Limits::reterminate_ms`]
+    /// after it was asked to terminate (the call failed, or was lost):
+    /// ask again.
+    Reterminate { id: String },
 }
 
 /// Computes what to do to move the observed nodes towards `desired`.
@@ -176,6 +185,9 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         if n.state == NodeState::Terminating {
             if n.instance != Instance::Alive {
                 actions.push(Action::Forget { id: n.id.clone() });
+            } else if n.since_terminate_ms.unwrap_or(u64::MAX) >= limits.reterminate_ms {
+                // Terminations always finish: until the instance is gone.
+                actions.push(Action::Reterminate { id: n.id.clone() });
             }
             continue;
         }
@@ -375,7 +387,8 @@ fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { boot_timeout_ms: 60_000, heartbeat_timeout_ms: 15_000, drain_ms: 0 };
+    const LIMITS: Limits =
+        Limits { boot_timeout_ms: 60_000, heartbeat_timeout_ms: 15_000, drain_ms: 0, reterminate_ms: 30_000 };
 
     fn node(id: &str, role: Role, state: NodeState, seq: u64) -> NodeView {
         NodeView {
@@ -390,6 +403,7 @@ mod tests {
             since_launch_ms: 1_000,
             since_heartbeat_ms: Some(1_000),
             since_drain_ms: None,
+            since_terminate_ms: None,
             instance: Instance::Alive,
         }
     }
@@ -560,11 +574,19 @@ mod tests {
     #[test]
     fn terminating_nodes_are_forgotten_once_gone_and_not_counted() {
         let mut t = node("s1", Role::Slave, NodeState::Terminating, 1);
+        t.since_terminate_ms = Some(1_000);
         let nodes = [ready("m", Role::Master, 0), t.clone()];
         // Still alive: wait, but do not count it (the replacement is launched).
         assert_eq!(
             decide(&Desired::slaves(1), &nodes, LIMITS),
             vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 }]
+        );
+        // Still alive long after: asked again (a failed or lost call).
+        let mut late = t.clone();
+        late.since_terminate_ms = Some(LIMITS.reterminate_ms);
+        assert_eq!(
+            decide(&Desired::slaves(0), &[ready("m", Role::Master, 0), late], LIMITS),
+            vec![Action::Reterminate { id: "s1".into() }]
         );
         t.instance = Instance::Gone;
         assert_eq!(

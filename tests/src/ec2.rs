@@ -493,7 +493,8 @@ async fn imds_get(
 // --------------------------------------------------------------------------
 
 /// A fault for requests of one EC2 Action (optionally only those whose form
-/// body has `param=value`).
+/// body has `param=value`; param `*`: any parameter has that value, e.g. an
+/// instance id at any position of a list).
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub action: String,
@@ -502,6 +503,9 @@ pub struct Fault {
     pub status: u16,
     /// How many more times; `None`: always.
     pub times: Option<u32>,
+    /// The error's message (EC2 names the ids it refers to); `None`: a
+    /// generic one.
+    pub message: Option<String>,
 }
 
 /// One call seen: (when, Action, whether a fault was injected, form parameters).
@@ -595,7 +599,9 @@ async fn proxy(
         let hit = st.faults.iter_mut().find(|f| {
             f.action == action
                 && f.times != Some(0)
-                && f.when.as_ref().is_none_or(|(k, v)| params.iter().any(|(pk, pv)| pk == k && pv == v))
+                && f.when
+                    .as_ref()
+                    .is_none_or(|(k, v)| params.iter().any(|(pk, pv)| (k == "*" || pk == k) && pv == v))
         });
         let fault = hit.map(|f| {
             if let Some(t) = f.times.as_mut() {
@@ -609,9 +615,10 @@ async fn proxy(
     if let Some(f) = fault {
         let xml = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{}</Code>\
-             <Message>injected by the test fault proxy</Message></Error></Errors>\
+             <Message>{}</Message></Error></Errors>\
              <RequestID>fault-proxy</RequestID></Response>",
-            f.code
+            f.code,
+            f.message.as_deref().unwrap_or("injected by the test fault proxy")
         );
         return Response::builder()
             .status(f.status)

@@ -289,6 +289,7 @@ count = 2
         code: "InsufficientInstanceCapacity".into(),
         status: 500,
         times: None,
+        message: None,
     });
     let out = w.cluster.ctl(&["scale", "a=3"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -308,6 +309,7 @@ count = 2
         code: "RequestLimitExceeded".into(),
         status: 503,
         times: Some(1),
+        message: None,
     });
     let t0 = Instant::now();
     let out = w.cluster.ctl(&["scale", "b=3"]);
@@ -580,6 +582,7 @@ fn spot_capacity_failures_fall_back_to_on_demand_and_back() {
         code: "InsufficientInstanceCapacity".into(),
         status: 500,
         times: None,
+        message: None,
     });
     let before = w.proxy.requests("RunInstances").len();
     let t0 = Instant::now();
@@ -1025,4 +1028,46 @@ fn two_clusters_with_the_same_tag_key_never_touch_each_other() {
     assert!(alive(&ib), "destroying A touched B");
     let sb = b.wait_until("B still at size", READY, |s| at_size(s, 1));
     assert_eq!(ids(&sb), ib);
+}
+
+/// Issue 14, item 5. Terminations always finish. Scaling 2 slaves down to
+/// 0 terminates both in one call; EC2 answers that call with
+/// `InvalidInstanceID.NotFound` for one of them (not visible yet: eventual
+/// consistency), which fails the whole call, and the retry of the other
+/// fails with a transient 5xx. Both instances end anyway: the unknown id is
+/// dropped from the call, and a node still running after its termination
+/// is terminated again.
+#[test]
+fn terminations_finish_despite_unknown_ids_and_failed_calls() {
+    let mut w = world("num_slaves = 2");
+    let s = w.cluster.wait_until("master + 2 slaves ready", READY, |s| at_size(s, 2));
+    let slaves: Vec<String> = node_ids(&s, "slave").iter().map(|id| World::instance_of(&s, id)).collect();
+    let (a, b) = (slaves[0].clone(), slaves[1].clone());
+    w.proxy.add_fault(Fault {
+        action: "TerminateInstances".into(),
+        when: Some(("*".into(), a.clone())),
+        code: "InvalidInstanceID.NotFound".into(),
+        status: 400,
+        times: Some(1),
+        message: Some(format!("The instance ID '{a}' does not exist")),
+    });
+    w.proxy.add_fault(Fault {
+        action: "TerminateInstances".into(),
+        when: Some(("*".into(), b.clone())),
+        code: "InternalError".into(),
+        status: 500,
+        times: Some(1),
+        message: None,
+    });
+    let out = w.cluster.ctl(&["scale", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gone = |id: &str, v: &[Inst]| {
+        v.iter().find(|i| i.id == id).is_some_and(|i| i.state != "running" && i.state != "pending")
+    };
+    w.wait_moto("both slaves' instances terminated", |v| gone(&a, v) && gone(&b, v));
+    let calls = w.proxy.requests("TerminateInstances");
+    assert!(calls.iter().filter(|(faulted, _)| *faulted).count() == 2, "{calls:?}");
+    let log = w.cluster.serve_log();
+    assert!(log.contains("terminating it again"), "{log}");
+    w.cluster.wait_until("no slave left", READY, |s| node_ids(s, "slave").is_empty());
 }

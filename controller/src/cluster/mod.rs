@@ -337,6 +337,9 @@ impl Cluster {
             boot_timeout_ms: self.cfg.boot_timeout.as_millis() as u64,
             heartbeat_timeout_ms: self.cfg.heartbeat_timeout.as_millis() as u64,
             drain_ms: if self.engine.drains() { self.cfg.drain_timeout.as_millis() as u64 } else { 0 },
+            // Two heartbeat timeouts (30 s by default): EC2 moves a
+            // terminated instance out of "running" within seconds.
+            reterminate_ms: 2 * self.cfg.heartbeat_timeout.as_millis() as u64,
         }
     }
 

@@ -65,6 +65,9 @@ pub struct NodeRecord {
     /// When draining started (state `Draining`).
     #[serde(default)]
     pub drain_started_unix_ms: Option<u64>,
+    /// When its instance was last asked to terminate (state `Terminating`).
+    #[serde(default)]
+    pub terminate_sent_unix_ms: Option<u64>,
     /// Values its agent collected for the engine (public keys...).
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
@@ -490,6 +493,7 @@ impl Registry {
             notice: None,
             superseded: false,
             drain_started_unix_ms: None,
+            terminate_sent_unix_ms: None,
             attributes: BTreeMap::new(),
             engine_problems: BTreeMap::new(),
             phases: vec![("requested".into(), unix_ms())],
@@ -672,6 +676,7 @@ impl Registry {
                 since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),
                 since_heartbeat_ms: e.live.last_seen_ms().map(|t| now_ms.saturating_sub(t)),
                 since_drain_ms: e.rec.drain_started_unix_ms.map(|t| now_unix_ms.saturating_sub(t)),
+                since_terminate_ms: e.rec.terminate_sent_unix_ms.map(|t| now_unix_ms.saturating_sub(t)),
                 instance: match observed.get(&e.rec.id) {
                     Some(true) => Instance::Alive,
                     Some(false) => Instance::Gone,

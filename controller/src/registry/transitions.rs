@@ -486,6 +486,19 @@ impl Registry {
                 self.remove(&id);
                 Effect::Nothing
             }
+            Action::Reterminate { id } => {
+                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
+                e.rec.terminate_sent_unix_ms = Some(unix_ms());
+                let target = Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() };
+                let msg = format!(
+                    "{id}: instance {} still running after it was terminated; terminating it again",
+                    e.rec.instance_id.as_deref().unwrap_or("?")
+                );
+                self.dirty = true;
+                tracing::warn!("{msg}");
+                self.event_once(msg);
+                Effect::Terminate { target, loss: false }
+            }
             Action::Drain { id } => {
                 let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
                 e.rec.state = NodeState::Draining;
@@ -500,6 +513,7 @@ impl Registry {
                 let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
                 let role = e.rec.role;
                 e.rec.state = NodeState::Terminating;
+                e.rec.terminate_sent_unix_ms = Some(unix_ms());
                 e.rec.phase("terminating");
                 e.rec.detail = reason.describe();
                 e.live.revoke();
@@ -560,6 +574,7 @@ impl Registry {
             .map(|e| {
                 e.live.revoke();
                 e.rec.state = NodeState::Terminating;
+                e.rec.terminate_sent_unix_ms = Some(unix_ms());
                 Target { node_id: Some(e.rec.id.clone()), instance_id: e.rec.instance_id.clone() }
             })
             .collect()

@@ -83,3 +83,26 @@ mod tests {
         assert_eq!(classify_error("InvalidParameterValue", "other"), Kind::Other);
     }
 }
+
+/// The instance ids of `sent` that an `InvalidInstanceID.NotFound` message
+/// names ("The instance ID 'i-1' does not exist", "The instance IDs 'i-1,
+/// i-2' do not exist").
+pub fn unknown_instance_ids(message: &str, sent: &[String]) -> Vec<String> {
+    sent.iter().filter(|id| message.contains(id.as_str())).cloned().collect()
+}
+
+#[cfg(test)]
+mod unknown_ids_tests {
+    use super::*;
+
+    #[test]
+    fn the_ids_a_not_found_message_names_are_found() {
+        let sent: Vec<String> = ["i-0aaa", "i-0bbb", "i-0ccc"].map(String::from).to_vec();
+        assert_eq!(unknown_instance_ids("The instance ID 'i-0bbb' does not exist", &sent), ["i-0bbb"]);
+        assert_eq!(
+            unknown_instance_ids("The instance IDs 'i-0aaa, i-0ccc' do not exist", &sent),
+            ["i-0aaa", "i-0ccc"]
+        );
+        assert!(unknown_instance_ids("something else", &sent).is_empty());
+    }
+}

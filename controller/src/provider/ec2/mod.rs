@@ -413,17 +413,36 @@ impl Provider for Ec2Provider {
     async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
         let ids: Vec<String> = targets.iter().filter_map(|t| t.instance_id.clone()).collect();
         for chunk in ids.chunks(1000) {
-            let r = self.client.terminate_instances().set_instance_ids(Some(chunk.to_vec())).send().await;
-            self.count("TerminateInstances", &r);
-            if let Err(e) = r {
+            let mut left = chunk.to_vec();
+            // EC2 fails the whole call when one id is unknown (gone long
+            // ago, or not visible yet): drop the ids it names and send the
+            // rest again; the unknown ones are retried by the reconcile
+            // loop if they turn out to run.
+            while !left.is_empty() {
+                let r = self.client.terminate_instances().set_instance_ids(Some(left.clone())).send().await;
+                self.count("TerminateInstances", &r);
+                let Err(e) = r else { break };
                 let (code, msg) = describe(&e);
-                if code == "InvalidInstanceID.NotFound" {
-                    continue; // already gone
+                if code != "InvalidInstanceID.NotFound" {
+                    return Err(match classify(&code) {
+                        Kind::Throttled => self.throttled(&format!("TerminateInstances: {code}: {msg}")),
+                        _ => ProviderError::Other(format!("TerminateInstances: {code}: {msg}")),
+                    });
                 }
-                return Err(match classify(&code) {
-                    Kind::Throttled => self.throttled(&format!("TerminateInstances: {code}: {msg}")),
-                    _ => ProviderError::Other(format!("TerminateInstances: {code}: {msg}")),
-                });
+                let unknown = errors::unknown_instance_ids(&msg, &left);
+                if unknown.is_empty() {
+                    // Not named: end them one by one.
+                    for id in std::mem::take(&mut left) {
+                        let r = self.client.terminate_instances().instance_ids(&id).send().await;
+                        self.count("TerminateInstances", &r);
+                    }
+                    break;
+                }
+                tracing::warn!(
+                    ?unknown,
+                    "TerminateInstances: unknown to EC2 (gone, or not visible yet); terminating the rest"
+                );
+                left.retain(|id| !unknown.contains(id));
             }
         }
         Ok(())
