@@ -167,6 +167,16 @@ fn spot_cluster_launch_replace_interrupt_scale_down_destroy() {
         assert!(live_insts.iter().any(|i| i.id == iid), "{n}");
     }
     assert_eq!(w.proxy.count("RunInstances"), 2, "{:?}", w.proxy.counts());
+    // Issue 14, items 8 and 9: no max_bid, no MaxPrice (spot capped at the
+    // on-demand price); instances, volumes and spot requests tagged.
+    for (_, p) in w.proxy.requests("RunInstances") {
+        assert!(!p.contains_key("InstanceMarketOptions.SpotOptions.MaxPrice"), "{p:?}");
+        let kinds: Vec<&str> =
+            p.iter().filter(|(k, _)| k.ends_with(".ResourceType")).map(|(_, v)| v.as_str()).collect();
+        for kind in ["instance", "volume", "spot-instances-request"] {
+            assert!(kinds.contains(&kind), "{kind} not tagged: {kinds:?}");
+        }
+    }
     // Every EC2 node ran the scratch step first; these "instances" have no
     // instance store, so scratch is on the root volume, and the step says so.
     for n in nodes(&s) {

@@ -282,7 +282,7 @@ impl Default for Config {
             ec2: Ec2Config {
                 region: None,
                 ami: "ubuntu:24.04".into(),
-                max_bid: "0.10".into(),
+                max_bid: String::new(),
                 key_name: String::new(),
                 security_groups: vec![],
                 aws_keys_in_file: false,
@@ -614,6 +614,12 @@ mod tests {
         let text = ORIGINAL.replace("\"NUM_SLAVES\": 3", "\"NUM_SLAVES\": \"3\"");
         let e = json(&text).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("NUM_SLAVES"), "{e}");
+    }
+
+    #[test]
+    fn max_bid_may_be_empty() {
+        assert_eq!(toml("max_bid = \"\"").unwrap().ec2.max_bid, "");
+        assert_eq!(toml("").unwrap().ec2.max_bid, "", "the default sends no MaxPrice");
     }
 
     #[test]

@@ -39,8 +39,9 @@ post_init = ""
 # resolved per region and architecture to Canonical's newest server image,
 # or an image id (ami-...).
 ami = "ubuntu:24.04"
-# Spot max price per instance-hour, USD.
-max_bid = "0.10"
+# Spot max price per instance-hour, USD. Empty: none sent, so spot is
+# capped at the on-demand price (AWS's recommendation).
+max_bid = ""
 instance_type = "c5.xlarge"
 # Empty: instance_type.
 master_instance_type = ""

@@ -76,12 +76,18 @@ impl Config {
             Some(StringOrNumber::S(s)) => s,
             Some(StringOrNumber::N(n)) => n.to_string(),
         };
+        // Empty: no maximum price is sent, so spot is capped at the
+        // on-demand price (AWS's recommendation).
         match max_bid.trim().parse::<f64>() {
+            _ if max_bid.trim().is_empty() => {}
             Ok(p) if p.is_finite() && p > 0.0 => {}
             _ => {
                 return Err(err(
                     "max_bid",
-                    format!("{max_bid:?} is not a price: give USD per instance-hour, e.g. \"0.10\""),
+                    format!(
+                        "{max_bid:?} is not a price: give USD per instance-hour, e.g. \"0.10\", or leave it \
+                         empty (spot capped at the on-demand price)"
+                    ),
                 ));
             }
         }

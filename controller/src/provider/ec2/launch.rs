@@ -59,7 +59,8 @@ impl Ec2Provider {
             .market_type(MarketType::Spot)
             .spot_options(
                 SpotMarketOptions::builder()
-                    .max_price(&self.max_bid)
+                    // No MaxPrice unless max_bid is set: capped at on-demand.
+                    .set_max_price((!self.max_bid.is_empty()).then(|| self.max_bid.clone()))
                     .spot_instance_type(SpotInstanceType::OneTime)
                     .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
                     .build(),
@@ -75,7 +76,15 @@ impl Ec2Provider {
             .client_token(format!("{}-{attempt}", batch.batch_id))
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
             .set_instance_market_options(spot.then_some(market))
-            .tag_specifications(spec(ResourceType::Instance))
+            // Instances, their volumes and (spot) their requests carry the
+            // cluster's tags: destroy finds and cancels everything.
+            .set_tag_specifications(Some(
+                [ResourceType::Instance, ResourceType::Volume]
+                    .into_iter()
+                    .chain(spot.then_some(ResourceType::SpotInstancesRequest))
+                    .map(spec)
+                    .collect(),
+            ))
             .metadata_options(metadata_options())
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
