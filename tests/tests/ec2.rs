@@ -1081,3 +1081,35 @@ fn terminations_finish_despite_unknown_ids_and_failed_calls() {
     assert!(log.contains("terminating it again"), "{log}");
     w.cluster.wait_until("no slave left", READY, |s| node_ids(s, "slave").is_empty());
 }
+
+/// Issue 14, item 4 (in part). An error of no known class (here
+/// `InvalidParameterCombination`, what EC2 says to security-group names
+/// with subnets) backs launches off exponentially instead of being retried
+/// at every reconcile tick; status says why.
+#[test]
+fn an_unclassified_launch_error_backs_off() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    proxy.add_fault(Fault {
+        action: "RunInstances".into(),
+        when: None,
+        code: "InvalidParameterCombination".into(),
+        status: 400,
+        times: None,
+        message: Some("The parameter groupName cannot be used with the parameter subnet".into()),
+    });
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    let c = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, "num_slaves = 1"), aws_env());
+    // 20 reconcile ticks (each lists instances once).
+    let end = Instant::now() + Duration::from_secs(60);
+    while proxy.count("DescribeInstances") < 20 {
+        assert!(Instant::now() < end, "no reconcile ticks:\n{}", c.serve_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let runs = proxy.count("RunInstances");
+    assert!((1..=6).contains(&runs), "{runs} RunInstances calls in 20 ticks: no back-off");
+    let s = c.status().unwrap();
+    assert!(s.to_string().contains("InvalidParameterCombination"), "{s:#}");
+}

@@ -178,7 +178,7 @@ impl Ec2Provider {
                         return Err(self.block(key, format!("{itype}: {code}: {msg}")));
                     }
                     Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
-                    Kind::Other => return Err(ProviderError::Other(format!("RunInstances: {code}: {msg}"))),
+                    Kind::Other => return Err(self.unclassified(&format!("RunInstances: {code}: {msg}"))),
                 },
             }
         }

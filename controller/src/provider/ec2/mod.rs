@@ -281,13 +281,27 @@ impl Ec2Provider {
     }
 
     fn throttled(&self, msg: &str) -> ProviderError {
+        let wait = self.back_off();
+        ProviderError::Throttled(format!("{msg}; backing off {:.1}s", wait.as_secs_f64()))
+    }
+
+    /// An error of no known class: launches back off too (exponentially,
+    /// like throttling), so that it is not retried at every tick.
+    fn unclassified(&self, msg: &str) -> ProviderError {
+        let wait = self.back_off();
+        ProviderError::Other(format!("{msg}; launches back off {:.1}s", wait.as_secs_f64()))
+    }
+
+    /// Holds launches back: 2 s, 4 s, ... 64 s (with jitter) after each
+    /// failure in a row; `ok_call` resets it.
+    fn back_off(&self) -> Duration {
         let mut st = self.state.lock().expect("lock");
         st.backoff_attempt = (st.backoff_attempt + 1).min(6);
         let ceiling = Duration::from_secs(1u64 << st.backoff_attempt); // 2 s .. 64 s
         let wait =
             ceiling / 2 + Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64 / 2));
         st.backoff_until = Some(Instant::now() + wait);
-        ProviderError::Throttled(format!("{msg}; backing off {:.1}s", wait.as_secs_f64()))
+        wait
     }
 
     fn block(&self, key: &str, msg: String) -> ProviderError {
