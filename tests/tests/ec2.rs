@@ -1113,3 +1113,60 @@ fn an_unclassified_launch_error_backs_off() {
     let s = c.status().unwrap();
     assert!(s.to_string().contains("InvalidParameterCombination"), "{s:#}");
 }
+
+/// Issue 14, item 10 (in part). `UnauthorizedOperation` names the call and
+/// the permission it needs (with an instance profile, `iam:PassRole`), as a
+/// `permissions` problem, not "provide credentials": at preflight (serve
+/// stops, exit 2) and at launch (launches blocked, status says why).
+#[test]
+fn a_missing_permission_is_named_with_its_action() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    let denied = |action: &str| Fault {
+        action: action.into(),
+        when: None,
+        code: "UnauthorizedOperation".into(),
+        status: 403,
+        times: None,
+        message: Some(
+            "You are not authorized to perform this operation. Encoded authorization failure message: xyz"
+                .into(),
+        ),
+    };
+    // Preflight: DescribeImages denied.
+    proxy.add_fault(denied("DescribeImages"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("denied.toml");
+    std::fs::write(&path, format!("{}\n{PORTS}\n", config(&proxy.url, &tag, &sg, ""))).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `permissions`") && err.contains("ec2:DescribeImages"), "{err}");
+    assert!(!err.contains("provide AWS credentials"), "{err}");
+    proxy.clear_faults();
+
+    // Launch: RunInstances denied with an instance profile attached.
+    proxy.add_fault(denied("RunInstances"));
+    let mut c = Cluster::start_with_env(
+        &config(&proxy.url, &tag, &sg, "num_slaves = 1\niam_instance_profile = \"ddisco-nodes\""),
+        aws_env(),
+    );
+    let s = c.wait_until("launches blocked on a permission", READY, |s| {
+        s["provider_notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("`permissions`"))
+    });
+    let notes = s["provider_notes"].to_string();
+    assert!(
+        notes.contains("ec2:RunInstances")
+            && notes.contains("iam:PassRole")
+            && notes.contains("ddisco-nodes"),
+        "{notes}"
+    );
+}

@@ -40,7 +40,8 @@ pub(super) fn classify(code: &str) -> Kind {
         c if c.starts_with("InvalidGroup") => Kind::Config("security_groups"),
         c if c.starts_with("InvalidSubnet") => Kind::Config("subnet_ids"),
         c if c.starts_with("InvalidInstanceType") => Kind::Config("instance_type"),
-        "AuthFailure" | "UnauthorizedOperation" | "OptInRequired" | "Blocked" => Kind::Config("credentials"),
+        "UnauthorizedOperation" => Kind::Config("permissions"),
+        "AuthFailure" | "OptInRequired" | "Blocked" => Kind::Config("credentials"),
         _ => Kind::Other,
     }
 }
@@ -73,6 +74,12 @@ mod tests {
         assert_eq!(classify("InvalidGroup.NotFound"), Kind::Config("security_groups"));
         assert_eq!(classify("InvalidInstanceType"), Kind::Config("instance_type"));
         assert_eq!(classify("AuthFailure"), Kind::Config("credentials"));
+        assert_eq!(classify("UnauthorizedOperation"), Kind::Config("permissions"));
+        let m = missing_permission("RunInstances", Some("ddisco-nodes"));
+        assert!(
+            m.contains("ec2:RunInstances") && m.contains("iam:PassRole") && m.contains("ddisco-nodes"),
+            "{m}"
+        );
         assert_eq!(classify("InternalError"), Kind::Other);
         let bad_profile =
             "Value (x) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name";
@@ -82,6 +89,24 @@ mod tests {
         );
         assert_eq!(classify_error("InvalidParameterValue", "other"), Kind::Other);
     }
+}
+
+/// What an `UnauthorizedOperation` on `action` means: which permissions the
+/// AWS identity needs for it (with an instance profile, `iam:PassRole` on its
+/// role), and how to read AWS's encoded reason.
+pub fn missing_permission(action: &str, instance_profile: Option<&str>) -> String {
+    let mut needs = vec![format!("ec2:{action}")];
+    if action == "RunInstances" {
+        needs.push("ec2:CreateTags (tags at launch)".into());
+        if let Some(p) = instance_profile {
+            needs.push(format!("iam:PassRole on the role of instance profile {p} (iam_instance_profile)"));
+        }
+    }
+    format!(
+        "the AWS identity the controller runs as is not allowed to call {action}: it needs {}. AWS's encoded \
+         reason (in the message) is readable with `aws sts decode-authorization-message --encoded-message ...`",
+        needs.join(", ")
+    )
 }
 
 /// The instance ids of `sent` that an `InvalidInstanceID.NotFound` message

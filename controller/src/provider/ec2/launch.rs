@@ -177,6 +177,11 @@ impl Ec2Provider {
                             if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
                         return Err(self.block(key, format!("{itype}: {code}: {msg}")));
                     }
+                    Kind::Config("permissions") => {
+                        let why =
+                            super::errors::missing_permission("RunInstances", self.iam_profile.as_deref());
+                        return Err(self.block("permissions", format!("{code}: {why} ({msg})")));
+                    }
                     Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
                     Kind::Other => return Err(self.unclassified(&format!("RunInstances: {code}: {msg}"))),
                 },

@@ -115,6 +115,10 @@ impl Ec2Provider {
         r.map_err(|e| {
             let (code, msg) = describe(&e);
             match classify(&code) {
+                Kind::Config("permissions") => ProviderError::Config {
+                    key: "permissions".into(),
+                    message: format!("{code}: {} ({msg})", super::errors::missing_permission(action, None)),
+                },
                 Kind::Config("credentials") => ProviderError::Config {
                     key: "credentials".into(),
                     message: format!(
