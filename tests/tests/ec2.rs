@@ -1170,3 +1170,41 @@ fn a_missing_permission_is_named_with_its_action() {
         "{notes}"
     );
 }
+
+/// Issue 14, item 4 (in part). EC2 answers capacity errors with HTTP 500,
+/// which the AWS SDK retries `ec2_max_attempts` times; a launch must not
+/// repeat a (type, zone) that just said it has no capacity: one call per
+/// candidate, then it cools down.
+#[test]
+fn a_capacity_error_is_not_retried_by_the_sdk() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    proxy.add_fault(Fault {
+        action: "RunInstances".into(),
+        when: None,
+        code: "InsufficientInstanceCapacity".into(),
+        status: 500,
+        times: None,
+        message: Some(
+            "We currently do not have sufficient c5.large capacity in the Availability Zone you requested"
+                .into(),
+        ),
+    });
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    let c = Cluster::start_with_env(
+        &config(&proxy.url, &tag, &sg, "num_slaves = 1\nec2_max_attempts = 3"),
+        aws_env(),
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    while proxy.count("DescribeInstances") < 10 {
+        assert!(Instant::now() < end, "no reconcile ticks:\n{}", c.serve_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // c5.large spot was tried once; then it cools down for
+    // capacity_cooldown_secs (the slave's launch skips it too). With the
+    // SDK's retries: 3 calls.
+    let runs = proxy.count("RunInstances");
+    assert_eq!(runs, 1, "{runs} RunInstances calls");
+}

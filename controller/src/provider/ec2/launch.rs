@@ -101,7 +101,12 @@ impl Ec2Provider {
         if !self.group_names.is_empty() {
             req = req.set_security_groups(Some(self.group_names.clone()));
         }
-        let r = req.send().await;
+        // EC2 answers capacity errors with HTTP 500, which the SDK would
+        // retry ec2_max_attempts times against the same (type, zone): the
+        // candidate loop and the back-off decide instead.
+        let once = aws_sdk_ec2::config::Builder::default()
+            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled());
+        let r = req.customize().config_override(once).send().await;
         self.count("RunInstances", &r);
         r.map_err(|e| describe(&e))
     }
