@@ -40,24 +40,8 @@ fn bad_configs_name_the_file_and_key_and_launch_nothing() {
     assert!(!d.path().join(".ddisco").exists(), "a bad config created state");
 }
 
-const ORIGINAL: &str = r#"{
-    "BASE_PACKAGES": ["python-pip", "python-dev", "lighttpd"],
-    "ADDITIONAL_PACKAGES": ["git", "pigz"],
-    "PIP_REQUIREMENTS": ["iso8601"],
-    "AWS_ACCESS": "AKIAEXAMPLE",
-    "AWS_SECRET": "not-a-real-secret",
-    "AMI": "ami-6d3f9704",
-    "MAX_BID": "0.10",
-    "INSTANCE_TYPE": "c1.xlarge",
-    "KEY_NAME": "",
-    "SECURITY_GROUPS": ["disco"],
-    "MGMT_KEY": "ssh-rsa AAAA me@host",
-    "TAG_KEY": "disposabledisco",
-    "NUM_SLAVES": 2,
-    "MASTER_MULTIPLIER": 1,
-    "SLAVE_MULTIPLIER": 1,
-    "POST_INIT": ""
-}"#;
+/// The original disposabledisco config.json (tests/fixtures).
+const ORIGINAL: &str = include_str!("../fixtures/original-config.json");
 
 #[test]
 fn original_config_json_is_accepted_with_notes() {

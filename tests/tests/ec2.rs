@@ -53,6 +53,35 @@ identity_certificate = "{cert}"
     format!("{kept}{extra}\n")
 }
 
+/// What every EC2 test stands on: a runtime, a fresh tag, a fault proxy in
+/// front of moto, a client of moto and its default security group.
+struct Ground {
+    rt: tokio::runtime::Runtime,
+    tag: String,
+    proxy: FaultProxy,
+    client: aws_sdk_ec2::Client,
+    sg: String,
+}
+
+fn ground() -> Ground {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tag = format!("ddt-{:08x}", rand_u32());
+    let proxy = FaultProxy::start(&rt);
+    let client = rt.block_on(client(moto()));
+    let sg = rt.block_on(default_sg(&client));
+    Ground { rt, tag, proxy, client, sg }
+}
+
+/// Waits until the proxy has seen `n` DescribeInstances calls in all (each
+/// reconcile tick lists instances once).
+fn wait_listings(proxy: &FaultProxy, n: u32, c: &Cluster) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while proxy.count("DescribeInstances") < n {
+        assert!(Instant::now() < end, "no reconcile ticks:\n{}", c.serve_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn world(extra: &str) -> World {
     world_holding(extra, |_, _| false)
 }
@@ -60,11 +89,7 @@ fn world(extra: &str) -> World {
 /// A world whose hypervisor does not boot the instances `hold(tag, i)`
 /// picks until the test calls `hv.release()`.
 fn world_holding(extra: &str, hold: impl Fn(&str, &Inst) -> bool + Send + 'static) -> World {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tag = format!("ddt-{:08x}", rand_u32());
-    let proxy = FaultProxy::start(&rt);
-    let client = rt.block_on(client(moto()));
-    let sg = rt.block_on(default_sg(&client));
+    let Ground { rt, tag, proxy, client, sg } = ground();
     let t = tag.clone();
     let hv = Hypervisor::start_holding(&rt, &tag, move |i| hold(&t, i));
     // Scratch goes to the hypervisor's folder, not the host's /mnt.
@@ -923,24 +948,7 @@ fn the_original_config_json_launches_on_ec2() {
     )
     .expect("create the security group");
     let imds = controller_imds(&rt, "127.0.0.1");
-    let original = r#"{
-    "BASE_PACKAGES": ["python-pip", "python-dev", "lighttpd"],
-    "ADDITIONAL_PACKAGES": ["git", "pigz"],
-    "PIP_REQUIREMENTS": ["iso8601"],
-    "AWS_ACCESS": "AKIAEXAMPLE",
-    "AWS_SECRET": "not-a-real-secret",
-    "AMI": "ami-6d3f9704",
-    "MAX_BID": "0.10",
-    "INSTANCE_TYPE": "c1.xlarge",
-    "KEY_NAME": "",
-    "SECURITY_GROUPS": ["disco"],
-    "MGMT_KEY": "ssh-rsa AAAA me@host",
-    "TAG_KEY": "disposabledisco",
-    "NUM_SLAVES": 2,
-    "MASTER_MULTIPLIER": 1,
-    "SLAVE_MULTIPLIER": 1,
-    "POST_INIT": ""
-}"#;
+    let original = include_str!("../fixtures/original-config.json");
     let mut env: Vec<(String, String)> =
         aws_env().into_iter().filter(|(k, _)| k != "AWS_EC2_METADATA_DISABLED").collect();
     env.push(("AWS_ENDPOINT_URL".into(), moto.clone()));
@@ -977,11 +985,7 @@ fn the_original_config_json_launches_on_ec2() {
 /// state directory is gone, and only it.
 #[test]
 fn two_clusters_with_the_same_tag_key_never_touch_each_other() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tag = format!("ddt-{:08x}", rand_u32());
-    let proxy = FaultProxy::start(&rt);
-    let client = rt.block_on(client(moto()));
-    let sg = rt.block_on(default_sg(&client));
+    let Ground { rt, tag, proxy, client, sg } = ground();
     let hv = Hypervisor::start(&rt, &tag);
     let extra = format!("num_slaves = 1\nscratch_path = \"{}\"\n", hv.dir.path().join("scratch").display());
     let mut a = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
@@ -1088,9 +1092,7 @@ fn terminations_finish_despite_unknown_ids_and_failed_calls() {
 /// at every reconcile tick; status says why.
 #[test]
 fn an_unclassified_launch_error_backs_off() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tag = format!("ddt-{:08x}", rand_u32());
-    let proxy = FaultProxy::start(&rt);
+    let Ground { rt: _rt, tag, proxy, sg, .. } = ground(); // the runtime serves the proxy
     proxy.add_fault(Fault {
         action: "RunInstances".into(),
         when: None,
@@ -1099,15 +1101,8 @@ fn an_unclassified_launch_error_backs_off() {
         times: None,
         message: Some("The parameter groupName cannot be used with the parameter subnet".into()),
     });
-    let client = rt.block_on(client(moto()));
-    let sg = rt.block_on(default_sg(&client));
     let c = Cluster::start_with_env(&config(&proxy.url, &tag, &sg, "num_slaves = 1"), aws_env());
-    // 20 reconcile ticks (each lists instances once).
-    let end = Instant::now() + Duration::from_secs(60);
-    while proxy.count("DescribeInstances") < 20 {
-        assert!(Instant::now() < end, "no reconcile ticks:\n{}", c.serve_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_listings(&proxy, 20, &c); // 20 reconcile ticks
     let runs = proxy.count("RunInstances");
     assert!((1..=6).contains(&runs), "{runs} RunInstances calls in 20 ticks: no back-off");
     let s = c.status().unwrap();
@@ -1120,11 +1115,7 @@ fn an_unclassified_launch_error_backs_off() {
 /// stops, exit 2) and at launch (launches blocked, status says why).
 #[test]
 fn a_missing_permission_is_named_with_its_action() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tag = format!("ddt-{:08x}", rand_u32());
-    let proxy = FaultProxy::start(&rt);
-    let client = rt.block_on(client(moto()));
-    let sg = rt.block_on(default_sg(&client));
+    let Ground { rt: _rt, tag, proxy, sg, .. } = ground(); // the runtime serves the proxy
     let denied = |action: &str| Fault {
         action: action.into(),
         when: None,
@@ -1177,9 +1168,7 @@ fn a_missing_permission_is_named_with_its_action() {
 /// candidate, then it cools down.
 #[test]
 fn a_capacity_error_is_not_retried_by_the_sdk() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let tag = format!("ddt-{:08x}", rand_u32());
-    let proxy = FaultProxy::start(&rt);
+    let Ground { rt: _rt, tag, proxy, sg, .. } = ground(); // the runtime serves the proxy
     proxy.add_fault(Fault {
         action: "RunInstances".into(),
         when: None,
@@ -1191,17 +1180,11 @@ fn a_capacity_error_is_not_retried_by_the_sdk() {
                 .into(),
         ),
     });
-    let client = rt.block_on(client(moto()));
-    let sg = rt.block_on(default_sg(&client));
     let c = Cluster::start_with_env(
         &config(&proxy.url, &tag, &sg, "num_slaves = 1\nec2_max_attempts = 3"),
         aws_env(),
     );
-    let end = Instant::now() + Duration::from_secs(60);
-    while proxy.count("DescribeInstances") < 10 {
-        assert!(Instant::now() < end, "no reconcile ticks:\n{}", c.serve_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_listings(&proxy, 10, &c);
     // c5.large spot was tried once; then it cools down for
     // capacity_cooldown_secs (the slave's launch skips it too). With the
     // SDK's retries: 3 calls.
