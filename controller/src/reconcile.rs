@@ -78,6 +78,11 @@ pub struct Limits {
     /// A terminated instance still running this long after the request is
     /// asked again.
     pub reterminate_ms: u64,
+    /// A node whose instance has never been listed is not taken for gone
+    /// before this long after its launch (listings are eventually
+    /// consistent: a new instance can run, and its agent enroll, before
+    /// DescribeInstances shows it).
+    pub listing_grace_ms: u64,
 }
 
 /// What the provider says about a node's instance.
@@ -116,6 +121,8 @@ pub struct NodeView {
     /// Since its instance was last asked to terminate (state `Terminating`).
     pub since_terminate_ms: Option<u64>,
     pub instance: Instance,
+    /// Its instance has been in a listing at least once.
+    pub listed_before: bool,
 }
 
 /// Why a node is terminated.
@@ -349,8 +356,12 @@ pub fn idle(loads: &[(Option<u32>, u32)]) -> bool {
 fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
     match n.instance {
         Instance::Gone => return Some(Reason::InstanceGone),
-        // Too new to be listed is fine while booting; otherwise it vanished.
-        Instance::NotListed if n.state != NodeState::Requested => {
+        // Too new to be listed is fine while booting, and for a while
+        // after the launch; otherwise it vanished.
+        Instance::NotListed
+            if n.state != NodeState::Requested
+                && (n.listed_before || n.since_launch_ms > limits.listing_grace_ms) =>
+        {
             return Some(Reason::InstanceGone);
         }
         _ => {}
@@ -387,8 +398,13 @@ fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits =
-        Limits { boot_timeout_ms: 60_000, heartbeat_timeout_ms: 15_000, drain_ms: 0, reterminate_ms: 30_000 };
+    const LIMITS: Limits = Limits {
+        boot_timeout_ms: 60_000,
+        heartbeat_timeout_ms: 15_000,
+        drain_ms: 0,
+        reterminate_ms: 30_000,
+        listing_grace_ms: 120_000,
+    };
 
     fn node(id: &str, role: Role, state: NodeState, seq: u64) -> NodeView {
         NodeView {
@@ -405,6 +421,7 @@ mod tests {
             since_drain_ms: None,
             since_terminate_ms: None,
             instance: Instance::Alive,
+            listed_before: true,
         }
     }
 
@@ -560,6 +577,25 @@ mod tests {
         assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s.clone()], LIMITS).is_empty());
         // ...but a booted node missing from the listing has vanished.
         s.state = NodeState::Booting;
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
+        assert_eq!(terminated(&a), vec![("s1", &Reason::InstanceGone)]);
+    }
+
+    #[test]
+    fn an_enrolled_node_never_listed_yet_is_given_the_listing_grace() {
+        // Listings lag: the agent enrolled before its instance was listed.
+        let mut s = ready("s1", Role::Slave, 1);
+        s.instance = Instance::NotListed;
+        s.listed_before = false;
+        s.since_launch_ms = 5_000;
+        assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s.clone()], LIMITS).is_empty());
+        // Listed once, then missing: gone.
+        let mut seen = s.clone();
+        seen.listed_before = true;
+        let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), seen], LIMITS);
+        assert_eq!(terminated(&a), vec![("s1", &Reason::InstanceGone)]);
+        // Never listed long after its launch: gone.
+        s.since_launch_ms = LIMITS.listing_grace_ms + 1;
         let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(terminated(&a), vec![("s1", &Reason::InstanceGone)]);
     }

@@ -18,7 +18,7 @@
 //!   for chosen Actions, because moto never produces them.
 
 use aws_sdk_ec2::Client;
-use aws_sdk_ec2::types::Filter;
+use aws_sdk_ec2::types::{Filter, InstanceType};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -511,10 +511,58 @@ pub struct Fault {
 /// One call seen: (when, Action, whether a fault was injected, form parameters).
 type Call = (Instant, String, bool, Vec<(String, String)>);
 
+/// How the EC2 behind the proxy behaves where moto does not behave like EC2
+/// (set per test with [`FaultProxy::set_model`]). **Test double:** these are
+/// EC2's documented behaviours, which no emulator here has.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Capacity left per instance type (any zone, any market). A
+    /// RunInstances asking more than is left launches what is left (EC2
+    /// launches the largest number from MinCount to MaxCount it can), or
+    /// fails with `InsufficientInstanceCapacity` (HTTP 500, as EC2 answers
+    /// it) if even MinCount does not fit. Types not listed: unlimited.
+    pub capacity: HashMap<String, u32>,
+    /// The account's vCPU quota for running instances (counted over the
+    /// instances launched through this proxy): like capacity, what fits is
+    /// launched; if not even MinCount fits, `VcpuLimitExceeded` with EC2's
+    /// message, which names the limit.
+    pub vcpu_quota: Option<u32>,
+    /// `Unsupported` for a type in a subnet whose zone does not offer it
+    /// (moto's own offerings data, e.g. c5.large is not in us-east-1e):
+    /// moto launches anything anywhere, EC2 refuses. On by default.
+    pub unsupported: bool,
+    /// Instances stay out of DescribeInstances answers for this long after
+    /// their launch (EC2's eventual consistency).
+    pub listing_lag: Duration,
+    /// RunInstances answers after this long (a launch that walks slow
+    /// candidates).
+    pub run_latency: Duration,
+    /// RunInstances naming an instance profile fails with "Invalid IAM
+    /// Instance Profile" until this moment (a profile created moments ago:
+    /// IAM is eventually consistent).
+    pub profile_valid_at: Option<Instant>,
+}
+
+impl Default for Model {
+    fn default() -> Model {
+        Model {
+            capacity: HashMap::new(),
+            vcpu_quota: None,
+            unsupported: true,
+            listing_lag: Duration::ZERO,
+            run_latency: Duration::ZERO,
+            profile_valid_at: None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct ProxyState {
     calls: Vec<Call>,
     faults: Vec<Fault>,
+    model: Model,
+    /// Instances launched through the proxy: id -> (when, type).
+    launched: HashMap<String, (Instant, String)>,
 }
 
 /// Counts EC2 calls per Action and injects faults, in front of moto.
@@ -534,7 +582,8 @@ impl FaultProxy {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let client: HttpClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let app = axum::Router::new().fallback(any(proxy)).with_state((state.clone(), client));
+        let shared = Shared { state: state.clone(), client, run_lock: Arc::default() };
+        let app = axum::Router::new().fallback(any(proxy)).with_state(shared);
         let task = rt.spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -547,6 +596,16 @@ impl FaultProxy {
 
     pub fn clear_faults(&self) {
         self.state.lock().unwrap().faults.clear();
+    }
+
+    /// Sets how EC2 behaves from now on (see [`Model`]).
+    pub fn set_model(&self, m: Model) {
+        self.state.lock().unwrap().model = m;
+    }
+
+    /// Changes the model in place (e.g. raises the quota).
+    pub fn with_model(&self, f: impl FnOnce(&mut Model)) {
+        f(&mut self.state.lock().unwrap().model);
     }
 
     /// Calls per Action so far.
@@ -585,17 +644,39 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn proxy(
-    State((state, client)): State<(Arc<Mutex<ProxyState>>, HttpClient)>,
-    req: Request<Body>,
-) -> Response {
+#[derive(Clone)]
+struct Shared {
+    state: Arc<Mutex<ProxyState>>,
+    client: HttpClient,
+    /// RunInstances calls are answered one at a time (capacity and quota
+    /// are checked and taken together).
+    run_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// An EC2 error answer.
+struct Refusal {
+    code: String,
+    status: u16,
+    message: String,
+}
+
+fn error_response(code: &str, status: u16, message: &str) -> Response {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>{message}</Message></Error></Errors>\
+         <RequestID>fault-proxy</RequestID></Response>"
+    );
+    Response::builder().status(status).header("content-type", "text/xml").body(Body::from(xml)).unwrap()
+}
+
+async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let params: Vec<(String, String)> =
         form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
     let action = params.iter().find(|(k, _)| k == "Action").map(|(_, v)| v.clone()).unwrap_or_default();
     let fault = {
-        let mut st = state.lock().unwrap();
+        let mut st = sh.state.lock().unwrap();
         let hit = st.faults.iter_mut().find(|f| {
             f.action == action
                 && f.times != Some(0)
@@ -603,41 +684,271 @@ async fn proxy(
                     .as_ref()
                     .is_none_or(|(k, v)| params.iter().any(|(pk, pv)| (k == "*" || pk == k) && pv == v))
         });
-        let fault = hit.map(|f| {
+        hit.map(|f| {
             if let Some(t) = f.times.as_mut() {
                 *t -= 1;
             }
             f.clone()
-        });
-        st.calls.push((Instant::now(), action.clone(), fault.is_some(), params.clone()));
-        fault
+        })
+    };
+    let record = |faulted: bool| {
+        sh.state.lock().unwrap().calls.push((Instant::now(), action.clone(), faulted, params.clone()));
     };
     if let Some(f) = fault {
-        let xml = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{}</Code>\
-             <Message>{}</Message></Error></Errors>\
-             <RequestID>fault-proxy</RequestID></Response>",
-            f.code,
-            f.message.as_deref().unwrap_or("injected by the test fault proxy")
-        );
-        return Response::builder()
-            .status(f.status)
-            .header("content-type", "text/xml")
-            .body(Body::from(xml))
-            .unwrap();
+        record(true);
+        let msg = f.message.as_deref().unwrap_or("injected by the test fault proxy");
+        return error_response(&f.code, f.status, msg);
     }
+    let model = sh.state.lock().unwrap().model.clone();
+    // Held until the launch is recorded: capacity and quota are taken once.
+    let _run = if action == "RunInstances" { Some(sh.run_lock.lock().await) } else { None };
+    if action == "RunInstances" {
+        tokio::time::sleep(model.run_latency).await;
+        match run_instances_model(&sh.state, &model, &params).await {
+            Err(r) => {
+                record(true);
+                return error_response(&r.code, r.status, &r.message);
+            }
+            Ok(Some(changed)) => {
+                let mut ser = form_urlencoded::Serializer::new(String::new());
+                ser.extend_pairs(changed.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                body = Bytes::from(ser.finish());
+            }
+            Ok(None) => {}
+        }
+    }
+    record(false);
     let uri = format!("{}{}", moto(), parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut fwd = hyper::Request::builder().method(parts.method.clone()).uri(uri);
     for (k, v) in parts.headers.iter() {
-        if k != "host" {
+        if k != "host" && k != "content-length" {
             fwd = fwd.header(k, v);
         }
     }
-    let resp = match client.request(fwd.body(Full::new(body)).unwrap()).await {
+    let resp = match sh.client.request(fwd.body(Full::new(body)).unwrap()).await {
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Response::from_parts(parts, Body::from(bytes))
+    let ok = parts.status.is_success();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let out = if ok && action == "RunInstances" {
+        let itype =
+            params.iter().find(|(k, _)| k == "InstanceType").map(|(_, v)| v.clone()).unwrap_or_default();
+        let ids = xml_values(&text, "instanceId");
+        let mut st = sh.state.lock().unwrap();
+        if let Some(left) = st.model.capacity.get_mut(&itype) {
+            *left = left.saturating_sub(ids.len() as u32);
+        }
+        for id in ids {
+            st.launched.insert(id, (Instant::now(), itype.clone()));
+        }
+        bytes
+    } else if ok && action == "DescribeInstances" && !model.listing_lag.is_zero() {
+        let hidden: Vec<String> = {
+            let st = sh.state.lock().unwrap();
+            st.launched
+                .iter()
+                .filter(|(_, (t, _))| t.elapsed() < model.listing_lag)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        parts.headers.remove("content-length");
+        Bytes::from(drop_reservations(&text, &hidden))
+    } else {
+        bytes
+    };
+    Response::from_parts(parts, Body::from(out))
+}
+
+/// What EC2 would do with a RunInstances that moto would simply carry out:
+/// refuse it (`Err`), launch fewer (`Ok(Some(params))` with MinCount and
+/// MaxCount lowered), or launch it as asked.
+async fn run_instances_model(
+    state: &Mutex<ProxyState>,
+    model: &Model,
+    params: &[(String, String)],
+) -> Result<Option<Vec<(String, String)>>, Refusal> {
+    let get = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
+    let itype = get("InstanceType").unwrap_or_default();
+    let min: u32 = get("MinCount").and_then(|v| v.parse().ok()).unwrap_or(1);
+    let max: u32 = get("MaxCount").and_then(|v| v.parse().ok()).unwrap_or(min);
+    let refuse = |code: &str, status: u16, message: String| Refusal { code: code.into(), status, message };
+    if let Some(at) = model.profile_valid_at
+        && Instant::now() < at
+        && let Some((_, name)) = params.iter().find(|(k, _)| k.starts_with("IamInstanceProfile."))
+    {
+        return Err(refuse(
+            "InvalidParameterValue",
+            400,
+            format!(
+                "Value ({name}) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name"
+            ),
+        ));
+    }
+    let c = client(moto()).await;
+    let mut zone = String::from("us-east-1");
+    if let Some(subnet) = get("SubnetId") {
+        let d = c.describe_subnets().subnet_ids(&subnet).send().await;
+        if let Some(z) =
+            d.ok().and_then(|d| d.subnets().first().and_then(|s| s.availability_zone()).map(String::from))
+        {
+            zone = z;
+        }
+        if model.unsupported {
+            let offered = c
+                .describe_instance_type_offerings()
+                .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
+                .filters(Filter::builder().name("instance-type").values(&itype).build())
+                .send()
+                .await
+                .map(|o| {
+                    o.instance_type_offerings()
+                        .iter()
+                        .filter_map(|o| o.location())
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            if !offered.is_empty() && !offered.contains(&zone) {
+                return Err(refuse(
+                    "Unsupported",
+                    400,
+                    format!(
+                        "Your requested instance type ({itype}) is not supported in your requested Availability \
+                         Zone ({zone}). Please retry your request by not specifying an Availability Zone or \
+                         choosing {}.",
+                        offered.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let mut fit = max;
+    if let Some(&left) = model.capacity.get(&itype) {
+        if left < min {
+            return Err(refuse(
+                "InsufficientInstanceCapacity",
+                500,
+                format!(
+                    "We currently do not have sufficient {itype} capacity in the Availability Zone you requested \
+                     ({zone}). Our system will be working on provisioning additional capacity."
+                ),
+            ));
+        }
+        fit = fit.min(left);
+    }
+    if let Some(quota) = model.vcpu_quota {
+        let vcpus_of = |t: String| {
+            let c = c.clone();
+            async move {
+                let d =
+                    c.describe_instance_types().instance_types(InstanceType::from(t.as_str())).send().await;
+                d.ok()
+                    .and_then(|d| {
+                        d.instance_types()
+                            .first()
+                            .and_then(|i| i.v_cpu_info())
+                            .and_then(|v| v.default_v_cpus())
+                    })
+                    .unwrap_or(2) as u32
+            }
+        };
+        let launched: Vec<(String, String)> =
+            state.lock().unwrap().launched.iter().map(|(id, (_, t))| (id.clone(), t.clone())).collect();
+        let mut used = 0;
+        if !launched.is_empty() {
+            let f = Filter::builder()
+                .name("instance-id")
+                .set_values(Some(launched.iter().map(|(id, _)| id.clone()).collect()))
+                .build();
+            let d = c.describe_instances().filters(f).send().await.expect("describe for the quota");
+            for i in d.reservations().iter().flat_map(|r| r.instances()) {
+                let live = matches!(
+                    i.state().and_then(|s| s.name()),
+                    Some(
+                        aws_sdk_ec2::types::InstanceStateName::Pending
+                            | aws_sdk_ec2::types::InstanceStateName::Running
+                    )
+                );
+                if live {
+                    used +=
+                        vcpus_of(i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default()).await;
+                }
+            }
+        }
+        let each = vcpus_of(itype.clone()).await.max(1);
+        let room = quota.saturating_sub(used) / each;
+        if room < min {
+            return Err(refuse(
+                "VcpuLimitExceeded",
+                400,
+                format!(
+                    "You have requested more vCPU capacity than your current vCPU limit of {quota} allows for the \
+                     instance bucket that the specified instance type belongs to. Please visit \
+                     http://aws.amazon.com/contact-us/ec2-request to request an adjustment to this limit."
+                ),
+            ));
+        }
+        fit = fit.min(room);
+    }
+    if fit >= max {
+        return Ok(None);
+    }
+    let changed = params
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "MaxCount" => (k.clone(), fit.to_string()),
+            "MinCount" => (k.clone(), min.min(fit).to_string()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    Ok(Some(changed))
+}
+
+/// The text of every `<tag>...</tag>` in `xml`.
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.split(open.as_str())
+        .skip(1)
+        .filter_map(|r| r.split(close.as_str()).next())
+        .map(String::from)
+        .collect()
+}
+
+/// A DescribeInstances answer without the reservations holding any of
+/// `hidden` (instances launched together share one reservation).
+fn drop_reservations(xml: &str, hidden: &[String]) -> String {
+    let (Some(start), Some(end)) = (xml.find("<reservationSet>"), xml.find("</reservationSet>")) else {
+        return xml.to_string();
+    };
+    let inner = &xml[start + "<reservationSet>".len()..end];
+    // Split the set into its top-level <item> elements.
+    let mut items = Vec::new();
+    let (mut depth, mut from, mut i) = (0usize, None, 0usize);
+    while i < inner.len() {
+        if inner[i..].starts_with("<item>") {
+            if depth == 0 {
+                from = Some(i);
+            }
+            depth += 1;
+            i += "<item>".len();
+        } else if inner[i..].starts_with("</item>") {
+            depth = depth.saturating_sub(1);
+            i += "</item>".len();
+            if depth == 0
+                && let Some(f) = from.take()
+            {
+                items.push(&inner[f..i]);
+            }
+        } else {
+            i += inner[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    let kept: String = items
+        .into_iter()
+        .filter(|item| !xml_values(item, "instanceId").iter().any(|id| hidden.contains(id)))
+        .collect();
+    format!("{}<reservationSet>{kept}{}", &xml[..start], &xml[end..])
 }

@@ -89,7 +89,13 @@ fn world(extra: &str) -> World {
 /// A world whose hypervisor does not boot the instances `hold(tag, i)`
 /// picks until the test calls `hv.release()`.
 fn world_holding(extra: &str, hold: impl Fn(&str, &Inst) -> bool + Send + 'static) -> World {
+    world_in(Model::default(), extra, hold)
+}
+
+/// A world whose EC2 behaves as `model` says from the start.
+fn world_in(model: Model, extra: &str, hold: impl Fn(&str, &Inst) -> bool + Send + 'static) -> World {
     let Ground { rt, tag, proxy, client, sg } = ground();
+    proxy.set_model(model);
     let t = tag.clone();
     let hv = Hypervisor::start_holding(&rt, &tag, move |i| hold(&t, i));
     // Scratch goes to the hypervisor's folder, not the host's /mnt.
@@ -1190,4 +1196,30 @@ fn a_capacity_error_is_not_retried_by_the_sdk() {
     // SDK's retries: 3 calls.
     let runs = proxy.count("RunInstances");
     assert_eq!(runs, 1, "{runs} RunInstances calls");
+}
+
+/// Issue 14 (listing lag). DescribeInstances is eventually consistent: a
+/// new instance can boot, and its agent enroll, before any listing shows
+/// it. Such a node is not taken for vanished (and replaced) while its
+/// instance has never been listed, for a grace period after its launch.
+#[test]
+fn nodes_enrolled_before_their_instances_are_listed_are_kept() {
+    let model = Model { listing_lag: Duration::from_secs(12), ..Model::default() };
+    let mut w = world_in(model, "num_slaves = 2", |_, _| false);
+    w.cluster.wait_until("master + 2 slaves ready", READY, |s| at_size(s, 2));
+    // Reconcile ticks while the instances are still not listed.
+    w.wait_ticks(3);
+    let hidden = w.rt.block_on(async { instances(&client(&w.proxy.url).await, &w.tag).await });
+    assert!(hidden.len() < 3, "the lag is over before the ticks: {hidden:?}");
+    let s = w.cluster.status().unwrap();
+    let evs = all_events(&s);
+    assert!(!evs.iter().any(|e| e.contains("instance is gone")), "{evs:#?}");
+    assert_eq!(w.proxy.count("TerminateInstances"), 0, "{evs:#?}");
+    assert_eq!(w.live_ids().len(), 3);
+    // Once listed, a vanished instance is still seen as gone at once.
+    let victim = World::instance_of(&s, &node_ids(&s, "slave")[0]);
+    w.terminate(&victim);
+    w.cluster.wait_until("the vanished slave replaced", READY, |s| {
+        at_size(s, 2) && !nodes(s).iter().any(|n| n["instance_id"] == victim.as_str())
+    });
 }

@@ -108,10 +108,10 @@ pub struct Cluster {
     /// had on-demand slaves to replace; `None`: not idle or nothing to replace.
     idle_since: Mutex<Option<u64>>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The open-file limit in force (`serve` raised it at start).
     /// Minted at the first start (`state::cluster_id`): everything
     /// launched carries it.
     pub cluster_id: String,
+    /// The open-file limit in force (`serve` raised it at start).
     pub fd_limit: u64,
     shutdown: watch::Sender<bool>,
 }
@@ -340,6 +340,8 @@ impl Cluster {
             // Two heartbeat timeouts (30 s by default): EC2 moves a
             // terminated instance out of "running" within seconds.
             reterminate_ms: 2 * self.cfg.heartbeat_timeout.as_millis() as u64,
+            // EC2 shows a new instance within seconds, rarely a minute.
+            listing_grace_ms: 120_000,
         }
     }
 

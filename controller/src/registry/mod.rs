@@ -149,6 +149,8 @@ pub struct Liveness {
     sessions: AtomicU32,
     /// Last reported 1-minute load average x 1000, plus one; 0: unknown.
     load_milli_plus_one: AtomicU32,
+    /// Its instance has been in a provider listing (since this start).
+    listed: AtomicBool,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
     push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
@@ -540,6 +542,7 @@ impl Registry {
         let mut map = HashMap::new();
         let mut orphans = Vec::new();
         let mut adopt = Vec::new();
+        let mut listed = Vec::new();
         for o in observed {
             let node = o
                 .node_id
@@ -557,10 +560,16 @@ impl Registry {
                 Some(id) => {
                     let e = map.entry(id.to_string()).or_insert(false);
                     *e |= o.alive;
+                    listed.push(id.to_string());
                 }
                 // Another cluster's instance (same tag_key): not ours to end.
                 None if o.alive && !o.foreign => orphans.push(o.clone()),
                 None => {}
+            }
+        }
+        for id in listed {
+            if let Some(e) = self.nodes.get(&id) {
+                e.live.listed.store(true, Ordering::Relaxed);
             }
         }
         for (id, instance) in adopt {
@@ -682,6 +691,7 @@ impl Registry {
                     Some(false) => Instance::Gone,
                     None => Instance::NotListed,
                 },
+                listed_before: e.live.listed.load(Ordering::Relaxed),
             })
             .collect()
     }
