@@ -283,6 +283,7 @@ type Hold = Arc<Mutex<Option<Box<dyn Fn(&Inst) -> bool + Send>>>>;
 pub struct Hypervisor {
     booted: Arc<Mutex<HashMap<String, Booted>>>,
     hold: Hold,
+    rt: tokio::runtime::Handle,
     task: tokio::task::JoinHandle<()>,
     pub dir: tempfile::TempDir,
 }
@@ -329,7 +330,7 @@ impl Hypervisor {
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
         });
-        Hypervisor { booted, hold, task, dir }
+        Hypervisor { booted, hold, rt: rt.handle().clone(), task, dir }
     }
 
     /// Boots the held instances too (from the next pass on).
@@ -348,6 +349,22 @@ impl Hypervisor {
         let node = b.get(instance_id).expect("instance booted");
         node.meta.lock().unwrap().instance_action =
             Some(r#"{"action": "terminate", "time": "2026-11-26T12:00:00Z"}"#.to_string());
+    }
+
+    /// A spot interruption as EC2 carries it out: the notice now, the
+    /// instance terminated `after` later (two minutes on EC2).
+    pub fn interrupt(&self, instance_id: &str, after: Duration) {
+        self.set_instance_action(instance_id);
+        let id = instance_id.to_string();
+        self.rt.spawn(async move {
+            tokio::time::sleep(after).await;
+            let c = client(moto()).await;
+            c.terminate_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .expect("terminate the interrupted instance");
+        });
     }
 
     /// What every node's kernel reports as its load (`/proc/loadavg`
@@ -527,6 +544,9 @@ pub struct Model {
     /// launched; if not even MinCount fits, `VcpuLimitExceeded` with EC2's
     /// message, which names the limit.
     pub vcpu_quota: Option<u32>,
+    /// (moto launches MinCount instances where EC2 launches the most it
+    /// can up to MaxCount: the proxy always asks moto for that number.)
+    ///
     /// `Unsupported` for a type in a subnet whose zone does not offer it
     /// (moto's own offerings data, e.g. c5.large is not in us-east-1e):
     /// moto launches anything anywhere, EC2 refuses. On by default.
@@ -576,13 +596,20 @@ type HttpClient =
     hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 impl FaultProxy {
+    /// In front of this test process's moto.
     pub fn start(rt: &tokio::runtime::Runtime) -> FaultProxy {
+        Self::start_for(rt, moto())
+    }
+
+    /// In front of the moto server at `upstream`.
+    pub fn start_for(rt: &tokio::runtime::Runtime, upstream: &str) -> FaultProxy {
         let state: Arc<Mutex<ProxyState>> = Arc::default();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let client: HttpClient =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        let shared = Shared { state: state.clone(), client, run_lock: Arc::default() };
+        let shared =
+            Shared { state: state.clone(), client, run_lock: Arc::default(), upstream: upstream.to_string() };
         let app = axum::Router::new().fallback(any(proxy)).with_state(shared);
         let task = rt.spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -651,6 +678,8 @@ struct Shared {
     /// RunInstances calls are answered one at a time (capacity and quota
     /// are checked and taken together).
     run_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The moto server behind.
+    upstream: String,
 }
 
 /// An EC2 error answer.
@@ -703,8 +732,13 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
     // Held until the launch is recorded: capacity and quota are taken once.
     let _run = if action == "RunInstances" { Some(sh.run_lock.lock().await) } else { None };
     if action == "RunInstances" {
-        tokio::time::sleep(model.run_latency).await;
-        match run_instances_model(&sh.state, &model, &params).await {
+        // The latency in force now, not at the call: a test that lowers
+        // it releases the calls waiting.
+        let start = Instant::now();
+        while start.elapsed() < sh.state.lock().unwrap().model.run_latency {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match run_instances_model(&sh.upstream, &sh.state, &model, &params).await {
             Err(r) => {
                 record(true);
                 return error_response(&r.code, r.status, &r.message);
@@ -718,7 +752,7 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         }
     }
     record(false);
-    let uri = format!("{}{}", moto(), parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let uri = format!("{}{}", sh.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut fwd = hyper::Request::builder().method(parts.method.clone()).uri(uri);
     for (k, v) in parts.headers.iter() {
         if k != "host" && k != "content-length" {
@@ -766,6 +800,7 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
 /// refuse it (`Err`), launch fewer (`Ok(Some(params))` with MinCount and
 /// MaxCount lowered), or launch it as asked.
 async fn run_instances_model(
+    upstream: &str,
     state: &Mutex<ProxyState>,
     model: &Model,
     params: &[(String, String)],
@@ -787,7 +822,7 @@ async fn run_instances_model(
             ),
         ));
     }
-    let c = client(moto()).await;
+    let c = client(upstream).await;
     let mut zone = String::from("us-east-1");
     if let Some(subnet) = get("SubnetId") {
         let d = c.describe_subnets().subnet_ids(&subnet).send().await;
@@ -893,14 +928,14 @@ async fn run_instances_model(
         }
         fit = fit.min(room);
     }
-    if fit >= max {
+    if min == max && fit >= max {
         return Ok(None);
     }
+    // moto launches MinCount instances; EC2 the most it can up to MaxCount.
     let changed = params
         .iter()
         .map(|(k, v)| match k.as_str() {
-            "MaxCount" => (k.clone(), fit.to_string()),
-            "MinCount" => (k.clone(), min.min(fit).to_string()),
+            "MaxCount" | "MinCount" => (k.clone(), fit.to_string()),
             _ => (k.clone(), v.clone()),
         })
         .collect();

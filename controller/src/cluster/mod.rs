@@ -102,6 +102,9 @@ pub struct Cluster {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
+    /// Each launch in flight holds a read guard; `destroy` takes the write
+    /// side, so it sees every instance a launch started.
+    pub launches: Arc<tokio::sync::RwLock<()>>,
     /// When spot prices were last fetched (tokio mutex: held across the call).
     prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     /// Since when (controller clock, ms) the cluster has been idle while it
@@ -169,6 +172,7 @@ impl Cluster {
             save_lock: Mutex::new(()),
             journal: persist::Journal::new(&p.cfg.state_dir),
             tick_lock: tokio::sync::Mutex::new(()),
+            launches: Arc::default(),
             destroying: AtomicBool::new(false),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
@@ -448,8 +452,8 @@ impl Cluster {
     pub fn notice(&self, node_id: &str, kind: Notice, detail: &str) {
         let noticed = self.registry.lock().expect("registry lock").on_notice(node_id, kind, detail);
         let Some(n) = noticed else { return };
-        if kind == Notice::SpotInterruption && n.market == Market::Spot {
-            self.provider.interrupted(n.role, &n.pool, node_id);
+        if n.market == Market::Spot {
+            self.provider.noticed(n.role, &n.pool, node_id, n.instance_id.as_deref(), kind);
         }
         crate::metrics::Metrics::inc(&self.metrics.notices);
         self.changed();

@@ -103,6 +103,8 @@ pub fn scale(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Resul
 pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
     sh.destroying.store(true, Ordering::Relaxed);
     let _guard = sh.tick_lock.lock().await;
+    // Launches in flight end first: what they start is terminated too.
+    let _launches = sh.launches.write().await;
     let observed = sh.provider.list().await?;
     let (targets, mut names) = {
         let mut reg = sh.registry.lock().expect("registry lock");

@@ -103,10 +103,10 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // state once, not once per batch.
     let mut batches = Vec::new();
     for (role, pool, count) in launches {
-        if let Err(e) = sh.provider.can_launch() {
+        if let Err(e) = sh.provider.can_launch(role, &pool) {
             let mut reg = sh.registry.lock().expect("registry lock");
-            reg.event_once(format!("launches held back: {e}"));
-            break;
+            reg.event_once(format!("launches of pool {pool} held back: {e}"));
+            continue;
         }
         let mut left = count as usize;
         while left > 0 {
@@ -126,8 +126,18 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         }
         return Err(e.context("saving cluster.json before a launch"));
     }
+    // Each launch runs on its own: walking candidates can take many calls
+    // (seconds each on EC2), and the next tick must still decide on time
+    // (a heartbeat loss, a notice). Its nodes are recorded, so no tick
+    // launches them twice; `destroy` waits for launches in flight.
     for b in batches {
-        launch_batch(sh, b).await;
+        let sh2 = sh.clone();
+        let in_flight = sh.launches.clone().read_owned().await;
+        tokio::spawn(async move {
+            launch_batch(&sh2, b).await;
+            sh2.changed();
+            drop(in_flight);
+        });
     }
     sh.changed();
     Ok(next_deadline)
@@ -227,6 +237,20 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
     match result {
         Ok(launched) => {
             sh.metrics.launches.fetch_add(launched.len() as u64, Ordering::Relaxed);
+            if launched.len() < nodes.len() {
+                let dropped: Vec<&str> = nodes
+                    .iter()
+                    .filter(|n| !launched.iter().any(|l| &l.node_id == *n))
+                    .map(String::as_str)
+                    .collect();
+                reg.event(format!(
+                    "{} of {} launched in pool {pool} (EC2 had no more capacity or quota there); {} not \
+                     launched, retried next tick",
+                    launched.len(),
+                    nodes.len(),
+                    dropped.join(", ")
+                ));
+            }
             reg.on_launched(&nodes, &launched);
         }
         Err(e) => {

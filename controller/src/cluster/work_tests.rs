@@ -126,3 +126,52 @@ fn work_per_membership_change_grows_at_most_linearly() {
         }
     }
 }
+
+/// The last directives a session received, if any.
+fn last_directives(rx: &mut mpsc::Receiver<Outbound>) -> Option<Arc<crate::engine::DirectiveSet>> {
+    let mut last = None;
+    while let Ok(m) = rx.try_recv() {
+        if let Outbound::Directives(d) = m {
+            last = Some(d);
+        }
+    }
+    last
+}
+
+/// Issue 14, item 6: a spot notice tells the engine at once, with no
+/// replacement anywhere yet (the record provider starts nothing): Disco's
+/// master blacklists the noticed slave's host (its tasks drain for the
+/// two minutes left); Dask's noticed slave loses its worker directive
+/// (the agent stops the worker, whose tasks the scheduler reschedules).
+#[test]
+fn a_spot_notice_reaches_the_engine_at_once() {
+    for engine in [EngineKind::Disco, EngineKind::Dask] {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = cluster(dir.path(), engine);
+        let (_, mut master) = ready_node(&sh, Role::Master, 0);
+        let (s1, mut slave1) = ready_node(&sh, Role::Slave, 1);
+        let (_, _slave2) = ready_node(&sh, Role::Slave, 2);
+        sh.membership_changed();
+        sh.publish();
+        let before_master = last_directives(&mut master).expect("master directives");
+        let before_slave = last_directives(&mut slave1).expect("slave directives");
+        sh.notice(&s1, crate::model::Notice::SpotInterruption, "terminate at 12:00");
+        sh.publish();
+        match engine {
+            EngineKind::Disco => {
+                let now = last_directives(&mut master).expect("the master is told");
+                assert!(!before_master.items.iter().any(|d| d.name == "blacklist ip-1"));
+                assert!(now.items.iter().any(|d| d.name == "blacklist ip-1"), "{:?}", now.items);
+            }
+            _ => {
+                assert!(
+                    before_slave.items.iter().any(|d| d.name.contains("worker")),
+                    "{:?}",
+                    before_slave.items
+                );
+                let now = last_directives(&mut slave1).expect("the slave is told");
+                assert!(!now.items.iter().any(|d| d.name.contains("worker")), "{:?}", now.items);
+            }
+        }
+    }
+}

@@ -121,6 +121,10 @@ pub struct Ec2Config {
     /// Instance profile (name or ARN) attached to every node: S3 access
     /// through the instance role, no keys on nodes.
     pub iam_instance_profile: Option<String>,
+    /// How long after the first "Invalid IAM Instance Profile" launches
+    /// retry (IAM takes a while to show a new profile to EC2) before it is
+    /// a configuration error.
+    pub iam_propagation: Duration,
     /// PEM certificate whose key signs the instance identity documents
     /// (`None`: AWS's certificate for most regions, built in).
     pub identity_certificate: Option<PathBuf>,
@@ -293,6 +297,7 @@ impl Default for Config {
                 master_on_demand: false,
                 capacity_cooldown: Duration::from_secs(300),
                 iam_instance_profile: None,
+                iam_propagation: Duration::from_secs(120),
                 identity_certificate: None,
                 on_demand_fallback: FallbackRoles::None,
                 fallback_failures: 3,

@@ -105,6 +105,8 @@ pub struct RawConfig {
     pub(super) capacity_cooldown_secs: Option<f64>,
     #[serde(alias = "IAM_INSTANCE_PROFILE")]
     pub(super) iam_instance_profile: Option<String>,
+    #[serde(alias = "IAM_PROPAGATION_SECS")]
+    pub(super) iam_propagation_secs: Option<f64>,
     #[serde(alias = "IDENTITY_CERTIFICATE")]
     pub(super) identity_certificate: Option<String>,
     #[serde(alias = "ON_DEMAND_FALLBACK")]

@@ -76,6 +76,10 @@ on_demand_idle_replace_secs = 600.0
 # Instance profile (name or ARN) for every node: jobs reach S3 through the
 # instance role; no AWS key ever goes to a node.
 iam_instance_profile = ""
+# EC2 may refuse an instance profile created moments ago ("Invalid IAM
+# Instance Profile") until IAM has propagated it: launches retry with backoff
+# this long after the first refusal before it counts as a configuration error.
+iam_propagation_secs = 120.0
 # Agents prove which instance they run on with the instance identity
 # document AWS signs. Empty: AWS's certificate for every region but Hong
 # Kong, Bahrain, Cape Town, Milan, China and GovCloud (there, give the path

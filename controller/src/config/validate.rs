@@ -116,6 +116,10 @@ impl Config {
         let boot_timeout = secs("boot_timeout_secs", raw.boot_timeout_secs, d.boot_timeout)?;
         let capacity_cooldown =
             secs("capacity_cooldown_secs", raw.capacity_cooldown_secs, d.ec2.capacity_cooldown)?;
+        let iam_propagation = match raw.iam_propagation_secs {
+            Some(0.0) => Duration::ZERO,
+            other => secs("iam_propagation_secs", other, d.ec2.iam_propagation)?,
+        };
         let fallback_window = secs("fallback_window_secs", raw.fallback_window_secs, d.ec2.fallback_window)?;
         let on_demand_idle_replace = match raw.on_demand_idle_replace_secs {
             Some(0.0) => Duration::ZERO,
@@ -301,6 +305,7 @@ impl Config {
                 master_on_demand: raw.master_on_demand.unwrap_or(false),
                 capacity_cooldown,
                 iam_instance_profile,
+                iam_propagation,
                 identity_certificate: non_empty(raw.identity_certificate).map(PathBuf::from),
                 on_demand_fallback,
                 fallback_failures: raw.fallback_failures.unwrap_or(d.ec2.fallback_failures),

@@ -28,6 +28,9 @@ pub enum ProviderError {
     /// The API throttles us; launches wait for the backoff.
     #[error("throttled: {0}")]
     Throttled(String),
+    /// An account quota is used up: launches of that market wait.
+    #[error("account quota: {0}")]
+    Quota(String),
     /// The configuration is wrong (bad AMI, key, group, type...): launches
     /// stop until it is fixed.
     #[error("config key `{key}`: {message}")]
@@ -133,14 +136,15 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
-    /// `Err` without any API call while launches cannot succeed (throttling
-    /// backoff, configuration error).
-    fn can_launch(&self) -> Result<(), ProviderError> {
+    /// `Err` without any API call while launches of `pool` cannot succeed
+    /// (throttling backoff, configuration error, account quota).
+    fn can_launch(&self, _role: Role, _pool: &str) -> Result<(), ProviderError> {
         Ok(())
     }
 
-    /// Starts the batch; returns the instances started (all or none of the
-    /// batch for EC2, which launches it in one call).
+    /// Starts the batch; returns the instances started: possibly fewer
+    /// than asked (EC2 launches what capacity and quotas allow), the first
+    /// ones of `batch.nodes`; the others are not launched.
     async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError>;
 
     /// Every instance of this cluster the provider knows.
@@ -154,9 +158,18 @@ pub trait Provider: Send + Sync + 'static {
         Ok(vec![])
     }
 
-    /// A node of `pool` got a spot interruption notice (feeds the
-    /// on-demand fallback).
-    fn interrupted(&self, _role: Role, _pool: &str, _node_id: &str) {}
+    /// A spot node of `pool` got a notice: an interruption (feeds the
+    /// on-demand fallback) or a rebalance recommendation. Its replacement
+    /// goes to another (type, zone) where the configuration has one.
+    fn noticed(
+        &self,
+        _role: Role,
+        _pool: &str,
+        _node_id: &str,
+        _instance_id: Option<&str>,
+        _kind: crate::model::Notice,
+    ) {
+    }
 
     /// Would a new node of `pool` launch on spot now? (An on-demand node of
     /// a pool that is back on spot is replaced at the next scale change.)

@@ -115,6 +115,7 @@ pub struct Noticed {
     pub role: Role,
     pub pool: String,
     pub market: Market,
+    pub instance_id: Option<String>,
 }
 
 impl Registry {
@@ -361,7 +362,12 @@ impl Registry {
             return None;
         }
         e.rec.notice = Some(kind);
-        let noticed = Noticed { role: e.rec.role, pool: e.rec.pool.clone(), market: e.rec.market };
+        let noticed = Noticed {
+            role: e.rec.role,
+            pool: e.rec.pool.clone(),
+            market: e.rec.market,
+            instance_id: e.rec.instance_id.clone(),
+        };
         self.dirty = true;
         self.changed_members.push(id.to_string());
         let msg = format!("{id}: {} notice ({}); launching its replacement now", kind.label(), detail.trim());

@@ -7,6 +7,10 @@ use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Capacity,
+    /// An account quota (running vCPUs, instances, spot instances): every
+    /// type and zone would say the same, so the request shrinks and then
+    /// the market waits; no type cools down.
+    Quota,
     Throttled,
     /// A config key is wrong.
     Config(&'static str),
@@ -29,11 +33,9 @@ pub(super) fn classify(code: &str) -> Kind {
         | "InsufficientCapacity"
         | "InsufficientHostCapacity"
         | "SpotMaxPriceTooLow"
-        | "MaxSpotInstanceCountExceeded"
         | "Unsupported"
-        | "InsufficientFreeAddressesInSubnet"
-        | "InstanceLimitExceeded"
-        | "VcpuLimitExceeded" => Kind::Capacity,
+        | "InsufficientFreeAddressesInSubnet" => Kind::Capacity,
+        "MaxSpotInstanceCountExceeded" | "InstanceLimitExceeded" | "VcpuLimitExceeded" => Kind::Quota,
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled" => Kind::Throttled,
         c if c.starts_with("InvalidAMIID") => Kind::Config("ami"),
         c if c.starts_with("InvalidKeyPair") => Kind::Config("key_name"),
@@ -67,6 +69,8 @@ mod tests {
     pub(super) fn error_codes_map_to_handling() {
         assert_eq!(classify("InsufficientInstanceCapacity"), Kind::Capacity);
         assert_eq!(classify("SpotMaxPriceTooLow"), Kind::Capacity);
+        assert_eq!(classify("VcpuLimitExceeded"), Kind::Quota);
+        assert_eq!(classify("MaxSpotInstanceCountExceeded"), Kind::Quota);
         assert_eq!(classify("RequestLimitExceeded"), Kind::Throttled);
         assert_eq!(classify("InvalidAMIID.NotFound"), Kind::Config("ami"));
         assert_eq!(classify("InvalidAMIID.Malformed"), Kind::Config("ami"));
@@ -129,5 +133,87 @@ mod unknown_ids_tests {
             ["i-0aaa", "i-0ccc"]
         );
         assert!(unknown_instance_ids("something else", &sent).is_empty());
+    }
+}
+
+/// What a quota error says: the account's limit and how many more
+/// instances it allows, where the message gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaError {
+    pub code: String,
+    /// "... your current vCPU limit of 32 ...", "... instance limit of 20 ...".
+    pub limit: Option<u32>,
+    /// "Your quota allows for 2 more running instance(s)".
+    pub room: Option<u32>,
+}
+
+/// Reads the numbers of a quota error's message.
+pub fn quota_error(code: &str, message: &str) -> QuotaError {
+    let number_after = |marker: &str| {
+        let rest = &message[message.find(marker)? + marker.len()..];
+        let digits: String = rest.trim_start().chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    QuotaError { code: code.to_string(), limit: number_after("limit of"), room: number_after("allows for") }
+}
+
+impl QuotaError {
+    /// How many to ask for next after asking `asked`: what the message says
+    /// still fits, else half; `None` when not even one fits.
+    pub fn shrink(&self, asked: usize) -> Option<usize> {
+        let next = match self.room {
+            Some(r) => (r as usize).min(asked.saturating_sub(1)),
+            None => asked / 2,
+        };
+        (next >= 1).then_some(next)
+    }
+
+    /// The quota in words, with its numbers.
+    pub fn describe(&self, spot: bool) -> String {
+        let market = if spot { "spot" } else { "on-demand" };
+        let what = match (self.code.as_str(), self.limit) {
+            ("VcpuLimitExceeded", Some(l)) => {
+                format!("the account's {market} vCPU quota ({l} vCPUs) is used up")
+            }
+            ("VcpuLimitExceeded", None) => format!("the account's {market} vCPU quota is used up"),
+            ("InstanceLimitExceeded", Some(l)) => {
+                format!("the account's instance quota ({l} instances) is used up")
+            }
+            ("MaxSpotInstanceCountExceeded", _) => {
+                "the account's spot instance count quota is used up".into()
+            }
+            (_, Some(l)) => format!("an account quota (limit {l}) is used up"),
+            _ => "an account quota is used up".into(),
+        };
+        format!("{}: {what}; ask AWS to raise it (Service Quotas, EC2), or scale down", self.code)
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn quota_messages_give_their_numbers_and_the_request_shrinks() {
+        let v = quota_error(
+            "VcpuLimitExceeded",
+            "You have requested more vCPU capacity than your current vCPU limit of 32 allows for the instance \
+             bucket that the specified instance type belongs to.",
+        );
+        assert_eq!((v.limit, v.room), (Some(32), None));
+        assert!(v.describe(true).contains("spot vCPU quota (32 vCPUs)"), "{}", v.describe(true));
+        assert_eq!(v.shrink(8), Some(4));
+        assert_eq!(v.shrink(1), None);
+        let i = quota_error(
+            "InstanceLimitExceeded",
+            "Your quota allows for 2 more running instance(s). You requested at least 5",
+        );
+        assert_eq!((i.limit, i.room), (None, Some(2)));
+        assert_eq!(i.shrink(5), Some(2));
+        let none = quota_error("InstanceLimitExceeded", "Your quota allows for 0 more running instance(s).");
+        assert_eq!(none.shrink(5), None);
+        let s = quota_error("MaxSpotInstanceCountExceeded", "Max spot instance count exceeded");
+        assert_eq!((s.limit, s.room), (None, None));
+        assert_eq!(s.shrink(3), Some(1));
     }
 }

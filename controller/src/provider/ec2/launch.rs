@@ -9,7 +9,7 @@ impl Ec2Provider {
     /// `Provider::launch`: spot, or on-demand when the pool's market says
     /// so or spot failures just crossed the fallback threshold.
     pub(super) async fn launch_batch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
-        self.can_launch()?;
+        self.can_launch(batch.role, &batch.pool)?;
         let market = self.market(batch.role, &batch.pool);
         let spot = market == Market::Spot;
         match self.try_candidates(&batch, spot, None).await {
@@ -41,10 +41,11 @@ impl Ec2Provider {
         batch: &LaunchBatch,
         itype: &str,
         subnet: Option<&str>,
-        attempt: usize,
+        token: String,
         spot: bool,
+        count: usize,
     ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, (String, String)> {
-        let n = batch.nodes.len() as i32;
+        let n = count as i32;
         let tags = [
             Tag::builder().key(&self.tag_key).value(batch.role.to_string()).build(),
             Tag::builder().key(POOL_TAG).value(&batch.pool).build(),
@@ -71,9 +72,11 @@ impl Ec2Provider {
             .run_instances()
             .image_id(self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?)
             .instance_type(InstanceType::from(itype))
-            .min_count(n)
+            // EC2 launches as many as it can, up to n (capacity, quotas):
+            // the rest are launched elsewhere or at the next tick.
+            .min_count(1)
             .max_count(n)
-            .client_token(format!("{}-{attempt}", batch.batch_id))
+            .client_token(token)
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
             .set_instance_market_options(spot.then_some(market))
             // Instances, their volumes and (spot) their requests carry the
@@ -112,8 +115,11 @@ impl Ec2Provider {
     }
 
     /// Launches the batch with the first candidate (type, subnet) that has
-    /// capacity, on spot or on-demand. A candidate that reports no capacity
-    /// cools down (per market); a spot one also counts towards fallback.
+    /// capacity, on spot or on-demand; takes what EC2 gives (at least one).
+    /// A candidate that reports no capacity, or gives fewer than asked,
+    /// cools down (per market); a spot one with none also counts towards
+    /// fallback. An account quota shrinks the request, then holds the
+    /// market back (`quota_reached`) without cooling any candidate.
     pub(super) async fn try_candidates(
         &self,
         batch: &LaunchBatch,
@@ -122,6 +128,7 @@ impl Ec2Provider {
     ) -> Result<Vec<Launched>, ProviderError> {
         let mut last = None;
         let market_name = if spot { "spot" } else { "on-demand" };
+        let want = batch.nodes.len();
         for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
             let key = (itype.clone(), subnet.clone(), spot);
             if self
@@ -135,39 +142,51 @@ impl Ec2Provider {
                 continue;
             }
             let attempt = if spot { attempt } else { 1000 + attempt };
-            match self.run(batch, &itype, subnet.as_deref(), attempt, spot).await {
-                Ok(out) => {
-                    self.ok_call();
-                    let mut launched = Vec::new();
-                    for inst in out.instances() {
-                        let idx = inst.ami_launch_index().unwrap_or(0) as usize;
-                        if let (Some(id), Some(z)) =
-                            (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
-                        {
-                            self.placement.lock().expect("lock").insert(id.into(), (itype.clone(), z.into()));
+            let place = subnet.clone().unwrap_or_else(|| self.region.clone());
+            let mut count = want;
+            let mut shrunk = 0;
+            loop {
+                // One token per request: a retried call never launches twice.
+                let token = format!("{}-{attempt}-{shrunk}", batch.batch_id);
+                let res = self.run(batch, &itype, subnet.as_deref(), token, spot, count).await;
+                let (code, msg) = match res {
+                    Ok(out) => {
+                        self.ok_call();
+                        let launched = self.launched(batch, &out, &itype, spot, why.clone());
+                        if launched.len() < want {
+                            let short = format!(
+                                "{itype} {market_name} in {place}: {} of {want} launched (capacity)",
+                                launched.len()
+                            );
+                            tracing::warn!("pool {}: {short}; the rest go elsewhere", batch.pool);
+                            if launched.len() < count {
+                                // EC2 gave less than asked: that pool is short.
+                                let mut st = self.state.lock().expect("lock");
+                                st.cooling.insert(key, (Instant::now() + self.cooldown, short));
+                            }
                         }
-                        if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
-                            launched.push(Launched {
-                                node_id: node.clone(),
-                                instance_id: id.to_string(),
-                                instance_type: itype.clone(),
-                                market: if spot {
-                                    crate::model::Market::Spot
-                                } else {
-                                    crate::model::Market::OnDemand
-                                },
-                                on_demand_why: why.clone(),
-                            });
+                        return Ok(launched);
+                    }
+                    Err(e) => e,
+                };
+                match classify_error(&code, &msg) {
+                    Kind::Quota => {
+                        let q = super::errors::quota_error(&code, &msg);
+                        match q.shrink(count) {
+                            Some(n) => {
+                                tracing::warn!(
+                                    "pool {}: {code} for {count} x {itype}; asking for {n}",
+                                    batch.pool
+                                );
+                                count = n;
+                                shrunk += 1;
+                                continue;
+                            }
+                            None => return Err(self.quota_reached(spot, &q, &msg)),
                         }
                     }
-                    return Ok(launched);
-                }
-                Err((code, msg)) => match classify_error(&code, &msg) {
                     Kind::Capacity => {
-                        let why = format!(
-                            "{itype} {market_name} in {}: {code}",
-                            subnet.as_deref().unwrap_or(&self.region)
-                        );
+                        let why = format!("{itype} {market_name} in {place}: {code}");
                         tracing::warn!("{why}: {msg}; trying the next candidate");
                         let mut st = self.state.lock().expect("lock");
                         st.cooling.insert(key, (Instant::now() + self.cooldown, why.clone()));
@@ -187,9 +206,13 @@ impl Ec2Provider {
                             super::errors::missing_permission("RunInstances", self.iam_profile.as_deref());
                         return Err(self.block("permissions", format!("{code}: {why} ({msg})")));
                     }
+                    Kind::Config("iam_instance_profile") if self.profile_may_propagate() => {
+                        return Err(self.profile_not_yet(&format!("{code}: {msg}")));
+                    }
                     Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
                     Kind::Other => return Err(self.unclassified(&format!("RunInstances: {code}: {msg}"))),
-                },
+                }
+                break;
             }
         }
         Err(ProviderError::Capacity(match last {
@@ -199,6 +222,38 @@ impl Ec2Provider {
                 batch.pool
             ),
         }))
+    }
+
+    /// The nodes a RunInstances answer started: instance `i` of the call
+    /// (its launch index) is node `i` of the batch.
+    fn launched(
+        &self,
+        batch: &LaunchBatch,
+        out: &aws_sdk_ec2::operation::run_instances::RunInstancesOutput,
+        itype: &str,
+        spot: bool,
+        why: Option<String>,
+    ) -> Vec<Launched> {
+        let mut launched = Vec::new();
+        for inst in out.instances() {
+            let idx = inst.ami_launch_index().unwrap_or(0) as usize;
+            if let (Some(id), Some(z)) =
+                (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
+            {
+                self.placement.lock().expect("lock").insert(id.into(), (itype.to_string(), z.into()));
+            }
+            if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
+                launched.push(Launched {
+                    node_id: node.clone(),
+                    instance_id: id.to_string(),
+                    instance_type: itype.to_string(),
+                    market: if spot { crate::model::Market::Spot } else { crate::model::Market::OnDemand },
+                    on_demand_why: why.clone(),
+                });
+            }
+        }
+        launched.sort_by_key(|l| batch.nodes.iter().position(|n| *n == l.node_id));
+        launched
     }
 }
 

@@ -78,6 +78,7 @@ pub struct Ec2Provider {
     pools: Vec<Pool>,
     ssh_user: String,
     iam_profile: Option<String>,
+    iam_propagation: Duration,
     scratch_path: String,
     cooldown: Duration,
     fallback: fallback::Policy,
@@ -93,6 +94,11 @@ pub struct Ec2Provider {
     image_by_arch: Mutex<HashMap<String, String>>,
     /// What scratch each instance type gets (for status), from preflight.
     scratch_notes: Mutex<Vec<String>>,
+    /// (instance type, subnet) pairs whose zone does not offer the type,
+    /// from preflight: never tried.
+    unsupported: Mutex<std::collections::HashSet<(String, String)>>,
+    /// subnet id -> availability zone, from preflight.
+    subnet_zones: Mutex<Vec<(String, String)>>,
     /// Aliases resolved (for status), and the cache file holding them.
     resolved: Mutex<Vec<Resolved>>,
     image_cache: std::path::PathBuf,
@@ -100,14 +106,20 @@ pub struct Ec2Provider {
 
 #[derive(Default)]
 struct State {
-    /// (instance type, subnet) -> (until, why).
     /// (instance type, subnet, spot?) -> (until, why).
     cooling: HashMap<(String, Option<String>, bool), (Instant, String)>,
     /// Spot failures and interruptions per pool (on-demand fallback).
     book: fallback::Book,
-    backoff_until: Option<Instant>,
+    /// Launches wait until then, and why.
+    backoff_until: Option<(Instant, String)>,
     backoff_attempt: u32,
     blocked: Option<(String, String)>,
+    /// Account quota used up, per market (spot?): (until, what it says).
+    quota: HashMap<bool, (Instant, String)>,
+    /// When EC2 first refused the instance profile (it may be too new).
+    profile_refused_at: Option<Instant>,
+    /// (type, subnet) pools that sent a spot notice: tried last until then.
+    avoid: HashMap<(String, Option<String>), (Instant, String)>,
 }
 
 /// This machine's private IPv4 address when it is an EC2 instance (its
@@ -226,6 +238,7 @@ impl Ec2Provider {
             pools: nodes.pools.clone(),
             ssh_user: nodes.ssh_user.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
+            iam_propagation: cfg.iam_propagation,
             scratch_path: nodes.scratch_path.clone(),
             cooldown: cfg.capacity_cooldown,
             fallback: fallback::Policy {
@@ -239,6 +252,8 @@ impl Ec2Provider {
             placement: Mutex::default(),
             type_arch: Mutex::default(),
             scratch_notes: Mutex::default(),
+            unsupported: Mutex::default(),
+            subnet_zones: Mutex::default(),
             image_by_arch: Mutex::default(),
             resolved: Mutex::default(),
             image_cache: state_dir.join("images.json"),
@@ -262,7 +277,18 @@ impl Ec2Provider {
                 }
             }
         }
-        types.into_iter().flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone()))).collect()
+        let unsupported = self.unsupported.lock().expect("lock");
+        let mut out: Vec<(String, Option<String>)> = types
+            .into_iter()
+            .flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone())))
+            .filter(|(t, s)| s.as_ref().is_none_or(|s| !unsupported.contains(&(t.clone(), s.clone()))))
+            .collect();
+        // Pools that just sent a spot notice go last (stable: the order of
+        // the others stays).
+        let now = Instant::now();
+        let st = self.state.lock().expect("lock");
+        out.sort_by_key(|c| st.avoid.get(c).is_some_and(|(until, _)| *until > now));
+        out
     }
 
     /// Does this role launch on-demand (not spot)?
@@ -281,27 +307,60 @@ impl Ec2Provider {
     }
 
     fn throttled(&self, msg: &str) -> ProviderError {
-        let wait = self.back_off();
+        let wait = self.back_off(&format!("throttled by EC2: {msg}"));
         ProviderError::Throttled(format!("{msg}; backing off {:.1}s", wait.as_secs_f64()))
     }
 
     /// An error of no known class: launches back off too (exponentially,
     /// like throttling), so that it is not retried at every tick.
     fn unclassified(&self, msg: &str) -> ProviderError {
-        let wait = self.back_off();
+        let wait = self.back_off(msg);
         ProviderError::Other(format!("{msg}; launches back off {:.1}s", wait.as_secs_f64()))
     }
 
     /// Holds launches back: 2 s, 4 s, ... 64 s (with jitter) after each
     /// failure in a row; `ok_call` resets it.
-    fn back_off(&self) -> Duration {
+    fn back_off(&self, why: &str) -> Duration {
         let mut st = self.state.lock().expect("lock");
         st.backoff_attempt = (st.backoff_attempt + 1).min(6);
         let ceiling = Duration::from_secs(1u64 << st.backoff_attempt); // 2 s .. 64 s
         let wait =
             ceiling / 2 + Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64 / 2));
-        st.backoff_until = Some(Instant::now() + wait);
+        st.backoff_until = Some((Instant::now() + wait, why.to_string()));
         wait
+    }
+
+    /// An account quota is used up for this market: its launches wait
+    /// `capacity_cooldown` (quotas free up as instances end, or are raised);
+    /// no (type, zone) cools down and spot fallback is not fed (another
+    /// type would meet the same quota).
+    fn quota_reached(&self, spot: bool, q: &errors::QuotaError, msg: &str) -> ProviderError {
+        let what = q.describe(spot);
+        tracing::warn!("{what} ({msg})");
+        let mut st = self.state.lock().expect("lock");
+        st.quota.insert(spot, (Instant::now() + self.cooldown, what.clone()));
+        ProviderError::Quota(format!("{what}; launches wait {:.0}s", self.cooldown.as_secs_f64()))
+    }
+
+    /// Is an "Invalid IAM Instance Profile" still possibly IAM's delay
+    /// (within `iam_propagation` of the first one)?
+    fn profile_may_propagate(&self) -> bool {
+        let mut st = self.state.lock().expect("lock");
+        let first = *st.profile_refused_at.get_or_insert_with(Instant::now);
+        first.elapsed() < self.iam_propagation
+    }
+
+    /// The instance profile is refused, maybe only not propagated yet:
+    /// launches back off and try again.
+    fn profile_not_yet(&self, msg: &str) -> ProviderError {
+        let profile = self.iam_profile.as_deref().unwrap_or("");
+        let why = format!(
+            "instance profile {profile} not accepted yet ({msg}); a new profile takes IAM a while to reach \
+             EC2: retrying for {:.0}s before it counts as a configuration error (iam_instance_profile)",
+            self.iam_propagation.as_secs_f64()
+        );
+        let wait = self.back_off(&why);
+        ProviderError::Other(format!("{why}; next try in {:.1}s", wait.as_secs_f64()))
     }
 
     fn block(&self, key: &str, msg: String) -> ProviderError {
@@ -313,6 +372,7 @@ impl Ec2Provider {
         let mut st = self.state.lock().expect("lock");
         st.backoff_attempt = 0;
         st.backoff_until = None;
+        st.profile_refused_at = None;
     }
 
     /// Where a pool launches now: configured on-demand, fallen back to
@@ -364,17 +424,32 @@ impl Provider for Ec2Provider {
         self.preflight_checks().await
     }
 
-    fn can_launch(&self) -> Result<(), ProviderError> {
+    fn can_launch(&self, role: Role, pool: &str) -> Result<(), ProviderError> {
+        let spot = self.market(role, pool) == Market::Spot;
+        let candidates = self.candidates(role, pool);
         let st = self.state.lock().expect("lock");
+        let now = Instant::now();
         if let Some((key, msg)) = &st.blocked {
             return Err(ProviderError::Config { key: key.clone(), message: msg.clone() });
         }
-        if let Some(until) = st.backoff_until
-            && until > Instant::now()
-        {
-            return Err(ProviderError::Throttled(format!(
-                "backing off for {:.1}s more",
-                (until - Instant::now()).as_secs_f64()
+        // (No countdowns in these messages: they become events, which
+        // are kept once while they repeat; status notes count down.)
+        if let Some((_, why)) = st.backoff_until.as_ref().filter(|(u, _)| *u > now) {
+            return Err(ProviderError::Other(format!("launches back off after: {why}")));
+        }
+        if let Some((_, why)) = st.quota.get(&spot).filter(|(u, _)| *u > now) {
+            return Err(ProviderError::Quota(format!("{why}; launches wait (capacity_cooldown_secs)")));
+        }
+        // Every candidate cooling down: nothing to try before the first
+        // one is back (no nodes recorded only to be dropped).
+        let cooling: Option<Vec<Instant>> = candidates
+            .into_iter()
+            .map(|(t, s)| st.cooling.get(&(t, s, spot)).map(|(u, _)| *u).filter(|u| *u > now))
+            .collect();
+        if cooling.is_some() {
+            let market = if spot { "spot" } else { "on-demand" };
+            return Err(ProviderError::Capacity(format!(
+                "every {market} candidate of pool {pool} reported no capacity lately (capacity_cooldown_secs)"
             )));
         }
         Ok(())
@@ -519,9 +594,36 @@ impl Provider for Ec2Provider {
         out
     }
 
-    fn interrupted(&self, role: Role, pool: &str, node_id: &str) {
-        if !self.on_demand(role) {
-            self.state.lock().expect("lock").book.interrupted(pool, Instant::now(), node_id);
+    fn noticed(
+        &self,
+        role: Role,
+        pool: &str,
+        node_id: &str,
+        instance_id: Option<&str>,
+        kind: crate::model::Notice,
+    ) {
+        if self.on_demand(role) {
+            return;
+        }
+        let place = instance_id.and_then(|i| self.placement.lock().expect("lock").get(i).cloned());
+        let mut st = self.state.lock().expect("lock");
+        if kind == crate::model::Notice::SpotInterruption {
+            st.book.interrupted(pool, Instant::now(), node_id);
+        }
+        // That spot pool (type, zone) is being reclaimed: new nodes go to
+        // the others first for a while (still there if nothing else is).
+        if let Some((itype, zone)) = place {
+            let subnets: Vec<Option<String>> = if self.subnets == [None] {
+                vec![None]
+            } else {
+                let zones = self.subnet_zones.lock().expect("lock");
+                zones.iter().filter(|(_, z)| *z == zone).map(|(s, _)| Some(s.clone())).collect()
+            };
+            let why = format!("{itype} spot in {zone}: {} notice on {node_id}", kind.label());
+            tracing::info!("{why}: its replacement goes to another type or zone where there is one");
+            for s in subnets {
+                st.avoid.insert((itype.clone(), s), (Instant::now() + self.cooldown, why.clone()));
+            }
         }
     }
 
@@ -543,9 +645,23 @@ impl Provider for Ec2Provider {
         if let Some((key, msg)) = &st.blocked {
             out.push(format!("launches blocked: config key `{key}`: {msg}; fix it and restart serve"));
         }
-        if let Some(until) = st.backoff_until.filter(|u| *u > now) {
-            out.push(format!("throttled by EC2: launches wait {:.0}s more", (until - now).as_secs_f64()));
+        if let Some((until, why)) = st.backoff_until.as_ref().filter(|(u, _)| *u > now) {
+            out.push(format!("launches wait {:.0}s more after: {why}", (*until - now).as_secs_f64()));
         }
+        let mut quotas: Vec<String> = st
+            .quota
+            .iter()
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(spot, (until, why))| {
+                let market = if *spot { "spot" } else { "on-demand" };
+                format!(
+                    "account quota ({market}): {why}; launches wait {:.0}s more",
+                    (*until - now).as_secs_f64()
+                )
+            })
+            .collect();
+        quotas.sort();
+        out.extend(quotas);
         let mut cooling: Vec<String> = st
             .cooling
             .values()
@@ -556,6 +672,15 @@ impl Provider for Ec2Provider {
             .collect();
         cooling.sort();
         out.extend(cooling);
+        let mut avoided: Vec<String> = st
+            .avoid
+            .values()
+            .filter(|(until, _)| *until > now)
+            .map(|(until, why)| format!("{why}: tried last for {:.0}s more", (*until - now).as_secs_f64()))
+            .collect();
+        avoided.sort();
+        avoided.dedup();
+        out.extend(avoided);
         out
     }
 }

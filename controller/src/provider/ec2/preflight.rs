@@ -36,14 +36,21 @@ impl Ec2Provider {
             )?;
         }
         let subnets: Vec<String> = self.subnets.iter().flatten().cloned().collect();
+        // subnet id -> its availability zone.
+        let mut zones: Vec<(String, String)> = Vec::new();
         if !subnets.is_empty() {
             let what = subnets.join(", ");
-            self.check(
+            let out = self.check(
                 "DescribeSubnets",
                 c.describe_subnets().set_subnet_ids(Some(subnets)).send().await,
                 "subnet_ids",
                 &what,
             )?;
+            for s in out.subnets() {
+                if let (Some(id), Some(z)) = (s.subnet_id(), s.availability_zone()) {
+                    zones.push((id.to_string(), z.to_string()));
+                }
+            }
         }
         // Instance types, and the architecture each one runs.
         let mut types: Vec<(String, String)> =
@@ -100,7 +107,74 @@ impl Ec2Provider {
             self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
             arch_keys.push((arch, t, key));
         }
+        self.subnet_zones.lock().expect("lock").clone_from(&zones);
+        self.check_offerings(&zones, &arch_keys).await?;
         self.resolve_images(&arch_keys).await
+    }
+
+    /// Which (type, subnet) pairs EC2 cannot launch at all, because the
+    /// subnet's zone does not offer the type (`Unsupported`): they are
+    /// never tried. A type offered in none of the subnets is a
+    /// configuration error naming its key.
+    async fn check_offerings(
+        &self,
+        zones: &[(String, String)],
+        types: &[(String, String, String)],
+    ) -> Result<(), ProviderError> {
+        if zones.is_empty() {
+            return Ok(()); // EC2 picks a zone that offers the type.
+        }
+        let mut names: Vec<String> = types.iter().map(|(_, t, _)| t.clone()).collect();
+        names.sort();
+        names.dedup();
+        let mut offered: std::collections::HashSet<(String, String)> = Default::default();
+        let mut pages = self
+            .client
+            .describe_instance_type_offerings()
+            .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
+            .filters(Filter::builder().name("instance-type").set_values(Some(names)).build())
+            .filters(
+                Filter::builder()
+                    .name("location")
+                    .set_values(Some(zones.iter().map(|(_, z)| z.clone()).collect()))
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page =
+                self.check("DescribeInstanceTypeOfferings", page, "subnet_ids", "instance type offerings")?;
+            for o in page.instance_type_offerings() {
+                if let (Some(t), Some(z)) = (o.instance_type(), o.location()) {
+                    offered.insert((t.as_str().to_string(), z.to_string()));
+                }
+            }
+        }
+        let mut skipped = self.unsupported.lock().expect("lock");
+        for (_, t, key) in types {
+            let missing: Vec<&(String, String)> =
+                zones.iter().filter(|(_, z)| !offered.contains(&(t.clone(), z.clone()))).collect();
+            if missing.len() == zones.len() {
+                return Err(ProviderError::Config {
+                    key: key.clone(),
+                    message: format!(
+                        "{t} is offered in none of the zones of subnet_ids ({}): choose another type, or \
+                         subnets in zones that offer it",
+                        zones.iter().map(|(s, z)| format!("{s} in {z}")).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+            for (subnet, zone) in missing {
+                if skipped.insert((t.clone(), subnet.clone())) {
+                    tracing::info!("{t} is not offered in {zone}: never launched in {subnet}");
+                    self.scratch_notes
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{t}: not offered in {zone}, never launched in {subnet}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs a preflight call; maps an error to the config key it concerns.
