@@ -11,6 +11,24 @@ use axum::routing::get;
 use std::sync::Arc;
 use tokio::sync::watch;
 
+/// Where the x86_64 agent is served.
+pub const AGENT_PATH: &str = "/agent/ddisco-agent";
+/// Where the arm64 agent is served (with `agent_binary_arm64`).
+pub const AGENT_ARM64_PATH: &str = "/agent/ddisco-agent-arm64";
+
+/// The architecture an ELF executable is built for (`x86_64`, `arm64`),
+/// from its header; `None` if it is not a 64-bit little-endian ELF file.
+pub fn elf_arch(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
+        return None;
+    }
+    match u16::from_le_bytes([bytes[18], bytes[19]]) {
+        0x3e => Some("x86_64"),
+        0xb7 => Some("arm64"),
+        _ => Some("other"),
+    }
+}
+
 /// How long a client may take to send its request's headers.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -20,6 +38,7 @@ pub async fn serve(
     shared: Arc<Cluster>,
     listener: std::net::TcpListener,
     agent: Vec<u8>,
+    agent_arm64: Option<Vec<u8>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -33,16 +52,17 @@ pub async fn serve(
             .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
 
-    let agent = Bytes::from(agent);
-    let app = Router::new()
-        .route(
-            "/agent/ddisco-agent",
-            get(move || {
-                let agent = agent.clone();
-                async move { ([(header::CONTENT_TYPE, "application/octet-stream")], agent) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
+    let binary = |bytes: Vec<u8>| {
+        let bytes = Bytes::from(bytes);
+        get(move || {
+            let bytes = bytes.clone();
+            async move { ([(header::CONTENT_TYPE, "application/octet-stream")], bytes) }
+        })
+    };
+    let mut app = Router::new().route(AGENT_PATH, binary(agent)).route("/healthz", get(|| async { "ok" }));
+    if let Some(arm) = agent_arm64 {
+        app = app.route(AGENT_ARM64_PATH, binary(arm));
+    }
 
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -68,4 +88,29 @@ pub async fn serve(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elf_headers_tell_the_architecture() {
+        let elf = |class: u8, machine: u16| {
+            let mut b = vec![0u8; 64];
+            b[..4].copy_from_slice(b"\x7fELF");
+            b[4] = class;
+            b[5] = 1;
+            b[18..20].copy_from_slice(&machine.to_le_bytes());
+            b
+        };
+        assert_eq!(elf_arch(&elf(2, 0x3e)), Some("x86_64"));
+        assert_eq!(elf_arch(&elf(2, 0xb7)), Some("arm64"));
+        assert_eq!(elf_arch(&elf(2, 0xf3)), Some("other"));
+        assert_eq!(elf_arch(&elf(1, 0x3e)), None);
+        assert_eq!(elf_arch(b"#!/bin/sh\n"), None);
+        // This test's own executable is the build machine's.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(elf_arch(&me), Some(if cfg!(target_arch = "x86_64") { "x86_64" } else { "arm64" }));
+    }
 }

@@ -64,6 +64,20 @@ pub fn agent_binary_path(cfg: &Config) -> anyhow::Result<PathBuf> {
     Ok(exe.with_file_name("ddisco-agent"))
 }
 
+/// Refuses an agent binary built for another architecture than the one it
+/// is served to (an arm64 node cannot run an x86_64 agent, and the other
+/// way round). Files that are not ELF (scripts in tests) pass.
+fn check_agent_arch(bytes: &[u8], want: &str, key: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    match crate::download::elf_arch(bytes) {
+        Some(arch) if arch != want => Err(anyhow::Error::new(crate::config::ConfigError {
+            path: path.to_path_buf(),
+            key: Some(key.to_string()),
+            message: format!("this agent binary is built for {arch}, not {want}: give the {want} build here"),
+        })),
+        _ => Ok(()),
+    }
+}
+
 /// The address nodes dial, on EC2 when `advertise` is not set: this
 /// instance's private IPv4 (from its instance metadata); listeners left on
 /// loopback bind it instead. Elsewhere, an error that says what to set.
@@ -118,6 +132,17 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         )
     })?;
     let agent_sha256 = hex::encode(Sha256::digest(&agent_bytes));
+    check_agent_arch(&agent_bytes, "x86_64", "agent_binary", &agent_path)?;
+    let agent_arm64 = match &cfg.agent_binary_arm64 {
+        Some(p) => {
+            let bytes = std::fs::read(p).with_context(|| {
+                format!("cannot read the arm64 agent {} (key `agent_binary_arm64`)", p.display())
+            })?;
+            check_agent_arch(&bytes, "arm64", "agent_binary_arm64", p)?;
+            Some(bytes)
+        }
+        None => None,
+    };
 
     // Port 0 means "pick one", once: nodes know the address from their
     // userdata, so a restarted controller must come back on the same ports.
@@ -142,8 +167,20 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .context("cannot prepare the cluster CA in state_dir")?;
     let endpoints = Endpoints {
         grpc_url: format!("https://{}", join_host_port(&host, grpc_addr.port())),
-        agent_url: format!("https://{}/agent/ddisco-agent", join_host_port(&host, dl_addr.port())),
+        agent_url: format!(
+            "https://{}{}",
+            join_host_port(&host, dl_addr.port()),
+            crate::download::AGENT_PATH
+        ),
         agent_sha256,
+        agent_arm64: agent_arm64.as_ref().map(|b| {
+            let url = format!(
+                "https://{}{}",
+                join_host_port(&host, dl_addr.port()),
+                crate::download::AGENT_ARM64_PATH
+            );
+            (url, hex::encode(Sha256::digest(b)))
+        }),
     };
 
     let clock = Clock::new();
@@ -211,7 +248,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::grpc::serve(shared.clone(), grpc_listener, shutdown_rx.clone()));
-    tasks.spawn(crate::download::serve(shared.clone(), dl_listener, agent_bytes, shutdown_rx.clone()));
+    tasks.spawn(crate::download::serve(
+        shared.clone(),
+        dl_listener,
+        agent_bytes,
+        agent_arm64,
+        shutdown_rx.clone(),
+    ));
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
     tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));

@@ -39,6 +39,9 @@ pub struct Userdata<'a> {
     pub ca_pem: &'a str,
     pub agent_url: &'a str,
     pub agent_sha256: &'a str,
+    /// The arm64 agent (URL, SHA-256), if served: a node whose `uname -m`
+    /// says aarch64 fetches it instead.
+    pub agent_arm64: Option<(&'a str, &'a str)>,
     /// Folder on the node for the agent and its identity (EC2:
     /// `/var/lib/ddisco`; the local provider overrides it with DDISCO_HOME).
     pub default_home: &'a str,
@@ -62,6 +65,12 @@ cat > bootstrap.json <<'DDISCO_BOOT_EOF'
 DDISCO_BOOT_EOF
 url='{url}'
 sum='{sum}'
+case "$(uname -m)" in
+  x86_64|amd64) ;;
+{arm}  *)
+    echo "ddisco: no agent for this machine's architecture ($(uname -m)); use x86_64 or arm64 instance types" >&2
+    exit 1 ;;
+esac
 fetch() {{
   if command -v curl >/dev/null 2>&1; then
     curl -fsS --retry 3 --connect-timeout 10 --max-time 300 --cacert ca.pem -o ddisco-agent.part "$url"
@@ -93,6 +102,12 @@ exec ./ddisco-agent run --dir "$D"
             boot = boot,
             url = self.agent_url,
             sum = self.agent_sha256,
+            arm = match self.agent_arm64 {
+                Some((url, sum)) => format!("  aarch64|arm64) url='{url}'; sum='{sum}' ;;\n"),
+                None => "  aarch64|arm64)\n    echo \"ddisco: this controller serves no arm64 agent \
+                         (agent_binary_arm64)\" >&2\n    exit 1 ;;\n"
+                    .into(),
+            },
         )
     }
 }
@@ -127,6 +142,7 @@ mod tests {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----",
             agent_url: "https://10.0.0.1:7444/agent/ddisco-agent",
             agent_sha256: "deadbeef",
+            agent_arm64: None,
             default_home: "/var/lib/ddisco",
         }
         .render();
@@ -136,5 +152,43 @@ mod tests {
         assert!(u.contains("--cacert ca.pem"));
         assert!(u.contains("-----END CERTIFICATE-----\nDDISCO_CA_EOF"));
         assert!(!u.contains("BEGIN PRIVATE KEY"));
+    }
+
+    /// The agent a node runs is the one of its architecture (`uname -m`);
+    /// checked by running the script's selection in `sh` with a stub
+    /// `uname`.
+    #[test]
+    fn each_architecture_fetches_its_own_agent() {
+        let render = |arm: Option<(&str, &str)>| {
+            Userdata {
+                bootstrap: Bootstrap {
+                    controller: "c",
+                    server_name: "s",
+                    ca_sha256: "x",
+                    imds: None,
+                    slots: vec![],
+                },
+                ca_pem: "",
+                agent_url: "https://h/agent/ddisco-agent",
+                agent_sha256: "aaa",
+                agent_arm64: arm,
+                default_home: "/tmp",
+            }
+            .render()
+        };
+        let pick = |script: &str, machine: &str| {
+            // The selection only: from `url=` to the end of the case.
+            let start = script.find("url='").unwrap();
+            let end = script.find("esac").unwrap() + 4;
+            let prog = format!("uname() {{ echo {machine}; }}\n{}\necho \"$url $sum\"", &script[start..end]);
+            let out = std::process::Command::new("sh").arg("-c").arg(prog).output().unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let both = render(Some(("https://h/agent/ddisco-agent-arm64", "bbb")));
+        assert_eq!(pick(&both, "x86_64"), (true, "https://h/agent/ddisco-agent aaa".into()));
+        assert_eq!(pick(&both, "aarch64"), (true, "https://h/agent/ddisco-agent-arm64 bbb".into()));
+        assert!(!pick(&both, "riscv64").0);
+        let x86_only = render(None);
+        assert!(!pick(&x86_only, "aarch64").0, "an arm64 node must not run the x86_64 agent");
     }
 }

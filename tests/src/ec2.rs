@@ -561,6 +561,9 @@ pub struct Model {
     /// Instance Profile" until this moment (a profile created moments ago:
     /// IAM is eventually consistent).
     pub profile_valid_at: Option<Instant>,
+    /// The AWS Price List API (`GetProducts`, which moto lacks): Linux
+    /// on-demand USD per hour per instance type, answered in AWS's format.
+    pub on_demand_usd: HashMap<String, f64>,
 }
 
 impl Default for Model {
@@ -572,6 +575,16 @@ impl Default for Model {
             listing_lag: Duration::ZERO,
             run_latency: Duration::ZERO,
             profile_valid_at: None,
+            // us-east-1's list prices.
+            on_demand_usd: [
+                ("c5.large", 0.085),
+                ("m5.large", 0.096),
+                ("c5d.large", 0.096),
+                ("m6g.large", 0.077),
+            ]
+            .into_iter()
+            .map(|(t, p)| (t.to_string(), p))
+            .collect(),
         }
     }
 }
@@ -703,6 +716,10 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
     let mut body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let params: Vec<(String, String)> =
         form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if let Some(op) = target.strip_prefix("AWSPriceListService.") {
+        return price_list(&sh.state, op, &body);
+    }
     let action = params.iter().find(|(k, _)| k == "Action").map(|(_, v)| v.clone()).unwrap_or_default();
     let fault = {
         let mut st = sh.state.lock().unwrap();
@@ -986,4 +1003,43 @@ fn drop_reservations(xml: &str, hidden: &[String]) -> String {
         .filter(|item| !xml_values(item, "instanceId").iter().any(|id| hidden.contains(id)))
         .collect();
     format!("{}<reservationSet>{kept}{}", &xml[..start], &xml[end..])
+}
+
+/// The Price List API's `GetProducts` (JSON protocol), from the model's
+/// price table: one product per type, in AWS's layout.
+fn price_list(state: &Mutex<ProxyState>, op: &str, body: &[u8]) -> Response {
+    let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let field = |name: &str| {
+        req["Filters"]
+            .as_array()
+            .and_then(|fs| fs.iter().find(|f| f["Field"] == name))
+            .and_then(|f| f["Value"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (itype, region) = (field("instanceType"), field("regionCode"));
+    let mut st = state.lock().unwrap();
+    st.calls.push((Instant::now(), op.to_string(), false, vec![("instanceType".into(), itype.clone())]));
+    let products: Vec<String> = st
+        .model
+        .on_demand_usd
+        .get(&itype)
+        .filter(|_| op == "GetProducts")
+        .map(|usd| {
+            serde_json::json!({
+                "product": {"attributes": {"instanceType": itype, "regionCode": region, "operatingSystem": "Linux"}},
+                "terms": {"OnDemand": {"SKU.JRTCKXETXF": {"priceDimensions": {"SKU.JRTCKXETXF.6YS6EN2CT7": {
+                    "unit": "Hrs", "pricePerUnit": {"USD": format!("{usd:.10}")}
+                }}}}}
+            })
+            .to_string()
+        })
+        .into_iter()
+        .collect();
+    let body = serde_json::json!({"FormatVersion": "aws_v1", "PriceList": products}).to_string();
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(Body::from(body))
+        .unwrap()
 }

@@ -475,7 +475,7 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
     // answer): said plainly, naming the key; nothing launched.
     let path = dir.path().join("noadvertise.toml");
     let text = config(moto(), "ddt-noadv", &sg, "").replace("advertise = \"127.0.0.1\"", "");
-    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
+    std::fs::write(&path, format!("{PORTS}\n{text}\n")).unwrap();
     let out = Command::new(bin("ddisco-controller"))
         .args(["serve", "--config"])
         .arg(&path)
@@ -552,6 +552,27 @@ instance_types = ["m6g.large"]
 count = 1
 "#;
     let text = config(&url, &tag, &sg, pools).replace("ami = \"ami-1e749f67\"", "ami = \"ubuntu:24.04\"");
+    // Issue 14, item 7: without an arm64 agent, the graviton pool is
+    // refused at start, naming the key (the x86_64 agent cannot run there).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-arm.toml");
+    std::fs::write(&path, format!("{PORTS}\n{text}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `agent_binary_arm64`") && err.contains("m6g.large"), "{err}");
+    // An arm64 build (here a stand-in: an ELF header for AArch64; nothing
+    // boots in this test) is served beside the x86_64 one.
+    let arm = dir.path().join("ddisco-agent-arm64");
+    std::fs::write(&arm, fake_elf(0xb7)).unwrap();
+    let arm_sha = sha256_hex(&std::fs::read(&arm).unwrap());
+    let text =
+        text.replacen("provider = ", &format!("agent_binary_arm64 = \"{}\"\nprovider = ", arm.display()), 1);
     let mut cluster = Cluster::start_with_env(&text, aws_env());
     let end = Instant::now() + READY;
     let insts = loop {
@@ -566,6 +587,9 @@ count = 1
         let want =
             if i.instance_type == "m6g.large" { "ami-0b0000000000000b2" } else { "ami-0a0000000000000a2" };
         assert_eq!(i.image_id, want, "{i:?}");
+        // The userdata picks the agent by `uname -m`: arm64 gets its own.
+        let ud = rt.block_on(userdata_of(&c, &i.id)).unwrap();
+        assert!(ud.contains(&format!("/agent/ddisco-agent-arm64'; sum='{arm_sha}'")), "{ud}");
     }
     let table = String::from_utf8(cluster.ctl(&["status"]).stdout).unwrap();
     // Resolved once per architecture at start, not per launch: one
@@ -1440,4 +1464,71 @@ fn throttled_listings_and_terminations_are_waited_out() {
     assert_eq!(throttled, 6, "every throttle was met");
     assert_eq!(World::instance_of(&s, &node_ids(&s, "master")[0]), master);
     assert!(!all_events(&s).iter().any(|e| e.contains("lost")), "{:#?}", all_events(&s));
+}
+
+/// An ELF header for the given machine (0x3e x86-64, 0xb7 AArch64), padded:
+/// what the controller checks agent binaries against.
+fn fake_elf(machine: u16) -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b.extend_from_slice(b"not a real agent: nothing boots in this test");
+    b
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Issue 14, item 7: an agent binary of the wrong architecture is refused
+/// at start, naming its key (an x86_64 file given as the arm64 agent).
+#[test]
+fn an_agent_of_the_wrong_architecture_is_refused() {
+    let Ground { rt: _rt, tag, proxy, sg, .. } = ground(); // the runtime serves the proxy
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("agent-x86");
+    std::fs::write(&wrong, fake_elf(0x3e)).unwrap();
+    let path = dir.path().join("wrong.toml");
+    let cfg = config(&proxy.url, &tag, &sg, &format!("agent_binary_arm64 = \"{}\"", wrong.display()));
+    std::fs::write(&path, format!("{cfg}\n{PORTS}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("key `agent_binary_arm64`") && err.contains("built for x86_64"), "{err}");
+    assert_eq!(proxy.count("RunInstances"), 0);
+}
+
+/// Issue 14, item 8: an on-demand node is costed at the on-demand price of
+/// its type (the AWS Price List API, asked once and cached), not at the
+/// spot price; `root_volume_gb` gives every node a gp3 root volume of that
+/// size (the image's root device), and status says what each type gets.
+#[test]
+fn on_demand_nodes_cost_the_list_price_and_root_volumes_are_sized() {
+    let mut w = world("num_slaves = 1\nmaster_on_demand = true\nroot_volume_gb = 40");
+    let s = w.cluster.wait_until("master + 1 slave priced", READY, |s| {
+        at_size(s, 1) && nodes(s).iter().all(|n| n["price_per_hour"].as_f64().unwrap_or(0.0) > 0.0)
+    });
+    let price = |role: &str| {
+        nodes(&s).iter().find(|n| n["role"] == role).unwrap()["price_per_hour"].as_f64().unwrap()
+    };
+    assert_eq!(price("master"), 0.085, "{s:#}"); // c5.large on-demand, us-east-1
+    assert!(price("slave") < 0.01, "the spot slave at its spot price: {s:#}");
+    assert_eq!(w.proxy.count("GetProducts"), 1, "{:?}", w.proxy.counts());
+    let asked = &w.proxy.requests("GetProducts")[0].1;
+    assert_eq!(asked["instanceType"], "c5.large");
+    for (_, p) in w.proxy.requests("RunInstances") {
+        assert_eq!(p["BlockDeviceMapping.1.Ebs.VolumeSize"], "40", "{p:?}");
+        assert_eq!(p["BlockDeviceMapping.1.Ebs.VolumeType"], "gp3", "{p:?}");
+        assert!(p["BlockDeviceMapping.1.DeviceName"].starts_with("/dev/"), "{p:?}");
+    }
+    let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("on the root volume (40 GiB gp3)"), "{table}");
 }

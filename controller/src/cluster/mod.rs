@@ -66,6 +66,8 @@ pub struct Endpoints {
     pub grpc_url: String,
     pub agent_url: String,
     pub agent_sha256: String,
+    /// The arm64 agent's URL and SHA-256, when one is served.
+    pub agent_arm64: Option<(String, String)>,
 }
 
 /// State shared by the servers and the reconcile loop.

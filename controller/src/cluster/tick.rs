@@ -226,6 +226,7 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
         ca_pem: sh.pki.ca_pem(),
         agent_url: &sh.endpoints.agent_url,
         agent_sha256: &sh.endpoints.agent_sha256,
+        agent_arm64: sh.endpoints.agent_arm64.as_ref().map(|(u, s)| (u.as_str(), s.as_str())),
         default_home: "/var/lib/ddisco",
     }
     .render();

@@ -32,6 +32,7 @@ fn cluster(dir: &std::path::Path, engine: EngineKind) -> Cluster {
             grpc_url: String::new(),
             agent_url: String::new(),
             agent_sha256: String::new(),
+            agent_arm64: None,
         },
         cluster_id: "c-000000000000".into(),
         fd_limit: u64::MAX,

@@ -73,6 +73,9 @@ pub struct Config {
     pub cert_validity: Duration,
     pub reconcile_interval: Duration,
     pub agent_binary: Option<PathBuf>,
+    /// The arm64 (aarch64) agent served to Graviton nodes; `None`: pools of
+    /// arm64 types are refused at preflight.
+    pub agent_binary_arm64: Option<PathBuf>,
     /// Local provider only: allow `apt-get install` of missing packages.
     pub local_install_packages: bool,
     /// Slave pools as configured (empty: one pool from num_slaves).
@@ -100,6 +103,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ec2Config {
     pub region: Option<String>,
+    /// Root volume size (GiB, gp3) of every node; 0: the image's.
+    pub root_volume_gb: u32,
     pub ami: String,
     pub max_bid: String,
     pub key_name: String,
@@ -165,6 +170,9 @@ pub struct NodeShape {
     pub pools: Vec<Pool>,
     pub ssh_user: String,
     pub scratch_path: String,
+    /// Architectures an agent is served for (`x86_64` always; `arm64` with
+    /// `agent_binary_arm64`).
+    pub agent_archs: Vec<String>,
 }
 
 /// Roles allowed to fall back to on-demand (`on_demand_fallback`).
@@ -275,6 +283,7 @@ impl Default for Config {
             cert_validity: Duration::from_secs(30 * 86_400),
             reconcile_interval: Duration::from_secs(2),
             agent_binary: None,
+            agent_binary_arm64: None,
             local_install_packages: false,
             slave_pools: vec![],
             on_demand_idle_replace: Duration::from_secs(600),
@@ -284,6 +293,7 @@ impl Default for Config {
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {
+                root_volume_gb: 0,
                 region: None,
                 ami: "ubuntu:24.04".into(),
                 max_bid: String::new(),
@@ -335,10 +345,10 @@ impl Config {
         if cfg.state_dir.is_relative() {
             cfg.state_dir = base.join(&cfg.state_dir);
         }
-        if let Some(bin) = &cfg.agent_binary
-            && bin.is_relative()
-        {
-            cfg.agent_binary = Some(base.join(bin));
+        for bin in [&mut cfg.agent_binary, &mut cfg.agent_binary_arm64].into_iter().flatten() {
+            if bin.is_relative() {
+                *bin = base.join(&*bin);
+            }
         }
         Ok((cfg, notes))
     }
@@ -412,6 +422,10 @@ impl Config {
             pools: self.pools(),
             ssh_user: self.ssh_user.clone(),
             scratch_path: self.scratch_path.clone(),
+            agent_archs: std::iter::once("x86_64")
+                .chain(self.agent_binary_arm64.is_some().then_some("arm64"))
+                .map(String::from)
+                .collect(),
         }
     }
 
@@ -502,6 +516,8 @@ mod tests {
             ("iam_instance_profile = \"arn:aws:iam::12:instance-profile/x\"", "iam_instance_profile"),
             ("scratch_path = \"mnt\"", "scratch_path"),
             ("scratch_path = \"/\"", "scratch_path"),
+            ("root_volume_gb = 20000", "root_volume_gb"),
+            ("iam_propagation_secs = -1", "iam_propagation_secs"),
         ] {
             let e = toml(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

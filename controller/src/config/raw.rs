@@ -89,6 +89,7 @@ pub struct RawConfig {
     pub(super) reconcile_interval_secs: Option<f64>,
     #[serde(alias = "AGENT_BINARY")]
     pub(super) agent_binary: Option<String>,
+    pub(super) agent_binary_arm64: Option<String>,
     #[serde(alias = "LOCAL_INSTALL_PACKAGES")]
     pub(super) local_install_packages: Option<bool>,
     #[serde(alias = "ENDPOINT_URL")]
@@ -99,6 +100,8 @@ pub struct RawConfig {
     pub(super) slave_pools: Option<Vec<Pool>>,
     #[serde(alias = "EC2_MAX_ATTEMPTS")]
     pub(super) ec2_max_attempts: Option<u32>,
+    #[serde(alias = "ROOT_VOLUME_GB")]
+    pub(super) root_volume_gb: Option<u32>,
     #[serde(alias = "MASTER_ON_DEMAND")]
     pub(super) master_on_demand: Option<bool>,
     #[serde(alias = "CAPACITY_COOLDOWN_SECS")]

@@ -88,6 +88,9 @@ identity_certificate = ""
 # Scratch space: instance-store volumes (striped if several) are formatted
 # and mounted here; without instance store, a directory on the root volume.
 scratch_path = "/mnt"
+# Root volume of every node, GiB (gp3); 0: the image's size (8 GiB for
+# Ubuntu). Types without instance store keep scratch on it: give them room.
+root_volume_gb = 0
 # Slave pools: different instance types with counts (instead of num_slaves).
 # Types are tried in order on capacity errors, then the other pools' types.
 # [[slave_pools]]
@@ -146,6 +149,9 @@ cert_validity_secs = 2592000.0
 reconcile_interval_secs = 2.0
 # The agent binary served to nodes; empty: ddisco-agent next to this program.
 agent_binary = ""
+# The arm64 agent for Graviton types (scripts/build-agent --arch arm64); empty:
+# pools of arm64 types are refused at start. Nodes pick theirs by `uname -m`.
+agent_binary_arm64 = ""
 # Local provider: install missing apt packages on this host (changes the host!).
 local_install_packages = false
 "#,

@@ -159,6 +159,17 @@ impl Config {
                 ),
             ));
         }
+        // gp3 volumes are 1 GiB to 16 TiB.
+        let root_volume_gb = match raw.root_volume_gb {
+            None | Some(0) => 0,
+            Some(n @ 1..=16384) => n,
+            Some(n) => {
+                return Err(err(
+                    "root_volume_gb",
+                    format!("{n} GiB: a gp3 root volume is 1 to 16384 GiB (0: the image's size)"),
+                ));
+            }
+        };
         let scratch_path = raw.scratch_path.unwrap_or(d.scratch_path.clone());
         if !scratch_path.starts_with('/') || scratch_path == "/" || scratch_path.contains("..") {
             return Err(err(
@@ -276,6 +287,7 @@ impl Config {
             cert_validity,
             reconcile_interval,
             agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
+            agent_binary_arm64: non_empty(raw.agent_binary_arm64).map(PathBuf::from),
             local_install_packages: raw.local_install_packages.unwrap_or(false),
             slave_pools: raw.slave_pools.unwrap_or_default(),
             on_demand_idle_replace,
@@ -302,6 +314,7 @@ impl Config {
                 endpoint_url: non_empty(raw.endpoint_url),
                 subnet_ids: raw.subnet_ids.unwrap_or_default(),
                 ec2_max_attempts: raw.ec2_max_attempts.unwrap_or(d.ec2.ec2_max_attempts).clamp(1, 10),
+                root_volume_gb,
                 master_on_demand: raw.master_on_demand.unwrap_or(false),
                 capacity_cooldown,
                 iam_instance_profile,

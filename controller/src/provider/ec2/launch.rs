@@ -67,10 +67,21 @@ impl Ec2Provider {
                     .build(),
             )
             .build();
+        let image = self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?;
+        let root_volume = self.root_devices.lock().expect("lock").get(&image).map(|dev| {
+            use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, VolumeType};
+            let ebs = EbsBlockDevice::builder()
+                .volume_size(self.root_volume_gb as i32)
+                .volume_type(VolumeType::Gp3)
+                .delete_on_termination(true)
+                .build();
+            BlockDeviceMapping::builder().device_name(dev).ebs(ebs).build()
+        });
         let mut req = self
             .client
             .run_instances()
-            .image_id(self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?)
+            .image_id(image)
+            .set_block_device_mappings(root_volume.map(|m| vec![m]))
             .instance_type(InstanceType::from(itype))
             // EC2 launches as many as it can, up to n (capacity, quotas):
             // the rest are launched elsewhere or at the next tick.
@@ -241,6 +252,9 @@ impl Ec2Provider {
                 (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
             {
                 self.placement.lock().expect("lock").insert(id.into(), (itype.to_string(), z.into()));
+            }
+            if let (false, Some(id)) = (spot, inst.instance_id()) {
+                self.on_demand_ids.lock().expect("lock").insert(id.to_string());
             }
             if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
                 launched.push(Launched {

@@ -77,9 +77,15 @@ pub struct Ec2Provider {
     master_on_demand: bool,
     pools: Vec<Pool>,
     ssh_user: String,
+    /// Architectures the controller serves an agent for.
+    agent_archs: Vec<String>,
     iam_profile: Option<String>,
     iam_propagation: Duration,
     scratch_path: String,
+    /// Root volume size (GiB, gp3); 0: the image's.
+    root_volume_gb: u32,
+    /// Image id -> its root device name (for the root volume's mapping).
+    root_devices: Mutex<HashMap<String, String>>,
     cooldown: Duration,
     fallback: fallback::Policy,
     /// Std mutex: a few field updates, never held across `.await`.
@@ -88,6 +94,12 @@ pub struct Ec2Provider {
     calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
     /// instance id -> (type, zone), from the last listing (for prices).
     placement: Mutex<HashMap<String, (String, String)>>,
+    /// Instances that run on-demand (costed at the on-demand price).
+    on_demand_ids: Mutex<std::collections::HashSet<String>>,
+    /// The AWS Price List API (on-demand prices).
+    pricing: aws_sdk_pricing::Client,
+    on_demand_cache: Mutex<prices::OnDemandCache>,
+    on_demand_cache_file: std::path::PathBuf,
     /// Instance type -> architecture (`x86_64`, `arm64`), from preflight.
     type_arch: Mutex<HashMap<String, String>>,
     /// Architecture -> image id in force, from preflight.
@@ -237,9 +249,12 @@ impl Ec2Provider {
             master_on_demand: cfg.master_on_demand,
             pools: nodes.pools.clone(),
             ssh_user: nodes.ssh_user.clone(),
+            agent_archs: nodes.agent_archs.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
             iam_propagation: cfg.iam_propagation,
             scratch_path: nodes.scratch_path.clone(),
+            root_volume_gb: cfg.root_volume_gb,
+            root_devices: Mutex::default(),
             cooldown: cfg.capacity_cooldown,
             fallback: fallback::Policy {
                 roles: cfg.on_demand_fallback,
@@ -250,6 +265,16 @@ impl Ec2Provider {
             state: Mutex::new(State::default()),
             calls: Mutex::default(),
             placement: Mutex::default(),
+            on_demand_ids: Mutex::default(),
+            // The Price List API answers in us-east-1 (and two other
+            // regions) for every region.
+            pricing: aws_sdk_pricing::Client::from_conf(
+                aws_sdk_pricing::config::Builder::from(&sdk).region(Region::new("us-east-1")).build(),
+            ),
+            on_demand_cache: Mutex::new(prices::read_on_demand_cache(
+                &state_dir.join("on-demand-prices.json"),
+            )),
+            on_demand_cache_file: state_dir.join("on-demand-prices.json"),
             type_arch: Mutex::default(),
             scratch_notes: Mutex::default(),
             unsupported: Mutex::default(),
@@ -484,6 +509,9 @@ impl Provider for Ec2Provider {
                         .expect("lock")
                         .insert(id.to_string(), (t.as_str().into(), z.into()));
                 }
+                if inst.instance_lifecycle().is_none() {
+                    self.on_demand_ids.lock().expect("lock").insert(id.to_string());
+                }
                 let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
                 let state = inst.state().and_then(|s| s.name());
                 out.push(Observed {
@@ -572,7 +600,7 @@ impl Provider for Ec2Provider {
     }
 
     async fn prices(&self, instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
-        self.spot_prices(instance_ids).await
+        self.prices_of(instance_ids).await
     }
 
     fn api_calls(&self) -> Vec<(String, u64, u64)> {

@@ -96,20 +96,68 @@ impl Ec2Provider {
                     .collect();
                 disks.join(" + ")
             });
+            let root = match self.root_volume_gb {
+                0 => String::new(),
+                n => format!(" ({n} GiB gp3)"),
+            };
             self.scratch_notes.lock().expect("lock").push(match store {
                 Some(disks) if !disks.is_empty() => {
                     format!("scratch on {t}: {disks} instance store, mounted at {}", self.scratch_path)
                 }
-                _ => {
-                    format!("scratch on {t}: no instance store, {} is on the root volume", self.scratch_path)
-                }
+                _ => format!(
+                    "scratch on {t}: no instance store, {} is on the root volume{root}",
+                    self.scratch_path
+                ),
             });
             self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
             arch_keys.push((arch, t, key));
         }
         self.subnet_zones.lock().expect("lock").clone_from(&zones);
         self.check_offerings(&zones, &arch_keys).await?;
-        self.resolve_images(&arch_keys).await
+        self.resolve_images(&arch_keys).await?;
+        // Every type's architecture needs its agent (an x86_64 agent does
+        // not run on Graviton).
+        if let Some((arch, t, key)) = arch_keys.iter().find(|(a, _, _)| !self.agent_archs.contains(a)) {
+            return Err(ProviderError::Config {
+                key: "agent_binary_arm64".into(),
+                message: format!(
+                    "{t} ({key}) runs {arch}, and no {arch} agent is served: build it \
+                     (scripts/build-agent --arch arm64) and set agent_binary_arm64 to its path, or use an \
+                     x86_64 type"
+                ),
+            });
+        }
+        self.find_root_devices(&arch_keys).await
+    }
+
+    /// With `root_volume_gb`, the root device name of each image in use
+    /// (the block device mapping must name it).
+    async fn find_root_devices(&self, types: &[(String, String, String)]) -> Result<(), ProviderError> {
+        if self.root_volume_gb == 0 {
+            return Ok(());
+        }
+        let mut ids: Vec<String> = types.iter().filter_map(|(_, t, _)| self.image_for(t).ok()).collect();
+        ids.sort();
+        ids.dedup();
+        let out = self.check(
+            "DescribeImages",
+            self.client.describe_images().set_image_ids(Some(ids.clone())).send().await,
+            "ami",
+            &ids.join(", "),
+        )?;
+        let mut devices = self.root_devices.lock().expect("lock");
+        for img in out.images() {
+            if let (Some(id), Some(dev)) = (img.image_id(), img.root_device_name()) {
+                devices.insert(id.to_string(), dev.to_string());
+            }
+        }
+        match ids.iter().find(|id| !devices.contains_key(*id)) {
+            Some(id) => Err(ProviderError::Config {
+                key: "root_volume_gb".into(),
+                message: format!("image {id} does not say its root device: cannot size its root volume"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Which (type, subnet) pairs EC2 cannot launch at all, because the
