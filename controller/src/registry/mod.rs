@@ -542,7 +542,6 @@ impl Registry {
         let mut map = HashMap::new();
         let mut orphans = Vec::new();
         let mut adopt = Vec::new();
-        let mut listed = Vec::new();
         for o in observed {
             let node = o
                 .node_id
@@ -560,16 +559,13 @@ impl Registry {
                 Some(id) => {
                     let e = map.entry(id.to_string()).or_insert(false);
                     *e |= o.alive;
-                    listed.push(id.to_string());
+                    if let Some(entry) = self.nodes.get(id) {
+                        entry.live.listed.store(true, Ordering::Relaxed);
+                    }
                 }
                 // Another cluster's instance (same tag_key): not ours to end.
                 None if o.alive && !o.foreign => orphans.push(o.clone()),
                 None => {}
-            }
-        }
-        for id in listed {
-            if let Some(e) = self.nodes.get(&id) {
-                e.live.listed.store(true, Ordering::Relaxed);
             }
         }
         for (id, instance) in adopt {
