@@ -126,16 +126,21 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         }
         return Err(e.context("saving cluster.json before a launch"));
     }
-    // Each launch runs on its own: walking candidates can take many calls
-    // (seconds each on EC2), and the next tick must still decide on time
-    // (a heartbeat loss, a notice). Its nodes are recorded, so no tick
-    // launches them twice; `destroy` waits for launches in flight.
-    for b in batches {
+    // The launches run beside the loop: walking candidates can take many
+    // calls (seconds each on EC2), and the next tick must still decide on
+    // time (a heartbeat loss, a notice). Their nodes are recorded, so no
+    // tick launches them twice; `destroy` waits for launches in flight.
+    // One after the other, the master first: with capacity or an account
+    // quota for only some nodes, the master gets it.
+    if !batches.is_empty() {
+        batches.sort_by_key(|b| b.role != Role::Master);
         let sh2 = sh.clone();
         let in_flight = sh.launches.clone().read_owned().await;
         tokio::spawn(async move {
-            launch_batch(&sh2, b).await;
-            sh2.changed();
+            for b in batches {
+                launch_batch(&sh2, b).await;
+                sh2.changed();
+            }
             drop(in_flight);
         });
     }
