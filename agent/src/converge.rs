@@ -10,6 +10,7 @@ use crate::model::{DirectiveKind, DirectiveReport, Directives, ManagedFile, Post
 use crate::steps::Executor;
 use http_body_util::Full;
 use hyper::body::Bytes;
+use nix::sys::signal::Signal;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -216,7 +217,8 @@ async fn supervise(
                 }
             }
         };
-        tracing::info!(service = %name, pid = child.id(), "started");
+        let pid = child.id();
+        tracing::info!(service = %name, pid, "started");
         let _ = reports.send(report(&id, &name, None));
         let started = tokio::time::Instant::now();
         tokio::select! {
@@ -234,14 +236,18 @@ async fn supervise(
                 }
             }
             _ = stop.changed() => {
-                // Graceful first (a Dask worker retires on SIGTERM).
-                if let Some(pid) = child.id() {
-                    let _ = nix_term(pid);
-                }
+                // Graceful first (a Dask worker retires on SIGTERM), to it
+                // and what it started (Disco's launcher runs Erlang,
+                // `runuser` its command); what is left after the grace is
+                // killed. (Not a process group of its own: the node's group
+                // is its machine, which the local provider ends as a whole.)
+                let tree = pid.map(descendants).unwrap_or_default();
+                signal_all(&tree, Signal::SIGTERM);
                 let grace = Duration::from_millis(u64::from(spec.grace_ms.max(100)));
                 if tokio::time::timeout(grace, child.wait()).await.is_err() {
                     let _ = child.kill().await;
                 }
+                signal_all(&tree, Signal::SIGKILL);
                 tracing::info!(service = %name, "stopped");
                 return;
             }
@@ -249,9 +255,35 @@ async fn supervise(
     }
 }
 
-fn nix_term(pid: u32) -> std::io::Result<()> {
-    // SAFETY-free: std has no kill(2); use the `kill` command.
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().map(|_| ())
+/// `pid` and every process below it (from /proc), parents first.
+fn descendants(pid: u32) -> Vec<i32> {
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            // The fields after the parenthesised name: state, ppid, ...
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)?.parse().ok());
+            if let Some(pp) = ppid {
+                parent_of.push((p, pp));
+            }
+        }
+    }
+    let mut tree = vec![pid as i32];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// Signals each process (one already gone is fine).
+fn signal_all(pids: &[i32], sig: Signal) {
+    for p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
 }
 
 /// POSTs until it gets a 2xx answer (backoff between tries).
@@ -371,6 +403,52 @@ mod tests {
         let twice = with_block(&once, "ddisco", "10.0.0.2 ip-2");
         assert_eq!(twice, "127.0.0.1 localhost\n# BEGIN ddisco\n10.0.0.2 ip-2\n# END ddisco\n");
         assert_eq!(with_block(&twice, "ddisco", "10.0.0.2 ip-2"), twice);
+    }
+
+    /// Stopping a service stops what it started: a launcher whose child
+    /// (Disco's Python launcher runs Erlang) would otherwise outlive it.
+    #[tokio::test]
+    async fn a_stopped_service_takes_its_children_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("child.pid");
+        let spec = Service {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("sleep 300 & echo $! > {}; wait", pidfile.display()),
+            ],
+            env: Default::default(),
+            workdir: String::new(),
+            grace_ms: 200,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let task =
+            tokio::spawn(supervise("svc".into(), spec, stop_rx, dir.path().join("logs"), tx, "d1".into()));
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        let child: i32 = loop {
+            if let Some(p) = std::fs::read_to_string(&pidfile).ok().and_then(|t| t.trim().parse().ok()) {
+                break p;
+            }
+            assert!(tokio::time::Instant::now() < end, "the service did not start its child");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        assert!(alive(child));
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        // Reaped by init or still a zombie: either way not running.
+        let end = tokio::time::Instant::now() + Duration::from_secs(5);
+        while alive(child) && !is_zombie(child) {
+            assert!(tokio::time::Instant::now() < end, "the service's child {child} outlived it");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn is_zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true)
     }
 
     #[tokio::test]
