@@ -2,7 +2,7 @@
 //! count; the Disco engine drives a stand-in Disco master through scale up,
 //! replacement and scale down.
 
-use ddisco_tests::disco::DiscoStandIn;
+use ddisco_tests::disco::{DiscoStandIn, built_disco, http};
 use ddisco_tests::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -249,7 +249,8 @@ heartbeat_timeout_secs = 5.0
         assert!(hosts.contains("# BEGIN ddisco") && hosts.contains(&master), "{hosts}");
         let settings = std::fs::read_to_string(node_dir(id).join("etc/disco/settings.py")).unwrap();
         assert!(
-            settings.contains("DISCO_ROOT = \"/mnt/disco\"")
+            // The local provider's nodes keep Disco's data under their own root.
+            settings.contains(&format!("DISCO_ROOT = \"{}\"", node_dir(id).join("mnt/disco").display()))
                 && settings.contains("DDFS_BLOB_REPLICAS = \"3\""),
             "{settings}"
         );
@@ -324,4 +325,107 @@ heartbeat_timeout_secs = 5.0
     // Every call honoured Disco's contract.
     let refused: Vec<_> = standin.calls().into_iter().filter(|c| c.status != 200).collect();
     assert!(refused.is_empty(), "the stand-in refused: {refused:#?}");
+}
+
+/// Issue 15 (in part): the real Disco master (Disco 0.5.4 built by
+/// scripts/build-disco from shared/vendor/disco with the project's patches,
+/// Erlang/OTP 25, Python 3) started by the engine on the local provider's
+/// master: it loads the settings the engine writes (with Disco's own
+/// settings loader), takes the config table the controller computes,
+/// blacklists a slave leaving on `scale 1` while it drains, and its Erlang
+/// VM is gone when the cluster is destroyed (the service is stopped as a
+/// process group). Its slaves are not taken over SSH here: local nodes are
+/// not machines with sshd yet.
+#[test]
+fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
+    let home = built_disco();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = Cluster::start(&format!(
+        r#"
+engine = "disco"
+disco_source = ""
+disco_home = "{}"
+disco_port = {port}
+num_slaves = 2
+drain_timeout_secs = 20
+heartbeat_timeout_secs = 5.0
+"#,
+        home.display()
+    ));
+    let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    let ctrl = |op: &str| format!("http://127.0.0.1:{port}/disco/ctrl/{op}");
+    let table_of = |s: &Value| -> Value {
+        let mut rows: Vec<(String, String)> = nodes(s)
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .map(|n| (n["node_id"].as_str().unwrap().to_string(), n["workers"].as_u64().unwrap().to_string()))
+            .collect();
+        rows.sort_by_key(|(h, _)| (!h.starts_with("master"), h.clone()));
+        serde_json::to_value(rows.iter().map(|(h, w)| [h, w]).collect::<Vec<_>>()).unwrap()
+    };
+    let master_dir = c.state_dir().join("nodes").join(&node_ids(&s, "master")[0]);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(Instant::now() < end, "{what}; the master's log:\n{}", master_log(&master_dir));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let load = || serde_json::from_str::<Value>(&http("GET", &ctrl("load_config_table"), "").1).ok();
+    let want = table_of(&s);
+    wait("the real master has the cluster's table", &|| load().as_ref() == Some(&want));
+
+    // The settings the engine wrote, read by Disco's own loader.
+    let node_root = master_dir.clone();
+    let out = Command::new("python3")
+        .args(["-c", "from disco.settings import DiscoSettings as S; s = S(); print(s['DISCO_HOME']); print(s['DISCO_ROOT'])"])
+        .env("PYTHONPATH", home.join("lib"))
+        .env("DISCO_SETTINGS_FILE", node_root.join("etc/disco/settings.py"))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = printed.lines();
+    assert_eq!(lines.next(), Some(home.to_str().unwrap()));
+    assert_eq!(lines.next(), Some(node_root.join("mnt/disco").to_str().unwrap()));
+
+    // scale 1: the slave that leaves is blacklisted at the master while it
+    // drains, then leaves the table.
+    assert!(c.ctl(&["scale", "1"]).status.success());
+    let s2 = c.wait_until("a slave draining", Duration::from_secs(30), |s| {
+        nodes(s).iter().any(|n| n["state"] == "draining")
+    });
+    let leaving = nodes(&s2).iter().find(|n| n["state"] == "draining").unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait("the leaving slave blacklisted by the real master", &|| {
+        serde_json::from_str::<Value>(&http("GET", &ctrl("nodeinfo"), "").1)
+            .is_ok_and(|v| v[&leaving]["blacklisted"] == true)
+    });
+    let s3 = c.wait_until("master + 1 slave", Duration::from_secs(60), |s| at_size(s, 1));
+    let want = table_of(&s3);
+    wait("the table without the slave", &|| load().as_ref() == Some(&want));
+
+    // Destroyed: the master's Erlang VM is gone with its service.
+    assert!(c.ctl(&["destroy", "--yes"]).status.success());
+    let vm = format!("disco_{port}_master");
+    wait("no Disco VM left", &|| {
+        !String::from_utf8_lossy(&Command::new("ps").args(["-eo", "args"]).output().unwrap().stdout)
+            .contains(&vm)
+    });
+}
+
+/// The master node's Disco log (service output), for failure messages.
+fn master_log(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for rel in ["logs/disco.log", "mnt/disco/log/console.log"] {
+        if let Ok(t) = std::fs::read_to_string(dir.join(rel)) {
+            out.push_str(&format!(
+                "--- {rel}\n{}\n",
+                t.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+    }
+    out
 }

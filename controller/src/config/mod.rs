@@ -159,6 +159,10 @@ pub struct DiscoConfig {
     pub port: u16,
     pub root: String,
     pub gc_after: u32,
+    /// Where Disco lives on the nodes (`DISCO_HOME`): a relocatable build
+    /// of `scripts/build-disco`, run as `python3 <home>/bin/disco`; empty:
+    /// installed by `make install` (`/usr/lib/disco`, `disco` on PATH).
+    pub home: String,
 }
 
 /// What the EC2 provider needs to know of the nodes besides its section.
@@ -320,6 +324,7 @@ impl Default for Config {
                 port: 8989,
                 root: "/mnt/disco".into(),
                 gc_after: 6400,
+                home: String::new(),
             },
         }
     }

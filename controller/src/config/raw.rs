@@ -142,6 +142,8 @@ pub struct RawConfig {
     pub(super) disco_root: Option<String>,
     #[serde(alias = "DISCO_GC_AFTER")]
     pub(super) disco_gc_after: Option<u32>,
+    #[serde(alias = "DISCO_HOME")]
+    pub(super) disco_home: Option<String>,
     #[serde(alias = "DASHBOARD_LISTEN")]
     pub(super) dashboard_listen: Option<String>,
     #[serde(alias = "DASHBOARD_TOKEN")]

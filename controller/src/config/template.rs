@@ -111,6 +111,10 @@ disco_source = "git+https://github.com/discoproject/disco.git@0.5.4"
 disco_port = 8989
 disco_root = "/mnt/disco"
 disco_gc_after = 6400
+# Where Disco lives on the nodes (DISCO_HOME): a relocatable build made by
+# scripts/build-disco (run with python3 <home>/bin/disco); empty: installed
+# by make install (/usr/lib/disco, `disco` on PATH).
+disco_home = ""
 
 # Dask engine: version installed with pip on every node; scheduler and
 # dashboard ports on the master.

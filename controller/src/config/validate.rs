@@ -193,6 +193,15 @@ impl Config {
                 ));
             }
         };
+        if raw.disco_home.as_deref().is_some_and(|h| {
+            let h = h.trim();
+            !h.is_empty() && (!h.starts_with('/') || h.contains(['"', '\'', '\\', '\n']))
+        }) {
+            return Err(err(
+                "disco_home",
+                "must be an absolute path (the Disco home scripts/build-disco prints), or empty".into(),
+            ));
+        }
         if raw.disco_root.as_deref().is_some_and(|r| !r.starts_with('/')) {
             return Err(err("disco_root", "must be an absolute path, e.g. \"/mnt/disco\"".into()));
         }
@@ -335,6 +344,7 @@ impl Config {
                 port: raw.disco_port.unwrap_or(d.disco.port),
                 root: raw.disco_root.unwrap_or(d.disco.root),
                 gc_after: raw.disco_gc_after.unwrap_or(d.disco.gc_after),
+                home: raw.disco_home.unwrap_or_default().trim().to_string(),
             },
         };
         for (key, list) in

@@ -37,7 +37,13 @@ pub struct Disco {
     pub gc_after: u32,
     /// The cluster's Erlang cookie (a secret: never logged, never userdata).
     pub cookie: String,
+    /// `DISCO_HOME` of a relocatable build (`scripts/build-disco`); `None`:
+    /// installed by `make install`.
+    pub home_dir: Option<String>,
 }
+
+/// Where `make install` puts Disco's Erlang code (its `DISCO_HOME`).
+const INSTALLED_HOME: &str = "/usr/lib/disco";
 
 impl Disco {
     pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Disco {
@@ -47,6 +53,7 @@ impl Disco {
             root: cfg.disco.root.clone(),
             gc_after: cfg.disco.gc_after,
             cookie,
+            home_dir: (!cfg.disco.home.is_empty()).then(|| cfg.disco.home.clone()),
         }
     }
 
@@ -54,13 +61,22 @@ impl Disco {
         under(layout, "home/disco")
     }
 
-    fn settings(&self, members: &[Member], me: &Member) -> String {
+    /// Disco's `DISCO_ROOT` on this node (under the node's own root for
+    /// the local provider).
+    fn root(&self, layout: &NodeLayout) -> String {
+        if layout.system { self.root.clone() } else { under(layout, self.root.trim_start_matches('/')) }
+    }
+
+    /// A complete `settings.py` (Disco execs it as Python): every setting
+    /// Disco cannot guess, `DISCO_HOME` included.
+    fn settings(&self, members: &[Member], me: &Member, layout: &NodeLayout) -> String {
         let nodes = members.iter().filter(|m| m.ready && !m.leaving).count().max(1);
         let replicas = nodes.min(3);
         let master_host = master(members).map(|m| m.hostname.as_str()).unwrap_or("");
         let proxy = if me.is_master() { "on" } else { "" };
         format!(
             "# Managed by ddisco: rewritten on every membership change.\n\
+             DISCO_HOME = \"{home}\"\n\
              DISCO_MASTER_HOST = \"{master_host}\"\n\
              DISCO_PORT = \"{port}\"\n\
              DISCO_ROOT = \"{root}\"\n\
@@ -68,11 +84,14 @@ impl Disco {
              DISCO_LOG_DIR = \"{root}/log\"\n\
              DISCO_GC_AFTER = \"{gc}\"\n\
              DISCO_PROXY_ENABLED = \"{proxy}\"\n\
+             # Erlang without a shell: the agent supervises it with stdin closed.\n\
+             SYSTEMD_ENABLED = True\n\
              DDFS_TAG_MIN_REPLICAS = \"{replicas}\"\n\
              DDFS_TAG_REPLICAS = \"{replicas}\"\n\
              DDFS_BLOB_REPLICAS = \"{replicas}\"\n",
+            home = self.home_dir.as_deref().unwrap_or(INSTALLED_HOME),
             port = self.port,
-            root = self.root,
+            root = self.root(layout),
             gc = self.gc_after,
         )
     }
@@ -187,7 +206,7 @@ impl Engine for Disco {
         out.push(Disco::file(
             "disco_settings",
             under(layout, "etc/disco/settings.py"),
-            self.settings(members, me),
+            self.settings(members, me, layout),
             0o644,
             "",
             "",
@@ -218,17 +237,20 @@ impl Engine for Disco {
                 owner,
                 "ddisco",
             ));
-            let (argv, env) = if layout.system {
-                (
-                    ["runuser", "-u", "disco", "--", "disco", "nodaemon"].map(String::from).to_vec(),
-                    BTreeMap::new(),
-                )
-            } else {
-                (
-                    ["disco", "nodaemon"].map(String::from).to_vec(),
-                    BTreeMap::from([("DISCO_SETTINGS".into(), under(layout, "etc/disco/settings.py"))]),
-                )
+            // Disco reads DISCO_SETTINGS_FILE (its launcher overwrites
+            // DISCO_SETTINGS with the list of names it exports).
+            let mut env =
+                BTreeMap::from([("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py"))]);
+            let mut argv: Vec<String> = match &self.home_dir {
+                Some(h) => {
+                    env.insert("PYTHONPATH".into(), format!("{h}/lib"));
+                    vec!["python3".into(), format!("{h}/bin/disco"), "nodaemon".into()]
+                }
+                None => vec!["disco".into(), "nodaemon".into()],
             };
+            if layout.system {
+                argv.splice(0..0, ["runuser", "-u", "disco", "--"].map(String::from));
+            }
             out.push(Directive {
                 name: "disco".into(),
                 kind: DirectiveKind::Service { argv, env, workdir: String::new(), grace_ms: 10_000 },
@@ -333,6 +355,7 @@ mod tests {
             root: "/mnt/disco".into(),
             gc_after: 6400,
             cookie: "COOKIE".into(),
+            home_dir: None,
         }
     }
 
@@ -472,5 +495,40 @@ mod tests {
         // Local provider: paths under the node's root.
         let ld = disco().directives(&slave, &members, &layout(false));
         assert_eq!(find(&ld, "hosts").0, "/n/etc/hosts");
+        let (_, local, _, _) = find(&ld, "disco_settings");
+        assert!(local.contains("DISCO_ROOT = \"/n/mnt/disco\""), "{local}");
+    }
+
+    /// The settings file is Python that Disco execs: it must load, and set
+    /// what Disco cannot guess (DISCO_HOME) and what keeps the master up
+    /// under a supervisor (SYSTEMD_ENABLED: Erlang with -noshell).
+    #[test]
+    fn settings_load_as_python_and_name_the_home() {
+        let members = [m("m", Role::Master, "ip-1", 2), m("s", Role::Slave, "ip-2", 1)];
+        let d = Disco { home_dir: Some("/opt/disco".into()), ..disco() };
+        let set = d.directives(&members[0], &members, &layout(false));
+        let settings = match &set.iter().find(|x| x.name == "disco_settings").unwrap().kind {
+            DirectiveKind::File { content, .. } => content.clone(),
+            other => panic!("{other:?}"),
+        };
+        let prog = format!(
+            "{settings}\nassert DISCO_HOME == '/opt/disco' and SYSTEMD_ENABLED is True\nprint(DISCO_ROOT)"
+        );
+        let out = std::process::Command::new("python3").arg("-c").arg(prog).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "/n/mnt/disco");
+        assert!(
+            disco()
+                .settings(&members, &members[0], &layout(true))
+                .contains("DISCO_HOME = \"/usr/lib/disco\"")
+        );
+        // The master runs the build's launcher with python3, told where the
+        // settings are (DISCO_SETTINGS_FILE: Disco overwrites DISCO_SETTINGS).
+        let service = set.iter().find(|x| x.name == "disco").unwrap();
+        let DirectiveKind::Service { argv, env, .. } = &service.kind else { panic!("{service:?}") };
+        assert_eq!(argv, &["python3", "/opt/disco/bin/disco", "nodaemon"]);
+        assert_eq!(env["DISCO_SETTINGS_FILE"], "/n/etc/disco/settings.py");
+        assert_eq!(env["PYTHONPATH"], "/opt/disco/lib");
+        assert!(!env.contains_key("DISCO_SETTINGS"));
     }
 }
