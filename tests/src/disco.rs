@@ -6,7 +6,7 @@
 //!   both values strings: `"table saved!"`; HTTP 400 `"duplicate nodes"` or
 //!   `"invalid config"` otherwise. Saving replaces the whole table.
 //! - `GET /disco/ctrl/load_config_table` returns it.
-//! - `POST /disco/ctrl/blacklist` / `whitelist`, body a JSON string: the
+//! - `POST /disco/ctrl/blacklist` / `whitelist` / `gc_blacklist`, body a JSON string: the
 //!   host name; `""` with 200, whether the host is in the table or not (as
 //!   the real master answers); a body that is not a JSON string: 400.
 //!
@@ -49,6 +49,7 @@ impl DiscoStandIn {
             .route("/disco/ctrl/load_config_table", get(load))
             .route("/disco/ctrl/blacklist", post(|s: S, b: String| list(s, b, "blacklist")))
             .route("/disco/ctrl/whitelist", post(|s: S, b: String| list(s, b, "whitelist")))
+            .route("/disco/ctrl/gc_blacklist", post(|s: S, b: String| list(s, b, "gc_blacklist")))
             .with_state(state.clone());
         let task = rt.spawn(async move {
             let _ = axum::serve(listener, app).await;

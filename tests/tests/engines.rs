@@ -261,7 +261,8 @@ heartbeat_timeout_secs = 5.0
         }
     }
     let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
-    assert!(table.contains("ssh disco@") && table.contains("DISCO_PROXY=http://localhost:8090"), "{table}");
+    // The tunnel goes through the login user (the one mgmt_key reaches).
+    assert!(table.contains("ssh ubuntu@") && table.contains("DISCO_PROXY=http://localhost:8090"), "{table}");
 
     // A user of a slave replaces its managed /etc/hosts by a symlink to a
     // secret (the agent, as root, used to read and write through it): at
@@ -402,6 +403,11 @@ heartbeat_timeout_secs = 5.0
     wait("the leaving slave blacklisted by the real master", &|| {
         serde_json::from_str::<Value>(&http("GET", &ctrl("nodeinfo"), "").1)
             .is_ok_and(|v| v[&leaving]["blacklisted"] == true)
+    });
+    // ...and for DDFS, whose GC moves its data away during the drain.
+    wait("the leaving slave on the DDFS GC blacklist", &|| {
+        serde_json::from_str::<Value>(&http("GET", &ctrl("get_gc_blacklist"), "").1)
+            .is_ok_and(|v| v.as_array().is_some_and(|a| a.iter().any(|h| h == leaving.as_str())))
     });
     let s3 = c.wait_until("master + 1 slave", Duration::from_secs(60), |s| at_size(s, 1));
     let want = table_of(&s3);

@@ -27,6 +27,7 @@
 use super::{Directive, DirectiveKind, Engine, Member, master, under};
 use crate::model::Role;
 use crate::plan::{NodeLayout, Step, StepKind};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 pub struct Disco {
@@ -40,6 +41,9 @@ pub struct Disco {
     /// `DISCO_HOME` of a relocatable build (`scripts/build-disco`); `None`:
     /// installed by `make install`.
     pub home_dir: Option<String>,
+    /// The login user management keys go to (`ssh_user`): the one the
+    /// status's SSH tunnel line names.
+    pub login_user: String,
 }
 
 /// Where `make install` puts Disco's Erlang code (its `DISCO_HOME`).
@@ -54,6 +58,7 @@ impl Disco {
             gc_after: cfg.disco.gc_after,
             cookie,
             home_dir: (!cfg.disco.home.is_empty()).then(|| cfg.disco.home.clone()),
+            login_user: cfg.ssh_user.clone(),
         }
     }
 
@@ -70,7 +75,10 @@ impl Disco {
     /// A complete `settings.py` (Disco execs it as Python): every setting
     /// Disco cannot guess, `DISCO_HOME` included.
     fn settings(&self, members: &[Member], me: &Member, layout: &NodeLayout) -> String {
-        let nodes = members.iter().filter(|m| m.ready && !m.leaving).count().max(1);
+        // The planned size (every node not leaving, ready or still coming):
+        // the master reads replicas once, at start, before any slave is
+        // ready; counting ready nodes would leave them at 1.
+        let nodes = members.iter().filter(|m| !m.leaving).count().max(1);
         let replicas = nodes.min(3);
         let master_host = master(members).map(|m| m.hostname.as_str()).unwrap_or("");
         let proxy = if me.is_master() { "on" } else { "" };
@@ -203,10 +211,14 @@ impl Engine for Disco {
             "",
             "ddisco",
         ));
+        let settings = self.settings(members, me, layout);
+        // Disco reads its settings once, at start: the master's service
+        // carries their digest, so a change (replicas) restarts it.
+        let settings_sha = hex::encode(&Sha256::digest(settings.as_bytes())[..8]);
         out.push(Disco::file(
             "disco_settings",
             under(layout, "etc/disco/settings.py"),
-            self.settings(members, me, layout),
+            settings,
             0o644,
             "",
             "",
@@ -239,8 +251,10 @@ impl Engine for Disco {
             ));
             // Disco reads DISCO_SETTINGS_FILE (its launcher overwrites
             // DISCO_SETTINGS with the list of names it exports).
-            let mut env =
-                BTreeMap::from([("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py"))]);
+            let mut env = BTreeMap::from([
+                ("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py")),
+                ("DDISCO_SETTINGS_SHA256".into(), settings_sha.clone()),
+            ]);
             let mut argv: Vec<String> = match &self.home_dir {
                 Some(h) => {
                     env.insert("PYTHONPATH".into(), format!("{h}/lib"));
@@ -256,24 +270,32 @@ impl Engine for Disco {
                 kind: DirectiveKind::Service { argv, env, workdir: String::new(), grace_ms: 10_000 },
             });
             let base = format!("http://127.0.0.1:{}/disco/ctrl", self.port);
-            // Leaving slaves are blacklisted first, so their tasks drain.
+            // A restarted master forgets what was posted to it (blacklist):
+            // the posts carry the settings digest too, so the agent posts
+            // them again to the new master (Disco ignores the query).
+            let again = format!("?settings={settings_sha}");
+            // Leaving slaves are blacklisted first, so their tasks drain,
+            // and blacklisted for DDFS, so its GC re-replicates their data
+            // onto the others during the drain.
             let mut leaving: Vec<&Member> =
                 members.iter().filter(|m| m.leaving && !m.is_master() && m.ready).collect();
             leaving.sort_by(|a, b| a.hostname.cmp(&b.hostname));
             for m in leaving {
-                out.push(Directive {
-                    name: format!("blacklist {}", m.hostname),
-                    kind: DirectiveKind::Post {
-                        url: format!("{base}/blacklist"),
-                        body: serde_json::to_string(&m.hostname).expect("serializes"),
-                        content_type: "application/json".into(),
-                    },
-                });
+                for op in ["blacklist", "gc_blacklist"] {
+                    out.push(Directive {
+                        name: format!("{op} {}", m.hostname),
+                        kind: DirectiveKind::Post {
+                            url: format!("{base}/{op}{again}"),
+                            body: serde_json::to_string(&m.hostname).expect("serializes"),
+                            content_type: "application/json".into(),
+                        },
+                    });
+                }
             }
             out.push(Directive {
                 name: "config_table".into(),
                 kind: DirectiveKind::Post {
-                    url: format!("{base}/save_config_table"),
+                    url: format!("{base}/save_config_table{again}"),
                     body: Disco::config_table(members),
                     content_type: "application/json".into(),
                 },
@@ -307,7 +329,8 @@ impl Engine for Disco {
             None => vec!["Disco: waiting for a ready master".into()],
             Some(m) => vec![
                 format!("Disco master: {} ({}), web UI on port {}", m.hostname, m.address, self.port),
-                format!("  ssh disco@{} -L 8090:localhost:8999", m.address),
+                // mgmt_key goes to the login user, not to `disco`.
+                format!("  ssh {}@{} -L 8090:localhost:8999", self.login_user, m.address),
                 "  export DISCO_PROXY=http://localhost:8090".into(),
             ],
         }
@@ -356,6 +379,7 @@ mod tests {
             gc_after: 6400,
             cookie: "COOKIE".into(),
             home_dir: None,
+            login_user: "ubuntu".into(),
         }
     }
 
@@ -438,7 +462,10 @@ mod tests {
         let posts: Vec<(&str, &str)> = d
             .iter()
             .filter_map(|d| match &d.kind {
-                DirectiveKind::Post { url, body, .. } => Some((url.as_str(), body.as_str())),
+                // The query is the settings digest (re-posts after a restart).
+                DirectiveKind::Post { url, body, .. } => {
+                    Some((url.split('?').next().unwrap(), body.as_str()))
+                }
                 _ => None,
             })
             .collect();
@@ -446,6 +473,7 @@ mod tests {
             posts,
             [
                 ("http://127.0.0.1:8989/disco/ctrl/blacklist", "\"ip-3\""),
+                ("http://127.0.0.1:8989/disco/ctrl/gc_blacklist", "\"ip-3\""),
                 (
                     "http://127.0.0.1:8989/disco/ctrl/save_config_table",
                     r#"[["ip-1","4"],["ip-2","2"],["ip-3","1"]]"#
@@ -530,5 +558,36 @@ mod tests {
         assert_eq!(env["DISCO_SETTINGS_FILE"], "/n/etc/disco/settings.py");
         assert_eq!(env["PYTHONPATH"], "/opt/disco/lib");
         assert!(!env.contains_key("DISCO_SETTINGS"));
+    }
+
+    /// DDFS replicas follow the planned size (slaves still booting count):
+    /// the master reads them once, at start. When they change, the
+    /// master's service changes (its settings digest), so the agent
+    /// restarts Disco with the new settings.
+    #[test]
+    fn replicas_follow_the_planned_size_and_a_change_restarts_the_master() {
+        let master = m("m", Role::Master, "ip-1", 2);
+        let mut booting = m("s1", Role::Slave, "ip-2", 1);
+        booting.ready = false;
+        let one = [master.clone()];
+        let three = [master.clone(), booting.clone(), Member { id: "s2".into(), ..booting.clone() }];
+        let settings_of = |members: &[Member]| disco().settings(members, &master, &layout(true));
+        assert!(settings_of(&three).contains("DDFS_BLOB_REPLICAS = \"3\""), "{}", settings_of(&three));
+        let service = |members: &[Member]| {
+            disco()
+                .directives(&master, members, &layout(true))
+                .into_iter()
+                .find(|d| d.name == "disco")
+                .unwrap()
+        };
+        assert_ne!(service(&one), service(&three), "a replica change must restart the master");
+        assert_eq!(service(&three), service(&three));
+    }
+
+    #[test]
+    fn the_tunnel_line_names_the_login_user() {
+        let members = [m("m", Role::Master, "ip-1", 2)];
+        let lines = disco().lines(&members).join("\n");
+        assert!(lines.contains("ssh ubuntu@") && !lines.contains("ssh disco@"), "{lines}");
     }
 }
