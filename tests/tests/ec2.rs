@@ -156,6 +156,24 @@ impl World {
     }
 }
 
+/// Runs `serve` on `config` (with free ports) and returns its error output;
+/// it must stop at start with exit code 2 (a configuration refused, nothing
+/// launched).
+fn refused_at_start(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ddisco.toml");
+    std::fs::write(&path, format!("{PORTS}\n{config}\n")).unwrap();
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    err
+}
+
 /// The last 100 events (`events` holds the last 10).
 fn all_events(s: &Value) -> Vec<String> {
     s["timed_events"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap().to_string()).collect()
@@ -456,17 +474,8 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
         let good = config(moto(), &tag, &sg, "");
         let mut text: String =
             good.lines().filter(|l| !l.starts_with(&format!("{key} ="))).map(|l| format!("{l}\n")).collect();
-        text.push_str(&format!("{bad}\n{PORTS}\n"));
-        let path = dir.path().join(format!("bad{i}.toml"));
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(bin("ddisco-controller"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .envs(aws_env())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{key}: {err}");
+        text.push_str(&format!("{bad}\n"));
+        let err = refused_at_start(&text);
         assert!(err.contains(&format!("key `{key}`")), "{key}: {err}");
         let live = live(&rt.block_on(instances(&c, &tag))).len();
         assert_eq!(live, 0, "{key}: something was launched");
@@ -554,18 +563,9 @@ count = 1
     let text = config(&url, &tag, &sg, pools).replace("ami = \"ami-1e749f67\"", "ami = \"ubuntu:24.04\"");
     // Issue 14, item 7: without an arm64 agent, the graviton pool is
     // refused at start, naming the key (the x86_64 agent cannot run there).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("no-arm.toml");
-    std::fs::write(&path, format!("{PORTS}\n{text}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&text);
     assert!(err.contains("key `agent_binary_arm64`") && err.contains("m6g.large"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
     // An arm64 build (here a stand-in: an ELF header for AArch64; nothing
     // boots in this test) is served beside the x86_64 one.
     let arm = dir.path().join("ddisco-agent-arm64");
@@ -612,19 +612,9 @@ count = 1
 
     // A supported release with no image in the region: a clear error that
     // names the alias and the region, and nothing is launched.
-    let dir = tempfile::tempdir().unwrap();
     let tag = format!("ddt-img-none-{:08x}", rand_u32());
-    let path = dir.path().join("ddisco.toml");
     let text = config(&url, &tag, &sg, "").replace("ami = \"ami-1e749f67\"", "ami = \"ubuntu:20.04\"");
-    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&text);
     assert!(err.contains("key `ami`") && err.contains("ubuntu:20.04") && err.contains("us-east-1"), "{err}");
     assert!(live(&rt.block_on(instances(&c, &tag))).is_empty());
 }
@@ -1158,17 +1148,7 @@ fn a_missing_permission_is_named_with_its_action() {
     };
     // Preflight: DescribeImages denied.
     proxy.add_fault(denied("DescribeImages"));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("denied.toml");
-    std::fs::write(&path, format!("{}\n{PORTS}\n", config(&proxy.url, &tag, &sg, ""))).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&config(&proxy.url, &tag, &sg, ""));
     assert!(err.contains("key `permissions`") && err.contains("ec2:DescribeImages"), "{err}");
     assert!(!err.contains("provide AWS credentials"), "{err}");
     proxy.clear_faults();
@@ -1338,18 +1318,7 @@ fn types_a_zone_does_not_offer_are_never_tried_there() {
     drop(c);
     drop(hv);
     // A type offered in none of the subnets: refused at start, naming it.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("e-only.toml");
-    let cfg = config(&proxy.url, &tag, &sg, &format!("subnet_ids = [\"{e}\"]"));
-    std::fs::write(&path, format!("{cfg}\n{PORTS}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&config(&proxy.url, &tag, &sg, &format!("subnet_ids = [\"{e}\"]")));
     assert!(err.contains("key `instance_type`") && err.contains("offered in none"), "{err}");
 }
 
@@ -1491,17 +1460,12 @@ fn an_agent_of_the_wrong_architecture_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let wrong = dir.path().join("agent-x86");
     std::fs::write(&wrong, fake_elf(0x3e)).unwrap();
-    let path = dir.path().join("wrong.toml");
-    let cfg = config(&proxy.url, &tag, &sg, &format!("agent_binary_arm64 = \"{}\"", wrong.display()));
-    std::fs::write(&path, format!("{cfg}\n{PORTS}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start(&config(
+        &proxy.url,
+        &tag,
+        &sg,
+        &format!("agent_binary_arm64 = \"{}\"", wrong.display()),
+    ));
     assert!(err.contains("key `agent_binary_arm64`") && err.contains("built for x86_64"), "{err}");
     assert_eq!(proxy.count("RunInstances"), 0);
 }
