@@ -1,6 +1,7 @@
-//! Serves the agent binary to booting nodes over HTTPS (the cluster CA's
-//! server certificate). The binary is public; its integrity is checked on the
-//! node against the SHA-256 written into the userdata.
+//! Serves the agent binaries to booting nodes over HTTPS (the cluster CA's
+//! server certificate), and the Disco build (`disco_bundle`) to the nodes'
+//! install step. These files are public; their integrity is checked on the
+//! node against the SHA-256 written into the userdata or the step.
 
 use crate::admission::{Gate, Limits};
 use crate::cluster::Cluster;
@@ -15,6 +16,8 @@ use tokio::sync::watch;
 pub const AGENT_PATH: &str = "/agent/ddisco-agent";
 /// Where the arm64 agent is served (with `agent_binary_arm64`).
 pub const AGENT_ARM64_PATH: &str = "/agent/ddisco-agent-arm64";
+/// Where the Disco build is served (with `disco_bundle`).
+pub const DISCO_BUNDLE_PATH: &str = "/disco/disco.tar.gz";
 
 /// The architecture an ELF executable is built for (`x86_64`, `arm64`),
 /// from its header; `None` if it is not a 64-bit little-endian ELF file.
@@ -37,8 +40,7 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub async fn serve(
     shared: Arc<Cluster>,
     listener: std::net::TcpListener,
-    agent: Vec<u8>,
-    agent_arm64: Option<Vec<u8>>,
+    files: Vec<(&'static str, Vec<u8>)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -59,9 +61,9 @@ pub async fn serve(
             async move { ([(header::CONTENT_TYPE, "application/octet-stream")], bytes) }
         })
     };
-    let mut app = Router::new().route(AGENT_PATH, binary(agent)).route("/healthz", get(|| async { "ok" }));
-    if let Some(arm) = agent_arm64 {
-        app = app.route(AGENT_ARM64_PATH, binary(arm));
+    let mut app = Router::new().route("/healthz", get(|| async { "ok" }));
+    for (path, bytes) in files {
+        app = app.route(path, binary(bytes));
     }
 
     listener.set_nonblocking(true)?;

@@ -143,6 +143,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let disco_bundle = match &cfg.disco.bundle {
+        Some(p) => Some(std::fs::read(p).with_context(|| {
+            format!(
+                "cannot read the Disco build {} (key `disco_bundle`; scripts/build-disco makes it)",
+                p.display()
+            )
+        })?),
+        None => None,
+    };
 
     // Port 0 means "pick one", once: nodes know the address from their
     // userdata, so a restarted controller must come back on the same ports.
@@ -215,7 +224,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let cookie = cluster_cookie(&cfg)?;
     let pki = Arc::new(pki);
-    let engine = crate::engine::from_config(&cfg, cookie, pki.clone());
+    let bundle = disco_bundle.as_ref().map(|b| crate::engine::disco::Bundle {
+        url: format!(
+            "https://{}{}",
+            join_host_port(&host, dl_addr.port()),
+            crate::download::DISCO_BUNDLE_PATH
+        ),
+        sha256: hex::encode(Sha256::digest(b)),
+    });
+    let engine = crate::engine::from_config(&cfg, cookie, pki.clone(), bundle);
     let shared = Arc::new(Cluster::new(Parts {
         cfg,
         engine,
@@ -248,13 +265,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::grpc::serve(shared.clone(), grpc_listener, shutdown_rx.clone()));
-    tasks.spawn(crate::download::serve(
-        shared.clone(),
-        dl_listener,
-        agent_bytes,
-        agent_arm64,
-        shutdown_rx.clone(),
-    ));
+    let mut files = vec![(crate::download::AGENT_PATH, agent_bytes)];
+    files.extend(agent_arm64.map(|b| (crate::download::AGENT_ARM64_PATH, b)));
+    files.extend(disco_bundle.map(|b| (crate::download::DISCO_BUNDLE_PATH, b)));
+    tasks.spawn(crate::download::serve(shared.clone(), dl_listener, files, shutdown_rx.clone()));
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
     tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));

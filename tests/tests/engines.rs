@@ -328,32 +328,46 @@ heartbeat_timeout_secs = 5.0
     assert!(refused.is_empty(), "the stand-in refused: {refused:#?}");
 }
 
-/// Issue 15 (in part): the real Disco master (Disco 0.5.4 built by
+/// Issue 15 (in part): the real Disco master (Disco 0.5.4 built once by
 /// scripts/build-disco from shared/vendor/disco with the project's patches,
-/// Erlang/OTP 25, Python 3) started by the engine on the local provider's
-/// master: it loads the settings the engine writes (with Disco's own
-/// settings loader), takes the config table the controller computes,
+/// Erlang/OTP 25, Python 3; served by the controller as `disco_bundle` and
+/// installed by every node, checked by digest) started by the engine on
+/// the local provider's master: it loads the settings the engine writes
+/// (with Disco's own settings loader), takes the config table the
+/// controller computes,
 /// blacklists a slave leaving on `scale 1` while it drains, and its Erlang
 /// VM is gone when the cluster is destroyed (the service is stopped as a
 /// process group). Its slaves are not taken over SSH here: local nodes are
 /// not machines with sshd yet.
 #[test]
 fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
-    let home = built_disco();
+    let build = built_disco();
+    let bundle = build.parent().unwrap().join("disco.tar.gz");
+    let bundle_sha = sha256_hex(&std::fs::read(&bundle).unwrap());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut c = Cluster::start(&format!(
         r#"
 engine = "disco"
 disco_source = ""
-disco_home = "{}"
+disco_bundle = "{}"
 disco_port = {port}
 num_slaves = 2
 drain_timeout_secs = 20
 heartbeat_timeout_secs = 5.0
 "#,
-        home.display()
+        bundle.display()
     ));
     let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    // Every node installed the one build, checked by its digest, in a step
+    // of its own.
+    for n in nodes(&s) {
+        let id = n["node_id"].as_str().unwrap();
+        let installed = c.state_dir().join("nodes").join(id).join("opt/disco/.ddisco-bundle");
+        assert_eq!(std::fs::read_to_string(&installed).unwrap().trim(), bundle_sha, "{id}");
+        let step = n["steps"].as_array().unwrap().iter().find(|st| st["name"] == "disco_bundle").cloned();
+        let step = step.unwrap_or_else(|| panic!("no disco_bundle step: {n:#}"));
+        eprintln!("MEASURE {id}: Disco build installed in {} ms", step["duration_ms"]);
+    }
     let ctrl = |op: &str| format!("http://127.0.0.1:{port}/disco/ctrl/{op}");
     let table_of = |s: &Value| -> Value {
         let mut rows: Vec<(String, String)> = nodes(s)
@@ -378,6 +392,7 @@ heartbeat_timeout_secs = 5.0
 
     // The settings the engine wrote, read by Disco's own loader.
     let node_root = master_dir.clone();
+    let home = node_root.join("opt/disco");
     let out = Command::new("python3")
         .args(["-c", "from disco.settings import DiscoSettings as S; s = S(); print(s['DISCO_HOME']); print(s['DISCO_ROOT'])"])
         .env("PYTHONPATH", home.join("lib"))
@@ -434,4 +449,8 @@ fn master_log(dir: &std::path::Path) -> String {
         }
     }
     out
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -21,7 +21,7 @@ struct Counted {
 fn cluster(dir: &std::path::Path, engine: EngineKind) -> Cluster {
     let cfg = Config { state_dir: dir.to_path_buf(), engine, ..Config::default() };
     let pki = std::sync::Arc::new(Pki::load_or_create(dir, "test", &["127.0.0.1".to_string()]).expect("pki"));
-    let engine = crate::engine::from_config(&cfg, "COOKIE".into(), pki.clone());
+    let engine = crate::engine::from_config(&cfg, "COOKIE".into(), pki.clone(), None);
     let provider = Arc::new(crate::provider::record::RecordProvider::new(dir).expect("record provider"));
     Cluster::new(Parts {
         registry: Registry::new(BTreeMap::from([("default".into(), 0)])),

@@ -163,6 +163,10 @@ pub struct DiscoConfig {
     /// of `scripts/build-disco`, run as `python3 <home>/bin/disco`; empty:
     /// installed by `make install` (`/usr/lib/disco`, `disco` on PATH).
     pub home: String,
+    /// The Disco build (`disco.tar.gz` of `scripts/build-disco`) the
+    /// controller serves; every node installs it (checked by digest) into
+    /// its Disco home. `None`: no such step.
+    pub bundle: Option<PathBuf>,
 }
 
 /// What the EC2 provider needs to know of the nodes besides its section.
@@ -325,6 +329,7 @@ impl Default for Config {
                 root: "/mnt/disco".into(),
                 gc_after: 6400,
                 home: String::new(),
+                bundle: None,
             },
         }
     }
@@ -350,7 +355,9 @@ impl Config {
         if cfg.state_dir.is_relative() {
             cfg.state_dir = base.join(&cfg.state_dir);
         }
-        for bin in [&mut cfg.agent_binary, &mut cfg.agent_binary_arm64].into_iter().flatten() {
+        for bin in
+            [&mut cfg.agent_binary, &mut cfg.agent_binary_arm64, &mut cfg.disco.bundle].into_iter().flatten()
+        {
             if bin.is_relative() {
                 *bin = base.join(&*bin);
             }

@@ -144,6 +144,7 @@ pub struct RawConfig {
     pub(super) disco_gc_after: Option<u32>,
     #[serde(alias = "DISCO_HOME")]
     pub(super) disco_home: Option<String>,
+    pub(super) disco_bundle: Option<String>,
     #[serde(alias = "DASHBOARD_LISTEN")]
     pub(super) dashboard_listen: Option<String>,
     #[serde(alias = "DASHBOARD_TOKEN")]

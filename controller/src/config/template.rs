@@ -115,6 +115,10 @@ disco_gc_after = 6400
 # scripts/build-disco (run with python3 <home>/bin/disco); empty: installed
 # by make install (/usr/lib/disco, `disco` on PATH).
 disco_home = ""
+# The Disco build to install on every node: the disco.tar.gz scripts/build-disco
+# writes next to the home it prints. The controller serves it; each node
+# checks its SHA-256 and unpacks it into disco_home (empty: /opt/disco).
+disco_bundle = ""
 
 # Dask engine: version installed with pip on every node; scheduler and
 # dashboard ports on the master.

@@ -345,6 +345,7 @@ impl Config {
                 root: raw.disco_root.unwrap_or(d.disco.root),
                 gc_after: raw.disco_gc_after.unwrap_or(d.disco.gc_after),
                 home: raw.disco_home.unwrap_or_default().trim().to_string(),
+                bundle: non_empty(raw.disco_bundle).map(PathBuf::from),
             },
         };
         for (key, list) in

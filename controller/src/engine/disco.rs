@@ -44,13 +44,23 @@ pub struct Disco {
     /// The login user management keys go to (`ssh_user`): the one the
     /// status's SSH tunnel line names.
     pub login_user: String,
+    /// The build every node installs, if any.
+    pub bundle: Option<Bundle>,
 }
 
 /// Where `make install` puts Disco's Erlang code (its `DISCO_HOME`).
 const INSTALLED_HOME: &str = "/usr/lib/disco";
 
+/// The Disco build the controller serves (`disco_bundle`): built once, by
+/// whoever runs the controller, and installed on every node from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bundle {
+    pub url: String,
+    pub sha256: String,
+}
+
 impl Disco {
-    pub fn from_config(cfg: &crate::config::Config, cookie: String) -> Disco {
+    pub fn from_config(cfg: &crate::config::Config, cookie: String, bundle: Option<Bundle>) -> Disco {
         Disco {
             source: cfg.disco.source.clone(),
             port: cfg.disco.port,
@@ -59,11 +69,23 @@ impl Disco {
             cookie,
             home_dir: (!cfg.disco.home.is_empty()).then(|| cfg.disco.home.clone()),
             login_user: cfg.ssh_user.clone(),
+            bundle,
         }
     }
 
     fn home(layout: &NodeLayout) -> String {
         under(layout, "home/disco")
+    }
+
+    /// `DISCO_HOME` on this node, when Disco runs from a relocatable build:
+    /// `disco_home`, or with a bundle `/opt/disco` (under a local node's
+    /// root).
+    fn disco_home(&self, layout: &NodeLayout) -> Option<String> {
+        match (&self.home_dir, &self.bundle) {
+            (Some(h), _) => Some(h.clone()),
+            (None, Some(_)) => Some(under(layout, "opt/disco")),
+            (None, None) => None,
+        }
     }
 
     /// Disco's `DISCO_ROOT` on this node (under the node's own root for
@@ -97,7 +119,7 @@ impl Disco {
              DDFS_TAG_MIN_REPLICAS = \"{replicas}\"\n\
              DDFS_TAG_REPLICAS = \"{replicas}\"\n\
              DDFS_BLOB_REPLICAS = \"{replicas}\"\n",
-            home = self.home_dir.as_deref().unwrap_or(INSTALLED_HOME),
+            home = self.disco_home(layout).as_deref().unwrap_or(INSTALLED_HOME),
             port = self.port,
             root = self.root(layout),
             gc = self.gc_after,
@@ -155,10 +177,17 @@ impl Engine for Disco {
                 "disco_user",
                 "id disco >/dev/null 2>&1 || useradd --create-home --shell /bin/bash disco",
             ));
-            if !self.source.is_empty() {
+            // A bundle (built once, by the controller's side) replaces
+            // building from source on every node.
+            if !self.source.is_empty() && self.bundle.is_none() {
                 let target = if role == Role::Master { "install" } else { "install-node" };
                 steps.push(shell("disco_install", &install_script(&self.source, target)));
             }
+        }
+        if let (Some(b), Some(h)) = (&self.bundle, self.disco_home(layout)) {
+            steps.push(shell("disco_bundle", &bundle_script(b, &h)));
+        }
+        if layout.system {
             steps.push(shell(
                 "disco_dirs",
                 &format!("mkdir -p {r}/data {r}/log && chown -R disco:disco {r}", r = self.root),
@@ -255,7 +284,7 @@ impl Engine for Disco {
                 ("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py")),
                 ("DDISCO_SETTINGS_SHA256".into(), settings_sha.clone()),
             ]);
-            let mut argv: Vec<String> = match &self.home_dir {
+            let mut argv: Vec<String> = match &self.disco_home(layout) {
                 Some(h) => {
                     env.insert("PYTHONPATH".into(), format!("{h}/lib"));
                     vec!["python3".into(), format!("{h}/bin/disco"), "nodaemon".into()]
@@ -341,6 +370,35 @@ fn shell(name: &str, script: &str) -> Step {
     Step { name: name.into(), kind: StepKind::Shell { script: script.into(), env: BTreeMap::new() } }
 }
 
+/// Installs the controller's Disco build into `home`, unless the same
+/// build (by digest) is there already: fetched over HTTPS (the cluster CA,
+/// `ca.pem` in the agent's folder, where steps run), checked against its
+/// SHA-256, unpacked beside `home`, then moved into place.
+fn bundle_script(b: &Bundle, home: &str) -> String {
+    format!(
+        r#"set -eu
+H='{home}'; want='{sha}'; url='{url}'
+if [ "$(cat "$H/.ddisco-bundle" 2>/dev/null)" = "$want" ]; then echo "Disco $want already in $H"; exit 0; fi
+t="$(mktemp -d)"; trap 'rm -rf "$t"' EXIT
+if command -v curl >/dev/null 2>&1; then
+  curl -fsS --retry 3 --cacert ca.pem -o "$t/disco.tar.gz" "$url"
+else
+  wget -q --ca-certificate=ca.pem -O "$t/disco.tar.gz" "$url"
+fi
+if ! echo "$want  $t/disco.tar.gz" | sha256sum -c - >/dev/null 2>&1; then
+  echo "the Disco build from $url does not have SHA-256 $want: refusing it" >&2; exit 1
+fi
+mkdir -p "$t/x" "$(dirname "$H")"
+tar xzf "$t/disco.tar.gz" -C "$t/x" --no-same-owner
+rm -rf "$H"; mv "$t/x/disco" "$H"
+echo "$want" > "$H/.ddisco-bundle"
+echo "Disco $want installed in $H"
+"#,
+        sha = b.sha256,
+        url = b.url,
+    )
+}
+
 /// Fetch and build Disco from `source`, once per source.
 fn install_script(source: &str, target: &str) -> String {
     let fetch = if let Some(git) = source.strip_prefix("git+") {
@@ -380,6 +438,7 @@ mod tests {
             cookie: "COOKIE".into(),
             home_dir: None,
             login_user: "ubuntu".into(),
+            bundle: None,
         }
     }
 
@@ -589,5 +648,49 @@ mod tests {
         let members = [m("m", Role::Master, "ip-1", 2)];
         let lines = disco().lines(&members).join("\n");
         assert!(lines.contains("ssh ubuntu@") && !lines.contains("ssh disco@"), "{lines}");
+    }
+
+    /// The install step takes the controller's build only with its digest,
+    /// installs it once, and leaves the home alone when the digest differs.
+    /// (Run with `sh`; a file:// URL stands in for the controller's HTTPS.)
+    #[test]
+    fn a_bundle_is_installed_once_and_only_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src/disco");
+        std::fs::create_dir_all(src.join("master/ebin")).unwrap();
+        std::fs::write(src.join(".disco-home"), "").unwrap();
+        let tarball = dir.path().join("disco.tar.gz");
+        let ok = std::process::Command::new("tar")
+            .arg("czf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir.path().join("src"))
+            .arg("disco")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let sha = hex::encode(Sha256::digest(std::fs::read(&tarball).unwrap()));
+        let home = dir.path().join("node/opt/disco");
+        let run = |sha: &str| {
+            let b = Bundle { url: format!("file://{}", tarball.display()), sha256: sha.into() };
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(bundle_script(&b, home.to_str().unwrap()))
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, out) = run(&"0".repeat(64));
+        assert!(!ok && out.contains("does not have SHA-256"), "{out}");
+        assert!(!home.exists(), "a build with the wrong digest was installed");
+        let (ok, out) = run(&sha);
+        assert!(ok && out.contains("installed"), "{out}");
+        assert!(home.join(".disco-home").exists() && home.join("master/ebin").is_dir());
+        let (ok, out) = run(&sha);
+        assert!(ok && out.contains("already"), "{out}");
     }
 }

@@ -135,11 +135,12 @@ pub fn from_config(
     cfg: &crate::config::Config,
     cookie: String,
     pki: std::sync::Arc<crate::pki::Pki>,
+    disco_bundle: Option<disco::Bundle>,
 ) -> Box<dyn Engine> {
     match cfg.engine {
         crate::config::EngineKind::None => Box::new(NoEngine),
         crate::config::EngineKind::Dask => Box::new(dask::Dask::from_config(cfg, pki)),
-        crate::config::EngineKind::Disco => Box::new(disco::Disco::from_config(cfg, cookie)),
+        crate::config::EngineKind::Disco => Box::new(disco::Disco::from_config(cfg, cookie, disco_bundle)),
     }
 }
 
