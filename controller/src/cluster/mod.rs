@@ -401,7 +401,7 @@ impl Cluster {
         reg.event(format!("{node_id} enrolled from {from}"));
         drop(reg);
         // The spend is durable before the certificate is handed out.
-        if let Err(e) = self.journal.spent(node_id) {
+        if let Err(e) = self.journal.spent(node_id, cert_sha256) {
             tracing::error!("cannot append to tokens.log ({e}); saving cluster.json instead");
             if let Err(e) = self.save() {
                 tracing::error!("cannot save the spent token of {node_id}: {e:#}");

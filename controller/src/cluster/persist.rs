@@ -28,7 +28,8 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// The journal of spent tokens: node ids, one per line.
+/// The journal of spent tokens: one line per enrollment, the node id and
+/// the SHA-256 of the certificate issued to it (older lines: the id only).
 pub struct Journal {
     path: PathBuf,
     /// The open file (std mutex: one short write per enrollment).
@@ -44,8 +45,10 @@ impl Journal {
         self.path.with_extension("log.1")
     }
 
-    /// Records that `node_id`'s token was spent.
-    pub fn spent(&self, node_id: &str) -> std::io::Result<()> {
+    /// Records that `node_id`'s token was spent for the certificate with
+    /// SHA-256 `cert_sha256` (a crash before the next snapshot must not
+    /// lose which certificate the node's sessions present).
+    pub fn spent(&self, node_id: &str, cert_sha256: &str) -> std::io::Result<()> {
         let mut guard = self.file.lock().expect("journal lock");
         if guard.is_none() {
             use std::os::unix::fs::OpenOptionsExt;
@@ -53,7 +56,7 @@ impl Journal {
             *guard = Some(f);
         }
         let f = guard.as_mut().expect("opened above");
-        f.write_all(format!("{node_id}\n").as_bytes())
+        f.write_all(format!("{node_id} {cert_sha256}\n").as_bytes())
     }
 
     /// Before a snapshot is taken: later spends go to a new file; the
@@ -73,13 +76,19 @@ impl Journal {
     }
 
     /// Node ids whose tokens were spent after the snapshot was taken.
-    pub fn replay(state_dir: &Path) -> Vec<String> {
+    pub fn replay(state_dir: &Path) -> Vec<(String, Option<String>)> {
         let j = Journal::new(state_dir);
         [j.rotated(), j.path.clone()]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-            .filter(|l| !l.is_empty())
+            .flat_map(|t| {
+                t.lines()
+                    .filter_map(|l| {
+                        let mut f = l.split_whitespace();
+                        Some((f.next()?.to_string(), f.next().map(str::to_string)))
+                    })
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 }
@@ -145,12 +154,16 @@ mod tests {
     fn the_journal_replays_spends_from_both_files_until_the_snapshot_is_written() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::new(d.path());
-        j.spent("slave-0001").unwrap();
+        j.spent("slave-0001", "aa").unwrap();
         j.rotate().unwrap();
-        j.spent("slave-0002").unwrap();
+        j.spent("slave-0002", "bb").unwrap();
+        let entry = |id: &str, sha: &str| (id.to_string(), Some(sha.to_string()));
         // A crash here: both are replayed.
-        assert_eq!(Journal::replay(d.path()), ["slave-0001", "slave-0002"]);
+        assert_eq!(Journal::replay(d.path()), [entry("slave-0001", "aa"), entry("slave-0002", "bb")]);
         j.rotation_done();
-        assert_eq!(Journal::replay(d.path()), ["slave-0002"]);
+        assert_eq!(Journal::replay(d.path()), [entry("slave-0002", "bb")]);
+        // A line of an older journal (the id only) still replays.
+        std::fs::write(d.path().join("tokens.log"), "slave-0003\n").unwrap();
+        assert_eq!(Journal::replay(d.path()), [("slave-0003".to_string(), None)]);
     }
 }

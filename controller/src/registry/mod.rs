@@ -466,12 +466,26 @@ impl Registry {
 
     /// Applies the journal of spent tokens (`cluster::persist`) to a
     /// restored registry: those tokens are used, whatever the snapshot says.
-    pub fn replay_spent(&mut self, node_ids: &[String]) {
-        for id in node_ids {
-            if let Some(e) = self.nodes.get_mut(id)
-                && !e.rec.token_used
-            {
+    /// Spends from the journal that the snapshot missed (a crash between
+    /// an enrollment and the next save): the token is spent, and the node's
+    /// sessions must present the certificate the journal names. (A line
+    /// without one, from an older journal, pins the first certificate a
+    /// session presents, as records from before pinning do.)
+    pub fn replay_spent(&mut self, spends: &[(String, Option<String>)]) {
+        for (id, cert) in spends {
+            let Some(e) = self.nodes.get_mut(id) else { continue };
+            if !e.rec.token_used {
                 e.rec.token_used = true;
+                self.dirty = true;
+            }
+            if e.rec.cert_sha256.is_none() {
+                match cert {
+                    Some(c) => {
+                        e.rec.cert_sha256 = Some(c.clone());
+                        e.rec.pin_first_session = false;
+                    }
+                    None => e.rec.pin_first_session = true,
+                }
                 self.dirty = true;
             }
         }
@@ -813,10 +827,14 @@ mod tests {
         assert_eq!(r2.get(&id2).unwrap().live.last_seen_ms(), Some(77));
         // Spend survives a restart.
         assert_eq!(r2.spent_usd, r.spent_usd);
-        // A spend in the journal wins over an older snapshot.
+        // A spend in the journal wins over an older snapshot, and pins the
+        // certificate it was spent for: the node's sessions are accepted
+        // with it after the restart, and with no other.
         let mut r3 = Registry::from_json(&r.to_json(), 77).unwrap();
-        r3.replay_spent(std::slice::from_ref(&id));
+        r3.replay_spent(&[(id.clone(), Some("fp1".into()))]);
         assert_eq!(r3.check_token("h1", 10), Err(TokenError::Used(id.clone())));
+        assert!(r3.accept_session_cert(&id, "other").is_err());
+        assert_eq!(r3.accept_session_cert(&id, "fp1"), Ok(()));
         // Sequence continues: no id is reused.
         let mut r2 = r2;
         let id3 = r2.add_node(new(Role::Slave, "h3", 1), |_| String::new());
