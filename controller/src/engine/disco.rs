@@ -167,6 +167,11 @@ impl Engine for Disco {
                         "curl",
                         "openssh-server",
                         "lighttpd",
+                        "python3",
+                        // Disco's classic worker is run by its
+                        // `#!/usr/bin/env python` line (Ubuntu 24.04 and
+                        // Debian 12 have no `python` otherwise).
+                        "python-is-python3",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -487,6 +492,21 @@ mod tests {
         match &slave[2].kind {
             StepKind::Shell { script, .. } => {
                 assert!(script.contains("make -C \"$S\" install-node"), "{script}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A bundle (built once) replaces building on every node, and the
+        // packages give the worker its `python`.
+        let b = Bundle { url: "https://10.0.0.1:7444/disco/disco.tar.gz".into(), sha256: "ab".into() };
+        let with_bundle = Disco { bundle: Some(b), ..disco() };
+        let steps = with_bundle.steps(Role::Slave, 1, &layout(true));
+        assert_eq!(
+            names(&steps),
+            ["disco_packages", "disco_user", "disco_bundle", "disco_dirs", "disco_collect_host_key"]
+        );
+        match &steps[0].kind {
+            StepKind::SystemPackages { packages, .. } => {
+                assert!(packages.iter().any(|p| p == "python-is-python3"), "{packages:?}")
             }
             other => panic!("{other:?}"),
         }
