@@ -160,15 +160,20 @@ impl World {
 /// it must stop at start with exit code 2 (a configuration refused, nothing
 /// launched).
 fn refused_at_start(config: &str) -> String {
+    refused_at_start_with(config, |c| {
+        c.envs(aws_env());
+    })
+}
+
+/// Like [`refused_at_start`], with the environment `env` sets up.
+fn refused_at_start_with(config: &str, env: impl FnOnce(&mut Command)) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ddisco.toml");
     std::fs::write(&path, format!("{PORTS}\n{config}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(bin("ddisco-controller"));
+    cmd.args(["serve", "--config"]).arg(&path);
+    env(&mut cmd);
+    let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{err}");
     err
@@ -459,7 +464,6 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = rt.block_on(client(moto()));
     let sg = rt.block_on(default_sg(&c));
-    let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("ami", "ami = \"ami-0000dead\""),
         ("instance_type", "instance_type = \"c5.nope\""),
@@ -482,44 +486,27 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
     }
     // On EC2 without advertise, off an instance (its metadata does not
     // answer): said plainly, naming the key; nothing launched.
-    let path = dir.path().join("noadvertise.toml");
     let text = config(moto(), "ddt-noadv", &sg, "").replace("advertise = \"127.0.0.1\"", "");
-    std::fs::write(&path, format!("{PORTS}\n{text}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_EC2_METADATA_DISABLED"))
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start_with(&text, |c| {
+        c.envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_EC2_METADATA_DISABLED"))
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9");
+    });
     assert!(err.contains("key `advertise`") && err.contains("not an EC2 instance"), "{err}");
     assert_eq!(live(&rt.block_on(instances(&c, "ddt-noadv"))).len(), 0);
 
     // No region anywhere: said plainly.
-    let path = dir.path().join("noregion.toml");
     let text = config(moto(), "ddt-noregion", &sg, "").replace("region = \"us-east-1\"", "");
-    std::fs::write(&path, format!("{text}\n{PORTS}\n")).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_REGION"))
-        .env_remove("AWS_REGION")
-        .env_remove("AWS_DEFAULT_REGION")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused_at_start_with(&text, |c| {
+        c.envs(aws_env().into_iter().filter(|(k, _)| k != "AWS_REGION"))
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_DEFAULT_REGION");
+    });
     assert!(err.contains("key `region`") && err.contains("AWS_REGION"), "{err}");
 
     // No credentials anywhere: said plainly, with how to provide them.
-    let path = dir.path().join("nocreds.toml");
-    std::fs::write(&path, format!("{}\n{PORTS}\n", config(moto(), "ddt-nocreds", &sg, ""))).unwrap();
-    let out = Command::new(bin("ddisco-controller"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .envs(
+    let home = tempfile::tempdir().unwrap();
+    let err = refused_at_start_with(&config(moto(), "ddt-nocreds", &sg, ""), |c| {
+        c.envs(
             aws_env()
                 .into_iter()
                 .filter(|(k, _)| !k.starts_with("AWS_ACCESS") && !k.starts_with("AWS_SECRET")),
@@ -527,11 +514,8 @@ fn bad_ec2_settings_fail_before_anything_is_launched() {
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env_remove("AWS_PROFILE")
-        .env("HOME", dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+        .env("HOME", home.path());
+    });
     assert!(err.contains("key `credentials`") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
 }
 

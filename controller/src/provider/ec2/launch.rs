@@ -266,7 +266,6 @@ impl Ec2Provider {
                 });
             }
         }
-        launched.sort_by_key(|l| batch.nodes.iter().position(|n| *n == l.node_id));
         launched
     }
 }

@@ -4,12 +4,14 @@
 //! - `preflight` checks credentials, region, AMI, key pair, security groups,
 //!   subnets and instance types once, so a bad value is one clear error that
 //!   names its config key instead of a storm of failed launches.
-//! - `launch` starts a whole batch (one pool, up to 100 nodes) with one
-//!   `RunInstances` call: spot market, one-time, max price = `max_bid`,
-//!   `MinCount = MaxCount = N` (all or nothing), tagged at launch, with a
-//!   `ClientToken` so a retried call never launches twice. On a capacity or
-//!   price error it tries the pool's next instance type / subnet, then the
-//!   other pools' types; a failing candidate cools down (shown in status).
+//! - `launch` starts a batch (one pool, up to 100 nodes) with one
+//!   `RunInstances` call: spot market, one-time, max price = `max_bid` if
+//!   set, `MinCount = 1, MaxCount = N` (EC2 starts what it can; the rest
+//!   are launched at a later tick), tagged at launch, with a `ClientToken`
+//!   so a retried call never launches twice. On a capacity or price error
+//!   it tries the pool's next instance type / subnet, then the other pools'
+//!   types; a failing or short candidate cools down (shown in status). An
+//!   account quota shrinks the request, then holds that market back.
 //! - `list` is one paginated `DescribeInstances` with a tag filter per tick;
 //!   `terminate` batches `TerminateInstances` (1000 ids per call).
 //!
@@ -18,7 +20,7 @@
 //!   configuration errors block launches until the config is fixed. Neither
 //!   retries in a hot loop.
 //! - Every instance carries the tag `<tag_key> = master|slave` (as the
-//!   original did), `ddisco:pool` and `ddisco:batch`.
+//!   original did), `ddisco:pool`, `ddisco:batch` and `ddisco:cluster`.
 
 mod errors;
 mod image_lookup;
@@ -524,6 +526,11 @@ impl Provider for Ec2Provider {
                 });
             }
         }
+        // What is known per instance lasts as long as the instance is
+        // listed: bounded by the cluster, not by every instance it ever had.
+        let listed: std::collections::HashSet<&str> = out.iter().map(|o| o.instance_id.as_str()).collect();
+        self.placement.lock().expect("lock").retain(|id, _| listed.contains(id.as_str()));
+        self.on_demand_ids.lock().expect("lock").retain(|id| listed.contains(id.as_str()));
         Ok(out)
     }
 
