@@ -82,11 +82,19 @@ pub fn open_dir(dir: &Path, create: bool) -> std::io::Result<OwnedFd> {
         let next = match openat(&fd, name, dir_flags | OFlag::O_NOFOLLOW, Mode::empty()) {
             Ok(f) => f,
             Err(nix::errno::Errno::ENOENT) if create => {
-                match mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                let made = match mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) => true,
+                    Err(nix::errno::Errno::EEXIST) => false,
                     Err(e) => return Err(io(e)),
+                };
+                let dir = openat(&fd, name, dir_flags | OFlag::O_NOFOLLOW, Mode::empty()).map_err(io)?;
+                // 0755 whatever the umask (the userdata's is 077): other
+                // users read what is written there (`/etc/disco` for
+                // the `disco` user).
+                if made {
+                    fchmod(&dir, Mode::from_bits_truncate(0o755)).map_err(io)?;
                 }
-                openat(&fd, name, dir_flags | OFlag::O_NOFOLLOW, Mode::empty()).map_err(io)?
+                dir
             }
             // A symlink (ELOOP) or a symlink to a non-directory (ENOTDIR).
             Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => {
@@ -211,6 +219,23 @@ mod tests {
         std::fs::create_dir(&home).unwrap();
         std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
         home
+    }
+
+    /// The agent runs under the userdata's umask 077; directories it makes
+    /// for a file are still 0755, or `/etc/disco/settings.py` would be
+    /// unreadable to the `disco` user (found on a machine node).
+    #[test]
+    fn directories_made_for_a_file_are_0755_whatever_the_umask() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("etc/disco/settings.py");
+        let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+        let written = write_safely(&p, b"x = 1", 0o644, None);
+        nix::sys::stat::umask(old);
+        written.unwrap();
+        for dir in ["etc", "etc/disco"] {
+            let mode = std::fs::metadata(d.path().join(dir)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o755, "{dir}");
+        }
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
 /// (`state::cluster_id`: what its launches are tagged with).
 pub async fn make_provider(cfg: &Config, cluster_id: &str) -> anyhow::Result<Arc<dyn Provider>> {
     match cfg.provider {
+        crate::config::ProviderKind::Local if cfg.local_machines => Ok(Arc::new(
+            crate::provider::local::LocalProvider::machines(&cfg.state_dir, cfg.local_install_packages)
+                .map_err(preflight_error)?,
+        )),
         crate::config::ProviderKind::Local => Ok(Arc::new(
             crate::provider::local::LocalProvider::new(&cfg.state_dir, cfg.local_install_packages)
                 .with_context(|| format!("cannot prepare local nodes under {}", cfg.state_dir.display()))?,
@@ -82,6 +86,21 @@ fn check_agent_arch(bytes: &[u8], want: &str, key: &str, path: &std::path::Path)
 /// instance's private IPv4 (from its instance metadata); listeners left on
 /// loopback bind it instead. Elsewhere, an error that says what to set.
 async fn resolve_advertise(mut cfg: Config) -> anyhow::Result<Config> {
+    if cfg.provider == crate::config::ProviderKind::Local && cfg.local_machines {
+        // Machine nodes have their own network: they reach this host on
+        // their bridge's address, which loopback listeners bind instead.
+        let local =
+            crate::provider::local::LocalProvider::machines(&cfg.state_dir, cfg.local_install_packages)
+                .map_err(preflight_error)?;
+        let gateway = local.gateway().expect("machine nodes have a gateway");
+        cfg.advertise.get_or_insert_with(|| gateway.to_string());
+        for addr in [&mut cfg.listen, &mut cfg.download_listen] {
+            if addr.ip().is_loopback() {
+                addr.set_ip(gateway.into());
+            }
+        }
+        return Ok(cfg);
+    }
     if cfg.provider != crate::config::ProviderKind::Ec2 || cfg.advertise.is_some() {
         return Ok(cfg);
     }

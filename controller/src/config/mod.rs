@@ -78,6 +78,10 @@ pub struct Config {
     pub agent_binary_arm64: Option<PathBuf>,
     /// Local provider only: allow `apt-get install` of missing packages.
     pub local_install_packages: bool,
+    /// Local provider only: every node a "machine" of its own (network, UTS,
+    /// mount and PID namespaces, its own `/etc`, sshd, an address on a
+    /// bridge). Root only.
+    pub local_machines: bool,
     /// Slave pools as configured (empty: one pool from num_slaves).
     pub slave_pools: Vec<Pool>,
     /// Replace on-demand slaves of pools back on spot once the cluster has
@@ -293,6 +297,7 @@ impl Default for Config {
             agent_binary: None,
             agent_binary_arm64: None,
             local_install_packages: false,
+            local_machines: false,
             slave_pools: vec![],
             on_demand_idle_replace: Duration::from_secs(600),
             scratch_path: "/mnt".into(),

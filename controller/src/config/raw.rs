@@ -92,6 +92,7 @@ pub struct RawConfig {
     pub(super) agent_binary_arm64: Option<String>,
     #[serde(alias = "LOCAL_INSTALL_PACKAGES")]
     pub(super) local_install_packages: Option<bool>,
+    pub(super) local_machines: Option<bool>,
     #[serde(alias = "ENDPOINT_URL")]
     pub(super) endpoint_url: Option<String>,
     #[serde(alias = "SUBNET_IDS")]

@@ -162,6 +162,11 @@ agent_binary = ""
 agent_binary_arm64 = ""
 # Local provider: install missing apt packages on this host (changes the host!).
 local_install_packages = false
+# Local provider: every node a machine of its own (root only): its own network
+# (an address on a bridge this controller creates and listens on), host name,
+# /etc, /home, /root, /opt, /mnt, /tmp and processes, and an sshd. The Disco
+# engine needs it (the master takes its slaves over SSH).
+local_machines = false
 "#,
         dask = DASK_VERSION,
     )

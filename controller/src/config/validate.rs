@@ -298,6 +298,7 @@ impl Config {
             agent_binary: non_empty(raw.agent_binary).map(PathBuf::from),
             agent_binary_arm64: non_empty(raw.agent_binary_arm64).map(PathBuf::from),
             local_install_packages: raw.local_install_packages.unwrap_or(false),
+            local_machines: raw.local_machines.unwrap_or(false),
             slave_pools: raw.slave_pools.unwrap_or_default(),
             on_demand_idle_replace,
             scratch_path,

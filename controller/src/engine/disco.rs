@@ -178,9 +178,13 @@ impl Engine for Disco {
                     install: layout.install_packages,
                 },
             });
+            // The user, and its home even when the user came with the
+            // image (SSH reads the master's key from it).
             steps.push(shell(
                 "disco_user",
-                "id disco >/dev/null 2>&1 || useradd --create-home --shell /bin/bash disco",
+                "id disco >/dev/null 2>&1 || useradd --create-home --shell /bin/bash disco; \
+                 H=\"$(getent passwd disco | cut -d: -f6)\"; \
+                 [ -d \"$H\" ] || { mkdir -p \"$H\" && chown disco:disco \"$H\"; }",
             ));
             // A bundle (built once, by the controller's side) replaces
             // building from source on every node.
@@ -191,6 +195,19 @@ impl Engine for Disco {
         }
         if let (Some(b), Some(h)) = (&self.bundle, self.disco_home(layout)) {
             steps.push(shell("disco_bundle", &bundle_script(b, &h)));
+            if layout.system {
+                // What `make install-node` did with setup.py (distutils is
+                // gone from Python 3.12): the `disco` package importable by
+                // the system's Python, for the workers Disco starts.
+                steps.push(shell(
+                    "disco_python",
+                    &format!(
+                        "set -e; umask 022; SP=\"$(python3 -c 'import site; print(site.getsitepackages()[0])')\"; \
+                         mkdir -p \"$SP\" && echo '{h}/lib' > \"$SP/ddisco-disco.pth\" && \
+                         cd / && python3 -c 'import disco.core, sys; print(\"disco\", disco.__file__, \"for\", sys.version.split()[0])'"
+                    ),
+                ));
+            }
         }
         if layout.system {
             steps.push(shell(
@@ -298,10 +315,23 @@ impl Engine for Disco {
             };
             if layout.system {
                 argv.splice(0..0, ["runuser", "-u", "disco", "--"].map(String::from));
+                // The system's programs, not whatever the agent's PATH
+                // holds (a pyenv shim broke `/usr/bin/env python`).
+                env.insert(
+                    "PATH".into(),
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+                );
             }
             out.push(Directive {
                 name: "disco".into(),
-                kind: DirectiveKind::Service { argv, env, workdir: String::new(), grace_ms: 10_000 },
+                // As `disco`, in its home: the agent's folder is root's
+                // alone, and Disco's launcher lists its working directory.
+                kind: DirectiveKind::Service {
+                    argv,
+                    env,
+                    workdir: if layout.system { home.clone() } else { String::new() },
+                    grace_ms: 10_000,
+                },
             });
             let base = format!("http://127.0.0.1:{}/disco/ctrl", self.port);
             // A restarted master forgets what was posted to it (blacklist):
@@ -502,7 +532,14 @@ mod tests {
         let steps = with_bundle.steps(Role::Slave, 1, &layout(true));
         assert_eq!(
             names(&steps),
-            ["disco_packages", "disco_user", "disco_bundle", "disco_dirs", "disco_collect_host_key"]
+            [
+                "disco_packages",
+                "disco_user",
+                "disco_bundle",
+                "disco_python",
+                "disco_dirs",
+                "disco_collect_host_key"
+            ]
         );
         match &steps[0].kind {
             StepKind::SystemPackages { packages, .. } => {

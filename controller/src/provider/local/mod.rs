@@ -4,11 +4,16 @@
 //! is how an instance dies. Nodes outlive the controller, as instances would;
 //! a restarted controller finds them again through their pid files.
 //!
+//! With `local_machines = true` (root only) every node is a machine of its
+//! own instead: see [`machine`].
+//!
 //! # Guarantees
 //! - Only processes that carry this cluster's id and the node's id in their
 //!   environment are ever signalled (a recycled pid is never killed).
 //! - The node gets a minimal environment (an allow-list), never the
 //!   controller's secrets.
+
+pub mod machine;
 
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
 use crate::plan::NodeLayout;
@@ -44,9 +49,12 @@ pub struct LocalProvider {
     /// Second octet of this cluster's loopback range 127.N.x.y.
     net: u8,
     install_packages: bool,
+    /// `local_machines`: the nodes' network; `None`: plain process trees.
+    machines: Option<machine::Network>,
 }
 
 impl LocalProvider {
+    /// Plain local nodes (process trees in folders).
     pub fn new(state_dir: &Path, install_packages: bool) -> std::io::Result<LocalProvider> {
         let nodes_dir = state_dir.join("nodes");
         std::fs::create_dir_all(&nodes_dir)?;
@@ -57,7 +65,21 @@ impl LocalProvider {
             cluster_id: hex::encode(&digest[..8]),
             net: 1 + digest[8] % 254,
             install_packages,
+            machines: None,
         })
+    }
+
+    /// Machine nodes (`local_machines`): creates (or finds) the cluster's
+    /// bridge. Root only.
+    pub fn machines(state_dir: &Path, install_packages: bool) -> Result<LocalProvider, ProviderError> {
+        let mut p = LocalProvider::new(state_dir, install_packages)?;
+        p.machines = Some(machine::Network::ensure(&p.cluster_id)?);
+        Ok(p)
+    }
+
+    /// The address machine nodes dial the controller on (the bridge's).
+    pub fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.machines.as_ref().map(machine::Network::gateway)
     }
 
     fn node_dir(&self, id: &str) -> PathBuf {
@@ -82,9 +104,24 @@ impl LocalProvider {
         let script = dir.join("userdata.sh");
         crate::pki::write_private(&script, userdata).map_err(|e| ProviderError::Other(e.to_string()))?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log"))?;
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.arg("userdata.sh")
-            .current_dir(&dir)
+        let mut cmd = match &self.machines {
+            None => {
+                let mut cmd = tokio::process::Command::new("sh");
+                cmd.arg("userdata.sh");
+                cmd
+            }
+            Some(_) => {
+                std::fs::write(dir.join("boot.sh"), machine::boot_script())?;
+                // The node's namespaces; killing this `unshare` (the group
+                // leader) kills the node's PID 1, and with it every
+                // process of the node.
+                let mut cmd = tokio::process::Command::new("unshare");
+                cmd.args(["--net", "--uts", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
+                    .args(["--propagation", "private", "sh", "boot.sh"]);
+                cmd
+            }
+        };
+        cmd.current_dir(&dir)
             .env_clear()
             .envs(ENV_ALLOW.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
             .env("DDISCO_HOME", &dir)
@@ -93,6 +130,7 @@ impl LocalProvider {
             .env("DDISCO_NODE_ADDR", address)
             // Local nodes share this machine's host name; engines need one each.
             .env("DDISCO_HOSTNAME", node_id)
+            .env("DDISCO_GATEWAY", self.gateway().map(|g| g.to_string()).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -104,6 +142,12 @@ impl LocalProvider {
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
+        if let Some(net) = &self.machines
+            && let Err(e) = net.plug(pid, &self.cluster_id, node_id).await
+        {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(e);
+        }
         Ok(format!("local-{pid}"))
     }
 }
@@ -115,6 +159,19 @@ impl Provider for LocalProvider {
     }
 
     fn layout(&self, node_id: &str) -> NodeLayout {
+        if self.machines.is_some() {
+            // A machine: engines manage its system as on EC2; its /etc,
+            // /home, /root, /opt, /mnt are its own.
+            return NodeLayout {
+                root: "/".into(),
+                system: true,
+                home: "/root".into(),
+                owner: None,
+                venv: "/opt/ddisco/venv".into(),
+                install_packages: self.install_packages,
+                scratch: None,
+            };
+        }
         let dir = self.node_dir(node_id);
         NodeLayout {
             root: dir.clone(),
@@ -128,6 +185,9 @@ impl Provider for LocalProvider {
     }
 
     fn address_for(&self, seq: u64) -> String {
+        if let Some(net) = &self.machines {
+            return net.address(seq);
+        }
         format!("127.{}.{}.{}", self.net, (seq / 250) % 256, seq % 250 + 2)
     }
 
@@ -187,8 +247,22 @@ impl Provider for LocalProvider {
         }
         for id in ids {
             let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
+            // The card goes with the node's namespace; a node that died
+            // while being plugged in may leave this host's end behind.
+            if let Some(net) = &self.machines {
+                net.unplug(&self.cluster_id, id);
+            }
         }
         Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
+        // After destroy no node is on the machines' bridge any more.
+        if let Some(net) = &self.machines {
+            net.remove()?;
+            tracing::info!(bridge = %net.bridge, "local machines: bridge removed");
+        }
+        Ok(vec![])
     }
 }
 
