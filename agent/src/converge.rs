@@ -35,6 +35,8 @@ struct State {
     applied: String,
     services: HashMap<String, Running>,
     posts: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
+    /// Probes running: name -> (URL, task).
+    probes: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
 }
 
 struct Running {
@@ -86,6 +88,7 @@ impl Converger {
         tracing::info!(id = %d.id, items = d.items.len(), "applying engine directives");
         let mut want_services = HashMap::new();
         let mut want_posts = HashMap::new();
+        let mut want_probes = HashMap::new();
         for item in &d.items {
             match &item.kind {
                 DirectiveKind::File(f) => {
@@ -97,6 +100,9 @@ impl Converger {
                 }
                 DirectiveKind::Post(p) => {
                     want_posts.insert(item.name.clone(), p.clone());
+                }
+                DirectiveKind::Probe { url } => {
+                    want_probes.insert(item.name.clone(), url.clone());
                 }
                 DirectiveKind::Unknown => {
                     self.report(&d.id, &item.name, Some("a directive kind this agent does not know".into()))
@@ -142,7 +148,10 @@ impl Converger {
         });
         for item in &d.items {
             let DirectiveKind::Post(p) = &item.kind else { continue };
-            if st.posts.get(&item.name).is_some_and(|(body, _)| *body == p.body) {
+            // The URL counts too: Disco's carry the settings digest, so a
+            // restarted master is told again.
+            let sent = format!("{}\n{}", p.url, p.body);
+            if st.posts.get(&item.name).is_some_and(|(was, _)| *was == sent) {
                 continue;
             }
             if let Some((_, old)) = st.posts.remove(&item.name) {
@@ -158,7 +167,22 @@ impl Converger {
             })
             .await;
             let _ = done;
-            st.posts.insert(item.name.clone(), (p.body.clone(), task));
+            st.posts.insert(item.name.clone(), (sent, task));
+        }
+        // Probes: one task each, while the directive stands.
+        st.probes.retain(|name, (url, task)| {
+            let keep = want_probes.get(name) == Some(url);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (name, url) in want_probes {
+            if st.probes.contains_key(&name) {
+                continue;
+            }
+            let task = tokio::spawn(probe(name.clone(), url.clone(), self.reports.clone()));
+            st.probes.insert(name, (url, task));
         }
         st.applied = d.id.clone();
     }
@@ -283,6 +307,37 @@ fn descendants(pid: u32) -> Vec<i32> {
 fn signal_all(pids: &[i32], sig: Signal) {
     for p in pids {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), sig);
+    }
+}
+
+/// GETs `url` about once a second; reports a 2xx answer's body (its first
+/// `MAX_PROBE_BODY` bytes) whenever it differs from the last one reported.
+async fn probe(name: String, url: String, reports: UnboundedSender<Report>) {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let mut last: Option<String> = None;
+    loop {
+        let answer = async {
+            let req = hyper::Request::get(&url).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+            let resp = client.request(req).await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("HTTP {}", resp.status()));
+            }
+            let limited = http_body_util::Limited::new(resp.into_body(), crate::model::MAX_PROBE_BODY);
+            let body = http_body_util::BodyExt::collect(limited).await.map_err(|e| e.to_string())?;
+            Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), answer).await {
+            Ok(Ok(body)) if last.as_ref() != Some(&body) => {
+                tracing::debug!(probe = %name, "changed");
+                last = Some(body.clone());
+                let _ = reports.send(Report::Probe { name: name.clone(), body });
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(probe = %name, "GET {url}: {e}"),
+            Err(_) => tracing::debug!(probe = %name, "GET {url} timed out"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

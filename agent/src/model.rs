@@ -107,6 +107,10 @@ pub enum DirectiveKind {
     Service(Service),
     File(ManagedFile),
     Post(Post),
+    /// A local URL read about once a second; its body reported on change.
+    Probe {
+        url: String,
+    },
     /// A kind this agent does not know: ignored.
     Unknown,
 }
@@ -145,10 +149,25 @@ pub struct Post {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
     Step(StepReport),
-    Attribute { name: String, value: String },
-    Notice { kind: NoticeKind, detail: String },
+    Attribute {
+        name: String,
+        value: String,
+    },
+    Notice {
+        kind: NoticeKind,
+        detail: String,
+    },
     Directive(DirectiveReport),
+    /// A probe's body, changed since the last report (at most
+    /// `MAX_PROBE_BODY` bytes).
+    Probe {
+        name: String,
+        body: String,
+    },
 }
+
+/// The most of a probe's answer that is reported.
+pub const MAX_PROBE_BODY: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepReport {

@@ -92,6 +92,7 @@ impl From<api::Directives> for Directives {
                     Some(Kind::Post(p)) => {
                         DirectiveKind::Post(Post { url: p.url, body: p.body, content_type: p.content_type })
                     }
+                    Some(Kind::Probe(p)) => DirectiveKind::Probe { url: p.url },
                     None => DirectiveKind::Unknown,
                 },
             })
@@ -147,6 +148,7 @@ impl From<Report> for api::AgentMessage {
                 output_tail: s.output_tail,
             }),
             Report::Attribute { name, value } => Msg::Attribute(api::Attribute { name, value }),
+            Report::Probe { name, body } => Msg::Probe(api::ProbeResult { name, body }),
             Report::Notice { kind, detail } => Msg::Notice(api::Notice {
                 kind: match kind {
                     NoticeKind::SpotInterruption => api::NoticeKind::SpotInterruption,

@@ -346,6 +346,11 @@ async fn handle(
             }
         }
         Some(Msg::Directive(d)) => sh.directive_report(node_id, d.into()),
+        Some(Msg::Probe(p)) => {
+            if let Err(e) = sh.probed(node_id, &p.name, &p.body) {
+                return Err(refused(&e));
+            }
+        }
         Some(Msg::Renew(r)) => {
             if !renewal.requested || renewal.issued {
                 return Err(Handled::Refused("a certificate renewal that was not asked for".into()));

@@ -123,6 +123,9 @@ pub struct NodeView {
     pub instance: Instance,
     /// Its instance has been in a listing at least once.
     pub listed_before: bool,
+    /// Draining, and the engine says it can go now without loss (Disco:
+    /// DDFS re-replicated its data); else it goes at the drain timeout.
+    pub drained: bool,
 }
 
 /// Why a node is terminated.
@@ -206,7 +209,7 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             actions.push(Action::MarkBooting { id: n.id.clone() });
         }
         if n.state == NodeState::Draining {
-            if n.since_drain_ms.unwrap_or(u64::MAX) >= limits.drain_ms {
+            if n.drained || n.since_drain_ms.unwrap_or(u64::MAX) >= limits.drain_ms {
                 let reason = if n.superseded { Reason::BackToSpot } else { Reason::ScaleDown };
                 actions.push(Action::Terminate { id: n.id.clone(), reason });
             }
@@ -422,6 +425,7 @@ mod tests {
             since_terminate_ms: None,
             instance: Instance::Alive,
             listed_before: true,
+            drained: false,
         }
     }
 
@@ -456,6 +460,23 @@ mod tests {
         draining.since_drain_ms = Some(100);
         let drain = Limits { drain_ms: 1_000, ..LIMITS };
         assert_eq!(next_deadline_ms(&[draining], drain), Some(900));
+    }
+
+    /// A draining slave goes at the drain timeout, or as soon as the
+    /// engine says nothing would be lost (Disco: DDFS re-replicated it).
+    #[test]
+    fn a_drained_slave_goes_before_the_drain_timeout() {
+        let master = node("m", Role::Master, NodeState::Ready, 1);
+        let mut draining = node("s", Role::Slave, NodeState::Draining, 2);
+        draining.since_drain_ms = Some(100);
+        let limits = Limits { drain_ms: 60_000, ..LIMITS };
+        let d = Desired::slaves(0);
+        assert_eq!(decide(&d, &[master.clone(), draining.clone()], limits), vec![]);
+        draining.drained = true;
+        assert_eq!(
+            decide(&d, &[master, draining], limits),
+            vec![Action::Terminate { id: "s".into(), reason: Reason::ScaleDown }]
+        );
     }
 
     #[test]

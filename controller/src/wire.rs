@@ -187,6 +187,7 @@ impl From<&DirectiveSet> for api::Directives {
                         body: body.clone(),
                         content_type: content_type.clone(),
                     }),
+                    DirectiveKind::Probe { url } => Kind::Probe(api::Probe { url: url.clone() }),
                 }),
             })
             .collect();

@@ -454,3 +454,220 @@ fn master_log(dir: &std::path::Path) -> String {
 fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Issue 15: a real Disco cluster end to end. Disco 0.5.4 built once by
+/// scripts/build-disco (from shared/vendor/disco, the project's patches,
+/// Erlang/OTP and Python of this machine), served by the controller and
+/// installed on every node by digest. The nodes are local machines
+/// (`local_machines`: own network, host name, /etc, processes and sshd),
+/// so the real master takes its slaves over SSH as the `disco` user,
+/// checking their host keys, with the cookie from the controller, exactly
+/// as on EC2. Disco's own word count example (examples/util/wordcount.py)
+/// runs with Disco's own Python client on the master: right counts, tasks
+/// on the slaves; a blob goes into DDFS and comes back; a killed slave is
+/// replaced and the next job (over the DDFS blob) is right; on `scale 1`
+/// the leaving slave goes once DDFS's GC has copied its data away, a third
+/// job is right, the first blob is still read by a job and DDFS takes and
+/// gives a new blob; `destroy` leaves no process and no network behind.
+#[test]
+fn real_disco_word_count_survives_a_lost_slave_and_scale_down() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
+    );
+    let build = built_disco();
+    let bundle = build.parent().unwrap().join("disco.tar.gz");
+    let mut c = Cluster::start(&format!(
+        r#"
+engine = "disco"
+disco_source = ""
+disco_bundle = "{}"
+local_machines = true
+num_slaves = 2
+drain_timeout_secs = 120
+heartbeat_timeout_secs = 5.0
+"#,
+        bundle.display()
+    ));
+    let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    let master = node_ids(&s, "master")[0].clone();
+    let slaves = node_ids(&s, "slave");
+    let addr_of = |s: &Value, id: &str| -> String {
+        nodes(s).iter().find(|n| n["node_id"] == id).unwrap()["address"].as_str().unwrap().to_string()
+    };
+    let master_addr = addr_of(&s, &master);
+    let node_file = |id: &str, rel: &str| {
+        std::fs::read_to_string(c.state_dir().join("nodes").join(id).join("fs").join(rel)).unwrap_or_default()
+    };
+    // SSH trust as on EC2: each slave's own host key (made at its first
+    // boot) in the master's known_hosts, the master's key in each slave's
+    // authorized_keys; the cookie on every node, the disco user's only.
+    // (Relayed through the controller once both sides are ready.)
+    let trusted = || {
+        let known = node_file(&master, "home/disco/.ssh/known_hosts");
+        let master_key = node_file(&master, "home/disco/.ssh/id_ed25519.pub");
+        let master_key = master_key.split_whitespace().nth(1).unwrap_or("no key").to_string();
+        slaves.iter().all(|id| {
+            let host_key = node_file(id, "etc/ssh/ssh_host_ed25519_key.pub");
+            let key = host_key.split_whitespace().nth(1).unwrap_or_else(|| panic!("{id} has no host key"));
+            known.contains(&format!("{id},{} ssh-ed25519 {key}", addr_of(&s, id)))
+                && node_file(id, "home/disco/.ssh/authorized_keys").contains(&master_key)
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while !trusted() {
+        assert!(
+            Instant::now() < end,
+            "SSH trust not set up: master's known_hosts:\n{}",
+            node_file(&master, "home/disco/.ssh/known_hosts")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for id in &slaves {
+        let cookie = c.state_dir().join("nodes").join(id).join("fs/home/disco/.erlang.cookie");
+        assert_eq!(std::fs::metadata(&cookie).unwrap().permissions().mode() & 0o777, 0o400, "{id}");
+    }
+    let nodeinfo = || {
+        serde_json::from_str::<Value>(
+            &http("GET", &format!("http://{master_addr}:8989/disco/ctrl/nodeinfo"), "").1,
+        )
+        .unwrap_or(Value::Null)
+    };
+    let master_dir = c.state_dir().join("nodes").join(&master);
+    let wait_master = |what: &str, f: &dyn Fn(&Value) -> bool| {
+        let end = Instant::now() + Duration::from_secs(90);
+        loop {
+            let info = nodeinfo();
+            if f(&info) {
+                return info;
+            }
+            assert!(Instant::now() < end, "{what}: {info:#}\nthe master's log:\n{}", master_log(&master_dir));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let connected = |hosts: Vec<String>| {
+        move |info: &Value| {
+            info.as_object().is_some_and(|o| o.len() == hosts.len())
+                && hosts.iter().all(|h| info[h]["connected"] == true)
+        }
+    };
+    let mut all = slaves.clone();
+    all.push(master.clone());
+    wait_master("the slaves' Erlang nodes started over SSH", &connected(all));
+
+    // 1. Disco's word count over raw inputs, tasks on the slaves too.
+    let inputs: Vec<String> =
+        ["to", "be", "or", "not", "to", "be", "that", "is"].iter().map(|w| format!("raw://{w}")).collect();
+    let mut args = vec!["count"];
+    args.extend(inputs.iter().map(String::as_str));
+    let job = disco_on(&c, &master, &args).unwrap_or_else(|e| panic!("job 1: {e}\n{}", c.diagnostics()));
+    let want = serde_json::json!({"to": 2, "be": 2, "or": 1, "not": 1, "that": 1, "is": 1});
+    assert_eq!(job["counts"], want, "{job}");
+    let ran: Vec<&str> = job["hosts"].as_array().unwrap().iter().filter_map(|h| h.as_str()).collect();
+    assert!(ran.iter().any(|h| slaves.iter().any(|s| s == h)), "no task ran on a slave: {job}");
+
+    // 2. DDFS: a blob in, on every node (replicas = planned size, 3), and out.
+    let text = "one two two three three three";
+    let put = disco_on(&c, &master, &["put", "data:words", "words", text]).unwrap();
+    assert_eq!(put["urls"][0].as_array().map(Vec::len), Some(3), "{put}");
+    let got = disco_on(&c, &master, &["get", "data:words"]).unwrap();
+    assert_eq!(got["blobs"], serde_json::json!([text]), "{got}");
+
+    // 3. A slave dies (its machine and every process on it): replaced, and
+    // the table follows; the next job reads the DDFS blob.
+    let victim = slaves[0].clone();
+    killpg(c.node_pid(&victim));
+    let s2 = c.wait_until("the killed slave replaced", Duration::from_secs(90), |s| {
+        at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
+    });
+    let mut all = node_ids(&s2, "slave");
+    all.push(master.clone());
+    wait_master("the replacement connected, the dead slave gone", &connected(all));
+    let job = disco_on(&c, &master, &["count", "tag://data:words"])
+        .unwrap_or_else(|e| panic!("job 2: {e}\n{}", c.diagnostics()));
+    assert_eq!(job["counts"], serde_json::json!({"one": 1, "two": 2, "three": 3}), "{job}");
+
+    // 4. scale 1: the leaving slave drains (blacklisted), the third job is
+    // right, the blob is still readable.
+    assert!(c.ctl(&["scale", "1"]).status.success());
+    // It goes once DDFS's GC has copied its data away (the master's
+    // `safe_gc_blacklist`), well before the 120 s drain timeout.
+    let s3 = c.wait_until("master + 1 slave", Duration::from_secs(90), |s| at_size(s, 1));
+    assert!(c.serve_log().contains("drained: the engine holds nothing"), "{}", c.serve_log());
+    let mut all = node_ids(&s3, "slave");
+    all.push(master.clone());
+    wait_master("the table without the leaving slave", &connected(all));
+    let job = disco_on(&c, &master, &args).unwrap_or_else(|e| panic!("job 3: {e}\n{}", c.diagnostics()));
+    assert_eq!(job["counts"], want, "{job}");
+    // The first blob is still read by a job (two nodes of three gone), and
+    // DDFS takes and gives a new one on the cluster as it is now.
+    let job = disco_on(&c, &master, &["count", "tag://data:words"])
+        .unwrap_or_else(|e| panic!("job 4: {e}\n{}", c.diagnostics()));
+    assert_eq!(job["counts"], serde_json::json!({"one": 1, "two": 2, "three": 3}), "{job}");
+    disco_on(&c, &master, &["put", "data:more", "more", "after the scale down"]).unwrap();
+    let got = disco_on(&c, &master, &["get", "data:more"]).unwrap();
+    assert_eq!(got["blobs"], serde_json::json!(["after the scale down"]), "{got}");
+    assert_eq!(got["replicas"], serde_json::json!([2]), "replicas follow the planned size: {got}");
+
+    // 5. destroy: nothing left in any node's namespaces, no bridge.
+    let namespaces: Vec<String> = node_ids(&s3, "slave")
+        .iter()
+        .chain([&master])
+        .map(|id| {
+            std::fs::read_link(format!("/proc/{}/ns/net", c.node_pid(id))).unwrap().display().to_string()
+        })
+        .collect();
+    assert!(c.ctl(&["destroy", "--yes"]).status.success());
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_in(&namespaces);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "processes left on destroyed nodes: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The bridge (the nodes' gateway, 10.X.0.1) is gone with the cluster.
+    let octets: Vec<&str> = master_addr.split('.').collect();
+    let gateway = format!("inet {}.{}.0.1/16", octets[0], octets[1]);
+    let addrs = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap().stdout;
+    assert!(!String::from_utf8_lossy(&addrs).contains(&gateway), "{}", String::from_utf8_lossy(&addrs));
+}
+
+/// Runs tests/python/disco_job.py on `node` (in its namespaces, as a user
+/// logged into the master would), with the Disco client of the node's own
+/// build; its JSON answer.
+fn disco_on(c: &Cluster, node: &str, args: &[&str]) -> Result<Value, String> {
+    let script =
+        std::fs::read_to_string(format!("{}/python/disco_job.py", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let out = Command::new("nsenter")
+        .args(["-t", &c.node_pid(node).to_string(), "--net", "--uts", "--mount", "--"])
+        .args(["env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"])
+        .arg(format!("DISCO_MASTER=http://{node}:8989"))
+        .arg("PYTHONPATH=/opt/disco/examples/util")
+        .args(["timeout", "120", "sh", "-c", "cd /opt/disco && exec python3 -W ignore -c \"$0\" \"$@\""])
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("{args:?}: {}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    serde_json::from_str(stdout.trim()).map_err(|e| format!("{args:?}: {e}: {stdout}"))
+}
+
+/// Live processes in any of these network namespaces (`net:[inode]`).
+fn processes_in(namespaces: &[String]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(ns) = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            && namespaces.iter().any(|n| *n == ns.display().to_string())
+            && alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}

@@ -71,6 +71,10 @@ pub struct Endpoints {
 }
 
 /// State shared by the servers and the reconcile loop.
+/// The most of a probe's answer the controller reads (the agent sends no
+/// more).
+pub const MAX_PROBE_BODY: usize = 16 * 1024;
+
 pub struct Cluster {
     pub cfg: Config,
     /// The map/reduce engine (plain functions over the membership).
@@ -489,6 +493,26 @@ impl Cluster {
         drop(reg);
         self.save().map_err(|e| format!("cannot save the renewed certificate's record: {e:#}"))?;
         Ok(cert)
+    }
+
+    /// A probe's answer from `node_id`: only the master's, only probes the
+    /// engine asked for, at most `MAX_PROBE_BODY` bytes. Hosts the engine
+    /// reads as safe to remove end their drain now.
+    pub fn probed(&self, node_id: &str, name: &str, body: &str) -> Result<(), String> {
+        if body.len() > MAX_PROBE_BODY {
+            return Err(format!("probe answer over {MAX_PROBE_BODY} bytes"));
+        }
+        let mut reg = self.registry.lock().expect("registry lock");
+        if reg.get(node_id).map(|e| e.rec.role) != Some(Role::Master) {
+            return Err("probe answers are taken from the master only".into());
+        }
+        let safe = self.engine.probed(name, body)?;
+        let marked = safe.is_some_and(|hosts| reg.mark_drained(&hosts));
+        drop(reg);
+        if marked {
+            self.changed();
+        }
+        Ok(())
     }
 
     pub fn directive_report(&self, node_id: &str, report: DirectiveReport) {

@@ -116,9 +116,13 @@ impl Disco {
              DISCO_PROXY_ENABLED = \"{proxy}\"\n\
              # Erlang without a shell: the agent supervises it with stdin closed.\n\
              SYSTEMD_ENABLED = True\n\
-             DDFS_TAG_MIN_REPLICAS = \"{replicas}\"\n\
+             # A tag operation needs one replica: on spot, nodes die, and\n\
+             # with every replica required one lost slave blocks every tag.\n\
+             DDFS_TAG_MIN_REPLICAS = \"1\"\n\
              DDFS_TAG_REPLICAS = \"{replicas}\"\n\
-             DDFS_BLOB_REPLICAS = \"{replicas}\"\n",
+             DDFS_BLOB_REPLICAS = \"{replicas}\"\n\
+             # DDFS's GC may start at once (it is started while slaves leave).\n\
+             DDFS_GC_INITIAL_WAIT = \"0\"\n",
             home = self.disco_home(layout).as_deref().unwrap_or(INSTALLED_HOME),
             port = self.port,
             root = self.root(layout),
@@ -344,6 +348,19 @@ impl Engine for Disco {
             let mut leaving: Vec<&Member> =
                 members.iter().filter(|m| m.leaving && !m.is_master() && m.ready).collect();
             leaving.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+            if !leaving.is_empty() {
+                // While a slave leaves, DDFS's GC runs back to back (it
+                // moves the blacklisted nodes' data away), and the agent
+                // reports which of them hold nothing only they have
+                // (`safe_gc_blacklist`): those go at once (`probed`).
+                let ddfs = format!("http://127.0.0.1:{}/ddfs/ctrl", self.port);
+                for name in ["gc_start", "safe_gc_blacklist"] {
+                    out.push(Directive {
+                        name: name.into(),
+                        kind: DirectiveKind::Probe { url: format!("{ddfs}/{name}") },
+                    });
+                }
+            }
             for m in leaving {
                 for op in ["blacklist", "gc_blacklist"] {
                     out.push(Directive {
@@ -379,6 +396,26 @@ impl Engine for Disco {
         out
     }
 
+    fn probed(&self, name: &str, body: &str) -> Result<Option<Vec<String>>, String> {
+        match name {
+            "gc_start" => Ok(None),
+            "safe_gc_blacklist" => {
+                let hosts: Vec<String> = serde_json::from_str(body)
+                    .map_err(|e| format!("safe_gc_blacklist: not a JSON list of host names: {e}"))?;
+                if let Some(bad) = hosts.iter().find(|h| !valid_host(h)) {
+                    return Err(format!(
+                        "safe_gc_blacklist: {:?} is not a host name",
+                        &bad[..bad.len().min(64)]
+                    ));
+                }
+                Ok(Some(hosts))
+            }
+            other => {
+                Err(format!("probe {:?} is not one the disco engine asks for", &other[..other.len().min(64)]))
+            }
+        }
+    }
+
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
         let mut e = BTreeMap::new();
         if let Some(m) = master(members) {
@@ -399,6 +436,11 @@ impl Engine for Disco {
             ],
         }
     }
+}
+
+/// A host name as Disco reports them (letters, digits, `-`, `.`).
+fn valid_host(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn shell(name: &str, script: &str) -> Step {
@@ -698,6 +740,41 @@ mod tests {
         };
         assert_ne!(service(&one), service(&three), "a replica change must restart the master");
         assert_eq!(service(&three), service(&three));
+    }
+
+    /// While a slave leaves, the master's agent keeps DDFS's GC going and
+    /// reports `safe_gc_blacklist`; the hosts in it may go. A body that is
+    /// not a list of host names, or a probe never asked for, is refused.
+    #[test]
+    fn leaving_slaves_are_released_by_the_ddfs_gc() {
+        let mut leaving = m("s3", Role::Slave, "ip-3", 1);
+        leaving.leaving = true;
+        let master = m("master", Role::Master, "ip-1", 4);
+        let probes = |members: &[Member]| -> Vec<String> {
+            disco()
+                .directives(&master, members, &layout(true))
+                .into_iter()
+                .filter_map(|d| match d.kind {
+                    DirectiveKind::Probe { url } => Some(format!("{} {url}", d.name)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(probes(&[master.clone(), m("s2", Role::Slave, "ip-2", 1)]), Vec::<String>::new());
+        assert_eq!(
+            probes(&[master.clone(), leaving]),
+            [
+                "gc_start http://127.0.0.1:8989/ddfs/ctrl/gc_start",
+                "safe_gc_blacklist http://127.0.0.1:8989/ddfs/ctrl/safe_gc_blacklist"
+            ]
+        );
+        let d = disco();
+        assert_eq!(d.probed("safe_gc_blacklist", r#"["ip-3"]"#), Ok(Some(vec!["ip-3".to_string()])));
+        assert_eq!(d.probed("safe_gc_blacklist", "[]"), Ok(Some(vec![])));
+        assert_eq!(d.probed("gc_start", "\"GC has started\""), Ok(None));
+        assert!(d.probed("safe_gc_blacklist", r#"["ip-3\n10.0.0.9 x"]"#).is_err());
+        assert!(d.probed("safe_gc_blacklist", "GC is waiting").is_err());
+        assert!(d.probed("anything", "[]").is_err());
     }
 
     #[test]

@@ -55,9 +55,29 @@ pub fn master(members: &[Member]) -> Option<&Member> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DirectiveKind {
-    Service { argv: Vec<String>, env: BTreeMap<String, String>, workdir: String, grace_ms: u32 },
-    File { path: String, content: String, mode: u32, owner: String, marker: String },
-    Post { url: String, body: String, content_type: String },
+    Service {
+        argv: Vec<String>,
+        env: BTreeMap<String, String>,
+        workdir: String,
+        grace_ms: u32,
+    },
+    File {
+        path: String,
+        content: String,
+        mode: u32,
+        owner: String,
+        marker: String,
+    },
+    Post {
+        url: String,
+        body: String,
+        content_type: String,
+    },
+    /// A local URL the agent reads about once a second; the body comes
+    /// back (`Engine::probed`) whenever it changes.
+    Probe {
+        url: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -78,6 +98,14 @@ pub trait Engine: Send + Sync {
     fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
     /// The desired engine state on `me`, given every member.
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
+    /// What the master's probe `name` answered (untrusted: the body comes
+    /// from a node): the hosts that can leave now without loss, if the
+    /// probe tells that; `Ok(None)` for a probe that tells something
+    /// else; `Err` for a probe this engine never asked for or a body it
+    /// cannot read.
+    fn probed(&self, name: &str, _body: &str) -> Result<Option<Vec<String>>, String> {
+        Err(format!("probe {name:?} is not one the {} engine asks for", self.name()))
+    }
     /// Do a node's directives depend only on the node itself and the
     /// masters (then a change to one slave recomputes only that slave's)?
     fn partial(&self) -> bool {

@@ -151,6 +151,9 @@ pub struct Liveness {
     load_milli_plus_one: AtomicU32,
     /// Its instance has been in a provider listing (since this start).
     listed: AtomicBool,
+    /// Draining, and the engine says nothing is lost when it goes now
+    /// (Disco: DDFS holds its data elsewhere).
+    drained: AtomicBool,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
     push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
@@ -702,8 +705,30 @@ impl Registry {
                     None => Instance::NotListed,
                 },
                 listed_before: e.live.listed.load(Ordering::Relaxed),
+                drained: e.rec.state == NodeState::Draining && e.live.drained.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// The engine's word that these hosts can go without loss: the
+    /// draining nodes among them are marked drained (an event each, once).
+    /// True if any was newly marked.
+    pub fn mark_drained(&mut self, hosts: &[String]) -> bool {
+        let mut marked = Vec::new();
+        for e in self.nodes.values() {
+            let host = e.rec.facts.as_ref().map_or("", |f| f.hostname.as_str());
+            if e.rec.state == NodeState::Draining
+                && !host.is_empty()
+                && hosts.iter().any(|h| h == host)
+                && !e.live.drained.swap(true, Ordering::Relaxed)
+            {
+                marked.push(e.rec.id.clone());
+            }
+        }
+        for id in &marked {
+            self.event(format!("{id} drained: the engine holds nothing only it has; it goes now"));
+        }
+        !marked.is_empty()
     }
 }
 
