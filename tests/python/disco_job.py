@@ -12,6 +12,7 @@ Usage (JSON on stdout):
   count INPUT...         Disco's WordCount over the inputs:
                          {"job", "counts": {word: n}, "hosts": [hosts that ran tasks]}
   put TAG NAME TEXT      a blob into DDFS under TAG: {"urls": [[replica URL, ...]]}
+  putfile TAG PATH       a file (on this node) into DDFS under TAG: the same
   get TAG                the tag's blobs, read back: {"blobs": [text], "replicas": [n]}
 """
 import json
@@ -49,6 +50,11 @@ def put(tag, name, text):
     return {"urls": urls}
 
 
+def putfile(tag, path):
+    _, urls = DDFS().push(tag, [path])
+    return {"urls": urls}
+
+
 def get(tag):
     ddfs = DDFS()
     blobs = [blob.read().decode() for blob in ddfs.pull(tag)]
@@ -58,5 +64,5 @@ def get(tag):
 
 if __name__ == "__main__":
     op, args = sys.argv[1], sys.argv[2:]
-    out = {"count": count, "put": put, "get": get}[op](*([args] if op == "count" else args))
+    out = {"count": count, "put": put, "putfile": putfile, "get": get}[op](*([args] if op == "count" else args))
     print(json.dumps(out))
