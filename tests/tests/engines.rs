@@ -1,6 +1,7 @@
 //! Engines on a real local cluster: a real Dask cluster runs a real word
 //! count; the Disco engine drives a stand-in Disco master through scale up,
-//! replacement and scale down.
+//! replacement and scale down, and a real Disco cluster (on machine nodes)
+//! runs Disco's own word count through a lost slave and a scale down.
 
 use ddisco_tests::disco::{DiscoStandIn, built_disco, http};
 use ddisco_tests::*;
@@ -328,7 +329,7 @@ heartbeat_timeout_secs = 5.0
     assert!(refused.is_empty(), "the stand-in refused: {refused:#?}");
 }
 
-/// Issue 15 (in part): the real Disco master (Disco 0.5.4 built once by
+/// Issue 15: the real Disco master (Disco 0.5.4 built once by
 /// scripts/build-disco from shared/vendor/disco with the project's patches,
 /// Erlang/OTP 25, Python 3; served by the controller as `disco_bundle` and
 /// installed by every node, checked by digest) started by the engine on
@@ -337,27 +338,12 @@ heartbeat_timeout_secs = 5.0
 /// controller computes,
 /// blacklists a slave leaving on `scale 1` while it drains, and its Erlang
 /// VM is gone when the cluster is destroyed (the service is stopped as a
-/// process group). Its slaves are not taken over SSH here: local nodes are
-/// not machines with sshd yet.
+/// process group). Its slaves are plain local nodes (no sshd): the next
+/// test runs the whole cluster on machine nodes.
 #[test]
 fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
-    let build = built_disco();
-    let bundle = build.parent().unwrap().join("disco.tar.gz");
-    let bundle_sha = sha256_hex(&std::fs::read(&bundle).unwrap());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut c = Cluster::start(&format!(
-        r#"
-engine = "disco"
-disco_source = ""
-disco_bundle = "{}"
-disco_port = {port}
-num_slaves = 2
-drain_timeout_secs = 20
-heartbeat_timeout_secs = 5.0
-"#,
-        bundle.display()
-    ));
-    let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    let (mut c, s, bundle_sha) = real_disco_cluster(&format!("disco_port = {port}\ndrain_timeout_secs = 20"));
     // Every node installed the one build, checked by its digest, in a step
     // of its own.
     for n in nodes(&s) {
@@ -475,21 +461,7 @@ fn real_disco_word_count_survives_a_lost_slave_and_scale_down() {
         nix::unistd::geteuid().is_root(),
         "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
     );
-    let build = built_disco();
-    let bundle = build.parent().unwrap().join("disco.tar.gz");
-    let mut c = Cluster::start(&format!(
-        r#"
-engine = "disco"
-disco_source = ""
-disco_bundle = "{}"
-local_machines = true
-num_slaves = 2
-drain_timeout_secs = 120
-heartbeat_timeout_secs = 5.0
-"#,
-        bundle.display()
-    ));
-    let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    let (mut c, s, _) = real_disco_cluster("local_machines = true\ndrain_timeout_secs = 120");
     let master = node_ids(&s, "master")[0].clone();
     let slaves = node_ids(&s, "slave");
     let addr_of = |s: &Value, id: &str| -> String {
@@ -632,6 +604,21 @@ heartbeat_timeout_secs = 5.0
     let gateway = format!("inet {}.{}.0.1/16", octets[0], octets[1]);
     let addrs = Command::new("ip").args(["-4", "-o", "addr", "show"]).output().unwrap().stdout;
     assert!(!String::from_utf8_lossy(&addrs).contains(&gateway), "{}", String::from_utf8_lossy(&addrs));
+}
+
+/// A cluster of the real Disco (master + 2 slaves, the build of
+/// scripts/build-disco served as `disco_bundle`) with `extra` config, once
+/// at size; with the bundle's SHA-256.
+fn real_disco_cluster(extra: &str) -> (Cluster, Value, String) {
+    let bundle = built_disco().parent().unwrap().join("disco.tar.gz");
+    let sha = sha256_hex(&std::fs::read(&bundle).unwrap());
+    let mut c = Cluster::start(&format!(
+        "engine = \"disco\"\ndisco_source = \"\"\ndisco_bundle = \"{}\"\nnum_slaves = 2\n\
+         heartbeat_timeout_secs = 5.0\n{extra}\n",
+        bundle.display()
+    ));
+    let s = c.wait_until("master + 2 slaves ready", Duration::from_secs(120), |s| at_size(s, 2));
+    (c, s, sha)
 }
 
 /// Runs tests/python/disco_job.py on `node` (in its namespaces, as a user
