@@ -9,7 +9,7 @@ use crate::model::{Market, NodeState, Role};
 use crate::registry::{NodeRecord, unix_ms};
 use serde::Serialize;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct StatusView {
     pub cluster: String,
     /// The cluster's id (`state::cluster_id`), on everything it launched.

@@ -60,7 +60,7 @@ pub async fn exec(args: CredentialsArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Creates `dir` (mode 0700) or checks an existing one is a directory.
-fn write_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn write_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
         Ok(()) => {}

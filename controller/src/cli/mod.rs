@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod destroy;
 pub mod init;
 pub mod logs;
+pub mod run;
 pub mod scale;
 pub mod security_group;
 pub mod serve;
@@ -23,7 +24,8 @@ Exit codes:
   1  failure (the message says what failed)
   2  bad configuration or usage (the message names the file and key)
   3  no controller is running for this state directory
-  4  timed out waiting (scale --wait)";
+  4  timed out waiting (scale --wait, run)
+  run exits with its COMMAND's code";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +47,7 @@ pub enum Command {
     Init(init::InitArgs),
     Serve(serve::ServeArgs),
     Scale(scale::ScaleArgs),
+    Run(run::RunArgs),
     Status(status::StatusArgs),
     Destroy(destroy::DestroyArgs),
     Credentials(credentials::CredentialsArgs),
@@ -94,6 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init(a) => init::exec(a),
         Command::Serve(a) => serve::exec(a).await,
         Command::Scale(a) => scale::exec(a).await,
+        Command::Run(a) => run::exec(a).await,
         Command::Status(a) => status::exec(a).await,
         Command::Destroy(a) => destroy::exec(a).await,
         Command::Credentials(a) => credentials::exec(a).await,

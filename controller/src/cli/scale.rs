@@ -38,8 +38,18 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    if wait_ready(&mut client, slaves, deadline).await? {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(4))
+    }
+}
+
+/// Shows progress until one master and `slaves` slaves are ready (true),
+/// or `deadline` passes (false, said on stderr).
+pub async fn wait_ready(client: &mut AdminClient, slaves: u32, deadline: Instant) -> anyhow::Result<bool> {
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(args.timeout);
     let bar = indicatif::ProgressBar::new(u64::from(slaves) + 1);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -60,12 +70,12 @@ pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
                 slaves,
                 start.elapsed().as_secs_f64()
             );
-            return Ok(ExitCode::SUCCESS);
+            return Ok(true);
         }
         if Instant::now() >= deadline {
             bar.abandon();
-            eprintln!("timed out after {}s: {}", args.timeout, p.summary);
-            return Ok(ExitCode::from(4));
+            eprintln!("timed out after {:.0}s: {}", start.elapsed().as_secs_f64(), p.summary);
+            return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -421,6 +421,7 @@ impl Engine for Disco {
         if let Some(m) = master(members) {
             e.insert("master".into(), format!("http://{}:{}", m.address, self.port));
             e.insert("master_host".into(), m.hostname.clone());
+            e.insert("proxy".into(), format!("http://{}:8999", m.address));
         }
         e
     }

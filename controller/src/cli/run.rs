@@ -1,0 +1,348 @@
+//! `run -- COMMAND...`: one job on a cluster that exists only for it.
+//!
+//! Starts `serve` in the background when none runs for this state
+//! directory, scales, waits until the cluster is ready, runs COMMAND here
+//! with the cluster's endpoints in its environment, and when it ends (or on
+//! Ctrl-C / SIGTERM) destroys the cluster it started (unless `--keep`),
+//! then prints a summary. A controller `run` did not start is only scaled.
+
+use super::ConfigArgs;
+use super::client::AdminClient;
+use crate::status::StatusView;
+use clap::Args;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Run COMMAND on a cluster made for it: start the controller if none runs
+/// (here, in the background; its log goes to <state_dir>/serve.log), scale
+/// to --slaves, wait until ready, run COMMAND on this machine with the
+/// cluster's endpoints in its environment (DDISCO_ENGINE, DDISCO_NODES;
+/// Dask: DASK_SCHEDULER_ADDRESS and Dask's TLS settings; Disco:
+/// DISCO_MASTER, DISCO_PROXY), then destroy the cluster (unless --keep, or
+/// the controller was already running) and print a summary. The exit code
+/// is COMMAND's; 4 if the cluster never became ready.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Slaves for the job.
+    #[arg(long, default_value_t = 2)]
+    pub slaves: u32,
+    /// Leave the cluster (and the controller run started) running.
+    #[arg(long)]
+    pub keep: bool,
+    /// Give up waiting for the cluster after this many seconds (exit code 4).
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+    /// The job: a program and its arguments, after `--`.
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = args.config.load()?;
+    let socket = cfg.admin_socket();
+    let started_at = Instant::now();
+    let (mut client, serve) = match AdminClient::connect(&socket).await {
+        Ok(c) => {
+            eprintln!(
+                "run: a controller is already running for {}: scaling it, leaving it running",
+                socket.display()
+            );
+            (c, None)
+        }
+        Err(_) => {
+            let (client, child) = start_serve(&args.config, &cfg.state_dir, &socket).await?;
+            (client, Some(child))
+        }
+    };
+    let owned = serve.is_some() && !args.keep;
+    let mut signals = Signals::new()?;
+
+    // Scale and wait, Ctrl-C aborting.
+    client.scale(args.slaves, Default::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let ready = tokio::select! {
+        r = super::scale::wait_ready(&mut client, args.slaves, deadline) => r?,
+        sig = signals.next() => {
+            eprintln!("run: {sig} while waiting for the cluster");
+            finish(&mut client, serve, owned).await;
+            return Ok(ExitCode::from(130));
+        }
+    };
+    let to_ready = started_at.elapsed();
+    if !ready {
+        finish(&mut client, serve, owned).await;
+        return Ok(ExitCode::from(4));
+    }
+
+    // The job's environment.
+    let st = client.status().await?;
+    let creds =
+        if st.engine == "dask" { Some(write_credentials(&mut client, &cfg.state_dir).await?) } else { None };
+    let env = job_env(&st, creds.as_deref());
+    let mut seen = Seen::default();
+    seen.add(&st);
+
+    eprintln!("run: cluster ready in {:.1}s; running {}", to_ready.as_secs_f64(), args.command.join(" "));
+    let job_start = Instant::now();
+    let mut child = tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .envs(&env)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot run {:?}: {e}", args.command[0]))?;
+    let pid = child.id();
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            sig = signals.next() => {
+                // The job is told too (a terminal's Ctrl-C reaches it
+                // already; SIGTERM does not), then waited for.
+                eprintln!("run: {sig}: stopping the job");
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                }
+                let s = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                    Ok(s) => s?,
+                    Err(_) => {
+                        let _ = child.kill().await;
+                        child.wait().await?
+                    }
+                };
+                break s;
+            }
+            _ = poll.tick() => {
+                if let Ok(st) = client.status().await {
+                    seen.add(&st);
+                }
+            }
+        }
+    };
+    let job_time = job_start.elapsed();
+    if let Ok(st) = client.status().await {
+        seen.add(&st);
+    }
+    let code = exit_code(&status);
+    let spent = finish(&mut client, serve, owned).await;
+    eprintln!("{}", summary(to_ready, job_time, &seen, spent, code, owned));
+    Ok(ExitCode::from(code))
+}
+
+/// Starts `serve` for this configuration in the background (its own
+/// process group: a terminal's Ctrl-C goes to `run`, which destroys the
+/// cluster in order) and waits (bounded) for its admin socket.
+async fn start_serve(
+    config: &ConfigArgs,
+    state_dir: &Path,
+    socket: &Path,
+) -> anyhow::Result<(AdminClient, tokio::process::Child)> {
+    std::fs::create_dir_all(state_dir)?;
+    let log_path = state_dir.join("serve.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("serve");
+    if let Some(c) = &config.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(d) = &config.state_dir {
+        cmd.arg("--state-dir").arg(d);
+    }
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let mut child = cmd.spawn()?;
+    eprintln!("run: started a controller (log: {})", log_path.display());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(c) = AdminClient::connect(socket).await {
+            return Ok((c, child));
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the controller exited ({status}) before answering; see {}", log_path.display());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill().await;
+            anyhow::bail!("the controller did not answer within 60 s; see {}", log_path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Destroys the cluster when `run` owns it (and waits for its controller to
+/// exit); the spend reported by the controller.
+async fn finish(client: &mut AdminClient, serve: Option<tokio::process::Child>, owned: bool) -> Option<f64> {
+    let spent = if owned {
+        match client.destroy().await {
+            Ok(d) => {
+                eprintln!("run: cluster destroyed ({} nodes terminated)", d.terminated.len());
+                Some(d.spent_usd)
+            }
+            Err(e) => {
+                eprintln!("run: destroy failed: {}; run `ddisco-controller destroy --yes`", e.message());
+                None
+            }
+        }
+    } else {
+        client.brief_status().await.ok().map(|s| s.spent_usd)
+    };
+    if let (true, Some(mut child)) = (owned, serve)
+        && tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err()
+    {
+        let _ = child.kill().await;
+    }
+    spent
+}
+
+async fn write_credentials(client: &mut AdminClient, state_dir: &Path) -> anyhow::Result<PathBuf> {
+    let c = client.credentials("run", 1).await?;
+    let dir = state_dir.join("run-client");
+    super::credentials::write_private_dir(&dir)?;
+    crate::pki::write_private(&dir.join("ca.pem"), &c.ca_pem)?;
+    crate::pki::write_private(&dir.join("client.pem"), &c.cert_pem)?;
+    crate::pki::write_private(&dir.join("client.key"), &c.key_pem)?;
+    Ok(dir)
+}
+
+/// The job's environment, from the cluster's status (and the Dask client
+/// credential's folder).
+pub fn job_env(st: &StatusView, dask_tls: Option<&Path>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("DDISCO_ENGINE".into(), st.engine.clone());
+    env.insert("DDISCO_NODES".into(), st.nodes.len().to_string());
+    let ep = &st.engine_endpoints;
+    match st.engine.as_str() {
+        "dask" => {
+            if let Some(s) = ep.get("scheduler") {
+                env.insert("DASK_SCHEDULER_ADDRESS".into(), s.clone());
+            }
+            if let Some(dir) = dask_tls {
+                // Dask's own configuration, so a plain `Client()` connects.
+                let f = |name: &str| dir.join(name).display().to_string();
+                env.insert("DASK_DISTRIBUTED__COMM__TLS__CA_FILE".into(), f("ca.pem"));
+                env.insert("DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT".into(), f("client.pem"));
+                env.insert("DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY".into(), f("client.key"));
+                env.insert("DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION".into(), "True".into());
+                env.insert("DDISCO_DASK_TLS".into(), dir.display().to_string());
+            }
+        }
+        "disco" => {
+            if let Some(m) = ep.get("master") {
+                env.insert("DISCO_MASTER".into(), m.clone());
+            }
+            if let Some(p) = ep.get("proxy") {
+                env.insert("DISCO_PROXY".into(), p.clone());
+            }
+        }
+        _ => {}
+    }
+    env
+}
+
+/// Nodes and replacements seen while the job ran.
+#[derive(Debug, Default)]
+pub struct Seen {
+    nodes: BTreeSet<String>,
+    replaced: BTreeSet<(u64, String)>,
+}
+
+impl Seen {
+    pub fn add(&mut self, st: &StatusView) {
+        self.nodes.extend(st.nodes.iter().map(|n| n.node_id.clone()));
+        for e in &st.timed_events {
+            if e.message.contains("replacing it") {
+                self.replaced.insert((e.unix_ms, e.message.clone()));
+            }
+        }
+    }
+}
+
+fn exit_code(status: &std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c.clamp(0, 255) as u8,
+        (None, Some(sig)) => 128u8.saturating_add(sig as u8),
+        (None, None) => 1,
+    }
+}
+
+/// The closing summary.
+pub fn summary(
+    to_ready: Duration,
+    job: Duration,
+    seen: &Seen,
+    spent: Option<f64>,
+    code: u8,
+    destroyed: bool,
+) -> String {
+    let cost = spent.map_or("unknown".to_string(), |s| format!("${s:.4} (estimate)"));
+    format!(
+        "run: ready in {:.1}s, job {:.1}s (exit {code}); {} nodes used, {} replaced; cost {cost}; cluster {}",
+        to_ready.as_secs_f64(),
+        job.as_secs_f64(),
+        seen.nodes.len(),
+        seen.replaced.len(),
+        if destroyed { "destroyed" } else { "left running" },
+    )
+}
+
+/// SIGINT and SIGTERM, as one stream.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "interrupted",
+            _ = self.term.recv() => "terminated",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(engine: &str, endpoints: &[(&str, &str)]) -> StatusView {
+        StatusView {
+            engine: engine.into(),
+            engine_endpoints: endpoints.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_job_gets_the_engines_endpoints() {
+        let dask = job_env(&status("dask", &[("scheduler", "tls://10.0.0.1:8786")]), Some(Path::new("/s/c")));
+        assert_eq!(dask["DDISCO_ENGINE"], "dask");
+        assert_eq!(dask["DASK_SCHEDULER_ADDRESS"], "tls://10.0.0.1:8786");
+        assert_eq!(dask["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"], "/s/c/client.key");
+        assert_eq!(dask["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"], "True");
+        let disco = job_env(
+            &status("disco", &[("master", "http://10.0.0.1:8989"), ("proxy", "http://10.0.0.1:8999")]),
+            None,
+        );
+        assert_eq!(disco["DISCO_MASTER"], "http://10.0.0.1:8989");
+        assert_eq!(disco["DISCO_PROXY"], "http://10.0.0.1:8999");
+        assert!(!disco.keys().any(|k| k.starts_with("DASK")));
+    }
+
+    #[test]
+    fn the_summary_says_what_happened() {
+        let mut seen = Seen::default();
+        seen.nodes.extend(["m".to_string(), "s1".into(), "s2".into()]);
+        seen.replaced.insert((1, "s1 lost; replacing it".into()));
+        let s = summary(Duration::from_millis(12_300), Duration::from_secs(4), &seen, Some(0.0123), 7, true);
+        assert_eq!(
+            s,
+            "run: ready in 12.3s, job 4.0s (exit 7); 3 nodes used, 1 replaced; cost $0.0123 (estimate); cluster destroyed"
+        );
+    }
+}

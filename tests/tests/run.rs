@@ -1,0 +1,143 @@
+//! `run -- COMMAND`: one job on a cluster that exists only for it (issue
+//! 16), on the local provider with a real Dask: `run` starts the
+//! controller, scales, waits, runs the job with the cluster's endpoints in
+//! its environment, and leaves nothing behind.
+
+use ddisco_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Dask cluster's config, no slaves until `run` asks.
+fn config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("ddisco.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+engine = "dask"
+num_slaves = 0
+master_multiplier = 0.5
+slave_multiplier = 1.0
+base_packages = ["coreutils"]
+additional_packages = []
+pip_requirements = []
+listen = "127.0.0.1:0"
+download_listen = "127.0.0.1:0"
+dashboard_listen = "127.0.0.1:0"
+heartbeat_interval_secs = 0.5
+heartbeat_timeout_secs = 5.0
+reconcile_interval_secs = 0.3
+drain_timeout_secs = 3.0
+"#,
+    )
+    .unwrap();
+    cfg
+}
+
+fn run(dir: &Path, args: &[&str]) -> Child {
+    Command::new(bin("ddisco-controller"))
+        .arg("run")
+        .args(["--config", config(dir).to_str().unwrap()])
+        .args(args)
+        .current_dir(dir)
+        .env("REPO", env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded) for `child`; its exit code, stdout and stderr.
+fn finish(mut child: Child, deadline: Duration) -> (Option<i32>, String, String) {
+    let end = Instant::now() + deadline;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Nothing of the cluster is left: no node process, no controller.
+fn nothing_left(dir: &Path, stderr: &str) {
+    let state = dir.join(".ddisco");
+    let end = Instant::now() + Duration::from_secs(15);
+    while !node_processes(&state).is_empty() {
+        assert!(Instant::now() < end, "node processes left: {:?}\n{stderr}", node_processes(&state));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let config = config(dir).display().to_string();
+    let serving = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("serve") && c.contains(&config)
+            })
+        })
+    };
+    while serving() {
+        assert!(Instant::now() < end, "a controller is left running\n{stderr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The word count runs on the cluster `run` made (Dask found through the
+/// environment `run` gives, over mutual TLS), `run` exits with the job's
+/// code (7), prints the summary, and leaves no node and no controller.
+#[test]
+fn run_exits_with_the_jobs_code_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = dir.path().join("words.txt");
+    std::fs::write(&words, "spot map reduce\nmap spot\nspot\n".repeat(50)).unwrap();
+    let job = dir.path().join("job.sh");
+    std::fs::write(
+        &job,
+        r#"set -e
+py=$(ls .ddisco/nodes/master-*/venv/bin/python | head -1)
+"$py" "$REPO/python/dask_job.py" wordcount "$DASK_SCHEDULER_ADDRESS" words.txt 4 > result.json
+echo "engine=$DDISCO_ENGINE nodes=$DDISCO_NODES"
+exit 7
+"#,
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        finish(run(dir.path(), &["--slaves", "2", "--", "sh", "job.sh"]), Duration::from_secs(600));
+    assert_eq!(code, Some(7), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("engine=dask nodes=3"), "{stdout}");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap()).unwrap();
+    assert_eq!(result["counts"], serde_json::json!({"spot": 150, "map": 100, "reduce": 50}), "{result}");
+    assert!(stderr.contains("3 nodes used, 0 replaced") && stderr.contains("cluster destroyed"), "{stderr}");
+    assert!(stderr.contains("(exit 7)"), "{stderr}");
+    nothing_left(dir.path(), &stderr);
+}
+
+/// Ctrl-C while the job runs: the job is stopped, the cluster destroyed,
+/// nothing left.
+#[test]
+fn ctrl_c_during_the_job_destroys_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = run(dir.path(), &["--slaves", "1", "--", "sh", "-c", "touch started; exec sleep 600"]);
+    let pid = child.id() as i32;
+    let started = dir.path().join("started");
+    let end = Instant::now() + Duration::from_secs(600);
+    while !started.exists() {
+        assert!(Instant::now() < end, "the job never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).unwrap();
+    let (code, stdout, stderr) = finish(child, Duration::from_secs(120));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}\n{stdout}\n{stderr}");
+    assert!(stderr.contains("interrupted") && stderr.contains("cluster destroyed"), "{stderr}");
+    nothing_left(dir.path(), &stderr);
+}
