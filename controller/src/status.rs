@@ -187,6 +187,7 @@ impl StatusView {
             provider_notes: sh.provider.notes(),
             controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
                 .into_iter()
+                .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
                 .collect(),
             counts,
             provider_facts: sh.provider.facts(),

@@ -1480,3 +1480,50 @@ fn on_demand_nodes_cost_the_list_price_and_root_volumes_are_sized() {
     let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
     assert!(table.contains("on the root volume (40 GiB gp3)"), "{table}");
 }
+
+/// Issue 16, item 4: `max_spend_usd` over the cost estimate (here the
+/// master's on-demand price, 0.085/h, from the proxy's Price List): an
+/// event at 80%, then at 100% the cluster is destroyed and the controller
+/// stops (`on_budget = "destroy"`, the default); nothing is launched after.
+#[test]
+fn the_spend_cap_destroys_the_cluster() {
+    let mut w = world("num_slaves = 2\nmaster_on_demand = true\nmax_spend_usd = 0.0002");
+    // The controller stops by itself once the cluster is destroyed.
+    assert!(w.cluster.wait_serve_exit(Duration::from_secs(120)), "{}", w.cluster.serve_log());
+    let log = w.cluster.serve_log();
+    let at = |what: &str| log.find(what).unwrap_or_else(|| panic!("no {what:?} in the log:\n{log}"));
+    assert!(at("launching master-0001") < at("is 80% of max_spend_usd"));
+    assert!(at("is 80% of max_spend_usd") < at("SPEND CAP REACHED"));
+    assert!(at("SPEND CAP REACHED") < at("spend cap: cluster destroyed"));
+    assert!(w.live_ids().is_empty(), "instances left: {:?}", w.live_ids());
+    // Nothing was launched once the cap was reached (the 3 nodes only).
+    assert_eq!(w.proxy.count("RunInstances"), 2, "{:?}", w.proxy.counts());
+}
+
+/// With `on_budget = "stop-launching"` the cluster keeps what runs, but a
+/// slave lost after the cap is not replaced; status says why.
+#[test]
+fn a_spend_cap_that_stops_launching_replaces_nothing() {
+    let mut w = world(
+        "num_slaves = 2\nmaster_on_demand = true\nmax_spend_usd = 0.0002\non_budget = \"stop-launching\"",
+    );
+    let s = w.cluster.wait_until("the spend cap reached", READY, |s| {
+        at_size(s, 2)
+            && s["controller_notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n.as_str().unwrap().starts_with("SPEND CAP"))
+    });
+    let launched = w.proxy.count("RunInstances");
+    let slave =
+        nodes(&s).iter().find(|n| n["role"] == "slave").unwrap()["instance_id"].as_str().unwrap().to_string();
+    w.terminate(&slave);
+    w.cluster.wait_until("the lost slave gone, not replaced", READY, |s| {
+        nodes(s).len() == 2 && !nodes(s).iter().any(|n| n["instance_id"] == slave.as_str())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(w.proxy.count("RunInstances"), launched, "launched after the cap");
+    let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
+    assert!(table.contains("nothing more is launched"), "{table}");
+}

@@ -25,7 +25,8 @@ Exit codes:
   2  bad configuration or usage (the message names the file and key)
   3  no controller is running for this state directory
   4  timed out waiting (scale --wait, run)
-  run exits with its COMMAND's code";
+  5  run: the spend cap (max_spend_usd) was reached
+  run otherwise exits with its COMMAND's code";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -115,8 +115,25 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
                 break s;
             }
             _ = poll.tick() => {
-                if let Ok(st) = client.status().await {
-                    seen.add(&st);
+                match client.status().await {
+                    Ok(st) => seen.add(&st),
+                    Err(_) if seen.cap_reached => {
+                        // The spend cap destroyed the cluster: the job
+                        // has nothing left to run on.
+                        eprintln!("run: the cluster was destroyed by the spend cap: stopping the job");
+                        if let Some(pid) = pid {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+                        }
+                        let s = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                            Ok(s) => s?,
+                            Err(_) => {
+                                let _ = child.kill().await;
+                                child.wait().await?
+                            }
+                        };
+                        break s;
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -126,8 +143,14 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         seen.add(&st);
     }
     let code = exit_code(&status);
-    let spent = finish(&mut client, serve, owned).await;
-    eprintln!("{}", summary(to_ready, job_time, &seen, spent, code, owned));
+    // A cluster the spend cap destroyed is gone already (its controller
+    // stops by itself).
+    let spent = finish(&mut client, serve, owned && !seen.cap_reached).await.or(Some(seen.spent));
+    eprintln!("{}", summary(to_ready, job_time, &seen, spent, code, owned || seen.cap_reached));
+    if seen.cap_reached {
+        eprintln!("run: the spend cap (max_spend_usd) was reached; see the controller's events");
+        return Ok(ExitCode::from(EXIT_SPEND_CAP));
+    }
     Ok(ExitCode::from(code))
 }
 
@@ -239,15 +262,23 @@ pub fn job_env(st: &StatusView, dask_tls: Option<&Path>) -> BTreeMap<String, Str
     env
 }
 
-/// Nodes and replacements seen while the job ran.
+/// `run`'s exit code when the spend cap was reached while it ran.
+pub const EXIT_SPEND_CAP: u8 = 5;
+
+/// Nodes and replacements seen while the job ran, and the spend cap.
 #[derive(Debug, Default)]
 pub struct Seen {
     nodes: BTreeSet<String>,
     replaced: BTreeSet<(u64, String)>,
+    cap_reached: bool,
+    spent: f64,
 }
 
 impl Seen {
     pub fn add(&mut self, st: &StatusView) {
+        self.spent = self.spent.max(st.spent_usd);
+        self.cap_reached |= st.controller_notes.iter().any(|n| n.starts_with("SPEND CAP REACHED"))
+            || st.timed_events.iter().any(|e| e.message.starts_with("SPEND CAP REACHED"));
         self.nodes.extend(st.nodes.iter().map(|n| n.node_id.clone()));
         for e in &st.timed_events {
             if e.message.contains("replacing it") {

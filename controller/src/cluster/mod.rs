@@ -108,6 +108,8 @@ pub struct Cluster {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
+    /// How far the spend cap was acted on: 0 not, 1 warned, 2 reached.
+    pub budget_stage: std::sync::atomic::AtomicU8,
     /// Each launch in flight holds a read guard; `destroy` takes the write
     /// side, so it sees every instance a launch started.
     pub launches: Arc<tokio::sync::RwLock<()>>,
@@ -180,6 +182,7 @@ impl Cluster {
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
             destroying: AtomicBool::new(false),
+            budget_stage: std::sync::atomic::AtomicU8::new(0),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
             metrics: Default::default(),

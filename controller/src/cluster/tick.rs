@@ -37,6 +37,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     };
     refresh_prices(sh).await;
     sh.registry.lock().expect("registry lock").account(unix_ms());
+    enforce_budget(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
@@ -102,6 +103,11 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // cannot leak what the calls start, and a large scale-up writes the
     // state once, not once per batch.
     let mut batches = Vec::new();
+    let spent = sh.registry.lock().expect("registry lock").spent_usd;
+    if crate::budget::budget(spent, sh.cfg.max_spend_usd) == crate::budget::Budget::Reached {
+        // Nothing more is launched once the cap is reached.
+        launches.clear();
+    }
     for (role, pool, count) in launches {
         if let Err(e) = sh.provider.can_launch(role, &pool) {
             let mut reg = sh.registry.lock().expect("registry lock");
@@ -299,5 +305,49 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
+    }
+}
+
+/// The spend cap: an event at 80% and at 100% (once each); at 100% with
+/// `on_budget = "destroy"` the cluster is destroyed and the controller
+/// stops, as `destroy` does (launches stop either way: see `tick`).
+fn enforce_budget(sh: &Arc<Cluster>) {
+    use crate::budget::{Budget, OnBudget, budget};
+    let cap = sh.cfg.max_spend_usd;
+    let spent = sh.registry.lock().expect("registry lock").spent_usd;
+    let stage = match budget(spent, cap) {
+        Budget::Off | Budget::Under => return,
+        Budget::Warning => 1,
+        Budget::Reached => 2,
+    };
+    if sh.budget_stage.fetch_max(stage, Ordering::Relaxed) >= stage {
+        return;
+    }
+    let mut reg = sh.registry.lock().expect("registry lock");
+    if stage == 1 {
+        reg.event(format!("spend ${spent:.4} is 80% of max_spend_usd ${cap:.4}"));
+        return;
+    }
+    match sh.cfg.on_budget {
+        OnBudget::StopLaunching => reg.event(format!(
+            "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: nothing more is launched"
+        )),
+        OnBudget::Destroy => {
+            reg.event(format!(
+                "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: destroying the cluster"
+            ));
+            drop(reg);
+            let sh = sh.clone();
+            // Beside the loop: destroy waits for the tick in progress.
+            tokio::spawn(async move {
+                match crate::cluster::ops::destroy(&sh).await {
+                    Ok(d) => tracing::warn!(nodes = d.terminated.len(), "spend cap: cluster destroyed"),
+                    Err(e) => tracing::error!(
+                        "spend cap: destroy failed: {e:#}; run `ddisco-controller destroy --yes`"
+                    ),
+                }
+                sh.stop();
+            });
+        }
     }
 }

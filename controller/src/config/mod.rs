@@ -92,6 +92,10 @@ pub struct Config {
     pub engine: EngineKind,
     /// How long a slave being removed is drained before it is terminated.
     pub drain_timeout: Duration,
+    /// Spend cap in USD over the cost estimate (0: none).
+    pub max_spend_usd: f64,
+    /// What reaching the cap does (launches stop either way).
+    pub on_budget: crate::budget::OnBudget,
     /// Dashboard and /metrics (HTTP); local by default.
     pub dashboard_listen: SocketAddr,
     /// Bearer token required by the dashboard and /metrics; mandatory when
@@ -303,6 +307,8 @@ impl Default for Config {
             scratch_path: "/mnt".into(),
             engine: EngineKind::Disco,
             drain_timeout: Duration::from_secs(60),
+            max_spend_usd: 0.0,
+            on_budget: crate::budget::OnBudget::Destroy,
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {
@@ -519,6 +525,8 @@ mod tests {
             ("max_bid = \"cheap\"", "max_bid"),
             ("heartbeat_interval_secs = 5.0\nheartbeat_timeout_secs = 6.0", "heartbeat_timeout_secs"),
             ("listen = \"nowhere\"", "listen"),
+            ("max_spend_usd = -1.0", "max_spend_usd"),
+            ("on_budget = \"explode\"", "on_budget"),
             ("tag_key = \"\"", "tag_key"),
             ("provider = \"gcp\"", "provider"),
             ("base_packages = [\"rm -rf /\"]", "base_packages"),

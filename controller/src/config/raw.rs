@@ -129,6 +129,8 @@ pub struct RawConfig {
     pub(super) engine: Option<String>,
     #[serde(alias = "DRAIN_TIMEOUT_SECS")]
     pub(super) drain_timeout_secs: Option<f64>,
+    pub(super) max_spend_usd: Option<f64>,
+    pub(super) on_budget: Option<String>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]

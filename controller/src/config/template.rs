@@ -23,6 +23,12 @@ engine = "disco"
 # A slave being removed is drained (Disco: blacklisted; Dask: retired) this
 # long before it is terminated; 0: terminate at once.
 drain_timeout_secs = 60.0
+# Spend cap in USD over the cost estimate status shows (every node, replaced
+# and on-demand ones included); 0: none. At 80% an event and a warning; at
+# 100% nothing more is launched and, with on_budget = "destroy", the cluster
+# is destroyed ("stop-launching": it keeps what runs).
+max_spend_usd = 0.0
+on_budget = "destroy"
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0

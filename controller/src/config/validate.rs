@@ -181,6 +181,18 @@ impl Config {
             Some(0.0) => Duration::ZERO,
             other => secs("drain_timeout_secs", other, d.drain_timeout)?,
         };
+        let max_spend_usd = match raw.max_spend_usd {
+            None => 0.0,
+            Some(v) if v.is_finite() && v >= 0.0 => v,
+            Some(v) => return Err(err("max_spend_usd", format!("{v}: give the cap in USD (0: no cap)"))),
+        };
+        let on_budget = match raw.on_budget.as_deref() {
+            None | Some("destroy") => crate::budget::OnBudget::Destroy,
+            Some("stop-launching") => crate::budget::OnBudget::StopLaunching,
+            Some(other) => {
+                return Err(err("on_budget", format!("{other:?}: use \"destroy\" or \"stop-launching\"")));
+            }
+        };
         let engine = match raw.engine.as_deref() {
             None => d.engine,
             Some("disco") => EngineKind::Disco,
@@ -304,6 +316,8 @@ impl Config {
             scratch_path,
             engine,
             drain_timeout,
+            max_spend_usd,
+            on_budget,
             dashboard_listen,
             dashboard_token,
             ec2: Ec2Config {
