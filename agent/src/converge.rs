@@ -316,6 +316,7 @@ async fn probe(name: String, url: String, reports: UnboundedSender<Report>) {
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let mut last: Option<String> = None;
+    let mut reported = tokio::time::Instant::now();
     loop {
         let answer = async {
             let req = hyper::Request::get(&url).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
@@ -328,9 +329,12 @@ async fn probe(name: String, url: String, reports: UnboundedSender<Report>) {
             Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
         };
         match tokio::time::timeout(Duration::from_secs(3), answer).await {
-            Ok(Ok(body)) if last.as_ref() != Some(&body) => {
+            // Changed, or unchanged for 30 s (a restarted controller
+            // hears it again).
+            Ok(Ok(body)) if last.as_ref() != Some(&body) || reported.elapsed() > Duration::from_secs(30) => {
                 tracing::debug!(probe = %name, "changed");
                 last = Some(body.clone());
+                reported = tokio::time::Instant::now();
                 let _ = reports.send(Report::Probe { name: name.clone(), body });
             }
             Ok(Ok(_)) => {}

@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod admission;
 pub mod attest;
+pub mod autostop;
 pub mod budget;
 pub mod cli;
 pub mod cluster;

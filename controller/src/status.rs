@@ -188,6 +188,11 @@ impl StatusView {
             controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
                 .into_iter()
                 .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
+                .chain(crate::autostop::note(
+                    Some(sh.idle_since_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0),
+                    unix_ms(),
+                    sh.cfg.autostop_idle.as_millis() as u64,
+                ))
                 .collect(),
             counts,
             provider_facts: sh.provider.facts(),

@@ -2,6 +2,7 @@
 
   dask_job.py workers SCHEDULER              -> JSON: {"workers": n, "names": [...]}
   dask_job.py wordcount SCHEDULER FILE [N]   -> JSON: {"counts": {...}, "workers": n}
+  dask_job.py sleep SCHEDULER SECONDS        -> JSON: {"slept": s} (a task that sleeps)
   dask_job.py tls-probe tls://HOST:PORT [CERT KEY]
                                              -> JSON: {"refused": bool, "why": "..."}
     (a raw TLS connection, with the client certificate given or none:
@@ -87,6 +88,12 @@ def main():
             bag = db.from_sequence(lines, npartitions=partitions)
             counts = dict(bag.map(str.split).flatten().frequencies().compute())
             print(json.dumps({"counts": counts, "workers": len(workers)}))
+            return
+        if mode == "sleep":
+            import time
+
+            secs = float(sys.argv[3])
+            print(json.dumps({"slept": client.submit(lambda s: time.sleep(s) or s, secs).result()}))
             return
     raise SystemExit(f"unknown mode {mode!r}")
 

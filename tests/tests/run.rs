@@ -141,3 +141,44 @@ fn ctrl_c_during_the_job_destroys_the_cluster() {
     assert!(stderr.contains("interrupted") && stderr.contains("cluster destroyed"), "{stderr}");
     nothing_left(dir.path(), &stderr);
 }
+
+/// `autostop_idle_mins` (here 0.25: 15 s): a cluster running a job (a
+/// 25 s task, its client connected) is not destroyed; once the job is over
+/// and nothing happens for 15 s it is, and the controller stops.
+#[test]
+fn autostop_destroys_an_idle_cluster_not_one_running_a_job() {
+    let mut c = Cluster::start(
+        "engine = \"dask\"\nnum_slaves = 1\nmaster_multiplier = 0.5\nslave_multiplier = 1.0\n\
+         heartbeat_timeout_secs = 5.0\nautostop_idle_mins = 0.25\n",
+    );
+    let s = c.wait_until("a ready Dask cluster", Duration::from_secs(600), |s| {
+        at_size(s, 1) && s["engine_endpoints"]["scheduler"].is_string()
+    });
+    let scheduler = s["engine_endpoints"]["scheduler"].as_str().unwrap().to_string();
+    let tls = c.dir.path().join("client");
+    assert!(c.ctl(&["credentials", "--out", tls.to_str().unwrap()]).status.success());
+    let master = node_ids(&s, "master")[0].clone();
+    let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+    let t0 = Instant::now();
+    let out = Command::new(&python)
+        .args([&format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR")), "sleep", &scheduler, "25"])
+        .env("DDISCO_DASK_TLS", &tls)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(25));
+    assert_eq!(c.serve_exit(), None, "destroyed while a job ran:\n{}", c.serve_log());
+    // Idle now: gone within the 15 s (and the probe's second), not before
+    // it was idle for them.
+    let idle_from = Instant::now();
+    assert!(c.wait_serve_exit(Duration::from_secs(60)), "not stopped:\n{}", c.serve_log());
+    assert!(idle_from.elapsed() >= Duration::from_secs(10), "stopped too soon: {:?}", idle_from.elapsed());
+    let log = c.serve_log();
+    assert!(log.contains("autostop: no work for 0.25 min"), "{log}");
+    assert!(node_processes(&c.state_dir()).is_empty(), "{:?}", node_processes(&c.state_dir()));
+}

@@ -108,8 +108,14 @@ pub struct Cluster {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
-    /// How far the spend cap was acted on: 0 not, 1 warned, 2 reached.
+    /// How far the cluster's own end was acted on: 0 not, 1 spend cap
+    /// warned, 2 spend cap reached, 3 autostop (2 and 3 destroy once).
     pub budget_stage: std::sync::atomic::AtomicU8,
+    /// The engine's last word on whether it has work (master's probe);
+    /// busy until it says otherwise.
+    pub engine_busy: AtomicBool,
+    /// Since when (unix ms) the cluster is idle (`autostop`); 0: not idle.
+    pub idle_since_ms: std::sync::atomic::AtomicU64,
     /// Each launch in flight holds a read guard; `destroy` takes the write
     /// side, so it sees every instance a launch started.
     pub launches: Arc<tokio::sync::RwLock<()>>,
@@ -183,6 +189,8 @@ impl Cluster {
             launches: Arc::default(),
             destroying: AtomicBool::new(false),
             budget_stage: std::sync::atomic::AtomicU8::new(0),
+            engine_busy: AtomicBool::new(true),
+            idle_since_ms: std::sync::atomic::AtomicU64::new(0),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
             metrics: Default::default(),
@@ -509,8 +517,11 @@ impl Cluster {
         if reg.get(node_id).map(|e| e.rec.role) != Some(Role::Master) {
             return Err("probe answers are taken from the master only".into());
         }
-        let safe = self.engine.probed(name, body)?;
-        let marked = safe.is_some_and(|hosts| reg.mark_drained(&hosts));
+        let probed = self.engine.probed(name, body)?;
+        if let Some(busy) = probed.busy {
+            self.engine_busy.store(busy, Ordering::Relaxed);
+        }
+        let marked = probed.safe_to_remove.is_some_and(|hosts| reg.mark_drained(&hosts));
         drop(reg);
         if marked {
             self.changed();

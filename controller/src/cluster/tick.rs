@@ -38,6 +38,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     refresh_prices(sh).await;
     sh.registry.lock().expect("registry lock").account(unix_ms());
     enforce_budget(sh);
+    enforce_autostop(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
@@ -306,6 +307,39 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
     }
+}
+
+/// Idle auto-stop: a settled cluster whose engine has no work for
+/// `autostop_idle_mins` is destroyed (an event says why), and the
+/// controller stops.
+fn enforce_autostop(sh: &Arc<Cluster>) {
+    let after = sh.cfg.autostop_idle.as_millis() as u64;
+    if after == 0 || sh.destroying.load(Ordering::Relaxed) {
+        return;
+    }
+    let now = unix_ms();
+    let settled = sh.registry.lock().expect("registry lock").settled();
+    let was = Some(sh.idle_since_ms.load(Ordering::Relaxed)).filter(|t| *t > 0);
+    let since = crate::autostop::idle_since(sh.engine_busy.load(Ordering::Relaxed), settled, was, now);
+    sh.idle_since_ms.store(since.unwrap_or(0), Ordering::Relaxed);
+    if !crate::autostop::due(since, now, after) || sh.budget_stage.fetch_max(3, Ordering::Relaxed) >= 2 {
+        return;
+    }
+    let mins = after as f64 / 60_000.0;
+    sh.registry
+        .lock()
+        .expect("registry lock")
+        .event(format!("autostop: no work for {mins} min (autostop_idle_mins): destroying the cluster"));
+    let sh = sh.clone();
+    tokio::spawn(async move {
+        match crate::cluster::ops::destroy(&sh).await {
+            Ok(d) => tracing::warn!(nodes = d.terminated.len(), "autostop: cluster destroyed"),
+            Err(e) => {
+                tracing::error!("autostop: destroy failed: {e:#}; run `ddisco-controller destroy --yes`")
+            }
+        }
+        sh.stop();
+    });
 }
 
 /// The spend cap: an event at 80% and at 100% (once each); at 100% with

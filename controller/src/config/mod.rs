@@ -96,6 +96,8 @@ pub struct Config {
     pub max_spend_usd: f64,
     /// What reaching the cap does (launches stop either way).
     pub on_budget: crate::budget::OnBudget,
+    /// Destroy the cluster after this long idle (zero: never).
+    pub autostop_idle: Duration,
     /// Dashboard and /metrics (HTTP); local by default.
     pub dashboard_listen: SocketAddr,
     /// Bearer token required by the dashboard and /metrics; mandatory when
@@ -309,6 +311,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(60),
             max_spend_usd: 0.0,
             on_budget: crate::budget::OnBudget::Destroy,
+            autostop_idle: Duration::ZERO,
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {
@@ -527,6 +530,7 @@ mod tests {
             ("listen = \"nowhere\"", "listen"),
             ("max_spend_usd = -1.0", "max_spend_usd"),
             ("on_budget = \"explode\"", "on_budget"),
+            ("autostop_idle_mins = -2.0", "autostop_idle_mins"),
             ("tag_key = \"\"", "tag_key"),
             ("provider = \"gcp\"", "provider"),
             ("base_packages = [\"rm -rf /\"]", "base_packages"),

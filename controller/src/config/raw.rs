@@ -131,6 +131,7 @@ pub struct RawConfig {
     pub(super) drain_timeout_secs: Option<f64>,
     pub(super) max_spend_usd: Option<f64>,
     pub(super) on_budget: Option<String>,
+    pub(super) autostop_idle_mins: Option<f64>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]

@@ -29,6 +29,10 @@ drain_timeout_secs = 60.0
 # is destroyed ("stop-launching": it keeps what runs).
 max_spend_usd = 0.0
 on_budget = "destroy"
+# Destroy the cluster once it has been idle this long (minutes; 0: never):
+# at its size, every node ready, and no work in the engine (Dask: no task
+# processing or waiting and no client; Disco: no active job).
+autostop_idle_mins = 0.0
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0

@@ -186,6 +186,13 @@ impl Config {
             Some(v) if v.is_finite() && v >= 0.0 => v,
             Some(v) => return Err(err("max_spend_usd", format!("{v}: give the cap in USD (0: no cap)"))),
         };
+        let autostop_idle = match raw.autostop_idle_mins {
+            None => Duration::ZERO,
+            Some(v) if v.is_finite() && v >= 0.0 => Duration::from_secs_f64(v * 60.0),
+            Some(v) => {
+                return Err(err("autostop_idle_mins", format!("{v}: give minutes (0: never)")));
+            }
+        };
         let on_budget = match raw.on_budget.as_deref() {
             None | Some("destroy") => crate::budget::OnBudget::Destroy,
             Some("stop-launching") => crate::budget::OnBudget::StopLaunching,
@@ -318,6 +325,7 @@ impl Config {
             drain_timeout,
             max_spend_usd,
             on_budget,
+            autostop_idle,
             dashboard_listen,
             dashboard_token,
             ec2: Ec2Config {

@@ -17,7 +17,7 @@
 //! - The dashboard (HTTP, read-only views) stays plain, bound to the
 //!   master's private address.
 
-use super::{Directive, DirectiveKind, Engine, Member, master};
+use super::{Directive, DirectiveKind, Engine, Member, Probed, master};
 use crate::model::Role;
 use crate::pki::Pki;
 use crate::plan::{NodeLayout, Step, StepKind};
@@ -218,6 +218,13 @@ impl Engine for Dask {
                 },
             });
             out.push(self.worker(me, &self.scheduler_url(&me.address), layout));
+            // The scheduler's counts (tasks, clients), for autostop.
+            out.push(Directive {
+                name: "counts".into(),
+                kind: DirectiveKind::Probe {
+                    url: format!("http://{}:{}/json/counts.json", me.address, self.dashboard_port),
+                },
+            });
         } else if let Some(m) = master(members) {
             // Slaves wait for a ready master.
             out.extend(self.tls_files(me, layout));
@@ -234,6 +241,28 @@ impl Engine for Dask {
     /// A slave's directives depend only on the scheduler's address.
     fn shared_key(&self, members: &[Member]) -> String {
         master(members).map(|m| m.address.clone()).unwrap_or_default()
+    }
+
+    /// `counts`: Dask's `/json/counts.json`. Busy while tasks are
+    /// processing, waiting or unrunnable, or a client other than the
+    /// scheduler's own (its fire-and-forget client counts as one) is
+    /// connected.
+    fn probed(&self, name: &str, body: &str) -> Result<Probed, String> {
+        if name != "counts" {
+            return Err(format!(
+                "probe {:?} is not one the dask engine asks for",
+                &name[..name.len().min(64)]
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| format!("counts: not Dask's counts: {e}"))?;
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        let (Some(processing), Some(waiting), Some(clients)) = (n("processing"), n("waiting"), n("clients"))
+        else {
+            return Err("counts: processing, waiting or clients missing".into());
+        };
+        let busy = processing + waiting + n("unrunnable").unwrap_or(0) > 0 || clients > 1;
+        Ok(Probed { busy: Some(busy), ..Default::default() })
     }
 
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
@@ -321,8 +350,27 @@ mod tests {
         let d = dask().directives(&m, &all, &layout());
         assert_eq!(
             d.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
-            ["dask_tls_ca", "dask_tls_cert", "dask_tls_key", "dask-scheduler", "dask-worker"]
+            ["dask_tls_ca", "dask_tls_cert", "dask_tls_key", "dask-scheduler", "dask-worker", "counts"]
         );
+        // The scheduler's counts tell autostop whether it has work.
+        assert!(
+            matches!(&d[5].kind, DirectiveKind::Probe { url } if url == "http://10.0.0.1:8787/json/counts.json"),
+            "{:?}",
+            d[5]
+        );
+        let busy = |body: &str| dask().probed("counts", body).map(|p| p.busy);
+        assert_eq!(
+            busy(r#"{"processing": 0, "waiting": 0, "clients": 1, "unrunnable": 0}"#),
+            Ok(Some(false))
+        );
+        assert_eq!(busy(r#"{"processing": 2, "waiting": 0, "clients": 2}"#), Ok(Some(true)));
+        assert_eq!(
+            busy(r#"{"processing": 0, "waiting": 0, "clients": 2}"#),
+            Ok(Some(true)),
+            "a client is on"
+        );
+        assert!(busy(r#"{"clients": 1}"#).is_err());
+        assert!(dask().probed("other", "{}").is_err());
         let sched = argv(&d[3]);
         assert!(
             sched.contains(&"10.0.0.1".to_string()) && sched.contains(&"--tls-key".to_string()),

@@ -24,7 +24,7 @@
 //! host system: files go under the node's own root, and no user, package or
 //! build step runs.
 
-use super::{Directive, DirectiveKind, Engine, Member, master, under};
+use super::{Directive, DirectiveKind, Engine, Member, Probed, master, under};
 use crate::model::Role;
 use crate::plan::{NodeLayout, Step, StepKind};
 use sha2::{Digest, Sha256};
@@ -373,6 +373,11 @@ impl Engine for Disco {
                     });
                 }
             }
+            // Whether a job runs (autostop).
+            out.push(Directive {
+                name: "joblist".into(),
+                kind: DirectiveKind::Probe { url: format!("{base}/joblist") },
+            });
             out.push(Directive {
                 name: "config_table".into(),
                 kind: DirectiveKind::Post {
@@ -396,9 +401,9 @@ impl Engine for Disco {
         out
     }
 
-    fn probed(&self, name: &str, body: &str) -> Result<Option<Vec<String>>, String> {
+    fn probed(&self, name: &str, body: &str) -> Result<Probed, String> {
         match name {
-            "gc_start" => Ok(None),
+            "gc_start" => Ok(Probed::default()),
             "safe_gc_blacklist" => {
                 let hosts: Vec<String> = serde_json::from_str(body)
                     .map_err(|e| format!("safe_gc_blacklist: not a JSON list of host names: {e}"))?;
@@ -408,7 +413,16 @@ impl Engine for Disco {
                         &bad[..bad.len().min(64)]
                     ));
                 }
-                Ok(Some(hosts))
+                Ok(Probed { safe_to_remove: Some(hosts), ..Default::default() })
+            }
+            // [[priority, status, name], ...]: busy while a job is active.
+            "joblist" => {
+                let jobs: Vec<(serde_json::Value, String, serde_json::Value)> =
+                    serde_json::from_str(body).map_err(|e| format!("joblist: not Disco's job list: {e}"))?;
+                Ok(Probed {
+                    busy: Some(jobs.iter().any(|(_, status, _)| status == "active")),
+                    ..Default::default()
+                })
             }
             other => {
                 Err(format!("probe {:?} is not one the disco engine asks for", &other[..other.len().min(64)]))
@@ -761,18 +775,26 @@ mod tests {
                 })
                 .collect()
         };
-        assert_eq!(probes(&[master.clone(), m("s2", Role::Slave, "ip-2", 1)]), Vec::<String>::new());
+        let joblist = "joblist http://127.0.0.1:8989/disco/ctrl/joblist";
+        assert_eq!(probes(&[master.clone(), m("s2", Role::Slave, "ip-2", 1)]), [joblist]);
         assert_eq!(
             probes(&[master.clone(), leaving]),
             [
                 "gc_start http://127.0.0.1:8989/ddfs/ctrl/gc_start",
-                "safe_gc_blacklist http://127.0.0.1:8989/ddfs/ctrl/safe_gc_blacklist"
+                "safe_gc_blacklist http://127.0.0.1:8989/ddfs/ctrl/safe_gc_blacklist",
+                joblist
             ]
         );
         let d = disco();
-        assert_eq!(d.probed("safe_gc_blacklist", r#"["ip-3"]"#), Ok(Some(vec!["ip-3".to_string()])));
-        assert_eq!(d.probed("safe_gc_blacklist", "[]"), Ok(Some(vec![])));
-        assert_eq!(d.probed("gc_start", "\"GC has started\""), Ok(None));
+        let safe = |body: &str| d.probed("safe_gc_blacklist", body).map(|p| p.safe_to_remove);
+        assert_eq!(safe(r#"["ip-3"]"#), Ok(Some(vec!["ip-3".to_string()])));
+        assert_eq!(safe("[]"), Ok(Some(vec![])));
+        assert_eq!(d.probed("gc_start", "\"GC has started\""), Ok(Probed::default()));
+        let busy = |body: &str| d.probed("joblist", body).map(|p| p.busy);
+        assert_eq!(busy(r#"[[0, "active", "WordCount@1"], [0, "ready", "Grep@2"]]"#), Ok(Some(true)));
+        assert_eq!(busy(r#"[[0, "ready", "WordCount@1"]]"#), Ok(Some(false)));
+        assert_eq!(busy("[]"), Ok(Some(false)));
+        assert!(busy("nope").is_err());
         assert!(d.probed("safe_gc_blacklist", r#"["ip-3\n10.0.0.9 x"]"#).is_err());
         assert!(d.probed("safe_gc_blacklist", "GC is waiting").is_err());
         assert!(d.probed("anything", "[]").is_err());

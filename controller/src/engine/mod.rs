@@ -87,6 +87,15 @@ pub struct Directive {
     pub kind: DirectiveKind,
 }
 
+/// What a probe's answer tells the controller (`None`: nothing about it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Probed {
+    /// Leaving hosts that hold nothing only they have.
+    pub safe_to_remove: Option<Vec<String>>,
+    /// The engine has work (jobs, tasks, clients).
+    pub busy: Option<bool>,
+}
+
 pub trait Engine: Send + Sync {
     fn name(&self) -> &'static str;
     /// Does a node leaving need draining first (its work moved away)?
@@ -99,11 +108,10 @@ pub trait Engine: Send + Sync {
     /// The desired engine state on `me`, given every member.
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
     /// What the master's probe `name` answered (untrusted: the body comes
-    /// from a node): the hosts that can leave now without loss, if the
-    /// probe tells that; `Ok(None)` for a probe that tells something
-    /// else; `Err` for a probe this engine never asked for or a body it
-    /// cannot read.
-    fn probed(&self, name: &str, _body: &str) -> Result<Option<Vec<String>>, String> {
+    /// from a node), read: which leaving hosts can go now without loss,
+    /// whether the engine has work. `Err` for a probe this engine never
+    /// asked for or a body it cannot read.
+    fn probed(&self, name: &str, _body: &str) -> Result<Probed, String> {
         Err(format!("probe {name:?} is not one the {} engine asks for", self.name()))
     }
     /// Do a node's directives depend only on the node itself and the

@@ -710,6 +710,14 @@ impl Registry {
             .collect()
     }
 
+    /// At its size with every node ready: one master, the desired slaves.
+    pub fn settled(&self) -> bool {
+        let masters = self.nodes.values().filter(|e| e.rec.role == Role::Master).count();
+        masters == 1
+            && self.nodes.len() as u64 == u64::from(self.desired_slaves()) + 1
+            && self.nodes.values().all(|e| e.rec.state == NodeState::Ready)
+    }
+
     /// The engine's word that these hosts can go without loss: the
     /// draining nodes among them are marked drained (an event each, once).
     /// True if any was newly marked.
