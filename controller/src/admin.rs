@@ -65,7 +65,7 @@ impl api::admin_server::Admin for AdminService {
     async fn scale(&self, req: Request<api::ScaleRequest>) -> Result<Response<api::ScaleReply>, Status> {
         let r = req.into_inner();
         let pools = r.pools.into_iter().collect();
-        match ops::scale(&self.shared, r.slaves, &pools) {
+        match ops::scale(&self.shared, r.slaves, &pools, r.max_slaves) {
             Ok(scaled) => Ok(Response::new(scaled.into())),
             Err(e @ ScaleError::Destroying) => Err(Status::failed_precondition(e.to_string())),
             Err(e) => Err(Status::invalid_argument(e.to_string())),

@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod admission;
 pub mod attest;
+pub mod autoscale;
 pub mod autostop;
 pub mod budget;
 pub mod cli;

@@ -188,6 +188,13 @@ impl StatusView {
             controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
                 .into_iter()
                 .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
+                .chain(sh.adaptive.lock().expect("adaptive lock").as_ref().map(|a| {
+                    let target = a.target_slaves.map_or("none yet".to_string(), |t| format!("{t} slaves"));
+                    format!(
+                        "adaptive: {}..{} slaves; engine target {target}; {}",
+                        a.bounds.min, a.bounds.max, a.why
+                    )
+                }))
                 .chain(crate::autostop::note(
                     Some(sh.idle_since_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0),
                     unix_ms(),

@@ -3,6 +3,8 @@
   dask_job.py workers SCHEDULER              -> JSON: {"workers": n, "names": [...]}
   dask_job.py wordcount SCHEDULER FILE [N]   -> JSON: {"counts": {...}, "workers": n}
   dask_job.py sleep SCHEDULER SECONDS        -> JSON: {"slept": s} (a task that sleeps)
+  dask_job.py burst SCHEDULER N SECONDS      -> JSON: {"done": n, "workers_seen": w}
+                                                (N tasks sleeping SECONDS each)
   dask_job.py tls-probe tls://HOST:PORT [CERT KEY]
                                              -> JSON: {"refused": bool, "why": "..."}
     (a raw TLS connection, with the client certificate given or none:
@@ -88,6 +90,15 @@ def main():
             bag = db.from_sequence(lines, npartitions=partitions)
             counts = dict(bag.map(str.split).flatten().frequencies().compute())
             print(json.dumps({"counts": counts, "workers": len(workers)}))
+            return
+        if mode == "burst":
+            import time
+
+            n, secs = int(sys.argv[3]), float(sys.argv[4])
+            futures = client.map(lambda i: time.sleep(secs) or i, range(n), pure=False)
+            done = client.gather(futures)
+            seen = len(client.scheduler_info(n_workers=-1)["workers"])
+            print(json.dumps({"done": len(set(done)), "workers_seen": seen}))
             return
         if mode == "sleep":
             import time

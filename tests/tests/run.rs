@@ -182,3 +182,46 @@ fn autostop_destroys_an_idle_cluster_not_one_running_a_job() {
     assert!(log.contains("autostop: no work for 0.25 min"), "{log}");
     assert!(node_processes(&c.state_dir()).is_empty(), "{:?}", node_processes(&c.state_dir()));
 }
+
+/// `scale 1..4` with real Dask: a burst of 40 slow tasks raises the
+/// scheduler's adaptive target, the cluster grows above 1 slave while they
+/// are queued, every task completes, and after the burst (the target
+/// lower for the 5 s cooldown) it shrinks back to 1, draining first.
+#[test]
+fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
+    let mut c = Cluster::start(
+        "engine = \"dask\"\nnum_slaves = 1\nmaster_multiplier = 0.5\nslave_multiplier = 1.0\n\
+         heartbeat_timeout_secs = 5.0\nadaptive_cooldown_secs = 5.0\ndrain_timeout_secs = 3.0\n",
+    );
+    let s = c.wait_until("a ready Dask cluster", Duration::from_secs(600), |s| {
+        at_size(s, 1) && s["engine_endpoints"]["scheduler"].is_string()
+    });
+    assert!(c.ctl(&["scale", "1..4"]).status.success());
+    let scheduler = s["engine_endpoints"]["scheduler"].as_str().unwrap().to_string();
+    let tls = c.dir.path().join("client");
+    assert!(c.ctl(&["credentials", "--out", tls.to_str().unwrap()]).status.success());
+    let master = node_ids(&s, "master")[0].clone();
+    let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+    let job = Command::new(&python)
+        .args([&format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR")), "burst", &scheduler, "40", "2"])
+        .env("DDISCO_DASK_TLS", &tls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let grown = c.wait_until("grown above 1 slave during the burst", Duration::from_secs(120), |s| {
+        s["desired_slaves"].as_u64().unwrap_or(0) > 1
+    });
+    let notes = grown["controller_notes"].to_string();
+    assert!(notes.contains("adaptive: 1..4 slaves"), "{notes}");
+    let (code, stdout, stderr) = finish(job, Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["done"], 40, "a task was lost: {result}");
+    assert!(result["workers_seen"].as_u64().unwrap() > 3, "no slave joined: {result}");
+    c.wait_until("back to 1 slave after the burst", Duration::from_secs(120), |s| at_size(s, 1));
+    let log = c.serve_log();
+    assert!(log.contains("adaptive: 1 -> "), "{log}");
+    assert!(log.contains(" -> 1 slaves: shrinking to 1"), "{log}");
+    assert!(log.contains("draining"), "the leaving slaves were not drained:\n{log}");
+}

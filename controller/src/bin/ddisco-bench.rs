@@ -439,7 +439,7 @@ async fn scenario_enroll(a: &Args, n: usize) -> anyhow::Result<Value> {
     let mut admin = ctl.admin().await?;
     let cpu0 = proc_cpu(ctl.pid());
     let t_scale = Instant::now();
-    admin.scale((n - 1) as u32, Default::default()).await?;
+    admin.scale((n - 1) as u32, Default::default(), None).await?;
     let (mut lat, _states, wall) =
         fleet(&ctl, n, Duration::from_secs_f64(a.heartbeat_secs), a.concurrency).await?;
     let cpu_enroll = proc_cpu(ctl.pid()) - cpu0;
@@ -464,7 +464,7 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     let every = Duration::from_secs_f64(a.heartbeat_secs);
     let ctl = Ctl::with_heartbeats(a.heartbeat_secs)?;
     let mut admin = ctl.admin().await?;
-    admin.scale((n - 1) as u32, Default::default()).await?;
+    admin.scale((n - 1) as u32, Default::default(), None).await?;
     let (_, states, _) = fleet(&ctl, n, every, a.concurrency).await?;
     wait_ready(&mut admin, n, Duration::from_secs(600)).await?;
     let end = Instant::now() + Duration::from_secs(120);
@@ -530,7 +530,7 @@ async fn scenario_detect(
         (interval / 5.0).max(0.1)
     ))?;
     let mut admin = ctl.admin().await?;
-    admin.scale((n - 1) as u32, Default::default()).await?;
+    admin.scale((n - 1) as u32, Default::default(), None).await?;
     let (_, states, _) = fleet(&ctl, n, Duration::from_secs_f64(interval), a.concurrency).await?;
     wait_ready(&mut admin, n, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs_f64(interval * 2.0)).await;

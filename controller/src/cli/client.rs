@@ -58,8 +58,9 @@ impl AdminClient {
         &mut self,
         slaves: u32,
         pools: std::collections::HashMap<String, u32>,
+        max_slaves: Option<u32>,
     ) -> Result<Scaled, Status> {
-        Ok(self.inner.scale(api::ScaleRequest { slaves, pools }).await?.into_inner().into())
+        Ok(self.inner.scale(api::ScaleRequest { slaves, pools, max_slaves }).await?.into_inner().into())
     }
 
     /// A client certificate for the engine's services.

@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 /// is COMMAND's; 4 if the cluster never became ready.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Slaves for the job.
-    #[arg(long, default_value_t = 2)]
-    pub slaves: u32,
+    /// Slaves for the job: N, or MIN..MAX to let the engine's backlog
+    /// decide (the job starts once MIN are ready).
+    #[arg(long, default_value = "2", value_parser = parse_slaves)]
+    pub slaves: (u32, Option<u32>),
     /// Leave the cluster (and the controller run started) running.
     #[arg(long)]
     pub keep: bool,
@@ -62,10 +63,11 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::new()?;
 
     // Scale and wait, Ctrl-C aborting.
-    client.scale(args.slaves, Default::default()).await?;
+    let (slaves, max) = args.slaves;
+    client.scale(slaves, Default::default(), max).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let ready = tokio::select! {
-        r = super::scale::wait_ready(&mut client, args.slaves, deadline) => r?,
+        r = super::scale::wait_ready(&mut client, slaves, deadline) => r?,
         sig = signals.next() => {
             eprintln!("run: {sig} while waiting for the cluster");
             finish(&mut client, serve, owned).await;
@@ -152,6 +154,16 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_SPEND_CAP));
     }
     Ok(ExitCode::from(code))
+}
+
+/// `--slaves`: `N` or `MIN..MAX`.
+fn parse_slaves(s: &str) -> Result<(u32, Option<u32>), String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok((n, None));
+    }
+    super::scale::parse_range(s)
+        .map(|(min, max)| (min, Some(max)))
+        .ok_or_else(|| format!("{s:?}: give a number of slaves (4) or a range (1..4, MIN <= MAX)"))
 }
 
 /// Starts `serve` for this configuration in the background (its own
@@ -363,6 +375,14 @@ mod tests {
         assert_eq!(disco["DISCO_MASTER"], "http://10.0.0.1:8989");
         assert_eq!(disco["DISCO_PROXY"], "http://10.0.0.1:8999");
         assert!(!disco.keys().any(|k| k.starts_with("DASK")));
+    }
+
+    #[test]
+    fn slaves_are_a_number_or_a_range() {
+        assert_eq!(parse_slaves("3"), Ok((3, None)));
+        assert_eq!(parse_slaves("1..4"), Ok((1, Some(4))));
+        assert!(parse_slaves("4..1").is_err());
+        assert!(parse_slaves("many").is_err());
     }
 
     #[test]

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 /// Set the number of slaves of the running controller: `scale 20` spreads
 /// 20 slaves over the configured pools in proportion to their counts;
-/// `scale c5=10 m5=5` sets pools by name. With --wait, show progress until
-/// one master and exactly that many slaves are ready.
+/// `scale c5=10 m5=5` sets pools by name; `scale 2..10` lets the engine's
+/// backlog decide between 2 and 10. With --wait, show progress until one
+/// master and exactly that many slaves are ready.
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
-    /// Total slaves (N), or POOL=N for one or more pools.
+    /// Total slaves (N), MIN..MAX (adaptive), or POOL=N for one or more pools.
     #[arg(required = true, num_args = 1..)]
     pub target: Vec<String>,
     /// Wait until the cluster is at size and ready.
@@ -28,9 +29,12 @@ pub struct ScaleArgs {
 
 pub async fn exec(args: ScaleArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
-    let (total, pools) = parse_target(&args.target)?;
+    let (total, pools, max) = parse_target(&args.target)?;
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
-    let reply = client.scale(total, pools).await?;
+    let reply = client.scale(total, pools, max).await?;
+    if let Some(max) = max {
+        eprintln!("adaptive size: {total}..{max} slaves, the engine's backlog deciding");
+    }
     let mut by_pool: Vec<String> = reply.pools.iter().map(|(k, v)| format!("{k}={v}")).collect();
     by_pool.sort();
     eprintln!("desired slaves: {} -> {} ({})", reply.previous, reply.desired, by_pool.join(" "));
@@ -81,17 +85,23 @@ pub async fn wait_ready(client: &mut AdminClient, slaves: u32, deadline: Instant
     }
 }
 
-/// `["20"]` -> total 20; `["a=3", "b=2"]` -> per pool.
-pub fn parse_target(args: &[String]) -> anyhow::Result<(u32, std::collections::HashMap<String, u32>)> {
+/// `["20"]` -> total 20; `["2..10"]` -> adaptive 2..10; `["a=3", "b=2"]`
+/// -> per pool.
+pub fn parse_target(
+    args: &[String],
+) -> anyhow::Result<(u32, std::collections::HashMap<String, u32>, Option<u32>)> {
     let usage = |a: &str| {
         anyhow::Error::new(super::UsageError(format!(
-            "{a:?}: give a number of slaves (scale 20) or POOL=N (scale c5=10 m5=5)"
+            "{a:?}: give a number of slaves (scale 20), a range (scale 2..10) or POOL=N (scale c5=10 m5=5)"
         )))
     };
-    if let [one] = args
-        && let Ok(n) = one.parse::<u32>()
-    {
-        return Ok((n, Default::default()));
+    if let [one] = args {
+        if let Ok(n) = one.parse::<u32>() {
+            return Ok((n, Default::default(), None));
+        }
+        if let Some((min, max)) = parse_range(one) {
+            return Ok((min, Default::default(), Some(max)));
+        }
     }
     let mut pools = std::collections::HashMap::new();
     for a in args {
@@ -99,7 +109,14 @@ pub fn parse_target(args: &[String]) -> anyhow::Result<(u32, std::collections::H
         let n: u32 = n.parse().map_err(|_| usage(a))?;
         pools.insert(name.to_string(), n);
     }
-    Ok((0, pools))
+    Ok((0, pools, None))
+}
+
+/// `"2..10"` -> (2, 10), MIN <= MAX.
+pub fn parse_range(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once("..")?;
+    let (min, max) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (min <= max).then_some((min, max))
 }
 
 pub struct Progress {

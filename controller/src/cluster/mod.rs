@@ -71,6 +71,17 @@ pub struct Endpoints {
 }
 
 /// State shared by the servers and the reconcile loop.
+/// An adaptive size in force (`scale MIN..MAX`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adaptive {
+    pub bounds: crate::autoscale::Bounds,
+    /// Since when the engine's target has been below the size.
+    pub lower_since_ms: Option<u64>,
+    /// The target in slaves at the last decision, and why the size is what it is.
+    pub target_slaves: Option<u32>,
+    pub why: String,
+}
+
 /// The most of a probe's answer the controller reads (the agent sends no
 /// more).
 pub const MAX_PROBE_BODY: usize = 16 * 1024;
@@ -116,6 +127,10 @@ pub struct Cluster {
     pub engine_busy: AtomicBool,
     /// Since when (unix ms) the cluster is idle (`autostop`); 0: not idle.
     pub idle_since_ms: std::sync::atomic::AtomicU64,
+    /// The engine's adaptive target in workers, plus one; 0: none yet.
+    pub engine_target: std::sync::atomic::AtomicU32,
+    /// `scale MIN..MAX`: the bounds and the last decision.
+    pub adaptive: Mutex<Option<Adaptive>>,
     /// Each launch in flight holds a read guard; `destroy` takes the write
     /// side, so it sees every instance a launch started.
     pub launches: Arc<tokio::sync::RwLock<()>>,
@@ -191,6 +206,8 @@ impl Cluster {
             budget_stage: std::sync::atomic::AtomicU8::new(0),
             engine_busy: AtomicBool::new(true),
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
+            engine_target: std::sync::atomic::AtomicU32::new(0),
+            adaptive: Mutex::new(None),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
             metrics: Default::default(),
@@ -520,6 +537,9 @@ impl Cluster {
         let probed = self.engine.probed(name, body)?;
         if let Some(busy) = probed.busy {
             self.engine_busy.store(busy, Ordering::Relaxed);
+        }
+        if let Some(t) = probed.target_workers {
+            self.engine_target.store(t.saturating_add(1), Ordering::Relaxed);
         }
         let marked = probed.safe_to_remove.is_some_and(|hosts| reg.mark_drained(&hosts));
         drop(reg);

@@ -38,6 +38,8 @@ pub enum ScaleError {
     UnknownPool { name: String, configured: String },
     #[error("slaves: {0} is more than {MAX_SLAVES}")]
     TooMany(u32),
+    #[error("slaves: {min}..{max} is not a range of slaves (MIN..MAX, MIN <= MAX, without pools)")]
+    BadRange { min: u32, max: u32 },
 }
 
 /// The slaves wanted per pool after a request: `slaves` spread over the
@@ -74,10 +76,40 @@ pub fn desired_for(
 /// Sets the desired size. On-demand slaves of pools back on spot are marked
 /// for replacement by spot ones (the other occasion is an idle cluster, in
 /// `tick`).
-pub fn scale(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Result<Scaled, ScaleError> {
+pub fn scale(
+    sh: &Cluster,
+    slaves: u32,
+    by_pool: &HashMap<String, u32>,
+    max: Option<u32>,
+) -> Result<Scaled, ScaleError> {
     if sh.destroying.load(Ordering::Relaxed) {
         return Err(ScaleError::Destroying);
     }
+    let mut adaptive = sh.adaptive.lock().expect("adaptive lock");
+    let Some(max) = max else {
+        *adaptive = None;
+        return set_size(sh, slaves, by_pool);
+    };
+    if !by_pool.is_empty() || max < slaves {
+        return Err(ScaleError::BadRange { min: slaves, max });
+    }
+    if max > MAX_SLAVES {
+        return Err(ScaleError::TooMany(max));
+    }
+    let bounds = crate::autoscale::Bounds { min: slaves, max };
+    let current = sh.registry.lock().expect("registry lock").desired_slaves();
+    *adaptive = Some(crate::cluster::Adaptive {
+        bounds,
+        lower_since_ms: None,
+        target_slaves: None,
+        why: "waiting for the engine's target".into(),
+    });
+    drop(adaptive);
+    set_size(sh, current.clamp(slaves, max), &HashMap::new())
+}
+
+/// Sets the desired size (an operator's `scale`, or an adaptive decision).
+pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Result<Scaled, ScaleError> {
     let scaled = {
         let mut reg = sh.registry.lock().expect("registry lock");
         let desired = desired_for(slaves, by_pool, &sh.cfg.pools(), &reg.desired)?;

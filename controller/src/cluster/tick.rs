@@ -39,6 +39,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     sh.registry.lock().expect("registry lock").account(unix_ms());
     enforce_budget(sh);
     enforce_autostop(sh);
+    enforce_adaptive(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
@@ -306,6 +307,40 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
+    }
+}
+
+/// Adaptive size (`scale MIN..MAX`): the engine's target (the master's
+/// probe), as slaves, decides within the bounds (`autoscale::decide`).
+fn enforce_adaptive(sh: &Arc<Cluster>) {
+    let mut guard = sh.adaptive.lock().expect("adaptive lock");
+    let Some(a) = guard.as_mut() else { return };
+    if sh.destroying.load(Ordering::Relaxed) {
+        return;
+    }
+    let (current, (master_workers, per_slave)) = {
+        let reg = sh.registry.lock().expect("registry lock");
+        (reg.desired_slaves(), reg.workers_per_node())
+    };
+    let target = sh
+        .engine_target
+        .load(Ordering::Relaxed)
+        .checked_sub(1)
+        .map(|t| crate::autoscale::slaves_for(t, master_workers, per_slave));
+    let cooldown = sh.cfg.adaptive_cooldown.as_millis() as u64;
+    let d = crate::autoscale::decide(current, target, a.bounds, a.lower_since_ms, unix_ms(), cooldown);
+    a.lower_since_ms = d.lower_since_ms;
+    a.target_slaves = target;
+    a.why = d.why.clone();
+    drop(guard);
+    if d.slaves != current {
+        sh.registry
+            .lock()
+            .expect("registry lock")
+            .event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
+        if let Err(e) = crate::cluster::ops::set_size(sh, d.slaves, &Default::default()) {
+            tracing::warn!("adaptive: cannot set the size: {e}");
+        }
     }
 }
 

@@ -98,6 +98,9 @@ pub struct Config {
     pub on_budget: crate::budget::OnBudget,
     /// Destroy the cluster after this long idle (zero: never).
     pub autostop_idle: Duration,
+    /// `scale MIN..MAX`: how long the engine's target must stay below the
+    /// size before it shrinks.
+    pub adaptive_cooldown: Duration,
     /// Dashboard and /metrics (HTTP); local by default.
     pub dashboard_listen: SocketAddr,
     /// Bearer token required by the dashboard and /metrics; mandatory when
@@ -312,6 +315,7 @@ impl Default for Config {
             max_spend_usd: 0.0,
             on_budget: crate::budget::OnBudget::Destroy,
             autostop_idle: Duration::ZERO,
+            adaptive_cooldown: Duration::from_secs(60),
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {

@@ -132,6 +132,7 @@ pub struct RawConfig {
     pub(super) max_spend_usd: Option<f64>,
     pub(super) on_budget: Option<String>,
     pub(super) autostop_idle_mins: Option<f64>,
+    pub(super) adaptive_cooldown_secs: Option<f64>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]

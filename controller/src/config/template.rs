@@ -33,6 +33,9 @@ on_budget = "destroy"
 # at its size, every node ready, and no work in the engine (Dask: no task
 # processing or waiting and no client; Disco: no active job).
 autostop_idle_mins = 0.0
+# `scale MIN..MAX` (adaptive size): the size grows at once to the engine's
+# target and shrinks only after the target stayed lower this long.
+adaptive_cooldown_secs = 60.0
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0

@@ -193,6 +193,8 @@ impl Config {
                 return Err(err("autostop_idle_mins", format!("{v}: give minutes (0: never)")));
             }
         };
+        let adaptive_cooldown =
+            secs("adaptive_cooldown_secs", raw.adaptive_cooldown_secs, d.adaptive_cooldown)?;
         let on_budget = match raw.on_budget.as_deref() {
             None | Some("destroy") => crate::budget::OnBudget::Destroy,
             Some("stop-launching") => crate::budget::OnBudget::StopLaunching,
@@ -326,6 +328,7 @@ impl Config {
             max_spend_usd,
             on_budget,
             autostop_idle,
+            adaptive_cooldown,
             dashboard_listen,
             dashboard_token,
             ec2: Ec2Config {

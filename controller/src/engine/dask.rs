@@ -262,7 +262,9 @@ impl Engine for Dask {
             return Err("counts: processing, waiting or clients missing".into());
         };
         let busy = processing + waiting + n("unrunnable").unwrap_or(0) > 0 || clients > 1;
-        Ok(Probed { busy: Some(busy), ..Default::default() })
+        // What Dask's own adaptive deployments follow.
+        let target_workers = n("desired_workers").map(|t| t.min(u64::from(u32::MAX)) as u32);
+        Ok(Probed { busy: Some(busy), target_workers, ..Default::default() })
     }
 
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String> {
@@ -364,6 +366,11 @@ mod tests {
             Ok(Some(false))
         );
         assert_eq!(busy(r#"{"processing": 2, "waiting": 0, "clients": 2}"#), Ok(Some(true)));
+        let target = |body: &str| dask().probed("counts", body).map(|p| p.target_workers);
+        assert_eq!(
+            target(r#"{"processing": 9, "waiting": 30, "clients": 2, "desired_workers": 12}"#),
+            Ok(Some(12))
+        );
         assert_eq!(
             busy(r#"{"processing": 0, "waiting": 0, "clients": 2}"#),
             Ok(Some(true)),

@@ -94,6 +94,8 @@ pub struct Probed {
     pub safe_to_remove: Option<Vec<String>>,
     /// The engine has work (jobs, tasks, clients).
     pub busy: Option<bool>,
+    /// Worker processes the engine's backlog asks for (adaptive size).
+    pub target_workers: Option<u32>,
 }
 
 pub trait Engine: Send + Sync {

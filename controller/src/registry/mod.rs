@@ -710,6 +710,20 @@ impl Registry {
             .collect()
     }
 
+    /// Worker processes of the master, and of a slave (the most any ready
+    /// slave has; the master's when none is ready yet).
+    pub fn workers_per_node(&self) -> (u32, u32) {
+        let of = |role: Role| {
+            self.nodes
+                .values()
+                .filter(|e| e.rec.role == role && e.rec.state == NodeState::Ready)
+                .map(|e| e.rec.workers)
+                .max()
+        };
+        let master = of(Role::Master).unwrap_or(0);
+        (master, of(Role::Slave).unwrap_or(master).max(1))
+    }
+
     /// At its size with every node ready: one master, the desired slaves.
     pub fn settled(&self) -> bool {
         let masters = self.nodes.values().filter(|e| e.rec.role == Role::Master).count();
