@@ -63,8 +63,10 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut signals = Signals::new()?;
 
     // Scale and wait, Ctrl-C aborting.
+    // Exactly MIN first (a state directory keeps the last size); the
+    // range, if any, once the cluster is ready: the job's backlog decides.
     let (slaves, max) = args.slaves;
-    client.scale(slaves, Default::default(), max).await?;
+    client.scale(slaves, Default::default(), None).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let ready = tokio::select! {
         r = super::scale::wait_ready(&mut client, slaves, deadline) => r?,
@@ -78,6 +80,10 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !ready {
         finish(&mut client, serve, owned).await;
         return Ok(ExitCode::from(4));
+    }
+    if let Some(max) = max {
+        client.scale(slaves, Default::default(), Some(max)).await?;
+        eprintln!("run: adaptive size {slaves}..{max} slaves from now on");
     }
 
     // The job's environment.
