@@ -67,6 +67,9 @@ pub async fn serve(
         .route("/", get(page))
         .route("/login", post(login))
         .route("/api/status", get(status))
+        .route("/api/history", get(history))
+        .route("/assets/uplot.js", get(|| async { asset("text/javascript", UPLOT_JS) }))
+        .route("/assets/uplot.css", get(|| async { asset("text/css", UPLOT_CSS) }))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(App { sh: shared, sessions: Arc::default() });
@@ -152,6 +155,25 @@ async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
         return refused();
     }
     axum::Json(crate::status::StatusView::of(&app.sh)).into_response()
+}
+
+/// The charting library the page uses (uPlot, MIT: `assets/README`),
+/// served from the binary: the page fetches nothing from elsewhere.
+const UPLOT_JS: &str = include_str!("assets/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("assets/uPlot.min.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "max-age=3600")], body).into_response()
+}
+
+/// The bounded history the charts draw, with the spend cap.
+async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
+    if !authorized(&app, &headers) {
+        return refused();
+    }
+    let samples = app.sh.history.lock().expect("history lock").samples();
+    axum::Json(serde_json::json!({ "samples": samples, "max_spend_usd": app.sh.cfg.max_spend_usd }))
+        .into_response()
 }
 
 async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {

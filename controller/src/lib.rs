@@ -40,6 +40,7 @@ pub mod dashboard;
 pub mod download;
 pub mod engine;
 pub mod grpc;
+pub mod history;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -105,5 +105,23 @@ fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
         assert!(dom.contains(&format!("id=\"node-{id}\"")), "replacement {id} not shown:\n{dom}");
     }
     assert!(dom.contains(&format!("{victim} lost")), "no loss event:\n{dom}");
+    // Issue 16, item 5: the charts, drawn by uPlot (served by the
+    // controller) from the history it keeps: each chart's legend names its
+    // series, and the nodes chart has the loss marked.
+    assert_eq!(dom.matches("class=\"uplot").count(), 4, "four charts expected:\n{dom}");
+    for label in
+        ["desired", "ready", "failed", "lost", "cost $/h", "spent $", "engine target", "enrolled", "running"]
+    {
+        assert!(dom.contains(&format!(">{label}<")), "no series {label:?} in the charts:\n{dom}");
+    }
+    let (code, body) = c.dashboard_get("/api/history", Some(TOKEN));
+    assert_eq!(code, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let samples = h["samples"].as_array().unwrap();
+    assert!(samples.len() >= 3, "{body}");
+    assert!(samples.last().unwrap()["losses"].as_u64().unwrap() >= 1, "the loss is in the history: {body}");
+    assert!(samples.iter().any(|x| x["ready"] == 3), "{body}");
+    let (code, _) = c.dashboard_get("/api/history", None);
+    assert_eq!(code, 401, "the history needs the token too");
     assert!(!dom.contains(TOKEN), "the token is rendered in the page");
 }

@@ -131,6 +131,8 @@ pub struct Cluster {
     pub engine_target: std::sync::atomic::AtomicU32,
     /// `scale MIN..MAX`: the bounds and the last decision.
     pub adaptive: Mutex<Option<Adaptive>>,
+    /// What the dashboard's charts draw (bounded).
+    pub history: Mutex<crate::history::History>,
     /// Each launch in flight holds a read guard; `destroy` takes the write
     /// side, so it sees every instance a launch started.
     pub launches: Arc<tokio::sync::RwLock<()>>,
@@ -208,6 +210,7 @@ impl Cluster {
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
             engine_target: std::sync::atomic::AtomicU32::new(0),
             adaptive: Mutex::new(None),
+            history: Mutex::new(Default::default()),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),
             metrics: Default::default(),

@@ -40,6 +40,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     enforce_budget(sh);
     enforce_autostop(sh);
     enforce_adaptive(sh);
+    record_history(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
@@ -308,6 +309,32 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
     }
+}
+
+/// One sample of the cluster for the dashboard's charts.
+fn record_history(sh: &Arc<Cluster>) {
+    let target = sh.adaptive.lock().expect("adaptive lock").as_ref().and_then(|a| a.target_slaves);
+    let sample = {
+        let reg = sh.registry.lock().expect("registry lock");
+        let (mut nodes, mut ready, mut failed) = (0, 0, 0);
+        for e in reg.entries() {
+            nodes += 1;
+            ready += u32::from(e.rec.state == crate::model::NodeState::Ready);
+            failed += u32::from(matches!(e.rec.state, crate::model::NodeState::Failed { .. }));
+        }
+        crate::history::Sample {
+            unix_ms: unix_ms(),
+            desired: reg.desired_slaves() + 1,
+            nodes,
+            ready,
+            failed,
+            losses: sh.metrics.replacements.load(Ordering::Relaxed),
+            cost_per_hour: reg.cost_per_hour(),
+            spent_usd: reg.spent_usd,
+            target,
+        }
+    };
+    sh.history.lock().expect("history lock").push(sample);
 }
 
 /// Adaptive size (`scale MIN..MAX`): the engine's target (the master's
