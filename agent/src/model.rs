@@ -167,7 +167,7 @@ pub enum Report {
 }
 
 /// The most of a probe's answer that is reported.
-pub const MAX_PROBE_BODY: usize = 16 * 1024;
+pub const MAX_PROBE_BODY: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepReport {

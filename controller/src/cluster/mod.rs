@@ -84,7 +84,7 @@ pub struct Adaptive {
 
 /// The most of a probe's answer the controller reads (the agent sends no
 /// more).
-pub const MAX_PROBE_BODY: usize = 16 * 1024;
+pub const MAX_PROBE_BODY: usize = 256 * 1024;
 
 pub struct Cluster {
     pub cfg: Config,

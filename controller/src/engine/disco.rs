@@ -373,11 +373,14 @@ impl Engine for Disco {
                     });
                 }
             }
-            // Whether a job runs (autostop).
-            out.push(Directive {
-                name: "joblist".into(),
-                kind: DirectiveKind::Probe { url: format!("{base}/joblist") },
-            });
+            // Whether a job runs (autostop), and how busy the nodes are
+            // (adaptive size).
+            for name in ["joblist", "nodeinfo"] {
+                out.push(Directive {
+                    name: name.into(),
+                    kind: DirectiveKind::Probe { url: format!("{base}/{name}") },
+                });
+            }
             out.push(Directive {
                 name: "config_table".into(),
                 kind: DirectiveKind::Post {
@@ -424,6 +427,28 @@ impl Engine for Disco {
                     ..Default::default()
                 })
             }
+            // {host: {"max_workers": n, "tasks": [job, ...], "connected": b,
+            // "blacklisted": b, ...}}: the adaptive target, in workers.
+            "nodeinfo" => {
+                let nodes: BTreeMap<String, serde_json::Value> = serde_json::from_str(body)
+                    .map_err(|e| format!("nodeinfo: not Disco's node info: {e}"))?;
+                let mut slots = 0u64;
+                let mut running = 0u64;
+                let mut widest = 1u64;
+                for info in nodes.values() {
+                    let usable = info["connected"] == true && info["blacklisted"] != true;
+                    let max = info["max_workers"].as_u64().unwrap_or(0);
+                    if usable {
+                        slots += max;
+                        widest = widest.max(max);
+                    }
+                    running += info["tasks"].as_array().map_or(0, |t| t.len() as u64);
+                }
+                Ok(Probed {
+                    target_workers: Some(disco_target(running, slots, widest)),
+                    ..Default::default()
+                })
+            }
             other => {
                 Err(format!("probe {:?} is not one the disco engine asks for", &other[..other.len().min(64)]))
             }
@@ -451,6 +476,16 @@ impl Engine for Disco {
             ],
         }
     }
+}
+
+/// Disco's master lists running tasks, not queued ones: when every slot
+/// of the usable nodes runs a task, the backlog asks for one node more
+/// (`widest` slots); otherwise for the slots in use. The adaptive size then
+/// grows a node at a time while the cluster stays saturated, and shrinks
+/// (after its cooldown) to what runs.
+fn disco_target(running: u64, slots: u64, widest: u64) -> u32 {
+    let t = if slots > 0 && running >= slots { slots + widest } else { running };
+    t.min(u64::from(u32::MAX)) as u32
 }
 
 /// A host name as Disco reports them (letters, digits, `-`, `.`).
@@ -776,13 +811,15 @@ mod tests {
                 .collect()
         };
         let joblist = "joblist http://127.0.0.1:8989/disco/ctrl/joblist";
-        assert_eq!(probes(&[master.clone(), m("s2", Role::Slave, "ip-2", 1)]), [joblist]);
+        let nodeinfo = "nodeinfo http://127.0.0.1:8989/disco/ctrl/nodeinfo";
+        assert_eq!(probes(&[master.clone(), m("s2", Role::Slave, "ip-2", 1)]), [joblist, nodeinfo]);
         assert_eq!(
             probes(&[master.clone(), leaving]),
             [
                 "gc_start http://127.0.0.1:8989/ddfs/ctrl/gc_start",
                 "safe_gc_blacklist http://127.0.0.1:8989/ddfs/ctrl/safe_gc_blacklist",
-                joblist
+                joblist,
+                nodeinfo
             ]
         );
         let d = disco();
@@ -790,6 +827,16 @@ mod tests {
         assert_eq!(safe(r#"["ip-3"]"#), Ok(Some(vec!["ip-3".to_string()])));
         assert_eq!(safe("[]"), Ok(Some(vec![])));
         assert_eq!(d.probed("gc_start", "\"GC has started\""), Ok(Probed::default()));
+        // nodeinfo: saturated -> one node more; else the slots in use.
+        let target = |body: &str| d.probed("nodeinfo", body).map(|p| p.target_workers);
+        let node = |tasks: usize, slots: u32| serde_json::json!({"max_workers": slots, "tasks": vec!["J"; tasks], "connected": true, "blacklisted": false});
+        let info = |a: serde_json::Value, b: serde_json::Value| {
+            serde_json::json!({"ip-1": a, "ip-2": b}).to_string()
+        };
+        assert_eq!(target(&info(node(2, 2), node(4, 4))), Ok(Some(10)));
+        assert_eq!(target(&info(node(1, 2), node(2, 4))), Ok(Some(3)));
+        assert_eq!(target(&info(node(0, 2), node(0, 4))), Ok(Some(0)));
+        assert!(target("[]").is_err());
         let busy = |body: &str| d.probed("joblist", body).map(|p| p.busy);
         assert_eq!(busy(r#"[[0, "active", "WordCount@1"], [0, "ready", "Grep@2"]]"#), Ok(Some(true)));
         assert_eq!(busy(r#"[[0, "ready", "WordCount@1"]]"#), Ok(Some(false)));
