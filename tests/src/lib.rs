@@ -46,6 +46,15 @@ heartbeat_timeout_secs = 3.0
 reconcile_interval_secs = 0.3
 "#;
 
+/// `FAST` + `extra`, keys in `extra` overriding the same keys of `FAST`.
+pub fn fast_config(extra: &str) -> String {
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    let overridden: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
+    let base: String =
+        FAST.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
+    format!("{base}\n{extra}\n")
+}
+
 /// A controller running `serve` on a temporary state directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -90,12 +99,7 @@ impl Cluster {
     fn start_inner(extra: &str, env: Vec<(String, String)>, fd_limit: Option<u32>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("ddisco.toml");
-        // Keys in `extra` override the same keys of FAST.
-        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
-        let overridden: Vec<String> = extra.lines().filter(|l| l.contains('=')).map(key).collect();
-        let base: String =
-            FAST.lines().filter(|l| !overridden.contains(&key(l))).map(|l| format!("{l}\n")).collect();
-        std::fs::write(&config, format!("{base}\n{extra}\n")).expect("write config");
+        std::fs::write(&config, fast_config(extra)).expect("write config");
         let mut c = Cluster { dir, config, serve: None, env, fd_limit };
         c.spawn_serve();
         c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);

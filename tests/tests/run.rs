@@ -11,26 +11,9 @@ use std::time::{Duration, Instant};
 /// A Dask cluster's config, no slaves until `run` asks.
 fn config(dir: &Path) -> PathBuf {
     let cfg = dir.join("ddisco.toml");
-    std::fs::write(
-        &cfg,
-        r#"
-engine = "dask"
-num_slaves = 0
-master_multiplier = 0.5
-slave_multiplier = 1.0
-base_packages = ["coreutils"]
-additional_packages = []
-pip_requirements = []
-listen = "127.0.0.1:0"
-download_listen = "127.0.0.1:0"
-dashboard_listen = "127.0.0.1:0"
-heartbeat_interval_secs = 0.5
-heartbeat_timeout_secs = 5.0
-reconcile_interval_secs = 0.3
-drain_timeout_secs = 3.0
-"#,
-    )
-    .unwrap();
+    let extra = "engine = \"dask\"\nnum_slaves = 0\nmaster_multiplier = 0.5\nslave_multiplier = 1.0\n\
+                 heartbeat_timeout_secs = 5.0\ndrain_timeout_secs = 3.0";
+    std::fs::write(&cfg, fast_config(extra)).unwrap();
     cfg
 }
 

@@ -101,7 +101,6 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         .envs(&env)
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot run {:?}: {e}", args.command[0]))?;
-    let pid = child.id();
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let status = loop {
         tokio::select! {
@@ -110,17 +109,7 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
                 // The job is told too (a terminal's Ctrl-C reaches it
                 // already; SIGTERM does not), then waited for.
                 eprintln!("run: {sig}: stopping the job");
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-                }
-                let s = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                    Ok(s) => s?,
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        child.wait().await?
-                    }
-                };
-                break s;
+                break stop_job(&mut child).await?;
             }
             _ = poll.tick() => {
                 match client.status().await {
@@ -129,17 +118,7 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
                         // The spend cap destroyed the cluster: the job
                         // has nothing left to run on.
                         eprintln!("run: the cluster was destroyed by the spend cap: stopping the job");
-                        if let Some(pid) = pid {
-                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-                        }
-                        let s = match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                            Ok(s) => s?,
-                            Err(_) => {
-                                let _ = child.kill().await;
-                                child.wait().await?
-                            }
-                        };
-                        break s;
+                        break stop_job(&mut child).await?;
                     }
                     Err(_) => {}
                 }
@@ -170,6 +149,21 @@ fn parse_slaves(s: &str) -> Result<(u32, Option<u32>), String> {
     super::scale::parse_range(s)
         .map(|(min, max)| (min, Some(max)))
         .ok_or_else(|| format!("{s:?}: give a number of slaves (4) or a range (1..4, MIN <= MAX)"))
+}
+
+/// SIGTERM to the job, then (after 10 s) SIGKILL; its exit status.
+async fn stop_job(child: &mut tokio::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(pid) = child.id() {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = child.kill().await;
+            child.wait().await
+        }
+    }
 }
 
 /// Starts `serve` for this configuration in the background (its own
