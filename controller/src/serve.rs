@@ -126,6 +126,8 @@ async fn resolve_advertise(mut cfg: Config) -> anyhow::Result<Config> {
 /// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
+    // A reason the last controller stopped for is not this one's.
+    let _ = std::fs::remove_file(cfg.state_dir.join(crate::cluster::tick::STOP_REASON));
     let cluster_id = crate::state::cluster_id_or_mint(&cfg.state_dir)
         .with_context(|| format!("cannot keep the cluster id in {}", cfg.state_dir.display()))?;
     let cfg = resolve_advertise(cfg).await?;

@@ -7,7 +7,7 @@
 use ddisco_tests::ec2::*;
 use ddisco_tests::*;
 use serde_json::Value;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const READY: Duration = Duration::from_secs(120);
@@ -1526,4 +1526,35 @@ fn a_spend_cap_that_stops_launching_replaces_nothing() {
     assert_eq!(w.proxy.count("RunInstances"), launched, "launched after the cap");
     let table = String::from_utf8(w.cluster.ctl(&["status"]).stdout).unwrap();
     assert!(table.contains("nothing more is launched"), "{table}");
+}
+
+/// `run` on a controller it did not start (left running, only scaled):
+/// the spend cap is reached while the job (a 90 s sleep) runs, the controller destroys
+/// the cluster, and `run` stops the job, says so and exits 5.
+#[test]
+fn run_reports_a_spend_cap_reached_during_the_job() {
+    let w = world("num_slaves = 0\nmaster_on_demand = true\nmax_spend_usd = 0.0006");
+    let out = Command::new(bin("ddisco-controller"))
+        .args(["run", "--slaves", "1", "--config", w.cluster.config.to_str().unwrap(), "--", "sleep", "90"])
+        .envs(aws_env())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = out.id() as i32;
+    let end = Instant::now() + Duration::from_secs(180);
+    let mut out = out;
+    while out.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = out.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}\n{}", w.cluster.serve_log());
+    assert!(stderr.contains("already running") && stderr.contains("spend cap"), "{stderr}");
+    assert!(w.live_ids().is_empty(), "instances left: {:?}", w.live_ids());
 }

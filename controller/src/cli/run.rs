@@ -114,13 +114,19 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = poll.tick() => {
                 match client.status().await {
                     Ok(st) => seen.add(&st),
-                    Err(_) if seen.cap_reached => {
-                        // The spend cap destroyed the cluster: the job
-                        // has nothing left to run on.
-                        eprintln!("run: the cluster was destroyed by the spend cap: stopping the job");
-                        break stop_job(&mut child).await?;
+                    Err(_) => {
+                        // The controller is gone: did it destroy the
+                        // cluster by itself (spend cap, autostop)?
+                        if let Ok(why) = std::fs::read_to_string(cfg.state_dir.join(crate::cluster::tick::STOP_REASON)) {
+                            seen.cap_reached |= why.starts_with("SPEND CAP REACHED");
+                            eprintln!("run: the controller stopped: {}; stopping the job", why.trim());
+                            break stop_job(&mut child).await?;
+                        }
+                        if seen.cap_reached {
+                            eprintln!("run: the cluster was destroyed by the spend cap: stopping the job");
+                            break stop_job(&mut child).await?;
+                        }
                     }
-                    Err(_) => {}
                 }
             }
         }

@@ -371,6 +371,18 @@ fn enforce_adaptive(sh: &Arc<Cluster>) {
     }
 }
 
+/// Why the controller is about to destroy the cluster and stop by itself,
+/// in `<state_dir>/stop-reason` (`run` reads it when its controller goes
+/// away; the next `serve` removes it).
+fn record_stop_reason(sh: &Cluster, why: &str) {
+    if let Err(e) = crate::pki::write_private(&sh.cfg.state_dir.join(STOP_REASON), why) {
+        tracing::warn!("cannot record why the controller stops: {e}");
+    }
+}
+
+/// The file `record_stop_reason` writes.
+pub const STOP_REASON: &str = "stop-reason";
+
 /// Idle auto-stop: a settled cluster whose engine has no work for
 /// `autostop_idle_mins` is destroyed (an event says why), and the
 /// controller stops.
@@ -388,10 +400,9 @@ fn enforce_autostop(sh: &Arc<Cluster>) {
         return;
     }
     let mins = after as f64 / 60_000.0;
-    sh.registry
-        .lock()
-        .expect("registry lock")
-        .event(format!("autostop: no work for {mins} min (autostop_idle_mins): destroying the cluster"));
+    let why = format!("autostop: no work for {mins} min (autostop_idle_mins): destroying the cluster");
+    sh.registry.lock().expect("registry lock").event(why.clone());
+    record_stop_reason(sh, &why);
     let sh = sh.clone();
     tokio::spawn(async move {
         match crate::cluster::ops::destroy(&sh).await {
@@ -429,10 +440,11 @@ fn enforce_budget(sh: &Arc<Cluster>) {
             "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: nothing more is launched"
         )),
         OnBudget::Destroy => {
-            reg.event(format!(
-                "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: destroying the cluster"
-            ));
+            let why =
+                format!("SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: destroying the cluster");
+            reg.event(why.clone());
             drop(reg);
+            record_stop_reason(sh, &why);
             let sh = sh.clone();
             // Beside the loop: destroy waits for the tick in progress.
             tokio::spawn(async move {
