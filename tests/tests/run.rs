@@ -207,4 +207,10 @@ fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
     assert!(log.contains("adaptive: 1 -> "), "{log}");
     assert!(log.contains(" -> 1 slaves: shrinking to 1"), "{log}");
     assert!(log.contains("draining"), "the leaving slaves were not drained:\n{log}");
+    // The range is saved: a restarted controller keeps it.
+    c.stop_serve();
+    c.restart_serve();
+    c.wait_until("the range after a restart", Duration::from_secs(30), |s| {
+        s["controller_notes"].to_string().contains("adaptive: 1..4 slaves")
+    });
 }

@@ -187,6 +187,13 @@ pub struct Parts {
 
 impl Cluster {
     pub fn new(p: Parts) -> Cluster {
+        // A range saved by an earlier controller stays in force.
+        let adaptive = p.registry.adaptive_bounds().map(|(min, max)| Adaptive {
+            bounds: crate::autoscale::Bounds { min, max },
+            lower_since_ms: None,
+            target_slaves: None,
+            why: "waiting for the engine's target".into(),
+        });
         Cluster {
             engine: p.engine,
             membership_changed: AtomicBool::new(true),
@@ -209,7 +216,7 @@ impl Cluster {
             engine_busy: AtomicBool::new(true),
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
             engine_target: std::sync::atomic::AtomicU32::new(0),
-            adaptive: Mutex::new(None),
+            adaptive: Mutex::new(adaptive),
             history: Mutex::new(Default::default()),
             prices_at: tokio::sync::Mutex::new(None),
             idle_since: Mutex::new(None),

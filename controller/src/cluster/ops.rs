@@ -88,6 +88,7 @@ pub fn scale(
     let mut adaptive = sh.adaptive.lock().expect("adaptive lock");
     let Some(max) = max else {
         *adaptive = None;
+        sh.registry.lock().expect("registry lock").set_adaptive_bounds(None);
         return set_size(sh, slaves, by_pool);
     };
     if !by_pool.is_empty() || max < slaves {
@@ -97,7 +98,11 @@ pub fn scale(
         return Err(ScaleError::TooMany(max));
     }
     let bounds = crate::autoscale::Bounds { min: slaves, max };
-    let current = sh.registry.lock().expect("registry lock").desired_slaves();
+    let current = {
+        let mut reg = sh.registry.lock().expect("registry lock");
+        reg.set_adaptive_bounds(Some((slaves, max)));
+        reg.desired_slaves()
+    };
     *adaptive = Some(crate::cluster::Adaptive {
         bounds,
         lower_since_ms: None,

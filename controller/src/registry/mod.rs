@@ -265,6 +265,9 @@ struct ClusterFile {
     /// USD spent since the cluster was created (replaced nodes included).
     #[serde(default)]
     spent_usd: f64,
+    /// `scale MIN..MAX` in force: [MIN, MAX].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    adaptive: Option<[u32; 2]>,
     next_seq: u64,
     nodes: Vec<NodeRecord>,
 }
@@ -370,6 +373,8 @@ pub struct Registry {
     pub desired: BTreeMap<String, u32>,
     /// USD spent since the cluster was created (replaced nodes included).
     pub spent_usd: f64,
+    /// `scale MIN..MAX` in force (saved: a restarted controller keeps it).
+    adaptive_bounds: Option<(u32, u32)>,
     next_seq: u64,
     nodes: BTreeMap<String, Entry>,
     /// Token hash -> node, for every node (spent tokens too).
@@ -437,6 +442,7 @@ impl Registry {
             desired: file.desired,
             spent_usd: file.spent_usd,
             next_seq: file.next_seq,
+            adaptive_bounds: file.adaptive.map(|[min, max]| (min, max)),
             ..Default::default()
         };
         for mut rec in file.nodes {
@@ -461,6 +467,7 @@ impl Registry {
         let file = ClusterFile {
             desired: self.desired.clone(),
             spent_usd: self.spent_usd,
+            adaptive: self.adaptive_bounds.map(|(min, max)| [min, max]),
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
         };
@@ -724,6 +731,19 @@ impl Registry {
         (master, of(Role::Slave).unwrap_or(master).max(1))
     }
 
+    /// `scale MIN..MAX` in force, if any.
+    pub fn adaptive_bounds(&self) -> Option<(u32, u32)> {
+        self.adaptive_bounds
+    }
+
+    /// Sets (or clears) the adaptive range; saved with the registry.
+    pub fn set_adaptive_bounds(&mut self, bounds: Option<(u32, u32)>) {
+        if self.adaptive_bounds != bounds {
+            self.adaptive_bounds = bounds;
+            self.dirty = true;
+        }
+    }
+
     /// At its size with every node ready: one master, the desired slaves.
     pub fn settled(&self) -> bool {
         let masters = self.nodes.values().filter(|e| e.rec.role == Role::Master).count();
@@ -816,6 +836,19 @@ mod tests {
         let mut r = Registry::new(BTreeMap::from([("default".into(), 1)]));
         let id = r.add_node(new(Role::Slave, "h1", expires), |_| "127.0.0.2".into());
         (r, id)
+    }
+
+    /// `scale MIN..MAX` survives a restart (cluster.json); files without
+    /// it load as a fixed size.
+    #[test]
+    fn the_adaptive_range_is_saved() {
+        let (mut r, _) = reg_with_node(1_000);
+        assert_eq!(Registry::from_json(&r.to_json(), 1).unwrap().adaptive_bounds(), None);
+        r.set_adaptive_bounds(Some((1, 4)));
+        assert!(r.to_json().contains("\"adaptive\":[1,4]"), "{}", r.to_json());
+        assert_eq!(Registry::from_json(&r.to_json(), 1).unwrap().adaptive_bounds(), Some((1, 4)));
+        r.set_adaptive_bounds(None);
+        assert!(!r.to_json().contains("adaptive"));
     }
 
     #[test]
