@@ -540,10 +540,11 @@ impl Cluster {
         if body.len() > MAX_PROBE_BODY {
             return Err(format!("probe answer over {MAX_PROBE_BODY} bytes"));
         }
-        let mut reg = self.registry.lock().expect("registry lock");
-        if reg.get(node_id).map(|e| e.rec.role) != Some(Role::Master) {
+        let role = self.registry.lock().expect("registry lock").get(node_id).map(|e| e.rec.role);
+        if role != Some(Role::Master) {
             return Err("probe answers are taken from the master only".into());
         }
+        // Read (up to 256 KiB of JSON) without holding the registry.
         let probed = self.engine.probed(name, body)?;
         if let Some(busy) = probed.busy {
             self.engine_busy.store(busy, Ordering::Relaxed);
@@ -551,8 +552,9 @@ impl Cluster {
         if let Some(t) = probed.target_workers {
             self.engine_target.store(t.saturating_add(1), Ordering::Relaxed);
         }
-        let marked = probed.safe_to_remove.is_some_and(|hosts| reg.mark_drained(&hosts));
-        drop(reg);
+        let marked = probed
+            .safe_to_remove
+            .is_some_and(|hosts| self.registry.lock().expect("registry lock").mark_drained(&hosts));
         if marked {
             self.changed();
         }

@@ -155,7 +155,7 @@ fn check_machine_support() -> Result<(), ProviderError> {
                 .into(),
         ));
     }
-    for (tool, package) in [("unshare", "util-linux"), ("ip", "iproute2"), ("nsenter", "util-linux")] {
+    for (tool, package) in [("unshare", "util-linux"), ("ip", "iproute2")] {
         if find_in_path(tool).is_none() {
             return Err(refuse(format!("machine nodes need `{tool}` (Debian package {package})")));
         }
