@@ -27,6 +27,18 @@ pub struct Bootstrap {
     pub imds: Option<String>,
     /// One slot per instance of the launch call, in launch-index order.
     pub slots: Vec<Slot>,
+    /// The dead man's switch (`orphan`): seconds without a session with
+    /// the controller before the node shuts itself down (0: never), and how.
+    #[serde(default)]
+    pub orphan_timeout_secs: u64,
+    #[serde(default)]
+    pub orphan_action: crate::orphan::OrphanAction,
+}
+
+/// Reads `bootstrap.json` (the switch needs it before enrollment).
+pub fn read_bootstrap(dir: &Path) -> Result<Bootstrap, Fatal> {
+    serde_json::from_str(&read(&dir.join("bootstrap.json"))?)
+        .map_err(|e| Fatal::Setup(format!("bootstrap.json is not valid: {e}")))
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -93,8 +105,7 @@ fn identity_dir(dir: &Path) -> PathBuf {
 /// Loads the identity from `dir`, enrolling first if there is none yet.
 /// Transport errors are retried with backoff; refusals are fatal.
 pub async fn load_or_enroll(dir: &Path) -> Result<Creds, Fatal> {
-    let boot: Bootstrap = serde_json::from_str(&read(&dir.join("bootstrap.json"))?)
-        .map_err(|e| Fatal::Setup(format!("bootstrap.json is not valid: {e}")))?;
+    let boot = read_bootstrap(dir)?;
     let ca_pem = read(&dir.join("ca.pem"))?;
     check_ca(&ca_pem, &boot.ca_sha256)?;
     let imds = crate::imds::Imds::from_env_or(boot.imds.as_deref());

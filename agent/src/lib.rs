@@ -17,6 +17,8 @@
 //!   so a reconnect never re-runs a finished step.
 //! - [`backoff`], [`files`], [`command`]: the primitives the others share:
 //!   retry delays, the agent's private files, running a step's process.
+//! - [`orphan`]: the dead man's switch: no session with the controller for
+//!   `orphan_timeout_secs`, and the node shuts itself down.
 //! - [`converge`]: applies the engine directives the controller pushes
 //!   (supervised services, managed files, HTTP posts) once the plan is done.
 //!
@@ -31,6 +33,7 @@ pub mod files;
 pub mod identity;
 pub mod imds;
 pub mod model;
+pub mod orphan;
 pub mod scratch;
 pub mod session;
 pub mod steps;

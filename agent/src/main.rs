@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use ddisco_agent::orphan::Orphan;
 use ddisco_agent::{identity, session, steps};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,9 +43,32 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let Command::Run { dir } = cli.command;
     let res = rt.block_on(async move {
-        let creds = identity::load_or_enroll(&dir).await?;
-        let executor = Arc::new(steps::Executor::new(&dir));
-        session::Agent { creds: std::sync::Mutex::new(creds), dir, executor }.run().await
+        // The dead man's switch runs from the start (a controller may die
+        // before this node enrolls) to the end: an agent that stops (told
+        // to, or refused) leaves its node to the switch, never running on.
+        let boot = identity::read_bootstrap(&dir)?;
+        let orphan = Arc::new(Orphan::new(boot.orphan_timeout_secs, boot.orphan_action));
+        let switch = orphan.clone();
+        tokio::spawn(async move { switch.watch().await });
+        let res = async {
+            let creds = identity::load_or_enroll(&dir).await?;
+            orphan.touch();
+            let executor = Arc::new(steps::Executor::new(&dir));
+            session::Agent { creds: std::sync::Mutex::new(creds), dir, executor, orphan: orphan.clone() }
+                .run()
+                .await
+        }
+        .await;
+        if orphan.enabled() {
+            match &res {
+                Ok(()) => {
+                    tracing::info!("the agent is done; the node shuts down if no controller takes it back")
+                }
+                Err(e) => tracing::error!("{e}; the node shuts down once orphan_timeout_secs pass"),
+            }
+            orphan.watch().await;
+        }
+        res
     });
     match res {
         Ok(()) => ExitCode::SUCCESS,

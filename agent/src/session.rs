@@ -26,6 +26,8 @@ pub struct Agent {
     pub creds: std::sync::Mutex<Creds>,
     pub dir: PathBuf,
     pub executor: Arc<Executor>,
+    /// The dead man's switch: touched on every sign of a live session.
+    pub orphan: Arc<crate::orphan::Orphan>,
 }
 
 enum End {
@@ -94,13 +96,14 @@ impl Agent {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) => return classify(s),
         };
+        self.orphan.touch();
         let mut interval = tokio::time::interval(Duration::from_secs(5));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         interval.reset();
         let mut seq = 0u64;
         loop {
             tokio::select! {
-                m = inbound.message() => match m.map(|m| m.map(Inbound::from)) {
+                m = inbound.message() => match m.map(|m| m.map(Inbound::from).inspect(|_| self.orphan.touch())) {
                     Ok(Some(Inbound::Assignment(a))) => {
                         backoff.reset();
                         let every = Duration::from_millis(u64::from(a.heartbeat_interval_ms).max(100));
@@ -155,6 +158,7 @@ impl Agent {
                     if tx.send(hb).await.is_err() {
                         return Ok(End::Broken("session stream closed".into()));
                     }
+                    self.orphan.touch();
                 }
                 Some(r) = report_rx.recv() => {
                     if tx.send(r.into()).await.is_err() {

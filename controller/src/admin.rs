@@ -101,10 +101,7 @@ impl api::admin_server::Admin for AdminService {
             .map_err(|e| Status::internal(format!("cannot issue the certificate: {e}")))?;
         let members = sh.members();
         let scheduler = sh.engine.endpoints(&members).remove("scheduler").unwrap_or_default();
-        sh.registry
-            .lock()
-            .expect("registry lock")
-            .event(format!("client credential issued to {name:?} ({} days)", r.valid_days));
+        sh.registry.lock().event(format!("client credential issued to {name:?} ({} days)", r.valid_days));
         Ok(Response::new(api::CredentialsReply {
             ca_pem: sh.pki.ca_pem().to_string(),
             cert_pem,

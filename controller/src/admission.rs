@@ -20,11 +20,12 @@
 //!   the rest are counted and summed up in the next line.
 
 use crate::metrics::Metrics;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -88,7 +89,7 @@ pub struct Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let Some(ip) = self.ip else { return };
-        let mut m = self.per_ip.lock().expect("per-ip lock");
+        let mut m = self.per_ip.lock();
         if let Some(n) = m.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -120,7 +121,7 @@ impl Gate {
         if ip.is_loopback() {
             return Ok(Ticket { _permit: permit, ip: None, per_ip: self.per_ip.clone() });
         }
-        let mut m = self.per_ip.lock().expect("per-ip lock");
+        let mut m = self.per_ip.lock();
         let n = m.entry(ip).or_insert(0);
         if *n >= self.limits.per_ip {
             return Err("too many connections without a certificate from this address");
@@ -320,7 +321,7 @@ impl RateLimitedLog {
 
     /// `Some(lines left out before)` when a line may be logged at `now`.
     fn admit(&self, now: Instant) -> Option<u64> {
-        let mut w = self.state.lock().expect("log window lock");
+        let mut w = self.state.lock();
         if w.start.is_none_or(|s| now.duration_since(s) >= LOG_WINDOW) {
             w.start = Some(now);
             w.logged = 0;

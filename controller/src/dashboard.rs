@@ -17,8 +17,9 @@ use axum::extract::{Form, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -42,7 +43,7 @@ struct Sessions {
 impl Sessions {
     fn open(&self, now: Instant) -> String {
         let id = hex::encode(rand::random::<[u8; 32]>());
-        let mut m = self.ends.lock().expect("sessions lock");
+        let mut m = self.ends.lock();
         m.retain(|_, end| *end > now);
         if m.len() >= MAX_SESSIONS
             && let Some(oldest) = m.iter().min_by_key(|(_, end)| **end).map(|(k, _)| k.clone())
@@ -54,7 +55,7 @@ impl Sessions {
     }
 
     fn valid(&self, id: &str, now: Instant) -> bool {
-        self.ends.lock().expect("sessions lock").get(id).is_some_and(|end| *end > now)
+        self.ends.lock().get(id).is_some_and(|end| *end > now)
     }
 }
 
@@ -171,7 +172,7 @@ async fn history(State(app): State<App>, headers: HeaderMap) -> Response {
     if !authorized(&app, &headers) {
         return refused();
     }
-    let samples = app.sh.history.lock().expect("history lock").samples();
+    let samples = app.sh.history.lock().samples();
     axum::Json(serde_json::json!({ "samples": samples, "max_spend_usd": app.sh.cfg.max_spend_usd }))
         .into_response()
 }
@@ -202,6 +203,6 @@ mod tests {
             s.open(t0 + Duration::from_millis(i as u64 + 1));
         }
         assert!(!s.valid(&first, t0), "the oldest is signed out beyond the bound");
-        assert_eq!(s.ends.lock().unwrap().len(), MAX_SESSIONS);
+        assert_eq!(s.ends.lock().len(), MAX_SESSIONS);
     }
 }

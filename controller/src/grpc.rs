@@ -148,13 +148,17 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             }
         };
         // Signing is CPU work; it happens outside the registry lock.
-        let cert = sh
-            .pki
-            .sign_node(&node_id, &r.csr_pem, sh.cert_validity)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cert = guarded("enrollment", || {
+            sh.pki
+                .sign_node(&node_id, &r.csr_pem, sh.cert_validity)
+                .map_err(|e| Status::invalid_argument(e.to_string()))
+        })?;
         let facts = r.facts.unwrap_or_default().into();
         let fingerprint = pki::pem_sha256(&cert).map_err(|e| Status::internal(e.to_string()))?;
-        sh.enroll(&node_id, &hash, facts, attested.as_ref(), &fingerprint, &from).map_err(|e| {
+        let enrolled = guarded("enrollment", || {
+            Ok(sh.enroll(&node_id, &hash, facts, attested.as_ref(), &fingerprint, &from))
+        })?;
+        enrolled.map_err(|e| {
             match &attested {
                 Some(doc) => self.log.warn(|| {
                     format!("enrollment of {node_id} from {from} (instance {}) refused: {e}", doc.instance_id)
@@ -170,6 +174,17 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
         })?;
         Ok(Response::new(api::EnrollResponse { node_id, certificate_pem: cert }))
     }
+}
+
+/// Runs `f`, turning a panic (a bug some input found) into an error for
+/// this caller alone: shared state stays usable (its mutexes do not
+/// poison) and the controller keeps serving.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, Status>) -> Result<T, Status> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = crate::text::panic_message(panic.as_ref());
+        tracing::error!("the controller panicked handling an {what} (a bug): {why}");
+        Err(Status::internal(format!("the controller could not handle this {what}")))
+    })
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<api::ControllerMessage, Status>> + Send>>;
@@ -203,7 +218,7 @@ impl api::agent_server::Agent for AgentService {
             issued: false,
         };
         let live = {
-            let mut reg = sh.registry.lock().expect("registry lock");
+            let mut reg = sh.registry.lock();
             let live = match reg.get(&node_id) {
                 Some(e) if e.rec.state != NodeState::Terminating && !e.live.is_revoked() => e.live.clone(),
                 _ => {
@@ -245,11 +260,10 @@ impl api::agent_server::Agent for AgentService {
                     break;
                 }
                 live.touch(sh.clock.now_ms());
-                if let Err(e) = handle(&sh, &node_id, &live, &tx, &mut renewal, msg).await {
-                    match e {
-                        Handled::Closed => break,
-                        Handled::Refused(why) => tracing::warn!(node = %node_id, "report refused: {why}"),
-                    }
+                match handle(&sh, &node_id, &live, &tx, &mut renewal, msg).await {
+                    Ok(()) => {}
+                    Err(Handled::Closed | Handled::Failed(_)) => break,
+                    Err(Handled::Refused(why)) => tracing::warn!(node = %node_id, "report refused: {why}"),
                 }
             }
             live.clear_push(&tx);
@@ -290,22 +304,16 @@ enum Handled {
     Closed,
     /// Invalid, or refused by the registry; nothing changed.
     Refused(String),
+    /// The node was failed for it (a report no honest agent sends, or one
+    /// the controller could not handle): its agent is told why and the
+    /// session ends (the agent stops).
+    Failed(String),
 }
 
-/// A refused report. One no honest agent sends failed the node: its
-/// session ends, and the agent is told why (it stops).
-async fn invalid(tx: &tokio::sync::mpsc::Sender<Outbound>, node_id: &str, e: Refused) -> Handled {
-    match e {
-        Refused::Invalid(why) => {
-            tracing::warn!(node = %node_id, "report refused, node failed: {why}");
-            let _ = tx.send(Outbound::Shutdown(format!("refused by the controller: {why}"))).await;
-            Handled::Closed
-        }
-        other => Handled::Refused(other.to_string()),
-    }
-}
-
-/// One message of an open session: converted, then handed to the cluster.
+/// One message of an open session: taken by [`take`], which never lets a
+/// panic out (a message that makes the controller panic fails its node,
+/// with the reason; shared state stays usable: its mutexes do not poison),
+/// then the reply sent.
 async fn handle(
     sh: &Cluster,
     node_id: &str,
@@ -314,11 +322,75 @@ async fn handle(
     renewal: &mut Renewal,
     msg: api::AgentMessage,
 ) -> Result<(), Handled> {
-    use api::agent_message::Msg;
-    let refused = |e: &dyn std::fmt::Display| Handled::Refused(e.to_string());
     if renewal.ask() {
         tx.send(Outbound::RenewCertificate).await.map_err(|_| Handled::Closed)?;
     }
+    match take_guarded(sh, node_id, live, renewal, msg) {
+        Ok(Some(out)) => tx.send(out).await.map_err(|_| Handled::Closed),
+        Ok(None) => Ok(()),
+        Err(Handled::Failed(why)) => {
+            tracing::warn!(node = %node_id, "report refused, node failed: {why}");
+            let _ = tx.send(Outbound::Shutdown(format!("refused by the controller: {why}"))).await;
+            Err(Handled::Closed)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`take`] behind `catch_unwind`: a panic (a bug the message found) fails
+/// the node, saying which message and why, instead of ending the session
+/// task with shared state half-changed and the node sending it again.
+fn take_guarded(
+    sh: &Cluster,
+    node_id: &str,
+    live: &crate::registry::Liveness,
+    renewal: &mut Renewal,
+    msg: api::AgentMessage,
+) -> Result<Option<Outbound>, Handled> {
+    let kind = message_kind(&msg);
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take(sh, node_id, live, renewal, msg)))
+        .unwrap_or_else(|panic| {
+            let why = crate::text::panic_message(panic.as_ref());
+            tracing::error!(node = %node_id, "the controller panicked on a {kind} message (a bug): {why}");
+            crate::metrics::Metrics::inc(&sh.metrics.refusals);
+            sh.internal_failure(node_id, kind, &why);
+            Err(Handled::Failed(format!("the controller could not handle its {kind} message")))
+        })
+}
+
+/// The kind of a session message, for errors.
+fn message_kind(msg: &api::AgentMessage) -> &'static str {
+    use api::agent_message::Msg;
+    match &msg.msg {
+        None => "empty",
+        Some(Msg::Heartbeat(_)) => "heartbeat",
+        Some(Msg::Hello(_)) => "hello",
+        Some(Msg::Notice(_)) => "notice",
+        Some(Msg::Step(_)) => "step",
+        Some(Msg::Attribute(_)) => "attribute",
+        Some(Msg::Directive(_)) => "directive",
+        Some(Msg::Probe(_)) => "probe",
+        Some(Msg::Renew(_)) => "renew",
+    }
+}
+
+/// One message of an open session, converted and handed to the cluster;
+/// returns what to send back. Synchronous: the decision what a message
+/// does takes no I/O, and can be driven without a network (the property
+/// tests feed it arbitrary messages).
+fn take(
+    sh: &Cluster,
+    node_id: &str,
+    live: &crate::registry::Liveness,
+    renewal: &mut Renewal,
+    msg: api::AgentMessage,
+) -> Result<Option<Outbound>, Handled> {
+    use api::agent_message::Msg;
+    let refused = |e: &dyn std::fmt::Display| Handled::Refused(e.to_string());
+    let failed = |e: Refused| match e {
+        Refused::Invalid(why) => Handled::Failed(why),
+        other => Handled::Refused(other.to_string()),
+    };
     match msg.msg {
         Some(Msg::Heartbeat(h)) => {
             live.set_load(h.load_milli);
@@ -326,11 +398,8 @@ async fn handle(
         }
         None => {}
         Some(Msg::Hello(h)) => {
-            let assignment = match sh.hello(node_id, h.into()) {
-                Ok(a) => a,
-                Err(e) => return Err(invalid(tx, node_id, e).await),
-            };
-            tx.send(Outbound::Assignment(Box::new(assignment))).await.map_err(|_| Handled::Closed)?;
+            let assignment = sh.hello(node_id, h.into()).map_err(failed)?;
+            return Ok(Some(Outbound::Assignment(Box::new(assignment))));
         }
         Some(Msg::Notice(n)) => {
             let (kind, detail) = crate::wire::notice(n).map_err(|e| refused(&e.message()))?;
@@ -340,25 +409,20 @@ async fn handle(
             let report = s.try_into().map_err(|e: Status| refused(&e.message()))?;
             sh.step_report(node_id, report).map_err(|e| refused(&e))?;
         }
-        Some(Msg::Attribute(a)) => {
-            if let Err(e) = sh.attribute(node_id, &a.name, &a.value) {
-                return Err(invalid(tx, node_id, e).await);
-            }
-        }
+        Some(Msg::Attribute(a)) => sh.attribute(node_id, &a.name, &a.value).map_err(failed)?,
         Some(Msg::Directive(d)) => sh.directive_report(node_id, d.into()),
-        Some(Msg::Probe(p)) => {
-            if let Err(e) = sh.probed(node_id, &p.name, &p.body) {
-                return Err(refused(&e));
-            }
-        }
+        Some(Msg::Probe(p)) => sh.probed(node_id, &p.name, &p.body).map_err(|e| refused(&e))?,
         Some(Msg::Renew(r)) => {
             if !renewal.requested || renewal.issued {
                 return Err(Handled::Refused("a certificate renewal that was not asked for".into()));
             }
             renewal.issued = true;
             let cert = sh.renew(node_id, &r.csr_pem).map_err(|e| refused(&e))?;
-            tx.send(Outbound::NewCertificate(cert)).await.map_err(|_| Handled::Closed)?;
+            return Ok(Some(Outbound::NewCertificate(cert)));
         }
     }
-    Ok(())
+    Ok(None)
 }
+
+#[cfg(test)]
+mod hostile_tests;

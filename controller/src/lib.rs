@@ -52,6 +52,7 @@ pub mod registry;
 pub mod serve;
 pub mod state;
 pub mod status;
+pub mod text;
 pub mod userdata;
 pub mod wire;
 

@@ -149,3 +149,30 @@ mod tests {
         assert_eq!(worker_count(8, 0.25), 2);
     }
 }
+
+/// Seconds as people say them: "45 s", "10 min", "1.5 h".
+pub fn span(secs: f64) -> String {
+    if secs < 120.0 {
+        format!("{secs:.0} s")
+    } else if secs < 7200.0 {
+        format!("{} min", trim(secs / 60.0))
+    } else {
+        format!("{} h", trim(secs / 3600.0))
+    }
+}
+
+fn trim(v: f64) -> String {
+    let s = format!("{v:.1}");
+    s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+}
+
+#[cfg(test)]
+mod span_tests {
+    #[test]
+    fn spans_read_as_people_say_them() {
+        assert_eq!(super::span(45.0), "45 s");
+        assert_eq!(super::span(3600.0), "60 min");
+        assert_eq!(super::span(5400.0), "90 min");
+        assert_eq!(super::span(9000.0), "2.5 h");
+    }
+}

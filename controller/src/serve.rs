@@ -265,10 +265,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         fd_limit,
         cluster_id: cluster_id.clone(),
     }));
-    if let Some(w) = crate::limits::fd_warning(
-        fd_limit,
-        shared.registry.lock().expect("registry lock").desired_slaves() + 1,
-    ) {
+    if let Some(w) = crate::limits::fd_warning(fd_limit, shared.registry.lock().desired_slaves() + 1) {
         tracing::warn!("{w}");
     }
     let shutdown_rx = shared.shutdown_signal();

@@ -104,7 +104,14 @@ impl StatusView {
         let engine_lines = sh.engine.lines(&members);
         let now = sh.clock.now_ms();
         let now_unix = unix_ms();
-        let reg = sh.registry.lock().expect("registry lock");
+        // Read before the registry's lock: `scale` and the adaptive pass
+        // take `adaptive` first, then the registry (one lock order).
+        let adaptive_note = sh.adaptive.lock().as_ref().map(|a| {
+            let target = a.target_slaves.map_or("none yet".to_string(), |t| format!("{t} slaves"));
+            format!("adaptive: {}..{} slaves; engine target {target}; {}", a.bounds.min, a.bounds.max, a.why)
+        });
+        let own_notes = sh.notes();
+        let reg = sh.registry.lock();
         let mut counts = NodeCounts::default();
         for e in reg.entries() {
             counts.nodes += 1;
@@ -188,18 +195,13 @@ impl StatusView {
             controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
                 .into_iter()
                 .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
-                .chain(sh.adaptive.lock().expect("adaptive lock").as_ref().map(|a| {
-                    let target = a.target_slaves.map_or("none yet".to_string(), |t| format!("{t} slaves"));
-                    format!(
-                        "adaptive: {}..{} slaves; engine target {target}; {}",
-                        a.bounds.min, a.bounds.max, a.why
-                    )
-                }))
+                .chain(adaptive_note)
                 .chain(crate::autostop::note(
                     Some(sh.idle_since_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0),
                     unix_ms(),
                     sh.cfg.autostop_idle.as_millis() as u64,
                 ))
+                .chain(own_notes)
                 .collect(),
             counts,
             provider_facts: sh.provider.facts(),

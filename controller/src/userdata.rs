@@ -19,6 +19,10 @@ pub struct Bootstrap<'a> {
     pub imds: Option<&'a str>,
     /// One per instance of the launch call, in launch-index order.
     pub slots: Vec<Slot<'a>>,
+    /// The dead man's switch: seconds without a session before the node
+    /// shuts itself down (0: never), and how (`Provider::orphan_action`).
+    pub orphan_timeout_secs: u64,
+    pub orphan_action: &'static str,
 }
 
 /// A node and its one-time bootstrap token (`Debug` leaves it out).
@@ -78,19 +82,21 @@ fetch() {{
     wget -q --timeout=60 --ca-certificate=ca.pem -O ddisco-agent.part "$url"
   fi
 }}
-i=0
+# A node that cannot start its agent does not run on without a purpose.
+halt() {{
+  echo "ddisco: $1" >&2
+{halt}  exit 1
+}}
+start=$(date +%s)
 until fetch; do
-  i=$((i + 1))
-  if [ "$i" -ge 30 ]; then
-    echo "ddisco: cannot download the agent from $url; is the controller running and reachable?" >&2
-    exit 1
+  if [ $(($(date +%s) - start)) -ge {give_up} ]; then
+    halt "cannot download the agent from $url for {give_up}s; is the controller running and reachable?"
   fi
   sleep 2
 done
 if ! echo "$sum  ddisco-agent.part" | sha256sum -c - >/dev/null 2>&1; then
-  echo "ddisco: the agent binary from $url does not have SHA-256 $sum: refusing to run it" >&2
   rm -f ddisco-agent.part
-  exit 1
+  halt "the agent binary from $url does not have SHA-256 $sum: refusing to run it"
 fi
 chmod 0700 ddisco-agent.part
 mv -f ddisco-agent.part ddisco-agent
@@ -98,6 +104,15 @@ echo "ddisco: agent verified ($sum), starting"
 exec ./ddisco-agent run --dir "$D"
 "#,
             home = self.default_home,
+            // The download is retried for the switch's window (a controller
+            // restarting), a minute at least.
+            give_up = self.bootstrap.orphan_timeout_secs.max(60),
+            halt = match self.bootstrap.orphan_action {
+                "poweroff" =>
+                    "  echo \"ddisco: powering off (the instance is terminated)\" >&2\n  \
+                               \"${DDISCO_POWEROFF:-poweroff}\" || shutdown -h now || true\n",
+                _ => "",
+            },
             ca = ensure_newline(self.ca_pem),
             boot = boot,
             url = self.agent_url,
@@ -123,8 +138,15 @@ mod tests {
     #[test]
     fn debug_output_never_shows_a_token() {
         let slot = || Slot { node_id: "slave-0001", token: "tok-secret-123" };
-        let boot =
-            Bootstrap { controller: "c", server_name: "s", ca_sha256: "x", imds: None, slots: vec![slot()] };
+        let boot = Bootstrap {
+            controller: "c",
+            server_name: "s",
+            ca_sha256: "x",
+            imds: None,
+            slots: vec![slot()],
+            orphan_timeout_secs: 0,
+            orphan_action: "exit",
+        };
         let shown = format!("{:?} {boot:?}", slot());
         assert!(!shown.contains("tok-secret-123") && shown.contains("slave-0001"), "{shown}");
     }
@@ -138,6 +160,8 @@ mod tests {
                 ca_sha256: "ab",
                 imds: None,
                 slots: vec![Slot { node_id: "slave-0001", token: "tok123" }],
+                orphan_timeout_secs: 3600,
+                orphan_action: "poweroff",
             },
             ca_pem: "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----",
             agent_url: "https://10.0.0.1:7444/agent/ddisco-agent",
@@ -152,6 +176,11 @@ mod tests {
         assert!(u.contains("--cacert ca.pem"));
         assert!(u.contains("-----END CERTIFICATE-----\nDDISCO_CA_EOF"));
         assert!(!u.contains("BEGIN PRIVATE KEY"));
+        // The switch reaches the agent; a node that cannot start it powers off.
+        assert!(u.contains("\"orphan_timeout_secs\":3600,\"orphan_action\":\"poweroff\""), "{u}");
+        assert!(u.contains("${DDISCO_POWEROFF:-poweroff}"), "{u}");
+        let out = std::process::Command::new("sh").arg("-n").arg("-c").arg(&u).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// The agent a node runs is the one of its architecture (`uname -m`);
@@ -167,6 +196,8 @@ mod tests {
                     ca_sha256: "x",
                     imds: None,
                     slots: vec![],
+                    orphan_timeout_secs: 0,
+                    orphan_action: "exit",
                 },
                 ca_pem: "",
                 agent_url: "https://h/agent/ddisco-agent",

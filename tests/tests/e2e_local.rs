@@ -300,3 +300,65 @@ fn status_watch_redraws_until_interrupted() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue 22, item 2: the dead man's switch, on the local provider. With
+/// `orphan_timeout_secs = 8`: a controller killed (-9) and back within the
+/// window keeps every node (same processes, nothing launched), even once
+/// the window has passed since the crash; a controller killed for good
+/// leaves nodes that end themselves, every process of theirs with them (a
+/// process the node's `post_init` left in the background too), once the
+/// window has passed and not before.
+#[test]
+fn nodes_outlive_a_dead_controller_only_for_the_orphan_window() {
+    let mut c = Cluster::start(
+        "num_slaves = 2\norphan_timeout_secs = 8\npost_init = \"nohup sleep 600 >/dev/null 2>&1 &\"",
+    );
+    let s = c.wait_until("2 slaves ready and connected", READY, |s| {
+        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let notes = s["controller_notes"].to_string();
+    assert!(notes.contains("8 s without a session") && notes.contains("orphan_timeout_secs"), "{notes}");
+    let mut ids: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    let pids: Vec<i32> = ids.iter().map(|id| c.node_pid(id)).collect();
+    let before = node_processes(&c.state_dir());
+    assert!(before.len() >= 6, "each node's agent and its background sleep: {before:?}");
+
+    // Down for 3 s of the 8: back in time.
+    c.crash_serve();
+    let crashed = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    c.restart_serve();
+    let s = c.wait_until("the nodes reconnect", READY, |s| {
+        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let mut again: Vec<String> =
+        nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    again.sort();
+    assert_eq!(again, ids, "{}", c.serve_log());
+    // Past the window as counted from the crash: the sessions since reset it.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(crashed.elapsed()));
+    for p in &pids {
+        assert!(alive(*p), "a node ended although its controller came back in time");
+    }
+
+    // Killed for good.
+    c.crash_serve();
+    let crashed = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    for p in &pids {
+        assert!(alive(*p), "a node ended before its window passed");
+    }
+    let end = crashed + Duration::from_secs(40);
+    loop {
+        let left = node_processes(&c.state_dir());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "node processes left 40 s after the controller died: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = crashed.elapsed().as_secs_f64();
+    assert!(took >= 7.0, "nodes ended {took:.1} s after the crash, before the 8 s window");
+    eprintln!("every node process ended {took:.1} s after the controller was killed (window 8 s)");
+}

@@ -408,3 +408,58 @@ fn a_nodes_certificate_is_renewed_before_it_expires() {
     let log = c.serve_log();
     assert!(!log.contains("refused"), "{log}");
 }
+
+/// Issue 22, item 1. One message from an enrolled slave used to stop the
+/// controller: an attribute whose name has a two-byte character across
+/// byte 64 panicked the registry with its lock held, the lock was
+/// poisoned, and `serve` exited. Against a real `serve`: the slave sends
+/// it (and the master a probe named the same way); the slave is failed
+/// with the reason, and the controller goes on answering status and scale
+/// and enrolling nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_message_fails_its_node_and_the_controller_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(&format!("num_slaves = 2\n{}", sleeper(dir.path())));
+    tokio::task::block_in_place(|| {
+        c.wait_until("three nodes booting", WAIT, |s| {
+            nodes(s).len() == 3 && nodes(s).iter().all(|n| n["state"] == "booting")
+        })
+    });
+    let facts = |host: &str| api::NodeFacts { hostname: host.into(), logical_cores: 2, ..Default::default() };
+    let mb = Boot::of(&c.userdata("master-0001"));
+    let tb = Boot::of(&c.userdata("slave-0003"));
+    let (reply, mkey) = enroll(&mb, &mb.token).await.expect("master enrolls");
+    let master =
+        Session::open(&mb, Some((&reply.certificate_pem, &mkey)), facts("master-0001")).await.unwrap();
+    master.finish_plan().await;
+    master
+        .send(api::agent_message::Msg::Probe(api::ProbeResult {
+            name: format!("{}€", "p".repeat(62)),
+            body: "{}".into(),
+        }))
+        .await;
+    let sb = Boot::of(&c.userdata("slave-0002"));
+    let (reply, skey) = enroll(&sb, &sb.token).await.expect("slave enrolls");
+    let slave = Session::open(&sb, Some((&reply.certificate_pem, &skey)), facts("slave-0002")).await.unwrap();
+    slave
+        .send(api::agent_message::Msg::Attribute(api::Attribute {
+            name: format!("{}é", "a".repeat(63)),
+            value: "x".into(),
+        }))
+        .await;
+    let st = tokio::task::block_in_place(|| {
+        c.wait_until("the hostile slave failed", WAIT, |s| {
+            nodes(s).iter().any(|n| n["node_id"] == "slave-0002" && n["state"] == "failed")
+        })
+    });
+    let detail = nodes(&st).iter().find(|n| n["node_id"] == "slave-0002").unwrap()["detail"].to_string();
+    assert!(detail.contains("not one its plan collects"), "{detail}");
+    // The controller is alive and acts: scale is taken, status answers,
+    // and another node still enrolls.
+    assert_eq!(c.serve_exit(), None, "serve exited:\n{}", c.serve_log());
+    let out = c.ctl(&["scale", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tokio::task::block_in_place(|| c.wait_until("scaled to 1", WAIT, |s| s["desired_slaves"] == 1));
+    enroll(&tb, &tb.token).await.expect("another node still enrolls");
+    assert_eq!(c.serve_exit(), None, "serve exited:\n{}", c.serve_log());
+}

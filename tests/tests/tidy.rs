@@ -224,3 +224,20 @@ fn unsafe_code_is_forbidden_in_every_crate() {
         );
     }
 }
+
+/// Issue 22: `&name[..name.len().min(64)]` on a node's text panicked when
+/// byte 64 fell inside a character, and stopped the controller. Text is
+/// cut with `text::prefix` (controller) or on a checked boundary, never by
+/// a byte range bounded with `.len().min(`.
+#[test]
+fn no_text_is_cut_by_a_raw_byte_range() {
+    for krate in ["controller/src", "agent/src"] {
+        for (rel, text) in sources(&root().join(krate)) {
+            let code = code(&text);
+            for (n, line) in code.lines().enumerate() {
+                let raw = line.contains("[..") && line.contains(".len().min(");
+                assert!(!raw, "{krate}/{rel}: line {} cuts by a byte range: {line}", n + 1);
+            }
+        }
+    }
+}

@@ -114,8 +114,15 @@ async fn offline(cfg: &crate::config::Config, given: Option<&str>) -> anyhow::Re
     let mut ids: Vec<String> =
         targets.iter().map(|t| t.node_id.clone().or(t.instance_id.clone()).unwrap_or_default()).collect();
     ids.sort();
-    provider.terminate(&targets).await?;
-    for r in provider.cleanup().await? {
+    // Terminated, open spot requests cancelled, and listed again until
+    // none of this cluster's instances runs (or the error names them).
+    let cancelled = crate::cluster::ops::terminate_verified(
+        provider.as_ref(),
+        targets,
+        crate::cluster::ops::DESTROY_WITHIN,
+    )
+    .await?;
+    for r in cancelled {
         eprintln!("cancelled spot request {r}");
     }
     let file = cfg.state_dir.join("cluster.json");

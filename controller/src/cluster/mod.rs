@@ -22,6 +22,8 @@ pub mod persist;
 pub mod tick;
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod work_tests;
 
 use crate::attest::IdentityDoc;
@@ -33,9 +35,10 @@ use crate::plan::Assignment;
 use crate::provider::Provider;
 use crate::reconcile::Limits;
 use crate::registry::{DirectiveReport, Facts, Hello, Refused, Registry, StepReport, TokenError, unix_ms};
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
@@ -119,6 +122,9 @@ pub struct Cluster {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
+    /// Why the last `destroy` did not finish (what is still running), until
+    /// one does: shown in status.
+    pub destroy_error: Mutex<Option<String>>,
     /// How far the cluster's own end was acted on: 0 not, 1 spend cap
     /// warned, 2 spend cap reached, 3 autostop (2 and 3 destroy once).
     pub budget_stage: std::sync::atomic::AtomicU8,
@@ -212,6 +218,7 @@ impl Cluster {
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
             destroying: AtomicBool::new(false),
+            destroy_error: Mutex::new(None),
             budget_stage: std::sync::atomic::AtomicU8::new(0),
             engine_busy: AtomicBool::new(true),
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
@@ -243,7 +250,7 @@ impl Cluster {
 
     /// The engine's view of every node.
     pub fn members(&self) -> Vec<Member> {
-        let reg = self.registry.lock().expect("registry lock");
+        let reg = self.registry.lock();
         reg.entries().filter(|e| e.rec.state != NodeState::Terminating).map(|e| member_of(&e.rec)).collect()
     }
 
@@ -261,7 +268,7 @@ impl Cluster {
             return;
         }
         let (changed, masters) = {
-            let mut reg = self.registry.lock().expect("registry lock");
+            let mut reg = self.registry.lock();
             let changed: Vec<(Member, Arc<crate::registry::Liveness>)> = reg
                 .take_changed_members()
                 .iter()
@@ -275,7 +282,7 @@ impl Cluster {
         };
         if self.engine.partial() {
             let shared = self.engine.shared_key(&masters);
-            let mut last = self.published.lock().expect("published lock");
+            let mut last = self.published.lock();
             if shared == last.shared {
                 let mut retry = Vec::new();
                 for (me, live) in changed.iter().filter(|(m, _)| m.ready) {
@@ -303,10 +310,10 @@ impl Cluster {
         let members = self.members();
         let shared = self.engine.shared_key(&members);
         let lives: BTreeMap<String, Arc<crate::registry::Liveness>> = {
-            let reg = self.registry.lock().expect("registry lock");
+            let reg = self.registry.lock();
             reg.entries().map(|e| (e.rec.id.clone(), e.live.clone())).collect()
         };
-        let mut last = self.published.lock().expect("published lock");
+        let mut last = self.published.lock();
         let everyone = last.shared != shared || self.engine.partial();
         let mut still = std::collections::HashSet::with_capacity(members.len());
         let mut retry = Vec::new();
@@ -345,7 +352,7 @@ impl Cluster {
         if ids.is_empty() {
             return;
         }
-        let mut reg = self.registry.lock().expect("registry lock");
+        let mut reg = self.registry.lock();
         for id in ids {
             reg.member_changed(&id);
         }
@@ -354,13 +361,13 @@ impl Cluster {
     /// A new session must get its node's directives even if nothing
     /// changed: forget what was published for it.
     fn republish(&self, node_id: &str) {
-        self.published.lock().expect("published lock").members.remove(node_id);
+        self.published.lock().members.remove(node_id);
         self.membership_changed();
     }
 
     /// Nodes by (role, first word of the state), for `/metrics`.
     pub fn node_counts(&self) -> (BTreeMap<(String, String), u64>, u32) {
-        let reg = self.registry.lock().expect("registry lock");
+        let reg = self.registry.lock();
         let mut by = BTreeMap::new();
         for e in reg.entries() {
             let state = e.rec.state.label();
@@ -368,6 +375,27 @@ impl Cluster {
             *by.entry((e.rec.role.to_string(), state)).or_default() += 1;
         }
         (by, reg.desired_slaves())
+    }
+
+    /// Conditions of the cluster's own lifecycle worth a line in status
+    /// (taken without the registry's lock).
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(e) = self.destroy_error.lock().as_ref() {
+            notes.push(e.clone());
+        }
+        let window = self.cfg.orphan_timeout.as_secs_f64();
+        notes.push(if window > 0.0 {
+            format!(
+                "nodes shut themselves down after {} without a session with this controller \
+                 (orphan_timeout_secs{})",
+                crate::model::span(window),
+                if self.provider.orphan_action() == "poweroff" { "; EC2 terminates them" } else { "" }
+            )
+        } else {
+            "orphan_timeout_secs = 0: nodes keep running (and billing) if this controller dies".into()
+        });
+        notes
     }
 
     /// Fires when the controller stops.
@@ -397,7 +425,7 @@ impl Cluster {
 
     /// Checks a bootstrap token (refusals change nothing and count as such).
     pub fn check_token(&self, hash: &str) -> Result<String, TokenError> {
-        let r = self.registry.lock().expect("registry lock").check_token(hash, unix_ms());
+        let r = self.registry.lock().check_token(hash, unix_ms());
         if r.is_err() {
             crate::metrics::Metrics::inc(&self.metrics.refusals);
         }
@@ -418,7 +446,7 @@ impl Cluster {
         cert_sha256: &str,
         from: &str,
     ) -> Result<(), EnrollRefused> {
-        let mut reg = self.registry.lock().expect("registry lock");
+        let mut reg = self.registry.lock();
         if let Err(e) = reg.check_token(hash, unix_ms()) {
             crate::metrics::Metrics::inc(&self.metrics.refusals);
             return Err(EnrollRefused::Token(e));
@@ -455,7 +483,7 @@ impl Cluster {
 
     /// An agent opened its session: its worker count and plan.
     pub fn hello(&self, node_id: &str, hello: Hello) -> Result<Assignment, Refused> {
-        let mut reg = self.registry.lock().expect("registry lock");
+        let mut reg = self.registry.lock();
         let role = reg.get(node_id).ok_or_else(|| Refused::UnknownNode(node_id.to_string()))?.rec.role;
         let multiplier = match role {
             Role::Master => self.cfg.master_multiplier,
@@ -485,7 +513,7 @@ impl Cluster {
     }
 
     pub fn step_report(&self, node_id: &str, report: StepReport) -> Result<(), Refused> {
-        let ready = self.registry.lock().expect("registry lock").on_step(node_id, report)?;
+        let ready = self.registry.lock().on_step(node_id, report)?;
         if ready {
             self.membership_changed();
         }
@@ -494,7 +522,7 @@ impl Cluster {
     }
 
     pub fn notice(&self, node_id: &str, kind: Notice, detail: &str) {
-        let noticed = self.registry.lock().expect("registry lock").on_notice(node_id, kind, detail);
+        let noticed = self.registry.lock().on_notice(node_id, kind, detail);
         let Some(n) = noticed else { return };
         if n.market == Market::Spot {
             self.provider.noticed(n.role, &n.pool, node_id, n.instance_id.as_deref(), kind);
@@ -508,7 +536,7 @@ impl Cluster {
 
     /// A collected attribute; only a changed value republishes.
     pub fn attribute(&self, node_id: &str, name: &str, value: &str) -> Result<(), Refused> {
-        let r = self.registry.lock().expect("registry lock").on_attribute(node_id, name, value);
+        let r = self.registry.lock().on_attribute(node_id, name, value);
         match r {
             Ok(false) => {}
             Ok(true) => {
@@ -525,7 +553,7 @@ impl Cluster {
     pub fn renew(&self, node_id: &str, csr_pem: &str) -> Result<String, String> {
         let cert = self.pki.sign_node(node_id, csr_pem, self.cert_validity).map_err(|e| e.to_string())?;
         let sha = crate::pki::pem_sha256(&cert).map_err(|e| e.to_string())?;
-        let mut reg = self.registry.lock().expect("registry lock");
+        let mut reg = self.registry.lock();
         reg.renewed(node_id, &sha);
         reg.event(format!("{node_id}: client certificate renewed"));
         drop(reg);
@@ -540,7 +568,7 @@ impl Cluster {
         if body.len() > MAX_PROBE_BODY {
             return Err(format!("probe answer over {MAX_PROBE_BODY} bytes"));
         }
-        let role = self.registry.lock().expect("registry lock").get(node_id).map(|e| e.rec.role);
+        let role = self.registry.lock().get(node_id).map(|e| e.rec.role);
         if role != Some(Role::Master) {
             return Err("probe answers are taken from the master only".into());
         }
@@ -552,9 +580,7 @@ impl Cluster {
         if let Some(t) = probed.target_workers {
             self.engine_target.store(t.saturating_add(1), Ordering::Relaxed);
         }
-        let marked = probed
-            .safe_to_remove
-            .is_some_and(|hosts| self.registry.lock().expect("registry lock").mark_drained(&hosts));
+        let marked = probed.safe_to_remove.is_some_and(|hosts| self.registry.lock().mark_drained(&hosts));
         if marked {
             self.changed();
         }
@@ -562,7 +588,15 @@ impl Cluster {
     }
 
     pub fn directive_report(&self, node_id: &str, report: DirectiveReport) {
-        self.registry.lock().expect("registry lock").on_directive_report(node_id, report);
+        self.registry.lock().on_directive_report(node_id, report);
+    }
+
+    /// Handling a `kind` message of `node_id` panicked (see
+    /// `grpc::take_guarded`): the node is failed with the reason.
+    pub fn internal_failure(&self, node_id: &str, kind: &str, why: &str) {
+        self.registry.lock().on_internal_error(node_id, kind, why);
+        self.changed();
+        self.membership_changed();
     }
 }
 

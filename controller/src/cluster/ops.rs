@@ -5,6 +5,7 @@
 use super::Cluster;
 use crate::config::Pool;
 use crate::model::Role;
+use crate::provider::{Observed, Provider, Target};
 use crate::reconcile::{Desired, distribute};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -85,10 +86,10 @@ pub fn scale(
     if sh.destroying.load(Ordering::Relaxed) {
         return Err(ScaleError::Destroying);
     }
-    let mut adaptive = sh.adaptive.lock().expect("adaptive lock");
+    let mut adaptive = sh.adaptive.lock();
     let Some(max) = max else {
         *adaptive = None;
-        sh.registry.lock().expect("registry lock").set_adaptive_bounds(None);
+        sh.registry.lock().set_adaptive_bounds(None);
         return set_size(sh, slaves, by_pool);
     };
     if !by_pool.is_empty() || max < slaves {
@@ -99,7 +100,7 @@ pub fn scale(
     }
     let bounds = crate::autoscale::Bounds { min: slaves, max };
     let current = {
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         reg.set_adaptive_bounds(Some((slaves, max)));
         reg.desired_slaves()
     };
@@ -116,7 +117,7 @@ pub fn scale(
 /// Sets the desired size (an operator's `scale`, or an adaptive decision).
 pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Result<Scaled, ScaleError> {
     let scaled = {
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         let desired = desired_for(slaves, by_pool, &sh.cfg.pools(), &reg.desired)?;
         let previous = reg.set_desired(desired.clone());
         let views = reg.views(&Default::default(), 0, 0);
@@ -134,9 +135,18 @@ pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Re
     Ok(scaled)
 }
 
-/// Terminates every node of the cluster (and tagged orphans), cancels what
-/// the provider left open, checks nothing is still running, and forgets the
-/// nodes. No launch happens from the moment it starts.
+/// How long `destroy` keeps terminating and listing before it says what
+/// is left (EC2 moves a terminated instance out of "running" in seconds).
+pub const DESTROY_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Terminates every node of the cluster (and its tagged orphans), cancels
+/// its open spot requests, and lists again until none of its instances is
+/// left alive (`terminate_verified`); only then forgets the nodes. No
+/// launch happens from the moment it starts. Only this cluster's
+/// instances are touched or waited for: another cluster's with the same
+/// `tag_key` never are. On failure the nodes stay recorded (terminating),
+/// so a later `destroy` (or the reconcile loop) finishes the job; the
+/// error names what is still running.
 pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
     sh.destroying.store(true, Ordering::Relaxed);
     let _guard = sh.tick_lock.lock().await;
@@ -144,7 +154,7 @@ pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
     let _launches = sh.launches.write().await;
     let observed = sh.provider.list().await?;
     let (targets, mut names) = {
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         let (_, orphans) = reg.match_observed(&observed);
         let mut targets = reg.terminate_all();
         let mut names: Vec<String> = targets.iter().filter_map(|t| t.node_id.clone()).collect();
@@ -154,13 +164,20 @@ pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
         }
         (targets, names)
     };
-    sh.provider.terminate(&targets).await?;
-    let cancelled = sh.provider.cleanup().await?;
-    let still: Vec<String> =
-        sh.provider.list().await?.into_iter().filter(|o| o.alive).map(|o| o.instance_id).collect();
-    anyhow::ensure!(still.is_empty(), "still running after terminate: {}", still.join(", "));
+    sh.changed();
+    let cancelled = match terminate_verified(sh.provider.as_ref(), targets, DESTROY_WITHIN).await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("DESTROY INCOMPLETE: {e:#}");
+            tracing::error!("{msg}");
+            sh.registry.lock().event(msg.clone());
+            *sh.destroy_error.lock() = Some(msg);
+            return Err(e);
+        }
+    };
+    *sh.destroy_error.lock() = None;
     let spent_usd = {
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         reg.forget_all();
         reg.event(format!("cluster destroyed: {} nodes terminated", names.len()));
         if !cancelled.is_empty() {
@@ -173,9 +190,213 @@ pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
     Ok(Destroyed { terminated: names, spent_usd })
 }
 
+/// Which listed instances a destroy must see gone: this cluster's own
+/// (`!foreign`), and any instance recorded for one of its nodes (an
+/// instance from before clusters were tagged with their id), alive.
+pub fn left_alive(observed: &[Observed], targets: &[Target]) -> Vec<Target> {
+    observed
+        .iter()
+        .filter(|o| o.alive)
+        .filter(|o| {
+            !o.foreign || targets.iter().any(|t| t.instance_id.as_deref() == Some(o.instance_id.as_str()))
+        })
+        .map(|o| Target {
+            node_id: targets
+                .iter()
+                .find(|t| t.instance_id.as_deref() == Some(o.instance_id.as_str()))
+                .and_then(|t| t.node_id.clone())
+                .or_else(|| o.node_id.clone()),
+            instance_id: Some(o.instance_id.clone()),
+        })
+        .collect()
+}
+
+/// Terminates `targets`, cancels the cluster's open spot requests, and
+/// lists until none of the cluster's instances is alive, terminating what
+/// is left again, with backoff (0.5 s doubling to 10 s), for at most
+/// `within`. Returns the cancelled spot requests; the error names every
+/// instance still running and the last failure. Failed calls (throttling,
+/// a network blip) are retried, not final.
+pub async fn terminate_verified(
+    p: &dyn Provider,
+    targets: Vec<Target>,
+    within: std::time::Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut wait = std::time::Duration::from_millis(500);
+    let mut pending = targets.clone();
+    let mut cancelled = Vec::new();
+    loop {
+        let mut failure = None;
+        if !pending.is_empty()
+            && let Err(e) = p.terminate(&pending).await
+        {
+            failure = Some(format!("terminating: {e}"));
+        }
+        match p.cleanup().await {
+            Ok(c) => cancelled.extend(c),
+            Err(e) => failure = Some(format!("cancelling open spot requests: {e}")),
+        }
+        match p.list().await {
+            Ok(observed) => {
+                pending = left_alive(&observed, &targets);
+                if pending.is_empty() && failure.is_none() {
+                    cancelled.sort();
+                    cancelled.dedup();
+                    return Ok(cancelled);
+                }
+            }
+            Err(e) => failure = Some(format!("listing the cluster's instances: {e}")),
+        }
+        if tokio::time::Instant::now() + wait > deadline {
+            let names: Vec<String> = pending
+                .iter()
+                .map(|t| match (&t.node_id, &t.instance_id) {
+                    (Some(n), Some(i)) => format!("{n} ({i})"),
+                    (None, Some(i)) => i.clone(),
+                    (Some(n), None) => n.clone(),
+                    (None, None) => "?".into(),
+                })
+                .collect();
+            let left = if names.is_empty() {
+                "could not check that every instance is gone".to_string()
+            } else {
+                format!("still running after {}s of terminating: {}", within.as_secs(), names.join(", "))
+            };
+            anyhow::bail!(
+                "{left}{}; run `ddisco-controller destroy --yes` again, or terminate them in the provider's \
+                 console",
+                failure.map(|f| format!(" (last failure: {f})")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::NodeLayout;
+    use crate::provider::{LaunchBatch, Launched, ProviderError};
+    use parking_lot::Mutex;
+    use std::time::Duration;
+
+    /// Stands in for EC2 as a destroy sees it: terminations take effect
+    /// only after some listings (eventual consistency), a call may be
+    /// throttled, and another cluster with the same tag_key has instances
+    /// in the same listing.
+    #[derive(Default)]
+    struct Slow {
+        /// instance id -> (foreign, listings left while alive after a terminate).
+        instances: Mutex<Vec<(String, bool, Option<u32>)>>,
+        throttle_terminates: Mutex<u32>,
+        terminated: Mutex<Vec<String>>,
+        stuck: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn layout(&self, _: &str) -> NodeLayout {
+            unimplemented!("not used by destroy")
+        }
+        fn address_for(&self, _: u64) -> String {
+            String::new()
+        }
+        fn max_batch(&self) -> usize {
+            1
+        }
+        async fn launch(&self, _: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+            Err(ProviderError::Other("no launches here".into()))
+        }
+        async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
+            let mut v = self.instances.lock();
+            Ok(v.iter_mut()
+                .map(|(id, foreign, left)| {
+                    let alive = match left {
+                        None => true,
+                        Some(0) => self.stuck.lock().contains(id),
+                        Some(n) => {
+                            *n -= 1;
+                            true
+                        }
+                    };
+                    Observed { instance_id: id.clone(), node_id: None, batch: None, alive, foreign: *foreign }
+                })
+                .collect())
+        }
+        async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
+            let mut t = self.throttle_terminates.lock();
+            if *t > 0 {
+                *t -= 1;
+                return Err(ProviderError::Throttled("RequestLimitExceeded".into()));
+            }
+            for target in targets {
+                let id = target.instance_id.clone().unwrap();
+                self.terminated.lock().push(id.clone());
+                for (i, _, left) in self.instances.lock().iter_mut() {
+                    if *i == id && left.is_none() {
+                        *left = Some(2);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn target(id: &str) -> Target {
+        Target { node_id: Some(format!("node-{id}")), instance_id: Some(id.into()) }
+    }
+
+    /// Issue 22, item 3: a destroy waits until its own instances are gone
+    /// (throttled calls and slow listings retried), never for another
+    /// cluster's, and never terminates those.
+    #[tokio::test]
+    async fn a_destroy_is_verified_on_its_own_instances_only() {
+        let p = Slow::default();
+        *p.instances.lock() =
+            vec![("i-a1".into(), false, None), ("i-a2".into(), false, None), ("i-b1".into(), true, None)];
+        *p.throttle_terminates.lock() = 1;
+        terminate_verified(&p, vec![target("i-a1"), target("i-a2")], Duration::from_secs(20)).await.unwrap();
+        let listed = p.list().await.unwrap();
+        assert!(listed.iter().filter(|o| !o.foreign).all(|o| !o.alive), "{listed:?}");
+        assert!(listed.iter().any(|o| o.foreign && o.alive));
+        assert!(!p.terminated.lock().contains(&"i-b1".to_string()));
+    }
+
+    /// What will not go is named, with the node, after the deadline.
+    #[tokio::test]
+    async fn an_instance_that_will_not_go_is_named() {
+        let p = Slow::default();
+        *p.instances.lock() = vec![("i-a1".into(), false, None), ("i-a2".into(), false, None)];
+        p.stuck.lock().push("i-a2".into());
+        let e = terminate_verified(&p, vec![target("i-a1"), target("i-a2")], Duration::from_secs(4))
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("node-i-a2 (i-a2)") && !e.contains("i-a1"), "{e}");
+        assert!(e.contains("destroy --yes"), "{e}");
+        // It kept trying: more than one terminate of the stuck one.
+        assert!(p.terminated.lock().iter().filter(|i| *i == "i-a2").count() >= 3);
+    }
+
+    #[test]
+    fn a_foreign_instance_counts_only_when_it_is_a_nodes_own() {
+        let o = |id: &str, foreign| Observed {
+            instance_id: id.into(),
+            node_id: None,
+            batch: None,
+            alive: true,
+            foreign,
+        };
+        let left = left_alive(&[o("i-1", false), o("i-2", true), o("i-3", true)], &[target("i-3")]);
+        let ids: Vec<_> = left.iter().map(|t| t.instance_id.clone().unwrap()).collect();
+        assert_eq!(ids, ["i-1", "i-3"]);
+        assert_eq!(left[1].node_id.as_deref(), Some("node-i-3"));
+    }
 
     fn pools() -> Vec<Pool> {
         vec![

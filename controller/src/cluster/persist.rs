@@ -22,9 +22,9 @@
 
 use super::Cluster;
 use crate::pki;
+use parking_lot::Mutex;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,7 @@ impl Journal {
     /// SHA-256 `cert_sha256` (a crash before the next snapshot must not
     /// lose which certificate the node's sessions present).
     pub fn spent(&self, node_id: &str, cert_sha256: &str) -> std::io::Result<()> {
-        let mut guard = self.file.lock().expect("journal lock");
+        let mut guard = self.file.lock();
         if guard.is_none() {
             use std::os::unix::fs::OpenOptionsExt;
             let f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
@@ -62,7 +62,7 @@ impl Journal {
     /// Before a snapshot is taken: later spends go to a new file; the
     /// current one is kept until the snapshot is on disk.
     fn rotate(&self) -> std::io::Result<()> {
-        let mut guard = self.file.lock().expect("journal lock");
+        let mut guard = self.file.lock();
         *guard = None;
         match std::fs::rename(&self.path, self.rotated()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -100,13 +100,13 @@ impl Cluster {
 
     /// Writes `cluster.json` if anything changed since the last save.
     pub fn save(&self) -> anyhow::Result<()> {
-        let _order = self.save_lock.lock().expect("save lock");
-        if !self.registry.lock().expect("registry lock").dirty {
+        let _order = self.save_lock.lock();
+        if !self.registry.lock().dirty {
             return Ok(());
         }
         self.journal.rotate()?;
         let json = {
-            let mut reg = self.registry.lock().expect("registry lock");
+            let mut reg = self.registry.lock();
             reg.dirty = false;
             reg.to_json()
         };
@@ -114,7 +114,7 @@ impl Cluster {
         crate::metrics::Metrics::inc(&self.metrics.saves);
         if let Err(e) = pki::write_private(&self.cluster_file(), &json) {
             // Not saved: try again at the next change.
-            self.registry.lock().expect("registry lock").dirty = true;
+            self.registry.lock().dirty = true;
             return Err(e.into());
         }
         self.journal.rotation_done();

@@ -36,7 +36,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
         }
     };
     refresh_prices(sh).await;
-    sh.registry.lock().expect("registry lock").account(unix_ms());
+    sh.registry.lock().account(unix_ms());
     enforce_budget(sh);
     enforce_autostop(sh);
     enforce_adaptive(sh);
@@ -55,7 +55,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     let mut launches = Vec::new();
     let next_deadline;
     {
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         let (alive, orphans) = reg.match_observed(&observed);
         let mut views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
         if supersede_when_idle(sh, &mut reg, &views) {
@@ -106,14 +106,14 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // cannot leak what the calls start, and a large scale-up writes the
     // state once, not once per batch.
     let mut batches = Vec::new();
-    let spent = sh.registry.lock().expect("registry lock").spent_usd;
+    let spent = sh.registry.lock().spent_usd;
     if crate::budget::budget(spent, sh.cfg.max_spend_usd) == crate::budget::Budget::Reached {
         // Nothing more is launched once the cap is reached.
         launches.clear();
     }
     for (role, pool, count) in launches {
         if let Err(e) = sh.provider.can_launch(role, &pool) {
-            let mut reg = sh.registry.lock().expect("registry lock");
+            let mut reg = sh.registry.lock();
             reg.event_once(format!("launches of pool {pool} held back: {e}"));
             continue;
         }
@@ -129,7 +129,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     {
         // Never launch what is not on disk; these are dropped and
         // launched next tick.
-        let mut reg = sh.registry.lock().expect("registry lock");
+        let mut reg = sh.registry.lock();
         for b in &batches {
             reg.on_launched(&b.nodes, &[]);
         }
@@ -163,7 +163,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
 /// Returns whether it marked any.
 fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> bool {
     let wait = sh.cfg.on_demand_idle_replace;
-    let mut since = sh.idle_since.lock().expect("idle lock");
+    let mut since = sh.idle_since.lock();
     let desired = Desired { pools: reg.desired.clone() };
     let spot_again = |pool: &str| sh.provider.spot_again(Role::Slave, pool);
     let candidates = crate::reconcile::supersede(&desired, views, spot_again);
@@ -205,7 +205,7 @@ fn record_batch(sh: &Cluster, role: Role, pool: &str, n: usize) -> Batch {
     let mut secrets = Vec::with_capacity(n);
     let mut nodes = Vec::with_capacity(n);
     let mut addresses = Vec::with_capacity(n);
-    let mut reg = sh.registry.lock().expect("registry lock");
+    let mut reg = sh.registry.lock();
     for i in 0..n {
         let (secret, token_hash) = pki::mint_token();
         let new = NewNode {
@@ -236,6 +236,8 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
             ca_sha256: &ca_sha,
             imds: sh.provider.imds_url(),
             slots: nodes.iter().zip(&secrets).map(|(node_id, token)| Slot { node_id, token }).collect(),
+            orphan_timeout_secs: sh.cfg.orphan_timeout.as_secs(),
+            orphan_action: sh.provider.orphan_action(),
         },
         ca_pem: sh.pki.ca_pem(),
         agent_url: &sh.endpoints.agent_url,
@@ -248,7 +250,7 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
     let batch =
         LaunchBatch { batch_id, role, pool: pool.to_string(), nodes: nodes.clone(), addresses, userdata };
     let result = sh.provider.launch(batch).await;
-    let mut reg = sh.registry.lock().expect("registry lock");
+    let mut reg = sh.registry.lock();
     match result {
         Ok(launched) => {
             sh.metrics.launches.fetch_add(launched.len() as u64, Ordering::Relaxed);
@@ -285,7 +287,7 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
 async fn refresh_prices(sh: &Arc<Cluster>) {
     let mut at = sh.prices_at.lock().await;
     let (ids, unpriced) = {
-        let reg = sh.registry.lock().expect("registry lock");
+        let reg = sh.registry.lock();
         let live: Vec<&crate::registry::Entry> = reg
             .entries()
             .filter(|e| e.rec.state != crate::model::NodeState::Terminating && e.rec.instance_id.is_some())
@@ -304,7 +306,7 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
     *at = Some(now);
     match sh.provider.prices(&ids).await {
         Ok(prices) if !prices.is_empty() => {
-            sh.registry.lock().expect("registry lock").set_prices(&prices, unix_ms());
+            sh.registry.lock().set_prices(&prices, unix_ms());
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot refresh spot prices: {e}"),
@@ -313,9 +315,9 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
 
 /// One sample of the cluster for the dashboard's charts.
 fn record_history(sh: &Arc<Cluster>) {
-    let target = sh.adaptive.lock().expect("adaptive lock").as_ref().and_then(|a| a.target_slaves);
+    let target = sh.adaptive.lock().as_ref().and_then(|a| a.target_slaves);
     let sample = {
-        let reg = sh.registry.lock().expect("registry lock");
+        let reg = sh.registry.lock();
         let (mut nodes, mut ready, mut failed) = (0, 0, 0);
         for e in reg.entries() {
             nodes += 1;
@@ -334,19 +336,19 @@ fn record_history(sh: &Arc<Cluster>) {
             target,
         }
     };
-    sh.history.lock().expect("history lock").push(sample);
+    sh.history.lock().push(sample);
 }
 
 /// Adaptive size (`scale MIN..MAX`): the engine's target (the master's
 /// probe), as slaves, decides within the bounds (`autoscale::decide`).
 fn enforce_adaptive(sh: &Arc<Cluster>) {
-    let mut guard = sh.adaptive.lock().expect("adaptive lock");
+    let mut guard = sh.adaptive.lock();
     let Some(a) = guard.as_mut() else { return };
     if sh.destroying.load(Ordering::Relaxed) {
         return;
     }
     let (current, (master_workers, per_slave)) = {
-        let reg = sh.registry.lock().expect("registry lock");
+        let reg = sh.registry.lock();
         (reg.desired_slaves(), reg.workers_per_node())
     };
     let target = sh
@@ -361,10 +363,7 @@ fn enforce_adaptive(sh: &Arc<Cluster>) {
     a.why = d.why.clone();
     drop(guard);
     if d.slaves != current {
-        sh.registry
-            .lock()
-            .expect("registry lock")
-            .event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
+        sh.registry.lock().event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
         if let Err(e) = crate::cluster::ops::set_size(sh, d.slaves, &Default::default()) {
             tracing::warn!("adaptive: cannot set the size: {e}");
         }
@@ -392,7 +391,7 @@ fn enforce_autostop(sh: &Arc<Cluster>) {
         return;
     }
     let now = unix_ms();
-    let settled = sh.registry.lock().expect("registry lock").settled();
+    let settled = sh.registry.lock().settled();
     let was = Some(sh.idle_since_ms.load(Ordering::Relaxed)).filter(|t| *t > 0);
     let since = crate::autostop::idle_since(sh.engine_busy.load(Ordering::Relaxed), settled, was, now);
     sh.idle_since_ms.store(since.unwrap_or(0), Ordering::Relaxed);
@@ -401,14 +400,36 @@ fn enforce_autostop(sh: &Arc<Cluster>) {
     }
     let mins = after as f64 / 60_000.0;
     let why = format!("autostop: no work for {mins} min (autostop_idle_mins): destroying the cluster");
-    sh.registry.lock().expect("registry lock").event(why.clone());
+    sh.registry.lock().event(why.clone());
     record_stop_reason(sh, &why);
+    destroy_then_stop(sh, "autostop");
+}
+
+/// Destroys the cluster beside the loop (destroy waits for the tick in
+/// progress), then stops the controller, but only once the destroy is
+/// verified: until then it tries again (10 s, doubling to 5 min), says so
+/// in status and as an event, and the controller keeps watching its nodes.
+fn destroy_then_stop(sh: &Arc<Cluster>, why: &'static str) {
     let sh = sh.clone();
     tokio::spawn(async move {
-        match crate::cluster::ops::destroy(&sh).await {
-            Ok(d) => tracing::warn!(nodes = d.terminated.len(), "autostop: cluster destroyed"),
-            Err(e) => {
-                tracing::error!("autostop: destroy failed: {e:#}; run `ddisco-controller destroy --yes`")
+        let mut wait = Duration::from_secs(10);
+        loop {
+            match crate::cluster::ops::destroy(&sh).await {
+                Ok(d) => {
+                    tracing::warn!(nodes = d.terminated.len(), "{why}: cluster destroyed");
+                    break;
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "{why}: destroy incomplete ({e:#}); trying again in {}s; the controller keeps running \
+                         until every instance is gone",
+                        wait.as_secs()
+                    );
+                    tracing::error!("{msg}");
+                    sh.registry.lock().event(msg);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(300));
+                }
             }
         }
         sh.stop();
@@ -421,7 +442,7 @@ fn enforce_autostop(sh: &Arc<Cluster>) {
 fn enforce_budget(sh: &Arc<Cluster>) {
     use crate::budget::{Budget, OnBudget, budget};
     let cap = sh.cfg.max_spend_usd;
-    let spent = sh.registry.lock().expect("registry lock").spent_usd;
+    let spent = sh.registry.lock().spent_usd;
     let stage = match budget(spent, cap) {
         Budget::Off | Budget::Under => return,
         Budget::Warning => 1,
@@ -430,7 +451,7 @@ fn enforce_budget(sh: &Arc<Cluster>) {
     if sh.budget_stage.fetch_max(stage, Ordering::Relaxed) >= stage {
         return;
     }
-    let mut reg = sh.registry.lock().expect("registry lock");
+    let mut reg = sh.registry.lock();
     if stage == 1 {
         reg.event(format!("spend ${spent:.4} is 80% of max_spend_usd ${cap:.4}"));
         return;
@@ -445,17 +466,7 @@ fn enforce_budget(sh: &Arc<Cluster>) {
             reg.event(why.clone());
             drop(reg);
             record_stop_reason(sh, &why);
-            let sh = sh.clone();
-            // Beside the loop: destroy waits for the tick in progress.
-            tokio::spawn(async move {
-                match crate::cluster::ops::destroy(&sh).await {
-                    Ok(d) => tracing::warn!(nodes = d.terminated.len(), "spend cap: cluster destroyed"),
-                    Err(e) => tracing::error!(
-                        "spend cap: destroy failed: {e:#}; run `ddisco-controller destroy --yes`"
-                    ),
-                }
-                sh.stop();
-            });
+            destroy_then_stop(sh, "spend cap");
         }
     }
 }

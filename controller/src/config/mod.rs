@@ -101,6 +101,12 @@ pub struct Config {
     /// `scale MIN..MAX`: how long the engine's target must stay below the
     /// size before it shrinks.
     pub adaptive_cooldown: Duration,
+    /// The nodes' dead man's switch: a node without a session with this
+    /// controller for this long shuts itself down (zero: never).
+    pub orphan_timeout: Duration,
+    /// Destroy the cluster this long after `serve` started it (zero:
+    /// never): a hard wall-clock limit, jobs or not.
+    pub max_runtime: Duration,
     /// Dashboard and /metrics (HTTP); local by default.
     pub dashboard_listen: SocketAddr,
     /// Bearer token required by the dashboard and /metrics; mandatory when
@@ -316,6 +322,8 @@ impl Default for Config {
             on_budget: crate::budget::OnBudget::Destroy,
             autostop_idle: Duration::ZERO,
             adaptive_cooldown: Duration::from_secs(60),
+            orphan_timeout: Duration::from_secs(3600),
+            max_runtime: Duration::ZERO,
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {

@@ -133,6 +133,8 @@ pub struct RawConfig {
     pub(super) on_budget: Option<String>,
     pub(super) autostop_idle_mins: Option<f64>,
     pub(super) adaptive_cooldown_secs: Option<f64>,
+    pub(super) orphan_timeout_secs: Option<f64>,
+    pub(super) max_runtime_mins: Option<f64>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]

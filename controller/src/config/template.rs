@@ -36,6 +36,14 @@ autostop_idle_mins = 0.0
 # `scale MIN..MAX` (adaptive size): the size grows at once to the engine's
 # target and shrinks only after the target stayed lower this long.
 adaptive_cooldown_secs = 60.0
+# Dead man's switch: a node that has had no session with this controller for
+# this long (seconds; 0: never) shuts itself down, so a cluster whose
+# controller died stops billing (EC2: the instance powers off and is
+# terminated). A controller back within it keeps every node.
+orphan_timeout_secs = 3600.0
+# Destroy the cluster this long after it was started (minutes; 0: never),
+# whatever runs on it: a hard limit on what a forgotten cluster costs.
+max_runtime_mins = 0.0
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0

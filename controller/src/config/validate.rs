@@ -195,6 +195,28 @@ impl Config {
         };
         let adaptive_cooldown =
             secs("adaptive_cooldown_secs", raw.adaptive_cooldown_secs, d.adaptive_cooldown)?;
+        let orphan_timeout = match raw.orphan_timeout_secs {
+            None => d.orphan_timeout,
+            Some(0.0) => Duration::ZERO,
+            Some(v) if (5.0..1e7).contains(&v) && Duration::from_secs_f64(v) > heartbeat_timeout => {
+                Duration::from_secs_f64(v)
+            }
+            Some(v) => {
+                return Err(err(
+                    "orphan_timeout_secs",
+                    format!(
+                        "{v}: give seconds, more than heartbeat_timeout_secs ({}) and at least 5 (0: never); nodes \
+                         shut themselves down after this long without the controller",
+                        heartbeat_timeout.as_secs_f64()
+                    ),
+                ));
+            }
+        };
+        let max_runtime = match raw.max_runtime_mins {
+            None => d.max_runtime,
+            Some(v) if v.is_finite() && (0.0..1e6).contains(&v) => Duration::from_secs_f64(v * 60.0),
+            Some(v) => return Err(err("max_runtime_mins", format!("{v}: give minutes (0: no limit)"))),
+        };
         let on_budget = match raw.on_budget.as_deref() {
             None | Some("destroy") => crate::budget::OnBudget::Destroy,
             Some("stop-launching") => crate::budget::OnBudget::StopLaunching,
@@ -329,6 +351,8 @@ impl Config {
             on_budget,
             autostop_idle,
             adaptive_cooldown,
+            orphan_timeout,
+            max_runtime,
             dashboard_listen,
             dashboard_token,
             ec2: Ec2Config {

@@ -21,8 +21,10 @@ use super::{Directive, DirectiveKind, Engine, Member, Probed, master};
 use crate::model::Role;
 use crate::pki::Pki;
 use crate::plan::{NodeLayout, Step, StepKind};
+use crate::text::prefix;
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The system user Dask runs as where the agent is root.
@@ -91,7 +93,7 @@ impl Dask {
     /// The node's TLS files: the CA, its certificate and its key.
     fn tls_files(&self, me: &Member, layout: &NodeLayout) -> Vec<Directive> {
         let creds = {
-            let mut map = self.creds.lock().expect("dask creds lock");
+            let mut map = self.creds.lock();
             match map.get(&me.id) {
                 Some(c) => c.clone(),
                 None => match self.pki.issue(
@@ -187,7 +189,7 @@ impl Engine for Dask {
 
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive> {
         if me.leaving || me.address.is_empty() {
-            self.creds.lock().expect("dask creds lock").remove(&me.id);
+            self.creds.lock().remove(&me.id);
             return vec![];
         }
         let mut out = Vec::new();
@@ -249,10 +251,7 @@ impl Engine for Dask {
     /// connected.
     fn probed(&self, name: &str, body: &str) -> Result<Probed, String> {
         if name != "counts" {
-            return Err(format!(
-                "probe {:?} is not one the dask engine asks for",
-                &name[..name.len().min(64)]
-            ));
+            return Err(format!("probe {:?} is not one the dask engine asks for", prefix(name, 64)));
         }
         let v: serde_json::Value =
             serde_json::from_str(body).map_err(|e| format!("counts: not Dask's counts: {e}"))?;
@@ -261,7 +260,8 @@ impl Engine for Dask {
         else {
             return Err("counts: processing, waiting or clients missing".into());
         };
-        let busy = processing + waiting + n("unrunnable").unwrap_or(0) > 0 || clients > 1;
+        let busy = processing.saturating_add(waiting).saturating_add(n("unrunnable").unwrap_or(0)) > 0
+            || clients > 1;
         // What Dask's own adaptive deployments follow.
         let target_workers = n("desired_workers").map(|t| t.min(u64::from(u32::MAX)) as u32);
         Ok(Probed { busy: Some(busy), target_workers, ..Default::default() })

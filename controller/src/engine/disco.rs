@@ -27,6 +27,7 @@
 use super::{Directive, DirectiveKind, Engine, Member, Probed, master, under};
 use crate::model::Role;
 use crate::plan::{NodeLayout, Step, StepKind};
+use crate::text::prefix;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -411,10 +412,7 @@ impl Engine for Disco {
                 let hosts: Vec<String> = serde_json::from_str(body)
                     .map_err(|e| format!("safe_gc_blacklist: not a JSON list of host names: {e}"))?;
                 if let Some(bad) = hosts.iter().find(|h| !valid_host(h)) {
-                    return Err(format!(
-                        "safe_gc_blacklist: {:?} is not a host name",
-                        &bad[..bad.len().min(64)]
-                    ));
+                    return Err(format!("safe_gc_blacklist: {:?} is not a host name", prefix(bad, 64)));
                 }
                 Ok(Probed { safe_to_remove: Some(hosts), ..Default::default() })
             }
@@ -439,19 +437,17 @@ impl Engine for Disco {
                     let usable = info["connected"] == true && info["blacklisted"] != true;
                     let max = info["max_workers"].as_u64().unwrap_or(0);
                     if usable {
-                        slots += max;
+                        slots = slots.saturating_add(max);
                         widest = widest.max(max);
                     }
-                    running += info["tasks"].as_array().map_or(0, |t| t.len() as u64);
+                    running = running.saturating_add(info["tasks"].as_array().map_or(0, |t| t.len() as u64));
                 }
                 Ok(Probed {
                     target_workers: Some(disco_target(running, slots, widest)),
                     ..Default::default()
                 })
             }
-            other => {
-                Err(format!("probe {:?} is not one the disco engine asks for", &other[..other.len().min(64)]))
-            }
+            other => Err(format!("probe {:?} is not one the disco engine asks for", prefix(other, 64))),
         }
     }
 
@@ -484,7 +480,7 @@ impl Engine for Disco {
 /// grows a node at a time while the cluster stays saturated, and shrinks
 /// (after its cooldown) to what runs.
 fn disco_target(running: u64, slots: u64, widest: u64) -> u32 {
-    let t = if slots > 0 && running >= slots { slots + widest } else { running };
+    let t = if slots > 0 && running >= slots { slots.saturating_add(widest) } else { running };
     t.min(u64::from(u32::MAX)) as u32
 }
 

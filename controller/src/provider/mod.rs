@@ -131,6 +131,14 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// How a node shuts itself down when its dead man's switch fires
+    /// (`orphan_timeout_secs`): `exit` ends the node's processes (the local
+    /// provider), `poweroff` powers the machine off (EC2, where the launch
+    /// asks for termination on shutdown).
+    fn orphan_action(&self) -> &'static str {
+        "exit"
+    }
+
     /// Checks the configuration against the provider before anything runs.
     async fn preflight(&self) -> Result<(), ProviderError> {
         Ok(())

@@ -6,9 +6,9 @@
 
 use super::{LaunchBatch, Launched, Observed, Provider, ProviderError, Target};
 use crate::plan::NodeLayout;
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 pub struct RecordProvider {
     dir: PathBuf,
@@ -63,7 +63,7 @@ impl Provider for RecordProvider {
         let path = self.dir.join(format!("{}.json", batch.batch_id));
         crate::pki::write_private(&path, &record.to_string())
             .map_err(|e| ProviderError::Other(e.to_string()))?;
-        let mut live = self.live.lock().expect("lock");
+        let mut live = self.live.lock();
         Ok(batch
             .nodes
             .iter()
@@ -82,7 +82,7 @@ impl Provider for RecordProvider {
     }
 
     async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
-        let live = self.live.lock().expect("lock");
+        let live = self.live.lock();
         Ok(live
             .iter()
             .map(|(n, i)| Observed {
@@ -96,7 +96,7 @@ impl Provider for RecordProvider {
     }
 
     async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
-        let mut live = self.live.lock().expect("lock");
+        let mut live = self.live.lock();
         for t in targets {
             if let Some(n) = &t.node_id {
                 live.remove(n);

@@ -3,7 +3,8 @@
 //! `cluster.json` in the state directory so a restarted controller re-adopts
 //! its nodes instead of launching duplicates.
 //!
-//! The registry lives behind a `std::sync::Mutex`: it is only held for short,
+//! The registry lives behind a mutex that does not poison (`parking_lot`: a
+//! panic in one handler of node input cannot stop the controller); it is only held for short,
 //! non-async sections (never across an `.await`), and the hot path, heartbeats,
 //! does not take it at all: each node's [`Liveness`] is an atomic that the
 //! agent's session task updates directly.
@@ -156,7 +157,7 @@ pub struct Liveness {
     drained: AtomicBool,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
-    push: std::sync::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
+    push: parking_lot::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
 }
 
 /// What the controller sends on an agent's session. Kept small (the
@@ -217,12 +218,12 @@ impl Liveness {
     }
     /// Registers a session's outbound channel.
     pub fn set_push(&self, tx: tokio::sync::mpsc::Sender<Outbound>) {
-        *self.push.lock().expect("push lock") = Some((tx, String::new()));
+        *self.push.lock() = Some((tx, String::new()));
     }
     /// Forgets a session's channel when that session ends (not a newer one's),
     /// so its stream can close.
     pub fn clear_push(&self, tx: &tokio::sync::mpsc::Sender<Outbound>) {
-        let mut guard = self.push.lock().expect("push lock");
+        let mut guard = self.push.lock();
         if guard.as_ref().is_some_and(|(t, _)| t.same_channel(tx)) {
             *guard = None;
         }
@@ -232,7 +233,7 @@ impl Liveness {
     /// whether the session has them now. Never blocks: a full channel (or
     /// no session) drops the push, and the next publish tries again.
     pub fn push_directives(&self, d: &Arc<crate::engine::DirectiveSet>) -> bool {
-        let mut guard = self.push.lock().expect("push lock");
+        let mut guard = self.push.lock();
         let Some((tx, last)) = guard.as_mut() else { return false };
         if *last == d.id {
             return true;

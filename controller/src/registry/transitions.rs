@@ -385,7 +385,7 @@ impl Registry {
         let checked = if name.len() > MAX_ATTRIBUTE || !e.rec.collects.iter().any(|c| c == name) {
             Err(format!(
                 "attribute {:?} is not one its plan collects",
-                super::untrusted::clean_line(&name[..name.len().min(64)])
+                super::untrusted::clean_line(super::untrusted::prefix(name, 64))
             ))
         } else if value.len() > MAX_ATTRIBUTE {
             Err(format!("attribute {name}: over {MAX_ATTRIBUTE} bytes"))
@@ -419,6 +419,14 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Handling a message of `id`'s panicked: a bug in the controller that
+    /// the message found. The node fails saying so (and, being failed, is
+    /// replaced); nothing else changes.
+    pub fn on_internal_error(&mut self, id: &str, what: &str, why: &str) {
+        let why = format!("the controller could not handle it (a bug in the controller; report it): {why}");
+        self.reject(id, &format!("{what} message"), &super::untrusted::clean_line(&why));
     }
 
     /// A node that sent what no honest agent sends: failed, with the reason

@@ -118,6 +118,8 @@ pub fn ssh_public_key(value: &str) -> Result<String, String> {
     Ok(format!("{kind} {b64}"))
 }
 
+pub use crate::text::prefix;
+
 /// A line for display and logs: control characters replaced by `?`.
 pub fn clean_line(s: &str) -> String {
     if !s.chars().any(char::is_control) {

@@ -21,11 +21,9 @@ impl Ec2Provider {
         if let ImageSpec::Id(id) = &self.ami {
             return Ok(id.clone());
         }
-        let arch =
-            self.type_arch.lock().expect("lock").get(itype).cloned().unwrap_or_else(|| "x86_64".into());
+        let arch = self.type_arch.lock().get(itype).cloned().unwrap_or_else(|| "x86_64".into());
         self.image_by_arch
             .lock()
-            .expect("lock")
             .get(&arch)
             .cloned()
             .ok_or_else(|| format!("{} is not resolved for {arch} ({itype})", self.ami_text))
@@ -92,11 +90,11 @@ impl Ec2Provider {
                         }
                     };
                     tracing::info!("image: {}", r.describe());
-                    self.image_by_arch.lock().expect("lock").insert(arch.to_string(), r.image.id.clone());
+                    self.image_by_arch.lock().insert(arch.to_string(), r.image.id.clone());
                     resolved.push(r);
                 }
                 self.write_image_cache(&cache);
-                *self.resolved.lock().expect("lock") = resolved;
+                *self.resolved.lock() = resolved;
             }
         }
         Ok(())

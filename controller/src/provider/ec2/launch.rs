@@ -68,7 +68,7 @@ impl Ec2Provider {
             )
             .build();
         let image = self.image_for(itype).map_err(|m| ("ddisco.ImageNotResolved".to_string(), m))?;
-        let root_volume = self.root_devices.lock().expect("lock").get(&image).map(|dev| {
+        let root_volume = self.root_devices.lock().get(&image).map(|dev| {
             use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, VolumeType};
             let ebs = EbsBlockDevice::builder()
                 .volume_size(self.root_volume_gb as i32)
@@ -100,6 +100,9 @@ impl Ec2Provider {
                     .collect(),
             ))
             .metadata_options(metadata_options())
+            // The agent's dead man's switch powers a node off when its
+            // controller is gone: EC2 then terminates it, and billing stops.
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
             .set_subnet_id(subnet.map(String::from));
         if !self.key_name.is_empty() {
             req = req.key_name(&self.key_name);
@@ -142,14 +145,7 @@ impl Ec2Provider {
         let want = batch.nodes.len();
         for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
             let key = (itype.clone(), subnet.clone(), spot);
-            if self
-                .state
-                .lock()
-                .expect("lock")
-                .cooling
-                .get(&key)
-                .is_some_and(|(until, _)| *until > Instant::now())
-            {
+            if self.state.lock().cooling.get(&key).is_some_and(|(until, _)| *until > Instant::now()) {
                 continue;
             }
             let attempt = if spot { attempt } else { 1000 + attempt };
@@ -172,7 +168,7 @@ impl Ec2Provider {
                             tracing::warn!("pool {}: {short}; the rest go elsewhere", batch.pool);
                             if launched.len() < count {
                                 // EC2 gave less than asked: that pool is short.
-                                let mut st = self.state.lock().expect("lock");
+                                let mut st = self.state.lock();
                                 st.cooling.insert(key, (Instant::now() + self.cooldown, short));
                             }
                         }
@@ -199,7 +195,7 @@ impl Ec2Provider {
                     Kind::Capacity => {
                         let why = format!("{itype} {market_name} in {place}: {code}");
                         tracing::warn!("{why}: {msg}; trying the next candidate");
-                        let mut st = self.state.lock().expect("lock");
+                        let mut st = self.state.lock();
                         st.cooling.insert(key, (Instant::now() + self.cooldown, why.clone()));
                         if spot {
                             st.book.spot_failed(&batch.pool, Instant::now(), why.clone());
@@ -251,10 +247,10 @@ impl Ec2Provider {
             if let (Some(id), Some(z)) =
                 (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
             {
-                self.placement.lock().expect("lock").insert(id.into(), (itype.to_string(), z.into()));
+                self.placement.lock().insert(id.into(), (itype.to_string(), z.into()));
             }
             if let (false, Some(id)) = (spot, inst.instance_id()) {
-                self.on_demand_ids.lock().expect("lock").insert(id.to_string());
+                self.on_demand_ids.lock().insert(id.to_string());
             }
             if let (Some(node), Some(id)) = (batch.nodes.get(idx), inst.instance_id()) {
                 launched.push(Launched {

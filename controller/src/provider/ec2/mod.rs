@@ -42,12 +42,12 @@ use aws_sdk_ec2::Client;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceStateName, InstanceType,
-    MarketType, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+    MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
 };
 use errors::{Kind, classify, describe};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use std::time::{Duration, Instant};
 
@@ -304,7 +304,7 @@ impl Ec2Provider {
                 }
             }
         }
-        let unsupported = self.unsupported.lock().expect("lock");
+        let unsupported = self.unsupported.lock();
         let mut out: Vec<(String, Option<String>)> = types
             .into_iter()
             .flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone())))
@@ -313,7 +313,7 @@ impl Ec2Provider {
         // Pools that just sent a spot notice go last (stable: the order of
         // the others stays).
         let now = Instant::now();
-        let st = self.state.lock().expect("lock");
+        let st = self.state.lock();
         out.sort_by_key(|c| st.avoid.get(c).is_some_and(|(until, _)| *until > now));
         out
     }
@@ -325,7 +325,7 @@ impl Ec2Provider {
 
     /// Counts one API call and whether it failed.
     fn count<T, E>(&self, action: &'static str, r: &Result<T, E>) {
-        let mut calls = self.calls.lock().expect("lock");
+        let mut calls = self.calls.lock();
         let e = calls.entry(action).or_default();
         e.0 += 1;
         if r.is_err() {
@@ -348,7 +348,7 @@ impl Ec2Provider {
     /// Holds launches back: 2 s, 4 s, ... 64 s (with jitter) after each
     /// failure in a row; `ok_call` resets it.
     fn back_off(&self, why: &str) -> Duration {
-        let mut st = self.state.lock().expect("lock");
+        let mut st = self.state.lock();
         st.backoff_attempt = (st.backoff_attempt + 1).min(6);
         let ceiling = Duration::from_secs(1u64 << st.backoff_attempt); // 2 s .. 64 s
         let wait =
@@ -364,7 +364,7 @@ impl Ec2Provider {
     fn quota_reached(&self, spot: bool, q: &errors::QuotaError, msg: &str) -> ProviderError {
         let what = q.describe(spot);
         tracing::warn!("{what} ({msg})");
-        let mut st = self.state.lock().expect("lock");
+        let mut st = self.state.lock();
         st.quota.insert(spot, (Instant::now() + self.cooldown, what.clone()));
         ProviderError::Quota(format!("{what}; launches wait {:.0}s", self.cooldown.as_secs_f64()))
     }
@@ -372,7 +372,7 @@ impl Ec2Provider {
     /// Is an "Invalid IAM Instance Profile" still possibly IAM's delay
     /// (within `iam_propagation` of the first one)?
     fn profile_may_propagate(&self) -> bool {
-        let mut st = self.state.lock().expect("lock");
+        let mut st = self.state.lock();
         let first = *st.profile_refused_at.get_or_insert_with(Instant::now);
         first.elapsed() < self.iam_propagation
     }
@@ -391,12 +391,12 @@ impl Ec2Provider {
     }
 
     fn block(&self, key: &str, msg: String) -> ProviderError {
-        self.state.lock().expect("lock").blocked = Some((key.to_string(), msg.clone()));
+        self.state.lock().blocked = Some((key.to_string(), msg.clone()));
         ProviderError::Config { key: key.to_string(), message: msg }
     }
 
     fn ok_call(&self) {
-        let mut st = self.state.lock().expect("lock");
+        let mut st = self.state.lock();
         st.backoff_attempt = 0;
         st.backoff_until = None;
         st.profile_refused_at = None;
@@ -408,7 +408,7 @@ impl Ec2Provider {
         if self.on_demand(role) {
             return Market::OnDemand { why: "master_on_demand = true".into() };
         }
-        self.state.lock().expect("lock").book.market(&self.fallback, role, pool, Instant::now())
+        self.state.lock().book.market(&self.fallback, role, pool, Instant::now())
     }
 }
 
@@ -447,6 +447,12 @@ impl Provider for Ec2Provider {
         Some("http://169.254.169.254")
     }
 
+    /// Launched with `InstanceInitiatedShutdownBehavior = terminate`: a
+    /// node that powers off is terminated.
+    fn orphan_action(&self) -> &'static str {
+        "poweroff"
+    }
+
     async fn preflight(&self) -> Result<(), ProviderError> {
         self.preflight_checks().await
     }
@@ -454,7 +460,7 @@ impl Provider for Ec2Provider {
     fn can_launch(&self, role: Role, pool: &str) -> Result<(), ProviderError> {
         let spot = self.market(role, pool) == Market::Spot;
         let candidates = self.candidates(role, pool);
-        let st = self.state.lock().expect("lock");
+        let st = self.state.lock();
         let now = Instant::now();
         if let Some((key, msg)) = &st.blocked {
             return Err(ProviderError::Config { key: key.clone(), message: msg.clone() });
@@ -506,13 +512,10 @@ impl Provider for Ec2Provider {
                 if let (Some(t), Some(z)) =
                     (inst.instance_type(), inst.placement().and_then(|p| p.availability_zone()))
                 {
-                    self.placement
-                        .lock()
-                        .expect("lock")
-                        .insert(id.to_string(), (t.as_str().into(), z.into()));
+                    self.placement.lock().insert(id.to_string(), (t.as_str().into(), z.into()));
                 }
                 if inst.instance_lifecycle().is_none() {
-                    self.on_demand_ids.lock().expect("lock").insert(id.to_string());
+                    self.on_demand_ids.lock().insert(id.to_string());
                 }
                 let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
                 let state = inst.state().and_then(|s| s.name());
@@ -529,8 +532,8 @@ impl Provider for Ec2Provider {
         // What is known per instance lasts as long as the instance is
         // listed: bounded by the cluster, not by every instance it ever had.
         let listed: std::collections::HashSet<&str> = out.iter().map(|o| o.instance_id.as_str()).collect();
-        self.placement.lock().expect("lock").retain(|id, _| listed.contains(id.as_str()));
-        self.on_demand_ids.lock().expect("lock").retain(|id| listed.contains(id.as_str()));
+        self.placement.lock().retain(|id, _| listed.contains(id.as_str()));
+        self.on_demand_ids.lock().retain(|id| listed.contains(id.as_str()));
         Ok(out)
     }
 
@@ -572,21 +575,29 @@ impl Provider for Ec2Provider {
         Ok(())
     }
 
+    /// This cluster's open spot requests only (its id's tag, not the
+    /// `tag_key` another cluster may share).
     async fn cleanup(&self) -> Result<Vec<String>, ProviderError> {
         let filter =
             Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
+        let ours = Filter::builder().name(format!("tag:{CLUSTER_TAG}")).values(&self.cluster_id).build();
         let open = Filter::builder().name("state").values("open").build();
-        let reqs =
-            match self.client.describe_spot_instance_requests().filters(filter).filters(open).send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    let (code, msg) = describe(&e);
-                    tracing::warn!(
-                        "cannot list open spot requests ({code}: {msg}); check them in the console"
-                    );
-                    return Ok(vec![]);
-                }
-            };
+        let reqs = match self
+            .client
+            .describe_spot_instance_requests()
+            .filters(filter)
+            .filters(ours)
+            .filters(open)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let (code, msg) = describe(&e);
+                tracing::warn!("cannot list open spot requests ({code}: {msg}); check them in the console");
+                return Ok(vec![]);
+            }
+        };
         let ids: Vec<String> = reqs
             .spot_instance_requests()
             .iter()
@@ -611,21 +622,17 @@ impl Provider for Ec2Provider {
     }
 
     fn api_calls(&self) -> Vec<(String, u64, u64)> {
-        self.calls.lock().expect("lock").iter().map(|(a, (n, e))| (a.to_string(), *n, *e)).collect()
+        self.calls.lock().iter().map(|(a, (n, e))| (a.to_string(), *n, *e)).collect()
     }
 
     fn facts(&self) -> Vec<String> {
         let mut out: Vec<String> = match &self.ami {
             ImageSpec::Id(id) => vec![format!("image: {id}")],
-            ImageSpec::Alias(_) => self
-                .resolved
-                .lock()
-                .expect("lock")
-                .iter()
-                .map(|r| format!("image: {}", r.describe()))
-                .collect(),
+            ImageSpec::Alias(_) => {
+                self.resolved.lock().iter().map(|r| format!("image: {}", r.describe())).collect()
+            }
         };
-        out.extend(self.scratch_notes.lock().expect("lock").iter().cloned());
+        out.extend(self.scratch_notes.lock().iter().cloned());
         out
     }
 
@@ -640,8 +647,8 @@ impl Provider for Ec2Provider {
         if self.on_demand(role) {
             return;
         }
-        let place = instance_id.and_then(|i| self.placement.lock().expect("lock").get(i).cloned());
-        let mut st = self.state.lock().expect("lock");
+        let place = instance_id.and_then(|i| self.placement.lock().get(i).cloned());
+        let mut st = self.state.lock();
         if kind == crate::model::Notice::SpotInterruption {
             st.book.interrupted(pool, Instant::now(), node_id);
         }
@@ -651,7 +658,7 @@ impl Provider for Ec2Provider {
             let subnets: Vec<Option<String>> = if self.subnets == [None] {
                 vec![None]
             } else {
-                let zones = self.subnet_zones.lock().expect("lock");
+                let zones = self.subnet_zones.lock();
                 zones.iter().filter(|(_, z)| *z == zone).map(|(s, _)| Some(s.clone())).collect()
             };
             let why = format!("{itype} spot in {zone}: {} notice on {node_id}", kind.label());
@@ -667,7 +674,7 @@ impl Provider for Ec2Provider {
     }
 
     fn notes(&self) -> Vec<String> {
-        let mut st = self.state.lock().expect("lock");
+        let mut st = self.state.lock();
         let now = Instant::now();
         let mut out = Vec::new();
         for (pool, since, why) in st.book.on_demand_pools(&self.fallback, now) {

@@ -67,7 +67,7 @@ impl Ec2Provider {
             } else {
                 key
             };
-            if let Some(known) = self.type_arch.lock().expect("lock").get(&t).cloned() {
+            if let Some(known) = self.type_arch.lock().get(&t).cloned() {
                 arch_keys.push((known, t, key)); // checked already (master and a pool share it)
                 continue;
             }
@@ -100,7 +100,7 @@ impl Ec2Provider {
                 0 => String::new(),
                 n => format!(" ({n} GiB gp3)"),
             };
-            self.scratch_notes.lock().expect("lock").push(match store {
+            self.scratch_notes.lock().push(match store {
                 Some(disks) if !disks.is_empty() => {
                     format!("scratch on {t}: {disks} instance store, mounted at {}", self.scratch_path)
                 }
@@ -109,10 +109,10 @@ impl Ec2Provider {
                     self.scratch_path
                 ),
             });
-            self.type_arch.lock().expect("lock").insert(t.clone(), arch.clone());
+            self.type_arch.lock().insert(t.clone(), arch.clone());
             arch_keys.push((arch, t, key));
         }
-        self.subnet_zones.lock().expect("lock").clone_from(&zones);
+        self.subnet_zones.lock().clone_from(&zones);
         self.check_offerings(&zones, &arch_keys).await?;
         self.resolve_images(&arch_keys).await?;
         // Every type's architecture needs its agent (an x86_64 agent does
@@ -145,7 +145,7 @@ impl Ec2Provider {
             "ami",
             &ids.join(", "),
         )?;
-        let mut devices = self.root_devices.lock().expect("lock");
+        let mut devices = self.root_devices.lock();
         for img in out.images() {
             if let (Some(id), Some(dev)) = (img.image_id(), img.root_device_name()) {
                 devices.insert(id.to_string(), dev.to_string());
@@ -198,7 +198,7 @@ impl Ec2Provider {
                 }
             }
         }
-        let mut skipped = self.unsupported.lock().expect("lock");
+        let mut skipped = self.unsupported.lock();
         for (_, t, key) in types {
             let missing: Vec<&(String, String)> =
                 zones.iter().filter(|(_, z)| !offered.contains(&(t.clone(), z.clone()))).collect();
@@ -217,7 +217,6 @@ impl Ec2Provider {
                     tracing::info!("{t} is not offered in {zone}: never launched in {subnet}");
                     self.scratch_notes
                         .lock()
-                        .expect("lock")
                         .push(format!("{t}: not offered in {zone}, never launched in {subnet}"));
                 }
             }

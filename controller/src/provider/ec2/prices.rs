@@ -43,7 +43,7 @@ impl Ec2Provider {
         instance_ids: &[String],
     ) -> Result<HashMap<String, f64>, ProviderError> {
         let (od, spot): (Vec<String>, Vec<String>) = {
-            let on_demand = self.on_demand_ids.lock().expect("lock");
+            let on_demand = self.on_demand_ids.lock();
             instance_ids.iter().cloned().partition(|i| on_demand.contains(i))
         };
         let mut out = self.spot_prices(&spot).await?;
@@ -59,7 +59,7 @@ impl Ec2Provider {
     /// `GetProducts` per type not cached (or older than a week).
     async fn on_demand_prices(&self, instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
         let wanted: Vec<(String, String)> = {
-            let p = self.placement.lock().expect("lock");
+            let p = self.placement.lock();
             instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.0.clone()))).collect()
         };
         let mut types: Vec<String> = wanted.iter().map(|(_, t)| t.clone()).collect();
@@ -68,7 +68,7 @@ impl Ec2Provider {
         let key = |t: &str| format!("{}/{t}", self.region);
         let now = unix_now();
         let stale: Vec<String> = {
-            let cache = self.on_demand_cache.lock().expect("lock");
+            let cache = self.on_demand_cache.lock();
             types
                 .iter()
                 .filter(|t| {
@@ -79,9 +79,9 @@ impl Ec2Provider {
         };
         for t in &stale {
             let price = self.fetch_on_demand(t).await?;
-            self.on_demand_cache.lock().expect("lock").insert(key(t), (price, now));
+            self.on_demand_cache.lock().insert(key(t), (price, now));
         }
-        let cache = self.on_demand_cache.lock().expect("lock");
+        let cache = self.on_demand_cache.lock();
         if !stale.is_empty()
             && let Err(e) = crate::pki::write_private(
                 &self.on_demand_cache_file,
@@ -139,7 +139,7 @@ impl Ec2Provider {
         instance_ids: &[String],
     ) -> Result<HashMap<String, f64>, ProviderError> {
         let wanted: Vec<(String, (String, String))> = {
-            let p = self.placement.lock().expect("lock");
+            let p = self.placement.lock();
             instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.clone()))).collect()
         };
         let mut types: Vec<String> = wanted.iter().map(|(_, (t, _))| t.clone()).collect();
