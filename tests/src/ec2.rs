@@ -302,6 +302,12 @@ impl Hypervisor {
         hold: impl Fn(&Inst) -> bool + Send + 'static,
     ) -> Hypervisor {
         let dir = tempfile::tempdir().unwrap();
+        // The nodes' power button (the agent's `DDISCO_POWEROFF`): the
+        // instance's processes end and it is marked powered off; the loop
+        // below then does what EC2 does with such an instance.
+        let button = dir.path().join("poweroff");
+        std::fs::write(&button, "#!/bin/sh\ntouch \"$DDISCO_HOME/powered-off\"\nkill -KILL 0\n").unwrap();
+        std::fs::set_permissions(&button, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
         let hold: Hold = Arc::new(Mutex::new(Some(Box::new(hold))));
         let (b, root, tag, h) = (booted.clone(), dir.path().to_path_buf(), tag_key.to_string(), hold.clone());
@@ -325,6 +331,10 @@ impl Hypervisor {
                         && let Some(node) = b.lock().unwrap().get(&i.id)
                     {
                         kill_group(node.pid);
+                    }
+                    if running && known && root.join(&i.id).join("powered-off").exists() {
+                        let _ = std::fs::remove_file(root.join(&i.id).join("powered-off"));
+                        power_off(&c, &i.id).await;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -393,6 +403,28 @@ fn kill_group(pid: i32) {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
+/// An instance powered itself off: EC2 terminates it if it was launched
+/// with `InstanceInitiatedShutdownBehavior = terminate`, else stops it
+/// (moto's default, as EC2's, is stop).
+async fn power_off(c: &Client, id: &str) {
+    let behaviour = c
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+        .send()
+        .await
+        .ok()
+        .and_then(|a| a.instance_initiated_shutdown_behavior().and_then(|v| v.value()).map(String::from));
+    let r = if behaviour.as_deref() == Some("terminate") {
+        c.terminate_instances().instance_ids(id).send().await.map(|_| ()).map_err(|e| format!("{e:?}"))
+    } else {
+        c.stop_instances().instance_ids(id).send().await.map(|_| ()).map_err(|e| format!("{e:?}"))
+    };
+    if let Err(e) = r {
+        eprintln!("hypervisor: cannot power {id} off: {e}");
+    }
+}
+
 /// An instance's userdata, as it reads it from its metadata service.
 pub async fn userdata_of(c: &Client, instance_id: &str) -> Result<String, String> {
     let attr = c
@@ -448,6 +480,8 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
             .env("DDISCO_HOSTNAME", format!("ip-{}", meta.lock().unwrap().ip.replace('.', "-")))
             .env("DDISCO_NOTICE_POLL_MS", "200")
             .env("DDISCO_LOADAVG_FILE", root.join("loadavg"))
+            // Never this machine's own `poweroff`.
+            .env("DDISCO_POWEROFF", root.join("poweroff"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

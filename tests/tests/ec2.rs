@@ -1587,3 +1587,44 @@ fn run_reports_a_spend_cap_reached_during_the_job() {
     assert!(stderr.contains("already running") && stderr.contains("spend cap"), "{stderr}");
     assert!(w.live_ids().is_empty(), "instances left: {:?}", w.live_ids());
 }
+
+/// Issue 22, item 2, on EC2: every launch asks EC2 to terminate an
+/// instance that shuts itself down, and nodes whose controller is gone
+/// power off once `orphan_timeout_secs` pass (the test hypervisor models a
+/// power-off as EC2 does: terminated with that setting, stopped without):
+/// nothing of the cluster is left running or stopped.
+#[test]
+fn nodes_whose_controller_died_power_off_and_are_terminated() {
+    let mut w = world("num_slaves = 1\norphan_timeout_secs = 8");
+    let s = w.cluster.wait_until("master + 1 slave ready", READY, |s| {
+        at_size(s, 1) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let notes = s["controller_notes"].to_string();
+    assert!(notes.contains("EC2 terminates them"), "{notes}");
+    let launches = w.proxy.requests("RunInstances");
+    assert!(!launches.is_empty());
+    for (_, params) in &launches {
+        assert_eq!(
+            params.get("InstanceInitiatedShutdownBehavior").map(String::as_str),
+            Some("terminate"),
+            "{params:?}"
+        );
+    }
+    let ids = w.live_ids();
+    assert_eq!(ids.len(), 2);
+    w.cluster.crash_serve();
+    let crashed = Instant::now();
+    let end = crashed + Duration::from_secs(60);
+    loop {
+        let v = w.moto();
+        let states: Vec<(&str, &str)> = v.iter().map(|i| (i.id.as_str(), i.state.as_str())).collect();
+        if v.iter().all(|i| i.state == "terminated" || i.state == "shutting-down") {
+            break;
+        }
+        assert!(Instant::now() < end, "60 s after the controller died: {states:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = crashed.elapsed().as_secs_f64();
+    assert!(took >= 7.0, "terminated {took:.1} s after the crash, before the 8 s window");
+    eprintln!("both instances terminated {took:.1} s after the controller was killed (window 8 s)");
+}
