@@ -39,6 +39,7 @@ pub mod config;
 pub mod dashboard;
 pub mod download;
 pub mod engine;
+pub mod failures;
 pub mod grpc;
 pub mod history;
 pub mod limits;

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A node's role in the map/reduce cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Master,
@@ -161,6 +161,26 @@ pub fn span(secs: f64) -> String {
     }
 }
 
+/// A duration as people write it: `90s`, `45m`, `2h`, `1d`, or seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let per = match unit {
+        "s" | "sec" | "secs" => 1.0,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86_400.0,
+        _ => return Err(format!("{s:?}: give a duration such as 90s, 45m, 2h or 1d")),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v * per < 1e9 => Ok(std::time::Duration::from_secs_f64(v * per)),
+        _ => Err(format!("{s:?}: give a positive duration such as 90s, 45m, 2h or 1d")),
+    }
+}
+
 fn trim(v: f64) -> String {
     let s = format!("{v:.1}");
     s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
@@ -168,6 +188,18 @@ fn trim(v: f64) -> String {
 
 #[cfg(test)]
 mod span_tests {
+    #[test]
+    fn durations_parse_as_people_write_them() {
+        use std::time::Duration;
+        assert_eq!(super::parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(super::parse_duration("45m"), Ok(Duration::from_secs(2700)));
+        assert_eq!(super::parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(super::parse_duration("30"), Ok(Duration::from_secs(30)));
+        for bad in ["", "0m", "-1h", "2 weeks", "h", "1e300s", "NaNs"] {
+            assert!(super::parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn spans_read_as_people_say_them() {
         assert_eq!(super::span(45.0), "45 s");

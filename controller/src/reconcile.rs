@@ -15,8 +15,9 @@
 //! - A node whose instance is gone, that misses the boot deadline, or that is
 //!   silent for the heartbeat timeout is terminated and, being no longer
 //!   counted, replaced in the same tick.
-//! - Failed nodes are kept (and counted) so the operator can read the failed
-//!   step; replacing them would repeat the same failure in a loop.
+//! - A failed node is terminated (the registry keeps its output) and, no
+//!   longer counted, replaced in the same tick, unless its role is held
+//!   (`Desired::hold`, the failure budget): then the cluster stays short.
 //! - Slaves are counted per pool; a slave of a pool that is no longer wanted
 //!   is surplus.
 //! - A node with an interruption notice no longer counts: its replacement is
@@ -28,16 +29,22 @@
 use crate::model::{NodeState, Role};
 use std::collections::BTreeMap;
 
-/// What the user asked for: slaves per pool (one master is implied).
+/// What the user asked for: slaves per pool (one master is implied); and
+/// the roles whose launches are held (the failure budget: a crash loop is
+/// not fed new nodes).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
     pub pools: BTreeMap<String, u32>,
+    pub hold: std::collections::BTreeSet<Role>,
 }
 
 impl Desired {
     /// One pool (`default`) of `n` slaves.
     pub fn slaves(n: u32) -> Desired {
-        Desired { pools: BTreeMap::from([(crate::config::DEFAULT_POOL.to_string(), n)]) }
+        Desired {
+            pools: BTreeMap::from([(crate::config::DEFAULT_POOL.to_string(), n)]),
+            ..Default::default()
+        }
     }
 }
 
@@ -142,12 +149,18 @@ pub enum Reason {
     Interrupted,
     /// On-demand node whose spot replacement is ready.
     BackToSpot,
+    /// A step of its plan failed (or it sent what no honest agent sends):
+    /// it is terminated (its output is kept) and replaced.
+    Failed,
 }
 
 impl Reason {
     /// Is this a loss (to be reported and replaced), not a choice?
     pub fn is_loss(&self) -> bool {
-        matches!(self, Reason::InstanceGone | Reason::BootTimeout | Reason::HeartbeatTimeout { .. })
+        matches!(
+            self,
+            Reason::InstanceGone | Reason::BootTimeout | Reason::HeartbeatTimeout { .. } | Reason::Failed
+        )
     }
 
     pub fn describe(&self) -> String {
@@ -163,6 +176,7 @@ impl Reason {
             Reason::BackToSpot => {
                 "on-demand while spot is available again; its spot replacement is ready".into()
             }
+            Reason::Failed => "it failed".into(),
         }
     }
 }
@@ -203,6 +217,10 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         }
         if let Some(reason) = loss(n, limits) {
             actions.push(Action::Terminate { id: n.id.clone(), reason });
+            continue;
+        }
+        if matches!(n.state, NodeState::Failed { .. }) {
+            actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Failed });
             continue;
         }
         if n.state == NodeState::Requested && n.instance == Instance::Alive {
@@ -289,6 +307,8 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::BackToSpot });
         }
     }
+    // Held roles launch nothing (their failed nodes still go).
+    actions.retain(|a| !matches!(a, Action::Launch { role, .. } if desired.hold.contains(role)));
     actions
 }
 
@@ -509,14 +529,13 @@ mod tests {
     }
 
     #[test]
-    fn scale_down_removes_failed_then_unready_then_newest_ready() {
+    fn scale_down_removes_unready_then_newest_ready() {
         let nodes = [
             ready("m", Role::Master, 0),
             ready("s-old", Role::Slave, 1),
             ready("s-new", Role::Slave, 5),
             node("s-boot", Role::Slave, NodeState::Booting, 2),
             node("s-prov", Role::Slave, NodeState::Provisioning { step: 0, of: 3 }, 3),
-            node("s-fail", Role::Slave, NodeState::Failed { step: "pip".into() }, 4),
         ];
         let ids = |n| {
             terminated(&decide(&Desired::slaves(n), &nodes, LIMITS))
@@ -527,10 +546,10 @@ mod tests {
                 })
                 .collect::<Vec<String>>()
         };
-        assert_eq!(ids(4), vec!["s-fail"]);
-        assert_eq!(ids(3), vec!["s-boot", "s-fail"]);
-        assert_eq!(ids(1), vec!["s-new", "s-prov", "s-boot", "s-fail"]);
-        assert_eq!(ids(0).len(), 5);
+        assert_eq!(ids(4), Vec::<String>::new());
+        assert_eq!(ids(3), vec!["s-boot"]);
+        assert_eq!(ids(1), vec!["s-new", "s-prov", "s-boot"]);
+        assert_eq!(ids(0).len(), 4);
         // The master is never a scale-down victim.
         assert!(!ids(0).contains(&"m".to_string()));
     }
@@ -653,9 +672,29 @@ mod tests {
     }
 
     #[test]
-    fn failed_nodes_are_kept_and_counted() {
+    fn a_failed_node_is_terminated_and_replaced_unless_its_role_is_held() {
         let f = node("s1", Role::Slave, NodeState::Failed { step: "post_init".into() }, 1);
-        assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), f], LIMITS).is_empty());
+        let nodes = [ready("m", Role::Master, 0), f];
+        assert_eq!(
+            decide(&Desired::slaves(1), &nodes, LIMITS),
+            vec![
+                Action::Terminate { id: "s1".into(), reason: Reason::Failed },
+                Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 },
+            ]
+        );
+        // The failure budget holds slaves: it still goes, nothing comes.
+        let held = Desired { hold: [Role::Slave].into(), ..Desired::slaves(1) };
+        assert_eq!(
+            decide(&held, &nodes, LIMITS),
+            vec![Action::Terminate { id: "s1".into(), reason: Reason::Failed }]
+        );
+        // A failed master: replaced too (a held slave role does not stop it).
+        let fm = node("m", Role::Master, NodeState::Failed { step: "apt".into() }, 0);
+        let acts = decide(&held, &[fm, ready("s2", Role::Slave, 2)], LIMITS);
+        assert!(
+            acts.contains(&Action::Launch { role: Role::Master, pool: "master".into(), count: 1 }),
+            "{acts:?}"
+        );
     }
 
     #[test]
@@ -666,7 +705,8 @@ mod tests {
         b1.pool = "b".into();
         let mut old = ready("o1", Role::Slave, 3);
         old.pool = "gone".into();
-        let desired = Desired { pools: BTreeMap::from([("a".into(), 2), ("b".into(), 1)]) };
+        let desired =
+            Desired { pools: BTreeMap::from([("a".into(), 2), ("b".into(), 1)]), ..Default::default() };
         let acts = decide(&desired, &[ready("m", Role::Master, 0), a, b1, old], LIMITS);
         assert_eq!(
             acts,

@@ -18,6 +18,8 @@ pub struct StatusView {
     pub desired_slaves: u32,
     pub desired_pools: std::collections::BTreeMap<String, u32>,
     pub nodes: Vec<NodeStatus>,
+    /// Failed nodes already terminated (the newest 16): what they reported.
+    pub failed_nodes: Vec<NodeStatus>,
     pub events: Vec<String>,
     pub provider_notes: Vec<String>,
     /// Conditions of the controller itself (its open-file limit).
@@ -124,59 +126,12 @@ impl StatusView {
         let nodes = reg
             .entries()
             .filter(|_| !brief)
-            .map(|e| {
-                let r = &e.rec;
-                let facts = r.facts.clone().unwrap_or_default();
-                NodeStatus {
-                    node_id: r.id.clone(),
-                    role: r.role,
-                    state: r.state.label(),
-                    instance_id: r.instance_id.clone().unwrap_or_default(),
-                    address: r.address().to_string(),
-                    hostname: facts.hostname,
-                    cores: facts.logical_cores,
-                    workers: r.workers,
-                    last_heartbeat_ms: if r.state.is_enrolled() {
-                        e.live.last_seen_ms().map(|t| now.saturating_sub(t))
-                    } else {
-                        None
-                    },
-                    current_step: match r.state {
-                        NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
-                        _ => String::new(),
-                    },
-                    detail: {
-                        let engine = r.engine_detail();
-                        match (r.detail.is_empty(), engine.is_empty()) {
-                            (_, true) => r.detail.clone(),
-                            (true, false) => engine,
-                            (false, false) => format!("{}; {}", r.detail, engine),
-                        }
-                    },
-                    age_ms: now_unix.saturating_sub(r.launched_unix_ms),
-                    connected: e.live.connected(),
-                    pool: r.pool.clone(),
-                    instance_type: match (r.instance_type.is_empty(), r.market) {
-                        (false, Market::OnDemand) => format!("{} on-demand", r.instance_type),
-                        _ => r.instance_type.clone(),
-                    },
-                    notice: r.notice.map(|n| n.label().to_string()).unwrap_or_default(),
-                    phases: r.phases.clone(),
-                    steps: r
-                        .steps
-                        .iter()
-                        .map(|(name, l)| StepView {
-                            name: name.clone(),
-                            status: l.status.clone(),
-                            exit_code: l.exit_code,
-                            duration_ms: l.duration_ms,
-                            output_tail: l.output_tail.clone(),
-                        })
-                        .collect(),
-                    stuck: stuck(r, now_unix, &sh.cfg),
-                    price_per_hour: r.price_per_hour,
-                }
-            })
+            .map(|e| node_status(&e.rec, Some(&e.live), now, now_unix, &sh.cfg))
+            .collect();
+        let failed_nodes = reg
+            .failed_nodes()
+            .filter(|_| !brief)
+            .map(|r| node_status(r, None, now, now_unix, &sh.cfg))
             .collect();
         let events = reg.events();
         StatusView {
@@ -186,6 +141,7 @@ impl StatusView {
             desired_slaves: reg.desired_slaves(),
             desired_pools: reg.desired.clone(),
             nodes,
+            failed_nodes,
             events: events
                 .iter()
                 .skip(events.len().saturating_sub(RECENT_EVENTS))
@@ -215,6 +171,67 @@ impl StatusView {
             cost_per_hour: reg.cost_per_hour(),
             spent_usd: reg.spent_usd,
         }
+    }
+}
+
+/// One node as status shows it; `live`: its liveness, for a node still in
+/// the registry (a terminated failed node has none).
+fn node_status(
+    r: &NodeRecord,
+    live: Option<&crate::registry::Liveness>,
+    now: u64,
+    now_unix: u64,
+    cfg: &Config,
+) -> NodeStatus {
+    let facts = r.facts.clone().unwrap_or_default();
+    NodeStatus {
+        node_id: r.id.clone(),
+        role: r.role,
+        state: r.state.label(),
+        instance_id: r.instance_id.clone().unwrap_or_default(),
+        address: r.address().to_string(),
+        hostname: facts.hostname,
+        cores: facts.logical_cores,
+        workers: r.workers,
+        last_heartbeat_ms: if r.state.is_enrolled() {
+            live.and_then(|l| l.last_seen_ms()).map(|t| now.saturating_sub(t))
+        } else {
+            None
+        },
+        current_step: match r.state {
+            NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
+            _ => String::new(),
+        },
+        detail: {
+            let engine = r.engine_detail();
+            match (r.detail.is_empty(), engine.is_empty()) {
+                (_, true) => r.detail.clone(),
+                (true, false) => engine,
+                (false, false) => format!("{}; {}", r.detail, engine),
+            }
+        },
+        age_ms: now_unix.saturating_sub(r.launched_unix_ms),
+        connected: live.is_some_and(|l| l.connected()),
+        pool: r.pool.clone(),
+        instance_type: match (r.instance_type.is_empty(), r.market) {
+            (false, Market::OnDemand) => format!("{} on-demand", r.instance_type),
+            _ => r.instance_type.clone(),
+        },
+        notice: r.notice.map(|n| n.label().to_string()).unwrap_or_default(),
+        phases: r.phases.clone(),
+        steps: r
+            .steps
+            .iter()
+            .map(|(name, l)| StepView {
+                name: name.clone(),
+                status: l.status.clone(),
+                exit_code: l.exit_code,
+                duration_ms: l.duration_ms,
+                output_tail: l.output_tail.clone(),
+            })
+            .collect(),
+        stuck: stuck(r, now_unix, cfg),
+        price_per_hour: r.price_per_hour,
     }
 }
 

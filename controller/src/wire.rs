@@ -205,6 +205,7 @@ impl From<StatusView> for api::StatusReply {
             provider: v.provider,
             desired_slaves: v.desired_slaves,
             nodes: v.nodes.into_iter().map(api::NodeStatus::from).collect(),
+            failed_nodes: v.failed_nodes.into_iter().map(api::NodeStatus::from).collect(),
             notes: v.events,
             desired_pools: v.desired_pools.into_iter().collect(),
             provider_notes: v.provider_notes,
@@ -293,6 +294,7 @@ impl From<api::StatusReply> for StatusView {
                 .map(|e| EventView { unix_ms: e.unix_ms, message: e.message })
                 .collect(),
             nodes: s.nodes.into_iter().map(NodeStatus::from).collect(),
+            failed_nodes: s.failed_nodes.into_iter().map(NodeStatus::from).collect(),
             events: s.notes,
         }
     }
@@ -365,7 +367,7 @@ mod tests {
 
     #[test]
     fn status_survives_the_wire() {
-        let view = StatusView {
+        let mut view = StatusView {
             cluster: "c".into(),
             cluster_id: "c-0123456789ab".into(),
             provider: "local".into(),
@@ -410,7 +412,12 @@ mod tests {
             timed_events: vec![EventView { unix_ms: 1, message: "e".into() }],
             cost_per_hour: 0.5,
             spent_usd: 1.5,
+            failed_nodes: vec![],
         };
+        let mut gone = view.nodes[0].clone();
+        gone.node_id = "slave-0002".into();
+        gone.state = "failed at post_init".into();
+        view.failed_nodes.push(gone);
         assert_eq!(StatusView::from(api::StatusReply::from(view.clone())), view);
     }
 

@@ -163,26 +163,48 @@ fn controller_restart_readopts_nodes_without_duplicates() {
     }
 }
 
+/// Issue 22, item 4: a failed node stops billing. Every node fails its
+/// package step: each is terminated (no process of it left) and replaced,
+/// what it reported stays in status and `logs` after it is gone, and once
+/// the step failed on 3 nodes (the failure budget) nothing more is
+/// launched: the cluster stays short and status says why.
 #[test]
-fn failed_step_leaves_the_node_visibly_failed() {
+fn failed_nodes_are_terminated_replaced_and_then_held_by_the_failure_budget() {
     let mut c = Cluster::start(
         r#"
 num_slaves = 1
 additional_packages = ["ddisco-no-such-package"]
 "#,
     );
-    let s = c.wait_until("both nodes failed", READY, |s| {
-        nodes(s).len() == 2 && nodes(s).iter().all(|n| n["state"] == "failed")
+    let s = c.wait_until("the failure budget holds launches and every failed node is gone", READY, |s| {
+        s["controller_notes"].to_string().contains("FAILURE BUDGET") && nodes(s).is_empty()
     });
-    for n in nodes(&s) {
+    let gone = s["failed_nodes"].as_array().expect("failed_nodes").clone();
+    // Master and slave fail together: the budget of 3 is passed by the
+    // second pair.
+    assert_eq!(gone.len(), 4, "{s:#}");
+    for n in &gone {
         assert_eq!(n["current_step"], "system_packages");
         let detail = n["detail"].as_str().unwrap();
         assert!(detail.contains("missing packages: ddisco-no-such-package"), "{detail}");
     }
+    let notes = s["controller_notes"].to_string();
+    assert!(notes.contains("step system_packages failed on 4 nodes"), "{notes}");
+    // Every failed node's processes end.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while !node_processes(&c.state_dir()).is_empty() {
+        assert!(std::time::Instant::now() < end, "processes of failed nodes left");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let table = String::from_utf8(c.ctl(&["status"]).stdout).unwrap();
-    assert!(table.contains("failed"), "{table}");
-    // Boot diagnostics: the phases with their times, and the step's output.
-    let id = node_ids(&s, "slave")[0].clone();
+    assert!(table.contains("failed and terminated") && table.contains("FAILURE BUDGET"), "{table}");
+    // Several reconcile passes later (0.3 s apart), still nothing launched.
+    std::thread::sleep(Duration::from_secs(2));
+    let later = c.status().unwrap();
+    assert!(nodes(&later).is_empty() && later["failed_nodes"].as_array().unwrap().len() == 4, "{later:#}");
+
+    // A terminated node's diagnostics: phases and the step's output.
+    let id = gone.iter().find(|n| n["role"] == "slave").unwrap()["node_id"].as_str().unwrap().to_string();
     let out = c.ctl(&["status", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -204,13 +226,9 @@ additional_packages = ["ddisco-no-such-package"]
     assert!(String::from_utf8_lossy(&out.stderr).contains("system_packages"), "known steps are named");
     let out = c.ctl(&["status", "slave-9999"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&id), "known nodes are named");
     // Nothing on the host was installed: the package is still missing.
     let q = Command::new("dpkg-query").args(["-W", "ddisco-no-such-package"]).output().unwrap();
     assert!(!q.status.success());
-    // Failed nodes are kept and counted (no replacement storm).
-    let s = c.status().unwrap();
-    assert_eq!(nodes(&s).len(), 2);
 }
 
 #[test]
@@ -302,7 +320,8 @@ fn status_watch_redraws_until_interrupted() {
 }
 
 /// Issue 22, item 2: the dead man's switch, on the local provider. With
-/// `orphan_timeout_secs = 8`: a controller killed (-9) and back within the
+/// `orphan_timeout_secs = 20` (the least allowed: agents reconnect with up
+/// to 10 s of backoff): a controller killed (-9) and back within the
 /// window keeps every node (same processes, nothing launched), even once
 /// the window has passed since the crash; a controller killed for good
 /// leaves nodes that end themselves, every process of theirs with them (a
@@ -311,20 +330,20 @@ fn status_watch_redraws_until_interrupted() {
 #[test]
 fn nodes_outlive_a_dead_controller_only_for_the_orphan_window() {
     let mut c = Cluster::start(
-        "num_slaves = 2\norphan_timeout_secs = 8\npost_init = \"nohup sleep 600 >/dev/null 2>&1 &\"",
+        "num_slaves = 2\norphan_timeout_secs = 20\npost_init = \"nohup sleep 600 >/dev/null 2>&1 &\"",
     );
     let s = c.wait_until("2 slaves ready and connected", READY, |s| {
         at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
     });
     let notes = s["controller_notes"].to_string();
-    assert!(notes.contains("8 s without a session") && notes.contains("orphan_timeout_secs"), "{notes}");
+    assert!(notes.contains("20 s without a session") && notes.contains("orphan_timeout_secs"), "{notes}");
     let mut ids: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
     ids.sort();
     let pids: Vec<i32> = ids.iter().map(|id| c.node_pid(id)).collect();
     let before = node_processes(&c.state_dir());
     assert!(before.len() >= 6, "each node's agent and its background sleep: {before:?}");
 
-    // Down for 3 s of the 8: back in time.
+    // Down for 3 s of the 20: back in time.
     c.crash_serve();
     let crashed = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
@@ -337,7 +356,7 @@ fn nodes_outlive_a_dead_controller_only_for_the_orphan_window() {
     again.sort();
     assert_eq!(again, ids, "{}", c.serve_log());
     // Past the window as counted from the crash: the sessions since reset it.
-    std::thread::sleep(Duration::from_secs(10).saturating_sub(crashed.elapsed()));
+    std::thread::sleep(Duration::from_secs(22).saturating_sub(crashed.elapsed()));
     for p in &pids {
         assert!(alive(*p), "a node ended although its controller came back in time");
     }
@@ -345,20 +364,20 @@ fn nodes_outlive_a_dead_controller_only_for_the_orphan_window() {
     // Killed for good.
     c.crash_serve();
     let crashed = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(15));
     for p in &pids {
         assert!(alive(*p), "a node ended before its window passed");
     }
-    let end = crashed + Duration::from_secs(40);
+    let end = crashed + Duration::from_secs(60);
     loop {
         let left = node_processes(&c.state_dir());
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < end, "node processes left 40 s after the controller died: {left:?}");
+        assert!(Instant::now() < end, "node processes left 60 s after the controller died: {left:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
     let took = crashed.elapsed().as_secs_f64();
-    assert!(took >= 7.0, "nodes ended {took:.1} s after the crash, before the 8 s window");
-    eprintln!("every node process ended {took:.1} s after the controller was killed (window 8 s)");
+    assert!(took >= 19.0, "nodes ended {took:.1} s after the crash, before the 20 s window");
+    eprintln!("every node process ended {took:.1} s after the controller was killed (window 20 s)");
 }

@@ -1595,7 +1595,7 @@ fn run_reports_a_spend_cap_reached_during_the_job() {
 /// nothing of the cluster is left running or stopped.
 #[test]
 fn nodes_whose_controller_died_power_off_and_are_terminated() {
-    let mut w = world("num_slaves = 1\norphan_timeout_secs = 8");
+    let mut w = world("num_slaves = 1\norphan_timeout_secs = 20");
     let s = w.cluster.wait_until("master + 1 slave ready", READY, |s| {
         at_size(s, 1) && nodes(s).iter().all(|n| n["connected"] == true)
     });
@@ -1614,17 +1614,17 @@ fn nodes_whose_controller_died_power_off_and_are_terminated() {
     assert_eq!(ids.len(), 2);
     w.cluster.crash_serve();
     let crashed = Instant::now();
-    let end = crashed + Duration::from_secs(60);
+    let end = crashed + Duration::from_secs(80);
     loop {
         let v = w.moto();
         let states: Vec<(&str, &str)> = v.iter().map(|i| (i.id.as_str(), i.state.as_str())).collect();
         if v.iter().all(|i| i.state == "terminated" || i.state == "shutting-down") {
             break;
         }
-        assert!(Instant::now() < end, "60 s after the controller died: {states:?}");
+        assert!(Instant::now() < end, "80 s after the controller died: {states:?}");
         std::thread::sleep(Duration::from_millis(250));
     }
     let took = crashed.elapsed().as_secs_f64();
-    assert!(took >= 7.0, "terminated {took:.1} s after the crash, before the 8 s window");
-    eprintln!("both instances terminated {took:.1} s after the controller was killed (window 8 s)");
+    assert!(took >= 19.0, "terminated {took:.1} s after the crash, before the 20 s window");
+    eprintln!("both instances terminated {took:.1} s after the controller was killed (window 20 s)");
 }

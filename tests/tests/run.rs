@@ -214,3 +214,75 @@ fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
         s["controller_notes"].to_string().contains("adaptive: 1..4 slaves")
     });
 }
+
+/// Issue 22, item 5: `run --max-runtime`. A job that outlives the limit is
+/// stopped and the cluster destroyed, even with --keep, and `run` exits 6.
+/// A `run` that dies (kill -9) leaves the limit to the controller it
+/// started: the cluster is destroyed on time and the controller stops.
+#[test]
+fn max_runtime_stops_the_job_and_destroys_the_cluster_even_if_run_dies() {
+    let plain = |dir: &Path| {
+        let cfg = dir.join("ddisco.toml");
+        std::fs::write(&cfg, fast_config("num_slaves = 0")).unwrap();
+        cfg
+    };
+    let run_plain = |dir: &Path, args: &[&str]| {
+        Command::new(bin("ddisco-controller"))
+            .arg("run")
+            .args(["--config", plain(dir).to_str().unwrap()])
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let gone = |dir: &Path, stderr: &str| {
+        let state = dir.join(".ddisco");
+        let end = Instant::now() + Duration::from_secs(30);
+        while !node_processes(&state).is_empty() {
+            assert!(Instant::now() < end, "node processes left: {:?}\n{stderr}", node_processes(&state));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let child =
+        run_plain(dir.path(), &["--slaves", "1", "--keep", "--max-runtime", "8s", "--", "sleep", "300"]);
+    let (code, _, stderr) = finish(child, Duration::from_secs(90));
+    assert_eq!(code, Some(6), "{stderr}");
+    let took = t0.elapsed().as_secs_f64();
+    assert!((8.0..60.0).contains(&took), "run ended after {took:.1} s: {stderr}");
+    assert!(stderr.contains("--max-runtime passed") && stderr.contains("cluster destroyed"), "{stderr}");
+    gone(dir.path(), &stderr);
+
+    // `run` dies once the job runs: the controller keeps the limit.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = run_plain(dir.path(), &["--slaves", "1", "--max-runtime", "10s", "--", "sleep", "299.5"]);
+    let log = dir.path().join(".ddisco/serve.log");
+    let end = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("slave-0002 ready") {
+        assert!(Instant::now() < end, "the cluster never got ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("MAX RUNTIME REACHED") {
+        assert!(Instant::now() < end, "the controller did not enforce the limit");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gone(dir.path(), "");
+    let reason = std::fs::read_to_string(dir.path().join(".ddisco/stop-reason")).unwrap();
+    assert!(reason.starts_with("MAX RUNTIME REACHED"), "{reason}");
+    // The job was a process of the `run` that died (on this machine, not
+    // the cluster's): end it.
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x00299.5\x00")
+            && let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>()
+        {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}

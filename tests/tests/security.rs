@@ -22,6 +22,15 @@ fn sleeper(dir: &Path) -> String {
     format!("agent_binary = \"{}\"", p.display())
 }
 
+/// Node `id` failed: still in the registry as failed, or already
+/// terminated and kept among `failed_nodes`.
+fn failed_node<'a>(s: &'a Value, id: &str) -> Option<&'a Value> {
+    nodes(s)
+        .iter()
+        .find(|n| n["node_id"] == id && n["state"] == "failed")
+        .or_else(|| s["failed_nodes"].as_array()?.iter().find(|n| n["node_id"] == id))
+}
+
 fn states(s: &Value) -> Vec<(String, String)> {
     nodes(s)
         .iter()
@@ -189,14 +198,11 @@ async fn a_slaves_hostile_host_name_or_key_reaches_no_other_node() {
     .await;
 
     let st = tokio::task::block_in_place(|| {
-        c.wait_until("both hostile slaves failed", WAIT, |s| {
-            ["slave-0002", "slave-0003"]
-                .iter()
-                .all(|id| nodes(s).iter().any(|n| n["node_id"] == *id && n["state"] == "failed"))
+        c.wait_until("both hostile slaves failed (and were terminated)", WAIT, |s| {
+            ["slave-0002", "slave-0003"].iter().all(|id| failed_node(s, id).is_some())
         })
     });
-    let detail =
-        |id: &str| nodes(&st).iter().find(|n| n["node_id"] == id).map(|n| n.to_string()).unwrap_or_default();
+    let detail = |id: &str| failed_node(&st, id).map(|n| n.to_string()).unwrap_or_default();
     assert!(detail("slave-0002").contains("facts.hostname"), "{}", detail("slave-0002"));
     assert!(detail("slave-0003").contains("ssh_host_key"), "{}", detail("slave-0003"));
     // The hostile slave was told why instead of getting an assignment.
@@ -448,11 +454,9 @@ async fn a_hostile_message_fails_its_node_and_the_controller_goes_on() {
         }))
         .await;
     let st = tokio::task::block_in_place(|| {
-        c.wait_until("the hostile slave failed", WAIT, |s| {
-            nodes(s).iter().any(|n| n["node_id"] == "slave-0002" && n["state"] == "failed")
-        })
+        c.wait_until("the hostile slave failed", WAIT, |s| failed_node(s, "slave-0002").is_some())
     });
-    let detail = nodes(&st).iter().find(|n| n["node_id"] == "slave-0002").unwrap()["detail"].to_string();
+    let detail = failed_node(&st, "slave-0002").unwrap()["detail"].to_string();
     assert!(detail.contains("not one its plan collects"), "{detail}");
     // The controller is alive and acts: scale is taken, status answers,
     // and another node still enrolls.

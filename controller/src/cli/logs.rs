@@ -23,8 +23,11 @@ pub async fn exec(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let mut client = AdminClient::connect(&cfg.admin_socket()).await?;
     let view = client.status().await?;
     let usage = |m: String| anyhow::Error::new(super::UsageError(m));
-    let Some(n) = view.nodes.iter().find(|n| n.node_id == args.node) else {
-        let known: Vec<&str> = view.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    // A failed node already terminated is found too (its last reports).
+    let Some(n) = view.nodes.iter().chain(view.failed_nodes.iter().rev()).find(|n| n.node_id == args.node)
+    else {
+        let known: Vec<&str> =
+            view.nodes.iter().chain(view.failed_nodes.iter()).map(|n| n.node_id.as_str()).collect();
         return Err(usage(format!("no node {:?} (nodes: {})", args.node, known.join(", "))));
     };
     let steps: Vec<_> =

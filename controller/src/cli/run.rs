@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 /// Dask: DASK_SCHEDULER_ADDRESS and Dask's TLS settings; Disco:
 /// DISCO_MASTER, DISCO_PROXY), then destroy the cluster (unless --keep, or
 /// the controller was already running) and print a summary. The exit code
-/// is COMMAND's; 4 if the cluster never became ready.
+/// is COMMAND's; 4 if the cluster never became ready; 5 if the spend cap
+/// (max_spend_usd) was reached; 6 if --max-runtime (or max_runtime_mins)
+/// ran out; 7 if the destroy at the end did not finish (instances may
+/// still run: see the message).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Slaves for the job: N, or MIN..MAX to let the engine's backlog
@@ -35,6 +38,12 @@ pub struct RunArgs {
     /// Give up waiting for the cluster after this many seconds (exit code 4).
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// A hard wall-clock limit on the whole run (90s, 45m, 2h...): when it
+    /// passes, the job is stopped and the cluster destroyed, --keep or not
+    /// (exit code 6). The controller run starts enforces it too, should
+    /// `run` itself die.
+    #[arg(long, value_parser = crate::model::parse_duration)]
+    pub max_runtime: Option<Duration>,
     /// The job: a program and its arguments, after `--`.
     #[arg(required = true, last = true)]
     pub command: Vec<String>,
@@ -55,12 +64,18 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
             (c, None)
         }
         Err(_) => {
-            let (client, child) = start_serve(&args.config, &cfg.state_dir, &socket).await?;
+            let (client, child) =
+                start_serve(&args.config, &cfg.state_dir, &socket, args.max_runtime).await?;
             (client, Some(child))
         }
     };
     let owned = serve.is_some() && !args.keep;
     let mut signals = Signals::new()?;
+    // The hard limit on the whole run (far away when none is given).
+    let hard =
+        tokio::time::Instant::now() + args.max_runtime.unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+    // A limit that ran out destroys what run started, --keep or not.
+    let limited = serve.is_some();
 
     // Scale and wait, Ctrl-C aborting.
     // Exactly MIN first (a state directory keeps the last size); the
@@ -72,14 +87,19 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
         r = super::scale::wait_ready(&mut client, slaves, deadline) => r?,
         sig = signals.next() => {
             eprintln!("run: {sig} while waiting for the cluster");
-            finish(&mut client, serve, owned).await;
-            return Ok(ExitCode::from(130));
+            let (_, ended) = finish(&mut client, serve, owned).await;
+            return Ok(ExitCode::from(if ended { 130 } else { EXIT_DESTROY_FAILED }));
+        }
+        _ = tokio::time::sleep_until(hard) => {
+            eprintln!("run: --max-runtime passed while waiting for the cluster");
+            let (_, ended) = finish(&mut client, serve, limited).await;
+            return Ok(ExitCode::from(if ended { EXIT_MAX_RUNTIME } else { EXIT_DESTROY_FAILED }));
         }
     };
     let to_ready = started_at.elapsed();
     if !ready {
-        finish(&mut client, serve, owned).await;
-        return Ok(ExitCode::from(4));
+        let (_, ended) = finish(&mut client, serve, owned).await;
+        return Ok(ExitCode::from(if ended { 4 } else { EXIT_DESTROY_FAILED }));
     }
     if let Some(max) = max {
         client.scale(slaves, Default::default(), Some(max)).await?;
@@ -111,6 +131,11 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("run: {sig}: stopping the job");
                 break stop_job(&mut child).await?;
             }
+            _ = tokio::time::sleep_until(hard) => {
+                eprintln!("run: --max-runtime passed: stopping the job and destroying the cluster");
+                seen.max_runtime = true;
+                break stop_job(&mut child).await?;
+            }
             _ = poll.tick() => {
                 match client.status().await {
                     Ok(st) => seen.add(&st),
@@ -119,6 +144,9 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
                         // cluster by itself (spend cap, autostop)?
                         if let Ok(why) = std::fs::read_to_string(cfg.state_dir.join(crate::cluster::tick::STOP_REASON)) {
                             seen.cap_reached |= why.starts_with("SPEND CAP REACHED");
+                            seen.max_runtime |= why.starts_with(crate::cluster::tick::MAX_RUNTIME_REACHED);
+                            // It stops only once its destroy is verified.
+                            seen.destroyed_by_controller = true;
                             eprintln!("run: the controller stopped: {}; stopping the job", why.trim());
                             break stop_job(&mut child).await?;
                         }
@@ -138,11 +166,21 @@ pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let code = exit_code(&status);
     // A cluster the spend cap destroyed is gone already (its controller
     // stops by itself).
-    let spent = finish(&mut client, serve, owned && !seen.cap_reached).await.or(Some(seen.spent));
-    eprintln!("{}", summary(to_ready, job_time, &seen, spent, code, owned || seen.cap_reached));
+    let destroy =
+        (owned || (seen.max_runtime && limited)) && !seen.cap_reached && !seen.destroyed_by_controller;
+    let (spent, ended) = finish(&mut client, serve, destroy).await;
+    let spent = spent.or(Some(seen.spent));
+    eprintln!("{}", summary(to_ready, job_time, &seen, spent, code, destroy || seen.cap_reached));
+    if !ended {
+        return Ok(ExitCode::from(EXIT_DESTROY_FAILED));
+    }
     if seen.cap_reached {
         eprintln!("run: the spend cap (max_spend_usd) was reached; see the controller's events");
         return Ok(ExitCode::from(EXIT_SPEND_CAP));
+    }
+    if seen.max_runtime {
+        eprintln!("run: the max runtime passed; the job was stopped");
+        return Ok(ExitCode::from(EXIT_MAX_RUNTIME));
     }
     Ok(ExitCode::from(code))
 }
@@ -179,6 +217,7 @@ async fn start_serve(
     config: &ConfigArgs,
     state_dir: &Path,
     socket: &Path,
+    max_runtime: Option<Duration>,
 ) -> anyhow::Result<(AdminClient, tokio::process::Child)> {
     std::fs::create_dir_all(state_dir)?;
     let log_path = state_dir.join("serve.log");
@@ -190,6 +229,9 @@ async fn start_serve(
     }
     if let Some(d) = &config.state_dir {
         cmd.arg("--state-dir").arg(d);
+    }
+    if let Some(limit) = max_runtime {
+        cmd.arg("--max-runtime").arg(format!("{}s", limit.as_secs_f64()));
     }
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let mut child = cmd.spawn()?;
@@ -211,28 +253,37 @@ async fn start_serve(
 }
 
 /// Destroys the cluster when `run` owns it (and waits for its controller to
-/// exit); the spend reported by the controller.
-async fn finish(client: &mut AdminClient, serve: Option<tokio::process::Child>, owned: bool) -> Option<f64> {
-    let spent = if owned {
+/// exit); the spend reported by the controller, and false when the destroy
+/// did not finish (instances may still run).
+async fn finish(
+    client: &mut AdminClient,
+    serve: Option<tokio::process::Child>,
+    owned: bool,
+) -> (Option<f64>, bool) {
+    let (spent, ended) = if owned {
         match client.destroy().await {
             Ok(d) => {
                 eprintln!("run: cluster destroyed ({} nodes terminated)", d.terminated.len());
-                Some(d.spent_usd)
+                (Some(d.spent_usd), true)
             }
             Err(e) => {
-                eprintln!("run: destroy failed: {}; run `ddisco-controller destroy --yes`", e.message());
-                None
+                eprintln!(
+                    "run: DESTROY DID NOT FINISH: {}; instances may still run: run `ddisco-controller destroy \
+                     --yes` again",
+                    e.message()
+                );
+                return (None, false);
             }
         }
     } else {
-        client.brief_status().await.ok().map(|s| s.spent_usd)
+        (client.brief_status().await.ok().map(|s| s.spent_usd), true)
     };
     if let (true, Some(mut child)) = (owned, serve)
         && tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err()
     {
         let _ = child.kill().await;
     }
-    spent
+    (spent, ended)
 }
 
 async fn write_credentials(client: &mut AdminClient, state_dir: &Path) -> anyhow::Result<PathBuf> {
@@ -282,6 +333,10 @@ pub fn job_env(st: &StatusView, dask_tls: Option<&Path>) -> BTreeMap<String, Str
 
 /// `run`'s exit code when the spend cap was reached while it ran.
 pub const EXIT_SPEND_CAP: u8 = 5;
+/// `run`'s exit code when `--max-runtime` (or `max_runtime_mins`) passed.
+pub const EXIT_MAX_RUNTIME: u8 = 6;
+/// `run`'s exit code when the destroy at its end did not finish.
+pub const EXIT_DESTROY_FAILED: u8 = 7;
 
 /// Nodes and replacements seen while the job ran, and the spend cap.
 #[derive(Debug, Default)]
@@ -289,6 +344,9 @@ pub struct Seen {
     nodes: BTreeSet<String>,
     replaced: BTreeSet<(u64, String)>,
     cap_reached: bool,
+    max_runtime: bool,
+    /// The controller stopped by itself after destroying the cluster.
+    destroyed_by_controller: bool,
     spent: f64,
 }
 
@@ -297,6 +355,8 @@ impl Seen {
         self.spent = self.spent.max(st.spent_usd);
         self.cap_reached |= st.controller_notes.iter().any(|n| n.starts_with("SPEND CAP REACHED"))
             || st.timed_events.iter().any(|e| e.message.starts_with("SPEND CAP REACHED"));
+        self.max_runtime |=
+            st.timed_events.iter().any(|e| e.message.starts_with(crate::cluster::tick::MAX_RUNTIME_REACHED));
         self.nodes.extend(st.nodes.iter().map(|n| n.node_id.clone()));
         for e in &st.timed_events {
             if e.message.contains("replacing it") {

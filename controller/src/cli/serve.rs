@@ -14,6 +14,11 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
+    /// Destroy the cluster this long after its first launch, and stop
+    /// (90s, 45m, 2h...); overrides max_runtime_mins (`run --max-runtime`
+    /// passes it, so the limit holds even if `run` itself dies).
+    #[arg(long, value_parser = crate::model::parse_duration)]
+    pub max_runtime: Option<std::time::Duration>,
 }
 
 pub async fn exec(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -25,7 +30,10 @@ pub async fn exec(args: ServeArgs) -> anyhow::Result<ExitCode> {
     } else {
         builder.init();
     }
-    let cfg = args.config.load()?;
+    let mut cfg = args.config.load()?;
+    if let Some(limit) = args.max_runtime {
+        cfg.max_runtime = limit;
+    }
     crate::serve::serve(cfg).await?;
     Ok(ExitCode::SUCCESS)
 }

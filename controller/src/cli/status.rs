@@ -49,7 +49,9 @@ pub async fn exec(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     let view = client.status().await?;
     if let Some(id) = &args.node {
-        let Some(n) = view.nodes.iter().find(|n| &n.node_id == id) else {
+        // A failed node already terminated is found too (its last reports).
+        let Some(n) = view.nodes.iter().chain(view.failed_nodes.iter().rev()).find(|n| &n.node_id == id)
+        else {
             let known: Vec<&str> = view.nodes.iter().map(|n| n.node_id.as_str()).collect();
             return Err(anyhow::Error::new(super::UsageError(format!(
                 "no node {id:?} in cluster {:?} (nodes: {})",
@@ -202,6 +204,13 @@ pub fn render(v: &StatusView) -> String {
                     out.push_str(&format!("{}: {}\n", n.node_id, text));
                 }
             }
+        }
+    }
+    if !v.failed_nodes.is_empty() {
+        out.push_str("\nfailed and terminated (their reports; `ddisco-controller logs NODE`):\n");
+        for n in v.failed_nodes.iter().rev().take(5) {
+            let first = n.detail.lines().next().unwrap_or("");
+            out.push_str(&format!("  {} ({}): {}\n", n.node_id, n.role, crate::text::prefix(first, 160)));
         }
     }
     if !v.engine_lines.is_empty() {

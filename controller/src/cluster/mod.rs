@@ -125,8 +125,11 @@ pub struct Cluster {
     /// Why the last `destroy` did not finish (what is still running), until
     /// one does: shown in status.
     pub destroy_error: Mutex<Option<String>>,
+    /// The failure budget's hold last announced (an event once per hold).
+    pub announced_hold: Mutex<Option<crate::failures::Hold>>,
     /// How far the cluster's own end was acted on: 0 not, 1 spend cap
-    /// warned, 2 spend cap reached, 3 autostop (2 and 3 destroy once).
+    /// warned, 2 spend cap reached, 3 autostop, 4 max runtime (2 and more
+    /// destroy once).
     pub budget_stage: std::sync::atomic::AtomicU8,
     /// The engine's last word on whether it has work (master's probe);
     /// busy until it says otherwise.
@@ -219,6 +222,7 @@ impl Cluster {
             launches: Arc::default(),
             destroying: AtomicBool::new(false),
             destroy_error: Mutex::new(None),
+            announced_hold: Mutex::new(None),
             budget_stage: std::sync::atomic::AtomicU8::new(0),
             engine_busy: AtomicBool::new(true),
             idle_since_ms: std::sync::atomic::AtomicU64::new(0),
@@ -383,6 +387,23 @@ impl Cluster {
         let mut notes = Vec::new();
         if let Some(e) = self.destroy_error.lock().as_ref() {
             notes.push(e.clone());
+        }
+        let hold = crate::failures::hold(
+            &self.registry.lock().failures(),
+            unix_ms(),
+            self.cfg.failure_budget,
+            self.cfg.failure_window.as_millis() as u64,
+        );
+        notes.extend(hold.map(|h| crate::failures::note(&h, unix_ms())));
+        if !self.cfg.max_runtime.is_zero()
+            && let Some(started) = self.registry.lock().started_unix_ms()
+        {
+            let left = (started + self.cfg.max_runtime.as_millis() as u64).saturating_sub(unix_ms());
+            notes.push(format!(
+                "max runtime: destroyed in {} (max_runtime_mins {})",
+                crate::model::span(left as f64 / 1000.0),
+                self.cfg.max_runtime.as_secs_f64() / 60.0
+            ));
         }
         let window = self.cfg.orphan_timeout.as_secs_f64();
         notes.push(if window > 0.0 {

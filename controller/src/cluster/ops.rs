@@ -121,9 +121,11 @@ pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Re
         let desired = desired_for(slaves, by_pool, &sh.cfg.pools(), &reg.desired)?;
         let previous = reg.set_desired(desired.clone());
         let views = reg.views(&Default::default(), 0, 0);
-        let ids = crate::reconcile::supersede(&Desired { pools: desired.clone() }, &views, |pool| {
-            sh.provider.spot_again(Role::Slave, pool)
-        });
+        let ids = crate::reconcile::supersede(
+            &Desired { pools: desired.clone(), ..Default::default() },
+            &views,
+            |pool| sh.provider.spot_again(Role::Slave, pool),
+        );
         reg.supersede(&ids, "");
         Scaled { previous, desired: desired.values().sum(), pools: desired }
     };

@@ -38,6 +38,7 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
     refresh_prices(sh).await;
     sh.registry.lock().account(unix_ms());
     enforce_budget(sh);
+    enforce_max_runtime(sh);
     enforce_autostop(sh);
     enforce_adaptive(sh);
     record_history(sh);
@@ -61,7 +62,24 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         if supersede_when_idle(sh, &mut reg, &views) {
             views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
         }
-        let actions = decide(&Desired { pools: reg.desired.clone() }, &views, sh.limits());
+        let hold = crate::failures::hold(
+            &reg.failures(),
+            unix_ms(),
+            sh.cfg.failure_budget,
+            sh.cfg.failure_window.as_millis() as u64,
+        );
+        {
+            let mut announced = sh.announced_hold.lock();
+            if hold.as_ref().map(|h| (&h.step, &h.nodes)) != announced.as_ref().map(|h| (&h.step, &h.nodes)) {
+                if let Some(h) = &hold {
+                    tracing::warn!("{}", crate::failures::event(h));
+                    reg.event(crate::failures::event(h));
+                }
+                announced.clone_from(&hold);
+            }
+        }
+        let desired = Desired { pools: reg.desired.clone(), hold: hold.map(|h| h.roles).unwrap_or_default() };
+        let actions = decide(&desired, &views, sh.limits());
         next_deadline = crate::reconcile::next_deadline_ms(&views, sh.limits());
         if actions.is_empty() && orphans.is_empty() {
             return Ok(next_deadline);
@@ -164,7 +182,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
 fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> bool {
     let wait = sh.cfg.on_demand_idle_replace;
     let mut since = sh.idle_since.lock();
-    let desired = Desired { pools: reg.desired.clone() };
+    let desired = Desired { pools: reg.desired.clone(), ..Default::default() };
     let spot_again = |pool: &str| sh.provider.spot_again(Role::Slave, pool);
     let candidates = crate::reconcile::supersede(&desired, views, spot_again);
     let loads: Vec<(Option<u32>, u32)> = reg
@@ -381,6 +399,34 @@ fn record_stop_reason(sh: &Cluster, why: &str) {
 
 /// The file `record_stop_reason` writes.
 pub const STOP_REASON: &str = "stop-reason";
+
+/// The hard limit (`max_runtime_mins`, or `run --max-runtime`): a
+/// cluster that has run this long since its first launch is destroyed,
+/// whatever runs on it, and the controller stops (once the destroy is
+/// verified).
+fn enforce_max_runtime(sh: &Arc<Cluster>) {
+    let limit = sh.cfg.max_runtime;
+    if limit.is_zero() || sh.destroying.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(started) = sh.registry.lock().started_unix_ms() else { return };
+    if unix_ms().saturating_sub(started) < limit.as_millis() as u64
+        || sh.budget_stage.fetch_max(4, Ordering::Relaxed) >= 2
+    {
+        return;
+    }
+    let why = format!(
+        "{MAX_RUNTIME_REACHED}: the cluster has run for {} (max_runtime_mins): destroying it",
+        crate::model::span(limit.as_secs_f64())
+    );
+    tracing::warn!("{why}");
+    sh.registry.lock().event(why.clone());
+    record_stop_reason(sh, &why);
+    destroy_then_stop(sh, "max runtime");
+}
+
+/// How the max runtime's event and stop reason begin (`run` reads it).
+pub const MAX_RUNTIME_REACHED: &str = "MAX RUNTIME REACHED";
 
 /// Idle auto-stop: a settled cluster whose engine has no work for
 /// `autostop_idle_mins` is destroyed (an event says why), and the

@@ -104,6 +104,10 @@ pub struct Config {
     /// The nodes' dead man's switch: a node without a session with this
     /// controller for this long shuts itself down (zero: never).
     pub orphan_timeout: Duration,
+    /// The failure budget: the same step failing on this many nodes within
+    /// `failure_window` holds their replacements (0: always replace).
+    pub failure_budget: u32,
+    pub failure_window: Duration,
     /// Destroy the cluster this long after `serve` started it (zero:
     /// never): a hard wall-clock limit, jobs or not.
     pub max_runtime: Duration,
@@ -324,6 +328,8 @@ impl Default for Config {
             adaptive_cooldown: Duration::from_secs(60),
             orphan_timeout: Duration::from_secs(3600),
             max_runtime: Duration::ZERO,
+            failure_budget: 3,
+            failure_window: Duration::from_secs(30 * 60),
             dashboard_listen: "127.0.0.1:7445".parse().expect("literal"),
             dashboard_token: None,
             ec2: Ec2Config {

@@ -135,6 +135,8 @@ pub struct RawConfig {
     pub(super) adaptive_cooldown_secs: Option<f64>,
     pub(super) orphan_timeout_secs: Option<f64>,
     pub(super) max_runtime_mins: Option<f64>,
+    pub(super) failure_budget: Option<u32>,
+    pub(super) failure_window_mins: Option<f64>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]

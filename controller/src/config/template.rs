@@ -44,6 +44,12 @@ orphan_timeout_secs = 3600.0
 # Destroy the cluster this long after it was started (minutes; 0: never),
 # whatever runs on it: a hard limit on what a forgotten cluster costs.
 max_runtime_mins = 0.0
+# A failed node is terminated (its step output stays in status and `logs`)
+# and replaced; the same step failing on failure_budget nodes within
+# failure_window_mins stops replacing them (0: always replace) until the
+# oldest of those failures leaves the window.
+failure_budget = 3
+failure_window_mins = 30.0
 # Engine workers per node = max(1, floor(cores x multiplier)).
 master_multiplier = 1.0
 slave_multiplier = 1.0

@@ -195,18 +195,20 @@ impl Config {
         };
         let adaptive_cooldown =
             secs("adaptive_cooldown_secs", raw.adaptive_cooldown_secs, d.adaptive_cooldown)?;
+        // Longer than a silent node is waited for, and than an agent's
+        // reconnect backoff (10 s at most) plus a controller's restart.
+        let orphan_floor = heartbeat_timeout.as_secs_f64().max(20.0);
         let orphan_timeout = match raw.orphan_timeout_secs {
             None => d.orphan_timeout,
             Some(0.0) => Duration::ZERO,
-            Some(v) if (5.0..1e7).contains(&v) && Duration::from_secs_f64(v) > heartbeat_timeout => {
-                Duration::from_secs_f64(v)
-            }
+            Some(v) if v.is_finite() && v >= orphan_floor && v < 1e7 => Duration::from_secs_f64(v),
             Some(v) => {
                 return Err(err(
                     "orphan_timeout_secs",
                     format!(
-                        "{v}: give seconds, more than heartbeat_timeout_secs ({}) and at least 5 (0: never); nodes \
-                         shut themselves down after this long without the controller",
+                        "{v}: give at least {orphan_floor} seconds (agents reconnect with up to 10 s of backoff, and \
+                         heartbeat_timeout_secs is {}), or 0 for never; nodes shut themselves down after this long \
+                         without the controller",
                         heartbeat_timeout.as_secs_f64()
                     ),
                 ));
@@ -216,6 +218,14 @@ impl Config {
             None => d.max_runtime,
             Some(v) if v.is_finite() && (0.0..1e6).contains(&v) => Duration::from_secs_f64(v * 60.0),
             Some(v) => return Err(err("max_runtime_mins", format!("{v}: give minutes (0: no limit)"))),
+        };
+        let failure_budget = raw.failure_budget.unwrap_or(d.failure_budget);
+        let failure_window = match raw.failure_window_mins {
+            None => d.failure_window,
+            Some(v) if v.is_finite() && v > 0.0 && v < 1e6 => Duration::from_secs_f64(v * 60.0),
+            Some(v) => {
+                return Err(err("failure_window_mins", format!("{v}: give a positive number of minutes")));
+            }
         };
         let on_budget = match raw.on_budget.as_deref() {
             None | Some("destroy") => crate::budget::OnBudget::Destroy,
@@ -353,6 +363,8 @@ impl Config {
             adaptive_cooldown,
             orphan_timeout,
             max_runtime,
+            failure_budget,
+            failure_window,
             dashboard_listen,
             dashboard_token,
             ec2: Ec2Config {

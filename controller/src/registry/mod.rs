@@ -271,6 +271,15 @@ struct ClusterFile {
     adaptive: Option<[u32; 2]>,
     next_seq: u64,
     nodes: Vec<NodeRecord>,
+    /// Recent failures (the failure budget).
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    failures: VecDeque<crate::failures::Failure>,
+    /// Failed nodes already terminated: what they reported is kept.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    failed_nodes: VecDeque<NodeRecord>,
+    /// When its first node was launched (`max_runtime_mins` counts from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started_unix_ms: Option<u64>,
 }
 
 /// A step's last report.
@@ -389,7 +398,18 @@ pub struct Registry {
     /// Nodes whose engine-visible data (readiness, leaving, facts,
     /// attributes, presence) changed since the publisher last took them.
     changed_members: Vec<String>,
+    /// Recent failures, oldest first (at most `failures::MAX_FAILURES`).
+    failures: VecDeque<crate::failures::Failure>,
+    /// Failed nodes terminated since, newest last (at most
+    /// [`MAX_FAILED_NODES`]): status and `logs` still show them.
+    failed_nodes: VecDeque<NodeRecord>,
+    /// When the cluster's first node was launched (since it last had none
+    /// after a destroy): the start of `max_runtime_mins`.
+    started_unix_ms: Option<u64>,
 }
+
+/// Terminated failed nodes whose reports are kept.
+pub const MAX_FAILED_NODES: usize = 16;
 
 const MAX_EVENTS: usize = 100;
 
@@ -444,6 +464,9 @@ impl Registry {
             spent_usd: file.spent_usd,
             next_seq: file.next_seq,
             adaptive_bounds: file.adaptive.map(|[min, max]| (min, max)),
+            failures: file.failures,
+            failed_nodes: file.failed_nodes,
+            started_unix_ms: file.started_unix_ms,
             ..Default::default()
         };
         for mut rec in file.nodes {
@@ -471,6 +494,9 @@ impl Registry {
             adaptive: self.adaptive_bounds.map(|(min, max)| [min, max]),
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
+            failures: self.failures.clone(),
+            failed_nodes: self.failed_nodes.clone(),
+            started_unix_ms: self.started_unix_ms,
         };
         serde_json::to_string(&file).expect("registry serializes")
     }
@@ -504,6 +530,7 @@ impl Registry {
 
     /// Records a new node about to be launched; returns its id.
     pub fn add_node(&mut self, new: NewNode, address: impl FnOnce(u64) -> String) -> String {
+        self.started_unix_ms.get_or_insert_with(unix_ms);
         self.next_seq += 1;
         let seq = self.next_seq;
         let id = format!("{}-{seq:04}", new.role);
@@ -730,6 +757,21 @@ impl Registry {
         };
         let master = of(Role::Master).unwrap_or(0);
         (master, of(Role::Slave).unwrap_or(master).max(1))
+    }
+
+    /// When the cluster's first node was launched, if it has been.
+    pub fn started_unix_ms(&self) -> Option<u64> {
+        self.started_unix_ms
+    }
+
+    /// Recent failures, oldest first.
+    pub fn failures(&self) -> Vec<crate::failures::Failure> {
+        self.failures.iter().cloned().collect()
+    }
+
+    /// Failed nodes already terminated, oldest first.
+    pub fn failed_nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.failed_nodes.iter()
     }
 
     /// `scale MIN..MAX` in force, if any.

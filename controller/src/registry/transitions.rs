@@ -339,6 +339,12 @@ impl Registry {
                 e.rec.state = NodeState::Provisioning { step: s.index + 1, of };
             }
             StepStatus::Failed => {
+                let failure = crate::failures::Failure {
+                    unix_ms: unix_ms(),
+                    node: id.to_string(),
+                    role: e.rec.role,
+                    step: s.name.clone(),
+                };
                 e.rec.state = NodeState::Failed { step: s.name.clone() };
                 e.rec.phase(format!("failed at {}", s.name));
                 e.rec.detail =
@@ -349,9 +355,19 @@ impl Registry {
                 );
                 e.rec.current_step = s.name;
                 self.event(msg);
+                self.failed(failure);
             }
         }
         Ok(false)
+    }
+
+    /// Notes a failure (the failure budget counts them).
+    fn failed(&mut self, f: crate::failures::Failure) {
+        if self.failures.len() == crate::failures::MAX_FAILURES {
+            self.failures.pop_front();
+        }
+        self.failures.push_back(f);
+        self.dirty = true;
     }
 
     /// A notice from the node's cloud. Recorded once per node; returns what
@@ -446,7 +462,14 @@ impl Registry {
         if first {
             let msg = format!("{id} FAILED: its {what} was refused: {why}");
             tracing::warn!("{msg}");
+            let role = e.rec.role;
             self.event(msg);
+            self.failed(crate::failures::Failure {
+                unix_ms: unix_ms(),
+                node: id.to_string(),
+                role,
+                step: what.to_string(),
+            });
         }
     }
 
@@ -525,7 +548,17 @@ impl Registry {
             }
             Action::Terminate { id, reason } => {
                 let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
+                if reason == Reason::Failed {
+                    // What it reported stays readable (status, `logs`).
+                    let kept = e.rec.clone();
+                    if self.failed_nodes.len() == super::MAX_FAILED_NODES {
+                        self.failed_nodes.pop_front();
+                    }
+                    self.failed_nodes.push_back(kept);
+                }
+                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
                 let role = e.rec.role;
+                let was = crate::text::prefix(e.rec.detail.lines().next().unwrap_or(""), 200).to_string();
                 e.rec.state = NodeState::Terminating;
                 e.rec.terminate_sent_unix_ms = Some(unix_ms());
                 e.rec.phase("terminating");
@@ -535,6 +568,10 @@ impl Registry {
                 let loss = reason.is_loss();
                 self.changed_members.push(id.clone());
                 let msg = match (&reason, role) {
+                    (Reason::Failed, _) => format!(
+                        "{id} terminated, it failed ({was}); its reports stay in status and `logs {id}`; it is \
+                         replaced unless the failure budget holds launches"
+                    ),
                     (r, Role::Master) if r.is_loss() => format!(
                         "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
                          launching one now; slaves keep running and will be pointed at it",
@@ -600,6 +637,8 @@ impl Registry {
         for id in ids {
             self.remove(&id);
         }
+        // The next cluster of this state directory starts its own clock.
+        self.started_unix_ms = None;
     }
 }
 
