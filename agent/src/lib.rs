@@ -17,6 +17,8 @@
 //!   so a reconnect never re-runs a finished step.
 //! - [`backoff`], [`files`], [`command`]: the primitives the others share:
 //!   retry delays, the agent's private files, running a step's process.
+//! - [`cgroup`]: services in cgroups (as root, with cgroup v2): stopping a
+//!   service kills everything it started, daemons included.
 //! - [`orphan`]: the dead man's switch: no session with the controller for
 //!   `orphan_timeout_secs`, and the node shuts itself down.
 //! - [`converge`]: applies the engine directives the controller pushes
@@ -26,6 +28,7 @@
 //! dependency tree; TLS uses rustls with ring.
 
 pub mod backoff;
+pub mod cgroup;
 pub mod command;
 pub mod converge;
 pub mod facts;

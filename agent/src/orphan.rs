@@ -45,6 +45,8 @@ pub struct Orphan {
     start: Instant,
     /// Milliseconds since `start` of the last contact.
     last_ms: AtomicU64,
+    /// The node's services' cgroup, once known: killed first.
+    cgroup: std::sync::OnceLock<crate::cgroup::NodeGroup>,
 }
 
 impl Orphan {
@@ -55,7 +57,13 @@ impl Orphan {
             action,
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            cgroup: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The node's services' cgroup (their daemons go too when it fires).
+    pub fn set_cgroup(&self, g: crate::cgroup::NodeGroup) {
+        let _ = self.cgroup.set(g);
     }
 
     /// The controller was heard from (one relaxed store).
@@ -96,6 +104,9 @@ impl Orphan {
             self.silent_for().as_secs(),
             self.action
         );
+        if let Some(g) = self.cgroup.get() {
+            g.kill_all();
+        }
         shut_down(self.action);
     }
 }

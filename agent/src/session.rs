@@ -43,7 +43,18 @@ impl Agent {
     /// Runs sessions until the controller says shutdown or refuses us.
     pub async fn run(self) -> Result<(), Fatal> {
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
-        let converger = crate::converge::Converger::new(&self.dir, self.executor.clone(), report_tx.clone());
+        let cgroups = {
+            let c = self.creds();
+            let ca = hex::encode(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+                c.ca_pem.as_bytes(),
+            )));
+            crate::cgroup::NodeGroup::new(&c.node_id, &ca)
+        };
+        if let Some(g) = &cgroups {
+            self.orphan.set_cgroup(g.clone());
+        }
+        let converger =
+            crate::converge::Converger::new(&self.dir, self.executor.clone(), report_tx.clone(), cgroups);
         if let Some(imds) = self.creds().imds.clone() {
             tokio::spawn(watch_notices(imds, report_tx.clone()));
         }

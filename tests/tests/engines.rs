@@ -414,12 +414,25 @@ fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
     let want = table_of(&s3);
     wait("the table without the slave", &|| load().as_ref() == Some(&want));
 
-    // Destroyed: the master's Erlang VM is gone with its service.
+    // Disco's proxy (lighttpd) daemonized: out of the service's process
+    // tree and the node's process group.
+    let proxies = || -> Vec<i32> {
+        node_processes(&c.state_dir())
+            .into_iter()
+            .filter(|p| std::fs::read(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with(b"lighttpd")))
+            .collect()
+    };
+    wait("Disco's proxy running", &|| !proxies().is_empty());
+    // Destroyed: the master's Erlang VM is gone with its service, and so is
+    // every process of every node, the proxy included (issue 22, item 6).
     assert!(c.ctl(&["destroy", "--yes"]).status.success());
     let vm = format!("disco_{port}_master");
     wait("no Disco VM left", &|| {
         !String::from_utf8_lossy(&Command::new("ps").args(["-eo", "args"]).output().unwrap().stdout)
             .contains(&vm)
+    });
+    wait("no process of any node left (Disco's proxy included)", &|| {
+        node_processes(&c.state_dir()).is_empty()
     });
 }
 

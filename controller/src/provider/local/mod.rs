@@ -245,6 +245,13 @@ impl Provider for LocalProvider {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        // A daemon a node started left its process group (a new session:
+        // Disco's lighttpd): it still carries the node's environment.
+        for id in &ids {
+            for pid in processes_of(&self.cluster_id, id) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
         for id in ids {
             let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
             // The card goes with the node's namespace; a node that died
@@ -264,6 +271,17 @@ impl Provider for LocalProvider {
         }
         Ok(vec![])
     }
+}
+
+/// Every live process of node `id` of this cluster (by its environment,
+/// which a process's children inherit whatever session or group they
+/// start).
+fn processes_of(cluster_id: &str, id: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| is_ours(*pid, cluster_id, id))
+        .collect()
 }
 
 /// Is `pid` a live (not zombie) process of node `id` of this cluster?
