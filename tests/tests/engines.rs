@@ -151,14 +151,53 @@ drain_timeout_secs = 3.0
         t0.elapsed().as_secs_f64()
     );
 
-    // Kill a slave (its whole process tree): the replacement joins and the
-    // worker count returns.
+    // Issue 22, item 7: half the slaves (1 of 2, its whole process tree)
+    // lost at once while the controller is down (killed -9, started again),
+    // with a job running: the job completes (Dask reschedules the lost
+    // worker's tasks), the lost slave is replaced once, and its worker
+    // joins.
     let before = node_ids(&s, "slave");
     let victim = before[0].clone();
-    killpg(c.node_pid(&victim));
+    let counts = s["engine_endpoints"]["dashboard"].as_str().unwrap().replace("/status", "/json/counts.json");
+    let mut job = Command::new(&python)
+        .env("DDISCO_DASK_TLS", TLS.get().unwrap())
+        .arg(script())
+        .args(["burst", &scheduler, "40", "1.0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = ddisco_tests::disco::http("GET", &counts, "");
+        let busy = serde_json::from_str::<Value>(&body).is_ok_and(|v| v["processing"].as_u64() > Some(0));
+        if busy {
+            break;
+        }
+        assert!(Instant::now() < end, "the job never started: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victim_pid = c.node_pid(&victim);
+    c.crash_serve();
+    killpg(victim_pid);
+    c.restart_serve();
+    let end = Instant::now() + Duration::from_secs(300);
+    while job.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = job.kill();
+            panic!("the job did not finish within 300 s of the loss");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = job.wait_with_output().unwrap();
+    assert!(out.status.success(), "the job failed: {}", String::from_utf8_lossy(&out.stderr));
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["done"], 40, "{done}");
     let s = c.wait_until("the slave is replaced", Duration::from_secs(600), |s| {
         at_size(s, 2) && !node_ids(s, "slave").contains(&victim)
     });
+    let new: Vec<String> = node_ids(&s, "slave").into_iter().filter(|id| !before.contains(id)).collect();
+    assert_eq!(new.len(), 1, "one launch for one lost slave: {new:?}");
     let v = wait_workers(&python, &scheduler, |v| {
         v["workers"].as_u64() == Some(expected)
             && !v["names"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with(&victim))
