@@ -107,7 +107,13 @@ impl Orphan {
         if let Some(g) = self.cgroup.get() {
             g.kill_all();
         }
-        shut_down(self.action);
+        // Returns only if every way failed: try again, a node left running
+        // is what this exists to prevent.
+        loop {
+            shut_down(self.action);
+            tracing::error!("could not shut this node down; trying again in 60 s");
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
     }
 }
 

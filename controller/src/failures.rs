@@ -3,7 +3,9 @@
 //! failing on `failure_budget` nodes within `failure_window_mins` is a
 //! crash loop: replacements of the roles it hit are held, the cluster stays
 //! short, and status says why, until the oldest of those failures leaves
-//! the window (then one more try), like a crash-loop back-off.
+//! the window (then one more try), like a crash-loop back-off, or until the
+//! controller is restarted (failures are not saved: a fixed configuration
+//! starts afresh).
 
 use crate::model::{Role, span};
 use serde::{Deserialize, Serialize};
@@ -72,7 +74,8 @@ pub fn note(h: &Hold, now_unix_ms: u64) -> String {
     let roles: Vec<String> = h.roles.iter().map(|r| r.to_string()).collect();
     format!(
         "FAILURE BUDGET: step {} failed on {} nodes ({}) within failure_window_mins: no {} is launched for {} \
-         (then one more try); see `ddisco-controller logs {}`, fix the step, and restart serve",
+         (then one more try); see `ddisco-controller logs {}`, fix the step, and restart serve (the budget \
+         starts afresh)",
         h.step,
         h.nodes.len(),
         h.nodes.join(", "),

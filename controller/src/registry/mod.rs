@@ -271,9 +271,6 @@ struct ClusterFile {
     adaptive: Option<[u32; 2]>,
     next_seq: u64,
     nodes: Vec<NodeRecord>,
-    /// Recent failures (the failure budget).
-    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
-    failures: VecDeque<crate::failures::Failure>,
     /// Failed nodes already terminated: what they reported is kept.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     failed_nodes: VecDeque<NodeRecord>,
@@ -399,6 +396,8 @@ pub struct Registry {
     /// attributes, presence) changed since the publisher last took them.
     changed_members: Vec<String>,
     /// Recent failures, oldest first (at most `failures::MAX_FAILURES`).
+    /// Not saved: a restarted controller (a fixed configuration) starts
+    /// the failure budget afresh.
     failures: VecDeque<crate::failures::Failure>,
     /// Failed nodes terminated since, newest last (at most
     /// [`MAX_FAILED_NODES`]): status and `logs` still show them.
@@ -464,7 +463,6 @@ impl Registry {
             spent_usd: file.spent_usd,
             next_seq: file.next_seq,
             adaptive_bounds: file.adaptive.map(|[min, max]| (min, max)),
-            failures: file.failures,
             failed_nodes: file.failed_nodes,
             started_unix_ms: file.started_unix_ms,
             ..Default::default()
@@ -494,7 +492,6 @@ impl Registry {
             adaptive: self.adaptive_bounds.map(|(min, max)| [min, max]),
             next_seq: self.next_seq,
             nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
-            failures: self.failures.clone(),
             failed_nodes: self.failed_nodes.clone(),
             started_unix_ms: self.started_unix_ms,
         };
