@@ -3,33 +3,24 @@
 //! kept stays within its bounds.
 #![no_main]
 use ddisco_controller::plan::{Plan, Step, StepKind};
-use ddisco_controller::registry::{Hello, NewNode, Registry, StepReport};
+use ddisco_controller::registry::StepReport;
 use ddisco_proto::v1 as api;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
+mod common;
+
 fuzz_target!(|data: &[u8]| {
     let Ok(msg) = api::StepReport::decode(data) else { return };
-    let mut r = Registry::new(Default::default());
-    let id = r.add_node(
-        NewNode {
-            role: ddisco_controller::model::Role::Slave,
-            pool: "default".into(),
-            batch: None,
-            token_hash: "h".into(),
-            token_expires_unix_ms: u64::MAX,
-        },
-        |_| String::new(),
-    );
-    r.complete_enrollment(&id, Default::default(), 1, "fp");
     let plan = Plan::new(
         (0..3)
-            .map(|i| Step { name: format!("s{i}"), kind: StepKind::Shell { script: "true".into(), env: Default::default() } })
+            .map(|i| Step {
+                name: format!("s{i}"),
+                kind: StepKind::Shell { script: "true".into(), env: Default::default() },
+            })
             .collect(),
     );
-    let mut hello = Hello::default();
-    hello.facts.hostname = "node-1".into();
-    let _ = r.on_hello(&id, hello, 1, &plan, false);
+    let (mut r, id) = common::registry_with_node(&plan);
     let Ok(mut report) = StepReport::try_from(msg) else { return };
     // Half the time it claims the node's real plan, to get past that check.
     if data.first().is_some_and(|b| b % 2 == 0) {

@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 
 const READY: Duration = Duration::from_secs(60);
 
+/// Waits until the cluster is at size with every node connected (after a
+/// controller restart); the node ids, sorted.
+fn reconnected(c: &mut Cluster, slaves: usize) -> Vec<String> {
+    let s = c.wait_until("the nodes reconnect", READY, |s| {
+        at_size(s, slaves) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let mut ids: Vec<String> = nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
 fn cores() -> u32 {
     std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
 }
@@ -148,12 +159,7 @@ fn controller_restart_readopts_nodes_without_duplicates() {
     }
     c.restart_serve();
     // Same nodes, reconnected with their certificates; nothing launched.
-    let s = c.wait_until("the nodes reconnect", READY, |s| {
-        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
-    });
-    let mut again: Vec<String> =
-        nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
-    again.sort();
+    let again = reconnected(&mut c, 2);
     let mut ids = ids;
     ids.sort();
     assert_eq!(again, ids, "{}", c.serve_log());
@@ -348,12 +354,7 @@ fn nodes_outlive_a_dead_controller_only_for_the_orphan_window() {
     let crashed = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     c.restart_serve();
-    let s = c.wait_until("the nodes reconnect", READY, |s| {
-        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
-    });
-    let mut again: Vec<String> =
-        nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
-    again.sort();
+    let again = reconnected(&mut c, 2);
     assert_eq!(again, ids, "{}", c.serve_log());
     // Past the window as counted from the crash: the sessions since reset it.
     std::thread::sleep(Duration::from_secs(22).saturating_sub(crashed.elapsed()));
