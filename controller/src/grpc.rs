@@ -325,6 +325,12 @@ async fn handle(
     if renewal.ask() {
         tx.send(Outbound::RenewCertificate).await.map_err(|_| Handled::Closed)?;
     }
+    // The hot path, as before: two relaxed stores, nothing that can panic.
+    if let Some(api::agent_message::Msg::Heartbeat(h)) = &msg.msg {
+        live.set_load(h.load_milli);
+        crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
+        return Ok(());
+    }
     match take_guarded(sh, node_id, live, renewal, msg) {
         Ok(Some(out)) => tx.send(out).await.map_err(|_| Handled::Closed),
         Ok(None) => Ok(()),
