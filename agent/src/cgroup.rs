@@ -55,8 +55,10 @@ impl NodeGroup {
         }
     }
 
-    /// A service's cgroup (created); its processes are killed first, so a
-    /// service started again never runs beside an earlier copy.
+    /// A service's cgroup (created); what an earlier run of the service
+    /// left in it is killed (without waiting: this runs on the agent's
+    /// async tasks), so a service started again never runs beside an
+    /// earlier copy.
     pub fn service(&self, name: &str) -> std::io::Result<ServiceGroup> {
         let hash = hex::encode(&Sha256::digest(name.as_bytes())[..8]);
         let dir = self.dir.join(format!("svc-{hash}"));
@@ -64,7 +66,7 @@ impl NodeGroup {
         let g = ServiceGroup { dir };
         if !g.is_empty() {
             tracing::warn!(service = %name, "processes of an earlier run of this service were left: killing them");
-            g.kill_now();
+            let _ = std::fs::write(g.dir.join("cgroup.kill"), "1");
         }
         Ok(g)
     }

@@ -45,9 +45,7 @@ impl Agent {
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         let cgroups = {
             let c = self.creds();
-            let ca = hex::encode(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
-                c.ca_pem.as_bytes(),
-            )));
+            let ca = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.ca_pem.as_bytes()));
             crate::cgroup::NodeGroup::new(&c.node_id, &ca)
         };
         if let Some(g) = &cgroups {

@@ -327,8 +327,7 @@ async fn handle(
     }
     // The hot path, as before: two relaxed stores, nothing that can panic.
     if let Some(api::agent_message::Msg::Heartbeat(h)) = &msg.msg {
-        live.set_load(h.load_milli);
-        crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
+        heartbeat(sh, live, h);
         return Ok(());
     }
     match take_guarded(sh, node_id, live, renewal, msg) {
@@ -362,6 +361,12 @@ fn take_guarded(
             sh.internal_failure(node_id, kind, &why);
             Err(Handled::Failed(format!("the controller could not handle its {kind} message")))
         })
+}
+
+/// A heartbeat: no lock, no allocation (its load, and a count).
+fn heartbeat(sh: &Cluster, live: &crate::registry::Liveness, h: &api::Heartbeat) {
+    live.set_load(h.load_milli);
+    crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
 }
 
 /// The kind of a session message, for errors.
@@ -398,10 +403,7 @@ fn take(
         other => Handled::Refused(other.to_string()),
     };
     match msg.msg {
-        Some(Msg::Heartbeat(h)) => {
-            live.set_load(h.load_milli);
-            crate::metrics::Metrics::inc(&sh.metrics.heartbeats);
-        }
+        Some(Msg::Heartbeat(h)) => heartbeat(sh, live, &h),
         None => {}
         Some(Msg::Hello(h)) => {
             let assignment = sh.hello(node_id, h.into()).map_err(failed)?;

@@ -15,7 +15,9 @@ pub fn prefix(s: &str, max: usize) -> &str {
     &s[..cut]
 }
 
-/// What a caught panic said (its `&str` or `String` payload), cut to a line.
+/// What a caught panic said (its `&str` or `String` payload), cut to a line
+/// of 200 bytes, control characters replaced by `?`: a panic message can
+/// quote the node's text (a slice panic quotes the string it cut).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     let text = payload
         .downcast_ref::<&str>()
@@ -23,7 +25,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("a panic without a message");
     let line = text.lines().next().unwrap_or("");
-    prefix(line, 200).to_string()
+    prefix(line, 200).chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -48,6 +50,9 @@ mod tests {
     fn a_panic_payload_is_read_as_text() {
         let p = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
         assert_eq!(panic_message(p.as_ref()), "boom 1");
+        let p = std::panic::catch_unwind(|| panic!("node said \u{1b}[2J{}", "x".repeat(300))).unwrap_err();
+        let m = panic_message(p.as_ref());
+        assert!(m.starts_with("node said ?[2J") && m.len() <= 200, "{m}");
         let p = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
         assert_eq!(panic_message(p.as_ref()), "a panic without a message");
     }

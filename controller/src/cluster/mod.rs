@@ -12,7 +12,7 @@
 //! ```
 //!
 //! # Guarantees
-//! - The registry's std mutex is held only for short synchronous sections,
+//! - The registry's mutex is held only for short synchronous sections,
 //!   never across `.await`; provider calls happen outside it.
 //! - Node state changes only through the registry's transition methods
 //!   (`registry::transitions`).
@@ -122,14 +122,16 @@ pub struct Cluster {
     pub tick_lock: tokio::sync::Mutex<()>,
     /// Set by `destroy`: no more launches.
     pub destroying: AtomicBool,
+    /// A destroy-then-stop (spend cap, autostop, max runtime) is under
+    /// way: at most one at a time.
+    pub ending: AtomicBool,
     /// Why the last `destroy` did not finish (what is still running), until
     /// one does: shown in status.
     pub destroy_error: Mutex<Option<String>>,
     /// The failure budget's hold last announced (an event once per hold).
     pub announced_hold: Mutex<Option<crate::failures::Hold>>,
     /// How far the cluster's own end was acted on: 0 not, 1 spend cap
-    /// warned, 2 spend cap reached, 3 autostop, 4 max runtime (2 and more
-    /// destroy once).
+    /// warned, 2 spend cap reached, 3 autostop (2 and 3 destroy once).
     pub budget_stage: std::sync::atomic::AtomicU8,
     /// The engine's last word on whether it has work (master's probe);
     /// busy until it says otherwise.
@@ -221,6 +223,7 @@ impl Cluster {
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
             destroying: AtomicBool::new(false),
+            ending: AtomicBool::new(false),
             destroy_error: Mutex::new(None),
             announced_hold: Mutex::new(None),
             budget_stage: std::sync::atomic::AtomicU8::new(0),

@@ -406,13 +406,13 @@ pub const STOP_REASON: &str = "stop-reason";
 /// verified).
 fn enforce_max_runtime(sh: &Arc<Cluster>) {
     let limit = sh.cfg.max_runtime;
-    if limit.is_zero() || sh.destroying.load(Ordering::Relaxed) {
+    if limit.is_zero() || sh.destroying.load(Ordering::Relaxed) || sh.ending.load(Ordering::Relaxed) {
         return;
     }
     let Some(started) = sh.registry.lock().started_unix_ms() else { return };
-    if unix_ms().saturating_sub(started) < limit.as_millis() as u64
-        || sh.budget_stage.fetch_max(4, Ordering::Relaxed) >= 2
-    {
+    // Whatever the spend cap did (`stop-launching` keeps the cluster), the
+    // limit still ends it.
+    if unix_ms().saturating_sub(started) < limit.as_millis() as u64 {
         return;
     }
     let why = format!(
@@ -456,6 +456,9 @@ fn enforce_autostop(sh: &Arc<Cluster>) {
 /// verified: until then it tries again (10 s, doubling to 5 min), says so
 /// in status and as an event, and the controller keeps watching its nodes.
 fn destroy_then_stop(sh: &Arc<Cluster>, why: &'static str) {
+    if sh.ending.swap(true, Ordering::Relaxed) {
+        return; // one is under way
+    }
     let sh = sh.clone();
     tokio::spawn(async move {
         let mut wait = Duration::from_secs(10);

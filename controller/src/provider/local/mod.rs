@@ -247,10 +247,8 @@ impl Provider for LocalProvider {
         }
         // A daemon a node started left its process group (a new session:
         // Disco's lighttpd): it still carries the node's environment.
-        for id in &ids {
-            for pid in processes_of(&self.cluster_id, id) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        for pid in processes_of(&self.cluster_id, &ids) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         for id in ids {
             let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
@@ -273,37 +271,40 @@ impl Provider for LocalProvider {
     }
 }
 
-/// Every live process of node `id` of this cluster (by its environment,
+/// Every live process of these nodes of this cluster (by its environment,
 /// which a process's children inherit whatever session or group they
-/// start).
-fn processes_of(cluster_id: &str, id: &str) -> Vec<i32> {
+/// start): one pass over /proc, whatever the number of nodes.
+fn processes_of(cluster_id: &str, ids: &[&String]) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| is_ours(*pid, cluster_id, id))
+        .filter(|pid| node_of(*pid, cluster_id).is_some_and(|node| ids.iter().any(|id| **id == node)))
         .collect()
 }
 
 /// Is `pid` a live (not zombie) process of node `id` of this cluster?
 fn is_ours(pid: i32, cluster_id: &str, id: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    node_of(pid, cluster_id).is_some_and(|node| node == id)
+}
+
+/// The node of this cluster a live (not zombie) process `pid` belongs to,
+/// by its environment.
+fn node_of(pid: i32, cluster_id: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // State is the field after the parenthesised command name.
     let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
     if matches!(state, Some("Z") | Some("X") | None) {
-        return false;
+        return None;
     }
-    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
-    };
-    let want_node = format!("DDISCO_NODE_ID={id}");
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let want_cluster = format!("DDISCO_CLUSTER_ID={cluster_id}");
-    let mut node = false;
+    let mut node = None;
     let mut cluster = false;
     for var in env.split(|b| *b == 0) {
-        node |= var == want_node.as_bytes();
+        if let Some(id) = var.strip_prefix(b"DDISCO_NODE_ID=") {
+            node = Some(String::from_utf8_lossy(id).into_owned());
+        }
         cluster |= var == want_cluster.as_bytes();
     }
-    node && cluster
+    node.filter(|_| cluster)
 }
