@@ -5,6 +5,15 @@
   dask_job.py sleep SCHEDULER SECONDS        -> JSON: {"slept": s} (a task that sleeps)
   dask_job.py burst SCHEDULER N SECONDS      -> JSON: {"done": n, "workers_seen": w}
                                                 (N tasks sleeping SECONDS each)
+  dask_job.py held-burst SCHEDULER N SECONDS WAIT BEFORE
+                                             -> JSON: {"done": n, "workers_seen": w,
+                                                "workers_before": b, "on_added": a}
+    (waits for the BEFORE workers the cluster has now; then N tasks that
+    sleep SECONDS and then wait, all queued, until a worker joins that was
+    not there when the burst was submitted, or WAIT seconds pass;
+    `on_added` counts the tasks that ran on such a worker. The
+    adaptive target sees the queue, and the tasks cannot finish before the
+    cluster grew: no race between a node's set-up time and task time.)
   dask_job.py tls-probe tls://HOST:PORT [CERT KEY]
                                              -> JSON: {"refused": bool, "why": "..."}
     (a raw TLS connection, with the client certificate given or none:
@@ -69,6 +78,47 @@ def tls_probe(address, cert=None, key=None):
         return {"refused": True, "why": f"{type(e).__name__}: {e}"}
 
 
+def hold(i, secs, gate):
+    """A task of the held burst: sleeps, then waits for the gate to open."""
+    import time
+
+    from distributed import Event, get_worker
+
+    time.sleep(secs)
+    Event(gate).wait(timeout=900)
+    return i, get_worker().address
+
+
+def held_burst(client, n, secs, wait, before_count):
+    import time
+    import uuid
+
+    from distributed import Event
+
+    # The workers of the nodes ready now: a worker that connects late is
+    # not one the cluster grew by.
+    client.wait_for_workers(before_count, timeout=wait)
+    before = set(client.scheduler_info(n_workers=-1)["workers"])
+    # One task through an open gate first: the scheduler learns how long a
+    # `hold` task takes (else it assumes 0.5 s and asks for fewer workers).
+    open_gate = f"open-{uuid.uuid4().hex}"
+    Event(open_gate, client=client).set()
+    client.submit(hold, -1, secs, open_gate, pure=False).result()
+    gate = f"gate-{uuid.uuid4().hex}"
+    futures = [client.submit(hold, i, secs, gate, pure=False) for i in range(n)]
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        if set(client.scheduler_info(n_workers=-1)["workers"]) - before:
+            break
+        time.sleep(0.2)
+    Event(gate, client=client).set()
+    done = client.gather(futures)
+    seen = len(client.scheduler_info(n_workers=-1)["workers"])
+    on_added = sum(1 for _, worker in done if worker not in before)
+    print(json.dumps({"done": len({i for i, _ in done}), "workers_seen": seen,
+                      "workers_before": len(before), "on_added": on_added}))
+
+
 def main():
     mode, scheduler = sys.argv[1], sys.argv[2]
     if mode == "tls-probe":
@@ -99,6 +149,9 @@ def main():
             done = client.gather(futures)
             seen = len(client.scheduler_info(n_workers=-1)["workers"])
             print(json.dumps({"done": len(set(done)), "workers_seen": seen}))
+            return
+        if mode == "held-burst":
+            held_burst(client, int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))
             return
         if mode == "sleep":
             import time

@@ -31,6 +31,16 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Taken by every test that runs a multi-node cluster installing a real
+/// engine (Dask's virtualenvs, a real Disco): such tests run one at a time
+/// within their binary (cargo runs the binaries one after the other), so two
+/// of them never share this machine's two cores and neither starves the
+/// other's nodes past a deadline.
+pub fn one_heavy_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Fast timings for tests: 0.5 s heartbeats, lost after 3 s (headroom for
 /// several clusters sharing two cores).
 pub const FAST: &str = r#"

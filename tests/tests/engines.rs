@@ -59,6 +59,7 @@ fn wait_workers(python: &std::path::Path, scheduler: &str, pred: impl Fn(&Value)
 
 #[test]
 fn dask_cluster_runs_a_word_count_and_heals() {
+    let _heavy = ddisco_tests::one_heavy_at_a_time();
     let t0 = Instant::now();
     let mut c = Cluster::start(
         r#"
@@ -381,6 +382,7 @@ heartbeat_timeout_secs = 5.0
 /// test runs the whole cluster on machine nodes.
 #[test]
 fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
+    let _heavy = ddisco_tests::one_heavy_at_a_time();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (mut c, s, bundle_sha) = real_disco_cluster(&format!("disco_port = {port}\ndrain_timeout_secs = 20"));
     // Every node installed the one build, checked by its digest, in a step
@@ -509,6 +511,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// gives a new blob; `destroy` leaves no process and no network behind.
 #[test]
 fn real_disco_word_count_survives_a_lost_slave_and_scale_down() {
+    let _heavy = ddisco_tests::one_heavy_at_a_time();
     assert!(
         nix::unistd::geteuid().is_root(),
         "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"

@@ -170,8 +170,14 @@ fn autostop_destroys_an_idle_cluster_not_one_running_a_job() {
 /// scheduler's adaptive target, the cluster grows above 1 slave while they
 /// are queued, every task completes, and after the burst (the target
 /// lower for the 5 s cooldown) it shrinks back to 1, draining first.
+///
+/// The burst is held (`held-burst`): its tasks wait, queued, until a worker
+/// that was not there before joins (a new slave installs Dask first: tens
+/// of seconds on a fresh machine), so the test waits on the condition that
+/// matters instead of racing a node's set-up against the tasks' run time.
 #[test]
 fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
+    let _heavy = ddisco_tests::one_heavy_at_a_time();
     let mut c = Cluster::start(
         "engine = \"dask\"\nnum_slaves = 1\nmaster_multiplier = 0.5\nslave_multiplier = 1.0\n\
          heartbeat_timeout_secs = 5.0\nadaptive_cooldown_secs = 5.0\ndrain_timeout_secs = 3.0\n",
@@ -185,8 +191,18 @@ fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
     assert!(c.ctl(&["credentials", "--out", tls.to_str().unwrap()]).status.success());
     let master = node_ids(&s, "master")[0].clone();
     let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+    // The Dask workers of the nodes ready now (each node runs its own).
+    let workers_now = nodes(&s).iter().map(|n| n["workers"].as_u64().unwrap()).sum::<u64>().to_string();
     let job = Command::new(&python)
-        .args([&format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR")), "burst", &scheduler, "40", "2"])
+        .args([
+            &format!("{}/python/dask_job.py", env!("CARGO_MANIFEST_DIR")),
+            "held-burst",
+            &scheduler,
+            "40",
+            "2",
+            "600",
+            &workers_now,
+        ])
         .env("DDISCO_DASK_TLS", &tls)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -197,11 +213,13 @@ fn an_adaptive_cluster_grows_with_a_burst_and_shrinks_after_it() {
     });
     let notes = grown["controller_notes"].to_string();
     assert!(notes.contains("adaptive: 1..4 slaves"), "{notes}");
-    let (code, stdout, stderr) = finish(job, Duration::from_secs(300));
+    let (code, stdout, stderr) = finish(job, Duration::from_secs(900));
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(result["done"], 40, "a task was lost: {result}");
-    assert!(result["workers_seen"].as_u64().unwrap() > 3, "no slave joined: {result}");
+    assert!(result["workers_seen"].as_u64() > result["workers_before"].as_u64(), "no slave joined: {result}");
+    assert!(result["on_added"].as_u64() > Some(0), "no task ran on an added slave: {result}");
+    eprintln!("MEASURE held burst: {result}");
     c.wait_until("back to 1 slave after the burst", Duration::from_secs(120), |s| at_size(s, 1));
     let log = c.serve_log();
     assert!(log.contains("adaptive: 1 -> "), "{log}");
