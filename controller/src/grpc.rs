@@ -14,7 +14,6 @@
 
 use crate::admission::{Gate, Limits, RateLimitedLog};
 use crate::cluster::{Cluster, EnrollRefused};
-use crate::model::NodeState;
 use crate::pki;
 use crate::registry::{Outbound, Refused, TokenError};
 use ddisco_proto::v1 as api;
@@ -220,7 +219,11 @@ impl api::agent_server::Agent for AgentService {
         let live = {
             let mut reg = sh.registry.lock();
             let live = match reg.get(&node_id) {
-                Some(e) if e.rec.state != NodeState::Terminating && !e.live.is_revoked() => e.live.clone(),
+                Some(e)
+                    if !e.rec.state().is(crate::model::StateKind::Terminating) && !e.live.is_revoked() =>
+                {
+                    e.live.clone()
+                }
                 _ => {
                     self.log.warn(|| {
                         format!("session of {node_id} from {from} refused: node unknown or terminated")

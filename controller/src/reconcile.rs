@@ -26,7 +26,8 @@
 //!   node (on-demand while spot is back) is replaced the same way.
 //! - On scale down, on-demand slaves go before spot ones of the same state.
 
-use crate::model::{NodeState, Role};
+pub use crate::model::Reason;
+use crate::model::{Role, StateKind};
 use std::collections::BTreeMap;
 
 /// What the user asked for: slaves per pool (one master is implied); and
@@ -117,7 +118,7 @@ pub struct NodeView {
     /// On-demand while its pool is back on spot: replaced by a spot node
     /// (launched first), then terminated.
     pub superseded: bool,
-    pub state: NodeState,
+    pub state: StateKind,
     /// Creation order (larger = newer).
     pub seq: u64,
     pub since_launch_ms: u64,
@@ -133,52 +134,6 @@ pub struct NodeView {
     /// Draining, and the engine says it can go now without loss (Disco:
     /// DDFS re-replicated its data); else it goes at the drain timeout.
     pub drained: bool,
-}
-
-/// Why a node is terminated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reason {
-    InstanceGone,
-    BootTimeout,
-    HeartbeatTimeout {
-        silent_ms: u64,
-    },
-    ScaleDown,
-    ExtraMaster,
-    /// Interruption notice; its replacement is ready.
-    Interrupted,
-    /// On-demand node whose spot replacement is ready.
-    BackToSpot,
-    /// A step of its plan failed (or it sent what no honest agent sends):
-    /// it is terminated (its output is kept) and replaced.
-    Failed,
-}
-
-impl Reason {
-    /// Is this a loss (to be reported and replaced), not a choice?
-    pub fn is_loss(&self) -> bool {
-        matches!(
-            self,
-            Reason::InstanceGone | Reason::BootTimeout | Reason::HeartbeatTimeout { .. } | Reason::Failed
-        )
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Reason::InstanceGone => "its instance is gone".into(),
-            Reason::BootTimeout => "its agent did not enroll before the boot deadline".into(),
-            Reason::HeartbeatTimeout { silent_ms } => {
-                format!("no heartbeat for {:.1}s", *silent_ms as f64 / 1000.0)
-            }
-            Reason::ScaleDown => "scale down".into(),
-            Reason::ExtraMaster => "more than one master".into(),
-            Reason::Interrupted => "interruption notice; its replacement is ready".into(),
-            Reason::BackToSpot => {
-                "on-demand while spot is available again; its spot replacement is ready".into()
-            }
-            Reason::Failed => "it failed".into(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +161,7 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
     let mut noticed: Vec<&NodeView> = Vec::new();
 
     for n in nodes {
-        if n.state == NodeState::Terminating {
+        if n.state == StateKind::Terminating {
             if n.instance != Instance::Alive {
                 actions.push(Action::Forget { id: n.id.clone() });
             } else if n.since_terminate_ms.unwrap_or(u64::MAX) >= limits.reterminate_ms {
@@ -219,14 +174,14 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             actions.push(Action::Terminate { id: n.id.clone(), reason });
             continue;
         }
-        if matches!(n.state, NodeState::Failed { .. }) {
+        if n.state == StateKind::Failed {
             actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Failed });
             continue;
         }
-        if n.state == NodeState::Requested && n.instance == Instance::Alive {
+        if n.state == StateKind::Requested && n.instance == Instance::Alive {
             actions.push(Action::MarkBooting { id: n.id.clone() });
         }
-        if n.state == NodeState::Draining {
+        if n.state == StateKind::Draining {
             if n.drained || n.since_drain_ms.unwrap_or(u64::MAX) >= limits.drain_ms {
                 let reason = if n.superseded { Reason::BackToSpot } else { Reason::ScaleDown };
                 actions.push(Action::Terminate { id: n.id.clone(), reason });
@@ -256,7 +211,7 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             }
         }
     }
-    let master_ready = masters.first().is_some_and(|m| m.state == NodeState::Ready);
+    let master_ready = masters.first().is_some_and(|m| m.state == StateKind::Ready);
 
     // Slaves, pool by pool (pools no longer wanted count as wanting 0).
     let mut pools: BTreeMap<&str, Vec<&NodeView>> =
@@ -278,14 +233,14 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
             slaves.sort_by_key(|n| removal_rank(n));
             for n in &slaves[want as usize..] {
                 // Only ready slaves have work to drain.
-                if limits.drain_ms > 0 && n.state == NodeState::Ready {
+                if limits.drain_ms > 0 && n.state == StateKind::Ready {
                     actions.push(Action::Drain { id: n.id.clone() });
                 } else {
                     actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::ScaleDown });
                 }
             }
         }
-        let ready = slaves.iter().filter(|n| n.state == NodeState::Ready).count() as u64;
+        let ready = slaves.iter().filter(|n| n.state == StateKind::Ready).count() as u64;
         pool_ready.insert(pool, ready >= want);
     }
 
@@ -300,7 +255,7 @@ pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Acti
         }
         if n.interrupted {
             actions.push(Action::Terminate { id: n.id.clone(), reason: Reason::Interrupted });
-        } else if limits.drain_ms > 0 && n.state == NodeState::Ready {
+        } else if limits.drain_ms > 0 && n.state == StateKind::Ready {
             // A superseded node is not in a hurry: its work drains first.
             actions.push(Action::Drain { id: n.id.clone() });
         } else {
@@ -325,7 +280,7 @@ pub fn supersede(desired: &Desired, nodes: &[NodeView], spot_again: impl Fn(&str
                     && &n.pool == pool
                     && !n.interrupted
                     && !n.superseded
-                    && !matches!(n.state, NodeState::Terminating | NodeState::Draining)
+                    && !matches!(n.state, StateKind::Terminating | StateKind::Draining)
             })
             .collect();
         let spot = counted.iter().filter(|n| !n.on_demand).count();
@@ -348,11 +303,11 @@ pub fn next_deadline_ms(nodes: &[NodeView], limits: Limits) -> Option<u64> {
     nodes
         .iter()
         .filter_map(|n| match &n.state {
-            NodeState::Terminating => None,
-            NodeState::Requested | NodeState::Booting => {
+            StateKind::Terminating => None,
+            StateKind::Requested | StateKind::Booting => {
                 Some(limits.boot_timeout_ms.saturating_sub(n.since_launch_ms))
             }
-            NodeState::Draining => Some(limits.drain_ms.saturating_sub(n.since_drain_ms.unwrap_or(0))),
+            StateKind::Draining => Some(limits.drain_ms.saturating_sub(n.since_drain_ms.unwrap_or(0))),
             s if s.is_enrolled() => {
                 let silent = n.since_heartbeat_ms.unwrap_or(n.since_launch_ms);
                 Some(limits.heartbeat_timeout_ms.saturating_sub(silent))
@@ -382,7 +337,7 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
         // Too new to be listed is fine while booting, and for a while
         // after the launch; otherwise it vanished.
         Instance::NotListed
-            if n.state != NodeState::Requested
+            if n.state != StateKind::Requested
                 && (n.listed_before || n.since_launch_ms > limits.listing_grace_ms) =>
         {
             return Some(Reason::InstanceGone);
@@ -390,7 +345,7 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
         _ => {}
     }
     match &n.state {
-        NodeState::Requested | NodeState::Booting => {
+        StateKind::Requested | StateKind::Booting => {
             (n.since_launch_ms > limits.boot_timeout_ms).then_some(Reason::BootTimeout)
         }
         s if s.is_enrolled() => {
@@ -405,13 +360,13 @@ fn loss(n: &NodeView, limits: Limits) -> Option<Reason> {
 /// spot ones before on-demand ones of the same state (cheaper).
 fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
     let group = match n.state {
-        NodeState::Ready => 0,
-        NodeState::Provisioning { .. } => 1,
-        NodeState::Enrolled => 2,
-        NodeState::Booting => 3,
-        NodeState::Requested => 4,
-        NodeState::Failed { .. } => 5,
-        NodeState::Draining | NodeState::Terminating => 6,
+        StateKind::Ready => 0,
+        StateKind::Provisioning => 1,
+        StateKind::Enrolled => 2,
+        StateKind::Booting => 3,
+        StateKind::Requested => 4,
+        StateKind::Failed => 5,
+        StateKind::Draining | StateKind::Terminating => 6,
     };
     // Older (smaller seq) first: keep them; the newest are removed first.
     (group, n.on_demand, n.seq)
@@ -429,7 +384,7 @@ mod tests {
         listing_grace_ms: 120_000,
     };
 
-    fn node(id: &str, role: Role, state: NodeState, seq: u64) -> NodeView {
+    fn node(id: &str, role: Role, state: StateKind, seq: u64) -> NodeView {
         NodeView {
             id: id.into(),
             role,
@@ -450,7 +405,7 @@ mod tests {
     }
 
     fn ready(id: &str, role: Role, seq: u64) -> NodeView {
-        node(id, role, NodeState::Ready, seq)
+        node(id, role, StateKind::Ready, seq)
     }
 
     fn terminated(actions: &[Action]) -> Vec<(&str, &Reason)> {
@@ -469,14 +424,14 @@ mod tests {
         a.since_heartbeat_ms = Some(4_000);
         let mut b = ready("b", Role::Slave, 2);
         b.since_heartbeat_ms = Some(12_500);
-        let mut c = node("c", Role::Slave, NodeState::Booting, 3);
+        let mut c = node("c", Role::Slave, StateKind::Booting, 3);
         c.since_launch_ms = 50_000;
-        let gone = node("d", Role::Slave, NodeState::Terminating, 4);
+        let gone = node("d", Role::Slave, StateKind::Terminating, 4);
         // b is silent for 12.5 s of 15: 2.5 s left; c boots for 10 s more.
         assert_eq!(next_deadline_ms(&[a.clone(), b.clone(), c.clone(), gone.clone()], LIMITS), Some(2_500));
         assert_eq!(next_deadline_ms(&[a, c], LIMITS), Some(10_000));
         assert_eq!(next_deadline_ms(&[gone], LIMITS), None);
-        let mut draining = node("e", Role::Slave, NodeState::Draining, 5);
+        let mut draining = node("e", Role::Slave, StateKind::Draining, 5);
         draining.since_drain_ms = Some(100);
         let drain = Limits { drain_ms: 1_000, ..LIMITS };
         assert_eq!(next_deadline_ms(&[draining], drain), Some(900));
@@ -486,8 +441,8 @@ mod tests {
     /// engine says nothing would be lost (Disco: DDFS re-replicated it).
     #[test]
     fn a_drained_slave_goes_before_the_drain_timeout() {
-        let master = node("m", Role::Master, NodeState::Ready, 1);
-        let mut draining = node("s", Role::Slave, NodeState::Draining, 2);
+        let master = node("m", Role::Master, StateKind::Ready, 1);
+        let mut draining = node("s", Role::Slave, StateKind::Draining, 2);
         draining.since_drain_ms = Some(100);
         let limits = Limits { drain_ms: 60_000, ..LIMITS };
         let d = Desired::slaves(0);
@@ -519,7 +474,7 @@ mod tests {
 
     #[test]
     fn scale_up_launches_only_the_difference() {
-        let mut s2 = node("s2", Role::Slave, NodeState::Requested, 2);
+        let mut s2 = node("s2", Role::Slave, StateKind::Requested, 2);
         s2.instance = Instance::NotListed;
         let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1), s2];
         assert_eq!(
@@ -534,8 +489,8 @@ mod tests {
             ready("m", Role::Master, 0),
             ready("s-old", Role::Slave, 1),
             ready("s-new", Role::Slave, 5),
-            node("s-boot", Role::Slave, NodeState::Booting, 2),
-            node("s-prov", Role::Slave, NodeState::Provisioning { step: 0, of: 3 }, 3),
+            node("s-boot", Role::Slave, StateKind::Booting, 2),
+            node("s-prov", Role::Slave, StateKind::Provisioning, 3),
         ];
         let ids = |n| {
             terminated(&decide(&Desired::slaves(n), &nodes, LIMITS))
@@ -603,7 +558,7 @@ mod tests {
 
     #[test]
     fn boot_deadline() {
-        let mut s = node("s1", Role::Slave, NodeState::Booting, 1);
+        let mut s = node("s1", Role::Slave, StateKind::Booting, 1);
         s.since_launch_ms = 60_001;
         s.since_heartbeat_ms = None;
         let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
@@ -612,11 +567,11 @@ mod tests {
 
     #[test]
     fn requested_but_not_yet_listed_is_waited_for() {
-        let mut s = node("s1", Role::Slave, NodeState::Requested, 1);
+        let mut s = node("s1", Role::Slave, StateKind::Requested, 1);
         s.instance = Instance::NotListed;
         assert!(decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s.clone()], LIMITS).is_empty());
         // ...but a booted node missing from the listing has vanished.
-        s.state = NodeState::Booting;
+        s.state = StateKind::Booting;
         let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(terminated(&a), vec![("s1", &Reason::InstanceGone)]);
     }
@@ -642,14 +597,14 @@ mod tests {
 
     #[test]
     fn requested_and_running_becomes_booting() {
-        let s = node("s1", Role::Slave, NodeState::Requested, 1);
+        let s = node("s1", Role::Slave, StateKind::Requested, 1);
         let a = decide(&Desired::slaves(1), &[ready("m", Role::Master, 0), s], LIMITS);
         assert_eq!(a, vec![Action::MarkBooting { id: "s1".into() }]);
     }
 
     #[test]
     fn terminating_nodes_are_forgotten_once_gone_and_not_counted() {
-        let mut t = node("s1", Role::Slave, NodeState::Terminating, 1);
+        let mut t = node("s1", Role::Slave, StateKind::Terminating, 1);
         t.since_terminate_ms = Some(1_000);
         let nodes = [ready("m", Role::Master, 0), t.clone()];
         // Still alive: wait, but do not count it (the replacement is launched).
@@ -673,7 +628,7 @@ mod tests {
 
     #[test]
     fn a_failed_node_is_terminated_and_replaced_unless_its_role_is_held() {
-        let f = node("s1", Role::Slave, NodeState::Failed { step: "post_init".into() }, 1);
+        let f = node("s1", Role::Slave, StateKind::Failed, 1);
         let nodes = [ready("m", Role::Master, 0), f];
         assert_eq!(
             decide(&Desired::slaves(1), &nodes, LIMITS),
@@ -689,7 +644,7 @@ mod tests {
             vec![Action::Terminate { id: "s1".into(), reason: Reason::Failed }]
         );
         // A failed master: replaced too (a held slave role does not stop it).
-        let fm = node("m", Role::Master, NodeState::Failed { step: "apt".into() }, 0);
+        let fm = node("m", Role::Master, StateKind::Failed, 0);
         let acts = decide(&held, &[fm, ready("s2", Role::Slave, 2)], LIMITS);
         assert!(
             acts.contains(&Action::Launch { role: Role::Master, pool: "master".into(), count: 1 }),
@@ -728,7 +683,7 @@ mod tests {
             vec![Action::Launch { role: Role::Slave, pool: "default".into(), count: 1 }]
         );
         // Replacement booting: nothing more.
-        let s2 = node("s2", Role::Slave, NodeState::Booting, 2);
+        let s2 = node("s2", Role::Slave, StateKind::Booting, 2);
         assert!(decide(&Desired::slaves(1), &[m.clone(), s1.clone(), s2], LIMITS).is_empty());
         // Replacement ready: the noticed node is terminated.
         let s2 = ready("s2", Role::Slave, 2);
@@ -766,7 +721,7 @@ mod tests {
             decide(&Desired::slaves(2), &[m.clone(), od.clone(), sp.clone(), new.clone()], drain),
             vec![Action::Drain { id: "od".into() }]
         );
-        od.state = NodeState::Draining;
+        od.state = StateKind::Draining;
         od.since_drain_ms = Some(6_000);
         assert_eq!(
             decide(&Desired::slaves(2), &[m, od, sp, new], drain),
@@ -807,7 +762,7 @@ mod tests {
             ready("m", Role::Master, 0),
             ready("s1", Role::Slave, 1),
             ready("s2", Role::Slave, 2),
-            node("s3", Role::Slave, NodeState::Booting, 3),
+            node("s3", Role::Slave, StateKind::Booting, 3),
         ];
         let a = decide(&Desired::slaves(1), &nodes, limits);
         assert_eq!(
@@ -819,7 +774,7 @@ mod tests {
         );
         // While draining it is not counted and not replaced; then it goes.
         let mut d = ready("s2", Role::Slave, 2);
-        d.state = NodeState::Draining;
+        d.state = StateKind::Draining;
         d.since_drain_ms = Some(4_999);
         let nodes = [ready("m", Role::Master, 0), ready("s1", Role::Slave, 1), d.clone()];
         assert!(decide(&Desired::slaves(1), &nodes, limits).is_empty());
@@ -848,7 +803,7 @@ mod tests {
 
     #[test]
     fn extra_master_is_removed_keeping_the_ready_one() {
-        let nodes = [node("m2", Role::Master, NodeState::Booting, 3), ready("m1", Role::Master, 0)];
+        let nodes = [node("m2", Role::Master, StateKind::Booting, 3), ready("m1", Role::Master, 0)];
         let a = decide(&Desired::slaves(0), &nodes, LIMITS);
         assert_eq!(terminated(&a), vec![("m2", &Reason::ExtraMaster)]);
     }

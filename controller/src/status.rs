@@ -117,9 +117,9 @@ impl StatusView {
         let mut counts = NodeCounts::default();
         for e in reg.entries() {
             counts.nodes += 1;
-            counts.ready += u32::from(e.rec.state == NodeState::Ready);
+            counts.ready += u32::from(e.rec.state().is(crate::model::StateKind::Ready));
             counts.masters += u32::from(e.rec.role == Role::Master);
-            if matches!(e.rec.state, NodeState::Failed { .. }) {
+            if e.rec.state().is(crate::model::StateKind::Failed) {
                 counts.failed.push(e.rec.id.clone());
             }
         }
@@ -187,19 +187,19 @@ fn node_status(
     NodeStatus {
         node_id: r.id.clone(),
         role: r.role,
-        state: r.state.label(),
+        state: r.state().label(),
         instance_id: r.instance_id.clone().unwrap_or_default(),
         address: r.address().to_string(),
         hostname: facts.hostname,
         cores: facts.logical_cores,
         workers: r.workers,
-        last_heartbeat_ms: if r.state.is_enrolled() {
+        last_heartbeat_ms: if r.state().is_enrolled() {
             live.and_then(|l| l.last_seen_ms()).map(|t| now.saturating_sub(t))
         } else {
             None
         },
-        current_step: match r.state {
-            NodeState::Provisioning { .. } | NodeState::Failed { .. } => r.current_step.clone(),
+        current_step: match r.state() {
+            NodeState::Provisioning { .. } | NodeState::Failed(_) => r.current_step.clone(),
             _ => String::new(),
         },
         detail: {
@@ -224,7 +224,7 @@ fn node_status(
             .iter()
             .map(|(name, l)| StepView {
                 name: name.clone(),
-                status: l.status.clone(),
+                status: l.status.label().to_string(),
                 exit_code: l.exit_code,
                 duration_ms: l.duration_ms,
                 output_tail: l.output_tail.clone(),
@@ -245,10 +245,10 @@ const STEP_EXPECTED_MS: u64 = 15 * 60 * 1000;
 fn stuck(r: &NodeRecord, now_unix: u64, cfg: &Config) -> String {
     let since = r.phases.last().map(|(_, t)| now_unix.saturating_sub(*t)).unwrap_or(0);
     let boot = cfg.boot_timeout.as_millis() as u64;
-    match &r.state {
+    match r.state() {
         NodeState::Requested | NodeState::Booting if since > boot / 2 => format!(
             "stuck in {} for {:.0}s: its agent has not enrolled (replaced after {:.0}s); see its console",
-            r.state.label(),
+            r.state().label(),
             since as f64 / 1000.0,
             boot as f64 / 1000.0
         ),
@@ -285,18 +285,18 @@ mod tests {
         let id = reg.add_node(new, |_| String::new());
         let rec = &mut reg.get_mut(&id).unwrap().rec;
         let t0 = rec.phases[0].1;
-        rec.state = NodeState::Booting;
+        rec.set_state_for_test(NodeState::Booting);
         assert_eq!(stuck(rec, t0 + 200_000, &cfg), "");
         assert!(
             stuck(rec, t0 + 400_000, &cfg).starts_with("stuck in booting for 400s"),
             "{}",
             stuck(rec, t0 + 400_000, &cfg)
         );
-        rec.state = NodeState::Provisioning { step: 1, of: 3 };
+        rec.set_state_for_test(NodeState::Provisioning { step: 1, of: 3 });
         rec.current_step = "pip_requirements".into();
         rec.phases.push(("step pip_requirements".into(), t0));
         assert!(stuck(rec, t0 + 16 * 60_000, &cfg).starts_with("step pip_requirements running for 16 min"));
-        rec.state = NodeState::Ready;
+        rec.set_state_for_test(NodeState::Ready);
         assert_eq!(stuck(rec, t0 + 3_600_000, &cfg), "");
     }
 }

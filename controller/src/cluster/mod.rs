@@ -29,12 +29,14 @@ mod work_tests;
 use crate::attest::IdentityDoc;
 use crate::config::Config;
 use crate::engine::{DirectiveSet, Engine, Member};
-use crate::model::{Market, NodeState, Notice, Role, worker_count};
+use crate::model::{Market, Notice, Role, worker_count};
 use crate::pki::Pki;
 use crate::plan::Assignment;
 use crate::provider::Provider;
 use crate::reconcile::Limits;
-use crate::registry::{DirectiveReport, Facts, Hello, Refused, Registry, StepReport, TokenError, unix_ms};
+use crate::registry::{
+    DirectiveReport, Effect, Facts, Hello, NodeEvent, Refused, Registry, StepReport, TokenError, unix_ms,
+};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -170,8 +172,9 @@ fn member_of(r: &crate::registry::NodeRecord) -> Member {
         address: r.address().to_string(),
         hostname: hostname.split('.').next().unwrap_or("").to_string(),
         workers: r.workers,
-        ready: r.state == NodeState::Ready || r.state == NodeState::Draining,
-        leaving: r.state == NodeState::Draining || r.notice.is_some(),
+        ready: r.state().is(crate::model::StateKind::Ready)
+            || r.state().is(crate::model::StateKind::Draining),
+        leaving: r.state().is(crate::model::StateKind::Draining) || r.notice.is_some(),
         attributes: r.attributes.clone(),
     }
 }
@@ -258,7 +261,10 @@ impl Cluster {
     /// The engine's view of every node.
     pub fn members(&self) -> Vec<Member> {
         let reg = self.registry.lock();
-        reg.entries().filter(|e| e.rec.state != NodeState::Terminating).map(|e| member_of(&e.rec)).collect()
+        reg.entries()
+            .filter(|e| !e.rec.state().is(crate::model::StateKind::Terminating))
+            .map(|e| member_of(&e.rec))
+            .collect()
     }
 
     /// Recomputes the directives of the ready nodes whose inputs changed
@@ -280,7 +286,7 @@ impl Cluster {
                 .take_changed_members()
                 .iter()
                 .filter_map(|id| reg.get(id))
-                .filter(|e| e.rec.state != NodeState::Terminating)
+                .filter(|e| !e.rec.state().is(crate::model::StateKind::Terminating))
                 .map(|e| (member_of(&e.rec), e.live.clone()))
                 .collect();
             let masters: Vec<Member> =
@@ -377,7 +383,7 @@ impl Cluster {
         let reg = self.registry.lock();
         let mut by = BTreeMap::new();
         for e in reg.entries() {
-            let state = e.rec.state.label();
+            let state = e.rec.state().label();
             let state = state.split(' ').next().unwrap_or("").to_string();
             *by.entry((e.rec.role.to_string(), state)).or_default() += 1;
         }
@@ -490,7 +496,13 @@ impl Cluster {
             crate::metrics::Metrics::inc(&self.metrics.refusals);
             return Err(EnrollRefused::Invalid(why));
         }
-        reg.complete_enrollment(node_id, facts, self.clock.now_ms(), cert_sha256);
+        let enrolled = NodeEvent::Enrolled { facts, now_ms: self.clock.now_ms(), cert_sha256 };
+        if let Err(e) = reg.transition(node_id, enrolled) {
+            // Checked above under this lock: only a node that moved on
+            // (terminated) gets here.
+            crate::metrics::Metrics::inc(&self.metrics.refusals);
+            return Err(EnrollRefused::Invalid(e.to_string()));
+        }
         crate::metrics::Metrics::inc(&self.metrics.enrollments);
         reg.event(format!("{node_id} enrolled from {from}"));
         drop(reg);
@@ -518,7 +530,8 @@ impl Cluster {
         let steps = self.engine.steps(role, workers, &layout);
         let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps);
         let attested = self.provider.attestor().is_some();
-        if let Err(e) = reg.on_hello(node_id, hello, workers, &plan, attested) {
+        let event = NodeEvent::Hello { hello, workers, plan: &plan, keep_identity: attested };
+        if let Err(e) = reg.transition(node_id, event) {
             drop(reg);
             self.changed(); // a refused hello fails the node
             return Err(e);
@@ -537,8 +550,8 @@ impl Cluster {
     }
 
     pub fn step_report(&self, node_id: &str, report: StepReport) -> Result<(), Refused> {
-        let ready = self.registry.lock().on_step(node_id, report)?;
-        if ready {
+        let effect = self.registry.lock().transition(node_id, NodeEvent::Step(report))?;
+        if effect == Effect::Ready {
             self.membership_changed();
         }
         self.changed();

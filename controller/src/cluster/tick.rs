@@ -104,14 +104,17 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         let drain_secs = sh.cfg.drain_timeout.as_secs_f64();
         for action in actions {
             match reg.apply(action, drain_secs) {
-                Effect::Nothing => {}
-                Effect::Terminate { target, loss } => {
+                // A decision the node's state no longer allows (it moved
+                // meanwhile): refused inside the lock, changed nothing.
+                Err(e) => tracing::debug!("reconcile: {e}"),
+                Ok(Effect::Nothing | Effect::Ready) => {}
+                Ok(Effect::Terminate { target, loss }) => {
                     if loss {
                         crate::metrics::Metrics::inc(&sh.metrics.replacements);
                     }
                     to_terminate.push(target);
                 }
-                Effect::Launch { role, pool, count } => launches.push((role, pool, count)),
+                Ok(Effect::Launch { role, pool, count }) => launches.push((role, pool, count)),
             }
         }
     }
@@ -187,7 +190,7 @@ fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> 
     let candidates = crate::reconcile::supersede(&desired, views, spot_again);
     let loads: Vec<(Option<u32>, u32)> = reg
         .entries()
-        .filter(|e| e.rec.state == crate::model::NodeState::Ready)
+        .filter(|e| e.rec.state().is(crate::model::StateKind::Ready))
         .map(|e| (e.live.load_milli(), e.rec.facts.as_ref().map_or(1, |f| f.logical_cores)))
         .collect();
     if wait.is_zero() || candidates.is_empty() || !crate::reconcile::idle(&loads) {
@@ -308,7 +311,9 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
         let reg = sh.registry.lock();
         let live: Vec<&crate::registry::Entry> = reg
             .entries()
-            .filter(|e| e.rec.state != crate::model::NodeState::Terminating && e.rec.instance_id.is_some())
+            .filter(|e| {
+                !e.rec.state().is(crate::model::StateKind::Terminating) && e.rec.instance_id.is_some()
+            })
             .collect();
         let unpriced = live.iter().any(|e| e.rec.price_per_hour == 0.0);
         (live.iter().filter_map(|e| e.rec.instance_id.clone()).collect::<Vec<_>>(), unpriced)
@@ -339,8 +344,8 @@ fn record_history(sh: &Arc<Cluster>) {
         let (mut nodes, mut ready, mut failed) = (0, 0, 0);
         for e in reg.entries() {
             nodes += 1;
-            ready += u32::from(e.rec.state == crate::model::NodeState::Ready);
-            failed += u32::from(matches!(e.rec.state, crate::model::NodeState::Failed { .. }));
+            ready += u32::from(e.rec.state().is(crate::model::StateKind::Ready));
+            failed += u32::from(e.rec.state().is(crate::model::StateKind::Failed));
         }
         crate::history::Sample {
             unix_ms: unix_ms(),

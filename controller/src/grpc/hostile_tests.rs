@@ -183,7 +183,8 @@ fn hostile_ground(dir: &std::path::Path, engine: EngineKind) -> (Cluster, Vec<St
                 reason: crate::reconcile::Reason::ScaleDown,
             },
             0.0,
-        );
+        )
+        .unwrap();
         ids.extend([enrolled, leaving, "slave-9999".into()]);
     }
     (sh, ids)
@@ -246,7 +247,7 @@ fn an_attribute_name_cut_inside_a_character_fails_only_its_node() {
     assert!(matches!(&r, Err(Handled::Failed(why)) if why.contains("not one its plan collects")));
     let reg = sh.registry.lock();
     let rec = &reg.get(slave).unwrap().rec;
-    assert!(matches!(rec.state, crate::model::NodeState::Failed { .. }), "{rec:?}");
+    assert!(rec.state().is(crate::model::StateKind::Failed), "{rec:?}");
     drop(reg);
     still_answers(&sh, 3);
     // The master's probe with such a name: refused, nothing fails.

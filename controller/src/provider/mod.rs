@@ -70,39 +70,9 @@ impl std::fmt::Debug for LaunchBatch {
     }
 }
 
-/// One started instance.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Launched {
-    pub node_id: String,
-    pub instance_id: String,
-    pub instance_type: String,
-    pub market: crate::model::Market,
-    /// Launched on-demand although its role/pool normally runs spot: why.
-    pub on_demand_why: Option<String>,
-}
-
-/// One instance of this cluster, as the provider sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observed {
-    pub instance_id: String,
-    /// Known directly (local provider), else matched by instance id or batch.
-    pub node_id: Option<String>,
-    /// (`ddisco:batch` tag, launch index).
-    pub batch: Option<(String, u32)>,
-    /// Running or pending (not stopping, stopped, shutting down, terminated).
-    pub alive: bool,
-    /// Carries another cluster's id, or none (launched by another
-    /// controller with the same `tag_key`): never adopted as an orphan,
-    /// never terminated, unless it is a node's own instance.
-    pub foreign: bool,
-}
-
-/// An instance to terminate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Target {
-    pub node_id: Option<String>,
-    pub instance_id: Option<String>,
-}
+// Plain data shared with the registry and the reconciler (which know no
+// provider): defined in `model`.
+pub use crate::model::{Launched, Observed, Target};
 
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync + 'static {

@@ -9,242 +9,25 @@
 //! does not take it at all: each node's [`Liveness`] is an atomic that the
 //! agent's session task updates directly.
 
+mod liveness;
+mod record;
 mod transitions;
 pub mod untrusted;
 
+pub use liveness::{Liveness, Outbound, SessionGuard};
+pub use record::{Facts, NodeRecord, StepLog};
+
 pub use transitions::{
-    DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, MAX_ENGINE_MESSAGE, MAX_ENGINE_PROBLEMS, Noticed, Refused,
-    StepReport, StepStatus,
+    DirectiveReport, Effect, Hello, MAX_ATTRIBUTE, MAX_ENGINE_MESSAGE, MAX_ENGINE_PROBLEMS, NodeEvent,
+    Noticed, Refused, StepReport, StepStatus,
 };
 
-use crate::model::{Market, NodeState, Notice, Role};
-use crate::provider::Observed;
+use crate::model::{Market, NodeState, Observed, Role, StateKind};
 use crate::reconcile::{Instance, NodeView};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-
-/// Facts an agent reports about its node.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Facts {
-    pub instance_id: String,
-    pub hostname: String,
-    pub addresses: Vec<String>,
-    pub logical_cores: u32,
-    pub memory_bytes: u64,
-    pub agent_version: String,
-    #[serde(default)]
-    pub started_unix_ms: u64,
-}
-
-/// A node as persisted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub id: String,
-    pub role: Role,
-    /// Slave pool (`master` for the master).
-    #[serde(default)]
-    pub pool: String,
-    pub seq: u64,
-    #[serde(flatten)]
-    pub state: NodeState,
-    /// (launch batch id, launch index): finds the instance after a crash.
-    #[serde(default)]
-    pub batch: Option<(String, u32)>,
-    #[serde(default)]
-    pub instance_type: String,
-    /// Spot or on-demand.
-    #[serde(default)]
-    pub market: Market,
-    /// Interruption/rebalance notice received, if any.
-    #[serde(default, deserialize_with = "notice_compat")]
-    pub notice: Option<Notice>,
-    /// On-demand while its pool is back on spot: to be replaced by spot.
-    #[serde(default)]
-    pub superseded: bool,
-    /// When draining started (state `Draining`).
-    #[serde(default)]
-    pub drain_started_unix_ms: Option<u64>,
-    /// When its instance was last asked to terminate (state `Terminating`).
-    #[serde(default)]
-    pub terminate_sent_unix_ms: Option<u64>,
-    /// Values its agent collected for the engine (public keys...).
-    #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
-    /// Problems its engine directives reported, by directive name (a
-    /// directive that works again clears its own).
-    #[serde(default)]
-    pub engine_problems: BTreeMap<String, String>,
-    /// When each boot phase began, in order (boot diagnostics).
-    #[serde(default)]
-    pub phases: Vec<(String, u64)>,
-    /// Each step's last report, by step name.
-    #[serde(default)]
-    pub steps: BTreeMap<String, StepLog>,
-    /// Current price, USD per hour (0: unknown or free).
-    #[serde(default)]
-    pub price_per_hour: f64,
-    /// Spend counted up to this time (unix ms).
-    #[serde(default)]
-    pub accounted_unix_ms: u64,
-    /// Why the node is in its state (failed step output, loss reason, ...).
-    #[serde(default)]
-    pub detail: String,
-    pub instance_id: Option<String>,
-    /// Address the provider gave the node (the local provider's loopback IP).
-    #[serde(default)]
-    pub address: String,
-    pub launched_unix_ms: u64,
-    pub token_hash: String,
-    pub token_expires_unix_ms: u64,
-    pub token_used: bool,
-    #[serde(default)]
-    pub facts: Option<Facts>,
-    #[serde(default)]
-    pub workers: u32,
-    #[serde(default)]
-    pub plan_id: String,
-    #[serde(default)]
-    pub current_step: String,
-    /// The attributes its plan collects (the only ones it may send).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub collects: Vec<String>,
-    /// Its plan's step names, in order (reports must name these).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub step_names: Vec<String>,
-    /// SHA-256 (hex) of the client certificate issued to it: the only one
-    /// its sessions may present.
-    #[serde(default)]
-    pub cert_sha256: Option<String>,
-    /// A renewed certificate, accepted besides the current one until a
-    /// session presents it (then it is the current one).
-    #[serde(default)]
-    pub cert_sha256_next: Option<String>,
-    /// Enrolled before certificates were pinned (read from an older
-    /// cluster.json): its first session's certificate is pinned.
-    #[serde(skip)]
-    pub pin_first_session: bool,
-}
-
-/// Reads `notice` as written now (null or the kind) and as written before
-/// it was typed (a string, empty for none).
-fn notice_compat<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Notice>, D::Error> {
-    match Option::<String>::deserialize(d)?.as_deref() {
-        None | Some("") => Ok(None),
-        Some("spot-interruption") => Ok(Some(Notice::SpotInterruption)),
-        Some("rebalance-recommendation") => Ok(Some(Notice::Rebalance)),
-        Some(other) => Err(serde::de::Error::custom(format!("unknown notice {other:?}"))),
-    }
-}
-
-/// Liveness of one node, shared with its session task. Updating it costs one
-/// atomic store: no lock, no allocation, no scan.
-#[derive(Debug, Default)]
-pub struct Liveness {
-    /// Controller-clock milliseconds of the last message; 0 = never.
-    last_seen_ms: AtomicU64,
-    /// Set when the node is terminated: its session must end.
-    revoked: AtomicBool,
-    /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
-    sessions: AtomicU32,
-    /// Last reported 1-minute load average x 1000, plus one; 0: unknown.
-    load_milli_plus_one: AtomicU32,
-    /// Its instance has been in a provider listing (since this start).
-    listed: AtomicBool,
-    /// Draining, and the engine says nothing is lost when it goes now
-    /// (Disco: DDFS holds its data elsewhere).
-    drained: AtomicBool,
-    /// The newest session's outbound channel, and the id of the directives
-    /// last sent on it (a new session gets the full set again).
-    push: parking_lot::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
-}
-
-/// What the controller sends on an agent's session. Kept small (the
-/// assignment is boxed): every session's channel holds a block of these.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Assignment(Box<crate::plan::Assignment>),
-    Directives(Arc<crate::engine::DirectiveSet>),
-    Shutdown(String),
-    /// Ask the agent for a signing request (its certificate nears its end).
-    RenewCertificate,
-    /// The renewed certificate.
-    NewCertificate(String),
-}
-
-/// Counts an open session for as long as it lives.
-pub struct SessionGuard(Arc<Liveness>);
-
-impl Drop for SessionGuard {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Liveness {
-    /// A heartbeat's load report (one relaxed store).
-    pub fn set_load(&self, load_milli: Option<u32>) {
-        let v = load_milli.map_or(0, |l| l.saturating_add(1));
-        self.load_milli_plus_one.store(v, Ordering::Relaxed);
-    }
-
-    /// The last reported load (x 1000), if any.
-    pub fn load_milli(&self) -> Option<u32> {
-        self.load_milli_plus_one.load(Ordering::Relaxed).checked_sub(1)
-    }
-
-    pub fn touch(&self, now_ms: u64) {
-        self.last_seen_ms.store(now_ms.max(1), Ordering::Relaxed);
-    }
-    pub fn last_seen_ms(&self) -> Option<u64> {
-        match self.last_seen_ms.load(Ordering::Relaxed) {
-            0 => None,
-            v => Some(v),
-        }
-    }
-    pub fn revoke(&self) {
-        self.revoked.store(true, Ordering::Relaxed);
-    }
-    pub fn is_revoked(&self) -> bool {
-        self.revoked.load(Ordering::Relaxed)
-    }
-    pub fn session(self: &Arc<Self>) -> SessionGuard {
-        self.sessions.fetch_add(1, Ordering::Relaxed);
-        SessionGuard(self.clone())
-    }
-    pub fn connected(&self) -> bool {
-        self.sessions.load(Ordering::Relaxed) > 0
-    }
-    /// Registers a session's outbound channel.
-    pub fn set_push(&self, tx: tokio::sync::mpsc::Sender<Outbound>) {
-        *self.push.lock() = Some((tx, String::new()));
-    }
-    /// Forgets a session's channel when that session ends (not a newer one's),
-    /// so its stream can close.
-    pub fn clear_push(&self, tx: &tokio::sync::mpsc::Sender<Outbound>) {
-        let mut guard = self.push.lock();
-        if guard.as_ref().is_some_and(|(t, _)| t.same_channel(tx)) {
-            *guard = None;
-        }
-    }
-
-    /// Sends `directives` unless this session already has them; returns
-    /// whether the session has them now. Never blocks: a full channel (or
-    /// no session) drops the push, and the next publish tries again.
-    pub fn push_directives(&self, d: &Arc<crate::engine::DirectiveSet>) -> bool {
-        let mut guard = self.push.lock();
-        let Some((tx, last)) = guard.as_mut() else { return false };
-        if *last == d.id {
-            return true;
-        }
-        if tx.try_send(Outbound::Directives(d.clone())).is_ok() {
-            *last = d.id.clone();
-            return true;
-        }
-        false
-    }
-}
+use std::sync::atomic::Ordering;
 
 #[derive(Debug)]
 pub struct Entry {
@@ -277,45 +60,6 @@ struct ClusterFile {
     /// When its first node was launched (`max_runtime_mins` counts from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     started_unix_ms: Option<u64>,
-}
-
-/// A step's last report.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct StepLog {
-    pub status: String,
-    pub exit_code: i32,
-    pub duration_ms: u64,
-    pub output_tail: String,
-}
-
-impl NodeRecord {
-    /// Its engine problems in one line (empty: none).
-    pub fn engine_detail(&self) -> String {
-        let parts: Vec<String> =
-            self.engine_problems.iter().map(|(name, msg)| format!("engine: {name}: {msg}")).collect();
-        parts.join("; ")
-    }
-
-    /// Where peers reach it: the provider's address, else the first one its
-    /// agent reported.
-    pub fn address(&self) -> &str {
-        if !self.address.is_empty() {
-            return &self.address;
-        }
-        self.facts.as_ref().and_then(|f| f.addresses.first()).map_or("", String::as_str)
-    }
-
-    /// Notes the start of a boot phase (once per name in a row).
-    pub fn phase(&mut self, name: impl Into<String>) {
-        let name = name.into();
-        if self.phases.last().is_some_and(|(n, _)| *n == name) {
-            return;
-        }
-        // Bounded: a node that keeps reconnecting does not grow without end.
-        if self.phases.len() < 64 {
-            self.phases.push((name, unix_ms()));
-        }
-    }
 }
 
 /// What `add_node` needs.
@@ -543,8 +287,6 @@ impl Registry {
             market: Market::Spot,
             notice: None,
             superseded: false,
-            drain_started_unix_ms: None,
-            terminate_sent_unix_ms: None,
             attributes: BTreeMap::new(),
             engine_problems: BTreeMap::new(),
             phases: vec![("requested".into(), unix_ms())],
@@ -687,7 +429,7 @@ impl Registry {
         if now_unix_ms > e.rec.token_expires_unix_ms {
             return Err(TokenError::Expired(id.clone()));
         }
-        if e.rec.state == NodeState::Terminating {
+        if e.rec.state.is(StateKind::Terminating) {
             return Err(TokenError::Terminated(id.clone()));
         }
         Ok(id.clone())
@@ -725,19 +467,29 @@ impl Registry {
                 interrupted: e.rec.notice.is_some(),
                 on_demand: e.rec.market == Market::OnDemand,
                 superseded: e.rec.superseded,
-                state: e.rec.state.clone(),
+                state: e.rec.state.kind(),
                 seq: e.rec.seq,
                 since_launch_ms: now_unix_ms.saturating_sub(e.rec.launched_unix_ms),
                 since_heartbeat_ms: e.live.last_seen_ms().map(|t| now_ms.saturating_sub(t)),
-                since_drain_ms: e.rec.drain_started_unix_ms.map(|t| now_unix_ms.saturating_sub(t)),
-                since_terminate_ms: e.rec.terminate_sent_unix_ms.map(|t| now_unix_ms.saturating_sub(t)),
+                since_drain_ms: match e.rec.state {
+                    NodeState::Draining { since_unix_ms, .. } => {
+                        Some(now_unix_ms.saturating_sub(since_unix_ms))
+                    }
+                    _ => None,
+                },
+                since_terminate_ms: match e.rec.state {
+                    NodeState::Terminating { sent_unix_ms, .. } => {
+                        Some(now_unix_ms.saturating_sub(sent_unix_ms))
+                    }
+                    _ => None,
+                },
                 instance: match observed.get(&e.rec.id) {
                     Some(true) => Instance::Alive,
                     Some(false) => Instance::Gone,
                     None => Instance::NotListed,
                 },
                 listed_before: e.live.listed.load(Ordering::Relaxed),
-                drained: e.rec.state == NodeState::Draining && e.live.drained.load(Ordering::Relaxed),
+                drained: e.rec.state.is(StateKind::Draining) && e.live.drained.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -799,7 +551,7 @@ impl Registry {
         let mut marked = Vec::new();
         for e in self.nodes.values() {
             let host = e.rec.facts.as_ref().map_or("", |f| f.hostname.as_str());
-            if e.rec.state == NodeState::Draining
+            if e.rec.state.is(StateKind::Draining)
                 && !host.is_empty()
                 && hosts.iter().any(|h| h == host)
                 && !e.live.drained.swap(true, Ordering::Relaxed)
@@ -817,6 +569,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Notice;
 
     fn new(role: Role, hash: &str, expires: u64) -> NewNode {
         NewNode {

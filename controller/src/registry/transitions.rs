@@ -1,9 +1,10 @@
-//! Every transition of a node, as a method of the [`Registry`]: what an
-//! agent reports (`on_hello`, `on_step`, `on_notice`, ...), what the
-//! reconcile pass decided (`apply`), what the operator asked (`set_desired`,
-//! `supersede`). Network handlers and the reconcile pass call these; no other
-//! code sets a node's state. The diagram they implement is in
-//! [`NodeState`]'s documentation.
+//! Every transition of a node, in one function: [`Registry::transition`],
+//! whose `match (state, event)` is the diagram in [`NodeState`]'s
+//! documentation. Every other (state, event) pair is refused inside the
+//! registry's lock, so no race (a hello against a tick's terminate) can move
+//! a node backwards. What an agent reports, what the reconcile pass decided
+//! (`apply`), what `destroy` does all go through it; `NodeRecord::state` is
+//! private to the registry, so the compiler keeps the rule.
 //!
 //! # Guarantees
 //! - Reports are validated before anything changes: a report for another
@@ -11,12 +12,15 @@
 //!   nothing and say why.
 //! - "Became ready" is one method ([`Registry::become_ready`]), whichever
 //!   report completes the plan.
+//! - A terminating node never leaves `Terminating` but to be forgotten.
 
 use super::{Facts, Registry, StepLog, unix_ms};
-use crate::model::{Market, NodeState, Notice, Role};
+pub use crate::model::StepStatus;
+use crate::model::{
+    DrainWhy, Failure, Launched, Market, NodeState, Notice, Reason, Refusal, Role, StateKind, Target,
+};
 use crate::plan::Plan;
-use crate::provider::{Launched, Target};
-use crate::reconcile::{Action, Reason};
+use crate::reconcile::Action;
 use std::collections::BTreeMap;
 
 /// What an agent says when its session opens.
@@ -27,25 +31,6 @@ pub struct Hello {
     pub plan_id: String,
     /// Steps of that plan already done.
     pub completed_steps: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepStatus {
-    Running,
-    Succeeded,
-    Skipped,
-    Failed,
-}
-
-impl StepStatus {
-    pub fn label(self) -> &'static str {
-        match self {
-            StepStatus::Running => "running",
-            StepStatus::Succeeded => "succeeded",
-            StepStatus::Skipped => "skipped",
-            StepStatus::Failed => "failed",
-        }
-    }
 }
 
 /// An agent's report about one step of its plan.
@@ -80,7 +65,7 @@ pub const MAX_ATTRIBUTE: usize = 16 * 1024;
 /// from the front).
 pub const MAX_STEP_OUTPUT: usize = 8 * 1024;
 
-/// A report that changed nothing, and why.
+/// A report or decision that changed nothing, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
     #[error("node {0} is not in the registry")]
@@ -90,12 +75,60 @@ pub enum Refused {
     /// A report no honest agent sends; the node was failed for it.
     #[error("{0}")]
     Invalid(String),
+    /// The node is being terminated: it never comes back.
+    #[error("node {0} is being terminated")]
+    Terminated(String),
+    /// Not a transition of the diagram (`NodeState`).
+    #[error("node {node}: {event} is not a transition from {state}")]
+    Illegal { node: String, state: StateKind, event: &'static str },
 }
 
-/// What an applied action leaves for the provider to do.
+/// What happened to a node, to be applied by [`Registry::transition`].
+#[derive(Debug, Clone)]
+pub enum NodeEvent<'a> {
+    /// The provider lists its instance.
+    Listed,
+    /// Its agent spent the bootstrap token and holds a certificate.
+    Enrolled { facts: Facts, now_ms: u64, cert_sha256: &'a str },
+    /// Its agent opened a session: its facts, and the assignment given.
+    Hello { hello: Hello, workers: u32, plan: &'a Plan, keep_identity: bool },
+    /// A step report.
+    Step(StepReport),
+    /// It sent what no honest agent sends (or what the controller could
+    /// not handle): it fails.
+    Refuse { refusal: Refusal, why: String },
+    /// Scale down (or back to spot): its engine stops giving it work.
+    Drain,
+    /// Its instance is to be terminated.
+    Terminate(Reason),
+    /// Its instance still runs: ask again.
+    Reterminate,
+    /// Its instance is gone (or was never started): drop it.
+    Forget,
+}
+
+impl NodeEvent<'_> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            NodeEvent::Listed => "listed",
+            NodeEvent::Enrolled { .. } => "enrolled",
+            NodeEvent::Hello { .. } => "hello",
+            NodeEvent::Step(_) => "step",
+            NodeEvent::Refuse { .. } => "refuse",
+            NodeEvent::Drain => "drain",
+            NodeEvent::Terminate(_) => "terminate",
+            NodeEvent::Reterminate => "reterminate",
+            NodeEvent::Forget => "forget",
+        }
+    }
+}
+
+/// What a transition leaves for the caller to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Nothing,
+    /// It became ready (engines take it in).
+    Ready,
     /// Terminate this instance; `loss`: the node was lost, not removed.
     Terminate {
         target: Target,
@@ -119,24 +152,79 @@ pub struct Noticed {
 }
 
 impl Registry {
-    /// The token is spent and the node `Enrolled`.
-    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64, cert_sha256: &str) {
-        let Some(e) = self.nodes.get_mut(id) else { return };
-        e.rec.token_used = true;
-        e.rec.cert_sha256 = Some(cert_sha256.to_string());
-        e.rec.cert_sha256_next = None;
-        e.rec.state = NodeState::Enrolled;
-        if facts.started_unix_ms > 0 && e.rec.phases.len() < 64 {
-            e.rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
+    /// The one place a node's state changes: `match (state, event)` is the
+    /// diagram (`NodeState`); any other pair is refused and changes nothing.
+    pub fn transition(&mut self, id: &str, event: NodeEvent<'_>) -> Result<Effect, Refused> {
+        use StateKind as K;
+        let state = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?.rec.state.kind();
+        match (state, event) {
+            (K::Requested, NodeEvent::Listed) => Ok(self.booting(id)),
+            (K::Requested | K::Booting, NodeEvent::Enrolled { facts, now_ms, cert_sha256 }) => {
+                Ok(self.enrolled(id, facts, now_ms, cert_sha256))
+            }
+            // A terminated node never comes back: its hello (racing the
+            // tick that terminated it) or a report is refused.
+            (K::Terminating, NodeEvent::Hello { .. } | NodeEvent::Step(_)) => {
+                Err(Refused::Terminated(id.to_string()))
+            }
+            (
+                K::Enrolled | K::Provisioning | K::Ready | K::Failed | K::Draining,
+                NodeEvent::Hello { hello, workers, plan, keep_identity },
+            ) => self.hello(id, hello, workers, plan, keep_identity),
+            (K::Provisioning, NodeEvent::Step(report)) => self.step(id, report),
+            // A report about a step it is no longer in (a new plan began,
+            // it failed or drains meanwhile): stale, ignored.
+            (K::Enrolled | K::Ready | K::Failed | K::Draining, NodeEvent::Step(_)) => Ok(Effect::Nothing),
+            // Already leaving: nothing more to fail.
+            (K::Terminating, NodeEvent::Refuse { .. }) => Ok(Effect::Nothing),
+            (_, NodeEvent::Refuse { refusal, why }) => Ok(self.refuse(id, refusal, &why)),
+            (K::Ready, NodeEvent::Drain) => Ok(self.drain(id)),
+            (K::Terminating, NodeEvent::Reterminate) => Ok(self.reterminate(id)),
+            (K::Terminating | K::Requested, NodeEvent::Forget) => {
+                self.remove(id);
+                Ok(Effect::Nothing)
+            }
+            (K::Terminating, event @ NodeEvent::Terminate(_)) => {
+                Err(Refused::Illegal { node: id.to_string(), state, event: event.name() })
+            }
+            (_, NodeEvent::Terminate(reason)) => Ok(self.terminate(id, reason)),
+            (state, event) => Err(Refused::Illegal { node: id.to_string(), state, event: event.name() }),
         }
-        e.rec.phase("enrolled");
-        e.rec.detail.clear();
-        if e.rec.instance_id.is_none() && !facts.instance_id.is_empty() {
-            e.rec.instance_id = Some(facts.instance_id.clone());
-        }
-        e.rec.facts = Some(facts);
-        e.live.touch(now_ms);
+    }
+
+    /// The state and its data, for the transition helpers below (the
+    /// node exists: `transition` checked).
+    fn set_state(&mut self, id: &str, state: NodeState) -> &mut super::NodeRecord {
         self.dirty = true;
+        let e = self.nodes.get_mut(id).expect("transition checked the node exists");
+        e.rec.state = state;
+        &mut e.rec
+    }
+
+    fn booting(&mut self, id: &str) -> Effect {
+        self.set_state(id, NodeState::Booting).phase("running");
+        Effect::Nothing
+    }
+
+    /// The token is spent and the node `Enrolled`.
+    fn enrolled(&mut self, id: &str, facts: Facts, now_ms: u64, cert_sha256: &str) -> Effect {
+        let rec = self.set_state(id, NodeState::Enrolled);
+        rec.token_used = true;
+        rec.cert_sha256 = Some(cert_sha256.to_string());
+        rec.cert_sha256_next = None;
+        if facts.started_unix_ms > 0 && rec.phases.len() < 64 {
+            rec.phases.push(("agent downloaded and started".into(), facts.started_unix_ms));
+        }
+        rec.phase("enrolled");
+        rec.detail.clear();
+        if rec.instance_id.is_none() && !facts.instance_id.is_empty() {
+            rec.instance_id = Some(facts.instance_id.clone());
+        }
+        rec.facts = Some(facts);
+        if let Some(e) = self.nodes.get(id) {
+            e.live.touch(now_ms);
+        }
+        Effect::Nothing
     }
 
     /// Whether a session may present the certificate with SHA-256 `sha256`
@@ -190,26 +278,29 @@ impl Registry {
             self.event(msg);
         }
         for id in nodes.iter().filter(|id| !launched.iter().any(|l| &l.node_id == *id)) {
-            self.remove(id);
+            // Not started: forgotten, unless it moved on meanwhile (then
+            // the refusal says so, and the reconcile pass sees it).
+            if let Err(e) = self.transition(id, NodeEvent::Forget) {
+                tracing::warn!("a launch that did not start {id}: {e}");
+            }
         }
     }
 
-    /// An agent opened a session: records its facts and its assignment
-    /// (`workers`, `plan`), and moves it to where its progress says.
-    /// Returns whether it became ready.
-    /// Its facts are checked first (`untrusted::check_facts`; host name and
-    /// address unique among the nodes not being terminated): invalid ones
-    /// are not stored, the node fails saying why. With `keep_identity`
-    /// (attested nodes) its instance id and addresses stay those the
-    /// enrollment verified, whatever the hello says.
-    pub fn on_hello(
+    /// Records a hello's facts and assignment (`workers`, `plan`), and
+    /// moves the node to where its progress says. Its facts are checked
+    /// first (`untrusted::check_facts`; host name and address unique among
+    /// the nodes not being terminated): invalid ones are not stored, the
+    /// node fails saying why. With `keep_identity` (attested nodes) its
+    /// instance id and addresses stay those the enrollment verified,
+    /// whatever the hello says.
+    fn hello(
         &mut self,
         id: &str,
         mut hello: Hello,
         workers: u32,
         plan: &Plan,
         keep_identity: bool,
-    ) -> Result<bool, Refused> {
+    ) -> Result<Effect, Refused> {
         let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
         if keep_identity && let Some(old) = &e.rec.facts {
             hello.facts.instance_id = old.instance_id.clone();
@@ -223,7 +314,7 @@ impl Registry {
         let wanted = super::claims(&hello.facts.hostname, &address);
         if let Err(why) = super::untrusted::check_facts(&hello.facts).and_then(|()| self.unique(id, &wanted))
         {
-            self.reject(id, "hello", &why);
+            self.refuse(id, Refusal::Hello, &why);
             return Err(Refused::Invalid(why));
         }
         let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
@@ -257,46 +348,40 @@ impl Registry {
         e.rec.facts = Some(hello.facts);
         let same_plan = hello.plan_id == plan.id;
         let done = if same_plan { hello.completed_steps.min(n) } else { 0 };
-        let was_ready = e.rec.state == NodeState::Ready;
-        // A failed node stays failed for the plan that failed; a draining
-        // one keeps draining.
-        if (matches!(e.rec.state, NodeState::Failed { .. }) && same_plan)
-            || e.rec.state == NodeState::Draining
-        {
-            return Ok(false);
+        match e.rec.state.kind() {
+            // A failed node stays failed for the plan that failed; a
+            // draining one keeps draining.
+            StateKind::Failed if same_plan => return Ok(Effect::Nothing),
+            StateKind::Draining => return Ok(Effect::Nothing),
+            StateKind::Ready if done == n => return Ok(Effect::Nothing),
+            _ => {}
         }
         if done == n {
-            if !was_ready {
-                self.become_ready(id);
-                return Ok(true);
-            }
-        } else {
-            e.rec.state = NodeState::Provisioning { step: done, of: n };
+            return Ok(self.become_ready(id));
         }
-        Ok(false)
+        e.rec.state = NodeState::Provisioning { step: done, of: n };
+        Ok(Effect::Nothing)
     }
 
     /// The one "became ready" transition.
-    fn become_ready(&mut self, id: &str) {
-        let Some(e) = self.nodes.get_mut(id) else { return };
-        e.rec.state = NodeState::Ready;
-        e.rec.phase("ready");
-        e.rec.current_step.clear();
-        let msg = format!("{id} ready ({}, {} workers)", e.rec.role, e.rec.workers);
-        self.dirty = true;
+    fn become_ready(&mut self, id: &str) -> Effect {
+        let rec = self.set_state(id, NodeState::Ready);
+        rec.phase("ready");
+        rec.current_step.clear();
+        let msg = format!("{id} ready ({}, {} workers)", rec.role, rec.workers);
         self.changed_members.push(id.to_string());
         self.event(msg);
+        Effect::Ready
     }
 
-    /// A step report. Reports about another plan, or arriving when the node
-    /// is not provisioning, are ignored. Returns whether the node became
-    /// ready.
-    pub fn on_step(&mut self, id: &str, s: StepReport) -> Result<bool, Refused> {
+    /// A step report of a provisioning node. Reports about another plan
+    /// are ignored.
+    fn step(&mut self, id: &str, s: StepReport) -> Result<Effect, Refused> {
         let e = self.nodes.get_mut(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
         if s.plan_id != e.rec.plan_id {
-            return Ok(false); // a report about an older plan
+            return Ok(Effect::Nothing); // a report about an older plan
         }
-        let NodeState::Provisioning { of, .. } = e.rec.state else { return Ok(false) };
+        let NodeState::Provisioning { of, .. } = e.rec.state else { return Ok(Effect::Nothing) };
         if s.index >= of {
             return Err(Refused::StepOutOfRange { index: s.index, of });
         }
@@ -316,7 +401,7 @@ impl Registry {
         self.dirty = true;
         if s.status != StepStatus::Running {
             let log = StepLog {
-                status: s.status.label().to_string(),
+                status: s.status,
                 exit_code: s.exit_code,
                 duration_ms: s.duration_ms,
                 output_tail: s.output_tail.clone(),
@@ -333,19 +418,13 @@ impl Registry {
                 tracing::info!(node = %id, step = %s.name, ms = s.duration_ms, "step succeeded");
                 // `index < of`, so `index + 1` cannot overflow.
                 if s.index + 1 == of {
-                    self.become_ready(id);
-                    return Ok(true);
+                    return Ok(self.become_ready(id));
                 }
                 e.rec.state = NodeState::Provisioning { step: s.index + 1, of };
             }
             StepStatus::Failed => {
-                let failure = crate::failures::Failure {
-                    unix_ms: unix_ms(),
-                    node: id.to_string(),
-                    role: e.rec.role,
-                    step: s.name.clone(),
-                };
-                e.rec.state = NodeState::Failed { step: s.name.clone() };
+                let role = e.rec.role;
+                e.rec.state = NodeState::Failed(Failure::Step { step: s.name.clone() });
                 e.rec.phase(format!("failed at {}", s.name));
                 e.rec.detail =
                     format!("step {} failed (exit {}): {}", s.name, s.exit_code, s.output_tail.trim());
@@ -353,28 +432,34 @@ impl Registry {
                     "{id} FAILED at step {} (exit {}); see `ddisco-controller status`",
                     s.name, s.exit_code
                 );
-                e.rec.current_step = s.name;
+                e.rec.current_step = s.name.clone();
                 self.event(msg);
-                self.failed(failure);
+                self.failed(id, role, &s.name);
             }
         }
-        Ok(false)
+        Ok(Effect::Nothing)
     }
 
     /// Notes a failure (the failure budget counts them).
-    fn failed(&mut self, f: crate::failures::Failure) {
+    fn failed(&mut self, id: &str, role: Role, what: &str) {
         if self.failures.len() == crate::failures::MAX_FAILURES {
             self.failures.pop_front();
         }
-        self.failures.push_back(f);
+        self.failures.push_back(crate::failures::Failure {
+            unix_ms: unix_ms(),
+            node: id.to_string(),
+            role,
+            step: what.to_string(),
+        });
         self.dirty = true;
     }
 
     /// A notice from the node's cloud. Recorded once per node; returns what
-    /// it concerns when it is new.
+    /// it concerns when it is new. (Not a state: a noticed node keeps its
+    /// state until reconcile replaces it.)
     pub fn on_notice(&mut self, id: &str, kind: Notice, detail: &str) -> Option<Noticed> {
         let e = self.nodes.get_mut(id)?;
-        if e.rec.notice.is_some() {
+        if e.rec.notice.is_some() || e.rec.state.is(StateKind::Terminating) {
             return None;
         }
         e.rec.notice = Some(kind);
@@ -398,6 +483,9 @@ impl Registry {
     /// stored. Returns whether the value changed.
     pub fn on_attribute(&mut self, id: &str, name: &str, value: &str) -> Result<bool, Refused> {
         let e = self.nodes.get(id).ok_or_else(|| Refused::UnknownNode(id.to_string()))?;
+        if e.rec.state.is(StateKind::Terminating) {
+            return Err(Refused::Terminated(id.to_string()));
+        }
         let checked = if name.len() > MAX_ATTRIBUTE || !e.rec.collects.iter().any(|c| c == name) {
             Err(format!(
                 "attribute {:?} is not one its plan collects",
@@ -411,7 +499,7 @@ impl Registry {
         let key = match checked {
             Ok(k) => k,
             Err(why) => {
-                self.reject(id, "attribute", &why);
+                self.transition(id, NodeEvent::Refuse { refusal: Refusal::Attribute, why: why.clone() })?;
                 return Err(Refused::Invalid(why));
             }
         };
@@ -442,35 +530,32 @@ impl Registry {
     /// replaced); nothing else changes.
     pub fn on_internal_error(&mut self, id: &str, what: &str, why: &str) {
         let why = format!("the controller could not handle it (a bug in the controller; report it): {why}");
-        self.reject(id, &format!("{what} message"), &super::untrusted::clean_line(&why));
+        let refusal = Refusal::Unhandled { message: super::untrusted::clean_line(what) };
+        let why = super::untrusted::clean_line(&why);
+        if let Err(e) = self.transition(id, NodeEvent::Refuse { refusal, why }) {
+            tracing::warn!("{e}");
+        }
     }
 
     /// A node that sent what no honest agent sends: failed, with the reason
     /// (its session is refused; it is kept for diagnosis like a failed step).
-    fn reject(&mut self, id: &str, what: &str, why: &str) {
-        let Some(e) = self.nodes.get_mut(id) else { return };
-        if e.rec.state == NodeState::Terminating {
-            return;
-        }
-        let first =
-            !matches!(&e.rec.state, NodeState::Failed { step } if step == what) || e.rec.detail != why;
-        e.rec.state = NodeState::Failed { step: what.to_string() };
-        e.rec.phase(format!("failed: invalid {what}"));
-        e.rec.detail = format!("refused its {what}: {why}");
+    fn refuse(&mut self, id: &str, refusal: Refusal, why: &str) -> Effect {
+        let failure = Failure::Refused { refused: refusal.clone() };
+        let Some(e) = self.nodes.get_mut(id) else { return Effect::Nothing };
+        let first = e.rec.state != NodeState::Failed(failure.clone()) || e.rec.detail != why;
+        e.rec.state = NodeState::Failed(failure);
+        e.rec.phase(format!("failed: invalid {refusal}"));
+        e.rec.detail = format!("refused its {refusal}: {why}");
         self.dirty = true;
         self.changed_members.push(id.to_string());
         if first {
-            let msg = format!("{id} FAILED: its {what} was refused: {why}");
+            let msg = format!("{id} FAILED: its {refusal} was refused: {why}");
             tracing::warn!("{msg}");
             let role = e.rec.role;
             self.event(msg);
-            self.failed(crate::failures::Failure {
-                unix_ms: unix_ms(),
-                node: id.to_string(),
-                role,
-                step: what.to_string(),
-            });
+            self.failed(id, role, &refusal.to_string());
         }
+        Effect::Nothing
     }
 
     /// How applying an engine directive went. Problems are kept per
@@ -508,86 +593,96 @@ impl Registry {
         self.event_once(event);
     }
 
-    /// Carries out a reconcile action on the registry; returns what is left
-    /// for the provider. `drain_secs` is only for the operator's message.
-    pub fn apply(&mut self, action: Action, drain_secs: f64) -> Effect {
+    fn drain(&mut self, id: &str) -> Effect {
+        let superseded = self.nodes.get(id).is_some_and(|e| e.rec.superseded);
+        let why = if superseded { DrainWhy::BackToSpot } else { DrainWhy::ScaleDown };
+        self.set_state(id, NodeState::Draining { since_unix_ms: unix_ms(), why });
+        self.changed_members.push(id.to_string());
+        Effect::Nothing
+    }
+
+    fn reterminate(&mut self, id: &str) -> Effect {
+        let rec = self.nodes.get_mut(id).map(|e| &mut e.rec).expect("transition checked the node exists");
+        if let NodeState::Terminating { sent_unix_ms, .. } = &mut rec.state {
+            *sent_unix_ms = unix_ms();
+        }
+        let target = Target { node_id: Some(id.to_string()), instance_id: rec.instance_id.clone() };
+        let msg = format!(
+            "{id}: instance {} still running after it was terminated; terminating it again",
+            rec.instance_id.as_deref().unwrap_or("?")
+        );
+        self.dirty = true;
+        tracing::warn!("{msg}");
+        self.event_once(msg);
+        Effect::Terminate { target, loss: false }
+    }
+
+    fn terminate(&mut self, id: &str, reason: Reason) -> Effect {
+        if reason == Reason::Failed
+            && let Some(e) = self.nodes.get(id)
+        {
+            // What it reported stays readable (status, `logs`).
+            let kept = e.rec.clone();
+            if self.failed_nodes.len() == super::MAX_FAILED_NODES {
+                self.failed_nodes.pop_front();
+            }
+            self.failed_nodes.push_back(kept);
+        }
+        let was = {
+            let e = &self.nodes[id];
+            crate::text::prefix(e.rec.detail.lines().next().unwrap_or(""), 200).to_string()
+        };
+        let loss = reason.is_loss();
+        let describe = reason.describe();
+        let state = NodeState::Terminating { sent_unix_ms: unix_ms(), reason: reason.clone() };
+        let rec = self.set_state(id, state);
+        let role = rec.role;
+        rec.phase("terminating");
+        rec.detail = describe;
+        let target = Target { node_id: Some(id.to_string()), instance_id: rec.instance_id.clone() };
+        self.nodes[id].live.revoke();
+        self.changed_members.push(id.to_string());
+        let msg = match (&reason, role) {
+            (Reason::Failed, _) => format!(
+                "{id} terminated, it failed ({was}); its reports stay in status and `logs {id}`; it is \
+                 replaced unless the failure budget holds launches"
+            ),
+            (r, Role::Master) if r.is_loss() => format!(
+                "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
+                 launching one now; slaves keep running and will be pointed at it",
+                r.describe()
+            ),
+            (r, _) if r.is_loss() => format!("{id} lost ({}); replacing it", r.describe()),
+            (Reason::ScaleDown, _) => format!("{id} removed (scale down)"),
+            // `destroy` says it once for the cluster.
+            (Reason::Destroyed, _) => return Effect::Terminate { target, loss },
+            (r, _) => format!("{id} terminated ({})", r.describe()),
+        };
+        if loss {
+            tracing::warn!("{msg}");
+        }
+        self.event(msg);
+        Effect::Terminate { target, loss }
+    }
+
+    /// Carries out a reconcile action on the registry (each a transition
+    /// but `Launch`); returns what is left for the provider. `drain_secs`
+    /// is only for the operator's message.
+    pub fn apply(&mut self, action: Action, drain_secs: f64) -> Result<Effect, Refused> {
         match action {
-            Action::MarkBooting { id } => {
-                if let Some(e) = self.get_mut(&id) {
-                    e.rec.state = NodeState::Booting;
-                    e.rec.phase("running");
-                }
-                Effect::Nothing
-            }
-            Action::Forget { id } => {
-                self.remove(&id);
-                Effect::Nothing
-            }
-            Action::Reterminate { id } => {
-                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
-                e.rec.terminate_sent_unix_ms = Some(unix_ms());
-                let target = Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() };
-                let msg = format!(
-                    "{id}: instance {} still running after it was terminated; terminating it again",
-                    e.rec.instance_id.as_deref().unwrap_or("?")
-                );
-                self.dirty = true;
-                tracing::warn!("{msg}");
-                self.event_once(msg);
-                Effect::Terminate { target, loss: false }
-            }
+            Action::MarkBooting { id } => self.transition(&id, NodeEvent::Listed),
+            Action::Forget { id } => self.transition(&id, NodeEvent::Forget),
+            Action::Reterminate { id } => self.transition(&id, NodeEvent::Reterminate),
             Action::Drain { id } => {
-                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
-                e.rec.state = NodeState::Draining;
-                e.rec.drain_started_unix_ms = Some(unix_ms());
-                let why =
-                    if e.rec.superseded { "on-demand, its spot replacement is ready" } else { "scale down" };
-                self.changed_members.push(id.clone());
-                self.event(format!("{id} draining before removal ({why}; up to {drain_secs:.0}s)"));
-                Effect::Nothing
-            }
-            Action::Terminate { id, reason } => {
-                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
-                if reason == Reason::Failed {
-                    // What it reported stays readable (status, `logs`).
-                    let kept = e.rec.clone();
-                    if self.failed_nodes.len() == super::MAX_FAILED_NODES {
-                        self.failed_nodes.pop_front();
-                    }
-                    self.failed_nodes.push_back(kept);
+                let effect = self.transition(&id, NodeEvent::Drain)?;
+                if let Some(NodeState::Draining { why, .. }) = self.nodes.get(&id).map(|e| &e.rec.state) {
+                    let why = why.describe();
+                    self.event(format!("{id} draining before removal ({why}; up to {drain_secs:.0}s)"));
                 }
-                let Some(e) = self.get_mut(&id) else { return Effect::Nothing };
-                let role = e.rec.role;
-                let was = crate::text::prefix(e.rec.detail.lines().next().unwrap_or(""), 200).to_string();
-                e.rec.state = NodeState::Terminating;
-                e.rec.terminate_sent_unix_ms = Some(unix_ms());
-                e.rec.phase("terminating");
-                e.rec.detail = reason.describe();
-                e.live.revoke();
-                let target = Target { node_id: Some(id.clone()), instance_id: e.rec.instance_id.clone() };
-                let loss = reason.is_loss();
-                self.changed_members.push(id.clone());
-                let msg = match (&reason, role) {
-                    (Reason::Failed, _) => format!(
-                        "{id} terminated, it failed ({was}); its reports stay in status and `logs {id}`; it is \
-                         replaced unless the failure budget holds launches"
-                    ),
-                    (r, Role::Master) if r.is_loss() => format!(
-                        "MASTER {id} LOST ({}): the cluster cannot run jobs until a new master is ready; \
-                         launching one now; slaves keep running and will be pointed at it",
-                        r.describe()
-                    ),
-                    (r, _) if r.is_loss() => format!("{id} lost ({}); replacing it", r.describe()),
-                    (Reason::ScaleDown, _) => format!("{id} removed (scale down)"),
-                    (r, _) => format!("{id} terminated ({})", r.describe()),
-                };
-                if loss {
-                    tracing::warn!("{msg}");
-                }
-                self.event(msg);
-                Effect::Terminate { target, loss }
+                Ok(effect)
             }
-            Action::Launch { role, pool, count } => Effect::Launch { role, pool, count },
+            Action::Terminate { id, reason } => self.transition(&id, NodeEvent::Terminate(reason)),
+            Action::Launch { role, pool, count } => Ok(Effect::Launch { role, pool, count }),
         }
     }
 
@@ -604,7 +699,8 @@ impl Registry {
     }
 
     /// Marks on-demand slaves for replacement by spot ones (chosen by
-    /// `reconcile::supersede`); `why` prefixes each event.
+    /// `reconcile::supersede`); `why` prefixes each event. (A mark, not a
+    /// state: the node serves as it is until its replacement is ready.)
     pub fn supersede(&mut self, ids: &[String], why: &str) {
         for id in ids {
             if let Some(e) = self.get_mut(id) {
@@ -616,29 +712,61 @@ impl Registry {
         }
     }
 
-    /// `destroy`: every node is terminating and its session revoked; returns
-    /// what to terminate.
+    /// `destroy`: every node is terminating (those already terminating
+    /// are asked again) and its session revoked; returns what to terminate.
     pub fn terminate_all(&mut self) -> Vec<Target> {
-        self.dirty = true;
-        self.nodes
-            .values_mut()
-            .map(|e| {
-                e.live.revoke();
-                e.rec.state = NodeState::Terminating;
-                e.rec.terminate_sent_unix_ms = Some(unix_ms());
-                Target { node_id: Some(e.rec.id.clone()), instance_id: e.rec.instance_id.clone() }
-            })
-            .collect()
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        let mut targets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let rec = &self.nodes[&id].rec;
+            if rec.state.is(StateKind::Terminating) {
+                // Asked before: asked again, its state as it is.
+                targets.push(Target { node_id: Some(id.clone()), instance_id: rec.instance_id.clone() });
+            } else if let Ok(Effect::Terminate { target, .. }) =
+                self.transition(&id, NodeEvent::Terminate(Reason::Destroyed))
+            {
+                targets.push(target);
+            }
+        }
+        targets
     }
 
-    /// `destroy` finished: forgets every node.
+    /// `destroy` finished: forgets every node (all terminating by then).
     pub fn forget_all(&mut self) {
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
         for id in ids {
-            self.remove(&id);
+            if self.transition(&id, NodeEvent::Forget).is_err() {
+                // Not terminating (a node added since): it goes too.
+                self.remove(&id);
+            }
         }
         // The next cluster of this state directory starts its own clock.
         self.started_unix_ms = None;
+    }
+}
+
+/// Shorthands for tests: each is one transition.
+#[cfg(test)]
+impl Registry {
+    pub fn complete_enrollment(&mut self, id: &str, facts: Facts, now_ms: u64, cert_sha256: &str) {
+        self.transition(id, NodeEvent::Enrolled { facts, now_ms, cert_sha256 }).expect("enrollment");
+    }
+
+    /// Whether the node became ready.
+    pub fn on_hello(
+        &mut self,
+        id: &str,
+        hello: Hello,
+        workers: u32,
+        plan: &Plan,
+        keep_identity: bool,
+    ) -> Result<bool, Refused> {
+        Ok(self.transition(id, NodeEvent::Hello { hello, workers, plan, keep_identity })? == Effect::Ready)
+    }
+
+    /// Whether the node became ready.
+    pub fn on_step(&mut self, id: &str, report: StepReport) -> Result<bool, Refused> {
+        Ok(self.transition(id, NodeEvent::Step(report))? == Effect::Ready)
     }
 }
 
@@ -958,10 +1086,228 @@ mod tests {
     fn terminating_a_lost_master_says_so_and_revokes_it() {
         let (mut r, id) = registry_with(Role::Master);
         let effect = r.apply(Action::Terminate { id: id.clone(), reason: Reason::BootTimeout }, 60.0);
-        assert!(matches!(effect, Effect::Terminate { loss: true, .. }));
+        assert!(matches!(effect, Ok(Effect::Terminate { loss: true, .. })));
         let e = r.get(&id).unwrap();
-        assert_eq!(e.rec.state, NodeState::Terminating);
+        assert!(matches!(e.rec.state, NodeState::Terminating { reason: Reason::BootTimeout, .. }));
         assert!(e.live.is_revoked());
         assert!(r.events().back().unwrap().message.starts_with(&format!("MASTER {id} LOST")));
+    }
+
+    /// A registry holding one node in `kind` (reached through transitions,
+    /// the only way there), with a plan of 2 steps where it has one.
+    fn node_in(kind: StateKind, p: &Plan) -> (Registry, String) {
+        let mut r = Registry::new(BTreeMap::new());
+        let id = r.add_node(
+            NewNode {
+                role: Role::Slave,
+                pool: "default".into(),
+                batch: None,
+                token_hash: "h".into(),
+                token_expires_unix_ms: u64::MAX,
+            },
+            |_| String::new(),
+        );
+        let enroll = |r: &mut Registry| r.complete_enrollment(&id, Facts::default(), 1, "fp");
+        let hello = |r: &mut Registry| r.on_hello(&id, good(), 1, p, false).unwrap();
+        match kind {
+            StateKind::Requested => {}
+            StateKind::Booting => {
+                r.transition(&id, NodeEvent::Listed).unwrap();
+            }
+            StateKind::Enrolled => enroll(&mut r),
+            StateKind::Provisioning => {
+                enroll(&mut r);
+                hello(&mut r);
+            }
+            StateKind::Ready | StateKind::Draining => {
+                enroll(&mut r);
+                hello(&mut r);
+                r.on_step(&id, report(p, 0, StepStatus::Succeeded)).unwrap();
+                r.on_step(&id, report(p, 1, StepStatus::Succeeded)).unwrap();
+                if kind == StateKind::Draining {
+                    r.transition(&id, NodeEvent::Drain).unwrap();
+                }
+            }
+            StateKind::Failed => {
+                enroll(&mut r);
+                hello(&mut r);
+                r.on_step(&id, report(p, 0, StepStatus::Failed)).unwrap();
+            }
+            StateKind::Terminating => {
+                enroll(&mut r);
+                r.transition(&id, NodeEvent::Terminate(Reason::ScaleDown)).unwrap();
+            }
+        }
+        assert_eq!(r.get(&id).unwrap().rec.state.kind(), kind);
+        (r, id)
+    }
+
+    /// Every (state, event) pair: the diagram of `NodeState`, and nothing
+    /// else. `None`: refused (and nothing changed); `Some(k)`: allowed, the
+    /// node then in `k` (`None` inside: forgotten).
+    #[test]
+    fn every_state_event_pair_follows_the_diagram() {
+        use StateKind::*;
+        let p = plan(2);
+        type MakeEvent = Box<dyn Fn() -> NodeEvent<'static>>;
+        let events: Vec<(&str, MakeEvent)> = {
+            let p: &'static Plan = Box::leak(Box::new(p.clone()));
+            vec![
+                ("listed", Box::new(|| NodeEvent::Listed)),
+                (
+                    "enrolled",
+                    Box::new(|| NodeEvent::Enrolled {
+                        facts: Facts::default(),
+                        now_ms: 1,
+                        cert_sha256: "fp",
+                    }),
+                ),
+                (
+                    "hello",
+                    Box::new(move || NodeEvent::Hello {
+                        hello: good(),
+                        workers: 1,
+                        plan: p,
+                        keep_identity: false,
+                    }),
+                ),
+                ("step", Box::new(move || NodeEvent::Step(report(p, 0, StepStatus::Running)))),
+                ("refuse", Box::new(|| NodeEvent::Refuse { refusal: Refusal::Hello, why: "x".into() })),
+                ("drain", Box::new(|| NodeEvent::Drain)),
+                ("terminate", Box::new(|| NodeEvent::Terminate(Reason::ScaleDown))),
+                ("reterminate", Box::new(|| NodeEvent::Reterminate)),
+                ("forget", Box::new(|| NodeEvent::Forget)),
+            ]
+        };
+        // The diagram, row by row: (state, event) -> the state after.
+        let expected = |state: StateKind, event: &str| -> Option<Option<StateKind>> {
+            Some(Some(match (state, event) {
+                (Requested, "listed") => Booting,
+                (Requested | Booting, "enrolled") => Enrolled,
+                (Enrolled | Provisioning, "hello") => Provisioning,
+                // Likewise a ready node (one that reports its plan done
+                // stays ready: `a_hello_with_finished_progress_is_ready_at_once`).
+                (Ready, "hello") => Provisioning,
+                // The hello reports progress of no plan (a new agent, or
+                // a new plan): a failed node starts again (with the plan
+                // that failed it stays failed: `a_failed_node_stays_failed_for_its_plan`).
+                (Failed, "hello") => Provisioning,
+                (Draining, "hello") => Draining,
+                (Provisioning, "step") => Provisioning,
+                (Enrolled | Ready | Failed | Draining, "step") => state, // stale: ignored
+                (Terminating, "refuse") => Terminating,
+                (_, "refuse") => Failed,
+                (Ready, "drain") => Draining,
+                (Terminating, "reterminate") => Terminating,
+                (Terminating | Requested, "forget") => return Some(None),
+                (Terminating, "terminate") => return None,
+                (_, "terminate") => Terminating,
+                _ => return None,
+            }))
+        };
+        let mut checked = 0;
+        for state in StateKind::ALL {
+            for (name, event) in &events {
+                let (mut r, id) = node_in(state, &p);
+                let before = r.to_json();
+                let result = r.transition(&id, event());
+                let after = r.get(&id).map(|e| e.rec.state.kind());
+                match expected(state, name) {
+                    None => {
+                        assert!(result.is_err(), "{state} + {name} must be refused, got {result:?}");
+                        assert_eq!(r.to_json(), before, "{state} + {name}: a refusal changed the record");
+                    }
+                    Some(want) => {
+                        assert!(result.is_ok(), "{state} + {name} must be allowed: {result:?}");
+                        assert_eq!(after, want, "{state} + {name}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, StateKind::ALL.len() * events.len());
+    }
+
+    /// A node's hello racing the tick that terminates it (issue 23): in
+    /// either order, the node ends terminating and revoked, never back in
+    /// provisioning or ready. Both run under the registry's lock, as in the
+    /// controller, from two threads, many times.
+    #[test]
+    fn a_hello_racing_a_terminate_never_revives_the_node() {
+        let p = plan(0); // a hello makes the node ready at once
+        for _ in 0..200 {
+            let (r, id) = node_in(StateKind::Ready, &plan(2));
+            let r = std::sync::Arc::new(parking_lot::Mutex::new(r));
+            let (r1, id1, p1) = (r.clone(), id.clone(), p.clone());
+            let hello = std::thread::spawn(move || {
+                let event = NodeEvent::Hello { hello: good(), workers: 1, plan: &p1, keep_identity: false };
+                r1.lock().transition(&id1, event)
+            });
+            let terminated = r.lock().transition(&id, NodeEvent::Terminate(Reason::ScaleDown));
+            let said = hello.join().unwrap();
+            assert!(matches!(terminated, Ok(Effect::Terminate { .. })), "{terminated:?}");
+            let reg = r.lock();
+            let e = reg.get(&id).unwrap();
+            assert!(
+                e.rec.state.is(StateKind::Terminating),
+                "revived: {:?} (hello said {said:?})",
+                e.rec.state
+            );
+            assert!(e.live.is_revoked());
+            // The hello either came first (and changed nothing that lasts)
+            // or was refused for it.
+            assert!(matches!(said, Ok(_) | Err(Refused::Terminated(_))), "{said:?}");
+        }
+        // And after the terminate, a hello is refused and changes nothing.
+        let (mut r, id) = node_in(StateKind::Terminating, &p);
+        let before = r.to_json();
+        let event = NodeEvent::Hello { hello: good(), workers: 1, plan: &p, keep_identity: false };
+        assert_eq!(r.transition(&id, event), Err(Refused::Terminated(id.clone())));
+        assert_eq!(r.to_json(), before);
+    }
+
+    /// Records of an older controller (state data beside the state, step
+    /// names for refusals) load into the typed states.
+    #[test]
+    fn older_state_fields_load_into_the_typed_states() {
+        let (r, id) = node_in(StateKind::Ready, &plan(2));
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        let node = &mut v["nodes"][0];
+        node["state"] = "draining".into();
+        node["drain_started_unix_ms"] = 42.into();
+        node["terminate_sent_unix_ms"] = serde_json::Value::Null;
+        let r2 = Registry::from_json(&v.to_string(), 1).unwrap();
+        assert_eq!(
+            r2.get(&id).unwrap().rec.state,
+            NodeState::Draining { since_unix_ms: 42, why: DrainWhy::ScaleDown }
+        );
+        let node = &mut v["nodes"][0];
+        node["state"] = "terminating".into();
+        node["terminate_sent_unix_ms"] = 7.into();
+        let r3 = Registry::from_json(&v.to_string(), 1).unwrap();
+        assert_eq!(
+            r3.get(&id).unwrap().rec.state,
+            NodeState::Terminating { sent_unix_ms: 7, reason: Reason::Unrecorded }
+        );
+        let node = &mut v["nodes"][0];
+        node["state"] = "failed".into();
+        node["step"] = "post_init".into();
+        let r4 = Registry::from_json(&v.to_string(), 1).unwrap();
+        assert_eq!(
+            r4.get(&id).unwrap().rec.state,
+            NodeState::Failed(Failure::Step { step: "post_init".into() })
+        );
+        // The typed forms round-trip.
+        for state in [
+            NodeState::Failed(Failure::Refused { refused: Refusal::Unhandled { message: "probe".into() } }),
+            NodeState::Terminating { sent_unix_ms: 9, reason: Reason::HeartbeatTimeout { silent_ms: 3 } },
+            NodeState::Draining { since_unix_ms: 5, why: DrainWhy::BackToSpot },
+            NodeState::Provisioning { step: 1, of: 3 },
+        ] {
+            let mut r5 = Registry::from_json(&v.to_string(), 1).unwrap();
+            r5.nodes.get_mut(&id).unwrap().rec.state = state.clone();
+            let back = Registry::from_json(&r5.to_json(), 1).unwrap();
+            assert_eq!(back.get(&id).unwrap().rec.state, state);
+        }
     }
 }
