@@ -42,6 +42,7 @@ pub mod engine;
 pub mod failures;
 pub mod grpc;
 pub mod history;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod model;

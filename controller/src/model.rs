@@ -348,6 +348,12 @@ pub enum StepStatus {
     Failed,
 }
 
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 impl StepStatus {
     pub fn label(self) -> &'static str {
         match self {

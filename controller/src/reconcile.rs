@@ -26,6 +26,8 @@
 //!   node (on-demand while spot is back) is replaced the same way.
 //! - On scale down, on-demand slaves go before spot ones of the same state.
 
+use crate::budget::{Budget, OnBudget};
+use crate::lifecycle::{LifeEvent, Lifecycle, StopReason};
 pub use crate::model::Reason;
 use crate::model::{Role, StateKind};
 use std::collections::BTreeMap;
@@ -136,7 +138,7 @@ pub struct NodeView {
     pub drained: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Launch `count` new nodes of `role` in `pool`.
     Launch { role: Role, pool: String, count: u32 },
@@ -152,10 +154,139 @@ pub enum Action {
     /// after it was asked to terminate (the call failed, or was lost):
     /// ask again.
     Reterminate { id: String },
+    /// A live instance tagged for this cluster that no node owns.
+    TerminateOrphan { instance_id: String, node_id: Option<String> },
+    /// Spend passed 80% of the cap: say so (once).
+    WarnSpend,
+    /// Spend reached the cap with `on_budget = "stop-launching"`.
+    StopLaunching,
+    /// Destroy the cluster, then stop the controller.
+    Destroy { reason: StopReason },
+    /// The adaptive size's decision (`scale MIN..MAX`) and the engine's
+    /// target it followed (in slaves): its memory is kept, and the size set
+    /// when it differs.
+    Resize { decision: crate::autoscale::Decision, target: Option<u32> },
+}
+
+/// Everything `decide` weighs: the nodes (when the provider could be
+/// listed this tick) and the cluster's policies.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    pub desired: &'a Desired,
+    /// `None`: no fresh listing (nothing is decided about nodes on stale
+    /// data; the policies still are: a spend cap or a max runtime does not
+    /// wait for the provider's API).
+    pub nodes: Option<&'a [NodeView]>,
+    /// Live instances tagged for this cluster that no node owns.
+    pub orphans: &'a [crate::model::Observed],
+    pub limits: Limits,
+    pub policy: Policy,
+}
+
+/// The cluster-level facts, observed by the caller.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub lifecycle: Lifecycle,
+    pub budget: Budget,
+    pub on_budget: OnBudget,
+    /// The cluster has been idle for `autostop_idle_mins`.
+    pub autostop_due: bool,
+    /// `max_runtime_mins` has passed since the first launch.
+    pub max_runtime_passed: bool,
+    /// `scale MIN..MAX` in force.
+    pub adaptive: Option<AdaptiveInput>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            lifecycle: Lifecycle::Running,
+            budget: Budget::Off,
+            on_budget: OnBudget::Destroy,
+            autostop_due: false,
+            max_runtime_passed: false,
+            adaptive: None,
+        }
+    }
+}
+
+/// What the adaptive size decides from (see `autoscale::decide`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveInput {
+    pub current: u32,
+    /// The engine's target, in slaves.
+    pub target: Option<u32>,
+    pub bounds: crate::autoscale::Bounds,
+    pub lower_since_ms: Option<u64>,
+    pub now_ms: u64,
+    pub cooldown_ms: u64,
+}
+
+/// Computes everything the reconcile loop does this tick: the nodes'
+/// actions (`decide_nodes`), the orphans to terminate, the cluster's
+/// lifecycle (spend cap, max runtime, autostop) and the adaptive size.
+/// Launches are left out when the lifecycle allows none (the cap reached,
+/// a destroy under way).
+pub fn decide(i: &Inputs<'_>) -> Vec<Action> {
+    let p = &i.policy;
+    let mut actions = Vec::new();
+    let launching = p.lifecycle.launches() && p.budget != Budget::Reached;
+    if let Some(nodes) = i.nodes {
+        actions.extend(
+            decide_nodes(i.desired, nodes, i.limits)
+                .into_iter()
+                .filter(|a| launching || !matches!(a, Action::Launch { .. })),
+        );
+        actions.extend(i.orphans.iter().map(|o| Action::TerminateOrphan {
+            instance_id: o.instance_id.clone(),
+            node_id: o.node_id.clone(),
+        }));
+    }
+    let life = p.lifecycle;
+    match p.budget {
+        Budget::Warning if life.on(LifeEvent::SpendWarning).is_some() => actions.push(Action::WarnSpend),
+        Budget::Reached
+            if p.on_budget == OnBudget::StopLaunching
+                && life.on(LifeEvent::SpendReached { destroy: false }).is_some() =>
+        {
+            actions.push(Action::StopLaunching)
+        }
+        _ => {}
+    }
+    // The cluster's end, the most pressing reason first.
+    let stop = if p.budget == Budget::Reached && p.on_budget == OnBudget::Destroy {
+        Some(StopReason::SpendCap)
+    } else if p.max_runtime_passed {
+        Some(StopReason::MaxRuntime)
+    } else if p.autostop_due {
+        Some(StopReason::Autostop)
+    } else {
+        None
+    };
+    if let Some(reason) = stop
+        && life.on(LifeEvent::Stop(reason)).is_some()
+    {
+        actions.push(Action::Destroy { reason });
+        return actions;
+    }
+    if life.ticks()
+        && let Some(a) = p.adaptive
+    {
+        let d = crate::autoscale::decide(
+            a.current,
+            a.target,
+            a.bounds,
+            a.lower_since_ms,
+            a.now_ms,
+            a.cooldown_ms,
+        );
+        actions.push(Action::Resize { decision: d, target: a.target });
+    }
+    actions
 }
 
 /// Computes what to do to move the observed nodes towards `desired`.
-pub fn decide(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Action> {
+pub fn decide_nodes(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut live: Vec<&NodeView> = Vec::new();
     let mut noticed: Vec<&NodeView> = Vec::new();
@@ -374,6 +505,7 @@ fn removal_rank(n: &NodeView) -> (u8, bool, u64) {
 
 #[cfg(test)]
 mod tests {
+    use super::decide_nodes as decide;
     use super::*;
 
     const LIMITS: Limits = Limits {
@@ -806,5 +938,95 @@ mod tests {
         let nodes = [node("m2", Role::Master, StateKind::Booting, 3), ready("m1", Role::Master, 0)];
         let a = decide(&Desired::slaves(0), &nodes, LIMITS);
         assert_eq!(terminated(&a), vec![("m2", &Reason::ExtraMaster)]);
+    }
+
+    fn inputs<'a>(nodes: Option<&'a [NodeView]>, desired: &'a Desired, policy: Policy) -> Inputs<'a> {
+        Inputs { desired, nodes, orphans: &[], limits: LIMITS, policy }
+    }
+
+    /// Issue 23: the cluster's end is decided here too. A cap that only
+    /// stops launching leaves autostop and the max runtime in force (the
+    /// bug: autostop never fired after it); a cap that destroys wins over
+    /// both; nothing is launched once the cap is reached, even in the tick
+    /// that finds it; no listing, still a decision.
+    #[test]
+    fn the_cluster_s_end_is_decided_with_its_nodes() {
+        use crate::lifecycle::{Lifecycle, StopReason};
+        let d = Desired::slaves(2);
+        let nodes = [ready("m", Role::Master, 1)];
+        let stop_launching = Policy {
+            lifecycle: Lifecycle::LaunchingStopped,
+            budget: Budget::Reached,
+            on_budget: OnBudget::StopLaunching,
+            autostop_due: true,
+            ..Default::default()
+        };
+        let a = super::decide(&inputs(Some(&nodes), &d, stop_launching.clone()));
+        assert!(!a.iter().any(|a| matches!(a, Action::Launch { .. })), "{a:?}");
+        assert!(a.contains(&Action::Destroy { reason: StopReason::Autostop }), "{a:?}");
+        let runtime = Policy { autostop_due: false, max_runtime_passed: true, ..stop_launching.clone() };
+        let a = super::decide(&inputs(None, &d, runtime));
+        assert_eq!(a, vec![Action::Destroy { reason: StopReason::MaxRuntime }]);
+        // The tick that finds the cap: launches dropped, the cap said once.
+        let found = Policy { autostop_due: false, lifecycle: Lifecycle::Running, ..stop_launching };
+        let a = super::decide(&inputs(Some(&nodes), &d, found.clone()));
+        assert_eq!(a, vec![Action::StopLaunching]);
+        let destroy = Policy { on_budget: OnBudget::Destroy, max_runtime_passed: true, ..found };
+        assert_eq!(
+            super::decide(&inputs(Some(&nodes), &d, destroy)),
+            vec![Action::Destroy { reason: StopReason::SpendCap }]
+        );
+        // Under way: nothing decided twice.
+        let stopping = Policy {
+            lifecycle: Lifecycle::Stopping(StopReason::Autostop),
+            autostop_due: true,
+            budget: Budget::Warning,
+            ..Default::default()
+        };
+        assert_eq!(super::decide(&inputs(None, &d, stopping)), vec![]);
+        // The warning once: not again from CapWarned.
+        let warn = Policy { budget: Budget::Warning, ..Default::default() };
+        assert_eq!(super::decide(&inputs(None, &d, warn.clone())), vec![Action::WarnSpend]);
+        let warned = Policy { lifecycle: Lifecycle::CapWarned, ..warn };
+        assert_eq!(super::decide(&inputs(None, &d, warned)), vec![]);
+    }
+
+    /// Orphans and the adaptive size are actions of the same decision.
+    #[test]
+    fn orphans_and_the_adaptive_size_are_decided_here() {
+        let d = Desired::slaves(1);
+        let nodes = [ready("m", Role::Master, 1), ready("s", Role::Slave, 2)];
+        let orphan = crate::model::Observed {
+            instance_id: "i-9".into(),
+            node_id: None,
+            batch: None,
+            alive: true,
+            foreign: false,
+        };
+        let adaptive = AdaptiveInput {
+            current: 1,
+            target: Some(3),
+            bounds: crate::autoscale::Bounds { min: 1, max: 4 },
+            lower_since_ms: None,
+            now_ms: 1,
+            cooldown_ms: 5_000,
+        };
+        let i = Inputs {
+            desired: &d,
+            nodes: Some(&nodes),
+            orphans: std::slice::from_ref(&orphan),
+            limits: LIMITS,
+            policy: Policy { adaptive: Some(adaptive), ..Default::default() },
+        };
+        let a = super::decide(&i);
+        assert!(a.contains(&Action::TerminateOrphan { instance_id: "i-9".into(), node_id: None }), "{a:?}");
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::Resize { decision, target: Some(3) } if decision.slaves == 3)),
+            "{a:?}"
+        );
+        // Without a listing, no orphan is judged.
+        let a = super::decide(&Inputs { nodes: None, ..i });
+        assert!(!a.iter().any(|a| matches!(a, Action::TerminateOrphan { .. })), "{a:?}");
     }
 }

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -430,9 +430,8 @@ const MIN_TICK_GAP: Duration = Duration::from_millis(20);
 async fn reconcile_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     loop {
         let mut wait = shared.cfg.reconcile_interval;
-        if !shared.destroying.load(Ordering::Relaxed)
-            && let Some(deadline) = crate::cluster::tick::pass(&shared).await
-        {
+        let ticks = shared.policies.lock().lifecycle.ticks();
+        if ticks && let Some(deadline) = crate::cluster::tick::pass(&shared).await {
             // Just past the deadline (a node is lost when silent for *more*
             // than the timeout).
             wait = wait.min((deadline + Duration::from_millis(1)).max(MIN_TICK_GAP));

@@ -5,7 +5,7 @@
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::model::{Market, NodeState, Role};
+use crate::model::{Market, NodeState, Role, StateKind, StepStatus};
 use crate::registry::{NodeRecord, unix_ms};
 use serde::Serialize;
 
@@ -49,7 +49,9 @@ pub struct EventView {
 pub struct NodeStatus {
     pub node_id: String,
     pub role: Role,
-    pub state: String,
+    pub state: StateKind,
+    /// (step, of steps), 0-based, while provisioning.
+    pub progress: Option<(u32, u32)>,
     pub instance_id: String,
     pub address: String,
     pub hostname: String,
@@ -73,7 +75,7 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepView {
     pub name: String,
-    pub status: String,
+    pub status: StepStatus,
     pub exit_code: i32,
     pub duration_ms: u64,
     pub output_tail: String,
@@ -87,6 +89,16 @@ pub struct NodeCounts {
     pub masters: u32,
     /// Ids of failed nodes.
     pub failed: Vec<String>,
+}
+
+impl NodeStatus {
+    /// The state as status shows it ("provisioning 2/5").
+    pub fn label(&self) -> String {
+        match self.progress {
+            Some((step, of)) => format!("{} {}/{of}", self.state, step + 1),
+            None => self.state.to_string(),
+        }
+    }
 }
 
 impl StatusView {
@@ -108,9 +120,13 @@ impl StatusView {
         let now_unix = unix_ms();
         // Read before the registry's lock: `scale` and the adaptive pass
         // take `adaptive` first, then the registry (one lock order).
-        let adaptive_note = sh.adaptive.lock().as_ref().map(|a| {
-            let target = a.target_slaves.map_or("none yet".to_string(), |t| format!("{t} slaves"));
-            format!("adaptive: {}..{} slaves; engine target {target}; {}", a.bounds.min, a.bounds.max, a.why)
+        let (adaptive, idle_since) = {
+            let p = sh.policies.lock();
+            (p.adaptive.clone(), p.idle_since_ms)
+        };
+        let adaptive_note = sh.registry.lock().adaptive_bounds().map(|(min, max)| {
+            let target = adaptive.target_slaves.map_or("none yet".to_string(), |t| format!("{t} slaves"));
+            format!("adaptive: {min}..{max} slaves; engine target {target}; {}", adaptive.why)
         });
         let own_notes = sh.notes();
         let reg = sh.registry.lock();
@@ -152,11 +168,7 @@ impl StatusView {
                 .into_iter()
                 .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
                 .chain(adaptive_note)
-                .chain(crate::autostop::note(
-                    Some(sh.idle_since_ms.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0),
-                    unix_ms(),
-                    sh.cfg.autostop_idle.as_millis() as u64,
-                ))
+                .chain(crate::autostop::note(idle_since, unix_ms(), sh.cfg.autostop_idle.as_millis() as u64))
                 .chain(own_notes)
                 .collect(),
             counts,
@@ -187,7 +199,11 @@ fn node_status(
     NodeStatus {
         node_id: r.id.clone(),
         role: r.role,
-        state: r.state().label(),
+        state: r.state().kind(),
+        progress: match r.state() {
+            NodeState::Provisioning { step, of } => Some((*step, *of)),
+            _ => None,
+        },
         instance_id: r.instance_id.clone().unwrap_or_default(),
         address: r.address().to_string(),
         hostname: facts.hostname,
@@ -224,7 +240,7 @@ fn node_status(
             .iter()
             .map(|(name, l)| StepView {
                 name: name.clone(),
-                status: l.status.label().to_string(),
+                status: l.status,
                 exit_code: l.exit_code,
                 duration_ms: l.duration_ms,
                 output_tail: l.output_tail.clone(),

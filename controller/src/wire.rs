@@ -9,7 +9,7 @@
 
 use crate::cluster::ops::{Destroyed, Scaled};
 use crate::engine::{DirectiveKind, DirectiveSet};
-use crate::model::{Notice, Role};
+use crate::model::{Notice, Role, StateKind};
 use crate::plan::{Assignment, Plan, Step, StepKind};
 use crate::registry::untrusted::{clean_line, clean_text};
 use crate::registry::{DirectiveReport, Facts, Hello, Outbound, StepReport, StepStatus};
@@ -89,6 +89,55 @@ impl From<api::DirectiveReport> for DirectiveReport {
 }
 
 // ---- controller -> agents ----
+
+/// The typed state on the wire.
+fn node_state(k: StateKind) -> api::NodeState {
+    match k {
+        StateKind::Requested => api::NodeState::Requested,
+        StateKind::Booting => api::NodeState::Booting,
+        StateKind::Enrolled => api::NodeState::Enrolled,
+        StateKind::Provisioning => api::NodeState::Provisioning,
+        StateKind::Ready => api::NodeState::Ready,
+        StateKind::Failed => api::NodeState::Failed,
+        StateKind::Draining => api::NodeState::Draining,
+        StateKind::Terminating => api::NodeState::Terminating,
+    }
+}
+
+/// The CLI's read of a node's state. The CLI and the controller are one
+/// binary and the controller always sets the state; a value it does not
+/// know (unspecified) reads as `requested`, the state that promises least.
+fn from_node_state(v: i32) -> StateKind {
+    match api::NodeState::try_from(v) {
+        Ok(api::NodeState::Booting) => StateKind::Booting,
+        Ok(api::NodeState::Enrolled) => StateKind::Enrolled,
+        Ok(api::NodeState::Provisioning) => StateKind::Provisioning,
+        Ok(api::NodeState::Ready) => StateKind::Ready,
+        Ok(api::NodeState::Failed) => StateKind::Failed,
+        Ok(api::NodeState::Draining) => StateKind::Draining,
+        Ok(api::NodeState::Terminating) => StateKind::Terminating,
+        Ok(api::NodeState::Requested | api::NodeState::Unspecified) | Err(_) => StateKind::Requested,
+    }
+}
+
+fn step_status(s: StepStatus) -> api::StepStatus {
+    match s {
+        StepStatus::Running => api::StepStatus::Running,
+        StepStatus::Succeeded => api::StepStatus::Succeeded,
+        StepStatus::Skipped => api::StepStatus::Skipped,
+        StepStatus::Failed => api::StepStatus::Failed,
+    }
+}
+
+/// Like `from_node_state`: what the controller sends is always set.
+fn from_step_status(v: i32) -> StepStatus {
+    match api::StepStatus::try_from(v) {
+        Ok(api::StepStatus::Succeeded) => StepStatus::Succeeded,
+        Ok(api::StepStatus::Skipped) => StepStatus::Skipped,
+        Ok(api::StepStatus::Failed) => StepStatus::Failed,
+        Ok(api::StepStatus::Running | api::StepStatus::Unspecified) | Err(_) => StepStatus::Running,
+    }
+}
 
 fn role(r: Role) -> api::Role {
     match r {
@@ -236,7 +285,8 @@ impl From<NodeStatus> for api::NodeStatus {
         api::NodeStatus {
             node_id: n.node_id,
             role: role(n.role) as i32,
-            state: n.state,
+            state: node_state(n.state) as i32,
+            progress: n.progress.map(|(step, of)| api::Progress { step, of }),
             instance_id: n.instance_id,
             address: n.address,
             hostname: n.hostname,
@@ -256,7 +306,7 @@ impl From<NodeStatus> for api::NodeStatus {
                 .into_iter()
                 .map(|l| api::StepLog {
                     name: l.name,
-                    status: l.status,
+                    status: step_status(l.status) as i32,
                     exit_code: l.exit_code,
                     duration_ms: l.duration_ms,
                     output_tail: l.output_tail,
@@ -305,7 +355,8 @@ impl From<api::NodeStatus> for NodeStatus {
         NodeStatus {
             role: if n.role == api::Role::Master as i32 { Role::Master } else { Role::Slave },
             node_id: n.node_id,
-            state: n.state,
+            state: from_node_state(n.state),
+            progress: n.progress.map(|p| (p.step, p.of)),
             instance_id: n.instance_id,
             address: n.address,
             hostname: n.hostname,
@@ -325,7 +376,7 @@ impl From<api::NodeStatus> for NodeStatus {
                 .into_iter()
                 .map(|l| StepView {
                     name: l.name,
-                    status: l.status,
+                    status: from_step_status(l.status),
                     exit_code: l.exit_code,
                     duration_ms: l.duration_ms,
                     output_tail: l.output_tail,
@@ -376,7 +427,8 @@ mod tests {
             nodes: vec![NodeStatus {
                 node_id: "master-0001".into(),
                 role: Role::Master,
-                state: "ready".into(),
+                state: StateKind::Ready,
+                progress: None,
                 instance_id: "i-1".into(),
                 address: "10.0.0.1".into(),
                 hostname: "h".into(),
@@ -393,7 +445,7 @@ mod tests {
                 phases: vec![("requested".into(), 1)],
                 steps: vec![StepView {
                     name: "s".into(),
-                    status: "succeeded".into(),
+                    status: StepStatus::Succeeded,
                     exit_code: 0,
                     duration_ms: 3,
                     output_tail: "ok".into(),
@@ -416,7 +468,12 @@ mod tests {
         };
         let mut gone = view.nodes[0].clone();
         gone.node_id = "slave-0002".into();
-        gone.state = "failed at post_init".into();
+        gone.state = StateKind::Failed;
+        let mut provisioning = view.nodes[0].clone();
+        provisioning.node_id = "slave-0003".into();
+        provisioning.state = StateKind::Provisioning;
+        provisioning.progress = Some((1, 4));
+        view.nodes.push(provisioning);
         view.failed_nodes.push(gone);
         assert_eq!(StatusView::from(api::StatusReply::from(view.clone())), view);
     }

@@ -495,7 +495,7 @@ async fn scenario_hold(a: &Args, n: usize, secs: u64) -> anyhow::Result<Value> {
     let brief_ms = t_b.elapsed().as_secs_f64() * 1000.0;
     let lost = st.timed_events.iter().skip(events_before).filter(|e| e.message.contains(" lost ")).count();
     let mut ages: Vec<f64> = st.nodes.iter().filter_map(|x| x.last_heartbeat_ms).map(|m| m as f64).collect();
-    let not_ready = st.nodes.iter().filter(|x| x.state != "ready").count();
+    let not_ready = st.nodes.iter().filter(|x| x.state != ddisco_controller::model::StateKind::Ready).count();
     let heartbeats = n as f64 * wall / every.as_secs_f64();
     Ok(json!({
         "agents": n,

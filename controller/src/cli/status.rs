@@ -2,7 +2,7 @@
 
 use super::ConfigArgs;
 use super::client::AdminClient;
-use crate::model::Role;
+use crate::model::{Role, StateKind};
 use crate::status::{NodeStatus, StatusView};
 use clap::Args;
 use std::process::ExitCode;
@@ -91,7 +91,7 @@ pub fn render_node(n: &NodeStatus) -> String {
         n.node_id,
         n.role,
         if n.pool.is_empty() { "-" } else { &n.pool },
-        n.state,
+        n.label(),
         if n.instance_id.is_empty() { "-" } else { &n.instance_id },
         if n.instance_type.is_empty() { "-" } else { &n.instance_type },
         if n.address.is_empty() { "-" } else { &n.address },
@@ -141,13 +141,13 @@ pub fn render_node(n: &NodeStatus) -> String {
 /// The human table.
 pub fn render(v: &StatusView) -> String {
     let slaves = v.nodes.iter().filter(|n| n.role == Role::Slave).count();
-    let ready_slaves = v.nodes.iter().filter(|n| n.role == Role::Slave && n.state == "ready").count();
+    let ready_slaves =
+        v.nodes.iter().filter(|n| n.role == Role::Slave && n.state == StateKind::Ready).count();
     let master = v
         .nodes
         .iter()
-        .find(|n| n.role == Role::Master && n.state != "terminating")
-        .map(|n| n.state.as_str())
-        .unwrap_or("none");
+        .find(|n| n.role == Role::Master && n.state != StateKind::Terminating)
+        .map_or("none".to_string(), NodeStatus::label);
     let mut out = format!(
         "cluster {} [{}] ({} provider, {} engine): master {master}, {ready_slaves}/{} slaves ready ({slaves} present)\n\n",
         v.cluster, v.cluster_id, v.provider, v.engine, v.desired_slaves
@@ -171,7 +171,7 @@ pub fn render(v: &StatusView) -> String {
         rows.push([
             n.node_id.clone(),
             n.role.to_string(),
-            n.state.clone(),
+            n.label(),
             if n.address.is_empty() { "-".into() } else { n.address.clone() },
             if n.instance_type.is_empty() { "-".into() } else { n.instance_type.clone() },
             if n.cores == 0 { "-".into() } else { n.cores.to_string() },

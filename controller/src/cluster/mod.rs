@@ -75,18 +75,6 @@ pub struct Endpoints {
     pub agent_arm64: Option<(String, String)>,
 }
 
-/// State shared by the servers and the reconcile loop.
-/// An adaptive size in force (`scale MIN..MAX`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Adaptive {
-    pub bounds: crate::autoscale::Bounds,
-    /// Since when the engine's target has been below the size.
-    pub lower_since_ms: Option<u64>,
-    /// The target in slaves at the last decision, and why the size is what it is.
-    pub target_slaves: Option<u32>,
-    pub why: String,
-}
-
 /// The most of a probe's answer the controller reads (the agent sends no
 /// more).
 pub const MAX_PROBE_BODY: usize = 256 * 1024;
@@ -122,28 +110,10 @@ pub struct Cluster {
     /// Serialises reconcile ticks with `destroy` (a tokio mutex: held across
     /// provider calls).
     pub tick_lock: tokio::sync::Mutex<()>,
-    /// Set by `destroy`: no more launches.
-    pub destroying: AtomicBool,
-    /// A destroy-then-stop (spend cap, autostop, max runtime) is under
-    /// way: at most one at a time.
-    pub ending: AtomicBool,
-    /// Why the last `destroy` did not finish (what is still running), until
-    /// one does: shown in status.
-    pub destroy_error: Mutex<Option<String>>,
-    /// The failure budget's hold last announced (an event once per hold).
-    pub announced_hold: Mutex<Option<crate::failures::Hold>>,
-    /// How far the cluster's own end was acted on: 0 not, 1 spend cap
-    /// warned, 2 spend cap reached, 3 autostop (2 and 3 destroy once).
-    pub budget_stage: std::sync::atomic::AtomicU8,
-    /// The engine's last word on whether it has work (master's probe);
-    /// busy until it says otherwise.
-    pub engine_busy: AtomicBool,
-    /// Since when (unix ms) the cluster is idle (`autostop`); 0: not idle.
-    pub idle_since_ms: std::sync::atomic::AtomicU64,
-    /// The engine's adaptive target in workers, plus one; 0: none yet.
-    pub engine_target: std::sync::atomic::AtomicU32,
-    /// `scale MIN..MAX`: the bounds and the last decision.
-    pub adaptive: Mutex<Option<Adaptive>>,
+    /// The cluster's lifecycle and its policies' state (spend cap,
+    /// autostop, max runtime, adaptive size, failure budget): one value.
+    /// Lock order: the registry's, then this one (never the other way).
+    pub policies: Mutex<crate::lifecycle::Policies>,
     /// What the dashboard's charts draw (bounded).
     pub history: Mutex<crate::history::History>,
     /// Each launch in flight holds a read guard; `destroy` takes the write
@@ -151,9 +121,6 @@ pub struct Cluster {
     pub launches: Arc<tokio::sync::RwLock<()>>,
     /// When spot prices were last fetched (tokio mutex: held across the call).
     prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
-    /// Since when (controller clock, ms) the cluster has been idle while it
-    /// had on-demand slaves to replace; `None`: not idle or nothing to replace.
-    idle_since: Mutex<Option<u64>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Minted at the first start (`state::cluster_id`): everything
     /// launched carries it.
@@ -201,13 +168,6 @@ pub struct Parts {
 
 impl Cluster {
     pub fn new(p: Parts) -> Cluster {
-        // A range saved by an earlier controller stays in force.
-        let adaptive = p.registry.adaptive_bounds().map(|(min, max)| Adaptive {
-            bounds: crate::autoscale::Bounds { min, max },
-            lower_since_ms: None,
-            target_slaves: None,
-            why: "waiting for the engine's target".into(),
-        });
         Cluster {
             engine: p.engine,
             membership_changed: AtomicBool::new(true),
@@ -225,18 +185,9 @@ impl Cluster {
             journal: persist::Journal::new(&p.cfg.state_dir),
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
-            destroying: AtomicBool::new(false),
-            ending: AtomicBool::new(false),
-            destroy_error: Mutex::new(None),
-            announced_hold: Mutex::new(None),
-            budget_stage: std::sync::atomic::AtomicU8::new(0),
-            engine_busy: AtomicBool::new(true),
-            idle_since_ms: std::sync::atomic::AtomicU64::new(0),
-            engine_target: std::sync::atomic::AtomicU32::new(0),
-            adaptive: Mutex::new(adaptive),
+            policies: Mutex::new(Default::default()),
             history: Mutex::new(Default::default()),
             prices_at: tokio::sync::Mutex::new(None),
-            idle_since: Mutex::new(None),
             metrics: Default::default(),
             fd_limit: p.fd_limit,
             cluster_id: p.cluster_id,
@@ -383,9 +334,7 @@ impl Cluster {
         let reg = self.registry.lock();
         let mut by = BTreeMap::new();
         for e in reg.entries() {
-            let state = e.rec.state().label();
-            let state = state.split(' ').next().unwrap_or("").to_string();
-            *by.entry((e.rec.role.to_string(), state)).or_default() += 1;
+            *by.entry((e.rec.role.to_string(), e.rec.state().kind().name().to_string())).or_default() += 1;
         }
         (by, reg.desired_slaves())
     }
@@ -394,8 +343,8 @@ impl Cluster {
     /// (taken without the registry's lock).
     pub fn notes(&self) -> Vec<String> {
         let mut notes = Vec::new();
-        if let Some(e) = self.destroy_error.lock().as_ref() {
-            notes.push(e.clone());
+        if let Some(e) = self.policies.lock().destroy_error.clone() {
+            notes.push(e);
         }
         let hold = crate::failures::hold(
             &self.registry.lock().failures(),
@@ -611,11 +560,14 @@ impl Cluster {
         }
         // Read (up to 256 KiB of JSON) without holding the registry.
         let probed = self.engine.probed(name, body)?;
-        if let Some(busy) = probed.busy {
-            self.engine_busy.store(busy, Ordering::Relaxed);
-        }
-        if let Some(t) = probed.target_workers {
-            self.engine_target.store(t.saturating_add(1), Ordering::Relaxed);
+        {
+            let mut p = self.policies.lock();
+            if let Some(busy) = probed.busy {
+                p.engine_busy = busy;
+            }
+            if let Some(t) = probed.target_workers {
+                p.engine_target = Some(t);
+            }
         }
         let marked = probed.safe_to_remove.is_some_and(|hosts| self.registry.lock().mark_drained(&hosts));
         if marked {

@@ -9,7 +9,6 @@ use crate::provider::{Observed, Provider, Target};
 use crate::reconcile::{Desired, distribute};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 /// Most slaves one cluster may ask for.
 pub const MAX_SLAVES: u32 = 100_000;
@@ -83,12 +82,10 @@ pub fn scale(
     by_pool: &HashMap<String, u32>,
     max: Option<u32>,
 ) -> Result<Scaled, ScaleError> {
-    if sh.destroying.load(Ordering::Relaxed) {
+    if !sh.policies.lock().lifecycle.ticks() {
         return Err(ScaleError::Destroying);
     }
-    let mut adaptive = sh.adaptive.lock();
     let Some(max) = max else {
-        *adaptive = None;
         sh.registry.lock().set_adaptive_bounds(None);
         return set_size(sh, slaves, by_pool);
     };
@@ -98,19 +95,14 @@ pub fn scale(
     if max > MAX_SLAVES {
         return Err(ScaleError::TooMany(max));
     }
-    let bounds = crate::autoscale::Bounds { min: slaves, max };
+    // The range is the registry's (saved with it); the policies keep the
+    // adaptive size's memory, started afresh.
+    sh.policies.lock().adaptive = Default::default();
     let current = {
         let mut reg = sh.registry.lock();
         reg.set_adaptive_bounds(Some((slaves, max)));
         reg.desired_slaves()
     };
-    *adaptive = Some(crate::cluster::Adaptive {
-        bounds,
-        lower_since_ms: None,
-        target_slaves: None,
-        why: "waiting for the engine's target".into(),
-    });
-    drop(adaptive);
     set_size(sh, current.clamp(slaves, max), &HashMap::new())
 }
 
@@ -150,7 +142,12 @@ pub const DESTROY_WITHIN: std::time::Duration = std::time::Duration::from_secs(1
 /// so a later `destroy` (or the reconcile loop) finishes the job; the
 /// error names what is still running.
 pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
-    sh.destroying.store(true, Ordering::Relaxed);
+    {
+        let mut p = sh.policies.lock();
+        if let Some(next) = p.lifecycle.on(crate::lifecycle::LifeEvent::Destroy) {
+            p.lifecycle = next;
+        }
+    }
     let _guard = sh.tick_lock.lock().await;
     // Launches in flight end first: what they start is terminated too.
     let _launches = sh.launches.write().await;
@@ -173,11 +170,11 @@ pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
             let msg = format!("DESTROY INCOMPLETE: {e:#}");
             tracing::error!("{msg}");
             sh.registry.lock().event(msg.clone());
-            *sh.destroy_error.lock() = Some(msg);
+            sh.policies.lock().destroy_error = Some(msg);
             return Err(e);
         }
     };
-    *sh.destroy_error.lock() = None;
+    sh.policies.lock().destroy_error = None;
     let spent_usd = {
         let mut reg = sh.registry.lock();
         reg.forget_all();

@@ -4,10 +4,11 @@
 //! spot prices, and replacing on-demand slaves once the cluster is idle.
 
 use super::Cluster;
+use crate::lifecycle::StopReason;
 use crate::model::Role;
 use crate::pki;
 use crate::provider::{LaunchBatch, ProviderError, Target};
-use crate::reconcile::{Action, Desired, NodeView, decide};
+use crate::reconcile::{Action, AdaptiveInput, Desired, Inputs, NodeView, Policy, decide};
 use crate::registry::{Effect, NewNode, Registry, unix_ms};
 use crate::userdata::{Bootstrap, Slot, Userdata};
 use anyhow::Context;
@@ -15,9 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// What the reconcile loop does each time: a tick, then prices and spend.
-/// Serialised with `destroy` by `tick_lock`. (Directives are published by
-/// their own loop, `serve::publish_loop`.)
+/// What the reconcile loop does each time: observe, decide (everything:
+/// `reconcile::decide`), carry out; then prices and the dashboard's
+/// sample. Serialised with `destroy` by `tick_lock`. (Directives are
+/// published by their own loop, `serve::publish_loop`.)
 ///
 /// Returns how long until the next node deadline (heartbeat, boot, drain)
 /// expires, if one is pending: the loop wakes then, so a silent node is
@@ -36,54 +38,43 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
         }
     };
     refresh_prices(sh).await;
-    sh.registry.lock().account(unix_ms());
-    enforce_budget(sh);
-    enforce_max_runtime(sh);
-    enforce_autostop(sh);
-    enforce_adaptive(sh);
     record_history(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
 }
 
-/// One reconcile pass: observe, decide, act. Returns the milliseconds until
-/// the next node deadline (`reconcile::next_deadline_ms`).
+/// One reconcile pass: observe (the provider's listing, the registry, the
+/// policies' state), decide, act. Returns the milliseconds until the next
+/// node deadline (`reconcile::next_deadline_ms`).
 pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
-    // Without a fresh listing nothing is decided: stale data could kill
-    // healthy nodes or launch duplicates.
-    let observed = sh.provider.list().await.context("listing the cluster's instances")?;
+    // Without a fresh listing nothing is decided about nodes: stale data
+    // could kill healthy nodes or launch duplicates. The policies (spend
+    // cap, max runtime) are decided anyway.
+    let listing = sh.provider.list().await.context("listing the cluster's instances");
+    sh.registry.lock().account(unix_ms());
+    let policy = observe_policy(sh);
     let mut to_terminate = Vec::new();
     let mut launches = Vec::new();
-    let next_deadline;
+    let mut next_deadline = None;
+    let lifecycle_actions;
     {
         let mut reg = sh.registry.lock();
-        let (alive, orphans) = reg.match_observed(&observed);
-        let mut views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
-        if supersede_when_idle(sh, &mut reg, &views) {
+        let observed = listing.as_ref().ok().map(|o| reg.match_observed(o));
+        let mut views = Vec::new();
+        let mut orphans = Vec::new();
+        if let Some((alive, o)) = observed {
             views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
-        }
-        let hold = crate::failures::hold(
-            &reg.failures(),
-            unix_ms(),
-            sh.cfg.failure_budget,
-            sh.cfg.failure_window.as_millis() as u64,
-        );
-        {
-            let mut announced = sh.announced_hold.lock();
-            if hold.as_ref().map(|h| (&h.step, &h.nodes)) != announced.as_ref().map(|h| (&h.step, &h.nodes)) {
-                if let Some(h) = &hold {
-                    tracing::warn!("{}", crate::failures::event(h));
-                    reg.event(crate::failures::event(h));
-                }
-                announced.clone_from(&hold);
+            if supersede_when_idle(sh, &mut reg, &views) {
+                views = reg.views(&alive, sh.clock.now_ms(), unix_ms());
             }
+            orphans = o;
+            next_deadline = crate::reconcile::next_deadline_ms(&views, sh.limits());
         }
+        let hold = announce_hold(sh, &mut reg);
         let desired = Desired { pools: reg.desired.clone(), hold: hold.map(|h| h.roles).unwrap_or_default() };
-        let actions = decide(&desired, &views, sh.limits());
-        next_deadline = crate::reconcile::next_deadline_ms(&views, sh.limits());
-        if actions.is_empty() && orphans.is_empty() {
-            return Ok(next_deadline);
-        }
+        let nodes = listing.is_ok().then_some(views.as_slice());
+        let inputs = Inputs { desired: &desired, nodes, orphans: &orphans, limits: sh.limits(), policy };
+        let actions = decide(&inputs);
         // Only removals change what engines see (new nodes join when
         // ready): they wake the publisher. Nothing here wakes this loop but
         // terminations (to forget them soon): a launch that fails is
@@ -94,30 +85,39 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         {
             sh.membership_changed();
         }
-        for o in orphans {
-            reg.event(format!(
-                "terminating orphan instance {}: tagged for this cluster but unknown to it",
-                o.instance_id
-            ));
-            to_terminate.push(Target { node_id: o.node_id, instance_id: Some(o.instance_id) });
-        }
         let drain_secs = sh.cfg.drain_timeout.as_secs_f64();
+        let mut rest = Vec::new();
         for action in actions {
-            match reg.apply(action, drain_secs) {
-                // A decision the node's state no longer allows (it moved
-                // meanwhile): refused inside the lock, changed nothing.
-                Err(e) => tracing::debug!("reconcile: {e}"),
-                Ok(Effect::Nothing | Effect::Ready) => {}
-                Ok(Effect::Terminate { target, loss }) => {
-                    if loss {
-                        crate::metrics::Metrics::inc(&sh.metrics.replacements);
-                    }
-                    to_terminate.push(target);
+            match action {
+                Action::TerminateOrphan { instance_id, node_id } => {
+                    reg.event(format!(
+                        "terminating orphan instance {instance_id}: tagged for this cluster but unknown to it"
+                    ));
+                    to_terminate.push(Target { node_id, instance_id: Some(instance_id) });
                 }
-                Ok(Effect::Launch { role, pool, count }) => launches.push((role, pool, count)),
+                a @ (Action::WarnSpend
+                | Action::StopLaunching
+                | Action::Destroy { .. }
+                | Action::Resize { .. }) => rest.push(a),
+                node_action => match reg.apply(node_action, drain_secs) {
+                    // A decision the node's state no longer allows (it moved
+                    // meanwhile): refused inside the lock, changed nothing.
+                    Err(e) => tracing::debug!("reconcile: {e}"),
+                    Ok(Effect::Nothing | Effect::Ready) => {}
+                    Ok(Effect::Terminate { target, loss }) => {
+                        if loss {
+                            crate::metrics::Metrics::inc(&sh.metrics.replacements);
+                        }
+                        to_terminate.push(target);
+                    }
+                    Ok(Effect::Launch { role, pool, count }) => launches.push((role, pool, count)),
+                },
             }
         }
+        lifecycle_actions = rest;
     }
+    carry_out_policy(sh, lifecycle_actions);
+    listing?;
     if !to_terminate.is_empty() {
         sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
         // Look again right away: terminated instances can then be forgotten.
@@ -127,11 +127,6 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // cannot leak what the calls start, and a large scale-up writes the
     // state once, not once per batch.
     let mut batches = Vec::new();
-    let spent = sh.registry.lock().spent_usd;
-    if crate::budget::budget(spent, sh.cfg.max_spend_usd) == crate::budget::Budget::Reached {
-        // Nothing more is launched once the cap is reached.
-        launches.clear();
-    }
     for (role, pool, count) in launches {
         if let Err(e) = sh.provider.can_launch(role, &pool) {
             let mut reg = sh.registry.lock();
@@ -178,13 +173,125 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     Ok(next_deadline)
 }
 
+/// The failure budget's hold, announced once per change (an event).
+fn announce_hold(sh: &Cluster, reg: &mut Registry) -> Option<crate::failures::Hold> {
+    let hold = crate::failures::hold(
+        &reg.failures(),
+        unix_ms(),
+        sh.cfg.failure_budget,
+        sh.cfg.failure_window.as_millis() as u64,
+    );
+    let mut p = sh.policies.lock();
+    if hold.as_ref().map(|h| (&h.step, &h.nodes)) != p.announced_hold.as_ref().map(|h| (&h.step, &h.nodes)) {
+        if let Some(h) = &hold {
+            tracing::warn!("{}", crate::failures::event(h));
+            reg.event(crate::failures::event(h));
+        }
+        p.announced_hold.clone_from(&hold);
+    }
+    hold
+}
+
+/// The policies' facts for `decide`: the spend against the cap, whether
+/// the max runtime passed, the idle clock (kept up to date here), the
+/// adaptive size's inputs. Takes the registry's lock, then the policies'.
+fn observe_policy(sh: &Cluster) -> Policy {
+    let now = unix_ms();
+    let (spent, started, settled, current, (master_workers, per_slave), bounds) = {
+        let reg = sh.registry.lock();
+        (
+            reg.spent_usd,
+            reg.started_unix_ms(),
+            reg.settled(),
+            reg.desired_slaves(),
+            reg.workers_per_node(),
+            reg.adaptive_bounds(),
+        )
+    };
+    let mut p = sh.policies.lock();
+    p.idle_since_ms = crate::autostop::idle_since(p.engine_busy, settled, p.idle_since_ms, now);
+    let limit = sh.cfg.max_runtime.as_millis() as u64;
+    Policy {
+        lifecycle: p.lifecycle,
+        budget: crate::budget::budget(spent, sh.cfg.max_spend_usd),
+        on_budget: sh.cfg.on_budget,
+        autostop_due: crate::autostop::due(p.idle_since_ms, now, sh.cfg.autostop_idle.as_millis() as u64),
+        max_runtime_passed: limit > 0 && started.is_some_and(|t| now.saturating_sub(t) >= limit),
+        adaptive: bounds.map(|(min, max)| AdaptiveInput {
+            current,
+            target: p.engine_target.map(|t| crate::autoscale::slaves_for(t, master_workers, per_slave)),
+            bounds: crate::autoscale::Bounds { min, max },
+            lower_since_ms: p.adaptive.lower_since_ms,
+            now_ms: now,
+            cooldown_ms: sh.cfg.adaptive_cooldown.as_millis() as u64,
+        }),
+    }
+}
+
+/// Carries out the cluster-level decisions: the lifecycle's transitions
+/// (each said once, as an event), the end of the cluster (`stop_for`), the
+/// adaptive size.
+fn carry_out_policy(sh: &Arc<Cluster>, actions: Vec<Action>) {
+    use crate::lifecycle::LifeEvent;
+    for action in actions {
+        match action {
+            Action::WarnSpend => {
+                if move_lifecycle(sh, LifeEvent::SpendWarning) {
+                    let (spent, cap) = (sh.registry.lock().spent_usd, sh.cfg.max_spend_usd);
+                    sh.registry.lock().event(format!("spend ${spent:.4} is 80% of max_spend_usd ${cap:.4}"));
+                }
+            }
+            Action::StopLaunching => {
+                if move_lifecycle(sh, LifeEvent::SpendReached { destroy: false }) {
+                    let (spent, cap) = (sh.registry.lock().spent_usd, sh.cfg.max_spend_usd);
+                    sh.registry.lock().event(format!(
+                        "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: nothing more is launched"
+                    ));
+                }
+            }
+            Action::Destroy { reason } => stop_for(sh, reason),
+            Action::Resize { decision: d, target } => {
+                let current = sh.registry.lock().desired_slaves();
+                {
+                    let mut p = sh.policies.lock();
+                    p.adaptive.lower_since_ms = d.lower_since_ms;
+                    p.adaptive.why = d.why.clone();
+                    p.adaptive.target_slaves = target;
+                }
+                if d.slaves != current {
+                    sh.registry
+                        .lock()
+                        .event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
+                    if let Err(e) = crate::cluster::ops::set_size(sh, d.slaves, &Default::default()) {
+                        tracing::warn!("adaptive: cannot set the size: {e}");
+                    }
+                }
+            }
+            other => tracing::error!("not a cluster-level action: {other:?} (a bug)"),
+        }
+    }
+}
+
+/// Moves the lifecycle by `event`; false when it changed nothing.
+fn move_lifecycle(sh: &Cluster, event: crate::lifecycle::LifeEvent) -> bool {
+    let mut p = sh.policies.lock();
+    match p.lifecycle.on(event) {
+        Some(next) => {
+            p.lifecycle = next;
+            true
+        }
+        None => false,
+    }
+}
+
 /// On-demand slaves of pools back on spot are replaced by spot ones once
 /// the cluster has been idle for `on_demand_idle_replace` (the other
 /// occasion is a scale change, `ops::scale`).
 /// Returns whether it marked any.
 fn supersede_when_idle(sh: &Cluster, reg: &mut Registry, views: &[NodeView]) -> bool {
     let wait = sh.cfg.on_demand_idle_replace;
-    let mut since = sh.idle_since.lock();
+    let mut policies = sh.policies.lock();
+    let since = &mut policies.supersede_idle_since;
     let desired = Desired { pools: reg.desired.clone(), ..Default::default() };
     let spot_again = |pool: &str| sh.provider.spot_again(Role::Slave, pool);
     let candidates = crate::reconcile::supersede(&desired, views, spot_again);
@@ -338,7 +445,8 @@ async fn refresh_prices(sh: &Arc<Cluster>) {
 
 /// One sample of the cluster for the dashboard's charts.
 fn record_history(sh: &Arc<Cluster>) {
-    let target = sh.adaptive.lock().as_ref().and_then(|a| a.target_slaves);
+    let adaptive = sh.registry.lock().adaptive_bounds();
+    let target = adaptive.and(sh.policies.lock().adaptive.target_slaves);
     let sample = {
         let reg = sh.registry.lock();
         let (mut nodes, mut ready, mut failed) = (0, 0, 0);
@@ -362,37 +470,6 @@ fn record_history(sh: &Arc<Cluster>) {
     sh.history.lock().push(sample);
 }
 
-/// Adaptive size (`scale MIN..MAX`): the engine's target (the master's
-/// probe), as slaves, decides within the bounds (`autoscale::decide`).
-fn enforce_adaptive(sh: &Arc<Cluster>) {
-    let mut guard = sh.adaptive.lock();
-    let Some(a) = guard.as_mut() else { return };
-    if sh.destroying.load(Ordering::Relaxed) {
-        return;
-    }
-    let (current, (master_workers, per_slave)) = {
-        let reg = sh.registry.lock();
-        (reg.desired_slaves(), reg.workers_per_node())
-    };
-    let target = sh
-        .engine_target
-        .load(Ordering::Relaxed)
-        .checked_sub(1)
-        .map(|t| crate::autoscale::slaves_for(t, master_workers, per_slave));
-    let cooldown = sh.cfg.adaptive_cooldown.as_millis() as u64;
-    let d = crate::autoscale::decide(current, target, a.bounds, a.lower_since_ms, unix_ms(), cooldown);
-    a.lower_since_ms = d.lower_since_ms;
-    a.target_slaves = target;
-    a.why = d.why.clone();
-    drop(guard);
-    if d.slaves != current {
-        sh.registry.lock().event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
-        if let Err(e) = crate::cluster::ops::set_size(sh, d.slaves, &Default::default()) {
-            tracing::warn!("adaptive: cannot set the size: {e}");
-        }
-    }
-}
-
 /// Why the controller is about to destroy the cluster and stop by itself,
 /// in `<state_dir>/stop-reason` (`run` reads it when its controller goes
 /// away; the next `serve` removes it).
@@ -405,77 +482,51 @@ fn record_stop_reason(sh: &Cluster, why: &str) {
 /// The file `record_stop_reason` writes.
 pub const STOP_REASON: &str = "stop-reason";
 
-/// The hard limit (`max_runtime_mins`, or `run --max-runtime`): a
-/// cluster that has run this long since its first launch is destroyed,
-/// whatever runs on it, and the controller stops (once the destroy is
-/// verified).
-fn enforce_max_runtime(sh: &Arc<Cluster>) {
-    let limit = sh.cfg.max_runtime;
-    if limit.is_zero() || sh.destroying.load(Ordering::Relaxed) || sh.ending.load(Ordering::Relaxed) {
-        return;
-    }
-    let Some(started) = sh.registry.lock().started_unix_ms() else { return };
-    // Whatever the spend cap did (`stop-launching` keeps the cluster), the
-    // limit still ends it.
-    if unix_ms().saturating_sub(started) < limit.as_millis() as u64 {
-        return;
-    }
-    let why = format!(
-        "{MAX_RUNTIME_REACHED}: the cluster has run for {} (max_runtime_mins): destroying it",
-        crate::model::span(limit.as_secs_f64())
-    );
-    tracing::warn!("{why}");
-    sh.registry.lock().event(why.clone());
-    record_stop_reason(sh, &why);
-    destroy_then_stop(sh, "max runtime");
-}
-
 /// How the max runtime's event and stop reason begin (`run` reads it).
 pub const MAX_RUNTIME_REACHED: &str = "MAX RUNTIME REACHED";
 
-/// Idle auto-stop: a settled cluster whose engine has no work for
-/// `autostop_idle_mins` is destroyed (an event says why), and the
-/// controller stops.
-fn enforce_autostop(sh: &Arc<Cluster>) {
-    let after = sh.cfg.autostop_idle.as_millis() as u64;
-    if after == 0 || sh.destroying.load(Ordering::Relaxed) {
+/// The one way the controller ends its own cluster (spend cap, autostop,
+/// max runtime): the lifecycle moves to `Stopping(reason)` (once: a stop
+/// under way is not started again), the reason is said (an event, the
+/// `stop-reason` file `run` reads), and beside the loop the cluster is
+/// destroyed (destroy waits for the tick in progress), then the
+/// controller stops, but only once the destroy is verified: until then it
+/// tries again (10 s, doubling to 5 min), says so in status and as an
+/// event, and the controller keeps watching its nodes.
+pub fn stop_for(sh: &Arc<Cluster>, reason: StopReason) {
+    if !move_lifecycle(sh, crate::lifecycle::LifeEvent::Stop(reason)) {
         return;
     }
-    let now = unix_ms();
-    let settled = sh.registry.lock().settled();
-    let was = Some(sh.idle_since_ms.load(Ordering::Relaxed)).filter(|t| *t > 0);
-    let since = crate::autostop::idle_since(sh.engine_busy.load(Ordering::Relaxed), settled, was, now);
-    sh.idle_since_ms.store(since.unwrap_or(0), Ordering::Relaxed);
-    if !crate::autostop::due(since, now, after) || sh.budget_stage.fetch_max(3, Ordering::Relaxed) >= 2 {
-        return;
-    }
-    let mins = after as f64 / 60_000.0;
-    let why = format!("autostop: no work for {mins} min (autostop_idle_mins): destroying the cluster");
+    let why = match reason {
+        StopReason::SpendCap => {
+            let (spent, cap) = (sh.registry.lock().spent_usd, sh.cfg.max_spend_usd);
+            format!("SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: destroying the cluster")
+        }
+        StopReason::MaxRuntime => format!(
+            "{MAX_RUNTIME_REACHED}: the cluster has run for {} (max_runtime_mins): destroying it",
+            crate::model::span(sh.cfg.max_runtime.as_secs_f64())
+        ),
+        StopReason::Autostop => format!(
+            "autostop: no work for {} min (autostop_idle_mins): destroying the cluster",
+            sh.cfg.autostop_idle.as_secs_f64() / 60.0
+        ),
+    };
+    tracing::warn!("{why}");
     sh.registry.lock().event(why.clone());
     record_stop_reason(sh, &why);
-    destroy_then_stop(sh, "autostop");
-}
-
-/// Destroys the cluster beside the loop (destroy waits for the tick in
-/// progress), then stops the controller, but only once the destroy is
-/// verified: until then it tries again (10 s, doubling to 5 min), says so
-/// in status and as an event, and the controller keeps watching its nodes.
-fn destroy_then_stop(sh: &Arc<Cluster>, why: &'static str) {
-    if sh.ending.swap(true, Ordering::Relaxed) {
-        return; // one is under way
-    }
+    let what = reason.name();
     let sh = sh.clone();
     tokio::spawn(async move {
         let mut wait = Duration::from_secs(10);
         loop {
             match crate::cluster::ops::destroy(&sh).await {
                 Ok(d) => {
-                    tracing::warn!(nodes = d.terminated.len(), "{why}: cluster destroyed");
+                    tracing::warn!(nodes = d.terminated.len(), "{what}: cluster destroyed");
                     break;
                 }
                 Err(e) => {
                     let msg = format!(
-                        "{why}: destroy incomplete ({e:#}); trying again in {}s; the controller keeps running \
+                        "{what}: destroy incomplete ({e:#}); trying again in {}s; the controller keeps running \
                          until every instance is gone",
                         wait.as_secs()
                     );
@@ -488,39 +539,4 @@ fn destroy_then_stop(sh: &Arc<Cluster>, why: &'static str) {
         }
         sh.stop();
     });
-}
-
-/// The spend cap: an event at 80% and at 100% (once each); at 100% with
-/// `on_budget = "destroy"` the cluster is destroyed and the controller
-/// stops, as `destroy` does (launches stop either way: see `tick`).
-fn enforce_budget(sh: &Arc<Cluster>) {
-    use crate::budget::{Budget, OnBudget, budget};
-    let cap = sh.cfg.max_spend_usd;
-    let spent = sh.registry.lock().spent_usd;
-    let stage = match budget(spent, cap) {
-        Budget::Off | Budget::Under => return,
-        Budget::Warning => 1,
-        Budget::Reached => 2,
-    };
-    if sh.budget_stage.fetch_max(stage, Ordering::Relaxed) >= stage {
-        return;
-    }
-    let mut reg = sh.registry.lock();
-    if stage == 1 {
-        reg.event(format!("spend ${spent:.4} is 80% of max_spend_usd ${cap:.4}"));
-        return;
-    }
-    match sh.cfg.on_budget {
-        OnBudget::StopLaunching => reg.event(format!(
-            "SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: nothing more is launched"
-        )),
-        OnBudget::Destroy => {
-            let why =
-                format!("SPEND CAP REACHED: ${spent:.4} of max_spend_usd ${cap:.4}: destroying the cluster");
-            reg.event(why.clone());
-            drop(reg);
-            record_stop_reason(sh, &why);
-            destroy_then_stop(sh, "spend cap");
-        }
-    }
 }

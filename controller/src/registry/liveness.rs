@@ -5,9 +5,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+/// `Liveness::load_milli` before any report (a load of 4 million is
+/// clamped below it).
+const NO_LOAD: u32 = u32::MAX;
+
 /// Liveness of one node, shared with its session task. Updating it costs one
 /// atomic store: no lock, no allocation, no scan.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Liveness {
     /// Controller-clock milliseconds of the last message; 0 = never.
     last_seen_ms: AtomicU64,
@@ -15,8 +19,8 @@ pub struct Liveness {
     revoked: AtomicBool,
     /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
     sessions: AtomicU32,
-    /// Last reported 1-minute load average x 1000, plus one; 0: unknown.
-    load_milli_plus_one: AtomicU32,
+    /// Last reported 1-minute load average x 1000; [`NO_LOAD`]: none yet.
+    load_milli: AtomicU32,
     /// Its instance has been in a provider listing (since this start).
     pub(super) listed: AtomicBool,
     /// Draining, and the engine says nothing is lost when it goes now
@@ -25,6 +29,20 @@ pub struct Liveness {
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
     push: parking_lot::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            last_seen_ms: AtomicU64::new(0),
+            revoked: AtomicBool::new(false),
+            sessions: AtomicU32::new(0),
+            load_milli: AtomicU32::new(NO_LOAD),
+            listed: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
+            push: parking_lot::Mutex::new(None),
+        }
+    }
 }
 
 /// What the controller sends on an agent's session. Kept small (the
@@ -52,13 +70,13 @@ impl Drop for SessionGuard {
 impl Liveness {
     /// A heartbeat's load report (one relaxed store).
     pub fn set_load(&self, load_milli: Option<u32>) {
-        let v = load_milli.map_or(0, |l| l.saturating_add(1));
-        self.load_milli_plus_one.store(v, Ordering::Relaxed);
+        let v = load_milli.map_or(NO_LOAD, |l| l.min(NO_LOAD - 1));
+        self.load_milli.store(v, Ordering::Relaxed);
     }
 
     /// The last reported load (x 1000), if any.
     pub fn load_milli(&self) -> Option<u32> {
-        self.load_milli_plus_one.load(Ordering::Relaxed).checked_sub(1)
+        Some(self.load_milli.load(Ordering::Relaxed)).filter(|l| *l != NO_LOAD)
     }
 
     pub fn touch(&self, now_ms: u64) {

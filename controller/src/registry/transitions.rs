@@ -683,6 +683,12 @@ impl Registry {
             }
             Action::Terminate { id, reason } => self.transition(&id, NodeEvent::Terminate(reason)),
             Action::Launch { role, pool, count } => Ok(Effect::Launch { role, pool, count }),
+            // The cluster's own actions: `tick` carries them out.
+            Action::TerminateOrphan { .. }
+            | Action::WarnSpend
+            | Action::StopLaunching
+            | Action::Destroy { .. }
+            | Action::Resize { .. } => Ok(Effect::Nothing),
         }
     }
 
