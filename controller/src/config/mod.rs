@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Which infrastructure runs the nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// Every node is a process tree on this machine (the embedded default).
@@ -207,7 +207,8 @@ pub struct NodeShape {
 }
 
 /// Roles allowed to fall back to on-demand (`on_demand_fallback`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FallbackRoles {
     None,
     Slaves,
@@ -228,7 +229,8 @@ impl FallbackRoles {
 }
 
 /// Which map/reduce engine the nodes run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Disco,
     Dask,

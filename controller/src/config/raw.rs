@@ -2,7 +2,7 @@
 //! refused, each also accepted in the original's upper-case spelling), and
 //! what serde's errors are about, for people.
 
-use super::Pool;
+use super::{EngineKind, FallbackRoles, Pool, ProviderKind};
 use serde::Deserialize;
 
 /// Keys of the original `config.json` that it marked required (its AWS keys
@@ -26,7 +26,7 @@ pub(super) const LEGACY_REQUIRED: &[(&str, &str)] = &[
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(alias = "PROVIDER")]
-    pub(super) provider: Option<String>,
+    pub(super) provider: Option<ProviderKind>,
     #[serde(alias = "REGION")]
     pub(super) region: Option<String>,
     #[serde(alias = "TAG_KEY")]
@@ -114,7 +114,7 @@ pub struct RawConfig {
     #[serde(alias = "IDENTITY_CERTIFICATE")]
     pub(super) identity_certificate: Option<String>,
     #[serde(alias = "ON_DEMAND_FALLBACK")]
-    pub(super) on_demand_fallback: Option<String>,
+    pub(super) on_demand_fallback: Option<FallbackRoles>,
     #[serde(alias = "FALLBACK_FAILURES")]
     pub(super) fallback_failures: Option<u32>,
     #[serde(alias = "FALLBACK_INTERRUPTIONS")]
@@ -126,11 +126,11 @@ pub struct RawConfig {
     #[serde(alias = "SCRATCH_PATH")]
     pub(super) scratch_path: Option<String>,
     #[serde(alias = "ENGINE")]
-    pub(super) engine: Option<String>,
+    pub(super) engine: Option<EngineKind>,
     #[serde(alias = "DRAIN_TIMEOUT_SECS")]
     pub(super) drain_timeout_secs: Option<f64>,
     pub(super) max_spend_usd: Option<f64>,
-    pub(super) on_budget: Option<String>,
+    pub(super) on_budget: Option<crate::budget::OnBudget>,
     pub(super) autostop_idle_mins: Option<f64>,
     pub(super) adaptive_cooldown_secs: Option<f64>,
     pub(super) orphan_timeout_secs: Option<f64>,
@@ -181,6 +181,19 @@ pub(super) fn key_of(path: &str, message: &str) -> Option<String> {
 /// A serde message made for people: an unknown key gets the closest
 /// accepted one ("did you mean") instead of the list of all ~120.
 pub(super) fn explain(message: &str) -> String {
+    // A typed choice (provider, engine, ...): "unknown variant `x`,
+    // expected one of `a`, `b`" says it as people do.
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((unknown, tail)) = rest.split_once('`')
+    {
+        let accepted: Vec<String> = tail.split('`').skip(1).step_by(2).map(|k| format!("\"{k}\"")).collect();
+        let choices = match accepted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => return message.to_string(),
+        };
+        return format!("{unknown:?}: use {choices}");
+    }
     let Some(rest) = message.strip_prefix("unknown field `") else { return message.to_string() };
     let Some((unknown, tail)) = rest.split_once('`') else { return message.to_string() };
     // serde lists the accepted names after "expected": `a`, `b`, ...

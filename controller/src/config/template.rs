@@ -4,6 +4,7 @@ use super::DASK_VERSION;
 
 /// The commented configuration `ddisco-controller init` prints. Parsing it
 /// gives exactly `Config::default()` (a unit test holds them together).
+/// Long by design: it is the file's text, key by key, in one place.
 pub fn template(mgmt_key: Option<&str>) -> String {
     let mgmt = mgmt_key.unwrap_or("").trim();
     format!(
