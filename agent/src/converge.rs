@@ -84,6 +84,8 @@ impl Converger {
         self.kick.notify_one();
     }
 
+    /// Long by design: one pass over the directive kinds (files, services,
+    /// posts, probes) in the order they must be applied.
     async fn apply(self: &Arc<Self>) {
         if !self.executor.is_done() {
             return;

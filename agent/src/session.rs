@@ -73,6 +73,8 @@ impl Agent {
         }
     }
 
+    /// Long by design: one session's loop, its message kinds in one
+    /// `select!`.
     async fn session(
         &self,
         report_tx: &mpsc::UnboundedSender<Report>,

@@ -286,6 +286,8 @@ pub fn decide(i: &Inputs<'_>) -> Vec<Action> {
 }
 
 /// Computes what to do to move the observed nodes towards `desired`.
+/// Long by design: the module's guarantees in the order they apply (losses,
+/// failures, the master, the slaves per pool, surplus), read top to bottom.
 pub fn decide_nodes(desired: &Desired, nodes: &[NodeView], limits: Limits) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut live: Vec<&NodeView> = Vec::new();

@@ -123,7 +123,9 @@ async fn resolve_advertise(mut cfg: Config) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-/// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`.
+/// Runs the control plane until Ctrl-C, SIGTERM, or `destroy`: the state
+/// directory, the artifacts nodes download, the listeners, the cluster,
+/// then its tasks.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     prepare_state_dir(&cfg)?;
     // A reason the last controller stopped for is not this one's.
@@ -143,101 +145,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             u64::MAX
         }
     };
-
-    let agent_path = agent_binary_path(&cfg)?;
-    let agent_bytes = std::fs::read(&agent_path).with_context(|| {
-        format!(
-            "cannot read the agent binary {} (set agent_binary in the config, or build it: \
-             cargo build -p ddisco-agent)",
-            agent_path.display()
-        )
-    })?;
-    let agent_sha256 = hex::encode(Sha256::digest(&agent_bytes));
-    check_agent_arch(&agent_bytes, "x86_64", "agent_binary", &agent_path)?;
-    let agent_arm64 = match &cfg.agent_binary_arm64 {
-        Some(p) => {
-            let bytes = std::fs::read(p).with_context(|| {
-                format!("cannot read the arm64 agent {} (key `agent_binary_arm64`)", p.display())
-            })?;
-            check_agent_arch(&bytes, "arm64", "agent_binary_arm64", p)?;
-            Some(bytes)
-        }
-        None => None,
-    };
-    let disco_bundle = match &cfg.disco.bundle {
-        Some(p) => Some(std::fs::read(p).with_context(|| {
-            format!(
-                "cannot read the Disco build {} (key `disco_bundle`; scripts/build-disco makes it)",
-                p.display()
-            )
-        })?),
-        None => None,
-    };
-
-    // Port 0 means "pick one", once: nodes know the address from their
-    // userdata, so a restarted controller must come back on the same ports.
-    let ports_file = cfg.state_dir.join("ports.json");
-    let saved: Option<(u16, u16)> =
-        std::fs::read_to_string(&ports_file).ok().and_then(|t| serde_json::from_str(&t).ok());
-    let grpc_std = bind_keeping_port(cfg.listen, saved.map(|p| p.0), "listen")?;
-    let dl_listener = bind_keeping_port(cfg.download_listen, saved.map(|p| p.1), "download_listen")?;
-    let grpc_addr = grpc_std.local_addr()?;
-    let dl_addr = dl_listener.local_addr()?;
-    let dash_listener = tokio::net::TcpListener::bind(cfg.dashboard_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (key `dashboard_listen`)", cfg.dashboard_listen))?;
-    let dash_addr = dash_listener.local_addr()?;
-    pki::write_private(&cfg.state_dir.join("dashboard.addr"), &dash_addr.to_string())?;
-    pki::write_private(&ports_file, &serde_json::to_string(&(grpc_addr.port(), dl_addr.port()))?)?;
-    grpc_std.set_nonblocking(true)?;
-    let grpc_listener = tokio::net::TcpListener::from_std(grpc_std)?;
-
-    let host = advertise_host(&cfg, grpc_addr);
+    let artifacts = Artifacts::read(&cfg)?;
+    let listeners = Listeners::open(&cfg).await?;
+    let host = advertise_host(&cfg, listeners.grpc_addr);
     let pki = Pki::load_or_create(&cfg.state_dir, &cfg.tag_key, std::slice::from_ref(&host))
         .context("cannot prepare the cluster CA in state_dir")?;
-    let endpoints = Endpoints {
-        grpc_url: format!("https://{}", join_host_port(&host, grpc_addr.port())),
-        agent_url: format!(
-            "https://{}{}",
-            join_host_port(&host, dl_addr.port()),
-            crate::download::AGENT_PATH
-        ),
-        agent_sha256,
-        agent_arm64: agent_arm64.as_ref().map(|b| {
-            let url = format!(
-                "https://{}{}",
-                join_host_port(&host, dl_addr.port()),
-                crate::download::AGENT_ARM64_PATH
-            );
-            (url, hex::encode(Sha256::digest(b)))
-        }),
-    };
-
+    let endpoints = artifacts.endpoints(&host, listeners.grpc_addr.port(), listeners.download_addr.port());
     let clock = Clock::new();
-    let cluster_file = cfg.state_dir.join("cluster.json");
-    let registry = match std::fs::read_to_string(&cluster_file) {
-        Ok(text) => {
-            // Agents reconnect with a backoff capped at 10 s: count every
-            // adopted node as heard from until then.
-            let mut reg =
-                Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
-                    format!("{} is damaged; move it away to start afresh", cluster_file.display())
-                })?;
-            reg.replay_spent(&crate::cluster::persist::Journal::replay(&cfg.state_dir));
-            tracing::info!(
-                nodes = reg.len(),
-                desired_slaves = reg.desired_slaves(),
-                "re-adopting the cluster from {}",
-                cluster_file.display()
-            );
-            reg
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Registry::new(cfg.pools().into_iter().map(|p| (p.name, p.count)).collect())
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
-    };
-
+    let registry = load_registry(&cfg, &clock)?;
     let provider = make_provider(&cfg, &cluster_id).await?;
     provider.preflight().await.map_err(preflight_error)?;
     let admin_path = cfg.admin_socket();
@@ -245,10 +160,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let cookie = cluster_cookie(&cfg)?;
     let pki = Arc::new(pki);
-    let bundle = disco_bundle.as_ref().map(|b| crate::engine::disco::Bundle {
+    let bundle = artifacts.disco_bundle.as_ref().map(|b| crate::engine::disco::Bundle {
         url: format!(
             "https://{}{}",
-            join_host_port(&host, dl_addr.port()),
+            join_host_port(&host, listeners.download_addr.port()),
             crate::download::DISCO_BUNDLE_PATH
         ),
         sha256: hex::encode(Sha256::digest(b)),
@@ -268,27 +183,163 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(w) = crate::limits::fd_warning(fd_limit, shared.registry.lock().desired_slaves() + 1) {
         tracing::warn!("{w}");
     }
-    let shutdown_rx = shared.shutdown_signal();
-
     tracing::info!(
         grpc = %endpoints.grpc_url,
         agent = %endpoints.agent_url,
         admin = %admin_path.display(),
-        metrics = %format!("http://{dash_addr}/metrics"),
+        metrics = %format!("http://{}/metrics", listeners.dashboard_addr),
         provider = shared.provider.name(),
         cluster = %shared.cfg.tag_key,
         ca_sha256 = %shared.pki.ca_fingerprint(),
         "controller started"
     );
+    run_tasks(&shared, listeners, artifacts.files(), admin_listener).await?;
+    shared.save()?;
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
 
+/// What nodes download from the controller: the agent binaries (checked
+/// for their architecture) and the Disco build, read once at start.
+struct Artifacts {
+    agent: Vec<u8>,
+    agent_sha256: String,
+    agent_arm64: Option<Vec<u8>>,
+    disco_bundle: Option<Vec<u8>>,
+}
+
+impl Artifacts {
+    fn read(cfg: &Config) -> anyhow::Result<Artifacts> {
+        let agent_path = agent_binary_path(cfg)?;
+        let agent = std::fs::read(&agent_path).with_context(|| {
+            format!(
+                "cannot read the agent binary {} (set agent_binary in the config, or build it: \
+                 cargo build -p ddisco-agent)",
+                agent_path.display()
+            )
+        })?;
+        check_agent_arch(&agent, "x86_64", "agent_binary", &agent_path)?;
+        let agent_arm64 = match &cfg.agent_binary_arm64 {
+            Some(p) => {
+                let bytes = std::fs::read(p).with_context(|| {
+                    format!("cannot read the arm64 agent {} (key `agent_binary_arm64`)", p.display())
+                })?;
+                check_agent_arch(&bytes, "arm64", "agent_binary_arm64", p)?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        let disco_bundle = match &cfg.disco.bundle {
+            Some(p) => Some(std::fs::read(p).with_context(|| {
+                format!(
+                    "cannot read the Disco build {} (key `disco_bundle`; scripts/build-disco makes it)",
+                    p.display()
+                )
+            })?),
+            None => None,
+        };
+        Ok(Artifacts { agent_sha256: hex::encode(Sha256::digest(&agent)), agent, agent_arm64, disco_bundle })
+    }
+
+    /// Where nodes reach the controller and its downloads.
+    fn endpoints(&self, host: &str, grpc_port: u16, download_port: u16) -> Endpoints {
+        let download = |path: &str| format!("https://{}{path}", join_host_port(host, download_port));
+        Endpoints {
+            grpc_url: format!("https://{}", join_host_port(host, grpc_port)),
+            agent_url: download(crate::download::AGENT_PATH),
+            agent_sha256: self.agent_sha256.clone(),
+            agent_arm64: self
+                .agent_arm64
+                .as_ref()
+                .map(|b| (download(crate::download::AGENT_ARM64_PATH), hex::encode(Sha256::digest(b)))),
+        }
+    }
+
+    /// The download port's files, by path.
+    fn files(self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut files = vec![(crate::download::AGENT_PATH, self.agent)];
+        files.extend(self.agent_arm64.map(|b| (crate::download::AGENT_ARM64_PATH, b)));
+        files.extend(self.disco_bundle.map(|b| (crate::download::DISCO_BUNDLE_PATH, b)));
+        files
+    }
+}
+
+/// The controller's TCP listeners (the admin socket is opened later, once
+/// the provider's preflight passed).
+struct Listeners {
+    grpc: tokio::net::TcpListener,
+    grpc_addr: SocketAddr,
+    download: std::net::TcpListener,
+    download_addr: SocketAddr,
+    dashboard: tokio::net::TcpListener,
+    dashboard_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Port 0 means "pick one", once: nodes know the address from their
+    /// userdata, so a restarted controller must come back on the same ports
+    /// (`ports.json`).
+    async fn open(cfg: &Config) -> anyhow::Result<Listeners> {
+        let ports_file = cfg.state_dir.join("ports.json");
+        let saved: Option<(u16, u16)> =
+            std::fs::read_to_string(&ports_file).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let grpc_std = bind_keeping_port(cfg.listen, saved.map(|p| p.0), "listen")?;
+        let download = bind_keeping_port(cfg.download_listen, saved.map(|p| p.1), "download_listen")?;
+        let grpc_addr = grpc_std.local_addr()?;
+        let download_addr = download.local_addr()?;
+        let dashboard = tokio::net::TcpListener::bind(cfg.dashboard_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (key `dashboard_listen`)", cfg.dashboard_listen))?;
+        let dashboard_addr = dashboard.local_addr()?;
+        pki::write_private(&cfg.state_dir.join("dashboard.addr"), &dashboard_addr.to_string())?;
+        pki::write_private(&ports_file, &serde_json::to_string(&(grpc_addr.port(), download_addr.port()))?)?;
+        grpc_std.set_nonblocking(true)?;
+        let grpc = tokio::net::TcpListener::from_std(grpc_std)?;
+        Ok(Listeners { grpc, grpc_addr, download, download_addr, dashboard, dashboard_addr })
+    }
+}
+
+/// The registry of `cluster.json` (re-adopting its nodes), or a new one.
+fn load_registry(cfg: &Config, clock: &Clock) -> anyhow::Result<Registry> {
+    let cluster_file = cfg.state_dir.join("cluster.json");
+    match std::fs::read_to_string(&cluster_file) {
+        Ok(text) => {
+            // Agents reconnect with a backoff capped at 10 s: count every
+            // adopted node as heard from until then.
+            let mut reg =
+                Registry::from_json(&text, clock.now_ms() + ADOPTION_GRACE_MS).with_context(|| {
+                    format!("{} is damaged; move it away to start afresh", cluster_file.display())
+                })?;
+            reg.replay_spent(&crate::cluster::persist::Journal::replay(&cfg.state_dir));
+            tracing::info!(
+                nodes = reg.len(),
+                desired_slaves = reg.desired_slaves(),
+                "re-adopting the cluster from {}",
+                cluster_file.display()
+            );
+            Ok(reg)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Registry::new(cfg.pools().into_iter().map(|p| (p.name, p.count)).collect()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", cluster_file.display())),
+    }
+}
+
+/// Runs the servers and loops until Ctrl-C, SIGTERM, `stop`, or one of
+/// them fails; then stops them all.
+async fn run_tasks(
+    shared: &Arc<Cluster>,
+    listeners: Listeners,
+    files: Vec<(&'static str, Vec<u8>)>,
+    admin_listener: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
+    let shutdown_rx = shared.shutdown_signal();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::grpc::serve(shared.clone(), grpc_listener, shutdown_rx.clone()));
-    let mut files = vec![(crate::download::AGENT_PATH, agent_bytes)];
-    files.extend(agent_arm64.map(|b| (crate::download::AGENT_ARM64_PATH, b)));
-    files.extend(disco_bundle.map(|b| (crate::download::DISCO_BUNDLE_PATH, b)));
-    tasks.spawn(crate::download::serve(shared.clone(), dl_listener, files, shutdown_rx.clone()));
+    tasks.spawn(crate::grpc::serve(shared.clone(), listeners.grpc, shutdown_rx.clone()));
+    tasks.spawn(crate::download::serve(shared.clone(), listeners.download, files, shutdown_rx.clone()));
     tasks.spawn(crate::admin::serve(shared.clone(), admin_listener, shutdown_rx.clone()));
-    tasks.spawn(crate::dashboard::serve(shared.clone(), dash_listener, shutdown_rx.clone()));
+    tasks.spawn(crate::dashboard::serve(shared.clone(), listeners.dashboard, shutdown_rx.clone()));
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(publish_loop(shared.clone(), shutdown_rx.clone()));
@@ -310,8 +361,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::error!("{e:#}");
         }
     }
-    shared.save()?;
-    let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub struct RunArgs {
     pub config: ConfigArgs,
 }
 
+/// Long by design: `run`'s steps in the order a user reads them in its
+/// help (start or find the controller, scale, wait, run the job, destroy),
+/// each a few lines; the plain parts are functions (`job_env`, the summary).
 pub async fn exec(args: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.config.load()?;
     let socket = cfg.admin_socket();

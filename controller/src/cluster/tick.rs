@@ -53,10 +53,8 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     let listing = sh.provider.list().await.context("listing the cluster's instances");
     sh.registry.lock().account(unix_ms());
     let policy = observe_policy(sh);
-    let mut to_terminate = Vec::new();
-    let mut launches = Vec::new();
     let mut next_deadline = None;
-    let lifecycle_actions;
+    let (to_terminate, launches, lifecycle_actions, acted);
     {
         let mut reg = sh.registry.lock();
         let observed = listing.as_ref().ok().map(|o| reg.match_observed(o));
@@ -85,44 +83,69 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         {
             sh.membership_changed();
         }
-        let drain_secs = sh.cfg.drain_timeout.as_secs_f64();
-        let mut rest = Vec::new();
-        for action in actions {
-            match action {
-                Action::TerminateOrphan { instance_id, node_id } => {
-                    reg.event(format!(
-                        "terminating orphan instance {instance_id}: tagged for this cluster but unknown to it"
-                    ));
-                    to_terminate.push(Target { node_id, instance_id: Some(instance_id) });
-                }
-                a @ (Action::WarnSpend
-                | Action::StopLaunching
-                | Action::Destroy { .. }
-                | Action::Resize { .. }) => rest.push(a),
-                node_action => match reg.apply(node_action, drain_secs) {
-                    // A decision the node's state no longer allows (it moved
-                    // meanwhile): refused inside the lock, changed nothing.
-                    Err(e) => tracing::debug!("reconcile: {e}"),
-                    Ok(Effect::Nothing | Effect::Ready) => {}
-                    Ok(Effect::Terminate { target, loss }) => {
-                        if loss {
-                            crate::metrics::Metrics::inc(&sh.metrics.replacements);
-                        }
-                        to_terminate.push(target);
-                    }
-                    Ok(Effect::Launch { role, pool, count }) => launches.push((role, pool, count)),
-                },
-            }
-        }
-        lifecycle_actions = rest;
+        // (The adaptive size's decision comes every tick; it saves what it
+        // changes itself.)
+        acted = actions.iter().any(|a| !matches!(a, Action::Resize { .. }));
+        (to_terminate, launches, lifecycle_actions) = apply_actions(sh, &mut reg, actions);
     }
     carry_out_policy(sh, lifecycle_actions);
     listing?;
+    if !acted {
+        return Ok(next_deadline);
+    }
     if !to_terminate.is_empty() {
         sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
         // Look again right away: terminated instances can then be forgotten.
         sh.wake.notify_one();
     }
+    launch(sh, launches).await?;
+    sh.changed();
+    Ok(next_deadline)
+}
+
+/// The node actions, each a registry transition (`apply`); what is left:
+/// instances to terminate, launches to make, and the cluster-level
+/// actions for `carry_out_policy`.
+#[allow(clippy::type_complexity)]
+fn apply_actions(
+    sh: &Cluster,
+    reg: &mut Registry,
+    actions: Vec<Action>,
+) -> (Vec<Target>, Vec<(Role, String, u32)>, Vec<Action>) {
+    let (mut to_terminate, mut launches, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    let drain_secs = sh.cfg.drain_timeout.as_secs_f64();
+    for action in actions {
+        match action {
+            Action::TerminateOrphan { instance_id, node_id } => {
+                reg.event(format!(
+                    "terminating orphan instance {instance_id}: tagged for this cluster but unknown to it"
+                ));
+                to_terminate.push(Target { node_id, instance_id: Some(instance_id) });
+            }
+            a @ (Action::WarnSpend
+            | Action::StopLaunching
+            | Action::Destroy { .. }
+            | Action::Resize { .. }) => rest.push(a),
+            node_action => match reg.apply(node_action, drain_secs) {
+                // A decision the node's state no longer allows (it moved
+                // meanwhile): refused inside the lock, changed nothing.
+                Err(e) => tracing::debug!("reconcile: {e}"),
+                Ok(Effect::Nothing | Effect::Ready) => {}
+                Ok(Effect::Terminate { target, loss }) => {
+                    if loss {
+                        crate::metrics::Metrics::inc(&sh.metrics.replacements);
+                    }
+                    to_terminate.push(target);
+                }
+                Ok(Effect::Launch { role, pool, count }) => launches.push((role, pool, count)),
+            },
+        }
+    }
+    (to_terminate, launches, rest)
+}
+
+/// Records, saves, then starts the launches (beside the loop).
+async fn launch(sh: &Arc<Cluster>, launches: Vec<(Role, String, u32)>) -> anyhow::Result<()> {
     // Every batch is recorded, then saved once, then launched: a crash
     // cannot leak what the calls start, and a large scale-up writes the
     // state once, not once per batch.
@@ -169,8 +192,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
             drop(in_flight);
         });
     }
-    sh.changed();
-    Ok(next_deadline)
+    Ok(())
 }
 
 /// The failure budget's hold, announced once per change (an event).

@@ -61,6 +61,145 @@ pub struct Bundle {
 }
 
 impl Disco {
+    /// What every node gets: the cluster's host names, Disco's settings,
+    /// the Erlang cookie.
+    fn common_files(
+        &self,
+        members: &[Member],
+        layout: &NodeLayout,
+        settings: String,
+        owner: &str,
+    ) -> Vec<Directive> {
+        // Short host names, resolvable cluster-wide.
+        let mut hosts: Vec<String> = members
+            .iter()
+            .filter(|m| !m.address.is_empty() && !m.hostname.is_empty())
+            .map(|m| format!("{} {}", m.address, m.hostname))
+            .collect();
+        hosts.sort();
+        vec![
+            Disco::file("hosts", under(layout, "etc/hosts"), hosts.join("\n") + "\n", 0o644, "", "ddisco"),
+            Disco::file("disco_settings", under(layout, "etc/disco/settings.py"), settings, 0o644, "", ""),
+            Disco::file(
+                "erlang_cookie",
+                format!("{}/.erlang.cookie", Disco::home(layout)),
+                self.cookie.clone(),
+                0o400,
+                owner,
+                "",
+            ),
+        ]
+    }
+
+    /// The slaves' SSH host keys, for the master's `known_hosts`.
+    fn known_hosts(members: &[Member]) -> String {
+        let mut known: Vec<String> = members
+            .iter()
+            .filter(|m| !m.is_master())
+            .filter_map(|m| {
+                let key = m.attributes.get("ssh_host_key")?;
+                Some(format!("{},{} {}", m.hostname, m.address, key.trim()))
+            })
+            .collect();
+        known.sort();
+        known.join("\n") + "\n"
+    }
+
+    /// The master's Disco (`disco nodaemon`), restarted when its settings
+    /// change (their digest is in its environment).
+    fn master_service(&self, layout: &NodeLayout, settings_sha: &str) -> Directive {
+        // Disco reads DISCO_SETTINGS_FILE (its launcher overwrites
+        // DISCO_SETTINGS with the list of names it exports).
+        let mut env = BTreeMap::from([
+            ("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py")),
+            ("DDISCO_SETTINGS_SHA256".into(), settings_sha.to_string()),
+        ]);
+        let mut argv: Vec<String> = match &self.disco_home(layout) {
+            Some(h) => {
+                env.insert("PYTHONPATH".into(), format!("{h}/lib"));
+                vec!["python3".into(), format!("{h}/bin/disco"), "nodaemon".into()]
+            }
+            None => vec!["disco".into(), "nodaemon".into()],
+        };
+        if layout.system {
+            argv.splice(0..0, ["runuser", "-u", "disco", "--"].map(String::from));
+            // The system's programs, not whatever the agent's PATH holds (a
+            // pyenv shim broke `/usr/bin/env python`).
+            env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        Directive {
+            name: "disco".into(),
+            // As `disco`, in its home: the agent's folder is root's alone,
+            // and Disco's launcher lists its working directory.
+            kind: DirectiveKind::Service {
+                argv,
+                env,
+                workdir: if layout.system { Disco::home(layout) } else { String::new() },
+                grace_ms: 10_000,
+            },
+        }
+    }
+
+    /// What the master's agent posts to and probes at the master: the
+    /// leaving slaves' blacklists, DDFS's GC while they leave, the job
+    /// list and node info, the config table.
+    fn master_calls(&self, members: &[Member], settings_sha: &str) -> Vec<Directive> {
+        let mut out = Vec::new();
+        let base = format!("http://127.0.0.1:{}/disco/ctrl", self.port);
+        // A restarted master forgets what was posted to it (blacklist):
+        // the posts carry the settings digest too, so the agent posts
+        // them again to the new master (Disco ignores the query).
+        let again = format!("?settings={settings_sha}");
+        // Leaving slaves are blacklisted first, so their tasks drain, and
+        // blacklisted for DDFS, so its GC re-replicates their data onto
+        // the others during the drain.
+        let mut leaving: Vec<&Member> =
+            members.iter().filter(|m| m.leaving && !m.is_master() && m.ready).collect();
+        leaving.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        if !leaving.is_empty() {
+            // While a slave leaves, DDFS's GC runs back to back (it moves
+            // the blacklisted nodes' data away), and the agent reports
+            // which of them hold nothing only they have
+            // (`safe_gc_blacklist`): those go at once (`probed`).
+            let ddfs = format!("http://127.0.0.1:{}/ddfs/ctrl", self.port);
+            for name in ["gc_start", "safe_gc_blacklist"] {
+                out.push(Directive {
+                    name: name.into(),
+                    kind: DirectiveKind::Probe { url: format!("{ddfs}/{name}") },
+                });
+            }
+        }
+        for m in leaving {
+            for op in ["blacklist", "gc_blacklist"] {
+                out.push(Directive {
+                    name: format!("{op} {}", m.hostname),
+                    kind: DirectiveKind::Post {
+                        url: format!("{base}/{op}{again}"),
+                        body: serde_json::to_string(&m.hostname).expect("serializes"),
+                        content_type: "application/json".into(),
+                    },
+                });
+            }
+        }
+        // Whether a job runs (autostop), and how busy the nodes are
+        // (adaptive size).
+        for name in ["joblist", "nodeinfo"] {
+            out.push(Directive {
+                name: name.into(),
+                kind: DirectiveKind::Probe { url: format!("{base}/{name}") },
+            });
+        }
+        out.push(Directive {
+            name: "config_table".into(),
+            kind: DirectiveKind::Post {
+                url: format!("{base}/save_config_table{again}"),
+                body: Disco::config_table(members),
+                content_type: "application/json".into(),
+            },
+        });
+        out
+    }
+
     pub fn from_config(cfg: &crate::config::Config, cookie: String, bundle: Option<Bundle>) -> Disco {
         Disco {
             source: cfg.disco.source.clone(),
@@ -251,145 +390,22 @@ impl Engine for Disco {
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive> {
         let home = Disco::home(layout);
         let owner = if layout.system { "disco" } else { "" };
-        let mut out = Vec::new();
-        // Short host names, resolvable cluster-wide.
-        let mut hosts: Vec<String> = members
-            .iter()
-            .filter(|m| !m.address.is_empty() && !m.hostname.is_empty())
-            .map(|m| format!("{} {}", m.address, m.hostname))
-            .collect();
-        hosts.sort();
-        out.push(Disco::file(
-            "hosts",
-            under(layout, "etc/hosts"),
-            hosts.join("\n") + "\n",
-            0o644,
-            "",
-            "ddisco",
-        ));
         let settings = self.settings(members, me, layout);
         // Disco reads its settings once, at start: the master's service
         // carries their digest, so a change (replicas) restarts it.
         let settings_sha = hex::encode(&Sha256::digest(settings.as_bytes())[..8]);
-        out.push(Disco::file(
-            "disco_settings",
-            under(layout, "etc/disco/settings.py"),
-            settings,
-            0o644,
-            "",
-            "",
-        ));
-        out.push(Disco::file(
-            "erlang_cookie",
-            format!("{home}/.erlang.cookie"),
-            self.cookie.clone(),
-            0o400,
-            owner,
-            "",
-        ));
+        let mut out = self.common_files(members, layout, settings, owner);
         if me.is_master() {
-            let mut known: Vec<String> = members
-                .iter()
-                .filter(|m| !m.is_master())
-                .filter_map(|m| {
-                    let key = m.attributes.get("ssh_host_key")?;
-                    Some(format!("{},{} {}", m.hostname, m.address, key.trim()))
-                })
-                .collect();
-            known.sort();
             out.push(Disco::file(
                 "known_hosts",
                 format!("{home}/.ssh/known_hosts"),
-                known.join("\n") + "\n",
+                Disco::known_hosts(members),
                 0o644,
                 owner,
                 "ddisco",
             ));
-            // Disco reads DISCO_SETTINGS_FILE (its launcher overwrites
-            // DISCO_SETTINGS with the list of names it exports).
-            let mut env = BTreeMap::from([
-                ("DISCO_SETTINGS_FILE".into(), under(layout, "etc/disco/settings.py")),
-                ("DDISCO_SETTINGS_SHA256".into(), settings_sha.clone()),
-            ]);
-            let mut argv: Vec<String> = match &self.disco_home(layout) {
-                Some(h) => {
-                    env.insert("PYTHONPATH".into(), format!("{h}/lib"));
-                    vec!["python3".into(), format!("{h}/bin/disco"), "nodaemon".into()]
-                }
-                None => vec!["disco".into(), "nodaemon".into()],
-            };
-            if layout.system {
-                argv.splice(0..0, ["runuser", "-u", "disco", "--"].map(String::from));
-                // The system's programs, not whatever the agent's PATH
-                // holds (a pyenv shim broke `/usr/bin/env python`).
-                env.insert(
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                );
-            }
-            out.push(Directive {
-                name: "disco".into(),
-                // As `disco`, in its home: the agent's folder is root's
-                // alone, and Disco's launcher lists its working directory.
-                kind: DirectiveKind::Service {
-                    argv,
-                    env,
-                    workdir: if layout.system { home.clone() } else { String::new() },
-                    grace_ms: 10_000,
-                },
-            });
-            let base = format!("http://127.0.0.1:{}/disco/ctrl", self.port);
-            // A restarted master forgets what was posted to it (blacklist):
-            // the posts carry the settings digest too, so the agent posts
-            // them again to the new master (Disco ignores the query).
-            let again = format!("?settings={settings_sha}");
-            // Leaving slaves are blacklisted first, so their tasks drain,
-            // and blacklisted for DDFS, so its GC re-replicates their data
-            // onto the others during the drain.
-            let mut leaving: Vec<&Member> =
-                members.iter().filter(|m| m.leaving && !m.is_master() && m.ready).collect();
-            leaving.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-            if !leaving.is_empty() {
-                // While a slave leaves, DDFS's GC runs back to back (it
-                // moves the blacklisted nodes' data away), and the agent
-                // reports which of them hold nothing only they have
-                // (`safe_gc_blacklist`): those go at once (`probed`).
-                let ddfs = format!("http://127.0.0.1:{}/ddfs/ctrl", self.port);
-                for name in ["gc_start", "safe_gc_blacklist"] {
-                    out.push(Directive {
-                        name: name.into(),
-                        kind: DirectiveKind::Probe { url: format!("{ddfs}/{name}") },
-                    });
-                }
-            }
-            for m in leaving {
-                for op in ["blacklist", "gc_blacklist"] {
-                    out.push(Directive {
-                        name: format!("{op} {}", m.hostname),
-                        kind: DirectiveKind::Post {
-                            url: format!("{base}/{op}{again}"),
-                            body: serde_json::to_string(&m.hostname).expect("serializes"),
-                            content_type: "application/json".into(),
-                        },
-                    });
-                }
-            }
-            // Whether a job runs (autostop), and how busy the nodes are
-            // (adaptive size).
-            for name in ["joblist", "nodeinfo"] {
-                out.push(Directive {
-                    name: name.into(),
-                    kind: DirectiveKind::Probe { url: format!("{base}/{name}") },
-                });
-            }
-            out.push(Directive {
-                name: "config_table".into(),
-                kind: DirectiveKind::Post {
-                    url: format!("{base}/save_config_table{again}"),
-                    body: Disco::config_table(members),
-                    content_type: "application/json".into(),
-                },
-            });
+            out.push(self.master_service(layout, &settings_sha));
+            out.extend(self.master_calls(members, &settings_sha));
         } else if let Some(m) = members.iter().find(|m| m.is_master())
             && let Some(key) = m.attributes.get("disco_pubkey")
         {

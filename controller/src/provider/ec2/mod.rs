@@ -176,6 +176,8 @@ fn attestor_for(path: Option<&Path>, region: &str) -> Result<Attestor, ProviderE
 impl Ec2Provider {
     /// Builds the client from the EC2 section and the standard AWS chain;
     /// `nodes` says what it launches, `state_dir` holds the image cache.
+    /// Long by design: the SDK's settings (timeouts, retries, endpoint,
+    /// credentials) in one place, each with why.
     pub async fn new(
         cfg: &Ec2Config,
         nodes: &NodeShape,

@@ -6,7 +6,9 @@ use super::*;
 
 impl Ec2Provider {
     /// `Provider::preflight`: AMI, key pair, groups, subnets, instance types
-    /// (and their architectures and instance store), then images.
+    /// (and their architectures and instance store), then images. Long by
+    /// design: a list of independent checks, each an API call and the error
+    /// naming its config key, read top to bottom.
     pub(super) async fn preflight_checks(&self) -> Result<(), ProviderError> {
         let c = &self.client;
         if !self.key_name.is_empty() {
