@@ -8,11 +8,23 @@
 //! non-async sections (never across an `.await`), and the hot path, heartbeats,
 //! does not take it at all: each node's [`Liveness`] is an atomic that the
 //! agent's session task updates directly.
+//!
+//! Files: `mod.rs` (the registry: nodes, events, views for `decide`),
+//! `transitions.rs` (the one transition function), `record.rs` (a node as
+//! stored), `file.rs` (`cluster.json`), `index.rs` (tokens, claimed names
+//! and addresses), `spend.rs` (spend accounting), `liveness.rs` (the hot
+//! path), `untrusted.rs` (checks of what nodes report).
 
+mod file;
+mod index;
 mod liveness;
 mod record;
+mod spend;
 mod transitions;
 pub mod untrusted;
+
+use index::claims_of;
+pub use index::{Claim, TokenError, claims};
 
 pub use liveness::{Liveness, Outbound, SessionGuard};
 pub use record::{Facts, NodeRecord, StepLog};
@@ -24,7 +36,7 @@ pub use transitions::{
 
 use crate::model::{Market, NodeState, Observed, Role, StateKind};
 use crate::reconcile::{Instance, NodeView};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -42,26 +54,6 @@ pub struct Event {
     pub message: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, Default)]
-struct ClusterFile {
-    /// Slaves wanted per pool.
-    desired: BTreeMap<String, u32>,
-    /// USD spent since the cluster was created (replaced nodes included).
-    #[serde(default)]
-    spent_usd: f64,
-    /// `scale MIN..MAX` in force: [MIN, MAX].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    adaptive: Option<[u32; 2]>,
-    next_seq: u64,
-    nodes: Vec<NodeRecord>,
-    /// Failed nodes already terminated: what they reported is kept.
-    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
-    failed_nodes: VecDeque<NodeRecord>,
-    /// When its first node was launched (`max_runtime_mins` counts from it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    started_unix_ms: Option<u64>,
-}
-
 /// What `add_node` needs.
 #[derive(Debug, Clone)]
 pub struct NewNode {
@@ -70,52 +62,6 @@ pub struct NewNode {
     pub batch: Option<(String, u32)>,
     pub token_hash: String,
     pub token_expires_unix_ms: u64,
-}
-
-/// Why an enrollment was refused. Refusals change no state.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("unknown bootstrap token")]
-    Unknown,
-    #[error("bootstrap token of node {0} was already used")]
-    Used(String),
-    #[error("bootstrap token of node {0} has expired; the node will be replaced")]
-    Expired(String),
-    #[error("node {0} is being terminated")]
-    Terminated(String),
-}
-
-/// A name or address a node holds (see `Registry::claims`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Claim {
-    Host(String),
-    Address(String),
-}
-
-impl std::fmt::Display for Claim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Claim::Host(h) => write!(f, "host name {h}"),
-            Claim::Address(a) => write!(f, "address {a}"),
-        }
-    }
-}
-
-/// What a node with `hostname` at `address` holds.
-pub fn claims(hostname: &str, address: &str) -> Vec<Claim> {
-    let mut v = Vec::with_capacity(2);
-    let short = hostname.split('.').next().unwrap_or("");
-    if !short.is_empty() {
-        v.push(Claim::Host(short.to_ascii_lowercase()));
-    }
-    if !address.is_empty() {
-        v.push(Claim::Address(address.to_string()));
-    }
-    v
-}
-
-fn claims_of(rec: &NodeRecord) -> Vec<Claim> {
-    claims(rec.facts.as_ref().map_or("", |f| f.hostname.as_str()), rec.address())
 }
 
 #[derive(Debug, Default)]
@@ -163,110 +109,8 @@ impl Registry {
         Registry { desired, dirty: true, ..Default::default() }
     }
 
-    /// Adds what every priced node cost since it was last counted.
-    pub fn account(&mut self, now_unix_ms: u64) {
-        let mut spent = 0.0;
-        for e in self.nodes.values_mut() {
-            let from = e.rec.accounted_unix_ms.max(e.rec.launched_unix_ms);
-            if now_unix_ms > from {
-                spent += e.rec.price_per_hour * (now_unix_ms - from) as f64 / 3_600_000.0;
-                e.rec.accounted_unix_ms = now_unix_ms;
-            }
-        }
-        self.spent_usd += spent;
-    }
-
-    /// New prices by instance id; the time so far is counted at the old
-    /// prices first.
-    pub fn set_prices(&mut self, prices: &HashMap<String, f64>, now_unix_ms: u64) {
-        self.account(now_unix_ms);
-        for e in self.nodes.values_mut() {
-            if let Some(p) = e.rec.instance_id.as_ref().and_then(|i| prices.get(i)) {
-                e.rec.price_per_hour = *p;
-                self.dirty = true;
-            }
-        }
-    }
-
-    /// USD per hour of the nodes present now.
-    pub fn cost_per_hour(&self) -> f64 {
-        self.nodes.values().map(|e| e.rec.price_per_hour).sum()
-    }
-
     pub fn desired_slaves(&self) -> u32 {
         self.desired.values().sum()
-    }
-
-    /// Restores a saved registry. Every node counts as heard from `seen_ms`
-    /// (may lie in the future: a grace period), so agents get time to
-    /// reconnect to a restarted controller before anything is declared lost.
-    pub fn from_json(text: &str, seen_ms: u64) -> Result<Registry, serde_json::Error> {
-        let file: ClusterFile = serde_json::from_str(text)?;
-        let mut reg = Registry {
-            desired: file.desired,
-            spent_usd: file.spent_usd,
-            next_seq: file.next_seq,
-            adaptive_bounds: file.adaptive.map(|[min, max]| (min, max)),
-            failed_nodes: file.failed_nodes,
-            started_unix_ms: file.started_unix_ms,
-            ..Default::default()
-        };
-        for mut rec in file.nodes {
-            // Before the market was a field it was a suffix of the type.
-            if let Some(t) = rec.instance_type.strip_suffix(" on-demand") {
-                rec.instance_type = t.to_string();
-                rec.market = Market::OnDemand;
-            }
-            let live = Arc::new(Liveness::default());
-            live.touch(seen_ms);
-            reg.token_index.insert(rec.token_hash.clone(), rec.id.clone());
-            rec.pin_first_session = rec.token_used && rec.cert_sha256.is_none();
-            for c in claims_of(&rec) {
-                reg.claims.insert(c, rec.id.clone());
-            }
-            reg.nodes.insert(rec.id.clone(), Entry { rec, live });
-        }
-        Ok(reg)
-    }
-
-    pub fn to_json(&self) -> String {
-        let file = ClusterFile {
-            desired: self.desired.clone(),
-            spent_usd: self.spent_usd,
-            adaptive: self.adaptive_bounds.map(|(min, max)| [min, max]),
-            next_seq: self.next_seq,
-            nodes: self.nodes.values().map(|e| e.rec.clone()).collect(),
-            failed_nodes: self.failed_nodes.clone(),
-            started_unix_ms: self.started_unix_ms,
-        };
-        serde_json::to_string(&file).expect("registry serializes")
-    }
-
-    /// Applies the journal of spent tokens (`cluster::persist`) to a
-    /// restored registry: those tokens are used, whatever the snapshot says.
-    /// Spends from the journal that the snapshot missed (a crash between
-    /// an enrollment and the next save): the token is spent, and the node's
-    /// sessions must present the certificate the journal names. (A line
-    /// without one, from an older journal, pins the first certificate a
-    /// session presents, as records from before pinning do.)
-    pub fn replay_spent(&mut self, spends: &[(String, Option<String>)]) {
-        for (id, cert) in spends {
-            let Some(e) = self.nodes.get_mut(id) else { continue };
-            if !e.rec.token_used {
-                e.rec.token_used = true;
-                self.dirty = true;
-            }
-            if e.rec.cert_sha256.is_none() {
-                match cert {
-                    Some(c) => {
-                        e.rec.cert_sha256 = Some(c.clone());
-                        e.rec.pin_first_session = false;
-                    }
-                    None => e.rec.pin_first_session = true,
-                }
-                self.dirty = true;
-            }
-        }
     }
 
     /// Records a new node about to be launched; returns its id.
@@ -396,7 +240,8 @@ impl Registry {
         ids
     }
 
-    pub fn remove(&mut self, id: &str) -> Option<Entry> {
+    /// Drops a node (only `Forget` and a finished destroy do).
+    fn remove(&mut self, id: &str) -> Option<Entry> {
         let e = self.nodes.remove(id)?;
         self.changed_members.push(id.to_string());
         self.token_index.remove(&e.rec.token_hash);
@@ -415,24 +260,6 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
-    }
-
-    /// Checks a bootstrap token without changing anything.
-    pub fn check_token(&self, hash: &str, now_unix_ms: u64) -> Result<String, TokenError> {
-        // One hash lookup, used tokens included (they stay indexed until
-        // their node is removed): no scan, whatever the token.
-        let id = self.token_index.get(hash).ok_or(TokenError::Unknown)?;
-        let e = self.nodes.get(id).ok_or(TokenError::Unknown)?;
-        if e.rec.token_used {
-            return Err(TokenError::Used(id.clone()));
-        }
-        if now_unix_ms > e.rec.token_expires_unix_ms {
-            return Err(TokenError::Expired(id.clone()));
-        }
-        if e.rec.state.is(StateKind::Terminating) {
-            return Err(TokenError::Terminated(id.clone()));
-        }
-        Ok(id.clone())
     }
 
     /// Records an event unless it repeats the previous one (a condition
