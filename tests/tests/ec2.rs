@@ -1,6 +1,6 @@
 //! The EC2 provider, end to end, against moto (a real EC2 API emulator)
 //! driven by the real aws-sdk-ec2 client inside the real controller. What
-//! moto cannot do, the harness in `tests/src/ec2.rs` does: the Hypervisor
+//! moto cannot do, the harness in `tests/src/ec2/` does: the Hypervisor
 //! boots the instances' userdata as local nodes (with a per-instance metadata
 //! service), and the FaultProxy counts API calls and injects EC2 errors.
 

@@ -65,6 +65,8 @@ impl Default for Model {
     }
 }
 
+/// Long by design: EC2's rules for one RunInstances (capacity per type,
+/// the vCPU quota, zone offerings, latency), applied in EC2's order.
 /// What EC2 would do with a RunInstances that moto would simply carry out:
 /// refuse it (`Err`), launch fewer (`Ok(Some(params))` with MinCount and
 /// MaxCount lowered), or launch it as asked.
