@@ -58,7 +58,8 @@ impl Notice {
 ///
 /// ```text
 /// Requested -> Booting             Listed: the provider lists its instance
-/// Requested | Booting -> Enrolled  Enrolled: its agent spent the token
+/// Requested | Booting -> Enrolled  Enrolled: its agent spent the token;
+///                                  Spent: the journal says so (after a crash)
 /// Enrolled | Provisioning | Ready  Hello: the plan starts or resumes
 ///   | Failed (another plan)          -> Provisioning(k/n), or Ready when done
 /// Draining, Failed (same plan)     Hello: kept as they are
@@ -70,6 +71,8 @@ impl Notice {
 ///                                  agent sends (or a message the controller
 ///                                  could not handle)
 /// Ready -> Draining{since, why}    Drain: scale down, or back to spot
+/// Draining -> Draining{drained}    Drained: the engine holds nothing only
+///                                  it has (it goes now)
 /// any but Terminating              Terminate(reason): lost, removed, failed,
 ///   -> Terminating{sent, reason}     destroyed
 /// Terminating -> Terminating       Reterminate: asked again (sent renewed)
@@ -106,6 +109,10 @@ pub enum NodeState {
         since_unix_ms: u64,
         #[serde(default)]
         why: DrainWhy,
+        /// The engine said it holds nothing only this node has (Disco:
+        /// DDFS re-replicated its data): it goes now, not at the timeout.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        drained: bool,
     },
     /// Its instance was asked to terminate.
     Terminating {

@@ -2,7 +2,7 @@
 //! the names and addresses nodes hold (`claims`), each one lookup whatever
 //! the cluster's size.
 
-use super::{NodeRecord, Registry};
+use super::{NodeEvent, NodeRecord, Registry};
 use crate::model::StateKind;
 
 /// Why an enrollment was refused. Refusals change no state.
@@ -93,6 +93,11 @@ impl Registry {
                     None => e.rec.pin_first_session = true,
                 }
                 self.dirty = true;
+            }
+            // The snapshot may say it never enrolled; the journal says it
+            // did (its agent will say hello with that certificate).
+            if let Err(e) = self.transition(id, NodeEvent::Spent) {
+                tracing::warn!("replaying tokens.log: {e}");
             }
         }
     }

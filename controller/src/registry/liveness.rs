@@ -15,17 +15,17 @@ const NO_LOAD: u32 = u32::MAX;
 pub struct Liveness {
     /// Controller-clock milliseconds of the last message; 0 = never.
     last_seen_ms: AtomicU64,
-    /// Set when the node is terminated: its session must end.
+    /// Set when the node is terminated: its session must end. A copy of
+    /// "the state is `Terminating`" (set by that transition only) that the
+    /// session task reads without the registry's lock.
     revoked: AtomicBool,
     /// Open agent sessions (0 or 1, briefly 2 during a reconnect).
     sessions: AtomicU32,
     /// Last reported 1-minute load average x 1000; [`NO_LOAD`]: none yet.
     load_milli: AtomicU32,
-    /// Its instance has been in a provider listing (since this start).
+    /// Its instance has been in a provider listing (since this start): an
+    /// observation of the provider, not a state.
     pub(super) listed: AtomicBool,
-    /// Draining, and the engine says nothing is lost when it goes now
-    /// (Disco: DDFS holds its data elsewhere).
-    pub(super) drained: AtomicBool,
     /// The newest session's outbound channel, and the id of the directives
     /// last sent on it (a new session gets the full set again).
     push: parking_lot::Mutex<Option<(tokio::sync::mpsc::Sender<Outbound>, String)>>,
@@ -39,7 +39,6 @@ impl Default for Liveness {
             sessions: AtomicU32::new(0),
             load_milli: AtomicU32::new(NO_LOAD),
             listed: AtomicBool::new(false),
-            drained: AtomicBool::new(false),
             push: parking_lot::Mutex::new(None),
         }
     }

@@ -90,6 +90,9 @@ pub enum NodeEvent<'a> {
     Listed,
     /// Its agent spent the bootstrap token and holds a certificate.
     Enrolled { facts: Facts, now_ms: u64, cert_sha256: &'a str },
+    /// The journal of spent tokens says it enrolled (a controller that
+    /// crashed before its snapshot recorded the enrollment).
+    Spent,
     /// Its agent opened a session: its facts, and the assignment given.
     Hello { hello: Hello, workers: u32, plan: &'a Plan, keep_identity: bool },
     /// A step report.
@@ -99,6 +102,8 @@ pub enum NodeEvent<'a> {
     Refuse { refusal: Refusal, why: String },
     /// Scale down (or back to spot): its engine stops giving it work.
     Drain,
+    /// The engine holds nothing only this draining node has.
+    Drained,
     /// Its instance is to be terminated.
     Terminate(Reason),
     /// Its instance still runs: ask again.
@@ -112,10 +117,12 @@ impl NodeEvent<'_> {
         match self {
             NodeEvent::Listed => "listed",
             NodeEvent::Enrolled { .. } => "enrolled",
+            NodeEvent::Spent => "spent",
             NodeEvent::Hello { .. } => "hello",
             NodeEvent::Step(_) => "step",
             NodeEvent::Refuse { .. } => "refuse",
             NodeEvent::Drain => "drain",
+            NodeEvent::Drained => "drained",
             NodeEvent::Terminate(_) => "terminate",
             NodeEvent::Reterminate => "reterminate",
             NodeEvent::Forget => "forget",
@@ -162,6 +169,12 @@ impl Registry {
             (K::Requested | K::Booting, NodeEvent::Enrolled { facts, now_ms, cert_sha256 }) => {
                 Ok(self.enrolled(id, facts, now_ms, cert_sha256))
             }
+            (K::Requested | K::Booting, NodeEvent::Spent) => {
+                self.set_state(id, NodeState::Enrolled).phase("enrolled");
+                Ok(Effect::Nothing)
+            }
+            // The snapshot already has it enrolled, or further.
+            (_, NodeEvent::Spent) => Ok(Effect::Nothing),
             // A terminated node never comes back: its hello (racing the
             // tick that terminated it) or a report is refused.
             (K::Terminating, NodeEvent::Hello { .. } | NodeEvent::Step(_)) => {
@@ -179,6 +192,7 @@ impl Registry {
             (K::Terminating, NodeEvent::Refuse { .. }) => Ok(Effect::Nothing),
             (_, NodeEvent::Refuse { refusal, why }) => Ok(self.refuse(id, refusal, &why)),
             (K::Ready, NodeEvent::Drain) => Ok(self.drain(id)),
+            (K::Draining, NodeEvent::Drained) => Ok(self.drained(id)),
             (K::Terminating, NodeEvent::Reterminate) => Ok(self.reterminate(id)),
             (K::Terminating | K::Requested, NodeEvent::Forget) => {
                 self.remove(id);
@@ -596,8 +610,18 @@ impl Registry {
     fn drain(&mut self, id: &str) -> Effect {
         let superseded = self.nodes.get(id).is_some_and(|e| e.rec.superseded);
         let why = if superseded { DrainWhy::BackToSpot } else { DrainWhy::ScaleDown };
-        self.set_state(id, NodeState::Draining { since_unix_ms: unix_ms(), why });
+        self.set_state(id, NodeState::Draining { since_unix_ms: unix_ms(), why, drained: false });
         self.changed_members.push(id.to_string());
+        Effect::Nothing
+    }
+
+    fn drained(&mut self, id: &str) -> Effect {
+        if let Some(e) = self.nodes.get_mut(id)
+            && let NodeState::Draining { drained, .. } = &mut e.rec.state
+        {
+            *drained = true;
+            self.dirty = true;
+        }
         Effect::Nothing
     }
 
@@ -1168,6 +1192,7 @@ mod tests {
                         cert_sha256: "fp",
                     }),
                 ),
+                ("spent", Box::new(|| NodeEvent::Spent)),
                 (
                     "hello",
                     Box::new(move || NodeEvent::Hello {
@@ -1180,6 +1205,7 @@ mod tests {
                 ("step", Box::new(move || NodeEvent::Step(report(p, 0, StepStatus::Running)))),
                 ("refuse", Box::new(|| NodeEvent::Refuse { refusal: Refusal::Hello, why: "x".into() })),
                 ("drain", Box::new(|| NodeEvent::Drain)),
+                ("drained", Box::new(|| NodeEvent::Drained)),
                 ("terminate", Box::new(|| NodeEvent::Terminate(Reason::ScaleDown))),
                 ("reterminate", Box::new(|| NodeEvent::Reterminate)),
                 ("forget", Box::new(|| NodeEvent::Forget)),
@@ -1190,6 +1216,8 @@ mod tests {
             Some(Some(match (state, event) {
                 (Requested, "listed") => Booting,
                 (Requested | Booting, "enrolled") => Enrolled,
+                (Requested | Booting, "spent") => Enrolled,
+                (_, "spent") => state, // already past it
                 (Enrolled | Provisioning, "hello") => Provisioning,
                 // Likewise a ready node (one that reports its plan done
                 // stays ready: `a_hello_with_finished_progress_is_ready_at_once`).
@@ -1204,6 +1232,7 @@ mod tests {
                 (Terminating, "refuse") => Terminating,
                 (_, "refuse") => Failed,
                 (Ready, "drain") => Draining,
+                (Draining, "drained") => Draining,
                 (Terminating, "reterminate") => Terminating,
                 (Terminating | Requested, "forget") => return Some(None),
                 (Terminating, "terminate") => return None,
@@ -1285,7 +1314,7 @@ mod tests {
         let r2 = Registry::from_json(&v.to_string(), 1).unwrap();
         assert_eq!(
             r2.get(&id).unwrap().rec.state,
-            NodeState::Draining { since_unix_ms: 42, why: DrainWhy::ScaleDown }
+            NodeState::Draining { since_unix_ms: 42, why: DrainWhy::ScaleDown, drained: false }
         );
         let node = &mut v["nodes"][0];
         node["state"] = "terminating".into();
@@ -1307,7 +1336,7 @@ mod tests {
         for state in [
             NodeState::Failed(Failure::Refused { refused: Refusal::Unhandled { message: "probe".into() } }),
             NodeState::Terminating { sent_unix_ms: 9, reason: Reason::HeartbeatTimeout { silent_ms: 3 } },
-            NodeState::Draining { since_unix_ms: 5, why: DrainWhy::BackToSpot },
+            NodeState::Draining { since_unix_ms: 5, why: DrainWhy::BackToSpot, drained: true },
             NodeState::Provisioning { step: 1, of: 3 },
         ] {
             let mut r5 = Registry::from_json(&v.to_string(), 1).unwrap();
