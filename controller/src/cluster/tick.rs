@@ -219,15 +219,19 @@ fn announce_hold(sh: &Cluster, reg: &mut Registry) -> Option<crate::failures::Ho
 /// adaptive size's inputs. Takes the registry's lock, then the policies'.
 fn observe_policy(sh: &Cluster) -> Policy {
     let now = unix_ms();
+    // The O(nodes) facts only for the policies in force: a tick costs
+    // what it did before they were decided here.
+    let autostop = !sh.cfg.autostop_idle.is_zero();
     let (spent, started, settled, current, (master_workers, per_slave), bounds) = {
         let reg = sh.registry.lock();
+        let bounds = reg.adaptive_bounds();
         (
             reg.spent_usd,
             reg.started_unix_ms(),
-            reg.settled(),
+            autostop && reg.settled(),
             reg.desired_slaves(),
-            reg.workers_per_node(),
-            reg.adaptive_bounds(),
+            if bounds.is_some() { reg.workers_per_node() } else { (0, 1) },
+            bounds,
         )
     };
     let mut p = sh.policies.lock();
