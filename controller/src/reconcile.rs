@@ -165,7 +165,7 @@ pub enum Action {
     /// The adaptive size's decision (`scale MIN..MAX`) and the engine's
     /// target it followed (in slaves): its memory is kept, and the size set
     /// when it differs.
-    Resize { decision: crate::autoscale::Decision, target: Option<u32> },
+    Resize { decision: crate::autoscale::Decision, target: Option<u32>, range: (u32, u32) },
 }
 
 /// Everything `decide` weighs: the nodes (when the provider could be
@@ -280,7 +280,7 @@ pub fn decide(i: &Inputs<'_>) -> Vec<Action> {
             a.now_ms,
             a.cooldown_ms,
         );
-        actions.push(Action::Resize { decision: d, target: a.target });
+        actions.push(Action::Resize { decision: d, target: a.target, range: (a.bounds.min, a.bounds.max) });
     }
     actions
 }
@@ -1024,7 +1024,7 @@ mod tests {
         assert!(a.contains(&Action::TerminateOrphan { instance_id: "i-9".into(), node_id: None }), "{a:?}");
         assert!(
             a.iter()
-                .any(|a| matches!(a, Action::Resize { decision, target: Some(3) } if decision.slaves == 3)),
+                .any(|a| matches!(a, Action::Resize { decision, target: Some(3), range: (1, 4) } if decision.slaves == 3)),
             "{a:?}"
         );
         // Without a listing, no orphan is judged.

@@ -108,8 +108,27 @@ pub fn scale(
 
 /// Sets the desired size (an operator's `scale`, or an adaptive decision).
 pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Result<Scaled, ScaleError> {
+    set_size_if(sh, slaves, by_pool, None).map(|s| s.expect("no range to check"))
+}
+
+/// An adaptive decision's size, taken only while the range it was decided
+/// in is still in force (checked under the registry's lock: an operator's
+/// `scale` in between wins). `None`: the range changed, nothing done.
+pub fn adapt_size(sh: &Cluster, slaves: u32, range: (u32, u32)) -> Result<Option<Scaled>, ScaleError> {
+    set_size_if(sh, slaves, &HashMap::new(), Some(range))
+}
+
+fn set_size_if(
+    sh: &Cluster,
+    slaves: u32,
+    by_pool: &HashMap<String, u32>,
+    range: Option<(u32, u32)>,
+) -> Result<Option<Scaled>, ScaleError> {
     let scaled = {
         let mut reg = sh.registry.lock();
+        if range.is_some() && reg.adaptive_bounds() != range {
+            return Ok(None);
+        }
         let desired = desired_for(slaves, by_pool, &sh.cfg.pools(), &reg.desired)?;
         let previous = reg.set_desired(desired.clone());
         let views = reg.views(&Default::default(), 0, 0);
@@ -126,7 +145,7 @@ pub fn set_size(sh: &Cluster, slaves: u32, by_pool: &HashMap<String, u32>) -> Re
         tracing::error!("cannot save the new size: {e:#}; it is kept in memory and saved at the next change");
     }
     sh.wake.notify_one();
-    Ok(scaled)
+    Ok(Some(scaled))
 }
 
 /// How long `destroy` keeps terminating and listing before it says what
@@ -426,5 +445,25 @@ mod tests {
             desired_for(MAX_SLAVES + 1, &HashMap::new(), &pools(), &BTreeMap::new()),
             Err(ScaleError::TooMany(MAX_SLAVES + 1))
         );
+    }
+
+    /// An adaptive decision made under a range the operator has since
+    /// changed (`scale N` between the tick's decision and its carry-out)
+    /// changes nothing: the operator's size stands.
+    #[tokio::test]
+    async fn an_adaptive_size_yields_to_the_operator_s_scale() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = crate::cluster::testing::cluster(dir.path(), crate::config::EngineKind::None);
+        scale(&sh, 1, &HashMap::new(), Some(4)).unwrap();
+        assert!(adapt_size(&sh, 3, (1, 4)).unwrap().is_some());
+        assert_eq!(sh.registry.lock().desired_slaves(), 3);
+        // The operator fixes the size; a decision of the old range arrives.
+        scale(&sh, 2, &HashMap::new(), None).unwrap();
+        assert!(adapt_size(&sh, 4, (1, 4)).unwrap().is_none());
+        assert_eq!(sh.registry.lock().desired_slaves(), 2);
+        // ...or sets another range.
+        scale(&sh, 2, &HashMap::new(), Some(5)).unwrap();
+        assert!(adapt_size(&sh, 4, (1, 4)).unwrap().is_none());
+        assert_eq!(sh.registry.lock().desired_slaves(), 2);
     }
 }

@@ -276,7 +276,7 @@ fn carry_out_policy(sh: &Arc<Cluster>, actions: Vec<Action>) {
                 }
             }
             Action::Destroy { reason } => stop_for(sh, reason),
-            Action::Resize { decision: d, target } => {
+            Action::Resize { decision: d, target, range } => {
                 let current = sh.registry.lock().desired_slaves();
                 {
                     let mut p = sh.policies.lock();
@@ -285,11 +285,14 @@ fn carry_out_policy(sh: &Arc<Cluster>, actions: Vec<Action>) {
                     p.adaptive.target_slaves = target;
                 }
                 if d.slaves != current {
-                    sh.registry
-                        .lock()
-                        .event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why));
-                    if let Err(e) = crate::cluster::ops::set_size(sh, d.slaves, &Default::default()) {
-                        tracing::warn!("adaptive: cannot set the size: {e}");
+                    match crate::cluster::ops::adapt_size(sh, d.slaves, range) {
+                        Ok(Some(_)) => sh
+                            .registry
+                            .lock()
+                            .event(format!("adaptive: {current} -> {} slaves: {}", d.slaves, d.why)),
+                        // The operator changed the range meanwhile: theirs wins.
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("adaptive: cannot set the size: {e}"),
                     }
                 }
             }
