@@ -11,6 +11,10 @@ must be among them, the disco package must not.
 Usage (JSON on stdout):
   count INPUT...         Disco's WordCount over the inputs:
                          {"job", "counts": {word: n}, "hosts": [hosts that ran tasks]}
+  sortcount INPUT...     a word count with sort=True (the reduce's input sorted
+                         on disk by Unix sort, as Disco's sorted jobs do; keys
+                         are bytes, as Disco's external sort requires): the
+                         same, plus "keys", the reduce's keys in its output order
   put TAG NAME TEXT      a blob into DDFS under TAG: {"urls": [[replica URL, ...]]}
   putfile TAG PATH       a file (on this node) into DDFS under TAG: the same
   get TAG                the tag's blobs, read back: {"blobs": [text], "replicas": [n]}
@@ -25,21 +29,44 @@ from disco.core import Disco, result_iterator  # noqa: E402
 from disco.ddfs import DDFS  # noqa: E402
 
 
-def count(inputs):
-    from wordcount import WordCount
+def sorted_map(line, params):
+    for word in line.split():
+        yield (word if isinstance(word, bytes) else word.encode()), 1
 
-    job = WordCount().run(input=inputs)
+
+def sorted_reduce(iter, params):
+    from disco.util import kvgroup
+
+    # No sorted(): the input comes sorted, or the groups split.
+    for word, counts in kvgroup(iter):
+        yield word, sum(counts)
+
+
+def count(inputs, sort=False):
+    if sort:
+        from disco.core import Job
+
+        job = Job().run(input=inputs, map=sorted_map, reduce=sorted_reduce, sort=True)
+    else:
+        from wordcount import WordCount
+
+        job = WordCount().run(input=inputs)
     results = job.wait(show=False)
     counts = {}
+    keys = []
     for word, n in result_iterator(results):
         # Words read from DDFS blobs are bytes; from raw:// inputs, str.
         word = word.decode() if isinstance(word, bytes) else word
+        keys.append(word)
         counts[word] = counts.get(word, 0) + n
     hosts = set()
     for _, (_, _, message) in Disco().events(job.name):
         if " assigned to " in message:
             hosts.add(message.rsplit(" assigned to ", 1)[1].strip('"'))
-    return {"job": job.name, "counts": counts, "hosts": sorted(hosts)}
+    out = {"job": job.name, "counts": counts, "hosts": sorted(hosts)}
+    if sort:
+        out["keys"] = keys
+    return out
 
 
 def put(tag, name, text):
@@ -64,5 +91,8 @@ def get(tag):
 
 if __name__ == "__main__":
     op, args = sys.argv[1], sys.argv[2:]
-    out = {"count": count, "put": put, "putfile": putfile, "get": get}[op](*([args] if op == "count" else args))
+    if op in ("count", "sortcount"):
+        out = count(args, sort=op == "sortcount")
+    else:
+        out = {"put": put, "putfile": putfile, "get": get}[op](*args)
     print(json.dumps(out))

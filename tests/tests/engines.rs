@@ -592,6 +592,15 @@ fn real_disco_word_count_survives_a_lost_slave_and_scale_down() {
     assert_eq!(job["counts"], want, "{job}");
     let ran: Vec<&str> = job["hosts"].as_array().unwrap().iter().filter_map(|h| h.as_str()).collect();
     assert!(ran.iter().any(|h| slaves.iter().any(|s| s == h)), "no task ran on a slave: {job}");
+    // The same job sorted (`sort=True`: Unix sort on the reduce's input, as
+    // every sorted Disco job does): unpatched, it failed on /bin/sh and
+    // Disco retried it forever (`disco_on` gives up after 120 s).
+    args[0] = "sortcount";
+    let job = disco_on(&c, &master, &args).unwrap_or_else(|e| panic!("sorted job: {e}\n{}", c.diagnostics()));
+    assert_eq!(job["counts"], want, "{job}");
+    // One group per key, in order: the reduce's input was sorted.
+    assert_eq!(job["keys"], serde_json::json!(["be", "is", "not", "or", "that", "to"]), "{job}");
+    args[0] = "count";
 
     // 2. DDFS: a blob in, on every node (replicas = planned size, 3), and out.
     let text = "one two two three three three";
