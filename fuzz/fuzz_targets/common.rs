@@ -1,7 +1,7 @@
 //! What several targets start from: a registry with one enrolled slave
 //! that said hello with `plan`.
 use ddisco_controller::plan::Plan;
-use ddisco_controller::registry::{Hello, NewNode, Registry};
+use ddisco_controller::registry::{Hello, NewNode, NodeEvent, Registry};
 
 pub fn registry_with_node(plan: &Plan) -> (Registry, String) {
     let mut r = Registry::new(Default::default());
@@ -15,9 +15,10 @@ pub fn registry_with_node(plan: &Plan) -> (Registry, String) {
         },
         |_| String::new(),
     );
-    r.complete_enrollment(&id, Default::default(), 1, "fp");
+    let enrolled = NodeEvent::Enrolled { facts: Default::default(), now_ms: 1, cert_sha256: "fp" };
+    r.transition(&id, enrolled).expect("a requested node enrolls");
     let mut hello = Hello::default();
     hello.facts.hostname = "node-1".into();
-    let _ = r.on_hello(&id, hello, 1, plan, false);
+    let _ = r.transition(&id, NodeEvent::Hello { hello, workers: 1, plan, keep_identity: false });
     (r, id)
 }

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| b % 2 == 0) {
         report.plan_id = plan.id.clone();
     }
-    let _ = r.on_step(&id, report);
+    let _ = r.transition(&id, ddisco_controller::registry::NodeEvent::Step(report));
     let rec = &r.get(&id).unwrap().rec;
     assert!(rec.steps.len() <= 3);
     assert!(rec.steps.values().all(|l| l.output_tail.len() <= 8 * 1024));
