@@ -118,8 +118,8 @@ impl StatusView {
         let engine_lines = sh.engine.lines(&members);
         let now = sh.clock.now_ms();
         let now_unix = unix_ms();
-        // Read before the registry's lock: `scale` and the adaptive pass
-        // take `adaptive` first, then the registry (one lock order).
+        // Read before the registry's lock is taken below (the lock order
+        // is the registry's, then the policies': never the other way).
         let (adaptive, idle_since) = {
             let p = sh.policies.lock();
             (p.adaptive.clone(), p.idle_since_ms)

@@ -14,7 +14,7 @@
 //! # Guarantees
 //! - The registry's mutex is held only for short synchronous sections,
 //!   never across `.await`; provider calls happen outside it.
-//! - Node state changes only through the registry's transition methods
+//! - Node state changes only through `Registry::transition`
 //!   (`registry::transitions`).
 
 pub mod ops;

@@ -817,18 +817,22 @@ mod tests {
         )
     }
 
-    fn registry_with(role: Role) -> (Registry, String) {
+    /// A registry with one node of `role`, just requested.
+    fn requested(role: Role) -> (Registry, String) {
         let mut r = Registry::new(BTreeMap::new());
-        let id = r.add_node(
-            NewNode {
-                role,
-                pool: "default".into(),
-                batch: None,
-                token_hash: "h".into(),
-                token_expires_unix_ms: u64::MAX,
-            },
-            |_| String::new(),
-        );
+        let new = NewNode {
+            role,
+            pool: "default".into(),
+            batch: None,
+            token_hash: "h".into(),
+            token_expires_unix_ms: u64::MAX,
+        };
+        let id = r.add_node(new, |_| String::new());
+        (r, id)
+    }
+
+    fn registry_with(role: Role) -> (Registry, String) {
+        let (mut r, id) = requested(role);
         r.complete_enrollment(&id, Facts::default(), 1, "fp");
         (r, id)
     }
@@ -1126,17 +1130,7 @@ mod tests {
     /// A registry holding one node in `kind` (reached through transitions,
     /// the only way there), with a plan of 2 steps where it has one.
     fn node_in(kind: StateKind, p: &Plan) -> (Registry, String) {
-        let mut r = Registry::new(BTreeMap::new());
-        let id = r.add_node(
-            NewNode {
-                role: Role::Slave,
-                pool: "default".into(),
-                batch: None,
-                token_hash: "h".into(),
-                token_expires_unix_ms: u64::MAX,
-            },
-            |_| String::new(),
-        );
+        let (mut r, id) = requested(Role::Slave);
         let enroll = |r: &mut Registry| r.complete_enrollment(&id, Facts::default(), 1, "fp");
         let hello = |r: &mut Registry| r.on_hello(&id, good(), 1, p, false).unwrap();
         match kind {
