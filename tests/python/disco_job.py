@@ -15,9 +15,17 @@ Usage (JSON on stdout):
                          on disk by Unix sort, as Disco's sorted jobs do; keys
                          are bytes, as Disco's external sort requires): the
                          same, plus "keys", the reduce's keys in its output order
+  submit SECS INPUT...   Disco's WordCount with a map that sleeps SECS per
+                         input, submitted without waiting: {"job": name}
+  wait JOB               waits for a job: {"job", "counts", "hosts"}
+  unresolvable           times Disco's client against a host name that does
+                         not resolve: {"secs", "error"}
   put TAG NAME TEXT      a blob into DDFS under TAG: {"urls": [[replica URL, ...]]}
   putfile TAG PATH       a file (on this node) into DDFS under TAG: the same
   get TAG                the tag's blobs, read back: {"blobs": [text], "replicas": [n]}
+  connected N [SECS]     waits (default 60 s) until the master has N nodes
+                         connected (its Erlang on each, so DDFS can place every
+                         replica): {"nodes": [host]}; exit status 1 on timeout
 """
 import json
 import os
@@ -59,14 +67,57 @@ def count(inputs, sort=False):
         word = word.decode() if isinstance(word, bytes) else word
         keys.append(word)
         counts[word] = counts.get(word, 0) + n
-    hosts = set()
-    for _, (_, _, message) in Disco().events(job.name):
-        if " assigned to " in message:
-            hosts.add(message.rsplit(" assigned to ", 1)[1].strip('"'))
-    out = {"job": job.name, "counts": counts, "hosts": sorted(hosts)}
+    out = {"job": job.name, "counts": counts, "hosts": job_hosts(job.name)}
     if sort:
         out["keys"] = keys
     return out
+
+
+def slow_map(line, params):
+    import time
+
+    time.sleep(params)
+    for word in line.split():
+        yield word, 1
+
+
+def submit(secs, *inputs):
+    from disco.core import Job
+    from disco.worker.classic.func import sum_reduce
+
+    job = Job().run(input=list(inputs), map=slow_map, reduce=sum_reduce, params=float(secs))
+    return {"job": job.name}
+
+
+def wait(name):
+    results = Disco().wait(name, show=False)
+    counts = {}
+    for word, n in result_iterator(results):
+        word = word.decode() if isinstance(word, bytes) else word
+        counts[word] = counts.get(word, 0) + int(n)
+    return {"job": name, "counts": counts, "hosts": job_hosts(name)}
+
+
+def unresolvable():
+    import time
+
+    from disco.comm import download
+
+    start = time.time()
+    try:
+        download("http://no-such-node.invalid:8989/ddfs/blob")
+        error = None
+    except Exception as e:
+        error = "%s: %s" % (type(e).__name__, e)
+    return {"secs": round(time.time() - start, 2), "error": error}
+
+
+def job_hosts(name):
+    hosts = set()
+    for _, (_, _, message) in Disco().events(name):
+        if " assigned to " in message:
+            hosts.add(message.rsplit(" assigned to ", 1)[1].strip('"'))
+    return sorted(hosts)
 
 
 def put(tag, name, text):
@@ -89,10 +140,37 @@ def get(tag):
     return {"blobs": blobs, "replicas": replicas}
 
 
+def connected(n, secs=60):
+    import time
+
+    end = time.time() + float(secs)
+    while True:
+        try:
+            info = Disco().nodeinfo()
+        except Exception as e:  # the master is still starting
+            info = {"error": str(e)}
+        hosts = sorted(h for h, i in info.items() if isinstance(i, dict) and i.get("connected"))
+        if len(hosts) >= int(n):
+            return {"nodes": hosts}
+        if time.time() > end:
+            print(json.dumps({"timeout": True, "nodeinfo": info}))
+            sys.exit(1)
+        time.sleep(0.2)
+
+
 if __name__ == "__main__":
     op, args = sys.argv[1], sys.argv[2:]
     if op in ("count", "sortcount"):
         out = count(args, sort=op == "sortcount")
     else:
-        out = {"put": put, "putfile": putfile, "get": get}[op](*args)
+        ops = {
+            "put": put,
+            "putfile": putfile,
+            "get": get,
+            "connected": connected,
+            "submit": submit,
+            "wait": wait,
+            "unresolvable": unresolvable,
+        }
+        out = ops[op](*args)
     print(json.dumps(out))

@@ -6,6 +6,7 @@
 pub mod disco;
 pub mod ec2;
 pub mod peer;
+pub mod real_disco;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -52,6 +52,10 @@ pub struct Disco {
 /// Where `make install` puts Disco's Erlang code (its `DISCO_HOME`).
 const INSTALLED_HOME: &str = "/usr/lib/disco";
 
+/// Ends the part of `settings.py` whose change restarts the master; what
+/// follows (the replica counts) reaches a running master by `save_settings`.
+const REPLICAS_MARK: &str = "# DDFS's replica counts: changed at run time (save_settings), no restart.\n";
+
 /// The Disco build the controller serves (`disco_bundle`): built once, by
 /// whoever runs the controller, and installed on every node from it.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,6 +193,18 @@ impl Disco {
                 kind: DirectiveKind::Probe { url: format!("{base}/{name}") },
             });
         }
+        // DDFS's replicas follow the planned size without a restart (the
+        // master keeps its running jobs).
+        let replicas = Disco::replicas(members).to_string();
+        out.push(Directive {
+            name: "ddfs_replicas".into(),
+            kind: DirectiveKind::Post {
+                url: format!("{base}/save_settings{again}"),
+                body: serde_json::json!({"DDFS_BLOB_REPLICAS": replicas, "DDFS_TAG_REPLICAS": replicas})
+                    .to_string(),
+                content_type: "application/json".into(),
+            },
+        });
         out.push(Directive {
             name: "config_table".into(),
             kind: DirectiveKind::Post {
@@ -237,11 +253,7 @@ impl Disco {
     /// A complete `settings.py` (Disco execs it as Python): every setting
     /// Disco cannot guess, `DISCO_HOME` included.
     fn settings(&self, members: &[Member], me: &Member, layout: &NodeLayout) -> String {
-        // The planned size (every node not leaving, ready or still coming):
-        // the master reads replicas once, at start, before any slave is
-        // ready; counting ready nodes would leave them at 1.
-        let nodes = members.iter().filter(|m| !m.leaving).count().max(1);
-        let replicas = nodes.min(3);
+        let replicas = Disco::replicas(members);
         let master_host = master(members).map(|m| m.hostname.as_str()).unwrap_or("");
         let proxy = if me.is_master() { "on" } else { "" };
         format!(
@@ -259,15 +271,31 @@ impl Disco {
              # A tag operation needs one replica: on spot, nodes die, and\n\
              # with every replica required one lost slave blocks every tag.\n\
              DDFS_TAG_MIN_REPLICAS = \"1\"\n\
-             DDFS_TAG_REPLICAS = \"{replicas}\"\n\
-             DDFS_BLOB_REPLICAS = \"{replicas}\"\n\
              # DDFS's GC may start at once (it is started while slaves leave).\n\
-             DDFS_GC_INITIAL_WAIT = \"0\"\n",
+             DDFS_GC_INITIAL_WAIT = \"0\"\n\
+             {REPLICAS_MARK}\
+             DDFS_TAG_REPLICAS = \"{replicas}\"\n\
+             DDFS_BLOB_REPLICAS = \"{replicas}\"\n",
             home = self.disco_home(layout).as_deref().unwrap_or(INSTALLED_HOME),
             port = self.port,
             root = self.root(layout),
             gc = self.gc_after,
         )
+    }
+
+    /// DDFS's replica count: the planned size (every node not leaving,
+    /// ready or still coming; the master reads the settings at start,
+    /// before any slave is ready, and counting ready nodes would leave them
+    /// at 1), at most 3. A change later reaches the running master through
+    /// `save_settings` (patch disco-0012), not a restart.
+    fn replicas(members: &[Member]) -> usize {
+        members.iter().filter(|m| !m.leaving).count().clamp(1, 3)
+    }
+
+    /// The part of the settings a running master cannot take without a
+    /// restart: everything before the replica counts.
+    fn restart_part(settings: &str) -> &str {
+        settings.split(REPLICAS_MARK).next().unwrap_or(settings)
     }
 
     /// The config table: the master and every ready slave (leaving ones too:
@@ -316,6 +344,12 @@ impl Engine for Disco {
                         // `#!/usr/bin/env python` line (Ubuntu 24.04 and
                         // Debian 12 have no `python` otherwise).
                         "python-is-python3",
+                        // Disco's external tasks (`disco.util.external`, the
+                        // C interface of `ext/disco.c`) are built static
+                        // against Judy, on the node that submits the job.
+                        "gcc",
+                        "libc6-dev",
+                        "libjudy-dev",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -393,7 +427,7 @@ impl Engine for Disco {
         let settings = self.settings(members, me, layout);
         // Disco reads its settings once, at start: the master's service
         // carries their digest, so a change (replicas) restarts it.
-        let settings_sha = hex::encode(&Sha256::digest(settings.as_bytes())[..8]);
+        let settings_sha = hex::encode(&Sha256::digest(Disco::restart_part(&settings).as_bytes())[..8]);
         let mut out = self.common_files(members, layout, settings, owner);
         if me.is_master() {
             out.push(Disco::file(
@@ -694,6 +728,11 @@ mod tests {
             [
                 ("http://127.0.0.1:8989/disco/ctrl/blacklist", "\"ip-3\""),
                 ("http://127.0.0.1:8989/disco/ctrl/gc_blacklist", "\"ip-3\""),
+                // The leaving slave does not count: 2 planned nodes.
+                (
+                    "http://127.0.0.1:8989/disco/ctrl/save_settings",
+                    r#"{"DDFS_BLOB_REPLICAS":"2","DDFS_TAG_REPLICAS":"2"}"#
+                ),
                 (
                     "http://127.0.0.1:8989/disco/ctrl/save_config_table",
                     r#"[["ip-1","4"],["ip-2","2"],["ip-3","1"]]"#
@@ -781,27 +820,53 @@ mod tests {
     }
 
     /// DDFS replicas follow the planned size (slaves still booting count):
-    /// the master reads them once, at start. When they change, the
-    /// master's service changes (its settings digest), so the agent
-    /// restarts Disco with the new settings.
+    /// the master reads them at start, and a running master takes a change
+    /// through `save_settings` (a post that carries the new counts), not a
+    /// restart: the master's service stays the same, so its jobs live on.
     #[test]
-    fn replicas_follow_the_planned_size_and_a_change_restarts_the_master() {
+    fn replicas_follow_the_planned_size_without_restarting_the_master() {
         let master = m("m", Role::Master, "ip-1", 2);
         let mut booting = m("s1", Role::Slave, "ip-2", 1);
         booting.ready = false;
         let one = [master.clone()];
         let three = [master.clone(), booting.clone(), Member { id: "s2".into(), ..booting.clone() }];
+        let four = [three.to_vec(), vec![Member { id: "s3".into(), ..booting.clone() }]].concat();
         let settings_of = |members: &[Member]| disco().settings(members, &master, &layout(true));
         assert!(settings_of(&three).contains("DDFS_BLOB_REPLICAS = \"3\""), "{}", settings_of(&three));
-        let service = |members: &[Member]| {
-            disco()
-                .directives(&master, members, &layout(true))
-                .into_iter()
-                .find(|d| d.name == "disco")
-                .unwrap()
+        assert!(
+            settings_of(&four).contains("DDFS_BLOB_REPLICAS = \"3\""),
+            "at most 3: {}",
+            settings_of(&four)
+        );
+        assert!(settings_of(&one).contains("DDFS_TAG_REPLICAS = \"1\""), "{}", settings_of(&one));
+        let directive = |members: &[Member], name: &str| {
+            disco().directives(&master, members, &layout(true)).into_iter().find(|d| d.name == name).unwrap()
         };
-        assert_ne!(service(&one), service(&three), "a replica change must restart the master");
-        assert_eq!(service(&three), service(&three));
+        assert_eq!(
+            directive(&one, "disco"),
+            directive(&three, "disco"),
+            "a replica change must not restart the master"
+        );
+        let post = |members: &[Member]| match directive(members, "ddfs_replicas").kind {
+            DirectiveKind::Post { url, body, .. } => {
+                (url, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+            }
+            other => panic!("{other:?}"),
+        };
+        let (url, body) = post(&three);
+        // Posted again to a restarted master (the query carries the digest).
+        assert!(url.contains("/disco/ctrl/save_settings?settings="), "{url}");
+        assert_eq!(body, serde_json::json!({"DDFS_BLOB_REPLICAS": "3", "DDFS_TAG_REPLICAS": "3"}));
+        assert_eq!(post(&one).1, serde_json::json!({"DDFS_BLOB_REPLICAS": "1", "DDFS_TAG_REPLICAS": "1"}));
+        // Anything else in the settings still restarts it (Disco reads them
+        // once).
+        let mut moved = master.clone();
+        moved.hostname = "ip-9".into();
+        let other = [moved.clone(), booting.clone()];
+        let svc = |members: &[Member], me: &Member| {
+            disco().directives(me, members, &layout(true)).into_iter().find(|d| d.name == "disco").unwrap()
+        };
+        assert_ne!(svc(&other, &moved), svc(&three, &master));
     }
 
     /// While a slave leaves, the master's agent keeps DDFS's GC going and
