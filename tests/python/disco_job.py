@@ -18,8 +18,9 @@ Usage (JSON on stdout):
   submit SECS INPUT...   Disco's WordCount with a map that sleeps SECS per
                          input, submitted without waiting: {"job": name}
   wait JOB               waits for a job: {"job", "counts", "hosts"}
-  unresolvable           times Disco's client against a host name that does
-                         not resolve: {"secs", "error"}
+  unresolvable TAG       pulls a copy of TAG whose blobs list first a replica
+                         on a host that does not resolve (a lost node):
+                         {"secs", "blobs", "first": that replica}
   put TAG NAME TEXT      a blob into DDFS under TAG: {"urls": [[replica URL, ...]]}
   putfile TAG PATH       a file (on this node) into DDFS under TAG: the same
   get TAG                the tag's blobs, read back: {"blobs": [text], "replicas": [n]}
@@ -98,18 +99,20 @@ def wait(name):
     return {"job": name, "counts": counts, "hosts": job_hosts(name)}
 
 
-def unresolvable():
+def unresolvable(tag):
+    """A copy of TAG whose blobs each list first a replica on a host that
+    does not resolve (a lost node), pulled with replicas in that order."""
+    import random
+    import re
     import time
 
-    from disco.comm import download
-
+    ddfs = DDFS()
+    gone = [[re.sub(r"^(\w+://)[^/:]+", r"\1gone-node", repl[0])] + repl for repl in ddfs.urls(tag)]
+    ddfs.tag(tag + ":gone", gone)
+    random.shuffle = lambda x: None  # pull tries the replicas in order
     start = time.time()
-    try:
-        download("http://no-such-node.invalid:8989/ddfs/blob")
-        error = None
-    except Exception as e:
-        error = "%s: %s" % (type(e).__name__, e)
-    return {"secs": round(time.time() - start, 2), "error": error}
+    blobs = [blob.read().decode() for blob in ddfs.pull(tag + ":gone")]
+    return {"secs": round(time.time() - start, 2), "blobs": blobs, "first": gone[0][0]}
 
 
 def job_hosts(name):
