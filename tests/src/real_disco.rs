@@ -27,6 +27,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Machine nodes need root (namespaces, a bridge): says so, or panics.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
+    );
+}
+
 /// A cluster of the real Disco (master + 2 slaves, the build of
 /// scripts/build-disco served as `disco_bundle`) with `extra` config, once
 /// at size; with the bundle's SHA-256.

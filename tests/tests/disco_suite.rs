@@ -10,7 +10,7 @@
 //! module list, the tests left out (each with its reason) and the time
 //! limits are `tests/python/disco_suite.py`'s.
 
-use ddisco_tests::real_disco::{disco_on, python_on, real_disco_cluster};
+use ddisco_tests::real_disco::{disco_on, python_on, real_disco_cluster, require_root};
 use ddisco_tests::*;
 use serde_json::Value;
 
@@ -21,10 +21,7 @@ use serde_json::Value;
 #[test]
 fn real_disco_own_suite() {
     let _heavy = ddisco_tests::one_heavy_at_a_time();
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
-    );
+    require_root();
     let (c, s, _) = real_disco_cluster("local_machines = true");
     let master = node_ids(&s, "master")[0].clone();
     // Ready to the controller; usable to Disco once the master has started

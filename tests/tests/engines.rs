@@ -4,7 +4,9 @@
 //! runs Disco's own word count through a lost slave and a scale down.
 
 use ddisco_tests::disco::{DiscoStandIn, http};
-use ddisco_tests::real_disco::{disco_on, master_log, real_disco_cluster, real_disco_cluster_of};
+use ddisco_tests::real_disco::{
+    disco_on, master_log, real_disco_cluster, real_disco_cluster_of, require_root,
+};
 use ddisco_tests::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -495,10 +497,7 @@ fn real_disco_master_takes_the_table_and_blacklists_a_leaving_slave() {
 #[test]
 fn real_disco_word_count_survives_a_lost_slave_and_scale_down() {
     let _heavy = ddisco_tests::one_heavy_at_a_time();
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
-    );
+    require_root();
     let (mut c, s, _) = real_disco_cluster("local_machines = true\ndrain_timeout_secs = 120");
     let master = node_ids(&s, "master")[0].clone();
     let slaves = node_ids(&s, "slave");
@@ -698,10 +697,7 @@ fn processes_in(namespaces: &[String]) -> Vec<i32> {
 #[test]
 fn real_disco_scale_in_from_4_slaves_to_1_keeps_every_blob() {
     let _heavy = ddisco_tests::one_heavy_at_a_time();
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "local machine nodes need root (namespaces, a bridge): run the suite as root, as scripts/test does"
-    );
+    require_root();
     let (mut c, s, _) = real_disco_cluster_of(4, "local_machines = true\ndrain_timeout_secs = 600");
     let master = node_ids(&s, "master")[0].clone();
     disco_on(&c, &master, &["connected", "5"]).unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));

@@ -426,7 +426,8 @@ impl Engine for Disco {
         let owner = if layout.system { "disco" } else { "" };
         let settings = self.settings(members, me, layout);
         // Disco reads its settings once, at start: the master's service
-        // carries their digest, so a change (replicas) restarts it.
+        // carries their digest, so a change restarts it; the replica counts
+        // are left out of it (they are posted to the running master).
         let settings_sha = hex::encode(&Sha256::digest(Disco::restart_part(&settings).as_bytes())[..8]);
         let mut out = self.common_files(members, layout, settings, owner);
         if me.is_master() {
