@@ -170,6 +170,9 @@ pub struct Ec2Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaskConfig {
     pub version: String,
+    /// Dask's optional parts installed with it (`dask[distributed,<extras>]`),
+    /// e.g. "dataframe" (pandas, pyarrow) or "array".
+    pub extras: Vec<String>,
     pub scheduler_port: u16,
     pub dashboard_port: u16,
 }
@@ -356,7 +359,12 @@ impl Default for Config {
                 fallback_interruptions: 3,
                 fallback_window: Duration::from_secs(900),
             },
-            dask: DaskConfig { version: DASK_VERSION.into(), scheduler_port: 8786, dashboard_port: 8787 },
+            dask: DaskConfig {
+                version: DASK_VERSION.into(),
+                extras: Vec::new(),
+                scheduler_port: 8786,
+                dashboard_port: 8787,
+            },
             disco: DiscoConfig {
                 source: "git+https://github.com/discoproject/disco.git@0.5.4".into(),
                 port: 8989,
@@ -515,6 +523,12 @@ mod tests {
     }
 
     #[test]
+    fn dask_extras_are_names_once() {
+        let c = toml("dask_extras = [\"DataFrame\", \"array\", \"dataframe\", \"distributed\"]").unwrap();
+        assert_eq!(c.dask.extras, vec!["dataframe".to_string(), "array".to_string()]);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = toml("num_slavez = 3").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("num_slavez"));
@@ -567,6 +581,8 @@ mod tests {
             ("scratch_path = \"/\"", "scratch_path"),
             ("root_volume_gb = 20000", "root_volume_gb"),
             ("iam_propagation_secs = -1", "iam_propagation_secs"),
+            ("dask_extras = [\"dataframe --index-url=http://x\"]", "dask_extras"),
+            ("dask_extras = [\"\"]", "dask_extras"),
         ] {
             let e = toml(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

@@ -139,6 +139,8 @@ pub struct RawConfig {
     pub(super) failure_window_mins: Option<f64>,
     #[serde(alias = "DASK_VERSION")]
     pub(super) dask_version: Option<String>,
+    #[serde(alias = "DASK_EXTRAS")]
+    pub(super) dask_extras: Option<Vec<String>>,
     #[serde(alias = "DASK_SCHEDULER_PORT")]
     pub(super) dask_scheduler_port: Option<u16>,
     #[serde(alias = "DASK_DASHBOARD_PORT")]

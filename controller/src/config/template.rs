@@ -148,9 +148,12 @@ disco_home = ""
 # checks its SHA-256 and unpacks it into disco_home (empty: /opt/disco).
 disco_bundle = ""
 
-# Dask engine: version installed with pip on every node; scheduler and
+# Dask engine: version installed with pip on every node; Dask's optional
+# parts installed with it (dask[distributed,...]): "dataframe" (pandas,
+# pyarrow) for dask.dataframe, "array" for dask.array; scheduler and
 # dashboard ports on the master.
 dask_version = "{dask}"
+dask_extras = []
 dask_scheduler_port = 8786
 dask_dashboard_port = 8787
 

@@ -458,6 +458,29 @@ impl Check<'_> {
         if let Some(v) = non_empty(raw.dask_version.take()) {
             cfg.dask.version = v;
         }
+        if let Some(extras) = raw.dask_extras.take() {
+            let mut out: Vec<String> = Vec::new();
+            for e in extras {
+                let e = e.trim().to_ascii_lowercase();
+                // PEP 685 names: letters, digits, '-', '_', '.'; it goes on pip's command line.
+                let valid = e.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && e.len() <= 64
+                    && e.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !valid {
+                    return Err(self.err(
+                        "dask_extras",
+                        format!(
+                            "{:?} is not a name of one of Dask's extras: use names such as \"dataframe\", \"array\" or \"diagnostics\"",
+                            crate::text::prefix(&e, 64)
+                        ),
+                    ));
+                }
+                if e != "distributed" && !out.contains(&e) {
+                    out.push(e);
+                }
+            }
+            cfg.dask.extras = out;
+        }
         cfg.dask.scheduler_port = raw.dask_scheduler_port.unwrap_or(cfg.dask.scheduler_port);
         cfg.dask.dashboard_port = raw.dask_dashboard_port.unwrap_or(cfg.dask.dashboard_port);
         let d = &mut cfg.disco;

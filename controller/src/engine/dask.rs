@@ -34,6 +34,8 @@ pub const DASK_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 
 pub struct Dask {
     pub version: String,
+    /// Optional parts installed with Dask (`dask_extras`).
+    pub extras: Vec<String>,
     pub scheduler_port: u16,
     pub dashboard_port: u16,
     pki: Arc<Pki>,
@@ -45,11 +47,19 @@ impl Dask {
     pub fn from_config(cfg: &crate::config::Config, pki: Arc<Pki>) -> Dask {
         Dask {
             version: cfg.dask.version.clone(),
+            extras: cfg.dask.extras.clone(),
             scheduler_port: cfg.dask.scheduler_port,
             dashboard_port: cfg.dask.dashboard_port,
             pki,
             creds: Mutex::default(),
         }
+    }
+
+    /// The pip requirement: `dask[distributed,<extras>]==<version>`.
+    fn requirement(&self) -> String {
+        let extras: Vec<&str> =
+            std::iter::once("distributed").chain(self.extras.iter().map(String::as_str)).collect();
+        format!("dask[{}]=={}", extras.join(","), self.version)
     }
 
     fn dask(layout: &NodeLayout) -> String {
@@ -179,7 +189,7 @@ impl Engine for Dask {
             Step {
                 name: "dask_install".into(),
                 kind: StepKind::Pip {
-                    requirements: vec![format!("dask[distributed]=={}", self.version)],
+                    requirements: vec![self.requirement()],
                     venv: layout.venv.display().to_string(),
                 },
             },
@@ -330,6 +340,7 @@ mod tests {
         let pki = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
         Dask {
             version: crate::config::DASK_VERSION.into(),
+            extras: Vec::new(),
             scheduler_port: 8786,
             dashboard_port: 8787,
             pki: Arc::new(pki),
@@ -439,6 +450,15 @@ mod tests {
                 );
                 assert_eq!(venv, "/n/venv");
             }
+            other => panic!("{other:?}"),
+        }
+        let mut d = dask();
+        d.extras = vec!["dataframe".into(), "array".into()];
+        match &d.steps(Role::Master, 1, &layout())[0].kind {
+            StepKind::Pip { requirements, .. } => assert_eq!(
+                requirements,
+                &vec![format!("dask[distributed,dataframe,array]=={}", crate::config::DASK_VERSION)]
+            ),
             other => panic!("{other:?}"),
         }
     }
