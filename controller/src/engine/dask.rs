@@ -157,7 +157,7 @@ impl Dask {
             kind: DirectiveKind::Service {
                 argv: Dask::as_dask(layout, argv),
                 env: BTreeMap::new(),
-                workdir: String::new(),
+                workdir: Dask::home(layout),
                 grace_ms: 20_000,
             },
         }
@@ -225,7 +225,7 @@ impl Engine for Dask {
                 kind: DirectiveKind::Service {
                     argv: Dask::as_dask(layout, argv),
                     env: BTreeMap::new(),
-                    workdir: String::new(),
+                    workdir: Dask::home(layout),
                     grace_ms: 5_000,
                 },
             });
@@ -432,8 +432,15 @@ mod tests {
         let mut sys = layout();
         sys.system = true;
         let ds = d.directives(&s, &all, &sys);
-        let w = argv(ds.iter().find(|x| x.name == "dask-worker").unwrap());
+        let worker = ds.iter().find(|x| x.name == "dask-worker").unwrap();
+        let w = argv(worker);
         assert_eq!(w[..4], ["runuser", "-u", DASK_USER, "--"]);
+        // It runs in the dask user's home: a worker's processes chdir to
+        // their parent's folder, and the agent's is root's alone.
+        assert!(
+            matches!(&worker.kind, DirectiveKind::Service { workdir, .. } if workdir == "/var/lib/dask"),
+            "{worker:?}"
+        );
         for f in ds.iter().filter(|x| x.name.starts_with("dask_tls")) {
             assert!(matches!(&f.kind, DirectiveKind::File { owner, .. } if owner == DASK_USER), "{f:?}");
         }
