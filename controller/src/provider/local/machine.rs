@@ -6,7 +6,10 @@
 //! small VM would give, built from the kernel's namespaces:
 //!
 //! - its own **network** (a veth pair into this cluster's bridge, an address
-//!   `10.X.a.b/16`; the controller listens on the bridge's `10.X.0.1`),
+//!   `10.X.a.b/16`; the controller listens on the bridge's `10.X.0.1`) and
+//!   **no route out**: like a private subnet without a NAT, a node reaches
+//!   the bridge (the controller, the other nodes) and nothing else, so a
+//!   node that needed the internet to start fails here,
 //! - its own **host name** (UTS namespace: the node id),
 //! - its own **processes** (PID namespace: killing the node's `unshare`
 //!   kills everything in it, SSH sessions included, as terminating an
@@ -233,7 +236,7 @@ fn free_octet(addrs: &str, routes: &str, start: u8) -> Option<u8> {
 
 /// The machine's init: run by `unshare` as PID 1 of the node's namespaces,
 /// in the node's folder on this host. Everything it needs comes in the
-/// environment (`DDISCO_NODE_ADDR`, `DDISCO_HOSTNAME`, `DDISCO_GATEWAY`).
+/// environment (`DDISCO_NODE_ADDR`, `DDISCO_HOSTNAME`).
 pub fn boot_script() -> String {
     format!(
         r#"#!/bin/sh
@@ -264,7 +267,8 @@ done
 ip link set lo up
 ip addr add "$DDISCO_NODE_ADDR/16" dev eth0
 ip link set eth0 up
-ip route add default via "$DDISCO_GATEWAY"
+# No default route: the bridge's /16 (the controller, the other nodes) is
+# all a node reaches, as in a private subnet without a NAT.
 hostname "$DDISCO_HOSTNAME"
 echo "$DDISCO_HOSTNAME" > /etc/hostname
 printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n%s %s\n' "$DDISCO_NODE_ADDR" "$DDISCO_HOSTNAME" > /etc/hosts

@@ -130,7 +130,6 @@ impl LocalProvider {
             .env("DDISCO_NODE_ADDR", address)
             // Local nodes share this machine's host name; engines need one each.
             .env("DDISCO_HOSTNAME", node_id)
-            .env("DDISCO_GATEWAY", self.gateway().map(|g| g.to_string()).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
