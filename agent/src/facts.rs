@@ -81,6 +81,7 @@ pub fn gather() -> Facts {
         memory_bytes: sys.map(|s| s.total_memory()).unwrap_or(0),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix_ms: started_unix_ms(),
+        arch: std::env::consts::ARCH.to_string(),
     }
 }
 

@@ -37,6 +37,7 @@ pub mod identity;
 pub mod imds;
 pub mod model;
 pub mod orphan;
+pub mod pyenv;
 pub mod scratch;
 pub mod session;
 pub mod steps;

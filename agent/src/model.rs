@@ -16,6 +16,8 @@ pub struct Facts {
     pub agent_version: String,
     /// When the agent process started (boot diagnostics).
     pub started_unix_ms: u64,
+    /// `std::env::consts::ARCH`.
+    pub arch: String,
 }
 
 /// What the controller sends on the session.
@@ -76,9 +78,23 @@ pub enum StepKind {
     Scratch(Scratch),
     /// Read a file and send it to the controller as a node attribute.
     Collect { attribute: String, path: String },
+    /// The controller's prepared Python packages, unpacked into a venv.
+    PythonEnv(PythonEnv),
     /// A kind this agent does not know (a newer controller): the step fails
     /// and says so.
     Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonEnv {
+    pub url: String,
+    pub sha256: String,
+    pub venv: String,
+    /// "3.12": the node's python3 must be this version.
+    pub python: String,
+    pub requirements: Vec<String>,
+    /// The archive's size: the download is refused beyond it.
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -194,6 +194,7 @@ pub async fn run_step(step: &Step, dir: &Path, workers: u32) -> Outcome {
         StepKind::Pip { requirements, venv } => pip(requirements, venv, &log).await,
         StepKind::AuthorizedKeys { path, keys, owner } => authorized_keys(path, keys, owner).await,
         StepKind::Scratch(s) => crate::scratch::scratch(s, &log).await,
+        StepKind::PythonEnv(env) => crate::pyenv::python_env(env, dir, &log).await,
         StepKind::Collect { attribute, .. } => fail(format!("collect {attribute} must run inside a plan")),
         StepKind::Shell { script, env } => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };

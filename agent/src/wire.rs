@@ -61,6 +61,14 @@ impl From<api::Step> for Step {
             Some(Kind::Shell(sh)) => StepKind::Shell { script: sh.script, env: sh.env },
             Some(Kind::Scratch(sc)) => StepKind::Scratch(Scratch { path: sc.path, devices: sc.devices }),
             Some(Kind::Collect(c)) => StepKind::Collect { attribute: c.attribute, path: c.path },
+            Some(Kind::PythonEnv(e)) => StepKind::PythonEnv(crate::model::PythonEnv {
+                url: e.url,
+                sha256: e.sha256,
+                venv: e.venv,
+                python: e.python,
+                requirements: e.requirements,
+                size: e.size,
+            }),
             None => StepKind::Unknown,
         };
         Step { name: s.name, kind }
@@ -113,6 +121,7 @@ impl From<Facts> for api::NodeFacts {
             memory_bytes: f.memory_bytes,
             agent_version: f.agent_version,
             started_unix_ms: f.started_unix_ms,
+            arch: f.arch,
         }
     }
 }

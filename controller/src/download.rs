@@ -1,6 +1,6 @@
 //! Serves the agent binaries to booting nodes over HTTPS (the cluster CA's
-//! server certificate), and the Disco build (`disco_bundle`) to the nodes'
-//! install step. These files are public; their integrity is checked on the
+//! server certificate), the Disco build (`disco_bundle`) to the nodes'
+//! install step, and the nodes' prepared Python packages (`pyenv`). These files are public; their integrity is checked on the
 //! node against the SHA-256 written into the userdata or the step.
 
 use crate::admission::{Gate, Limits};
@@ -18,6 +18,11 @@ pub const AGENT_PATH: &str = "/agent/ddisco-agent";
 pub const AGENT_ARM64_PATH: &str = "/agent/ddisco-agent-arm64";
 /// Where the Disco build is served (with `disco_bundle`).
 pub const DISCO_BUNDLE_PATH: &str = "/disco/disco.tar.gz";
+
+/// Where a prepared Python environment is served, by its SHA-256.
+pub fn python_env_path(sha256: &str) -> String {
+    format!("/python-env/{sha256}.tar.gz")
+}
 
 /// The architecture an ELF executable is built for (`x86_64`, `arm64`),
 /// from its header; `None` if it is not a 64-bit little-endian ELF file.
@@ -40,7 +45,7 @@ pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub async fn serve(
     shared: Arc<Cluster>,
     listener: std::net::TcpListener,
-    files: Vec<(&'static str, Vec<u8>)>,
+    files: Vec<(String, Vec<u8>)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -63,7 +68,7 @@ pub async fn serve(
     };
     let mut app = Router::new().route("/healthz", get(|| async { "ok" }));
     for (path, bytes) in files {
-        app = app.route(path, binary(bytes));
+        app = app.route(&path, binary(bytes));
     }
 
     listener.set_nonblocking(true)?;

@@ -49,6 +49,7 @@ pub mod model;
 pub mod pki;
 pub mod plan;
 pub mod provider;
+pub mod pyenv;
 pub mod reconcile;
 pub mod registry;
 pub mod serve;

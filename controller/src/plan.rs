@@ -9,6 +9,20 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// The controller's prepared Python packages (`pyenv`), as a node's plan
+/// names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedEnv {
+    /// "x86_64", "aarch64".
+    pub arch: String,
+    pub url: String,
+    pub sha256: String,
+    pub size: u64,
+    /// The nodes' Python, "3.12".
+    pub python: String,
+    pub requirements: Vec<String>,
+}
+
 /// Where things live on a node; decided by the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeLayout {
@@ -60,6 +74,16 @@ pub enum StepKind {
         attribute: String,
         path: String,
     },
+    /// The controller's prepared Python packages (`pyenv`), unpacked into
+    /// `venv`: what the `Pip` steps would have installed, from no index.
+    PythonEnv {
+        url: String,
+        sha256: String,
+        size: u64,
+        venv: String,
+        python: String,
+        requirements: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -96,8 +120,16 @@ pub struct Assignment {
 
 /// The steps for a node of `role` with `workers` workers: scratch,
 /// packages, pip, the engine's steps (`engine_steps`), management keys,
-/// POST_INIT last.
-pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout, engine_steps: Vec<Step>) -> Plan {
+/// POST_INIT last. With `env` (the controller prepared the packages), every
+/// pip step becomes one `python_env` step where the first one was.
+pub fn build(
+    cfg: &Config,
+    role: Role,
+    workers: u32,
+    layout: &NodeLayout,
+    engine_steps: Vec<Step>,
+    env: Option<&PreparedEnv>,
+) -> Plan {
     let mut steps = Vec::new();
     // Scratch first: everything after it (the engine above all) may use it.
     if let Some(path) = &layout.scratch {
@@ -144,7 +176,36 @@ pub fn build(cfg: &Config, role: Role, workers: u32, layout: &NodeLayout, engine
             kind: StepKind::Shell { script: cfg.post_init.clone(), env },
         });
     }
+    if let Some(env) = env {
+        steps = with_python_env(steps, env, layout);
+    }
     Plan::new(steps)
+}
+
+/// `steps` with their pip steps replaced by one `python_env` step (at the
+/// first one's place) that unpacks `env`.
+pub fn with_python_env(steps: Vec<Step>, env: &PreparedEnv, layout: &NodeLayout) -> Vec<Step> {
+    let first = steps.iter().position(|s| matches!(s.kind, StepKind::Pip { .. }));
+    let Some(first) = first else { return steps };
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    for (i, s) in steps.into_iter().enumerate() {
+        if i == first {
+            out.push(Step {
+                name: "python_env".into(),
+                kind: StepKind::PythonEnv {
+                    url: env.url.clone(),
+                    sha256: env.sha256.clone(),
+                    size: env.size,
+                    venv: layout.venv.display().to_string(),
+                    python: env.python.clone(),
+                    requirements: env.requirements.clone(),
+                },
+            });
+        } else if !matches!(s.kind, StepKind::Pip { .. }) {
+            out.push(s);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -170,7 +231,7 @@ mod tests {
             post_init: "echo hi".into(),
             ..Config::default()
         };
-        let p = build(&cfg, Role::Master, 4, &layout(), vec![]);
+        let p = build(&cfg, Role::Master, 4, &layout(), vec![], None);
         let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["system_packages", "pip_requirements", "authorized_keys", "post_init"]);
         match &p.steps[2].kind {
@@ -194,7 +255,7 @@ mod tests {
             kind: StepKind::Shell { script: "true".into(), env: Default::default() },
         }];
         let ec2 = NodeLayout { scratch: Some("/mnt".into()), ..layout() };
-        let p = build(&cfg, Role::Slave, 2, &ec2, engine.clone());
+        let p = build(&cfg, Role::Slave, 2, &ec2, engine.clone(), None);
         assert_eq!(
             p.steps[0],
             Step { name: "scratch".into(), kind: StepKind::Scratch { path: "/mnt".into() } }
@@ -202,7 +263,7 @@ mod tests {
         // The engine's steps come after it.
         assert!(p.steps.iter().position(|s| s.name.starts_with("dask")).unwrap_or(usize::MAX) > 0);
         // Without scratch handling (local nodes): no such step.
-        let p = build(&cfg, Role::Slave, 2, &layout(), engine);
+        let p = build(&cfg, Role::Slave, 2, &layout(), engine, None);
         assert!(p.steps.iter().all(|s| s.name != "scratch"));
     }
 
@@ -214,15 +275,15 @@ mod tests {
             pip_requirements: vec![],
             ..Config::default()
         };
-        assert!(build(&cfg, Role::Slave, 1, &layout(), vec![]).steps.is_empty());
+        assert!(build(&cfg, Role::Slave, 1, &layout(), vec![], None).steps.is_empty());
     }
 
     #[test]
     fn plan_id_follows_content() {
         let cfg = Config::default();
-        let a = build(&cfg, Role::Slave, 2, &layout(), vec![]);
-        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), vec![]).id);
+        let a = build(&cfg, Role::Slave, 2, &layout(), vec![], None);
+        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), vec![], None).id);
         let local = NodeLayout { install_packages: false, ..layout() };
-        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, vec![]).id);
+        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, vec![], None).id);
     }
 }

@@ -169,6 +169,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         sha256: hex::encode(Sha256::digest(b)),
     });
     let engine = crate::engine::from_config(&cfg, cookie, pki.clone(), bundle);
+    let mut files = artifacts.files();
+    let python_envs =
+        python_envs(&cfg, engine.as_ref(), provider.as_ref(), &host, listeners.download_addr.port())
+            .await?
+            .into_iter()
+            .map(|(env, bytes)| {
+                files.push((crate::download::python_env_path(&env.sha256), bytes));
+                env
+            })
+            .collect();
     let shared = Arc::new(Cluster::new(Parts {
         cfg,
         engine,
@@ -179,6 +189,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         endpoints: endpoints.clone(),
         fd_limit,
         cluster_id: cluster_id.clone(),
+        python_envs,
     }));
     if let Some(w) = crate::limits::fd_warning(fd_limit, shared.registry.lock().desired_slaves() + 1) {
         tracing::warn!("{w}");
@@ -193,10 +204,82 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         ca_sha256 = %shared.pki.ca_fingerprint(),
         "controller started"
     );
-    run_tasks(&shared, listeners, artifacts.files(), admin_listener).await?;
+    run_tasks(&shared, listeners, files, admin_listener).await?;
     shared.save()?;
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// The nodes' Python packages, prepared (or found in the cache) for each
+/// architecture, with the bytes to serve; none when nodes install nothing
+/// with pip or `pip_source = "index"`. A failure stops `serve` here, with
+/// the installer's words, before any node is launched.
+async fn python_envs(
+    cfg: &Config,
+    engine: &dyn crate::engine::Engine,
+    provider: &dyn crate::provider::Provider,
+    host: &str,
+    download_port: u16,
+) -> anyhow::Result<Vec<(crate::plan::PreparedEnv, Vec<u8>)>> {
+    use crate::model::Role;
+    if cfg.pip_source == crate::config::PipSource::Index {
+        return Ok(vec![]);
+    }
+    let layout = provider.layout("master-0000");
+    let steps = [engine.steps(Role::Master, 1, &layout), engine.steps(Role::Slave, 1, &layout)];
+    let requirements = crate::pyenv::requirements(cfg, &steps);
+    if requirements.is_empty() {
+        return Ok(vec![]);
+    }
+    // An image the controller cannot tell the Python of (an AMI by id
+    // without node_python): its nodes install from the index, as before.
+    let python = match crate::pyenv::node_python(cfg, crate::pyenv::host_python) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(
+                "{e}; until then, every node pip-installs {} from the package index",
+                requirements.join(" ")
+            );
+            return Ok(vec![]);
+        }
+    };
+    let installer = crate::pyenv::find_installer();
+    let cache = crate::pyenv::cache_dir();
+    let mut out = Vec::new();
+    for arch in crate::pyenv::archs(cfg) {
+        let spec = crate::pyenv::Spec {
+            requirements: requirements.clone(),
+            python: python.clone(),
+            arch: arch.into(),
+        };
+        let t0 = std::time::Instant::now();
+        tracing::info!(
+            requirements = %spec.requirements.join(" "),
+            python = %spec.python,
+            arch,
+            installer = ?installer,
+            "preparing the nodes' Python packages"
+        );
+        let (prepared, cached) = crate::pyenv::prepare(&spec, &cache, &installer).await?;
+        let bytes = std::fs::read(&prepared.path)
+            .with_context(|| format!("cannot read the prepared packages {}", prepared.path.display()))?;
+        let url = format!(
+            "https://{}{}",
+            join_host_port(host, download_port),
+            crate::download::python_env_path(&prepared.sha256)
+        );
+        let env = prepared.for_nodes(url);
+        tracing::info!(
+            arch,
+            cached,
+            mb = format!("{:.1}", env.size as f64 / 1e6),
+            secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
+            archive = %prepared.path.display(),
+            "the nodes' Python packages are ready"
+        );
+        out.push((env, bytes));
+    }
+    Ok(out)
 }
 
 /// What nodes download from the controller: the agent binaries (checked
@@ -256,10 +339,10 @@ impl Artifacts {
     }
 
     /// The download port's files, by path.
-    fn files(self) -> Vec<(&'static str, Vec<u8>)> {
-        let mut files = vec![(crate::download::AGENT_PATH, self.agent)];
-        files.extend(self.agent_arm64.map(|b| (crate::download::AGENT_ARM64_PATH, b)));
-        files.extend(self.disco_bundle.map(|b| (crate::download::DISCO_BUNDLE_PATH, b)));
+    fn files(self) -> Vec<(String, Vec<u8>)> {
+        let mut files = vec![(crate::download::AGENT_PATH.to_string(), self.agent)];
+        files.extend(self.agent_arm64.map(|b| (crate::download::AGENT_ARM64_PATH.to_string(), b)));
+        files.extend(self.disco_bundle.map(|b| (crate::download::DISCO_BUNDLE_PATH.to_string(), b)));
         files
     }
 }
@@ -331,7 +414,7 @@ fn load_registry(cfg: &Config, clock: &Clock) -> anyhow::Result<Registry> {
 async fn run_tasks(
     shared: &Arc<Cluster>,
     listeners: Listeners,
-    files: Vec<(&'static str, Vec<u8>)>,
+    files: Vec<(String, Vec<u8>)>,
     admin_listener: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
     let shutdown_rx = shared.shutdown_signal();

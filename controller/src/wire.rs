@@ -32,6 +32,7 @@ impl From<api::NodeFacts> for Facts {
             memory_bytes: f.memory_bytes,
             agent_version: f.agent_version,
             started_unix_ms: f.started_unix_ms,
+            arch: f.arch,
         }
     }
 }
@@ -201,6 +202,16 @@ impl From<&Step> for api::Step {
             }
             StepKind::Collect { attribute, path } => {
                 Kind::Collect(api::Collect { attribute: attribute.clone(), path: path.clone() })
+            }
+            StepKind::PythonEnv { url, sha256, size, venv, python, requirements } => {
+                Kind::PythonEnv(api::PythonEnv {
+                    url: url.clone(),
+                    sha256: sha256.clone(),
+                    venv: venv.clone(),
+                    python: python.clone(),
+                    requirements: requirements.clone(),
+                    size: *size,
+                })
             }
         };
         api::Step { name: s.name.clone(), kind: Some(kind) }

@@ -3,8 +3,11 @@
   dask_job.py workers SCHEDULER              -> JSON: {"workers": n, "names": [...]}
   dask_job.py wordcount SCHEDULER FILE [N]   -> JSON: {"counts": {...}, "workers": n}
   dask_job.py sleep SCHEDULER SECONDS        -> JSON: {"slept": s} (a task that sleeps)
-  dask_job.py burst SCHEDULER N SECONDS      -> JSON: {"done": n, "workers_seen": w}
-                                                (N tasks sleeping SECONDS each)
+  dask_job.py burst SCHEDULER N SECONDS      -> JSON: {"done": n, "workers_seen": w,
+                                                "workers_before": b, "on_added": a}
+                                                (N tasks sleeping SECONDS each;
+                                                `on_added`: tasks that ran on a
+                                                worker that joined after submission)
   dask_job.py held-burst SCHEDULER N SECONDS WAIT BEFORE
                                              -> JSON: {"done": n, "workers_seen": w,
                                                 "workers_before": b, "on_added": a}
@@ -139,16 +142,24 @@ def main():
                 lines = f.read().splitlines()
             bag = db.from_sequence(lines, npartitions=partitions)
             counts = dict(bag.map(str.split).flatten().frequencies().compute())
-            print(json.dumps({"counts": counts, "workers": len(workers)}))
+            # The workers once it ran (a cluster just ready may still be
+            # connecting its workers when the job starts).
+            done_with = len(client.scheduler_info(n_workers=-1)["workers"])
+            print(json.dumps({"counts": counts, "workers": done_with}))
             return
         if mode == "burst":
             import time
 
+            from distributed import get_worker
+
             n, secs = int(sys.argv[3]), float(sys.argv[4])
-            futures = client.map(lambda i: time.sleep(secs) or i, range(n), pure=False)
+            before = set(client.scheduler_info(n_workers=-1)["workers"])
+            futures = client.map(lambda i: (time.sleep(secs), i, get_worker().address)[1:], range(n), pure=False)
             done = client.gather(futures)
             seen = len(client.scheduler_info(n_workers=-1)["workers"])
-            print(json.dumps({"done": len(set(done)), "workers_seen": seen}))
+            on_added = sum(1 for _, w in done if w not in before)
+            print(json.dumps({"done": len({i for i, _ in done}), "workers_seen": seen,
+                              "workers_before": len(before), "on_added": on_added}))
             return
         if mode == "held-burst":
             held_burst(client, int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]))

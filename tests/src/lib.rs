@@ -66,6 +66,11 @@ pub fn fast_config(extra: &str) -> String {
     format!("{base}\n{extra}\n")
 }
 
+/// How long `serve` may take to open its admin API: it first prepares the
+/// nodes' Python packages, which on a cold cache downloads them (`serve`
+/// exiting ends the wait at once).
+pub const ADMIN_UP: Duration = Duration::from_secs(600);
+
 /// A controller running `serve` on a temporary state directory.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -98,7 +103,7 @@ impl Cluster {
         std::fs::write(&config, json).expect("write config");
         let mut c = Cluster { dir, config, serve: None, env, fd_limit: None };
         c.spawn_serve();
-        c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
+        c.wait_until("the admin API answers", ADMIN_UP, |_| true);
         c
     }
 
@@ -113,7 +118,7 @@ impl Cluster {
         std::fs::write(&config, fast_config(extra)).expect("write config");
         let mut c = Cluster { dir, config, serve: None, env, fd_limit };
         c.spawn_serve();
-        c.wait_until("the admin API answers", Duration::from_secs(30), |_| true);
+        c.wait_until("the admin API answers", ADMIN_UP, |_| true);
         c
     }
 

@@ -215,6 +215,87 @@ drain_timeout_secs = 3.0
     assert!(lines.contains("Dask scheduler: tls://"), "{lines}");
 }
 
+/// Issue 25, item 3: machine nodes reach the cluster's bridge and nothing
+/// else (no route out: a private subnet without a NAT). A Dask cluster
+/// still starts, its packages served by the controller (no package index
+/// on the nodes' path), and runs a word count. (The real Disco tests below
+/// run on the same machine nodes.)
+#[test]
+fn dask_on_machine_nodes_with_no_route_out() {
+    let _heavy = ddisco_tests::one_heavy_at_a_time();
+    require_root();
+    let mut c = Cluster::start(
+        "engine = \"dask\"\nlocal_machines = true\nnum_slaves = 2\nmaster_multiplier = 0.5\n\
+         slave_multiplier = 1.0\nheartbeat_timeout_secs = 5.0\n",
+    );
+    let s = c.wait_until("a ready Dask cluster of machine nodes", Duration::from_secs(600), |s| {
+        at_size(s, 2) && s["engine_endpoints"]["scheduler"].is_string()
+    });
+    let scheduler = s["engine_endpoints"]["scheduler"].as_str().unwrap().to_string();
+    let master = node_ids(&s, "master")[0].clone();
+    let pid = c.node_pid(&master).to_string();
+    // Nothing beyond the bridge: no route to the internet.
+    let out = Command::new("nsenter")
+        .args(["-t", &pid, "--net", "--", "ip", "route", "get", "1.1.1.1"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "a node has a route out: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every node's packages came from the controller.
+    for id in node_ids(&s, "master").into_iter().chain(node_ids(&s, "slave")) {
+        let out = c.ctl(&["logs", &id, "python_env"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("from the controller"), "{id}: {text}");
+    }
+    // The word count, run on the master (its namespaces: the cluster's
+    // network) with the node's Python and a client certificate.
+    let node_tmp = c.state_dir().join("nodes").join(&master).join("fs/tmp");
+    let out = c.ctl(&["credentials", "--out", node_tmp.join("client").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vocab = ["spot", "node", "bridge", "wheel", "venv"];
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    let mut text = String::new();
+    for i in 0..2000usize {
+        let words: Vec<&str> = (0..(i % 5 + 1)).map(|j| vocab[(i * 3 + j) % vocab.len()]).collect();
+        for w in &words {
+            *want.entry(w.to_string()).or_default() += 1;
+        }
+        text.push_str(&words.join(" "));
+        text.push('\n');
+    }
+    std::fs::write(node_tmp.join("words.txt"), text).unwrap();
+    let code = std::fs::read_to_string(script()).unwrap();
+    // (Its PID namespace too, the node's /proc being that namespace's: the
+    // node's init, the child of its `unshare`, is in it.)
+    let init = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the node's init")
+        .to_string();
+    let out = Command::new("nsenter")
+        .args(["-t", &init, "--net", "--uts", "--mount", "--pid", "--"])
+        .args(["env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", "DDISCO_DASK_TLS=/tmp/client"])
+        .args(["timeout", "300", "/opt/ddisco/venv/bin/python", "-c", &code])
+        .args(["wordcount", &scheduler, "/tmp/words.txt", "6"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the word count failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.diagnostics()
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: BTreeMap<String, u64> =
+        result["counts"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn disco_engine_keeps_the_master_config_table_in_step() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();

@@ -239,7 +239,9 @@ async fn start_serve(
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let mut child = cmd.spawn()?;
     eprintln!("run: started a controller (log: {})", log_path.display());
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // It answers once the nodes' Python packages are prepared (a cold cache
+    // downloads them first).
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if let Ok(c) = AdminClient::connect(socket).await {
             return Ok((c, child));
@@ -249,7 +251,7 @@ async fn start_serve(
         }
         if Instant::now() > deadline {
             let _ = child.kill().await;
-            anyhow::bail!("the controller did not answer within 60 s; see {}", log_path.display());
+            anyhow::bail!("the controller did not answer within 600 s; see {}", log_path.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -127,6 +127,9 @@ pub struct Cluster {
     pub cluster_id: String,
     /// The open-file limit in force (`serve` raised it at start).
     pub fd_limit: u64,
+    /// The nodes' prepared Python packages, one per architecture
+    /// (`pip_source = "controller"`); empty: nodes pip-install themselves.
+    pub python_envs: Vec<crate::plan::PreparedEnv>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -164,6 +167,7 @@ pub struct Parts {
     pub endpoints: Endpoints,
     pub fd_limit: u64,
     pub cluster_id: String,
+    pub python_envs: Vec<crate::plan::PreparedEnv>,
 }
 
 impl Cluster {
@@ -191,6 +195,7 @@ impl Cluster {
             metrics: Default::default(),
             fd_limit: p.fd_limit,
             cluster_id: p.cluster_id,
+            python_envs: p.python_envs,
             shutdown: watch::channel(false).0,
             cfg: p.cfg,
         }
@@ -477,7 +482,11 @@ impl Cluster {
         let workers = worker_count(hello.facts.logical_cores, multiplier);
         let layout = self.provider.layout(node_id);
         let steps = self.engine.steps(role, workers, &layout);
-        let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps);
+        // The packages for the node's architecture (an older agent does not
+        // say: the first, x86_64); none for it: the node pip-installs.
+        let arch = hello.facts.arch.as_str();
+        let env = self.python_envs.iter().find(|e| arch.is_empty() || e.arch == arch);
+        let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps, env);
         let attested = self.provider.attestor().is_some();
         let event = NodeEvent::Hello { hello, workers, plan: &plan, keep_identity: attested };
         if let Err(e) = reg.transition(node_id, event) {

@@ -26,6 +26,7 @@ pub(crate) fn cluster(dir: &std::path::Path, engine: EngineKind) -> Cluster {
         },
         cluster_id: "c-000000000000".into(),
         fd_limit: u64::MAX,
+        python_envs: vec![],
         engine,
         cfg,
     })

@@ -53,6 +53,11 @@ pub struct Config {
     pub base_packages: Vec<String>,
     pub additional_packages: Vec<String>,
     pub pip_requirements: Vec<String>,
+    /// Where nodes get their Python packages from.
+    pub pip_source: PipSource,
+    /// The nodes' Python ("3.12"); empty: found out (the local provider:
+    /// this host's python3; EC2: the Ubuntu image's).
+    pub node_python: String,
     pub instance_type: String,
     pub master_instance_type: String,
     pub slave_instance_type: String,
@@ -231,6 +236,18 @@ impl FallbackRoles {
     }
 }
 
+/// Where nodes get their Python packages (`pip_requirements` and the
+/// engine's) from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipSource {
+    /// Prepared once by the controller, served over its download port:
+    /// nodes contact no package index.
+    Controller,
+    /// Every node pip-installs from the package index itself.
+    Index,
+}
+
 /// Which map/reduce engine the nodes run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -302,6 +319,8 @@ impl Default for Config {
                 "pigz",
             ]),
             pip_requirements: strings(&["iso8601"]),
+            pip_source: PipSource::Controller,
+            node_python: String::new(),
             instance_type: "c5.xlarge".into(),
             master_instance_type: String::new(),
             slave_instance_type: String::new(),
@@ -583,6 +602,9 @@ mod tests {
             ("iam_propagation_secs = -1", "iam_propagation_secs"),
             ("dask_extras = [\"dataframe --index-url=http://x\"]", "dask_extras"),
             ("dask_extras = [\"\"]", "dask_extras"),
+            ("node_python = \"python3\"", "node_python"),
+            ("node_python = \"2.7\"", "node_python"),
+            ("pip_source = \"pypi\"", "pip_source"),
         ] {
             let e = toml(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

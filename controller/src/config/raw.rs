@@ -43,6 +43,8 @@ pub struct RawConfig {
     pub(super) additional_packages: Option<Vec<String>>,
     #[serde(alias = "PIP_REQUIREMENTS")]
     pub(super) pip_requirements: Option<Vec<String>>,
+    pub(super) pip_source: Option<super::PipSource>,
+    pub(super) node_python: Option<String>,
     #[serde(alias = "AMI")]
     pub(super) ami: Option<String>,
     #[serde(alias = "MAX_BID")]

@@ -59,6 +59,15 @@ slave_multiplier = 1.0
 base_packages = ["python3-pip", "python3-venv", "python3-dev", "lighttpd"]
 additional_packages = ["git", "libwww-perl", "python3-numpy", "python3-scipy", "libzmq3-dev", "s3cmd", "chrony", "libguess1", "python3-dnspython", "python3-dateutil", "pigz"]
 pip_requirements = ["iso8601"]
+# Where nodes get their Python packages (pip_requirements and the engine's):
+# "controller" prepares them once (cached), serves them over its download
+# port and nodes install them with no package index at all; "index": every
+# node pip-installs from the package index itself.
+pip_source = "controller"
+# The nodes' Python, major.minor ("3.12"): the controller prepares wheels
+# for it. Empty: this host's python3 (local provider), the Ubuntu image's
+# (EC2 with ami = "ubuntu:..."); an AMI by id needs it set.
+node_python = ""
 # Bash run as root after everything else on every node.
 post_init = ""
 

@@ -135,6 +135,23 @@ impl Check<'_> {
         if let Some(v) = raw.pip_requirements.take() {
             cfg.pip_requirements = v;
         }
+        cfg.pip_source = raw.pip_source.unwrap_or(cfg.pip_source);
+        if let Some(v) = non_empty(raw.node_python.take()) {
+            let v = v.trim().to_string();
+            let valid = v.split_once('.').is_some_and(|(a, b)| {
+                a == "3" && !b.is_empty() && b.len() <= 2 && b.bytes().all(|c| c.is_ascii_digit())
+            });
+            if !valid {
+                return Err(self.err(
+                    "node_python",
+                    format!(
+                        "{:?}: the nodes' Python as major.minor, e.g. \"3.12\" (or empty: found out)",
+                        crate::text::prefix(&v, 32)
+                    ),
+                ));
+            }
+            cfg.node_python = v;
+        }
         if let Some(v) = raw.instance_type.take() {
             cfg.instance_type = v;
         }

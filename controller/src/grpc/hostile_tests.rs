@@ -102,9 +102,28 @@ fn body() -> impl Strategy<Value = String> {
 }
 
 fn facts() -> impl Strategy<Value = api::NodeFacts> {
-    (text(), text(), prop::collection::vec(text(), 0..20), any::<u32>(), any::<u64>(), text(), any::<u64>())
+    let arch = text();
+    (
+        text(),
+        text(),
+        prop::collection::vec(text(), 0..20),
+        any::<u32>(),
+        any::<u64>(),
+        text(),
+        any::<u64>(),
+        arch,
+    )
         .prop_map(
-            |(instance_id, hostname, addresses, logical_cores, memory_bytes, agent_version, started)| {
+            |(
+                instance_id,
+                hostname,
+                addresses,
+                logical_cores,
+                memory_bytes,
+                agent_version,
+                started,
+                arch,
+            )| {
                 api::NodeFacts {
                     instance_id,
                     hostname,
@@ -113,6 +132,7 @@ fn facts() -> impl Strategy<Value = api::NodeFacts> {
                     memory_bytes,
                     agent_version,
                     started_unix_ms: started,
+                    arch,
                 }
             },
         )

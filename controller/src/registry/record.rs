@@ -19,6 +19,9 @@ pub struct Facts {
     pub agent_version: String,
     #[serde(default)]
     pub started_unix_ms: u64,
+    /// "x86_64", "aarch64" (empty from an older agent).
+    #[serde(default)]
+    pub arch: String,
 }
 
 /// A node as persisted.

@@ -74,6 +74,9 @@ pub fn check_facts(f: &Facts) -> Result<(), String> {
     if f.instance_id.len() > MAX_INSTANCE_ID || !printable(&f.instance_id) {
         return Err(format!("facts.instance_id: {} is not an instance id", shown(&f.instance_id)));
     }
+    if f.arch.len() > 16 || !f.arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("facts.arch: {} is not an architecture", shown(&f.arch)));
+    }
     Ok(())
 }
 
