@@ -37,7 +37,8 @@ use scenarios::*;
 )]
 struct Args {
     /// Scenarios to run: enroll (also measures scale 0->N), scaling (enroll
-    /// at each of --scaling-agents), hold, detect, agent, floor.
+    /// at each of --scaling-agents), hold, detect, agent, floor; setup
+    /// (--setup-nodes real local nodes, on request).
     #[arg(long, value_delimiter = ',', default_value = "floor,enroll,scaling,hold,detect,agent")]
     scenarios: Vec<String>,
     /// Cluster sizes of the scaling curve.
@@ -61,6 +62,14 @@ struct Args {
     /// Agents frozen at random moments (detect scenario).
     #[arg(long, default_value_t = 20)]
     detect_agents: usize,
+    /// Real local nodes set up at once (setup scenario; not in the default
+    /// list: it runs as many agent processes).
+    #[arg(long, default_value_t = 200)]
+    setup_nodes: usize,
+    /// The requirement the setup scenario's nodes install (served by the
+    /// controller).
+    #[arg(long, default_value = "iso8601")]
+    setup_requirement: String,
     /// How long the real agent is watched idle (agent scenario).
     #[arg(long, default_value_t = 60)]
     agent_secs: u64,
@@ -118,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         a.scaling_agents = vec![20, 40];
         a.agent_secs = a.agent_secs.min(3);
         a.heartbeat_secs = a.heartbeat_secs.min(1.0);
+        a.setup_nodes = a.setup_nodes.min(3);
     }
     // Each agent is a connection here and one in the controller (a child).
     let biggest = [a.hold_agents, a.enroll_agents, a.detect_agents + a.detect_held + 1]
@@ -150,9 +160,10 @@ fn main() -> anyhow::Result<()> {
                 "scaling" => scenario_scaling(&a).await,
                 "floor" => Ok(crypto_floor()),
                 "agent" => scenario_agent(a.agent_secs, a.agent.as_deref()).await,
+                "setup" => scenario_setup(a.setup_nodes, &a.setup_requirement, a.agent.as_deref()).await,
                 other => {
                     anyhow::bail!(
-                        "unknown scenario {other:?}: use floor, enroll, scaling, hold, detect, agent"
+                        "unknown scenario {other:?}: use floor, enroll, scaling, hold, detect, agent, setup"
                     )
                 }
             }

@@ -309,3 +309,89 @@ pub(super) async fn scenario_agent(secs: u64, agent: Option<&Path>) -> anyhow::R
     let _ = child.wait();
     result
 }
+
+/// Set-up at size: `nodes` real local nodes (1 master, the rest slaves,
+/// engine none) whose plan installs `requirement` from the controller's
+/// prepared packages (`pip_source = "controller"`): the time from `serve`
+/// to all ready, the controller's CPU over it, and what the download port
+/// served (each node fetches the agent and the packages).
+pub(super) async fn scenario_setup(
+    nodes: usize,
+    requirement: &str,
+    agent: Option<&Path>,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(nodes >= 1, "the setup scenario needs 1 node at least");
+    let exe = std::env::current_exe()?;
+    let agent = agent.map(Path::to_path_buf).unwrap_or_else(|| exe.with_file_name("ddisco-agent"));
+    anyhow::ensure!(agent.exists(), "no agent binary at {}", agent.display());
+    let agent = agent.canonicalize()?;
+    let agent_bytes = std::fs::metadata(&agent)?.len();
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("ddisco.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "provider = \"local\"\nengine = \"none\"\nbase_packages = []\nadditional_packages = []\n\
+             pip_requirements = [{requirement:?}]\npip_source = \"controller\"\n\
+             listen = \"127.0.0.1:0\"\ndownload_listen = \"127.0.0.1:0\"\ndashboard_listen = \"127.0.0.1:0\"\n\
+             num_slaves = {}\nagent_binary = \"{}\"\nheartbeat_interval_secs = 5.0\nheartbeat_timeout_secs = 120.0\n",
+            nodes - 1,
+            agent.display()
+        ),
+    )?;
+    let serve = exe.with_file_name("ddisco-controller");
+    let log = dir.path().join("serve.log");
+    let t0 = Instant::now();
+    let mut child = Command::new(&serve)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let pid = child.id();
+    let result = async {
+        let sock = dir.path().join(".ddisco/admin.sock");
+        let end = Instant::now() + Duration::from_secs(600);
+        let mut admin = loop {
+            if let Ok(c) = AdminClient::connect(&sock).await {
+                break c;
+            }
+            anyhow::ensure!(Instant::now() < end, "the controller did not start; see its log");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let up = t0.elapsed();
+        let cpu0 = proc_cpu(pid);
+        wait_ready(&mut admin, nodes, Duration::from_secs(1800)).await?;
+        let ready = t0.elapsed();
+        let cpu = proc_cpu(pid) - cpu0;
+        // The prepared archive's size, from the controller's log line.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let plain: String = text.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, r)| r)).collect();
+        let env_mb: f64 = plain
+            .lines()
+            .find(|l| l.contains("Python packages are ready"))
+            .and_then(|l| l.split("mb=\"").nth(1))
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let served = nodes as f64 * (agent_bytes as f64 + env_mb * 1e6);
+        let window = (ready - up).as_secs_f64();
+        let _ = admin.destroy().await;
+        Ok(json!({
+            "nodes": nodes,
+            "requirement": requirement,
+            "serve_to_admin_s": up.as_secs_f64(),
+            "serve_to_all_ready_s": ready.as_secs_f64(),
+            "launch_to_all_ready_s": window,
+            "controller_cpu_s": cpu,
+            "controller_cpu_pct_of_one_core": 100.0 * cpu / window.max(1e-9),
+            "agent_bytes": agent_bytes,
+            "python_env_mb": env_mb,
+            "download_served_mb": served / 1e6,
+            "download_mb_per_s": served / 1e6 / window.max(1e-9),
+        }))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}

@@ -251,6 +251,10 @@ impl Provider for LocalProvider {
         }
         for id in ids {
             let _ = std::fs::remove_file(self.node_dir(id).join("pid"));
+            // A terminated instance's disk goes with it: the node's files
+            // go (its venv, agent binary, machine file system: tens of MB a
+            // node, gigabytes over a day of demos); its logs stay.
+            remove_but_logs(&self.node_dir(id));
             // The card goes with the node's namespace; a node that died
             // while being plugged in may leave this host's end behind.
             if let Some(net) = &self.machines {
@@ -306,4 +310,22 @@ fn node_of(pid: i32, cluster_id: &str) -> Option<String> {
         cluster |= var == want_cluster.as_bytes();
     }
     node.filter(|_| cluster)
+}
+
+/// Removes what a terminated node left in `dir`, but its logs
+/// (`console.log`, `steps/`, `services/`). Entries are removed, not
+/// followed (`remove_dir_all` does not follow symlinks).
+fn remove_but_logs(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if matches!(name.to_str(), Some("console.log" | "steps" | "services")) {
+            continue;
+        }
+        let path = e.path();
+        let _ = match e.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+    }
 }
