@@ -272,7 +272,7 @@ async fn python_envs(
         tracing::info!(
             arch,
             cached,
-            mb = format!("{:.1}", env.size as f64 / 1e6),
+            bytes = env.size,
             secs = format!("{:.2}", t0.elapsed().as_secs_f64()),
             archive = %prepared.path.display(),
             "the nodes' Python packages are ready"

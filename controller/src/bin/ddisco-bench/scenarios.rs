@@ -366,14 +366,14 @@ pub(super) async fn scenario_setup(
         // The prepared archive's size, from the controller's log line.
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let plain: String = text.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, r)| r)).collect();
-        let env_mb: f64 = plain
+        let env_bytes: u64 = plain
             .lines()
             .find(|l| l.contains("Python packages are ready"))
-            .and_then(|l| l.split("mb=\"").nth(1))
-            .and_then(|r| r.split('"').next())
+            .and_then(|l| l.split("bytes=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let served = nodes as f64 * (agent_bytes as f64 + env_mb * 1e6);
+            .unwrap_or(0);
+        let served = nodes as f64 * (agent_bytes + env_bytes) as f64;
         let window = (ready - up).as_secs_f64();
         let _ = admin.destroy().await;
         Ok(json!({
@@ -385,7 +385,7 @@ pub(super) async fn scenario_setup(
             "controller_cpu_s": cpu,
             "controller_cpu_pct_of_one_core": 100.0 * cpu / window.max(1e-9),
             "agent_bytes": agent_bytes,
-            "python_env_mb": env_mb,
+            "python_env_bytes": env_bytes,
             "download_served_mb": served / 1e6,
             "download_mb_per_s": served / 1e6 / window.max(1e-9),
         }))
