@@ -54,9 +54,28 @@ impl Prepared {
             sha256: self.sha256.clone(),
             size: self.size,
             python: self.spec.python.clone(),
-            requirements: self.spec.requirements.clone(),
+            // Nodes show them in their reports: no credentials.
+            requirements: self.spec.requirements.iter().map(|r| redacted(r)).collect(),
         }
     }
+}
+
+/// A requirement as it may be shown (logs, errors, the nodes' step
+/// reports): a URL's user and password (`git+https://user:token@host/...`)
+/// become `***`.
+pub fn redacted(requirement: &str) -> String {
+    let Some(scheme_end) = requirement.find("://") else { return requirement.to_string() };
+    let rest = &requirement[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}://***{}", &requirement[..scheme_end], &rest[at..]),
+        None => requirement.to_string(),
+    }
+}
+
+/// `requirements`, shown (`redacted`), space-separated.
+pub fn shown(requirements: &[String]) -> String {
+    requirements.iter().map(|r| redacted(r)).collect::<Vec<_>>().join(" ")
 }
 
 /// Every requirement a node of any role pip-installs: `pip_requirements`,
@@ -240,10 +259,10 @@ pub async fn prepare(spec: &Spec, cache: &Path, installer: &Installer) -> anyhow
             "cannot prepare the nodes' Python packages ({}) for Python {} on {}: `{}` failed:\n{}\n\
              (check pip_requirements and node_python; or set pip_source = \"index\" to let every node \
              install from the package index itself)",
-            spec.requirements.join(" "),
+            shown(&spec.requirements),
             spec.python,
             spec.arch,
-            argv.join(" "),
+            argv.iter().map(|a| redacted(a)).collect::<Vec<_>>().join(" "),
             tail.join("\n")
         );
     }
@@ -304,6 +323,28 @@ mod tests {
         assert_eq!(requirements(&cfg, &[master, slave]), ["iso8601", "x==1", "dask[distributed]==1", "y"]);
         cfg.pip_requirements.clear();
         assert!(requirements(&cfg, &[vec![]]).is_empty());
+    }
+
+    #[test]
+    fn credentials_in_requirement_urls_are_never_shown() {
+        assert_eq!(
+            redacted("pkg @ git+https://user:s3cret@git.example.com/org/pkg.git@v1"),
+            "pkg @ git+https://***@git.example.com/org/pkg.git@v1"
+        );
+        assert_eq!(redacted("https://tok@h/x.whl"), "https://***@h/x.whl");
+        assert_eq!(redacted("dask[distributed]==1"), "dask[distributed]==1");
+        assert_eq!(redacted("git+https://github.com/o/p.git@v1"), "git+https://github.com/o/p.git@v1");
+        let env = Prepared {
+            spec: Spec {
+                requirements: vec!["x @ https://u:p@h/x.whl".into()],
+                python: "3.12".into(),
+                arch: "x86_64".into(),
+            },
+            path: "/c/e.tar.gz".into(),
+            sha256: "ab".into(),
+            size: 1,
+        };
+        assert!(!format!("{:?}", env.for_nodes("https://c/e".into())).contains("u:p"));
     }
 
     #[test]

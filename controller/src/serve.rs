@@ -238,7 +238,7 @@ async fn python_envs(
         Err(e) => {
             tracing::warn!(
                 "{e}; until then, every node pip-installs {} from the package index",
-                requirements.join(" ")
+                crate::pyenv::shown(&requirements)
             );
             return Ok(vec![]);
         }
@@ -254,7 +254,7 @@ async fn python_envs(
         };
         let t0 = std::time::Instant::now();
         tracing::info!(
-            requirements = %spec.requirements.join(" "),
+            requirements = %crate::pyenv::shown(&spec.requirements),
             python = %spec.python,
             arch,
             installer = ?installer,
