@@ -95,6 +95,8 @@ pub struct PythonEnv {
     pub requirements: Vec<String>,
     /// The archive's size: the download is refused beyond it.
     pub size: u64,
+    /// It carries bytecode for `python` (else compiled after unpacking).
+    pub compiled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

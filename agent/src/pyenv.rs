@@ -81,13 +81,22 @@ pub async fn python_env(env: &PythonEnv, dir: &Path, log: &Path) -> Outcome {
         }
         Err(e) => return fail(format!("the unpacking task failed: {e}")),
     };
+    // Bytecode for this Python, once, readable by all: the engine's user
+    // could not write it at each start. A file that does not compile (a
+    // package's Python 2 test data) is not an error.
+    let compiled = if env.compiled {
+        "with its bytecode"
+    } else {
+        compile(&venv.join("bin/python"), &site, log).await;
+        "bytecode compiled here"
+    };
     if let Err(e) = std::fs::write(venv.join(MARKER), format!("{}\n", env.sha256)) {
         return fail(format!("cannot write {}: {e}", venv.join(MARKER).display()));
     }
     Outcome {
         code: 0,
         tail: format!(
-            "{} ({}, {} files, {:.1} MB) into {} from the controller: fetched in {:.2}s, ready in {:.2}s",
+            "{} ({}, {} files, {:.1} MB, {compiled}) into {} from the controller: fetched in {:.2}s, ready in {:.2}s",
             env.requirements.join(" "),
             short(&env.sha256),
             files,
@@ -97,6 +106,13 @@ pub async fn python_env(env: &PythonEnv, dir: &Path, log: &Path) -> Outcome {
             t0.elapsed().as_secs_f64()
         ),
     }
+}
+
+/// Compiles `site`'s modules with `python` (world-readable bytecode).
+async fn compile(python: &Path, site: &Path, log: &Path) {
+    let mut c = tokio::process::Command::new("sh");
+    c.args(["-c", "umask 022 && exec \"$0\" -m compileall -q -j0 \"$1\" >/dev/null"]).arg(python).arg(site);
+    let _ = run(c, log).await;
 }
 
 fn short(sha: &str) -> String {
@@ -334,6 +350,24 @@ mod tests {
         assert_eq!(d("/etc/passwd"), None);
         assert_eq!(d("etc/passwd"), None);
         assert_eq!(d("bin/../../x"), None);
+    }
+
+    #[tokio::test]
+    async fn bytecode_is_compiled_readable_by_all() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let site = t.path().join("site");
+        std::fs::create_dir_all(site.join("m")).unwrap();
+        std::fs::write(site.join("m/__init__.py"), "X = 1\n").unwrap();
+        std::fs::write(site.join("m/py2.py"), "print 'not Python 3'\n").unwrap();
+        // As unpacked (whatever the umask of the moment: another test sets one).
+        for f in ["m/__init__.py", "m/py2.py"] {
+            std::fs::set_permissions(site.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        compile(Path::new("python3"), &site, &t.path().join("log")).await;
+        let pyc: Vec<_> = std::fs::read_dir(site.join("m/__pycache__")).unwrap().flatten().collect();
+        assert_eq!(pyc.len(), 1, "{pyc:?}");
+        assert_eq!(pyc[0].metadata().unwrap().permissions().mode() & 0o044, 0o044);
     }
 
     #[test]

@@ -68,6 +68,7 @@ impl From<api::Step> for Step {
                 python: e.python,
                 requirements: e.requirements,
                 size: e.size,
+                compiled: e.compiled,
             }),
             None => StepKind::Unknown,
         };

@@ -20,6 +20,8 @@ pub struct PreparedEnv {
     pub size: u64,
     /// The nodes' Python, "3.12".
     pub python: String,
+    /// It carries bytecode for that Python (else the node compiles it).
+    pub compiled: bool,
     pub requirements: Vec<String>,
 }
 
@@ -82,6 +84,7 @@ pub enum StepKind {
         size: u64,
         venv: String,
         python: String,
+        compiled: bool,
         requirements: Vec<String>,
     },
 }
@@ -198,6 +201,7 @@ pub fn with_python_env(steps: Vec<Step>, env: &PreparedEnv, layout: &NodeLayout)
                     size: env.size,
                     venv: layout.venv.display().to_string(),
                     python: env.python.clone(),
+                    compiled: env.compiled,
                     requirements: env.requirements.clone(),
                 },
             });

@@ -43,6 +43,9 @@ pub struct Prepared {
     pub path: PathBuf,
     pub sha256: String,
     pub size: u64,
+    /// It carries bytecode for the nodes' Python (made by that Python:
+    /// the controller's own); else nodes compile it once when they unpack.
+    pub compiled: bool,
 }
 
 impl Prepared {
@@ -54,6 +57,7 @@ impl Prepared {
             sha256: self.sha256.clone(),
             size: self.size,
             python: self.spec.python.clone(),
+            compiled: self.compiled,
             // Nodes show them in their reports: no credentials.
             requirements: self.spec.requirements.iter().map(|r| redacted(r)).collect(),
         }
@@ -162,6 +166,8 @@ pub fn install_command(spec: &Spec, target: &Path, installer: &Installer, host: 
                     .to_vec();
             v.extend(["--no-input".into(), "--target".into(), t]);
             if !native {
+                // Bytecode of this host's Python would be of no use there.
+                v.push("--no-compile".into());
                 v.extend(["--only-binary=:all:".into(), "--implementation".into(), "cp".into()]);
                 v.extend(["--python-version".into(), spec.python.clone()]);
                 for tag in ["manylinux2014", "manylinux_2_28", "manylinux_2_34"] {
@@ -232,10 +238,13 @@ pub async fn prepare(spec: &Spec, cache: &Path, installer: &Installer) -> anyhow
         tokio::task::spawn_blocking(move || Flock::lock(lock_file, FlockArg::LockExclusive)).await?.map_err(
             |(_, e)| anyhow::anyhow!("cannot lock the cache entry {key} in {}: {e}", dir.display()),
         )?;
-    if let (Ok(meta), Ok(sha)) = (std::fs::metadata(&archive), std::fs::read_to_string(&sum)) {
-        let sha = sha.trim().to_string();
+    // `<sha256>\n<compiled>\n`.
+    if let (Ok(meta), Ok(text)) = (std::fs::metadata(&archive), std::fs::read_to_string(&sum)) {
+        let mut lines = text.lines();
+        let sha = lines.next().unwrap_or("").trim().to_string();
+        let compiled = lines.next().is_some_and(|l| l.trim() == "compiled");
         if sha.len() == 64 {
-            let p = Prepared { spec: spec.clone(), path: archive, sha256: sha, size: meta.len() };
+            let p = Prepared { spec: spec.clone(), path: archive, sha256: sha, size: meta.len(), compiled };
             return Ok((p, true));
         }
     }
@@ -245,6 +254,7 @@ pub async fn prepare(spec: &Spec, cache: &Path, installer: &Installer) -> anyhow
         .with_context(|| format!("cannot make a build folder in {}", dir.display()))?;
     let target = work.path().join("site-packages");
     let host = (host_python().unwrap_or_default(), std::env::consts::ARCH.to_string());
+    let compiled = spec.python == host.0 && spec.arch == host.1;
     let argv = install_command(spec, &target, installer, (&host.0, &host.1));
     let out = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -280,8 +290,8 @@ pub async fn prepare(spec: &Spec, cache: &Path, installer: &Installer) -> anyhow
     // The digest goes last: an archive without one is made again.
     let _ = std::fs::remove_file(&sum);
     std::fs::rename(&part, &archive)?;
-    std::fs::write(&sum, format!("{sha256}\n"))?;
-    Ok((Prepared { spec: spec.clone(), path: archive, sha256, size }, false))
+    std::fs::write(&sum, format!("{sha256}\n{}\n", if compiled { "compiled" } else { "source" }))?;
+    Ok((Prepared { spec: spec.clone(), path: archive, sha256, size, compiled }, false))
 }
 
 /// tar.gz of `root`'s `site-packages/` and `bin/` (files and folders;
@@ -343,6 +353,7 @@ mod tests {
             path: "/c/e.tar.gz".into(),
             sha256: "ab".into(),
             size: 1,
+            compiled: true,
         };
         assert!(!format!("{:?}", env.for_nodes("https://c/e".into())).contains("u:p"));
     }
@@ -385,6 +396,7 @@ mod tests {
         let cross = install_command(&s, t, &Installer::Pip, ("3.11", "x86_64")).join(" ");
         assert!(cross.contains("--only-binary=:all:") && cross.contains("--python-version 3.12"), "{cross}");
         assert!(cross.contains("--platform manylinux2014_aarch64"), "{cross}");
+        assert!(cross.contains("--no-compile"), "{cross}");
         let uv = install_command(&s, t, &Installer::Uv("/u/uv".into()), ("3.11", "x86_64")).join(" ");
         assert!(uv.starts_with("/u/uv pip install") && uv.contains("--target /c/t"), "{uv}");
         assert!(uv.contains("--python-platform aarch64-manylinux_2_28 "), "{uv}");

@@ -203,8 +203,9 @@ impl From<&Step> for api::Step {
             StepKind::Collect { attribute, path } => {
                 Kind::Collect(api::Collect { attribute: attribute.clone(), path: path.clone() })
             }
-            StepKind::PythonEnv { url, sha256, size, venv, python, requirements } => {
+            StepKind::PythonEnv { url, sha256, size, venv, python, compiled, requirements } => {
                 Kind::PythonEnv(api::PythonEnv {
+                    compiled: *compiled,
                     url: url.clone(),
                     sha256: sha256.clone(),
                     venv: venv.clone(),
