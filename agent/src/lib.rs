@@ -21,6 +21,9 @@
 //!   service kills everything it started, daemons included.
 //! - [`orphan`]: the dead man's switch: no session with the controller for
 //!   `orphan_timeout_secs`, and the node shuts itself down.
+//! - [`bake`]: images baked by `ddisco-controller bake`: the `seal` step
+//!   that prepares a node to be imaged, and the record (`baked.json`) by
+//!   which a node booted from the image skips the steps it holds.
 //! - [`converge`]: applies the engine directives the controller pushes
 //!   (supervised services, managed files, HTTP posts) once the plan is done.
 //!
@@ -28,6 +31,7 @@
 //! dependency tree; TLS uses rustls with ring.
 
 pub mod backoff;
+pub mod bake;
 pub mod cgroup;
 pub mod command;
 pub mod converge;

@@ -62,6 +62,9 @@ pub struct Plan {
 pub struct Step {
     pub name: String,
     pub kind: StepKind,
+    /// The step's digest when it only leaves machine state (an image can
+    /// hold it: `bake`); `None` for steps every node runs itself.
+    pub image_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +83,8 @@ pub enum StepKind {
     Collect { attribute: String, path: String },
     /// The controller's prepared Python packages, unpacked into a venv.
     PythonEnv(PythonEnv),
+    /// Record what an image holds and remove what it must not (`bake`).
+    Seal { image: String, generalize: bool },
     /// A kind this agent does not know (a newer controller): the step fails
     /// and says so.
     Unknown,
@@ -204,6 +209,8 @@ pub struct StepReport {
 pub enum StepStatus {
     Running,
     Succeeded,
+    /// Not run: already done (baked into the node's image).
+    Skipped,
     Failed,
 }
 

@@ -36,6 +36,10 @@ pub struct Executor {
     state: Mutex<State>,
     /// True once the current plan finished successfully.
     done: tokio::sync::watch::Sender<bool>,
+    /// What the image this node booted from holds (`bake`), if any.
+    baked: Option<crate::bake::Baked>,
+    /// Sealed for an image: nothing more is written to disk.
+    sealed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -55,6 +59,8 @@ impl Executor {
             dir: dir.to_owned(),
             state: Mutex::new(State { progress, running: None }),
             done: tokio::sync::watch::channel(false).0,
+            baked: crate::bake::Baked::load(dir),
+            sealed: Default::default(),
         }
     }
 
@@ -121,11 +127,35 @@ impl Executor {
                         output_tail: tail,
                     })
                 };
+                // Done already: the image this node booted from holds it.
+                if let (Some(digest), Some(baked)) = (&step.image_digest, &self.baked)
+                    && baked.holds(digest)
+                {
+                    let mut st = self.state.lock().expect("lock");
+                    st.progress.completed = i + 1;
+                    self.save(&st.progress);
+                    tracing::info!(step = %step.name, image = %baked.image, "step skipped: baked into the image");
+                    let _ = reports.send(report(
+                        StepStatus::Skipped,
+                        0,
+                        0,
+                        format!("baked into {}", baked.image),
+                    ));
+                    continue;
+                }
                 let _ = reports.send(report(StepStatus::Running, 0, 0, String::new()));
                 tracing::info!(step = %step.name, "step {}/{} started", i + 1, plan.steps.len());
                 let t0 = Instant::now();
                 let out = match &step.kind {
                     StepKind::Collect { attribute, path } => collect(attribute, path, &reports),
+                    StepKind::Seal { image, generalize } => {
+                        let root = generalize.then(crate::bake::image_root);
+                        let out = crate::bake::seal(&self.dir, &plan, i as usize, image, root.as_deref());
+                        if out.code == 0 {
+                            self.sealed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        out
+                    }
                     _ => run_step(step, &self.dir, workers).await,
                 };
                 let ms = t0.elapsed().as_millis() as u64;
@@ -162,6 +192,9 @@ impl Executor {
     }
 
     fn save(&self, p: &Progress) {
+        if self.sealed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let path = self.dir.join("progress.json");
         if let Err(e) = crate::files::write_private(&path, &serde_json::to_string(p).expect("serializes")) {
             tracing::error!("cannot save {}: {e}", path.display());
@@ -196,6 +229,7 @@ pub async fn run_step(step: &Step, dir: &Path, workers: u32) -> Outcome {
         StepKind::Scratch(s) => crate::scratch::scratch(s, &log).await,
         StepKind::PythonEnv(env) => crate::pyenv::python_env(env, dir, &log).await,
         StepKind::Collect { attribute, .. } => fail(format!("collect {attribute} must run inside a plan")),
+        StepKind::Seal { .. } => fail("seal must run inside a plan".to_string()),
         StepKind::Shell { script, env } => {
             let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
             let mut cmd = tokio::process::Command::new(shell);
@@ -308,7 +342,11 @@ mod tests {
     use super::*;
 
     fn shell(name: &str, script: &str) -> Step {
-        Step { name: name.into(), kind: StepKind::Shell { script: script.into(), env: Default::default() } }
+        Step {
+            name: name.into(),
+            kind: StepKind::Shell { script: script.into(), env: Default::default() },
+            image_digest: None,
+        }
     }
 
     #[tokio::test]
@@ -340,6 +378,7 @@ mod tests {
                 packages: vec!["coreutils".into(), "ddisco-no-such-package".into()],
                 install: false,
             },
+            image_digest: None,
         };
         let out = run_step(&step, d.path(), 1).await;
         assert_eq!(out.code, 1);
@@ -358,6 +397,7 @@ mod tests {
                 keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 BBBB b".into()],
                 owner: String::new(),
             },
+            image_digest: None,
         };
         assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
         assert_eq!(run_step(&step, d.path(), 1).await.code, 0);
@@ -389,5 +429,57 @@ mod tests {
         ex.start(plan, 1, tx);
         assert!(rx.recv().await.is_none());
         assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\n");
+    }
+
+    /// A node booted from a baked image: steps the image holds are
+    /// reported skipped and not run; the others run; then sealing a bake
+    /// node leaves no progress behind, even after later steps.
+    #[tokio::test]
+    async fn steps_an_image_holds_are_skipped_and_a_sealed_node_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let baked = crate::bake::Baked {
+            image: "ddisco-t".into(),
+            sealed_unix_ms: 1,
+            steps: vec![crate::bake::BakedStep { name: "one".into(), digest: "d1".into() }],
+        };
+        std::fs::write(d.path().join(crate::bake::BAKED), serde_json::to_string(&baked).unwrap()).unwrap();
+        let touch = |name: &str, digest: &str| Step {
+            image_digest: Some(digest.into()),
+            ..shell(name, &format!("touch ran-{name}"))
+        };
+        let plan = Plan { id: "p".into(), steps: vec![touch("one", "d1"), touch("two", "d2")] };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ex = Arc::new(Executor::new(d.path()));
+        ex.clone().start(plan, 1, tx);
+        let mut seen = Vec::new();
+        while let Some(Report::Step(r)) = rx.recv().await {
+            seen.push((r.name, r.status, r.output_tail));
+        }
+        assert!(ex.is_done());
+        assert_eq!(seen[0], ("one".into(), StepStatus::Skipped, "baked into ddisco-t".into()));
+        assert_eq!(seen.last().unwrap().1, StepStatus::Succeeded);
+        assert!(!d.path().join("ran-one").exists() && d.path().join("ran-two").exists());
+
+        // A bake node: seal, then nothing written.
+        let d = tempfile::tempdir().unwrap();
+        let plan = Plan {
+            id: "bake".into(),
+            steps: vec![
+                touch("one", "d1"),
+                Step {
+                    name: "seal".into(),
+                    kind: StepKind::Seal { image: "ddisco-t".into(), generalize: false },
+                    image_digest: None,
+                },
+            ],
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let ex = Arc::new(Executor::new(d.path()));
+        ex.clone().start(plan, 1, tx);
+        while rx.recv().await.is_some() {}
+        assert!(ex.is_done());
+        assert!(!d.path().join("progress.json").exists() && !d.path().join("steps").exists());
+        let b = crate::bake::Baked::load(d.path()).unwrap();
+        assert_eq!(b.steps, [crate::bake::BakedStep { name: "one".into(), digest: "d1".into() }]);
     }
 }

@@ -70,9 +70,11 @@ impl From<api::Step> for Step {
                 size: e.size,
                 compiled: e.compiled,
             }),
+            Some(Kind::Seal(seal)) => StepKind::Seal { image: seal.image, generalize: seal.generalize },
             None => StepKind::Unknown,
         };
-        Step { name: s.name, kind }
+        let image_digest = Some(s.image_digest).filter(|d| !d.is_empty());
+        Step { name: s.name, kind, image_digest }
     }
 }
 
@@ -151,6 +153,7 @@ impl From<Report> for api::AgentMessage {
                 status: match s.status {
                     StepStatus::Running => api::StepStatus::Running,
                     StepStatus::Succeeded => api::StepStatus::Succeeded,
+                    StepStatus::Skipped => api::StepStatus::Skipped,
                     StepStatus::Failed => api::StepStatus::Failed,
                 } as i32,
                 duration_ms: s.duration_ms,
@@ -187,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_step_or_directive_without_a_kind_is_unknown_not_a_panic() {
-        let s = Step::from(api::Step { name: "x".into(), kind: None });
+        let s = Step::from(api::Step { name: "x".into(), kind: None, image_digest: String::new() });
         assert_eq!(s.kind, StepKind::Unknown);
         let d = Directives::from(api::Directives {
             id: "i".into(),
@@ -204,9 +207,12 @@ mod tests {
             steps: vec![api::Step {
                 name: "scratch".into(),
                 kind: Some(api::step::Kind::Scratch(api::Scratch { path: "/mnt".into(), devices: vec![] })),
+                image_digest: "d".into(),
             }],
         });
         assert_eq!(p.steps[0].kind, StepKind::Scratch(Scratch { path: "/mnt".into(), devices: vec![] }));
+        assert_eq!(p.steps[0].image_digest.as_deref(), Some("d"));
+        assert_eq!(Step::from(api::Step::default()).image_digest, None);
         let m = api::AgentMessage::from(Report::Step(StepReport {
             plan_id: "p".into(),
             index: 0,

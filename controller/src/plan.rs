@@ -87,6 +87,13 @@ pub enum StepKind {
         compiled: bool,
         requirements: Vec<String>,
     },
+    /// A bake node's last step (`bake`): record the image steps done and
+    /// remove what no image may carry (the agent's identity; with
+    /// `generalize`, the machine's host keys and per-instance state).
+    Seal {
+        image: String,
+        generalize: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -101,14 +108,75 @@ pub struct Plan {
     /// Content hash: an agent's progress is only reused for the same plan.
     pub id: String,
     pub steps: Vec<Step>,
+    /// Per step: its digest if it is an image step (it leaves only machine
+    /// state, so a baked image can hold it: [`image_digest`]).
+    pub image: Vec<Option<String>>,
 }
 
 impl Plan {
+    /// A plan without image steps.
     pub fn new(steps: Vec<Step>) -> Plan {
+        Plan::with_image_steps(steps, &[])
+    }
+
+    /// A plan whose image steps are those [`is_image_step`] picks, the
+    /// shell steps named in `image_shell_steps` among them.
+    pub fn with_image_steps(steps: Vec<Step>, image_shell_steps: &[&str]) -> Plan {
         let json = serde_json::to_vec(&steps).expect("steps serialize");
         let id = hex::encode(&Sha256::digest(&json)[..12]);
-        Plan { id, steps }
+        let image =
+            steps.iter().map(|s| is_image_step(s, image_shell_steps).then(|| image_digest(s))).collect();
+        Plan { id, steps, image }
     }
+
+    /// The image steps: (step, digest).
+    pub fn image_steps(&self) -> impl Iterator<Item = (&Step, &str)> {
+        self.steps.iter().zip(&self.image).filter_map(|(s, d)| Some((s, d.as_deref()?)))
+    }
+}
+
+/// Does `step` leave only machine state that every node of the cluster
+/// would make the same (so an image may hold it)? Packages, pip and the
+/// prepared Python environment do; shell steps only when their engine says
+/// so (installs, users, folders); never scratch (instance store is each
+/// instance's own), keys, collected values, POST_INIT (the user's script,
+/// told the node's role) or anything that makes a secret (the master's SSH
+/// key).
+pub fn is_image_step(step: &Step, image_shell_steps: &[&str]) -> bool {
+    match &step.kind {
+        StepKind::SystemPackages { .. } | StepKind::Pip { .. } | StepKind::PythonEnv { .. } => true,
+        StepKind::Shell { env, .. } => env.is_empty() && image_shell_steps.contains(&step.name.as_str()),
+        StepKind::AuthorizedKeys { .. }
+        | StepKind::Scratch { .. }
+        | StepKind::Collect { .. }
+        | StepKind::Seal { .. } => false,
+    }
+}
+
+/// The SHA-256 (hex) of a step's name and content: the same step, done on
+/// the bake node, is the one a node booted from the image skips.
+pub fn image_digest(step: &Step) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(step).expect("step serializes")))
+}
+
+/// A bake node's plan: the image steps of `plans` (every role's), each
+/// once, in the order they come, then the seal for `image`.
+pub fn bake_plan(plans: &[&Plan], image: &str, generalize: bool) -> Plan {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut digests: Vec<Option<String>> = Vec::new();
+    for plan in plans {
+        for (step, digest) in plan.image_steps() {
+            if !digests.iter().any(|d| d.as_deref() == Some(digest)) {
+                steps.push(step.clone());
+                digests.push(Some(digest.to_string()));
+            }
+        }
+    }
+    steps.push(Step { name: "seal".into(), kind: StepKind::Seal { image: image.to_string(), generalize } });
+    digests.push(None);
+    let json = serde_json::to_vec(&steps).expect("steps serialize");
+    let id = hex::encode(&Sha256::digest(&json)[..12]);
+    Plan { id, steps, image: digests }
 }
 
 /// What a node is told when its session opens.
@@ -131,6 +199,7 @@ pub fn build(
     workers: u32,
     layout: &NodeLayout,
     engine_steps: Vec<Step>,
+    image_shell_steps: &[&str],
     env: Option<&PreparedEnv>,
 ) -> Plan {
     let mut steps = Vec::new();
@@ -182,7 +251,7 @@ pub fn build(
     if let Some(env) = env {
         steps = with_python_env(steps, env, layout);
     }
-    Plan::new(steps)
+    Plan::with_image_steps(steps, image_shell_steps)
 }
 
 /// `steps` with their pip steps replaced by one `python_env` step (at the
@@ -235,7 +304,7 @@ mod tests {
             post_init: "echo hi".into(),
             ..Config::default()
         };
-        let p = build(&cfg, Role::Master, 4, &layout(), vec![], None);
+        let p = build(&cfg, Role::Master, 4, &layout(), vec![], &[], None);
         let names: Vec<_> = p.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["system_packages", "pip_requirements", "authorized_keys", "post_init"]);
         match &p.steps[2].kind {
@@ -259,7 +328,7 @@ mod tests {
             kind: StepKind::Shell { script: "true".into(), env: Default::default() },
         }];
         let ec2 = NodeLayout { scratch: Some("/mnt".into()), ..layout() };
-        let p = build(&cfg, Role::Slave, 2, &ec2, engine.clone(), None);
+        let p = build(&cfg, Role::Slave, 2, &ec2, engine.clone(), &[], None);
         assert_eq!(
             p.steps[0],
             Step { name: "scratch".into(), kind: StepKind::Scratch { path: "/mnt".into() } }
@@ -267,7 +336,7 @@ mod tests {
         // The engine's steps come after it.
         assert!(p.steps.iter().position(|s| s.name.starts_with("dask")).unwrap_or(usize::MAX) > 0);
         // Without scratch handling (local nodes): no such step.
-        let p = build(&cfg, Role::Slave, 2, &layout(), engine, None);
+        let p = build(&cfg, Role::Slave, 2, &layout(), engine, &[], None);
         assert!(p.steps.iter().all(|s| s.name != "scratch"));
     }
 
@@ -279,15 +348,51 @@ mod tests {
             pip_requirements: vec![],
             ..Config::default()
         };
-        assert!(build(&cfg, Role::Slave, 1, &layout(), vec![], None).steps.is_empty());
+        assert!(build(&cfg, Role::Slave, 1, &layout(), vec![], &[], None).steps.is_empty());
     }
 
     #[test]
     fn plan_id_follows_content() {
         let cfg = Config::default();
-        let a = build(&cfg, Role::Slave, 2, &layout(), vec![], None);
-        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), vec![], None).id);
+        let a = build(&cfg, Role::Slave, 2, &layout(), vec![], &[], None);
+        assert_eq!(a.id, build(&cfg, Role::Slave, 2, &layout(), vec![], &[], None).id);
         let local = NodeLayout { install_packages: false, ..layout() };
-        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, vec![], None).id);
+        assert_ne!(a.id, build(&cfg, Role::Slave, 2, &local, vec![], &[], None).id);
+    }
+
+    #[test]
+    fn image_steps_are_machine_state_and_a_bake_plan_holds_each_once_then_seals() {
+        let cfg = Config {
+            mgmt_keys: vec!["ssh-ed25519 AAAA k".into()],
+            post_init: "echo hi".into(),
+            pip_requirements: vec!["six==1.16.0".into()],
+            ..Config::default()
+        };
+        let sh = |name: &str| Step {
+            name: name.into(),
+            kind: StepKind::Shell { script: format!("echo {name}"), env: Default::default() },
+        };
+        let ec2 = NodeLayout { scratch: Some("/mnt".into()), ..layout() };
+        let image = ["engine_install"];
+        let slave = build(&cfg, Role::Slave, 2, &ec2, vec![sh("engine_install")], &image, None);
+        let master =
+            build(&cfg, Role::Master, 2, &ec2, vec![sh("engine_install"), sh("engine_key")], &image, None);
+        let names = |p: &Plan| p.image_steps().map(|(s, _)| s.name.clone()).collect::<Vec<_>>();
+        // Scratch, keys, POST_INIT and unnamed shell steps are each node's own.
+        assert_eq!(names(&slave), ["system_packages", "pip_requirements", "engine_install"]);
+        assert_eq!(names(&master), names(&slave));
+        // The same step has the same digest in both roles' plans; another
+        // content, another digest.
+        assert_eq!(slave.image, master.image[..slave.image.len()].to_vec());
+        let other = Config { base_packages: vec!["curl".into()], ..cfg.clone() };
+        let other = build(&other, Role::Slave, 2, &ec2, vec![sh("engine_install")], &image, None);
+        assert_ne!(other.image_steps().next().unwrap().1, slave.image_steps().next().unwrap().1);
+
+        let bake = bake_plan(&[&slave, &master], "ddisco-x", true);
+        let bake_names: Vec<_> = bake.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(bake_names, ["system_packages", "pip_requirements", "engine_install", "seal"]);
+        assert_eq!(bake.steps[3].kind, StepKind::Seal { image: "ddisco-x".into(), generalize: true });
+        assert_eq!(bake.image[..3], slave.image.iter().flatten().cloned().map(Some).collect::<Vec<_>>()[..]);
+        assert_eq!(bake.image[3], None);
     }
 }

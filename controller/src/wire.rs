@@ -177,7 +177,13 @@ impl From<&Assignment> for api::Assignment {
 
 impl From<&Plan> for api::Plan {
     fn from(p: &Plan) -> api::Plan {
-        api::Plan { id: p.id.clone(), steps: p.steps.iter().map(api::Step::from).collect() }
+        let steps = p
+            .steps
+            .iter()
+            .zip(p.image.iter().chain(std::iter::repeat(&None)))
+            .map(|(s, d)| api::Step { image_digest: d.clone().unwrap_or_default(), ..api::Step::from(s) })
+            .collect();
+        api::Plan { id: p.id.clone(), steps }
     }
 }
 
@@ -214,8 +220,11 @@ impl From<&Step> for api::Step {
                     size: *size,
                 })
             }
+            StepKind::Seal { image, generalize } => {
+                Kind::Seal(api::Seal { image: image.clone(), generalize: *generalize })
+            }
         };
-        api::Step { name: s.name.clone(), kind: Some(kind) }
+        api::Step { name: s.name.clone(), kind: Some(kind), image_digest: String::new() }
     }
 }
 

@@ -486,7 +486,15 @@ impl Cluster {
         // say: the first, x86_64); none for it: the node pip-installs.
         let arch = hello.facts.arch.as_str();
         let env = self.python_envs.iter().find(|e| arch.is_empty() || e.arch == arch);
-        let plan = crate::plan::build(&self.cfg, role, workers, &layout, steps, env);
+        let image = self.engine.image_steps();
+        let mut plan = crate::plan::build(&self.cfg, role, workers, &layout, steps, image, env);
+        if let Some(name) = &self.cfg.bake {
+            // A bake node: every role's image steps, then the seal.
+            let other = if role == Role::Master { Role::Slave } else { Role::Master };
+            let steps = self.engine.steps(other, workers, &layout);
+            let other = crate::plan::build(&self.cfg, other, workers, &layout, steps, image, env);
+            plan = crate::plan::bake_plan(&[&plan, &other], name, layout.system);
+        }
         let attested = self.provider.attestor().is_some();
         let event = NodeEvent::Hello { hello, workers, plan: &plan, keep_identity: attested };
         if let Err(e) = reg.transition(node_id, event) {

@@ -125,6 +125,10 @@ pub struct Config {
     pub ec2: Ec2Config,
     pub dask: DaskConfig,
     pub disco: DiscoConfig,
+    /// Set by `bake`, never by a file: this control plane provisions one
+    /// node with the image steps of both roles' plans and seals it for the
+    /// image of this name.
+    pub bake: Option<String>,
 }
 
 /// The EC2 section: every setting only the EC2 provider reads.
@@ -392,6 +396,7 @@ impl Default for Config {
                 home: String::new(),
                 bundle: None,
             },
+            bake: None,
         }
     }
 }

@@ -173,6 +173,10 @@ impl Engine for Dask {
         "dask"
     }
 
+    fn image_steps(&self) -> &'static [&'static str] {
+        &["dask_user"]
+    }
+
     fn steps(&self, _role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
         let home = Dask::home(layout);
         let local = Dask::local_dir(layout);

@@ -324,6 +324,11 @@ impl Engine for Disco {
         "disco"
     }
 
+    /// Not `disco_ssh_key` (each master its own key) nor the collects.
+    fn image_steps(&self) -> &'static [&'static str] {
+        &["disco_user", "disco_install", "disco_bundle", "disco_python", "disco_dirs"]
+    }
+
     fn steps(&self, role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
         let mut steps = Vec::new();
         let home = Disco::home(layout);

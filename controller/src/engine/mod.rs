@@ -107,6 +107,12 @@ pub trait Engine: Send + Sync {
     /// Provisioning steps for a node of `role` (run after packages and pip,
     /// before management keys and POST_INIT).
     fn steps(&self, role: Role, workers: u32, layout: &NodeLayout) -> Vec<Step>;
+    /// The shell steps of `steps` that leave only machine state, the same
+    /// on every node (installs, users, folders): a baked image may hold
+    /// them (`plan::is_image_step`). Never a step that makes a secret.
+    fn image_steps(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// The desired engine state on `me`, given every member.
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive>;
     /// What the master's probe `name` answered (untrusted: the body comes
