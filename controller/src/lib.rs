@@ -32,6 +32,7 @@ pub mod admission;
 pub mod attest;
 pub mod autoscale;
 pub mod autostop;
+pub mod bake;
 pub mod budget;
 pub mod cli;
 pub mod cluster;

@@ -154,6 +154,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let clock = Clock::new();
     let registry = load_registry(&cfg, &clock)?;
     let provider = make_provider(&cfg, &cluster_id).await?;
+    // Nodes boot from the baked images of this region (`bake`), if any.
+    if cfg.bake.is_none()
+        && let Some(region) = provider.region()
+    {
+        let images = crate::bake::in_force(&crate::bake::read(&cfg.state_dir)?, &region);
+        provider.use_images(images);
+    }
     provider.preflight().await.map_err(preflight_error)?;
     let admin_path = cfg.admin_socket();
     let admin_listener = crate::admin::bind(&admin_path).await?;
@@ -426,17 +433,36 @@ async fn run_tasks(
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(publish_loop(shared.clone(), shutdown_rx.clone()));
+    let baking = shared.cfg.bake.is_some();
+    if baking {
+        tasks.spawn(crate::bake::drive(shared.clone(), shutdown_rx.clone()));
+    }
 
     let mut stop_rx = shutdown_rx.clone();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping the controller (nodes keep running; `destroy` removes them)"),
-        _ = sigterm.recv() => tracing::info!("SIGTERM; stopping the controller (nodes keep running; `destroy` removes them)"),
-        _ = stop_rx.changed() => {}
+    let keep = if baking {
+        "the bake node is destroyed first"
+    } else {
+        "nodes keep running; `destroy` removes them"
+    };
+    let signalled = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping the controller ({keep})"); true }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM; stopping the controller ({keep})"); true }
+        _ = stop_rx.changed() => false,
         Some(res) = tasks.join_next() => {
             shared.stop();
             res??;
+            false
         }
+    };
+    // A bake node has no purpose without its controller.
+    if baking
+        && signalled
+        && let Err(e) = crate::cluster::ops::destroy(shared).await
+    {
+        tracing::error!(
+            "the bake node may still run: {e:#} (`ddisco-controller destroy --state-dir <state_dir>/bake`)"
+        );
     }
     shared.stop();
     while let Some(res) = tasks.join_next().await {

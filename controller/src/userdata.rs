@@ -87,6 +87,10 @@ halt() {{
   echo "ddisco: $1" >&2
 {halt}  exit 1
 }}
+# An image baked by `ddisco-controller bake` may hold this very agent.
+if [ -f ddisco-agent ] && [ ! -L ddisco-agent ] && echo "$sum  ddisco-agent" | sha256sum -c - >/dev/null 2>&1; then
+  echo "ddisco: agent already on this machine ($sum), starting"
+else
 start=$(date +%s)
 until fetch; do
   if [ $(($(date +%s) - start)) -ge {give_up} ]; then
@@ -101,6 +105,7 @@ fi
 chmod 0700 ddisco-agent.part
 mv -f ddisco-agent.part ddisco-agent
 echo "ddisco: agent verified ($sum), starting"
+fi
 exec ./ddisco-agent run --dir "$D"
 "#,
             home = self.default_home,

@@ -112,6 +112,62 @@ impl Cluster {
         Cluster::start_inner(extra, env, None)
     }
 
+    /// Writes `FAST` + `extra` as the config, with `env` for every
+    /// command, and starts nothing (see [`Cluster::start_serve`]).
+    pub fn prepare_with_env(extra: &str, env: Vec<(String, String)>) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("ddisco.toml");
+        std::fs::write(&config, fast_config(extra)).expect("write config");
+        Cluster { dir, config, serve: None, env, fd_limit: None }
+    }
+
+    /// Starts `serve` (of a prepared cluster); returns once the admin API
+    /// answers.
+    pub fn start_serve(&mut self) {
+        self.spawn_serve();
+        self.wait_until("the admin API answers", ADMIN_UP, |_| true);
+    }
+
+    /// Runs `ddisco-controller ARGS --config <config>` to its end, killed
+    /// (and the test failed) if it takes longer than `deadline`.
+    pub fn ctl_within(&self, args: &[&str], deadline: Duration) -> Output {
+        let mut child = Command::new(bin("ddisco-controller"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ddisco-controller");
+        // Read both pipes while it runs (a full pipe would block it).
+        let (mut so, mut se) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let out_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut so, &mut v);
+            v
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut se, &mut v);
+            v
+        });
+        let end = Instant::now() + deadline;
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break s;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                let err = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
+                panic!("`ddisco-controller {}` did not end within {deadline:?}:\n{err}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
+    }
+
     fn start_inner(extra: &str, env: Vec<(String, String)>, fd_limit: Option<u32>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("ddisco.toml");

@@ -1675,3 +1675,92 @@ fn half_the_slaves_lost_at_once_across_a_controller_restart() {
     let events = w.cluster.status().unwrap()["events"].to_string();
     assert!(events.contains("lost (its instance is gone)"), "{events}");
 }
+
+/// Issue 25, item 2: `bake` provisions one node with the image steps of the
+/// plans, seals it, images it (CreateImage; waiting while EC2 says the image
+/// is pending), records it and terminates the node. `serve` then launches
+/// every node from the image; they skip the steps it holds (reported as
+/// skipped, naming the image) and run their own (scratch, POST_INIT).
+#[test]
+fn bake_makes_an_image_whose_nodes_skip_the_steps_it_holds() {
+    let Ground { rt, tag, proxy, client, sg } = ground();
+    // EC2 takes minutes to snapshot an instance: here 3 s of `pending`.
+    proxy.set_model(Model { image_pending_for: Duration::from_secs(3), ..Model::default() });
+    let hv = Hypervisor::start(&rt, &tag);
+    let extra = format!(
+        "scratch_path = \"{}\"\nnum_slaves = 2\npost_init = \"echo post-init-ran\"",
+        hv.dir.path().join("scratch").display()
+    );
+    let mut cluster = Cluster::prepare_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
+
+    let t0 = Instant::now();
+    let out = cluster.ctl_within(&["bake"], Duration::from_secs(300));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bake failed:\n{stdout}\n{stderr}");
+    eprintln!("bake took {:.1}s: {stdout}", t0.elapsed().as_secs_f64());
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.state_dir().join("baked.json")).unwrap())
+            .unwrap();
+    let img = &record[0];
+    assert_eq!(
+        (img["region"].as_str(), img["arch"].as_str()),
+        (Some("us-east-1"), Some("x86_64")),
+        "{record}"
+    );
+    assert_eq!(img["steps"], serde_json::json!(["system_packages"]), "{record}");
+    let image_id = img["image_id"].as_str().unwrap().to_string();
+    assert!(stdout.contains(&image_id), "{stdout}");
+    // The image waited for: asked for until EC2 said available.
+    assert_eq!(proxy.count("CreateImage"), 1);
+    assert!(proxy.count("DescribeImages") >= 3, "{:?}", proxy.counts());
+    // Tagged with the cluster's tag and its source.
+    let described = rt.block_on(client.describe_images().image_ids(&image_id).send()).unwrap();
+    let tags: std::collections::HashMap<String, String> = described.images()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect();
+    assert_eq!(tags.get(&tag).map(String::as_str), Some("image"), "{tags:?}");
+    let source = tags[SOURCE_TAG].clone();
+    // The bake node is gone; its disk (what the image holds) keeps the
+    // record and none of its identity, bootstrap or host keys.
+    let all = rt.block_on(instances(&client, &tag));
+    assert!(live(&all).is_empty(), "{all:#?}");
+    let disk = hv.dir.path().join(&source);
+    assert!(disk.join("baked.json").exists());
+    for gone in ["identity", "bootstrap.json", "progress.json", "etc/ssh/ssh_host_ed25519_key"] {
+        assert!(!disk.join(gone).exists(), "{gone} is in the image");
+    }
+    assert_eq!(std::fs::read_to_string(disk.join("etc/machine-id")).unwrap(), "");
+
+    cluster.start_serve();
+    let s = cluster.wait_until("master + 2 slaves ready from the image", READY, |s| at_size(s, 2));
+    let all = rt.block_on(instances(&client, &tag));
+    let live_insts = live(&all);
+    assert_eq!(live_insts.len(), 3, "{all:#?}");
+    for i in &live_insts {
+        assert_eq!(i.image_id, image_id, "{i:?}");
+        let disk = hv.dir.path().join(&i.id);
+        // Its own identity and host key, made on its first boot.
+        assert!(disk.join("identity/cert.pem").exists());
+        let key = std::fs::read_to_string(disk.join("etc/ssh/ssh_host_ed25519_key")).unwrap();
+        assert!(key.contains(&i.id), "{key}");
+        let console = std::fs::read_to_string(disk.join("console.log")).unwrap();
+        assert!(console.contains("agent already on this machine"), "{console}");
+    }
+    let name = img["name"].as_str().unwrap();
+    for n in nodes(&s) {
+        let steps = n["steps"].as_array().unwrap();
+        let step = |name: &str| steps.iter().find(|st| st["name"] == name).unwrap_or_else(|| panic!("{n:#}"));
+        assert_eq!(step("system_packages")["status"], "skipped", "{n:#}");
+        assert_eq!(step("system_packages")["output_tail"], format!("baked into {name}"), "{n:#}");
+        for own in ["scratch", "post_init"] {
+            assert_eq!(step(own)["status"], "succeeded", "{n:#}");
+        }
+    }
+    let facts = s["provider_facts"].to_string();
+    assert!(facts.contains(&image_id), "{facts}");
+    drop(cluster);
+    drop(hv);
+    drop(proxy);
+}

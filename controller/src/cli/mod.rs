@@ -1,6 +1,7 @@
 //! The `ddisco-controller` command line: one module per subcommand, each with
 //! its clap arguments and an `exec` that hands off to the library.
 
+pub mod bake;
 pub mod client;
 pub mod completions;
 pub mod credentials;
@@ -47,6 +48,7 @@ pub struct Cli {
 pub enum Command {
     Init(init::InitArgs),
     Serve(serve::ServeArgs),
+    Bake(bake::BakeArgs),
     Scale(scale::ScaleArgs),
     Run(run::RunArgs),
     Status(status::StatusArgs),
@@ -97,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(a) => init::exec(a),
         Command::Serve(a) => serve::exec(a).await,
+        Command::Bake(a) => bake::exec(a).await,
         Command::Scale(a) => scale::exec(a).await,
         Command::Run(a) => run::exec(a).await,
         Command::Status(a) => status::exec(a).await,

@@ -309,7 +309,10 @@ impl Cluster {
     /// when its session did not take them (none open, or its queue full).
     fn push_to(&self, me: &Member, members: &[Member], live: &crate::registry::Liveness) -> bool {
         let layout = self.provider.layout(&me.id);
-        let set = DirectiveSet::new(self.engine.directives(me, members, &layout));
+        // A bake node runs no engine: nothing of it may end in the image.
+        let directives =
+            if self.cfg.bake.is_some() { vec![] } else { self.engine.directives(me, members, &layout) };
+        let set = DirectiveSet::new(directives);
         crate::metrics::Metrics::inc(&self.metrics.directive_sets);
         self.metrics.directive_bytes.fetch_add(set.json_len as u64, Ordering::Relaxed);
         live.push_directives(&Arc::new(set))

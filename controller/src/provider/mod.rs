@@ -114,6 +114,34 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Where its images live (EC2: the region); `None`: it has none.
+    fn region(&self) -> Option<String> {
+        None
+    }
+
+    /// Launch from these baked images (architecture -> image id) instead
+    /// of the configured one; called before `preflight`, which drops those
+    /// it cannot use.
+    fn use_images(&self, _by_arch: HashMap<String, String>) {}
+
+    /// Makes an image of a sealed node's machine (`bake`); returns its id.
+    async fn create_image(&self, _instance_id: &str, _name: &str) -> Result<String, ProviderError> {
+        Err(ProviderError::Config {
+            key: "provider".into(),
+            message: format!(
+                "the {} provider has no machine images to bake: `bake` makes EC2 images (provider = \"ec2\"); \
+                 local nodes take their packages from the controller's cache already",
+                self.name()
+            ),
+        })
+    }
+
+    /// Is the image made by `create_image` ready to launch from? `Ok(false)`
+    /// while it is pending.
+    async fn image_ready(&self, _image_id: &str) -> Result<bool, ProviderError> {
+        Ok(false)
+    }
+
     /// `Err` without any API call while launches of `pool` cannot succeed
     /// (throttling backoff, configuration error, account quota).
     fn can_launch(&self, _role: Role, _pool: &str) -> Result<(), ProviderError> {

@@ -249,10 +249,60 @@ pub async fn userdata_of(c: &Client, instance_id: &str) -> Result<String, String
     String::from_utf8(bytes).map_err(|e| e.to_string())
 }
 
+/// Tag a baked image carries: the instance it was made from (what
+/// `ddisco-controller bake` tags, as EC2 keeps it).
+pub const SOURCE_TAG: &str = "ddisco:source-instance";
+
+/// The instance an image was made from (CreateImage), if it was made here.
+async fn image_source(c: &Client, image_id: &str) -> Option<String> {
+    let out = c.describe_images().image_ids(image_id).send().await.ok()?;
+    let img = out.images().first()?;
+    img.tags().iter().find(|t| t.key() == Some(SOURCE_TAG)).and_then(|t| t.value()).map(String::from)
+}
+
+/// Each instance's folder is its disk. An instance launched from an image
+/// made of another instance starts with a copy of that instance's disk
+/// (what EC2's CreateImage snapshot holds; the hypervisor's own files
+/// aside). Then what the first boot of any instance does (cloud-init):
+/// SSH host keys and a machine-id of its own, unless the disk has them.
+async fn prepare_disk(
+    c: &Client,
+    i: &Inst,
+    root: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    if let Some(src) = image_source(c, &i.image_id).await {
+        let from = root.join(&src);
+        if !from.is_dir() {
+            return Err(format!("image {} was made from {src}, whose disk is not here", i.image_id));
+        }
+        let out = Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(dir).output();
+        let out = out.map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("copying the disk of {src}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        for own in ["console.log", "userdata.sh", "powered-off"] {
+            let _ = std::fs::remove_file(dir.join(own));
+        }
+    }
+    let ssh = dir.join("etc/ssh");
+    std::fs::create_dir_all(&ssh).map_err(|e| e.to_string())?;
+    let key = ssh.join("ssh_host_ed25519_key");
+    if !key.exists() {
+        std::fs::write(&key, format!("host key of {}\n", i.id)).map_err(|e| e.to_string())?;
+    }
+    let mid = dir.join("etc/machine-id");
+    if std::fs::read_to_string(&mid).map(|t| t.trim().is_empty()).unwrap_or(true) {
+        std::fs::write(&mid, format!("{}\n", i.id)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, String> {
     let userdata = userdata_of(c, &i.id).await?;
     let dir = root.join(&i.id);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    prepare_disk(c, i, root, &dir).await?;
     std::fs::write(dir.join("userdata.sh"), userdata).map_err(|e| e.to_string())?;
 
     let d = c.describe_instances().instance_ids(&i.id).send().await.map_err(|e| format!("{e:?}"))?;
@@ -285,6 +335,8 @@ async fn boot(c: &Client, i: &Inst, root: &std::path::Path) -> Result<Booted, St
             .arg("userdata.sh")
             .current_dir(&dir)
             .env("DDISCO_HOME", &dir)
+            // The instance's disk: what a seal generalizes.
+            .env("DDISCO_IMAGE_ROOT", &dir)
             .env("DDISCO_IMDS", &imds_url)
             // EC2's host names: ip-10-0-0-7 for 10.0.0.7.
             .env("DDISCO_HOSTNAME", format!("ip-{}", meta.lock().unwrap().ip.replace('.', "-")))

@@ -12,7 +12,11 @@
 //!   key of `tests/fixtures/`: [`IDENTITY_CERTIFICATE`] is what the
 //!   controller must be told to trust). Terminating the instance in moto
 //!   kills its node. Instances a test holds are not booted until it
-//!   releases them. **Test double:** no real instance can boot here.
+//!   releases them. Each instance's folder is its disk: one launched from
+//!   an image made of another instance (CreateImage) starts with a copy of
+//!   that instance's folder, as EC2's snapshot would hold it; every first
+//!   boot makes SSH host keys and a machine-id (cloud-init's part).
+//!   **Test double:** no real instance can boot here.
 //! - [`FaultProxy`]: an HTTP proxy in front of moto that counts EC2 calls
 //!   per Action and injects faults (capacity errors, throttling, latency)
 //!   for chosen Actions, because moto never produces them.

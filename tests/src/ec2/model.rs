@@ -40,6 +40,10 @@ pub struct Model {
     /// The AWS Price List API (`GetProducts`, which moto lacks): Linux
     /// on-demand USD per hour per instance type, answered in AWS's format.
     pub on_demand_usd: HashMap<String, f64>,
+    /// Images made with CreateImage say `pending` in DescribeImages for
+    /// this long (EC2 takes minutes to snapshot an instance; moto's are
+    /// available at once).
+    pub image_pending_for: Duration,
 }
 
 impl Default for Model {
@@ -51,6 +55,7 @@ impl Default for Model {
             listing_lag: Duration::ZERO,
             run_latency: Duration::ZERO,
             profile_valid_at: None,
+            image_pending_for: Duration::ZERO,
             // us-east-1's list prices.
             on_demand_usd: [
                 ("c5.large", 0.085),

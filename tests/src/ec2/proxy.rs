@@ -30,6 +30,8 @@ pub(super) struct ProxyState {
     pub(super) model: Model,
     /// Instances launched through the proxy: id -> (when, type).
     pub(super) launched: HashMap<String, (Instant, String)>,
+    /// Images made through the proxy (CreateImage): id -> when.
+    pub(super) images: HashMap<String, Instant>,
 }
 
 /// Counts EC2 calls per Action and injects faults, in front of moto.
@@ -230,6 +232,22 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
             st.launched.insert(id, (Instant::now(), itype.clone()));
         }
         bytes
+    } else if ok && action == "CreateImage" {
+        if let Some(id) = xml_values(&text, "imageId").into_iter().next() {
+            sh.state.lock().unwrap().images.insert(id, Instant::now());
+        }
+        bytes
+    } else if ok && action == "DescribeImages" && !model.image_pending_for.is_zero() {
+        let pending: Vec<String> = {
+            let st = sh.state.lock().unwrap();
+            st.images
+                .iter()
+                .filter(|(_, t)| t.elapsed() < model.image_pending_for)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        parts.headers.remove("content-length");
+        Bytes::from(images_pending(&text, &pending))
     } else if ok && action == "DescribeInstances" && !model.listing_lag.is_zero() {
         let hidden: Vec<String> = {
             let st = sh.state.lock().unwrap();
@@ -245,6 +263,20 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         bytes
     };
     Response::from_parts(parts, Body::from(out))
+}
+
+/// A DescribeImages answer where the images `pending` are still being
+/// made: their state says `pending`, as EC2's does while it snapshots.
+fn images_pending(xml: &str, pending: &[String]) -> String {
+    let mut out = xml.to_string();
+    for id in pending {
+        let Some(at) = out.find(&format!("<imageId>{id}</imageId>")) else { continue };
+        let (avail, pend) = ("<imageState>available</imageState>", "<imageState>pending</imageState>");
+        if let Some(rel) = out[at..].find(avail) {
+            out.replace_range(at + rel..at + rel + avail.len(), pend);
+        }
+    }
+    out
 }
 
 /// The text of every `<tag>...</tag>` in `xml`.

@@ -18,10 +18,13 @@ struct CachedImage {
 impl Ec2Provider {
     /// The image to launch an instance type with (after preflight).
     pub(super) fn image_for(&self, itype: &str) -> Result<String, String> {
+        let arch = self.type_arch.lock().get(itype).cloned().unwrap_or_else(|| "x86_64".into());
+        if let Some(baked) = self.baked.lock().get(&arch) {
+            return Ok(baked.clone());
+        }
         if let ImageSpec::Id(id) = &self.ami {
             return Ok(id.clone());
         }
-        let arch = self.type_arch.lock().get(itype).cloned().unwrap_or_else(|| "x86_64".into());
         self.image_by_arch
             .lock()
             .get(&arch)

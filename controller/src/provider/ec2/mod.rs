@@ -22,6 +22,7 @@
 //! - Every instance carries the tag `<tag_key> = master|slave` (as the
 //!   original did), `ddisco:pool`, `ddisco:batch` and `ddisco:cluster`.
 
+mod bake;
 mod errors;
 mod image_lookup;
 mod launch;
@@ -106,6 +107,8 @@ pub struct Ec2Provider {
     type_arch: Mutex<HashMap<String, String>>,
     /// Architecture -> image id in force, from preflight.
     image_by_arch: Mutex<HashMap<String, String>>,
+    /// Architecture -> baked image (`bake`), which wins over `ami`.
+    baked: Mutex<HashMap<String, String>>,
     /// What scratch each instance type gets (for status), from preflight.
     scratch_notes: Mutex<Vec<String>>,
     /// (instance type, subnet) pairs whose zone does not offer the type,
@@ -284,6 +287,7 @@ impl Ec2Provider {
             unsupported: Mutex::default(),
             subnet_zones: Mutex::default(),
             image_by_arch: Mutex::default(),
+            baked: Mutex::default(),
             resolved: Mutex::default(),
             image_cache: state_dir.join("images.json"),
         })
@@ -457,6 +461,22 @@ impl Provider for Ec2Provider {
 
     async fn preflight(&self) -> Result<(), ProviderError> {
         self.preflight_checks().await
+    }
+
+    fn region(&self) -> Option<String> {
+        Some(self.region.clone())
+    }
+
+    fn use_images(&self, by_arch: HashMap<String, String>) {
+        *self.baked.lock() = by_arch;
+    }
+
+    async fn create_image(&self, instance_id: &str, name: &str) -> Result<String, ProviderError> {
+        self.create_image_of(instance_id, name).await
+    }
+
+    async fn image_ready(&self, image_id: &str) -> Result<bool, ProviderError> {
+        self.image_state(image_id).await
     }
 
     fn can_launch(&self, role: Role, pool: &str) -> Result<(), ProviderError> {
@@ -634,6 +654,16 @@ impl Provider for Ec2Provider {
                 self.resolved.lock().iter().map(|r| format!("image: {}", r.describe())).collect()
             }
         };
+        let mut baked: Vec<String> = self
+            .baked
+            .lock()
+            .iter()
+            .map(|(arch, id)| {
+                format!("image for {arch} nodes: {id}, baked (`bake`): they skip the steps it holds")
+            })
+            .collect();
+        baked.sort();
+        out.extend(baked);
         out.extend(self.scratch_notes.lock().iter().cloned());
         out
     }

@@ -117,6 +117,7 @@ impl Ec2Provider {
         self.subnet_zones.lock().clone_from(&zones);
         self.check_offerings(&zones, &arch_keys).await?;
         self.resolve_images(&arch_keys).await?;
+        self.check_baked().await;
         // Every type's architecture needs its agent (an x86_64 agent does
         // not run on Graviton).
         if let Some((arch, t, key)) = arch_keys.iter().find(|(a, _, _)| !self.agent_archs.contains(a)) {
