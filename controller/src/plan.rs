@@ -154,9 +154,15 @@ pub fn is_image_step(step: &Step, image_shell_steps: &[&str]) -> bool {
 }
 
 /// The SHA-256 (hex) of a step's name and content: the same step, done on
-/// the bake node, is the one a node booted from the image skips.
+/// the bake node, is the one a node booted from the image skips. The
+/// Python environment counts by its archive's SHA-256, not by the URL it
+/// is fetched from (the controller's address).
 pub fn image_digest(step: &Step) -> String {
-    hex::encode(Sha256::digest(serde_json::to_vec(step).expect("step serializes")))
+    let mut step = step.clone();
+    if let StepKind::PythonEnv { url, .. } = &mut step.kind {
+        url.clear();
+    }
+    hex::encode(Sha256::digest(serde_json::to_vec(&step).expect("step serializes")))
 }
 
 /// A bake node's plan: the image steps of `plans` (every role's), each
@@ -394,5 +400,21 @@ mod tests {
         assert_eq!(bake.steps[3].kind, StepKind::Seal { image: "ddisco-x".into(), generalize: true });
         assert_eq!(bake.image[..3], slave.image.iter().flatten().cloned().map(Some).collect::<Vec<_>>()[..]);
         assert_eq!(bake.image[3], None);
+
+        // The prepared Python environment counts by content, wherever the
+        // controller serves it from.
+        let env = |url: &str| Step {
+            name: "python_env".into(),
+            kind: StepKind::PythonEnv {
+                url: url.into(),
+                sha256: "ab".repeat(32),
+                size: 1,
+                venv: "/opt/ddisco/venv".into(),
+                python: "3.12".into(),
+                compiled: false,
+                requirements: vec!["six==1.16.0".into()],
+            },
+        };
+        assert_eq!(image_digest(&env("https://10.0.0.1:7444/x")), image_digest(&env("https://10.0.0.9:9/x")));
     }
 }

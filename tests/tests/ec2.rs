@@ -1764,3 +1764,44 @@ fn bake_makes_an_image_whose_nodes_skip_the_steps_it_holds() {
     drop(hv);
     drop(proxy);
 }
+
+/// A bake that cannot make its image (here the controller's AWS identity
+/// may not call CreateImage) says so, naming the action and the
+/// permission, records nothing, and leaves no bake node running.
+#[test]
+fn a_bake_that_cannot_make_its_image_fails_naming_why_and_leaves_nothing_running() {
+    let Ground { rt, tag, proxy, client, sg } = ground();
+    proxy.add_fault(Fault {
+        action: "CreateImage".into(),
+        when: None,
+        code: "UnauthorizedOperation".into(),
+        status: 403,
+        times: None,
+        message: Some("You are not authorized to perform this operation.".into()),
+    });
+    let hv = Hypervisor::start(&rt, &tag);
+    let extra = format!("scratch_path = \"{}\"", hv.dir.path().join("scratch").display());
+    let cluster = Cluster::prepare_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
+    let out = cluster.ctl_within(&["bake"], Duration::from_secs(300));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bake failed") && stderr.contains("ec2:CreateImage"), "{stderr}");
+    assert!(!cluster.state_dir().join("baked.json").exists());
+    // The bake node was launched, sealed, and is gone.
+    assert_eq!(proxy.count("RunInstances"), 1, "{:?}", proxy.counts());
+    let all = rt.block_on(instances(&client, &tag));
+    assert_eq!(all.len(), 1, "{all:#?}");
+    assert!(live(&all).is_empty(), "{all:#?}");
+    drop(hv);
+}
+
+/// `bake` makes EC2 images only: another provider is refused at once,
+/// naming the key.
+#[test]
+fn bake_refuses_a_provider_without_images() {
+    let cluster = Cluster::prepare_with_env("provider = \"local\"", vec![]);
+    let out = cluster.ctl_within(&["bake"], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("provider") && stderr.contains("EC2 images"), "{stderr}");
+}
