@@ -180,14 +180,18 @@ impl Engine for Dask {
     fn steps(&self, _role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
         let home = Dask::home(layout);
         let local = Dask::local_dir(layout);
-        let script = if layout.system {
-            format!(
-                "id -u {DASK_USER} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {DASK_USER} \
-                 && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' '{home}/tls' \
-                 && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{local}'"
+        // The user and its home are the machine's (an image may hold them);
+        // the workers' folder is on scratch, each node's own.
+        let (user, dirs) = if layout.system {
+            (
+                format!(
+                    "id -u {DASK_USER} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {DASK_USER} \
+                     && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' '{home}/tls'"
+                ),
+                format!("install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{local}'"),
             )
         } else {
-            format!("mkdir -p '{home}/tls' '{local}' && chmod 0700 '{home}/tls'")
+            (format!("mkdir -p '{home}/tls' && chmod 0700 '{home}/tls'"), format!("mkdir -p '{local}'"))
         };
         vec![
             Step {
@@ -197,7 +201,8 @@ impl Engine for Dask {
                     venv: layout.venv.display().to_string(),
                 },
             },
-            Step { name: "dask_user".into(), kind: StepKind::Shell { script, env: BTreeMap::new() } },
+            Step { name: "dask_user".into(), kind: StepKind::Shell { script: user, env: BTreeMap::new() } },
+            Step { name: "dask_dirs".into(), kind: StepKind::Shell { script: dirs, env: BTreeMap::new() } },
         ]
     }
 

@@ -324,9 +324,10 @@ impl Engine for Disco {
         "disco"
     }
 
-    /// Not `disco_ssh_key` (each master its own key) nor the collects.
+    /// Not `disco_ssh_key` (each master its own key), the collects, nor
+    /// `disco_dirs` (the data folder is on scratch: each node's own).
     fn image_steps(&self) -> &'static [&'static str] {
-        &["disco_user", "disco_install", "disco_bundle", "disco_python", "disco_dirs"]
+        &["disco_user", "disco_install", "disco_bundle", "disco_python"]
     }
 
     fn steps(&self, role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
