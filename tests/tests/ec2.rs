@@ -1760,6 +1760,11 @@ fn bake_makes_an_image_whose_nodes_skip_the_steps_it_holds() {
     }
     let facts = s["provider_facts"].to_string();
     assert!(facts.contains(&image_id), "{facts}");
+    // Not while the cluster's controller runs (same ports).
+    let again = cluster.ctl_within(&["bake"], Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{err}");
+    assert!(err.contains("a controller is running"), "{err}");
     drop(cluster);
     drop(hv);
     drop(proxy);

@@ -35,6 +35,15 @@ pub async fn exec(args: BakeArgs) -> anyhow::Result<ExitCode> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let name = bake::image_name(&cfg.tag_key, now);
     let bcfg = bake::config(&cfg, &path, &name)?;
+    // Both would use the same ports, and EC2 nodes dial those.
+    if tokio::net::UnixStream::connect(cfg.admin_socket()).await.is_ok() {
+        return Err(super::UsageError(format!(
+            "a controller is running for {}: stop it first (its nodes keep running, and it adopts them again \
+             when it starts), then bake, then start serve again",
+            cfg.state_dir.display()
+        ))
+        .into());
+    }
     crate::serve::prepare_state_dir(&cfg)?;
     crate::serve::prepare_state_dir(&bcfg)?;
     let result_path = bcfg.state_dir.join(bake::RESULT);
