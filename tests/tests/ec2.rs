@@ -1810,3 +1810,34 @@ fn bake_refuses_a_provider_without_images() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("provider") && stderr.contains("EC2 images"), "{stderr}");
 }
+
+/// A recorded baked image that is gone (deregistered) is reported at
+/// `serve` start, and nodes boot from `ami`, running every step.
+#[test]
+fn a_baked_image_that_is_gone_is_reported_and_nodes_boot_from_ami() {
+    let Ground { rt, tag, proxy, client, sg } = ground();
+    let hv = Hypervisor::start(&rt, &tag);
+    let extra = format!("scratch_path = \"{}\"\nnum_slaves = 1", hv.dir.path().join("scratch").display());
+    let mut cluster = Cluster::prepare_with_env(&config(&proxy.url, &tag, &sg, &extra), aws_env());
+    std::fs::create_dir_all(cluster.state_dir()).unwrap();
+    let gone = "ami-0000000000deadbee";
+    let record = serde_json::json!([{
+        "region": "us-east-1", "arch": "x86_64", "image_id": gone, "name": "ddisco-old",
+        "created_unix_ms": 1, "source_instance": "i-0", "steps": ["system_packages"]
+    }]);
+    std::fs::write(cluster.state_dir().join("baked.json"), record.to_string()).unwrap();
+    cluster.start_serve();
+    let s = cluster.wait_until("master + 1 slave ready", READY, |s| at_size(s, 1));
+    let log = cluster.serve_log();
+    assert!(log.contains(&format!("baked image {gone} (x86_64) is not usable")), "{log}");
+    for i in live(&rt.block_on(instances(&client, &tag))) {
+        assert_eq!(i.image_id, "ami-1e749f67", "{i:?}");
+    }
+    for n in nodes(&s) {
+        let steps = n["steps"].as_array().unwrap();
+        let pkgs = steps.iter().find(|st| st["name"] == "system_packages").unwrap();
+        assert_eq!(pkgs["status"], "succeeded", "{n:#}");
+    }
+    drop(cluster);
+    drop(hv);
+}
