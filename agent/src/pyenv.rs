@@ -288,6 +288,12 @@ fn unpack(archive: &Path, venv: &Path, site: &Path) -> Result<usize, String> {
                 }
                 out.set_permissions(std::fs::Permissions::from_mode(mode | 0o444))
                     .map_err(|e| format!("{}: {e}", to.display()))?;
+                // The source's time, which its bytecode records: Python
+                // uses the bytecode only if they agree.
+                if let Ok(secs) = entry.header().mtime() {
+                    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                    out.set_modified(at).map_err(|e| format!("{}: {e}", to.display()))?;
+                }
                 files += 1;
             }
             other => return Err(format!("{}: a {other:?} entry (only files and folders)", path.display())),

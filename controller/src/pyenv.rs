@@ -15,8 +15,11 @@ use anyhow::Context;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-/// Bump when the archive's layout changes: old cache entries are not reused.
-const FORMAT: u32 = 1;
+/// Bump when the archive's layout or its digest file changes: old cache
+/// entries are not reused. 2: the digest file says whether the archive
+/// holds bytecode (entries of 1 do not, and nodes compiled them again).
+/// 3: entries keep their modification times (the bytecode's check).
+const FORMAT: u32 = 3;
 
 /// What to prepare.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,9 +168,11 @@ pub fn install_command(spec: &Spec, target: &Path, installer: &Installer, host: 
                     .map(String::from)
                     .to_vec();
             v.extend(["--no-input".into(), "--target".into(), t]);
+            // pip compiles on one core; `prepare` compiles on all of them
+            // afterwards (for this host's Python; another's compiles on
+            // its nodes).
+            v.push("--no-compile".into());
             if !native {
-                // Bytecode of this host's Python would be of no use there.
-                v.push("--no-compile".into());
                 v.extend(["--only-binary=:all:".into(), "--implementation".into(), "cp".into()]);
                 v.extend(["--python-version".into(), spec.python.clone()]);
                 for tag in ["manylinux2014", "manylinux_2_28", "manylinux_2_34"] {
@@ -276,6 +281,18 @@ pub async fn prepare(spec: &Spec, cache: &Path, installer: &Installer) -> anyhow
             tail.join("\n")
         );
     }
+    if compiled && matches!(installer, Installer::Pip) {
+        // Every core at once (pip alone takes one). A file that does not
+        // compile (a package's Python 2 test data) is no error.
+        let _ = tokio::process::Command::new("python3")
+            .args(["-m", "compileall", "-q", "-j0"])
+            .arg(&target)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .with_context(|| "cannot run python3 -m compileall".to_string())?;
+    }
     // Scripts go to the venv's bin/, not into site-packages.
     let bin = work.path().join("bin");
     if target.join("bin").is_dir() {
@@ -301,7 +318,9 @@ fn pack(root: &Path, to: &Path) -> anyhow::Result<String> {
     let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(true);
-    tar.mode(tar::HeaderMode::Deterministic);
+    // Real modification times: the bytecode records its source's, and the
+    // nodes keep them (else every import would compile it again).
+    tar.mode(tar::HeaderMode::Complete);
     for top in ["site-packages", "bin"] {
         tar.append_dir_all(top, root.join(top))?;
     }
@@ -392,6 +411,8 @@ mod tests {
         let t = Path::new("/c/t");
         let native = install_command(&s, t, &Installer::Pip, ("3.12", "aarch64"));
         assert!(!native.iter().any(|a| a.contains("platform")), "{native:?}");
+        // Compiled after the install, on every core.
+        assert!(native.iter().any(|a| a == "--no-compile"), "{native:?}");
         assert_eq!(native[native.len() - 2..], ["--".to_string(), "dask==1".into()]);
         let cross = install_command(&s, t, &Installer::Pip, ("3.11", "x86_64")).join(" ");
         assert!(cross.contains("--only-binary=:all:") && cross.contains("--python-version 3.12"), "{cross}");

@@ -83,6 +83,29 @@ drain_timeout_secs = 3.0
     let expected: u64 = nodes(&s).iter().map(|n| n["workers"].as_u64().unwrap()).sum();
     let master = node_ids(&s, "master")[0].clone();
     let python = c.state_dir().join("nodes").join(&master).join("venv/bin/python");
+    // The controller compiled the packages for the nodes' Python once: no
+    // node compiles them, and the bytecode is valid for the unpacked
+    // sources (same size and mtime), so imports use it: it was not written
+    // again after the unpacking (the venv's marker is written last).
+    for n in nodes(&s) {
+        let steps = n["steps"].as_array().unwrap();
+        let env = steps.iter().find(|st| st["name"] == "python_env").unwrap();
+        assert!(env["output_tail"].as_str().unwrap().contains("with its bytecode"), "{n:#}");
+    }
+    let fresh = Command::new(&python)
+        .args(["-c", "import importlib.util as u, os, struct, sys, dask.base as b; \
+                 h = open(u.cache_from_source(b.__file__), 'rb').read(16); st = os.stat(b.__file__); \
+                 m = os.stat(os.path.join(sys.prefix, '.ddisco-env')).st_mtime; \
+                 print(struct.unpack('<II', h[8:16]) == (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF), \
+                       os.stat(u.cache_from_source(b.__file__)).st_mtime < m)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&fresh.stdout).trim(),
+        "True True",
+        "{}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
 
     // Issue 13, part 5: Dask speaks mutual TLS only: a client needs the
     // certificate `credentials` writes.
