@@ -342,6 +342,21 @@ fn signal_all(pids: &[i32], sig: Signal) {
     }
 }
 
+/// `bytes` as text (invalid UTF-8 replaced), at most `max` bytes of it: a
+/// replacement character takes 3 bytes for 1, so the text of `max` bytes
+/// can be 3 times longer than `max`.
+pub fn lossy_within(bytes: &[u8], max: usize) -> String {
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// GETs `url` about once a second; reports a 2xx answer's body (its first
 /// `MAX_PROBE_BODY` bytes) whenever it differs from the last one reported.
 async fn probe(name: String, url: String, reports: UnboundedSender<Report>) {
@@ -358,7 +373,7 @@ async fn probe(name: String, url: String, reports: UnboundedSender<Report>) {
             }
             let limited = http_body_util::Limited::new(resp.into_body(), crate::model::MAX_PROBE_BODY);
             let body = http_body_util::BodyExt::collect(limited).await.map_err(|e| e.to_string())?;
-            Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+            Ok(lossy_within(&body.to_bytes(), crate::model::MAX_PROBE_BODY))
         };
         match tokio::time::timeout(Duration::from_secs(3), answer).await {
             // Changed, or unchanged for 30 s (a restarted controller
@@ -397,10 +412,14 @@ async fn post_until_ok(name: String, p: Post, reports: UnboundedSender<Report>, 
                 Ok(Err(e)) => Err(format!("POST {}: {e}", p.url)),
                 Ok(Ok(resp)) => {
                     let status = resp.status();
-                    let body = http_body_util::BodyExt::collect(resp.into_body())
+                    // Only for the error message: a little of it, never
+                    // all of what the engine (a job, on Disco's master)
+                    // sends.
+                    let limited = http_body_util::Limited::new(resp.into_body(), 4096);
+                    let body = http_body_util::BodyExt::collect(limited)
                         .await
-                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                        .unwrap_or_default();
+                        .map(|b| lossy_within(&b.to_bytes(), 4096))
+                        .unwrap_or_else(|_| "(a longer answer)".into());
                     if status.is_success() {
                         Ok(())
                     } else {
@@ -630,5 +649,17 @@ mod tests {
         write_managed(&f).await.unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "SECRET");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o400);
+    }
+
+    /// A probe body of invalid bytes becomes text 3 times longer (each
+    /// byte a replacement character): what is reported stays within the
+    /// bound the controller's session takes.
+    #[test]
+    fn probe_text_stays_within_its_bound_whatever_the_bytes() {
+        let max = crate::model::MAX_PROBE_BODY;
+        let text = lossy_within(&vec![0xFFu8; max], max);
+        assert!(text.len() <= max && text.len() > max - 3, "{}", text.len());
+        assert_eq!(lossy_within(b"ok", max), "ok");
+        assert_eq!(lossy_within("ééé".as_bytes(), 3), "é");
     }
 }

@@ -120,10 +120,16 @@ fn split(path: &Path) -> std::io::Result<(&Path, &std::ffi::OsStr)> {
     }
 }
 
-/// Reads `name` in `dir` if it is a regular file; `None` if it is missing.
-/// A symlink or anything else is refused.
+/// Largest file [`read_in`] reads: a managed file (`known_hosts` of a
+/// thousand nodes is ~100 KiB), a collected key, a bake record.
+pub const MAX_READ: u64 = 4 * 1024 * 1024;
+
+/// Reads `name` in `dir` if it is a regular file of at most [`MAX_READ`]
+/// bytes; `None` if it is missing. A symlink or anything else (a FIFO a job
+/// planted: opened without blocking, then refused) is refused.
 pub fn read_in(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<Option<String>> {
-    let f = match openat(dir, name, OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()) {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let f = match openat(dir, name, flags, Mode::empty()) {
         Ok(f) => f,
         Err(nix::errno::Errno::ENOENT) => return Ok(None),
         Err(nix::errno::Errno::ELOOP) => {
@@ -141,8 +147,16 @@ pub fn read_in(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<Option<
             Path::new(name).display()
         )));
     }
+    if st.st_size as u64 > MAX_READ {
+        return Err(std::io::Error::other(format!(
+            "refusing to read {}: {} bytes, more than {MAX_READ}",
+            Path::new(name).display(),
+            st.st_size
+        )));
+    }
+    // A file that grows while read stops at the bound too.
     let mut text = String::new();
-    std::fs::File::from(f).read_to_string(&mut text)?;
+    std::fs::File::from(f).take(MAX_READ).read_to_string(&mut text)?;
     Ok(Some(text))
 }
 
@@ -255,12 +269,37 @@ mod tests {
         assert_eq!(std::fs::read_dir(d.path().join("a/b")).unwrap().count(), 1);
     }
 
+    /// A job makes a file the agent reads a FIFO (the open would block
+    /// until a writer came: directive application stopped for good) or a
+    /// huge sparse file (the root agent out of memory): both refused, at
+    /// once.
+    #[test]
+    fn a_fifo_or_a_huge_file_is_refused_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("known_hosts");
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o644)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_safely(&f).map_err(|e| e.to_string()));
+        });
+        let res = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("reading a FIFO blocked");
+        assert!(res.unwrap_err().contains("not a regular file"));
+        let huge = d.path().join("authorized_keys");
+        std::fs::File::create(&huge).unwrap().set_len(MAX_READ + 1).unwrap();
+        let e = read_safely(&huge).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+    }
+
+    /// Root only (it gives files to another user): ignored by a plain
+    /// `cargo test`, run by `scripts/test` (as root, `--include-ignored`).
+    #[ignore = "needs root: scripts/test runs it as root (cargo test -- --include-ignored)"]
     #[test]
     fn a_symlink_planted_by_another_user_is_never_followed() {
-        if !root() {
-            eprintln!("skipped: needs root (chown to another user)");
-            return;
-        }
+        assert!(
+            root(),
+            "this test needs root (it gives files to another user): run it as root, as scripts/test does"
+        );
         let d = tempfile::tempdir().unwrap();
         let secret = d.path().join("secret");
         std::fs::write(&secret, "SECRET").unwrap();

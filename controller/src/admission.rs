@@ -2,20 +2,28 @@
 //! the two TLS ports (agents' gRPC and the agent download).
 //!
 //! # Guarantees
-//! - A TCP connection gets a ticket before anything else: at most
-//!   [`Limits::unauthenticated`] connections without a client certificate
-//!   at once (and never more than a quarter of the open-file limit), at
-//!   most [`Limits::per_ip`] of them from one address. Loopback peers are
-//!   processes of this machine (the local provider's nodes, the benchmark)
-//!   and count against the total only. Over a limit the connection is
-//!   closed at once and counted (`ddisco_connections_refused_total`).
-//! - The TLS handshake must finish within [`Limits::handshake`].
-//! - A connection that presented no client certificate lives at most
-//!   [`Limits::unauthenticated_lifetime`] (an enrollment or a download
-//!   needs one exchange), then reads and writes fail and it is closed.
-//! - A connection with a certificate of the cluster CA (rustls verified the
-//!   chain) gives its ticket back: an agent's session lives as long as the
-//!   agent. Which node it may speak for is `grpc`'s business.
+//! - A TCP connection gets a *handshake* ticket before anything else: at
+//!   most [`Limits::handshakes`] TLS handshakes under way at once (never
+//!   more than an eighth of the open-file limit), at most
+//!   [`Limits::per_ip_handshakes`] from one address. The handshake must
+//!   finish within [`Limits::handshake`]; then the ticket is given back.
+//! - A connection whose client certificate is that of a live node (the
+//!   port's [`Prover`] says which: the one issued to it, the node neither
+//!   terminating nor revoked) is *proven*: it holds none of the tickets of
+//!   unproven peers, so a flood of them never keeps an agent out, and lives
+//!   as long as the agent; at most [`Limits::per_node`] at once per node.
+//! - Every other connection, with no certificate or with another one of
+//!   the cluster CA (a user's Dask credential, a terminated node's), is
+//!   *unproven*: it takes an unproven ticket (at most
+//!   [`Limits::unauthenticated`] at once, never more than a quarter of the
+//!   open-file limit, at most [`Limits::per_ip`] from one address) and
+//!   lives at most [`Limits::unauthenticated_lifetime`] from its accept (an
+//!   enrollment or a download needs one exchange), then reads and writes
+//!   fail and it is closed.
+//! - Loopback peers are processes of this machine (the local provider's
+//!   nodes, the benchmark) and count against the totals only. Over a limit
+//!   the connection is closed at once and counted
+//!   (`ddisco_connections_refused_total`).
 //! - Refusals are logged at most [`LOG_BURST`] times per [`LOG_WINDOW`];
 //!   the rest are counted and summed up in the next line.
 
@@ -23,6 +31,7 @@ use crate::metrics::Metrics;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,70 +42,123 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
 
-/// Bounds for peers without a client certificate.
+/// Bounds for peers, proven or not.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Unproven connections at once, in all and per address.
     pub unauthenticated: usize,
     pub per_ip: u32,
+    /// TLS handshakes under way at once, in all and per address.
+    pub handshakes: usize,
+    pub per_ip_handshakes: u32,
     pub handshake: Duration,
     pub unauthenticated_lifetime: Duration,
+    /// Connections at once of one proven node (a reconnect may overlap the
+    /// connection it replaces).
+    pub per_node: u32,
 }
 
 impl Limits {
-    /// These limits on a process that may hold `fd_limit` open files: the
-    /// connections without a certificate take at most a quarter of them.
+    /// These limits on a process that may hold `fd_limit` open files:
+    /// unproven connections take at most a quarter of them, handshakes an
+    /// eighth.
     pub fn within(self, fd_limit: u64) -> Limits {
-        let quarter = usize::try_from(fd_limit / 4).unwrap_or(usize::MAX).max(16);
-        Limits { unauthenticated: self.unauthenticated.min(quarter), ..self }
+        let part = |n: u64, min: usize| usize::try_from(fd_limit / n).unwrap_or(usize::MAX).max(min);
+        Limits {
+            unauthenticated: self.unauthenticated.min(part(4, 16)),
+            handshakes: self.handshakes.min(part(8, 8)),
+            ..self
+        }
     }
 
     /// The agents' port: enrollments are one short exchange each.
     pub const GRPC: Limits = Limits {
         unauthenticated: 2048,
         per_ip: 512,
+        handshakes: 512,
+        per_ip_handshakes: 128,
         handshake: Duration::from_secs(10),
         unauthenticated_lifetime: Duration::from_secs(30),
+        per_node: 4,
     };
     /// The download port: a few MiB per node, possibly over a slow link.
     pub const DOWNLOAD: Limits = Limits {
         unauthenticated: 1024,
         per_ip: 256,
+        handshakes: 256,
+        per_ip_handshakes: 64,
         handshake: Duration::from_secs(10),
         unauthenticated_lifetime: Duration::from_secs(300),
+        per_node: 0,
     };
 }
 
-/// Counts the connections without a certificate, in all and per address.
-#[derive(Debug)]
+/// Says which live node a client certificate (DER) speaks for, if any.
+pub type Prover = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
+
+/// Counts connections: handshakes, unproven ones, proven ones per node.
 pub struct Gate {
     name: &'static str,
     limits: Limits,
     total: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    handshaking: Arc<Semaphore>,
+    per_ip_handshaking: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    per_node: Arc<Mutex<HashMap<String, u32>>>,
+    prover: Option<Prover>,
     metrics: Arc<Metrics>,
     log: RateLimitedLog,
 }
 
-/// Held while a connection counts against the limits.
-#[derive(Debug)]
-pub struct Ticket {
-    _permit: OwnedSemaphorePermit,
-    /// Counted per address (not for loopback peers).
-    ip: Option<IpAddr>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("name", &self.name).field("limits", &self.limits).finish_non_exhaustive()
+    }
 }
 
-impl Drop for Ticket {
+/// One count in a map of counts, given back when dropped.
+#[derive(Debug)]
+struct Count<K: Eq + Hash + Clone> {
+    key: K,
+    map: Arc<Mutex<HashMap<K, u32>>>,
+}
+
+impl<K: Eq + Hash + Clone> Count<K> {
+    /// One more for `key`, unless it has `max` already.
+    fn take(map: &Arc<Mutex<HashMap<K, u32>>>, key: K, max: u32) -> Option<Count<K>> {
+        let mut m = map.lock();
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                m.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Count { key, map: map.clone() })
+    }
+}
+
+impl<K: Eq + Hash + Clone> Drop for Count<K> {
     fn drop(&mut self) {
-        let Some(ip) = self.ip else { return };
-        let mut m = self.per_ip.lock();
-        if let Some(n) = m.get_mut(&ip) {
+        let mut m = self.map.lock();
+        if let Some(n) = m.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&ip);
+                m.remove(&self.key);
             }
         }
     }
+}
+
+/// Held while a connection counts against a limit.
+#[derive(Debug)]
+pub struct Ticket {
+    _permit: Option<OwnedSemaphorePermit>,
+    /// Counted per address (not for loopback peers).
+    _ip: Option<Count<IpAddr>>,
+    /// Counted per proven node.
+    _node: Option<Count<String>>,
 }
 
 impl Gate {
@@ -106,31 +168,72 @@ impl Gate {
             limits,
             total: Arc::new(Semaphore::new(limits.unauthenticated)),
             per_ip: Arc::default(),
+            handshaking: Arc::new(Semaphore::new(limits.handshakes)),
+            per_ip_handshaking: Arc::default(),
+            per_node: Arc::default(),
+            prover: None,
             metrics,
             log: RateLimitedLog::default(),
         }
     }
 
-    /// A ticket for a new connection from `ip`, if the limits allow one.
-    pub fn admit(&self, ip: IpAddr) -> Result<Ticket, &'static str> {
-        let permit = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "too many connections without a certificate")?;
-        if ip.is_loopback() {
-            return Ok(Ticket { _permit: permit, ip: None, per_ip: self.per_ip.clone() });
-        }
-        let mut m = self.per_ip.lock();
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.limits.per_ip {
-            return Err("too many connections without a certificate from this address");
-        }
-        *n += 1;
-        Ok(Ticket { _permit: permit, ip: Some(ip), per_ip: self.per_ip.clone() })
+    /// Connections whose certificate `prover` accepts are proven.
+    pub fn with_prover(mut self, prover: Prover) -> Gate {
+        self.prover = Some(prover);
+        self
     }
 
-    /// Connections without a certificate now open.
+    fn counted(
+        sem: &Arc<Semaphore>,
+        map: &Arc<Mutex<HashMap<IpAddr, u32>>>,
+        ip: IpAddr,
+        max: u32,
+        why: (&'static str, &'static str),
+    ) -> Result<Ticket, &'static str> {
+        let permit = sem.clone().try_acquire_owned().map_err(|_| why.0)?;
+        let ip = if ip.is_loopback() { None } else { Some(Count::take(map, ip, max).ok_or(why.1)?) };
+        Ok(Ticket { _permit: Some(permit), _ip: ip, _node: None })
+    }
+
+    /// An unproven ticket for a connection from `ip`, if the limits allow.
+    pub fn admit(&self, ip: IpAddr) -> Result<Ticket, &'static str> {
+        Self::counted(
+            &self.total,
+            &self.per_ip,
+            ip,
+            self.limits.per_ip,
+            (
+                "too many connections without a node's certificate",
+                "too many connections without a node's certificate from this address",
+            ),
+        )
+    }
+
+    /// A handshake ticket for a new connection from `ip`.
+    pub fn admit_handshake(&self, ip: IpAddr) -> Result<Ticket, &'static str> {
+        Self::counted(
+            &self.handshaking,
+            &self.per_ip_handshaking,
+            ip,
+            self.limits.per_ip_handshakes,
+            ("too many TLS handshakes under way", "too many TLS handshakes under way from this address"),
+        )
+    }
+
+    /// A ticket for a connection of the proven node `node`.
+    pub fn admit_proven(&self, node: String) -> Result<Ticket, &'static str> {
+        let n = Count::take(&self.per_node, node, self.limits.per_node)
+            .ok_or("too many connections with one node's certificate")?;
+        Ok(Ticket { _permit: None, _ip: None, _node: Some(n) })
+    }
+
+    /// The live node a client certificate speaks for, if any.
+    pub fn prove(&self, certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<String> {
+        let cert = certs?.first()?;
+        (self.prover.as_ref()?)(cert.as_ref())
+    }
+
+    /// Unproven connections now open.
     pub fn open(&self) -> usize {
         self.limits.unauthenticated - self.total.available_permits()
     }
@@ -147,18 +250,13 @@ pub struct Guarded {
     /// states, and rustls' connection state is large (measured: 3 KiB more
     /// per held agent unboxed).
     inner: Box<TlsStream<TcpStream>>,
-    /// Until it proves itself (a client certificate), it holds a ticket
-    /// and has a deadline.
-    _ticket: Option<Ticket>,
+    /// Proven: counted for its node; unproven: an unproven ticket.
+    _ticket: Ticket,
+    /// Unproven connections have a deadline.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Guarded {
-    /// Whether the peer presented a certificate the verifier accepted.
-    pub fn authenticated(&self) -> bool {
-        self.inner.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty())
-    }
-
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         self.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready())
     }
@@ -251,7 +349,7 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let ticket = match gate.admit(peer.ip()) {
+            let handshake = match gate.admit_handshake(peer.ip()) {
                 Ok(t) => t,
                 Err(why) => {
                     gate.refused(peer, why);
@@ -273,13 +371,22 @@ pub fn incoming(
                         return;
                     }
                 };
-                let mut g = Guarded { inner: Box::new(tls), _ticket: Some(ticket), deadline: None };
-                if g.authenticated() {
-                    g._ticket = None;
-                } else {
-                    let left = gate.limits.unauthenticated_lifetime.saturating_sub(started.elapsed());
-                    g.deadline = Some(Box::pin(tokio::time::sleep(left)));
-                }
+                drop(handshake);
+                let proven = gate.prove(tls.get_ref().1.peer_certificates());
+                let (ticket, deadline) = match proven {
+                    Some(node) => match gate.admit_proven(node) {
+                        Ok(t) => (t, None),
+                        Err(why) => return gate.refused(peer, why),
+                    },
+                    None => match gate.admit(peer.ip()) {
+                        Ok(t) => {
+                            let left = gate.limits.unauthenticated_lifetime.saturating_sub(started.elapsed());
+                            (t, Some(Box::pin(tokio::time::sleep(left))))
+                        }
+                        Err(why) => return gate.refused(peer, why),
+                    },
+                };
+                let g = Guarded { inner: Box::new(tls), _ticket: ticket, deadline };
                 let _ = tx.send(Ok(g)).await;
             });
         }
@@ -361,6 +468,35 @@ mod tests {
         assert!(g.admit(lo).is_err(), "the total still holds");
         assert_eq!(Limits::GRPC.within(1024).unauthenticated, 256);
         assert_eq!(Limits::GRPC.within(1 << 20).unauthenticated, Limits::GRPC.unauthenticated);
+    }
+
+    #[test]
+    fn proven_nodes_hold_no_unproven_ticket_and_are_bounded_per_node() {
+        let limits = Limits { unauthenticated: 2, per_ip: 2, handshakes: 2, per_node: 2, ..Limits::GRPC };
+        let g = Gate::new("test", limits, Arc::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // The unproven pool is full ...
+        let _u: Vec<Ticket> = (0..2).map(|_| g.admit(a).unwrap()).collect();
+        assert!(g.admit(a).is_err());
+        // ... and proven nodes still come in, each up to its own bound.
+        let n1 = g.admit_proven("slave-0001".into()).unwrap();
+        let _n2 = g.admit_proven("slave-0001".into()).unwrap();
+        assert!(g.admit_proven("slave-0001".into()).is_err(), "a third with one node's certificate");
+        let _m = g.admit_proven("master-0002".into()).unwrap();
+        drop(n1);
+        assert!(g.admit_proven("slave-0001".into()).is_ok(), "a count given back is available again");
+        // Handshakes have their own bound.
+        let h: Vec<Ticket> = (0..2).map(|_| g.admit_handshake(a).unwrap()).collect();
+        assert!(g.admit_handshake(a).is_err());
+        drop(h);
+        assert!(g.admit_handshake(a).is_ok());
+        assert_eq!(Limits::GRPC.within(1024).handshakes, 128);
+        // Without a prover nothing is proven.
+        let cert = rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]);
+        assert_eq!(g.prove(Some(std::slice::from_ref(&cert))), None);
+        let g = g.with_prover(Arc::new(|der: &[u8]| (der == [1, 2, 3]).then(|| "slave-0001".to_string())));
+        assert_eq!(g.prove(Some(std::slice::from_ref(&cert))).as_deref(), Some("slave-0001"));
+        assert_eq!(g.prove(None), None);
     }
 
     #[test]

@@ -27,8 +27,10 @@ use tonic::{Request, Response, Status, Streaming};
 /// Largest message taken from a peer without a certificate (an
 /// enrollment: token, CSR, facts, identity document).
 pub const MAX_ENROLL_MESSAGE: usize = 64 * 1024;
-/// Largest message taken on a session (a step report with its output).
-pub const MAX_SESSION_MESSAGE: usize = 256 * 1024;
+/// Largest message taken on a session: a probe's body (at most
+/// `cluster::MAX_PROBE_BODY`) with room for its framing; step reports are
+/// smaller.
+pub const MAX_SESSION_MESSAGE: usize = crate::cluster::MAX_PROBE_BODY + 16 * 1024;
 
 /// The port's TLS: the server certificate; a client certificate is
 /// optional (`Enrollment` takes a token) but, when sent, must chain to the
@@ -65,7 +67,15 @@ pub async fn serve(
     use tonic::transport::Server;
     let tls = Arc::new(tls_config(&shared.pki)?);
     let limits = Limits::GRPC.within(shared.fd_limit);
-    let gate = Arc::new(Gate::new("agents' port", limits, shared.metrics.clone()));
+    // Only the certificate of a live node proves a peer: any other of the
+    // CA (a user's Dask credential, a terminated node's) is unproven.
+    let registry_of = shared.clone();
+    let prover: crate::admission::Prover = Arc::new(move |der: &[u8]| {
+        let node = pki::node_id_of(der)?;
+        let live = registry_of.registry.lock().is_live_cert(&node, &pki::cert_sha256(der));
+        live.then_some(node)
+    });
+    let gate = Arc::new(Gate::new("agents' port", limits, shared.metrics.clone()).with_prover(prover));
     let incoming =
         tokio_stream::wrappers::ReceiverStream::new(crate::admission::incoming(listener, tls, gate));
     let log = Arc::new(RateLimitedLog::default());
@@ -141,7 +151,15 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
                 let doc = a.verify(&id.document, &id.signature).map_err(|e| {
                     self.log.warn(|| format!("enrollment of {node_id} from {from} refused: {e}"));
                     crate::metrics::Metrics::inc(&sh.metrics.refusals);
-                    Status::permission_denied(e.to_string())
+                    // The caller learns nothing of the cluster (its region):
+                    // the log has the reason.
+                    let told = match e {
+                        crate::attest::AttestError::WrongRegion { got, .. } => {
+                            format!("the instance identity document is from region {got}, not this cluster's")
+                        }
+                        other => other.to_string(),
+                    };
+                    Status::permission_denied(told)
                 })?;
                 Some(doc)
             }

@@ -1841,3 +1841,58 @@ fn a_baked_image_that_is_gone_is_reported_and_nodes_boot_from_ami() {
     drop(cluster);
     drop(hv);
 }
+
+/// Issue 26, item 7: a node is believed on its cores only up to what its
+/// instance type has. A process on a slave (holding what the slave can
+/// read: its token and its identity document) enrolls and claims 512
+/// cores on a c5.large (2 vCPUs): it gets 2 workers' worth, not 512; a
+/// claim beyond any machine (4,096) fails the node.
+#[test]
+fn a_node_claiming_more_cores_than_its_instance_type_has_is_held_to_the_type() {
+    let w = world_holding("num_slaves = 2\nslave_multiplier = 1.0", |tag, i| {
+        i.tags.get(tag).map(String::as_str) == Some("slave")
+    });
+    let insts = w.wait_moto("two slaves launched", |v| {
+        live(v).iter().filter(|i| i.tags.get(&w.tag).map(String::as_str) == Some("slave")).count() == 2
+    });
+    let mut slaves: Vec<Inst> =
+        insts.into_iter().filter(|i| i.tags.get(&w.tag).map(String::as_str) == Some("slave")).collect();
+    slaves.sort_by_key(|i| i.launch_index);
+    let userdata = w.rt.block_on(userdata_of(&w.client, &slaves[0].id)).unwrap();
+    let boot = ddisco_tests::peer::Boot::of(&userdata);
+    for (slot, (inst, cores)) in slaves.iter().zip([512u32, 4096]).enumerate() {
+        let (node, token) = boot.slots[slot].clone();
+        let (doc, sig) = identity_of(inst, "10.0.0.10", "us-east-1a");
+        let facts = ddisco_proto::v1::NodeFacts {
+            instance_id: inst.id.clone(),
+            logical_cores: cores,
+            ..ddisco_tests::peer::facts()
+        };
+        let (reply, key) =
+            w.rt.block_on(ddisco_tests::peer::enroll_as(&boot, &token, facts.clone(), Some((doc, sig))))
+                .unwrap_or_else(|e| panic!("{node} did not enroll: {e:?}"));
+        let identity = (reply.certificate_pem.as_str(), key.as_str());
+        // (The session is kept open while the test looks.)
+        let opened = w.rt.block_on(ddisco_tests::peer::Session::open(&boot, Some(identity), facts));
+        let first = opened.as_ref().map(|s| s.first.clone());
+        match (cores, first) {
+            (512, Ok(first)) => {
+                let Some(ddisco_proto::v1::controller_message::Msg::Assignment(a)) = first.msg else {
+                    panic!("{node}: no assignment: {first:?}")
+                };
+                assert_eq!(a.workers, 2, "{node} claimed {cores} cores on a c5.large");
+            }
+            (512, Err(e)) => panic!("{node}: {e}"),
+            (_, first) => {
+                let said = format!("{first:?}");
+                assert!(!said.contains("Assignment"), "{node} was assigned: {said}");
+            }
+        }
+        std::mem::forget(opened);
+    }
+    let s = w.cluster.status().unwrap();
+    let log = w.cluster.serve_log();
+    assert!(log.contains("claims more cores than its instance type (c5.large) has"), "{log}");
+    let failed = s["failed_nodes"].to_string() + &s["nodes"].to_string();
+    assert!(failed.contains("facts.logical_cores: 4096"), "{s:#}");
+}

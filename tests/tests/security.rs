@@ -467,3 +467,163 @@ async fn a_hostile_message_fails_its_node_and_the_controller_goes_on() {
     enroll(&tb, &tb.token).await.expect("another node still enrolls");
     assert_eq!(c.serve_exit(), None, "serve exited:\n{}", c.serve_log());
 }
+
+/// One flooding peer: connects to `addr` over TLS (presenting `identity`,
+/// a certificate of the cluster CA, if given), holds the connection until
+/// the controller closes it, and again, until `stop`. Returns the longest
+/// time the controller let one of its connections live.
+fn flooder(
+    addr: String,
+    b: &Boot,
+    identity: Option<(String, String)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Duration> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(b.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = std::sync::Arc::new(cfg);
+    let name = b.server_name.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut longest = Duration::ZERO;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(tcp) = std::net::TcpStream::connect(&addr) else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let conn = rustls::ClientConnection::new(cfg.clone(), name.clone().try_into().unwrap()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let t0 = std::time::Instant::now();
+            tls.sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let mut buf = [0u8; 256];
+            // Held until the controller closes it (EOF or an error).
+            loop {
+                match tls.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return longest;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            longest = longest.max(t0.elapsed());
+        }
+        longest
+    })
+}
+
+/// Issue 26, items 1 and 2. With `serve` limited to 256 open files (at
+/// most 64 connections of unproven peers), 160 peers flood the agents'
+/// port without a break: half without a certificate, half with a user's
+/// Dask credential, which chains to the cluster CA but is no live node's.
+/// The controller is restarted in the middle of it. The enrolled agents
+/// reconnect and no node is declared lost or replaced (their certificates
+/// prove them: they need none of the unproven peers' places), while every
+/// flooding connection, the credential's too, is closed within the
+/// unproven lifetime (30 s) and the rest are refused.
+#[test]
+fn a_sustained_flood_never_keeps_enrolled_agents_out_and_credentials_prove_nothing() {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    let mut c = Cluster::start_with_fd_limit("num_slaves = 2\nheartbeat_timeout_secs = 3.0", 256);
+    let s = c.wait_until("master + 2 slaves ready", WAIT, |s| at_size(s, 2));
+    let before: Vec<String> = {
+        let mut v: Vec<String> =
+            nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    let creds = c.dir.path().join("creds");
+    let out = c.ctl(&["credentials", "--out", creds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let credential = (
+        std::fs::read_to_string(creds.join("client.pem")).unwrap(),
+        std::fs::read_to_string(creds.join("client.key")).unwrap(),
+    );
+    let b = Boot::of(&c.userdata("master-0001"));
+    let addr = b.controller.trim_start_matches("https://").to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = std::time::Instant::now();
+    let flood: Vec<_> = (0..160)
+        .map(|i| flooder(addr.clone(), &b, (i % 2 == 0).then(|| credential.clone()), stop.clone()))
+        .collect();
+    let refused = |c: &Cluster| -> u64 {
+        let (_, metrics) = c.dashboard_get("/metrics", None);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ddisco_connections_refused_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // The unproven places are full: new flooding connections are refused.
+    let end = std::time::Instant::now() + WAIT;
+    while refused(&c) < 100 {
+        assert!(std::time::Instant::now() < end, "the flood never filled the controller's places");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Restarted in the middle of the flood: every agent must come back.
+    c.stop_serve();
+    c.restart_serve();
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while refused(&c) < 100 {
+        assert!(std::time::Instant::now() < end, "the flood did not fill the restarted controller's places");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = c.wait_until("every node's agent connected again after the restart", WAIT, |s| {
+        at_size(s, 2) && nodes(s).iter().all(|n| n["connected"] == true)
+    });
+    let mut after: Vec<String> =
+        nodes(&s).iter().map(|n| n["node_id"].as_str().unwrap().to_string()).collect();
+    after.sort();
+    assert_eq!(after, before, "nodes were replaced");
+    // Stay in the flood past the adoption grace and several heartbeat
+    // timeouts: nothing is lost.
+    std::thread::sleep(Duration::from_secs(15));
+    let s = c.status().unwrap();
+    assert!(at_size(&s, 2) && nodes(&s).iter().all(|n| n["connected"] == true), "{s:#}");
+    let lost: Vec<String> = s["timed_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| m.contains("lost"))
+        .map(String::from)
+        .collect();
+    assert!(lost.is_empty(), "{lost:?}");
+    // Until the unproven lifetime has passed for the first connections.
+    while t0.elapsed() < Duration::from_secs(40) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let longest = flood.into_iter().map(|t| t.join().unwrap()).max().unwrap();
+    assert!(longest < Duration::from_secs(33), "a flooding connection lived {longest:?}");
+    eprintln!("the longest flooding connection lived {longest:.1?}; {} refused", refused(&c));
+}

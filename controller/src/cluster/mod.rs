@@ -477,7 +477,22 @@ impl Cluster {
     /// An agent opened its session: its worker count and plan.
     pub fn hello(&self, node_id: &str, hello: Hello) -> Result<Assignment, Refused> {
         let mut reg = self.registry.lock();
-        let role = reg.get(node_id).ok_or_else(|| Refused::UnknownNode(node_id.to_string()))?.rec.role;
+        let entry = reg.get(node_id).ok_or_else(|| Refused::UnknownNode(node_id.to_string()))?;
+        let role = entry.rec.role;
+        // A node is believed on its cores up to what its instance type has
+        // (EC2: its vCPUs), not beyond.
+        let mut hello = hello;
+        if let Some(max) = self.provider.cores_of(&entry.rec.instance_type)
+            && hello.facts.logical_cores > max
+        {
+            tracing::warn!(
+                node = node_id,
+                claimed = hello.facts.logical_cores,
+                "{node_id} claims more cores than its instance type ({}) has: counted as {max}",
+                entry.rec.instance_type
+            );
+            hello.facts.logical_cores = max;
+        }
         let multiplier = match role {
             Role::Master => self.cfg.master_multiplier,
             Role::Slave => self.cfg.slave_multiplier,

@@ -181,12 +181,16 @@ impl Engine for Dask {
         let home = Dask::home(layout);
         let local = Dask::local_dir(layout);
         // The user and its home are the machine's (an image may hold them);
-        // the workers' folder is on scratch, each node's own.
+        // the workers' folder is on scratch, each node's own. What is inside
+        // the home is made by the user itself: a job (running as that user)
+        // may have put a symlink there, and root would follow it (`install
+        // -d -o` would give the link's target to the user).
         let (user, dirs) = if layout.system {
             (
                 format!(
                     "id -u {DASK_USER} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {DASK_USER} \
-                     && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' '{home}/tls'"
+                     && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' \
+                     && runuser -u {DASK_USER} -- install -d -m 0700 '{home}/tls'"
                 ),
                 format!("install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{local}'"),
             )

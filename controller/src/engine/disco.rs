@@ -400,14 +400,19 @@ impl Engine for Disco {
             ));
         }
         if role == Role::Master {
-            let owner = if layout.system { "chown -R disco:disco \"$H/.ssh\"" } else { "true" };
-            steps.push(shell(
-                "disco_ssh_key",
-                &format!(
-                    "H='{home}'; mkdir -p \"$H/.ssh\" && chmod 700 \"$H/.ssh\" && \
-                     {{ [ -f \"$H/.ssh/id_ed25519\" ] || ssh-keygen -q -t ed25519 -N '' -C disco@master -f \"$H/.ssh/id_ed25519\"; }} && {owner}"
-                ),
-            ));
+            // The key is the disco user's, made by that user: its home is
+            // writable by Disco's jobs, and root would follow a symlink one
+            // of them put there.
+            let make = format!(
+                "umask 077; H='{home}'; mkdir -p \"$H/.ssh\" && chmod 700 \"$H/.ssh\" && \
+                 {{ [ -f \"$H/.ssh/id_ed25519\" ] || ssh-keygen -q -t ed25519 -N '' -C disco@master -f \"$H/.ssh/id_ed25519\"; }}"
+            );
+            let script = if layout.system {
+                format!("runuser -u disco -- sh -c '{}'", make.replace('\'', "'\\''"))
+            } else {
+                make
+            };
+            steps.push(shell("disco_ssh_key", &script));
             steps.push(Step {
                 name: "disco_collect_key".into(),
                 kind: StepKind::Collect {
@@ -636,6 +641,30 @@ mod tests {
 
     fn names(steps: &[Step]) -> Vec<&str> {
         steps.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Issue 26, item 3: the master's key is made by the disco user (its
+    /// home is writable by jobs: root would follow their symlinks), and the
+    /// script survives the quoting: run without the user switch in a
+    /// scratch home, it makes the key once.
+    #[test]
+    fn the_masters_key_is_made_by_the_disco_user() {
+        let steps = disco().steps(Role::Master, 2, &layout(true));
+        let StepKind::Shell { script, .. } = &steps.iter().find(|s| s.name == "disco_ssh_key").unwrap().kind
+        else {
+            panic!("not a shell step")
+        };
+        let inner = script.strip_prefix("runuser -u disco -- ").expect("run as disco");
+        let home = tempfile::tempdir().unwrap();
+        let here = inner.replace(&Disco::home(&layout(true)), &home.path().display().to_string());
+        if std::process::Command::new("ssh-keygen").arg("-?").output().is_err() {
+            panic!("ssh-keygen is needed (openssh-client)");
+        }
+        for _ in 0..2 {
+            let out = std::process::Command::new("sh").args(["-c", &here]).output().unwrap();
+            assert!(out.status.success(), "{here}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(home.path().join(".ssh/id_ed25519.pub").exists());
     }
 
     #[test]

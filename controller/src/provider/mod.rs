@@ -114,6 +114,12 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// How many cores an instance of this type has, where the provider
+    /// knows (EC2: its vCPUs): a node's claim is held to it.
+    fn cores_of(&self, _instance_type: &str) -> Option<u32> {
+        None
+    }
+
     /// Where its images live (EC2: the region); `None`: it has none.
     fn region(&self) -> Option<String> {
         None

@@ -264,6 +264,20 @@ impl Registry {
         Err(Refused::Invalid(format!("the certificate presented is not the one issued to node {id}")))
     }
 
+    /// Is `sha256` the certificate of node `id` as it stands (issued at
+    /// enrollment or renewed; the node not terminating nor revoked)? The
+    /// agents' port admits such connections without the limits of
+    /// unproven peers. Changes nothing.
+    pub fn is_live_cert(&self, id: &str, sha256: &str) -> bool {
+        let Some(e) = self.nodes.get(id) else { return false };
+        if e.rec.state().is(crate::model::StateKind::Terminating) || e.live.is_revoked() {
+            return false;
+        }
+        e.rec.cert_sha256.as_deref() == Some(sha256)
+            || e.rec.cert_sha256_next.as_deref() == Some(sha256)
+            || (e.rec.pin_first_session && e.rec.cert_sha256.is_none())
+    }
+
     /// A renewed certificate was issued to `id`: accepted from now on
     /// besides the current one.
     pub fn renewed(&mut self, id: &str, sha256: &str) {

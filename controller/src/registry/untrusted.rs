@@ -16,6 +16,12 @@ use std::net::IpAddr;
 
 pub const MAX_HOSTNAME: usize = 253;
 pub const MAX_ADDRESSES: usize = 16;
+/// More cores than any machine EC2 rents (896 vCPUs at most in 2026): a
+/// node claiming more is lying (it would draw every task, and shrink the
+/// adaptive size).
+pub const MAX_CORES: u32 = 1024;
+/// 64 TiB, beyond any machine EC2 rents.
+pub const MAX_MEMORY_BYTES: u64 = 64 << 40;
 pub const MAX_VERSION: usize = 64;
 pub const MAX_INSTANCE_ID: usize = 64;
 /// An RSA 16384-bit key is about 2.8 KB of base64.
@@ -59,6 +65,13 @@ pub fn check_hostname(h: &str) -> Result<(), String> {
 /// The facts a node reports about itself.
 pub fn check_facts(f: &Facts) -> Result<(), String> {
     check_hostname(&f.hostname).map_err(|e| format!("facts.hostname: {e}"))?;
+    // (0: the agent could not tell; counted as one worker.)
+    if f.logical_cores > MAX_CORES {
+        return Err(format!("facts.logical_cores: {} (at most {MAX_CORES})", f.logical_cores));
+    }
+    if f.memory_bytes > MAX_MEMORY_BYTES {
+        return Err(format!("facts.memory_bytes: {} (at most {MAX_MEMORY_BYTES})", f.memory_bytes));
+    }
     if f.addresses.len() > MAX_ADDRESSES {
         return Err(format!("facts.addresses: {} addresses, at most {MAX_ADDRESSES}", f.addresses.len()));
     }
@@ -158,6 +171,7 @@ mod tests {
             hostname: host.into(),
             addresses: vec![addr.into()],
             agent_version: "0.1.0".into(),
+            logical_cores: 2,
             ..Default::default()
         }
     }
@@ -181,6 +195,17 @@ mod tests {
         ] {
             assert!(check_hostname(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn claims_of_capacity_are_bounded() {
+        let f = facts("s1", "10.0.0.7");
+        for cores in [MAX_CORES + 1, u32::MAX] {
+            let e = check_facts(&Facts { logical_cores: cores, ..f.clone() }).unwrap_err();
+            assert!(e.starts_with("facts.logical_cores"), "{e}");
+        }
+        assert!(check_facts(&Facts { memory_bytes: u64::MAX, ..f.clone() }).is_err());
+        assert_eq!(check_facts(&Facts { logical_cores: MAX_CORES, ..f }), Ok(()));
     }
 
     #[test]

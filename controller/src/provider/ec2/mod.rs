@@ -107,6 +107,8 @@ pub struct Ec2Provider {
     type_arch: Mutex<HashMap<String, String>>,
     /// Architecture -> image id in force, from preflight.
     image_by_arch: Mutex<HashMap<String, String>>,
+    /// Instance type -> vCPUs, from preflight.
+    type_vcpus: Mutex<HashMap<String, u32>>,
     /// Architecture -> baked image (`bake`), which wins over `ami`.
     baked: Mutex<HashMap<String, String>>,
     /// What scratch each instance type gets (for status), from preflight.
@@ -288,6 +290,7 @@ impl Ec2Provider {
             subnet_zones: Mutex::default(),
             image_by_arch: Mutex::default(),
             baked: Mutex::default(),
+            type_vcpus: Mutex::default(),
             resolved: Mutex::default(),
             image_cache: state_dir.join("images.json"),
         })
@@ -465,6 +468,10 @@ impl Provider for Ec2Provider {
 
     fn region(&self) -> Option<String> {
         Some(self.region.clone())
+    }
+
+    fn cores_of(&self, instance_type: &str) -> Option<u32> {
+        self.type_vcpus.lock().get(instance_type).copied()
     }
 
     fn use_images(&self, by_arch: HashMap<String, String>) {

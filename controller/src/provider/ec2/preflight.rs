@@ -90,6 +90,11 @@ impl Ec2Provider {
                 tracing::warn!("{t}: the endpoint does not say which architecture it runs; assuming x86_64");
                 "x86_64".into()
             });
+            let vcpus =
+                out.instance_types().first().and_then(|i| i.v_cpu_info()).and_then(|v| v.default_v_cpus());
+            if let Some(n) = vcpus.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0) {
+                self.type_vcpus.lock().insert(t.clone(), n);
+            }
             let store = out.instance_types().first().and_then(|i| i.instance_storage_info()).map(|s| {
                 let disks: Vec<String> = s
                     .disks()
