@@ -2,11 +2,15 @@
 //! the two TLS ports (agents' gRPC and the agent download).
 //!
 //! # Guarantees
-//! - A TCP connection gets a *handshake* ticket before anything else: at
-//!   most [`Limits::handshakes`] TLS handshakes under way at once (never
-//!   more than an eighth of the open-file limit), at most
-//!   [`Limits::per_ip_handshakes`] from one address. The handshake must
-//!   finish within [`Limits::handshake`]; then the ticket is given back.
+//! - A TCP connection gets a place in the handshake queue before anything
+//!   else: at most twice [`Limits::handshakes`] connections waiting or
+//!   handshaking at once, at most [`Limits::per_ip_handshakes`] from one
+//!   address; then it waits (first come, first served, at most
+//!   [`HANDSHAKE_QUEUE_WAIT`]) for one of the [`Limits::handshakes`]
+//!   handshake places (never more than a sixteenth of the open-file limit).
+//!   A flood of peers that handshake and retry cannot starve an agent: it
+//!   takes its turn. The handshake must finish within
+//!   [`Limits::handshake`]; then both are given back.
 //! - A connection whose client certificate is that of a live node (the
 //!   port's [`Prover`] says which: the one issued to it, the node neither
 //!   terminating nor revoked) is *proven*: it holds none of the tickets of
@@ -20,8 +24,10 @@
 //!   lives at most [`Limits::unauthenticated_lifetime`] from its accept (an
 //!   enrollment or a download needs one exchange), then reads and writes
 //!   fail and it is closed.
-//! - Loopback peers are processes of this machine (the local provider's
-//!   nodes, the benchmark) and count against the totals only. Over a limit
+//! - Peers from `127.0.0.1` are processes of this machine (the local
+//!   provider's nodes, the benchmark) and count against the totals only.
+//!   No one address holds more than a quarter of the unproven places or
+//!   of the handshake queue. Over a limit
 //!   the connection is closed at once and counted
 //!   (`ddisco_connections_refused_total`).
 //! - Refusals are logged at most [`LOG_BURST`] times per [`LOG_WINDOW`];
@@ -48,7 +54,8 @@ pub struct Limits {
     /// Unproven connections at once, in all and per address.
     pub unauthenticated: usize,
     pub per_ip: u32,
-    /// TLS handshakes under way at once, in all and per address.
+    /// TLS handshakes under way at once (twice as many may wait), in all
+    /// and (waiting or under way) per address.
     pub handshakes: usize,
     pub per_ip_handshakes: u32,
     pub handshake: Duration,
@@ -60,13 +67,19 @@ pub struct Limits {
 
 impl Limits {
     /// These limits on a process that may hold `fd_limit` open files:
-    /// unproven connections take at most a quarter of them, handshakes an
-    /// eighth.
+    /// unproven connections take at most a quarter of them, handshakes a
+    /// sixteenth (and as many again waiting for one).
     pub fn within(self, fd_limit: u64) -> Limits {
         let part = |n: u64, min: usize| usize::try_from(fd_limit / n).unwrap_or(usize::MAX).max(min);
+        let unauthenticated = self.unauthenticated.min(part(4, 16));
+        let handshakes = self.handshakes.min(part(16, 8));
+        // One address never holds more than a quarter of either.
+        let quarter = |n: usize| u32::try_from(n / 4).unwrap_or(u32::MAX).max(1);
         Limits {
-            unauthenticated: self.unauthenticated.min(part(4, 16)),
-            handshakes: self.handshakes.min(part(8, 8)),
+            unauthenticated,
+            handshakes,
+            per_ip: self.per_ip.min(quarter(unauthenticated)),
+            per_ip_handshakes: self.per_ip_handshakes.min(quarter(handshakes * 2)),
             ..self
         }
     }
@@ -93,6 +106,22 @@ impl Limits {
     };
 }
 
+/// This machine's own default source address (`127.0.0.1`, `::1`): the
+/// local provider's agents and the benchmark connect from it, counted
+/// against the totals only. Other loopback addresses count per address
+/// like any host's (tests stand in for other hosts with them).
+fn own_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => {
+            v6 == std::net::Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(std::net::Ipv4Addr::LOCALHOST)
+        }
+    }
+}
+
+/// Longest a connection waits for a handshake place.
+pub const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(5);
+
 /// Says which live node a client certificate (DER) speaks for, if any.
 pub type Prover = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
 
@@ -103,6 +132,8 @@ pub struct Gate {
     total: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
     handshaking: Arc<Semaphore>,
+    /// Connections waiting for a handshake place or handshaking.
+    queued: Arc<Semaphore>,
     per_ip_handshaking: Arc<Mutex<HashMap<IpAddr, u32>>>,
     per_node: Arc<Mutex<HashMap<String, u32>>>,
     prover: Option<Prover>,
@@ -169,6 +200,7 @@ impl Gate {
             total: Arc::new(Semaphore::new(limits.unauthenticated)),
             per_ip: Arc::default(),
             handshaking: Arc::new(Semaphore::new(limits.handshakes)),
+            queued: Arc::new(Semaphore::new(limits.handshakes * 2)),
             per_ip_handshaking: Arc::default(),
             per_node: Arc::default(),
             prover: None,
@@ -191,7 +223,7 @@ impl Gate {
         why: (&'static str, &'static str),
     ) -> Result<Ticket, &'static str> {
         let permit = sem.clone().try_acquire_owned().map_err(|_| why.0)?;
-        let ip = if ip.is_loopback() { None } else { Some(Count::take(map, ip, max).ok_or(why.1)?) };
+        let ip = if own_address(ip) { None } else { Some(Count::take(map, ip, max).ok_or(why.1)?) };
         Ok(Ticket { _permit: Some(permit), _ip: ip, _node: None })
     }
 
@@ -209,15 +241,23 @@ impl Gate {
         )
     }
 
-    /// A handshake ticket for a new connection from `ip`.
+    /// A place in the handshake queue for a new connection from `ip`.
     pub fn admit_handshake(&self, ip: IpAddr) -> Result<Ticket, &'static str> {
         Self::counted(
-            &self.handshaking,
+            &self.queued,
             &self.per_ip_handshaking,
             ip,
             self.limits.per_ip_handshakes,
-            ("too many TLS handshakes under way", "too many TLS handshakes under way from this address"),
+            (
+                "too many connections waiting for a TLS handshake",
+                "too many connections waiting for a TLS handshake from this address",
+            ),
         )
+    }
+
+    /// A handshake place, in turn, if one comes within the queue's wait.
+    pub async fn handshake_place(&self) -> Option<OwnedSemaphorePermit> {
+        tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, self.handshaking.clone().acquire_owned()).await.ok()?.ok()
     }
 
     /// A ticket for a connection of the proven node `node`.
@@ -360,6 +400,9 @@ pub fn incoming(
             let (acceptor, gate, tx) = (acceptor.clone(), gate.clone(), tx.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
+                let Some(place) = gate.handshake_place().await else {
+                    return gate.refused(peer, "no TLS handshake place came free in time");
+                };
                 let tls = match tokio::time::timeout(gate.limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -371,7 +414,7 @@ pub fn incoming(
                         return;
                     }
                 };
-                drop(handshake);
+                drop((place, handshake));
                 let proven = gate.prove(tls.get_ref().1.peer_certificates());
                 let (ticket, deadline) = match proven {
                     Some(node) => match gate.admit_proven(node) {
@@ -461,13 +504,24 @@ mod tests {
         drop(t1);
         assert_eq!(g.open(), 2);
         assert!(g.admit(a).is_ok(), "a ticket given back is available again");
-        // Loopback peers count against the total only.
+        // This machine's own address counts against the total only.
         let g = Gate::new("test", limits, Arc::default());
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let _l: Vec<Ticket> = (0..3).map(|_| g.admit(lo).unwrap()).collect();
         assert!(g.admit(lo).is_err(), "the total still holds");
         assert_eq!(Limits::GRPC.within(1024).unauthenticated, 256);
         assert_eq!(Limits::GRPC.within(1 << 20).unauthenticated, Limits::GRPC.unauthenticated);
+        // One address holds at most a quarter of the places and the queue.
+        let small = Limits::GRPC.within(256);
+        assert_eq!((small.unauthenticated, small.per_ip), (64, 16));
+        assert_eq!((small.handshakes, small.per_ip_handshakes), (16, 8));
+        // Other loopback addresses count per address (they stand in for
+        // other hosts); 127.0.0.1 is this machine's own.
+        let g = Gate::new("test", Limits { per_ip: 1, ..limits }, Arc::default());
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let _o = g.admit(other).unwrap();
+        assert!(g.admit(other).is_err());
+        assert!(g.admit(lo).is_ok());
     }
 
     #[test]
@@ -485,12 +539,12 @@ mod tests {
         let _m = g.admit_proven("master-0002".into()).unwrap();
         drop(n1);
         assert!(g.admit_proven("slave-0001".into()).is_ok(), "a count given back is available again");
-        // Handshakes have their own bound.
-        let h: Vec<Ticket> = (0..2).map(|_| g.admit_handshake(a).unwrap()).collect();
+        // Handshakes have their own bound: twice the places may queue.
+        let h: Vec<Ticket> = (0..4).map(|_| g.admit_handshake(a).unwrap()).collect();
         assert!(g.admit_handshake(a).is_err());
         drop(h);
         assert!(g.admit_handshake(a).is_ok());
-        assert_eq!(Limits::GRPC.within(1024).handshakes, 128);
+        assert_eq!(Limits::GRPC.within(1024).handshakes, 64);
         // Without a prover nothing is proven.
         let cert = rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]);
         assert_eq!(g.prove(Some(std::slice::from_ref(&cert))), None);

@@ -10,6 +10,17 @@
 //!   the form body) and gets a session cookie (`HttpOnly`, `SameSite=Lax`,
 //!   12 hours; random, kept in memory, at most [`MAX_SESSIONS`]). The token
 //!   never goes into a URL, so it is not in browser history or proxy logs.
+//!
+//! What a peer may hold (its own accept loop, not axum's):
+//! - at most [`MAX_CONNECTIONS`] connections at once (more are closed at
+//!   once and counted in `ddisco_connections_refused_total`);
+//! - a request's head must arrive within [`HEADER_TIMEOUT`], and a
+//!   connection that sends nothing for [`IDLE_TIMEOUT`] is closed;
+//! - a wrong token at `/login` makes that address wait before its next
+//!   try (doubling from 1 s to [`MAX_LOGIN_WAIT`]; 429 meanwhile);
+//! - bound to loopback, a request must name a loopback host (`Host`): a
+//!   web page whose name a DNS server points at 127.0.0.1 cannot read the
+//!   dashboard through the operator's browser (DNS rebinding).
 
 use crate::cluster::Cluster;
 use axum::Router;
@@ -26,12 +37,69 @@ use tokio::sync::watch;
 /// Signed-in browsers kept at once (the oldest is signed out beyond).
 pub const MAX_SESSIONS: usize = 256;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Connections at once (the page polls through one or two).
+pub const MAX_CONNECTIONS: usize = 64;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_LOGIN_WAIT: Duration = Duration::from_secs(60);
+/// Addresses whose failed logins are remembered (the oldest forgotten).
+const MAX_LOGIN_RECORDS: usize = 4096;
 const COOKIE: &str = "ddisco_session";
 
 #[derive(Clone)]
 struct App {
     sh: Arc<Cluster>,
     sessions: Arc<Sessions>,
+    logins: Arc<Logins>,
+    /// Bound to loopback: requests must name a loopback host.
+    loopback: bool,
+}
+
+/// Failed logins per address: (failures, when the next try is allowed).
+#[derive(Default)]
+struct Logins {
+    by_ip: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
+}
+
+impl Logins {
+    /// `Err(wait)` while `ip` must still wait after its failures.
+    fn may_try(&self, ip: std::net::IpAddr, now: Instant) -> Result<(), Duration> {
+        match self.by_ip.lock().get(&ip) {
+            Some((_, until)) if *until > now => Err(*until - now),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, ip: std::net::IpAddr, now: Instant) -> Duration {
+        let mut m = self.by_ip.lock();
+        if m.len() >= MAX_LOGIN_RECORDS && !m.contains_key(&ip) {
+            m.retain(|_, (_, until)| *until > now);
+            if m.len() >= MAX_LOGIN_RECORDS
+                && let Some(oldest) = m.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| *k)
+            {
+                m.remove(&oldest);
+            }
+        }
+        let e = m.entry(ip).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        let wait = Duration::from_secs(1).saturating_mul(1 << (e.0 - 1).min(16)).min(MAX_LOGIN_WAIT);
+        e.1 = now + wait;
+        wait
+    }
+
+    fn succeeded(&self, ip: std::net::IpAddr) {
+        self.by_ip.lock().remove(&ip);
+    }
+}
+
+/// Does `host` (a `Host` header) name this machine's loopback?
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Browser sessions: random ids and when they end.
@@ -64,6 +132,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let state = App { sh: shared.clone(), sessions: Arc::default(), logins: Arc::default(), loopback };
     let app = Router::new()
         .route("/", get(page))
         .route("/login", post(login))
@@ -73,13 +143,135 @@ pub async fn serve(
         .route("/assets/uplot.css", get(|| async { asset("text/css", UPLOT_CSS) }))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(App { sh: shared, sessions: Arc::default() });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await?;
-    Ok(())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), host_check))
+        .with_state(state);
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let log = Arc::new(crate::admission::RateLimitedLog::default());
+    let for_connections = shutdown.clone();
+    let mut stopped = Box::pin(async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    });
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stopped => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    log.warn(|| format!("dashboard: accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            crate::metrics::Metrics::inc(&shared.metrics.connections_refused);
+            log.warn(|| {
+                format!("dashboard: connection from {peer} closed: {MAX_CONNECTIONS} connections open")
+            });
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let mut stop = for_connections.clone();
+        tokio::spawn(async move {
+            let _place = place;
+            let io = hyper_util::rt::TokioIo::new(IdleStream::new(tcp, IDLE_TIMEOUT));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, service);
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::select! {
+                _ = conn => {}
+                _ = stopped => {}
+            }
+        });
+    }
+}
+
+/// Bound to loopback, a request must name a loopback host.
+async fn host_check(
+    State(app): State<App>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if app.loopback {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        if !loopback_host(host) {
+            return (StatusCode::MISDIRECTED_REQUEST, "this dashboard answers to localhost only\n")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// A TCP stream whose reads fail once nothing came for `idle` (a peer that
+/// holds a connection open and silent).
+struct IdleStream {
+    inner: tokio::net::TcpStream,
+    idle: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleStream {
+    fn new(inner: tokio::net::TcpStream, idle: Duration) -> IdleStream {
+        IdleStream { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+    }
+}
+
+impl tokio::io::AsyncRead for IdleStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let at = tokio::time::Instant::now() + self.idle;
+                    self.deadline.as_mut().reset(at);
+                }
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "idle connection",
+                    )));
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for IdleStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Constant-time comparison: a token is a password.
@@ -126,13 +318,29 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(app): State<App>, Form(f): Form<LoginForm>) -> Response {
+async fn login(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    Form(f): Form<LoginForm>,
+) -> Response {
     let Some(token) = &app.sh.cfg.dashboard_token else {
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "./")]).into_response();
     };
+    let now = Instant::now();
+    if let Err(wait) = app.logins.may_try(peer.ip(), now) {
+        let secs = wait.as_secs_f64().ceil() as u64;
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.max(1).to_string())],
+            format!("too many wrong tokens from {}: try again in {secs} s\n", peer.ip()),
+        )
+            .into_response();
+    }
     if !same(&f.token, &token.0) {
+        app.logins.failed(peer.ip(), now);
         return login_page(StatusCode::UNAUTHORIZED, "dashboard token required: that one is not it");
     }
+    app.logins.succeeded(peer.ip());
     let id = app.sessions.open(Instant::now());
     let cookie =
         format!("{COOKIE}={id}; HttpOnly; SameSite=Lax; Path=/; Max-Age={}", SESSION_LIFETIME.as_secs());
@@ -190,6 +398,35 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wrong_tokens_make_an_address_wait_longer_each_time() {
+        let l = Logins::default();
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(l.may_try(a, t0), Ok(()));
+        assert_eq!(l.failed(a, t0), Duration::from_secs(1));
+        assert!(l.may_try(a, t0).is_err() && l.may_try(b, t0).is_ok(), "per address");
+        assert_eq!(l.failed(a, t0 + Duration::from_secs(1)), Duration::from_secs(2));
+        for i in 0..20 {
+            l.failed(a, t0 + Duration::from_secs(100 * i));
+        }
+        let now = t0 + Duration::from_secs(2000);
+        assert_eq!(l.failed(a, now), MAX_LOGIN_WAIT, "bounded");
+        l.succeeded(a);
+        assert_eq!(l.may_try(a, now), Ok(()));
+    }
+
+    #[test]
+    fn only_loopback_names_reach_a_loopback_dashboard() {
+        for ok in ["localhost", "localhost:7445", "127.0.0.1:7445", "[::1]:7445", "LOCALHOST"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in ["evil.example:7445", "10.0.0.1:7445", "", "localhost.evil.example", "[::2]:80"] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn sessions_end_and_are_bounded() {

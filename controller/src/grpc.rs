@@ -79,7 +79,8 @@ pub async fn serve(
     let incoming =
         tokio_stream::wrappers::ReceiverStream::new(crate::admission::incoming(listener, tls, gate));
     let log = Arc::new(RateLimitedLog::default());
-    Server::builder()
+    let mut stop = shutdown.clone();
+    let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .max_concurrent_streams(Some(16))
@@ -97,10 +98,23 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await?;
+        });
+    // A graceful stop waits for open connections; unproven peers that hold
+    // theirs (a flood) would hold the controller's stop for their whole
+    // lifetime. Past this grace they are dropped with the process.
+    let grace = async move {
+        let _ = stop.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = grace => tracing::info!("agents' port: connections still open {}s after the stop are dropped", SHUTDOWN_GRACE.as_secs()),
+    }
     Ok(())
 }
+
+/// How long a stopping controller waits for its agents' port to close.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub struct EnrollmentService {
     pub shared: Arc<Cluster>,

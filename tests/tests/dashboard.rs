@@ -125,3 +125,105 @@ fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
     assert_eq!(code, 401, "the history needs the token too");
     assert!(!dom.contains(TOKEN), "the token is rendered in the page");
 }
+
+/// One raw HTTP/1.1 exchange with the dashboard: `request` sent as is; the
+/// answer's status code and head.
+fn raw(addr: &str, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, resp)
+}
+
+/// Issue 26, item 5: what a peer may hold of the dashboard's port. A page
+/// of another name (DNS rebinding to 127.0.0.1) is refused; wrong tokens
+/// make their address wait; a client trickling its request head is cut
+/// off at the header deadline; connections beyond the cap are closed at
+/// once, and the port serves again once the idle ones are gone.
+#[test]
+fn the_dashboard_bounds_what_a_peer_may_hold() {
+    use std::io::{Read, Write};
+    let mut c = Cluster::start(&format!("num_slaves = 0\ndashboard_token = \"{TOKEN}\""));
+    c.wait_until("the master ready", Duration::from_secs(120), |s| at_size(s, 0));
+    let addr = std::fs::read_to_string(c.state_dir().join("dashboard.addr")).unwrap().trim().to_string();
+
+    // DNS rebinding: the browser sends the attacker's name.
+    let (code, resp) =
+        raw(&addr, "GET /healthz HTTP/1.1\r\nHost: evil.example:7445\r\nConnection: close\r\n\r\n");
+    assert_eq!(code, 421, "{resp}");
+    let (code, _) = raw(&addr, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    assert_eq!(code, 200);
+
+    // Guessing the token: the second wrong try waits.
+    let login = |token: &str| {
+        let body = format!("token={token}");
+        raw(
+            &addr,
+            &format!(
+                "POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    assert_eq!(login("wrong-guess-1").0, 401);
+    let (code, resp) = login("wrong-guess-2");
+    assert_eq!(code, 429, "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("retry-after"), "{resp}");
+
+    // A client that trickles its request head, a line a second.
+    let t0 = Instant::now();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let mut cut = None;
+    for i in 0..30 {
+        std::thread::sleep(Duration::from_secs(1));
+        if slow.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() {
+            cut = Some(t0.elapsed());
+            break;
+        }
+        slow.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut b = [0u8; 64];
+        if matches!(slow.read(&mut b), Ok(_)) {
+            cut = Some(t0.elapsed());
+            break;
+        }
+    }
+    let cut = cut.expect("the trickling client was never cut off");
+    assert!(cut < Duration::from_secs(14), "cut off after {cut:?}");
+
+    // Idle connections beyond the cap are closed at once.
+    let idle: Vec<std::net::TcpStream> =
+        (0..80).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let closed = idle
+        .iter()
+        .filter(|s| {
+            let mut s = *s;
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut b = [0u8; 8];
+            match s.read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            }
+        })
+        .count();
+    assert!(closed >= 16, "{closed} of 80 idle connections closed at once (cap 64)");
+    // They go at the header deadline; the port then serves again.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _) = raw(&addr, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < end, "the dashboard never served again");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(idle);
+}

@@ -317,6 +317,64 @@ fn dask_on_machine_nodes_with_no_route_out() {
     let got: BTreeMap<String, u64> =
         result["counts"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect();
     assert_eq!(got, want);
+
+    // Issue 26, item 3: a job (running as `dask`) on a slave points the
+    // Dask home's `tls` at a root-owned folder; the plan is changed, so the
+    // node runs its steps again, as root. Root never follows the link: the
+    // folder keeps its owner and mode (the step, run as `dask`, fails
+    // instead, and the node with it).
+    let slave = node_ids(&s, "slave")[0].clone();
+    let spid = c.node_pid(&slave).to_string();
+    let sinit = std::fs::read_to_string(format!("/proc/{spid}/task/{spid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the slave's init")
+        .to_string();
+    let victim = c.state_dir().join("nodes").join(&slave).join("fs/tmp/victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let in_slave = |argv: &[&str]| {
+        let out = Command::new("nsenter")
+            .args(["-t", &sinit, "--net", "--uts", "--mount", "--pid", "--"])
+            .args(argv)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    in_slave(&[
+        "runuser",
+        "-u",
+        "dask",
+        "--",
+        "sh",
+        "-c",
+        "mv /var/lib/dask/tls /var/lib/dask/tls.job && ln -s /tmp/victim /var/lib/dask/tls",
+    ]);
+    c.stop_serve();
+    let config = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(
+        &c.config,
+        format!(
+            "{config}
+post_init = \"true\"\n"
+        ),
+    )
+    .unwrap();
+    c.restart_serve();
+    c.wait_until("the slave ran dask_user again", Duration::from_secs(120), |s| {
+        nodes(s).iter().chain(s["failed_nodes"].as_array().into_iter().flatten()).any(|n| {
+            n["node_id"] == slave.as_str()
+                && n["steps"].as_array().is_some_and(|st| {
+                    st.iter().any(|x| x["name"] == "post_init") || st.iter().any(|x| x["status"] == "failed")
+                })
+        })
+    });
+    let md = std::fs::metadata(&victim).unwrap();
+    let (uid, mode) = (std::os::unix::fs::MetadataExt::uid(&md), md.permissions().mode() & 0o777);
+    // Put the host's Dask home back as it was (machine nodes share /var/lib).
+    in_slave(&["sh", "-c", "rm /var/lib/dask/tls && mv /var/lib/dask/tls.job /var/lib/dask/tls"]);
+    assert_eq!((uid, mode), (0, 0o755), "root followed the job's symlink");
 }
 
 #[test]
