@@ -370,6 +370,15 @@ post_init = \"true\"\n"
                 })
         })
     });
+    let steps_now = c.status().map(|s| {
+        nodes(&s)
+            .iter()
+            .chain(s["failed_nodes"].as_array().into_iter().flatten())
+            .filter(|n| n["node_id"] == slave.as_str())
+            .map(|n| format!("{} {}", n["state"], n["steps"]))
+            .collect::<Vec<_>>()
+    });
+    eprintln!("{slave} after the plan change: {steps_now:?}");
     let md = std::fs::metadata(&victim).unwrap();
     let (uid, mode) = (std::os::unix::fs::MetadataExt::uid(&md), md.permissions().mode() & 0o777);
     // Put the host's Dask home back as it was (machine nodes share /var/lib).
