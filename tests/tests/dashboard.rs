@@ -189,7 +189,7 @@ fn the_dashboard_bounds_what_a_peer_may_hold() {
         }
         slow.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         let mut b = [0u8; 64];
-        if matches!(slow.read(&mut b), Ok(_)) {
+        if slow.read(&mut b).is_ok() {
             cut = Some(t0.elapsed());
             break;
         }
