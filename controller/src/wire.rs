@@ -43,6 +43,8 @@ impl From<api::Hello> for Hello {
             facts: h.facts.unwrap_or_default().into(),
             plan_id: h.plan_id,
             completed_steps: h.completed_steps,
+            // The controller's to fill in, never the agent's.
+            own_names: vec![],
         }
     }
 }

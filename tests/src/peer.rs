@@ -98,7 +98,8 @@ pub async fn enroll_as(
 
 /// Opens a session and returns the first controller message.
 pub async fn session(b: &Boot, identity: Option<(&str, &str)>) -> Result<api::ControllerMessage, String> {
-    let facts = api::NodeFacts { logical_cores: 4, ..facts() };
+    // A local node's host name is its node id.
+    let facts = api::NodeFacts { logical_cores: 4, hostname: b.slots[0].0.clone(), ..facts() };
     let s = Session::open(b, identity, facts).await?;
     let first = s.first.clone();
     std::mem::forget(s.tx); // keep the stream open for the test's lifetime

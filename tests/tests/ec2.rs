@@ -1846,7 +1846,8 @@ fn a_baked_image_that_is_gone_is_reported_and_nodes_boot_from_ami() {
 /// instance type has. A process on a slave (holding what the slave can
 /// read: its token and its identity document) enrolls and claims 512
 /// cores on a c5.large (2 vCPUs): it gets 2 workers' worth, not 512; a
-/// claim beyond any machine (4,096) is refused at enrollment.
+/// claim beyond any machine (4,096) is refused at enrollment; and a node
+/// claiming another instance's host name is refused.
 #[test]
 fn a_node_claiming_more_cores_than_its_instance_type_has_is_held_to_the_type() {
     let w = world_holding("num_slaves = 2\nslave_multiplier = 1.0", |tag, i| {
@@ -1865,6 +1866,8 @@ fn a_node_claiming_more_cores_than_its_instance_type_has_is_held_to_the_type() {
         let (doc, sig) = identity_of(inst, "10.0.0.10", "us-east-1a");
         let facts = ddisco_proto::v1::NodeFacts {
             instance_id: inst.id.clone(),
+            // EC2's resource name: the node's own.
+            hostname: inst.id.clone(),
             logical_cores: cores,
             ..ddisco_tests::peer::facts()
         };
@@ -1875,6 +1878,20 @@ fn a_node_claiming_more_cores_than_its_instance_type_has_is_held_to_the_type() {
             let e = enrolled.err().unwrap_or_else(|| panic!("{node} enrolled claiming {cores} cores"));
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
             assert!(e.message().contains("facts.logical_cores: 4096"), "{e:?}");
+            // Issue 26, item 7: nor does it get another node's host name
+            // (the other instance's), which every Disco node would map to
+            // its address.
+            let (doc, sig) = identity_of(inst, "10.0.0.10", "us-east-1a");
+            let honest = ddisco_proto::v1::NodeFacts { logical_cores: 2, ..facts.clone() };
+            let (reply, key) =
+                w.rt.block_on(ddisco_tests::peer::enroll_as(&boot, &token, honest.clone(), Some((doc, sig))))
+                    .unwrap_or_else(|e| panic!("{node} did not enroll: {e:?}"));
+            let squat = ddisco_proto::v1::NodeFacts { hostname: slaves[0].id.clone(), ..honest };
+            let identity = (reply.certificate_pem.as_str(), key.as_str());
+            let opened = w.rt.block_on(ddisco_tests::peer::Session::open(&boot, Some(identity), squat));
+            let said = format!("{:?}", opened.as_ref().map(|s| s.first.clone()));
+            assert!(!said.contains("Assignment") && said.contains("not this node's name"), "{node}: {said}");
+            std::mem::forget(opened);
             continue;
         }
         let (reply, key) = enrolled.unwrap_or_else(|e| panic!("{node} did not enroll: {e:?}"));

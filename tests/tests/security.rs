@@ -211,11 +211,11 @@ async fn a_slaves_hostile_host_name_or_key_reaches_no_other_node() {
     // An honest slave joins; once the master has its host name, it has had
     // every membership change before it.
     let (b, cert, k) = enrolled(3).await;
-    let honest = Session::open(&b, Some((&cert, &k)), facts("honest-4")).await.unwrap();
+    let honest = Session::open(&b, Some((&cert, &k)), facts("slave-0004")).await.unwrap();
     honest.finish_plan().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut seen = String::new();
-    while !seen.contains("honest-4") {
+    while !seen.contains("slave-0004") {
         let m = master.next_before(deadline).await;
         assert!(m.is_some(), "the master never got the honest slave's host name; got:\n{seen}");
         seen.push_str(&format!("{m:?}\n"));

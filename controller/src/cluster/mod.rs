@@ -479,9 +479,13 @@ impl Cluster {
         let mut reg = self.registry.lock();
         let entry = reg.get(node_id).ok_or_else(|| Refused::UnknownNode(node_id.to_string()))?;
         let role = entry.rec.role;
+        let mut hello = hello;
+        // The names it may have are the provider's to say, from what it
+        // proved (its attested address and instance), not from its claims.
+        hello.own_names =
+            self.provider.host_names(node_id, entry.rec.address(), entry.rec.instance_id.as_deref());
         // A node is believed on its cores up to what its instance type has
         // (EC2: its vCPUs), not beyond.
-        let mut hello = hello;
         if let Some(max) = self.provider.cores_of(&entry.rec.instance_type)
             && hello.facts.logical_cores > max
         {

@@ -114,6 +114,13 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The host names node `node_id` may have, where the provider knows
+    /// them (`address`: its attested or assigned address; `instance_id`:
+    /// its instance); empty when it cannot tell.
+    fn host_names(&self, _node_id: &str, _address: &str, _instance_id: Option<&str>) -> Vec<String> {
+        vec![]
+    }
+
     /// How many cores an instance of this type has, where the provider
     /// knows (EC2: its vCPUs): a node's claim is held to it.
     fn cores_of(&self, _instance_type: &str) -> Option<u32> {

@@ -31,6 +31,11 @@ pub struct Hello {
     pub plan_id: String,
     /// Steps of that plan already done.
     pub completed_steps: u32,
+    /// The host names this node may have, as the provider knows them (its
+    /// node id locally; on EC2 the names of its attested address and
+    /// instance id); empty: the provider cannot tell. Set by the
+    /// controller, never by the agent.
+    pub own_names: Vec<String>,
 }
 
 /// An agent's report about one step of its plan.
@@ -340,8 +345,10 @@ impl Registry {
             e.rec.address.clone()
         };
         let wanted = super::claims(&hello.facts.hostname, &address);
-        if let Err(why) = super::untrusted::check_facts(&hello.facts).and_then(|()| self.unique(id, &wanted))
-        {
+        let named = super::untrusted::check_facts(&hello.facts)
+            .and_then(|()| super::untrusted::check_own_name(&hello.facts.hostname, &hello.own_names))
+            .and_then(|()| self.unique(id, &wanted));
+        if let Err(why) = named {
             self.refuse(id, Refusal::Hello, &why);
             return Err(Refused::Invalid(why));
         }

@@ -62,6 +62,23 @@ pub fn check_hostname(h: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A node's host name is its own: one of the names the provider knows for
+/// it (when it knows any: `own`), with at most an `.internal` domain after
+/// it (EC2's `ip-10-0-0-7.ec2.internal`). A node can neither take the name
+/// another node has or will have, nor publish `localhost` or a package
+/// index's name into every node's `/etc/hosts`.
+pub fn check_own_name(hostname: &str, own: &[String]) -> Result<(), String> {
+    if own.is_empty() {
+        return Ok(());
+    }
+    let (first, rest) = hostname.split_once('.').unwrap_or((hostname, ""));
+    let domain_ok = rest.is_empty() || rest == "internal" || rest.ends_with(".internal");
+    if domain_ok && own.iter().any(|n| n.eq_ignore_ascii_case(first)) {
+        return Ok(());
+    }
+    Err(format!("facts.hostname: {} is not this node's name ({})", shown(hostname), own.join(" or ")))
+}
+
 /// The facts a node reports about itself.
 pub fn check_facts(f: &Facts) -> Result<(), String> {
     check_hostname(&f.hostname).map_err(|e| format!("facts.hostname: {e}"))?;
@@ -195,6 +212,22 @@ mod tests {
         ] {
             assert!(check_hostname(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_node_has_its_own_name() {
+        let own = ["slave-0003".to_string()];
+        assert_eq!(check_own_name("slave-0003", &own), Ok(()));
+        for bad in ["slave-0004", "localhost", "pypi.org", "slave-0003.pypi.org"] {
+            assert!(check_own_name(bad, &own).is_err(), "{bad}");
+        }
+        let ec2 = ["ip-10-0-0-7".to_string(), "i-0abc".to_string()];
+        for ok in ["ip-10-0-0-7", "ip-10-0-0-7.ec2.internal", "i-0abc.us-east-1.compute.internal"] {
+            assert_eq!(check_own_name(ok, &ec2), Ok(()), "{ok}");
+        }
+        assert!(check_own_name("ip-10-0-0-8", &ec2).is_err(), "the next node's name");
+        // Unknown to the provider: any (checked, unique) name.
+        assert_eq!(check_own_name("anything", &[]), Ok(()));
     }
 
     #[test]

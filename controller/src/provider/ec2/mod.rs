@@ -470,6 +470,17 @@ impl Provider for Ec2Provider {
         Some(self.region.clone())
     }
 
+    /// EC2's two kinds of host names: of the private address
+    /// (`ip-10-0-0-7`) and of the instance (`i-0abc...`).
+    fn host_names(&self, _node_id: &str, address: &str, instance_id: Option<&str>) -> Vec<String> {
+        let mut v = Vec::new();
+        if address.parse::<std::net::Ipv4Addr>().is_ok() {
+            v.push(format!("ip-{}", address.replace('.', "-")));
+        }
+        v.extend(instance_id.map(String::from));
+        v
+    }
+
     fn cores_of(&self, instance_type: &str) -> Option<u32> {
         self.type_vcpus.lock().get(instance_type).copied()
     }

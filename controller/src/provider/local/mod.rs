@@ -157,6 +157,11 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    /// A local node's host name is its node id (`DDISCO_HOSTNAME`).
+    fn host_names(&self, node_id: &str, _address: &str, _instance_id: Option<&str>) -> Vec<String> {
+        vec![node_id.to_string()]
+    }
+
     fn layout(&self, node_id: &str) -> NodeLayout {
         if self.machines.is_some() {
             // A machine: engines manage its system as on EC2; its /etc,
