@@ -56,7 +56,9 @@ impl Journal {
             *guard = Some(f);
         }
         let f = guard.as_mut().expect("opened above");
-        f.write_all(format!("{node_id} {cert_sha256}\n").as_bytes())
+        f.write_all(format!("{node_id} {cert_sha256}\n").as_bytes())?;
+        // On disk before the certificate is handed out, not in a cache.
+        f.sync_data()
     }
 
     /// Before a snapshot is taken: later spends go to a new file; the
