@@ -54,6 +54,17 @@ use std::time::{Duration, Instant};
 
 /// Tag holding the launch batch id.
 pub const BATCH_TAG: &str = "ddisco:batch";
+/// EC2's two kinds of host names for a node: of its private address
+/// (`ip-10-0-0-7`) and of its instance (`i-0abc...`); none when its record
+/// does not hold both (a controller that crashed before saving what the
+/// enrollment proved cannot tell, and must not refuse the node's real name).
+pub fn ec2_host_names(address: &str, instance_id: Option<&str>) -> Vec<String> {
+    match (address.parse::<std::net::Ipv4Addr>(), instance_id.filter(|i| !i.is_empty())) {
+        (Ok(_), Some(id)) => vec![format!("ip-{}", address.replace('.', "-")), id.to_string()],
+        _ => vec![],
+    }
+}
+
 /// The cluster id (`state::cluster_id`) on everything launched.
 pub const CLUSTER_TAG: &str = "ddisco:cluster";
 /// Tag holding the slave pool.
@@ -470,15 +481,8 @@ impl Provider for Ec2Provider {
         Some(self.region.clone())
     }
 
-    /// EC2's two kinds of host names: of the private address
-    /// (`ip-10-0-0-7`) and of the instance (`i-0abc...`).
     fn host_names(&self, _node_id: &str, address: &str, instance_id: Option<&str>) -> Vec<String> {
-        let mut v = Vec::new();
-        if address.parse::<std::net::Ipv4Addr>().is_ok() {
-            v.push(format!("ip-{}", address.replace('.', "-")));
-        }
-        v.extend(instance_id.map(String::from));
-        v
+        ec2_host_names(address, instance_id)
     }
 
     fn cores_of(&self, instance_type: &str) -> Option<u32> {
@@ -774,5 +778,20 @@ impl Provider for Ec2Provider {
         avoided.dedup();
         out.extend(avoided);
         out
+    }
+}
+
+#[cfg(test)]
+mod host_name_tests {
+    use super::*;
+
+    #[test]
+    fn a_node_s_names_need_both_its_address_and_its_instance() {
+        assert_eq!(ec2_host_names("10.0.0.7", Some("i-0abc")), ["ip-10-0-0-7", "i-0abc"]);
+        // A record that lost what the enrollment proved (a crash before the
+        // snapshot): no names to hold the node to, rather than wrong ones.
+        assert!(ec2_host_names("", Some("i-0abc")).is_empty());
+        assert!(ec2_host_names("10.0.0.7", None).is_empty());
+        assert!(ec2_host_names("not-an-ip", Some("i-0abc")).is_empty());
     }
 }
