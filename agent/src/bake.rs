@@ -86,7 +86,7 @@ pub fn seal(dir: &Path, plan: &Plan, index: usize, image: &str, generalize: Opti
             s.image_digest.as_ref().map(|d| BakedStep { name: s.name.clone(), digest: d.clone() })
         })
         .collect();
-    let record = Baked { image: image.to_string(), sealed_unix_ms: now_ms(), steps };
+    let record = Baked { image: image.to_string(), sealed_unix_ms: crate::facts::unix_ms(), steps };
     let text = serde_json::to_string_pretty(&record).expect("serializes");
     if let Err(e) = crate::files::write_private(&dir.join(BAKED), &text) {
         return fail(format!("cannot write {}: {e}", dir.join(BAKED).display()));
@@ -155,13 +155,6 @@ fn remove(path: &Path, removed: &mut Vec<String>, errors: &mut Vec<String>) {
         Ok(()) => removed.push(path.display().to_string()),
         Err(e) => errors.push(format!("{}: {e}", path.display())),
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

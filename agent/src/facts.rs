@@ -85,15 +85,18 @@ pub fn gather() -> Facts {
     }
 }
 
+/// Now, in unix ms.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// When this process started (unix ms), taken once.
 pub fn started_unix_ms() -> u64 {
     static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *STARTED.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    })
+    *STARTED.get_or_init(unix_ms)
 }
 
 #[cfg(test)]

@@ -21,14 +21,7 @@ pub struct BakeArgs {
 }
 
 pub async fn exec(args: BakeArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    super::init_logging(&args.log_format);
     let cfg = args.config.load()?;
     let path = args.config.config.clone().unwrap_or_else(|| "ddisco.toml".into());
     let now =

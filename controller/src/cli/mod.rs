@@ -111,6 +111,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Logs to stderr, `RUST_LOG` setting the level (default info), as text or
+/// JSON (`serve` and `bake`).
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 /// A command line that cannot be carried out as written (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -22,14 +22,7 @@ pub struct ServeArgs {
 }
 
 pub async fn exec(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    super::init_logging(&args.log_format);
     let mut cfg = args.config.load()?;
     if let Some(limit) = args.max_runtime {
         cfg.max_runtime = limit;
