@@ -47,6 +47,9 @@ pub async fn serve(
     Ok(())
 }
 
+/// The longest a user's Dask credential is valid.
+pub const MAX_CREDENTIAL_DAYS: u32 = 30;
+
 struct AdminService {
     shared: Arc<Cluster>,
 }
@@ -91,8 +94,13 @@ impl api::admin_server::Admin for AdminService {
         {
             return Err(Status::invalid_argument(format!("name {name:?}: 1 to 64 letters, digits and -_.@")));
         }
-        if !(1..=3650).contains(&r.valid_days) {
-            return Err(Status::invalid_argument(format!("days {}: from 1 to 3650", r.valid_days)));
+        // Short-lived (a copied key stops working), and never past the
+        // cluster: a destroy retires the CA that signed it.
+        if !(1..=MAX_CREDENTIAL_DAYS).contains(&r.valid_days) {
+            return Err(Status::invalid_argument(format!(
+                "--days {}: from 1 to {MAX_CREDENTIAL_DAYS} (ask for a new credential when it ends)",
+                r.valid_days
+            )));
         }
         let valid = std::time::Duration::from_secs(u64::from(r.valid_days) * 86_400);
         let (cert_pem, key_pem) = sh
@@ -103,7 +111,7 @@ impl api::admin_server::Admin for AdminService {
         let scheduler = sh.engine.endpoints(&members).remove("scheduler").unwrap_or_default();
         sh.registry.lock().event(format!("client credential issued to {name:?} ({} days)", r.valid_days));
         Ok(Response::new(api::CredentialsReply {
-            ca_pem: sh.pki.ca_pem().to_string(),
+            ca_pem: sh.pki.engine_ca_pem().to_string(),
             cert_pem,
             key_pem,
             scheduler,

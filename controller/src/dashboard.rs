@@ -20,7 +20,12 @@
 //!   try (doubling from 1 s to [`MAX_LOGIN_WAIT`]; 429 meanwhile);
 //! - bound to loopback, a request must name a loopback host (`Host`): a
 //!   web page whose name a DNS server points at 127.0.0.1 cannot read the
-//!   dashboard through the operator's browser (DNS rebinding).
+//!   dashboard through the operator's browser (DNS rebinding);
+//! - bound beyond loopback, it speaks **HTTPS only**, with the controller's
+//!   server certificate (the session CA's, `<state_dir>/ca.pem`; names
+//!   `ddisco-controller` and the advertised host): the token and the
+//!   session cookie never cross the network in clear. The handshake counts
+//!   against the head's deadline.
 
 use crate::cluster::Cluster;
 use axum::Router;
@@ -133,6 +138,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    let tls = if loopback {
+        None
+    } else {
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(shared.pki.https_config(&[b"http/1.1"])?)))
+    };
     let state = App { sh: shared.clone(), sessions: Arc::default(), logins: Arc::default(), loopback };
     let app = Router::new()
         .route("/", get(page))
@@ -174,19 +184,44 @@ pub async fn serve(
             app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer))),
         );
         let mut stop = for_connections.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _place = place;
-            let io = hyper_util::rt::TokioIo::new(IdleStream::new(tcp, IDLE_TIMEOUT));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(io, service);
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            tokio::select! {
-                _ = conn => {}
-                _ = stopped => {}
+            let serve = |io| {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(IdleStream::new(io, IDLE_TIMEOUT)),
+                        service,
+                    )
+            };
+            match tls {
+                None => {
+                    tokio::select! {
+                        _ = serve(Box::new(tcp) as Box<dyn Io>) => {}
+                        _ = stopped => {}
+                    }
+                }
+                Some(acceptor) => {
+                    let conn = async move {
+                        // The handshake is part of the head's deadline.
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = serve(Box::new(tls) as Box<dyn Io>).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, "dashboard: TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!(%peer, "dashboard: TLS handshake not finished in time"),
+                        }
+                    };
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped => {}
+                    }
+                }
             }
         });
     }
@@ -208,16 +243,20 @@ async fn host_check(
     next.run(req).await
 }
 
-/// A TCP stream whose reads fail once nothing came for `idle` (a peer that
+/// A connection, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A stream whose reads fail once nothing came for `idle` (a peer that
 /// holds a connection open and silent).
 struct IdleStream {
-    inner: tokio::net::TcpStream,
+    inner: Box<dyn Io>,
     idle: Duration,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl IdleStream {
-    fn new(inner: tokio::net::TcpStream, idle: Duration) -> IdleStream {
+    fn new(inner: Box<dyn Io>, idle: Duration) -> IdleStream {
         IdleStream { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
     }
 }

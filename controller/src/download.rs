@@ -48,16 +48,7 @@ pub async fn serve(
     files: Vec<(String, Vec<u8>)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let certs = CertificateDer::pem_slice_iter(shared.pki.server_cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(shared.pki.server_key_pem.as_bytes())?;
-    let mut tls =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = shared.pki.https_config(&[b"http/1.1"])?;
 
     let binary = |bytes: Vec<u8>| {
         let bytes = Bytes::from(bytes);

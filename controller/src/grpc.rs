@@ -199,7 +199,7 @@ impl api::enrollment_server::Enrollment for EnrollmentService {
             match e {
                 EnrollRefused::Token(t) => Status::permission_denied(t.to_string()),
                 EnrollRefused::Instance => Status::permission_denied(e.to_string()),
-                EnrollRefused::NotYet => Status::unavailable(e.to_string()),
+                EnrollRefused::NotYet | EnrollRefused::Unrecorded => Status::unavailable(e.to_string()),
                 EnrollRefused::Invalid(why) => Status::invalid_argument(why),
             }
         })?;

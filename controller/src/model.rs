@@ -201,6 +201,9 @@ pub enum Refusal {
     Attribute,
     /// A message whose handling panicked (a bug in the controller).
     Unhandled { message: String },
+    /// Its enrollment could not be recorded (neither the journal nor the
+    /// snapshot reached the disk): no certificate was handed out.
+    Unrecorded,
 }
 
 impl fmt::Display for Refusal {
@@ -209,6 +212,7 @@ impl fmt::Display for Refusal {
             Refusal::Hello => f.write_str("hello"),
             Refusal::Attribute => f.write_str("attribute"),
             Refusal::Unhandled { message } => write!(f, "{message} message"),
+            Refusal::Unrecorded => f.write_str("unrecorded enrollment"),
         }
     }
 }

@@ -6,6 +6,15 @@
 //! - A node's client certificate carries its node id as common name and is
 //!   issued only against a valid, unused, unexpired bootstrap token.
 //! - Bootstrap tokens are 256 random bits; only their SHA-256 is stored.
+//! - **One CA per use.** The *session CA* (`ca.pem`) signs the controller's
+//!   server certificate and the nodes' session certificates, nothing else:
+//!   the agents' port trusts it alone. The *engine CA* (`engine-ca.pem`)
+//!   signs what an engine's processes and its users hold (Dask's node
+//!   certificates and user credentials): a key a job can read (a node's
+//!   Dask key) is never accepted where an agent is.
+//! - Both CAs belong to one cluster: a completed `destroy` retires them
+//!   (`retire`), so the next cluster in the same state directory trusts
+//!   nothing the last one issued.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
@@ -39,6 +48,8 @@ pub struct Pki {
     ca_pem: String,
     ca_der: Vec<u8>,
     issuer: Issuer<'static, KeyPair>,
+    engine_ca_pem: String,
+    engine_issuer: Issuer<'static, KeyPair>,
     pub server_cert_pem: String,
     pub server_key_pem: String,
 }
@@ -54,23 +65,10 @@ impl Pki {
     /// missing. The server certificate is re-issued when `names` (the
     /// addresses it must be valid for) changed since it was written.
     pub fn load_or_create(dir: &Path, cluster: &str, names: &[String]) -> Result<Pki, PkiError> {
-        let ca_cert_path = dir.join("ca.pem");
-        let ca_key_path = dir.join("ca.key");
-        let (ca_pem, ca_key) = if ca_cert_path.exists() && ca_key_path.exists() {
-            let key = KeyPair::from_pem(&read(&ca_key_path)?)?;
-            (read(&ca_cert_path)?, key)
-        } else {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params.distinguished_name = dn(&format!("ddisco CA {cluster}"));
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            validity(&mut params, Duration::from_secs(10 * 365 * 86_400));
-            let cert = params.self_signed(&key)?;
-            write_private(&ca_key_path, &key.serialize_pem())?;
-            write_private(&ca_cert_path, &cert.pem())?;
-            (cert.pem(), key)
-        };
+        let (ca_pem, ca_key) = load_or_create_ca(dir, "ca", &format!("ddisco CA {cluster}"))?;
+        let (engine_ca_pem, engine_key) =
+            load_or_create_ca(dir, "engine-ca", &format!("ddisco engine CA {cluster}"))?;
+        let engine_issuer = Issuer::from_ca_cert_pem(&engine_ca_pem, engine_key)?;
         let ca_der = pem_to_der(&ca_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
 
@@ -81,9 +79,11 @@ impl Pki {
         let names_path = dir.join("server.names");
         let cert_path = dir.join("server.pem");
         let key_path = dir.join("server.key");
+        // The names, and the CA that signed it: a new CA re-issues it too.
+        let marker = format!("{}\n{}", hex::encode(Sha256::digest(&ca_der)), wanted.join("\n"));
         let current = std::fs::read_to_string(&names_path).unwrap_or_default();
         let (server_cert_pem, server_key_pem) =
-            if current == wanted.join("\n") && cert_path.exists() && key_path.exists() {
+            if current == marker && cert_path.exists() && key_path.exists() {
                 (read(&cert_path)?, read(&key_path)?)
             } else {
                 let key = KeyPair::generate()?;
@@ -94,14 +94,22 @@ impl Pki {
                 let cert = params.signed_by(&key, &issuer)?;
                 write_private(&key_path, &key.serialize_pem())?;
                 write_private(&cert_path, &cert.pem())?;
-                write_private(&names_path, &wanted.join("\n"))?;
+                write_private(&names_path, &marker)?;
                 (cert.pem(), key.serialize_pem())
             };
-        Ok(Pki { ca_pem, ca_der, issuer, server_cert_pem, server_key_pem })
+        Ok(Pki { ca_pem, ca_der, issuer, engine_ca_pem, engine_issuer, server_cert_pem, server_key_pem })
     }
 
+    /// The session CA: the controller's server certificate and the nodes'
+    /// session certificates chain to it.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The engine CA: engines' node certificates and user credentials
+    /// (`issue`) chain to it, and only they.
+    pub fn engine_ca_pem(&self) -> &str {
+        &self.engine_ca_pem
     }
 
     /// SHA-256 of the CA certificate (DER), hex.
@@ -124,9 +132,27 @@ impl Pki {
 }
 
 impl Pki {
-    /// A key and a certificate for an engine's service or client (Dask's
-    /// mutual TLS): common name `name`, valid for TLS servers too when
-    /// `ips` (its addresses) are given. Returns (certificate, key) PEMs.
+    /// TLS for a port that serves the controller's certificate and asks for
+    /// none (downloads, the dashboard beyond loopback), speaking `alpn`.
+    pub fn https_config(&self, alpn: &[&[u8]]) -> anyhow::Result<rustls::ServerConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let certs =
+            CertificateDer::pem_slice_iter(self.server_cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes())?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(tls)
+    }
+
+    /// A key and a certificate of the engine CA for an engine's service or
+    /// client (Dask's mutual TLS): common name `name`, valid for TLS
+    /// servers too when `ips` (its addresses) are given. Returns
+    /// (certificate, key) PEMs.
     pub fn issue(
         &self,
         name: &str,
@@ -147,9 +173,52 @@ impl Pki {
             }
         }
         validity(&mut params, valid_for);
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(&key, &self.engine_issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+}
+
+/// The files of a cluster's CAs and server certificate in a state
+/// directory.
+const PKI_FILES: [&str; 7] =
+    ["ca.key", "ca.pem", "engine-ca.key", "engine-ca.pem", "server.key", "server.pem", "server.names"];
+
+/// Retires the cluster's CAs (after a completed destroy): their keys and
+/// certificates are removed, so the next `serve` in `dir` makes new ones and
+/// trusts nothing issued before (a user's credential, a node's key a job
+/// copied). Returns the files removed.
+pub fn retire(dir: &Path) -> Result<Vec<PathBuf>, PkiError> {
+    let mut gone = vec![];
+    for name in PKI_FILES {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => gone.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(PkiError::Io { path, source }),
+        }
+    }
+    Ok(gone)
+}
+
+/// A CA kept as `<stem>.pem` and `<stem>.key` in `dir`: loaded, or made
+/// (common name `cn`, ten years, no intermediate below it).
+fn load_or_create_ca(dir: &Path, stem: &str, cn: &str) -> Result<(String, KeyPair), PkiError> {
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}.key"));
+    if cert_path.exists() && key_path.exists() {
+        let key = KeyPair::from_pem(&read(&key_path)?)?;
+        return Ok((read(&cert_path)?, key));
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = dn(cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, Duration::from_secs(10 * 365 * 86_400));
+    let cert = params.self_signed(&key)?;
+    write_private(&key_path, &key.serialize_pem())?;
+    write_private(&cert_path, &cert.pem())?;
+    Ok((cert.pem(), key))
 }
 
 /// SHA-256 (hex) of a certificate: of its DER, given as DER or PEM.
@@ -262,6 +331,59 @@ mod tests {
         let c = Pki::load_or_create(dir.path(), "t", &["10.0.0.5".into()]).unwrap();
         assert_eq!(a.ca_pem(), c.ca_pem());
         assert_ne!(a.server_cert_pem, c.server_cert_pem);
+    }
+
+    /// Verifies `cert_pem` as a client certificate against `ca_pem`, as
+    /// a TLS server trusting that CA would.
+    fn verifies(ca_pem: &str, cert_pem: &str) -> bool {
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(pem_to_der(ca_pem).unwrap())).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let der = CertificateDer::from(pem_to_der(cert_pem).unwrap());
+        verifier.verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now()).is_ok()
+    }
+
+    #[test]
+    fn each_use_has_its_own_ca_and_a_destroy_retires_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        assert_ne!(pki.ca_pem(), pki.engine_ca_pem());
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+        let session = pki.sign_node("slave-0001", &csr.pem().unwrap(), Duration::from_secs(60)).unwrap();
+        let (dask, _) = pki.issue("dask slave-0001", &["10.0.0.2".into()], Duration::from_secs(60)).unwrap();
+        // The agents' port (session CA) takes a session certificate, never
+        // an engine's; Dask (engine CA) the other way round.
+        assert!(verifies(pki.ca_pem(), &session));
+        assert!(!verifies(pki.ca_pem(), &dask), "an engine certificate passes for a node session");
+        assert!(verifies(pki.engine_ca_pem(), &dask));
+        assert!(!verifies(pki.engine_ca_pem(), &session));
+
+        // Retired: the next cluster of this state directory trusts nothing
+        // the last one issued; its server certificate is its own CA's.
+        let gone = retire(dir.path()).unwrap();
+        assert_eq!(gone.len(), 7, "{gone:?}");
+        let next = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        assert!(!verifies(next.engine_ca_pem(), &dask), "a credential of the destroyed cluster is trusted");
+        assert!(!verifies(next.ca_pem(), &session));
+        assert_ne!(next.server_cert_pem, pki.server_cert_pem);
+        assert!(retire(&dir.path().join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_new_ca_reissues_the_server_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+        let b = Pki::load_or_create(dir.path(), "t", &[]).unwrap();
+        assert_ne!(a.ca_pem(), b.ca_pem());
+        assert_ne!(a.server_cert_pem, b.server_cert_pem, "a server certificate of the old CA was kept");
     }
 
     #[test]

@@ -205,7 +205,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         grpc = %endpoints.grpc_url,
         agent = %endpoints.agent_url,
         admin = %admin_path.display(),
-        metrics = %format!("http://{}/metrics", listeners.dashboard_addr),
+        metrics = %format!(
+            "{}://{}/metrics",
+            if listeners.dashboard_addr.ip().is_loopback() { "http" } else { "https" },
+            listeners.dashboard_addr
+        ),
         provider = shared.provider.name(),
         cluster = %shared.cfg.tag_key,
         ca_sha256 = %shared.pki.ca_fingerprint(),
@@ -433,6 +437,7 @@ async fn run_tasks(
     tasks.spawn(reconcile_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(persist_loop(shared.clone(), shutdown_rx.clone()));
     tasks.spawn(publish_loop(shared.clone(), shutdown_rx.clone()));
+    tasks.spawn(renewal_loop(shared.clone(), shutdown_rx.clone()));
     let baking = shared.cfg.bake.is_some();
     if baking {
         tasks.spawn(crate::bake::drive(shared.clone(), shutdown_rx.clone()));
@@ -563,6 +568,29 @@ async fn publish_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>)
         }
         tokio::time::sleep(PUBLISH_COALESCE).await;
         shared.publish();
+    }
+}
+
+/// Publishes again when the engine's directives change with time alone
+/// (`Engine::renews_at`: its certificates' next epoch). Wakes at least
+/// hourly, so a clock that jumps is followed.
+async fn renewal_loop(shared: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    // Every task runs until shutdown (one that ends stops the controller).
+    let Some(mut next) = shared.engine.renews_at() else {
+        let _ = shutdown.wait_for(|s| *s).await;
+        return Ok(());
+    };
+    loop {
+        let left = next.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(left.min(Duration::from_secs(3600))) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        if std::time::SystemTime::now() >= next {
+            tracing::info!("the engine's certificates are renewed: publishing every node's directives again");
+            shared.membership_changed();
+            next = shared.engine.renews_at().unwrap_or(next + Duration::from_secs(3600));
+        }
     }
 }
 

@@ -227,3 +227,68 @@ fn the_dashboard_bounds_what_a_peer_may_hold() {
     }
     drop(idle);
 }
+
+/// Issue 26, item 5: bound beyond loopback, the dashboard speaks HTTPS
+/// only, with the controller's certificate (the session CA's, as
+/// `<state_dir>/ca.pem`): the token never crosses the network in clear.
+/// Plain HTTP gets no answer; HTTPS verified against the CA serves
+/// `/metrics` with the token and refuses it without; a peer that never
+/// starts its handshake is cut off at the head's deadline.
+#[test]
+fn beyond_loopback_the_dashboard_speaks_https_only() {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    use std::io::{Read, Write};
+    let c = Cluster::start(&format!(
+        "num_slaves = 0\ndashboard_listen = \"0.0.0.0:0\"\ndashboard_token = \"{TOKEN}\""
+    ));
+    let bound = std::fs::read_to_string(c.state_dir().join("dashboard.addr")).unwrap();
+    let port = bound.trim().rsplit(':').next().unwrap().to_string();
+    let addr = format!("127.0.0.1:{port}");
+
+    let (code, resp) = raw(&addr, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    assert_eq!(code, 0, "plain HTTP was answered: {resp}");
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read_to_string(c.state_dir().join("ca.pem")).unwrap();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let https = |request: String| -> (u16, String) {
+        let tcp = std::net::TcpStream::connect(&addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(cfg.clone(), "ddisco-controller".try_into().unwrap()).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(request.as_bytes()).unwrap();
+        let mut resp = Vec::new();
+        let _ = tls.read_to_end(&mut resp);
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        (resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), resp)
+    };
+    let (code, resp) = https(format!(
+        "GET /metrics HTTP/1.1\r\nHost: 10.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    ));
+    assert_eq!(code, 200, "{resp}");
+    assert!(resp.contains("ddisco_"), "{resp}");
+    let (code, _) =
+        https(format!("GET /metrics HTTP/1.1\r\nHost: 10.0.0.1:{port}\r\nConnection: close\r\n\r\n"));
+    assert_eq!(code, 401, "served without the token");
+
+    // A peer that connects and never starts its handshake.
+    let t0 = Instant::now();
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 8];
+    let r = silent.read(&mut b);
+    assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(14), "held {:?}", t0.elapsed());
+}

@@ -653,3 +653,154 @@ fn a_sustained_flood_never_keeps_enrolled_agents_out_and_credentials_prove_nothi
     assert!(longest < Duration::from_secs(33), "a flooding connection lived {longest:?}");
     eprintln!("the longest flooding connection lived {longest:.1?}; {} refused", refused(&c));
 }
+
+/// Verifies `cert_pem` as a client certificate against `ca_pem` (what a
+/// TLS server trusting that CA checks).
+fn chains_to(ca_pem: &str, cert_pem: &str) -> bool {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    verifier.verify_client_cert(&der, &[], rustls::pki_types::UnixTime::now()).is_ok()
+}
+
+/// A TLS connection to the agents' port presenting `identity` (PEMs):
+/// `Ok` when the controller took the handshake (it answers the HTTP/2
+/// preface with its settings), `Err` naming the alert it sent otherwise.
+fn handshake(b: &Boot, identity: Option<(&str, &str)>) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(b.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = std::net::TcpStream::connect(b.controller.trim_start_matches("https://")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(cfg), b.server_name.clone().try_into().unwrap())
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf) {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err("closed".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Issue 26, item 6. What a job can read (its node's Dask key, readable
+/// by the `dask` user its tasks run as) and what a user holds (a
+/// credential) are certificates of the engine CA: against a real `serve`,
+/// neither gets through the agents' port's TLS handshake, not even as an
+/// unproven peer, while the node's session certificate opens its session.
+/// After `destroy`, the next cluster of the same state directory has new
+/// CAs: none of the old certificates is trusted by its Dask or its agents'
+/// port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_keys_and_credentials_never_open_a_session_and_die_with_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(&format!("engine = \"dask\"\nnum_slaves = 0\n{}", sleeper(dir.path())));
+    tokio::task::block_in_place(|| {
+        c.wait_until("the master booting", WAIT, |s| nodes(s).iter().any(|n| n["state"] == "booting"))
+    });
+    let b = Boot::of(&c.userdata("master-0001"));
+    let (reply, key) = enroll(&b, &b.token).await.expect("the master enrolls");
+    let facts = api::NodeFacts { hostname: "master-0001".into(), logical_cores: 2, ..Default::default() };
+    let mut master = Session::open(&b, Some((&reply.certificate_pem, &key)), facts).await.unwrap();
+    master.finish_plan().await;
+    // The master's directives carry its Dask files (what the agent writes
+    // for the dask user).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let files = loop {
+        let m = master.next_before(deadline).await.expect("no Dask directives within a minute");
+        if let Some(api::controller_message::Msg::Directives(d)) = m.msg {
+            let file = |name: &str| {
+                d.items.iter().find(|i| i.name == name).and_then(|i| match &i.kind {
+                    Some(api::directive::Kind::File(f)) => Some(f.content.clone()),
+                    _ => None,
+                })
+            };
+            if let (Some(cert), Some(key), Some(scert)) =
+                (file("dask_tls_cert"), file("dask_tls_key"), file("dask_scheduler_tls_cert"))
+            {
+                break (cert, key, scert);
+            }
+        }
+    };
+    let (dask_cert, dask_key, scheduler_cert) = files;
+    let creds = dir.path().join("creds");
+    let out = c.ctl(&["credentials", "--out", creds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(creds.join(f)).unwrap();
+    let (cred_cert, cred_key, engine_ca) = (read("client.pem"), read("client.key"), read("ca.pem"));
+    assert_ne!(engine_ca, b.ca_pem, "Dask's CA is the agents' port's");
+    assert!(chains_to(&engine_ca, &dask_cert) && chains_to(&engine_ca, &cred_cert));
+    assert_ne!(dask_cert, scheduler_cert, "the scheduler holds the workers' certificate");
+
+    // The agents' port: an engine certificate fails the handshake itself
+    // (a peer without one, or with the node's session certificate, gets
+    // through it).
+    let shake = |id: Option<(&str, &str)>| tokio::task::block_in_place(|| handshake(&b, id));
+    for (what, cert, key) in
+        [("a node's Dask key", &dask_cert, &dask_key), ("a credential", &cred_cert, &cred_key)]
+    {
+        let e = shake(Some((cert, key))).expect_err(what);
+        assert!(e.contains("alert"), "{what}: {e}");
+        eprintln!("{what}: refused at the handshake: {e}");
+        let e = session(&b, Some((cert, key))).await.unwrap_err();
+        assert!(!e.contains("assignment"), "{e}");
+    }
+    shake(None).expect("no certificate: the handshake is taken");
+    shake(Some((&reply.certificate_pem, &key))).expect("the node's session certificate");
+    let e = session(&b, None).await.unwrap_err();
+    assert!(e.contains("client certificate required"), "{e}");
+    let log = c.serve_log();
+    assert!(!log.contains(&dask_key) && !log.contains(&cred_key), "a key reached the log");
+
+    // Destroyed: the state directory's next cluster trusts none of it.
+    drop(master);
+    let out = c.ctl(&["destroy", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tokio::task::block_in_place(|| c.wait_serve_exit(WAIT)), "serve did not stop after destroy");
+    tokio::task::block_in_place(|| c.restart_serve());
+    let out = c.ctl(&["credentials", "--out", dir.path().join("new").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new_engine_ca = std::fs::read_to_string(dir.path().join("new/ca.pem")).unwrap();
+    let new_session_ca = std::fs::read_to_string(c.state_dir().join("ca.pem")).unwrap();
+    for (what, cert) in [("a node's Dask certificate", &dask_cert), ("a credential", &cred_cert)] {
+        assert!(
+            !chains_to(&new_engine_ca, cert),
+            "the next cluster's Dask trusts {what} of the destroyed one"
+        );
+    }
+    assert!(
+        !chains_to(&new_session_ca, &reply.certificate_pem),
+        "a destroyed cluster's node session is trusted"
+    );
+    assert_ne!(new_session_ca, b.ca_pem);
+}

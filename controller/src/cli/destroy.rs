@@ -131,5 +131,6 @@ async fn offline(cfg: &crate::config::Config, given: Option<&str>) -> anyhow::Re
         reg.forget_all();
         crate::pki::write_private(&file, &reg.to_json())?;
     }
+    crate::cluster::ops::retire_pki(&cfg.state_dir);
     Ok(ids)
 }

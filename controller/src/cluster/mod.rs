@@ -22,6 +22,8 @@ pub mod persist;
 pub mod tick;
 
 #[cfg(test)]
+mod enroll_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
 mod work_tests;
@@ -463,11 +465,25 @@ impl Cluster {
         crate::metrics::Metrics::inc(&self.metrics.enrollments);
         reg.event(format!("{node_id} enrolled from {from}"));
         drop(reg);
-        // The spend is durable before the certificate is handed out.
-        if let Err(e) = self.journal.spent(node_id, cert_sha256) {
-            tracing::error!("cannot append to tokens.log ({e}); saving cluster.json instead");
-            if let Err(e) = self.save() {
-                tracing::error!("cannot save the spent token of {node_id}: {e:#}");
+        // The spend is durable before the certificate is handed out: a
+        // certificate a restarted controller would not know (and a token it
+        // would take again) is never given.
+        if let Err(journal) = self.journal.spent(node_id, cert_sha256) {
+            tracing::error!("cannot append to tokens.log ({journal}); saving cluster.json instead");
+            if let Err(snapshot) = self.save() {
+                let why = format!(
+                    "its enrollment could not be recorded in {} (tokens.log: {journal}; cluster.json: {snapshot:#}): \
+                     no certificate was handed out; free or fix that disk",
+                    self.cfg.state_dir.display()
+                );
+                tracing::error!(node = %node_id, "{why}");
+                let refuse =
+                    NodeEvent::Refuse { refusal: crate::model::Refusal::Unrecorded, why: why.clone() };
+                if let Err(e) = self.registry.lock().transition(node_id, refuse) {
+                    tracing::error!(node = %node_id, "cannot fail the node: {e}");
+                }
+                self.changed();
+                return Err(EnrollRefused::Unrecorded);
             }
         }
         self.changed();
@@ -646,6 +662,13 @@ pub enum EnrollRefused {
     /// stays unspent.
     #[error("{0}")]
     Invalid(String),
+    /// Neither the journal nor the snapshot took the enrollment: the node
+    /// fails (the token is spent) and is replaced; its agent gets no
+    /// certificate.
+    #[error(
+        "the controller cannot record enrollments now (its state directory's disk); this node is replaced"
+    )]
+    Unrecorded,
 }
 
 /// Whether the attested instance may use the token of a slot whose

@@ -204,8 +204,27 @@ pub async fn destroy(sh: &Arc<Cluster>) -> anyhow::Result<Destroyed> {
         reg.spent_usd
     };
     sh.save()?;
+    retire_pki(&sh.cfg.state_dir);
     names.sort();
     Ok(Destroyed { terminated: names, spent_usd })
+}
+
+/// After a completed destroy: the cluster's CAs are retired (`pki::retire`),
+/// so nothing issued to its nodes or users is trusted by the next cluster
+/// of this state directory. A failure is logged; the destroy stands.
+pub fn retire_pki(state_dir: &std::path::Path) {
+    match crate::pki::retire(state_dir) {
+        Ok(gone) if !gone.is_empty() => {
+            tracing::info!(
+                "the cluster's CAs are retired: nothing they issued is trusted by the next cluster"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(
+            "cannot retire the destroyed cluster's CAs ({e}); remove ca.* and engine-ca.* from the state directory \
+             before the next serve, or it trusts what this cluster issued"
+        ),
+    }
 }
 
 /// Which listed instances a destroy must see gone: this cluster's own

@@ -6,14 +6,25 @@
 //!
 //! # Security
 //! - Scheduler, workers and clients speak **mutual TLS** only (`tls://`,
-//!   Dask's `require_encryption`): every node gets a key and a certificate
-//!   issued by the cluster CA (pushed as files over the agent's mutual-TLS
-//!   session, the key readable by the Dask user alone); users get a client
-//!   certificate with `ddisco-controller credentials`. A peer without one is
-//!   refused by Dask itself.
-//! - On machines the agent provisions as root, Dask runs as the
+//!   Dask's `require_encryption`): every node's workers get a key and a
+//!   certificate of the cluster's *engine* CA (pushed as files over the
+//!   agent's mutual-TLS session, the key readable by the Dask user alone);
+//!   users get a client certificate with `ddisco-controller credentials`.
+//!   A peer without one is refused by Dask itself. None of them is
+//!   accepted by the agents' port (the session CA's).
+//! - Certificates are short-lived: issued per *epoch* (`CERT_EPOCH`, 7
+//!   days), valid `CERT_VALIDITY` (14 days) from issue, so a certificate is
+//!   valid at least 7 days past its epoch; at each new epoch the services
+//!   are restarted with new ones (their spec names the epoch). A key a job
+//!   copied stops working within 14 days, and with the cluster (`destroy`
+//!   retires the CA).
+//! - On machines the agent provisions as root, the workers run as the
 //!   unprivileged system user `dask` (`runuser -u dask`), whose only
-//!   writable places are its home and the worker's local directory.
+//!   writable places are its home and the worker's local directory. The
+//!   scheduler runs as another user, `dask-scheduler`, with its own
+//!   certificate and key: a task (running as `dask`, on the master too)
+//!   can neither read the scheduler's key nor signal the scheduler and
+//!   take its port.
 //! - The dashboard (HTTP, read-only views) stays plain, bound to the
 //!   master's private address.
 
@@ -27,10 +38,31 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The system user Dask runs as where the agent is root.
+/// The system user Dask's workers run as where the agent is root.
 pub const DASK_USER: &str = "dask";
-/// How long a node's Dask certificate is valid (clusters are disposable).
-pub const DASK_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// The system user the scheduler runs as (not the workers' user).
+pub const SCHEDULER_USER: &str = "dask-scheduler";
+/// Certificates are issued per epoch of this length (from the Unix epoch);
+/// at each new one the services restart with new certificates.
+pub const CERT_EPOCH: Duration = Duration::from_secs(7 * 86_400);
+/// How long a Dask certificate is valid from its issue: at least
+/// `CERT_VALIDITY - CERT_EPOCH` past the end of its epoch.
+pub const CERT_VALIDITY: Duration = Duration::from_secs(14 * 86_400);
+
+/// The epoch of `now` (`CERT_EPOCH`s since the Unix epoch).
+pub fn cert_epoch(now: std::time::SystemTime) -> u64 {
+    now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() / CERT_EPOCH.as_secs()
+}
+
+/// A (certificate, key) pair and the epoch it was issued in.
+type Issued = (u64, Arc<(String, String)>);
+
+/// Which certificate a Dask process holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Holder {
+    Workers,
+    Scheduler,
+}
 
 pub struct Dask {
     pub version: String,
@@ -39,8 +71,9 @@ pub struct Dask {
     pub scheduler_port: u16,
     pub dashboard_port: u16,
     pki: Arc<Pki>,
-    /// Each node's (certificate, key), issued once per controller run.
-    creds: Mutex<HashMap<String, Arc<(String, String)>>>,
+    /// Each node's (certificate, key) per holder, with the epoch it was
+    /// issued in: issued once per epoch and controller run.
+    creds: Mutex<HashMap<(String, Holder), Issued>>,
 }
 
 impl Dask {
@@ -73,6 +106,15 @@ impl Dask {
         if layout.system { "/var/lib/dask".into() } else { super::under(layout, "var/dask") }
     }
 
+    /// The scheduler's home (its certificate and key live there).
+    fn scheduler_home(layout: &NodeLayout) -> String {
+        if layout.system {
+            "/var/lib/dask-scheduler".into()
+        } else {
+            super::under(layout, "var/dask-scheduler")
+        }
+    }
+
     fn local_dir(layout: &NodeLayout) -> String {
         match &layout.scratch {
             Some(s) => s.join("dask-worker").display().to_string(),
@@ -80,16 +122,16 @@ impl Dask {
         }
     }
 
-    /// `argv`, run as the `dask` user where the agent is root.
-    fn as_dask(layout: &NodeLayout, argv: Vec<String>) -> Vec<String> {
+    /// `argv`, run as `user` where the agent is root.
+    fn as_user(layout: &NodeLayout, user: &str, argv: Vec<String>) -> Vec<String> {
         if !layout.system {
             return argv;
         }
-        ["runuser", "-u", DASK_USER, "--"].iter().map(|s| s.to_string()).chain(argv).collect()
+        ["runuser", "-u", user, "--"].iter().map(|s| s.to_string()).chain(argv).collect()
     }
 
-    fn tls_args(layout: &NodeLayout) -> Vec<String> {
-        let tls = format!("{}/tls", Dask::home(layout));
+    fn tls_args(home: &str) -> Vec<String> {
+        let tls = format!("{home}/tls");
         vec![
             "--tls-ca-file".into(),
             format!("{tls}/ca.pem"),
@@ -100,39 +142,56 @@ impl Dask {
         ]
     }
 
-    /// The node's TLS files: the CA, its certificate and its key.
-    fn tls_files(&self, me: &Member, layout: &NodeLayout) -> Vec<Directive> {
+    /// The TLS files of `holder` on `me` for the epoch `epoch`: the engine
+    /// CA, its certificate and its key, in its user's home.
+    fn tls_files(&self, me: &Member, layout: &NodeLayout, holder: Holder, epoch: u64) -> Vec<Directive> {
         let creds = {
             let mut map = self.creds.lock();
-            match map.get(&me.id) {
-                Some(c) => c.clone(),
-                None => match self.pki.issue(
-                    &format!("dask {}", me.id),
-                    std::slice::from_ref(&me.address),
-                    DASK_CERT_VALIDITY,
-                ) {
-                    Ok(c) => map.entry(me.id.clone()).or_insert(Arc::new(c)).clone(),
-                    Err(e) => {
-                        tracing::error!(node = %me.id, "cannot issue its Dask certificate: {e}");
-                        return vec![];
+            match map.get(&(me.id.clone(), holder)) {
+                Some((e, c)) if *e == epoch => c.clone(),
+                _ => {
+                    let name = match holder {
+                        Holder::Workers => format!("dask {}", me.id),
+                        Holder::Scheduler => format!("dask scheduler {}", me.id),
+                    };
+                    match self.pki.issue(&name, std::slice::from_ref(&me.address), CERT_VALIDITY) {
+                        Ok(c) => {
+                            let c = Arc::new(c);
+                            map.insert((me.id.clone(), holder), (epoch, c.clone()));
+                            c
+                        }
+                        Err(e) => {
+                            tracing::error!(node = %me.id, "cannot issue its Dask certificate: {e}");
+                            return vec![];
+                        }
                     }
-                },
+                }
             }
         };
-        let tls = format!("{}/tls", Dask::home(layout));
-        let owner = if layout.system { DASK_USER } else { "" };
+        let (home, user, prefix) = match holder {
+            Holder::Workers => (Dask::home(layout), DASK_USER, "dask_tls"),
+            Holder::Scheduler => (Dask::scheduler_home(layout), SCHEDULER_USER, "dask_scheduler_tls"),
+        };
+        let tls = format!("{home}/tls");
+        let owner = if layout.system { user } else { "" };
         let file = |name: &str, path: String, content: String, mode: u32| Directive {
-            name: name.into(),
+            name: format!("{prefix}_{name}"),
             kind: DirectiveKind::File { path, content, mode, owner: owner.into(), marker: String::new() },
         };
         vec![
-            file("dask_tls_ca", format!("{tls}/ca.pem"), self.pki.ca_pem().to_string(), 0o444),
-            file("dask_tls_cert", format!("{tls}/node.pem"), creds.0.clone(), 0o444),
-            file("dask_tls_key", format!("{tls}/node.key"), creds.1.clone(), 0o400),
+            file("ca", format!("{tls}/ca.pem"), self.pki.engine_ca_pem().to_string(), 0o444),
+            file("cert", format!("{tls}/node.pem"), creds.0.clone(), 0o444),
+            file("key", format!("{tls}/node.key"), creds.1.clone(), 0o400),
         ]
     }
 
-    fn worker(&self, me: &Member, scheduler: &str, layout: &NodeLayout) -> Directive {
+    /// A service's environment: the certificates' epoch (a new one
+    /// restarts it with new certificates).
+    fn service_env(epoch: u64) -> BTreeMap<String, String> {
+        BTreeMap::from([("DDISCO_DASK_CERT_EPOCH".to_string(), epoch.to_string())])
+    }
+
+    fn worker(&self, me: &Member, scheduler: &str, layout: &NodeLayout, epoch: u64) -> Directive {
         let mut argv: Vec<String> = [
             Dask::dask(layout).as_str(),
             "worker",
@@ -151,16 +210,73 @@ impl Dask {
         ]
         .map(String::from)
         .to_vec();
-        argv.extend(Dask::tls_args(layout));
+        argv.extend(Dask::tls_args(&Dask::home(layout)));
         Directive {
             name: "dask-worker".into(),
             kind: DirectiveKind::Service {
-                argv: Dask::as_dask(layout, argv),
-                env: BTreeMap::new(),
+                argv: Dask::as_user(layout, DASK_USER, argv),
+                env: Dask::service_env(epoch),
                 workdir: Dask::home(layout),
                 grace_ms: 20_000,
             },
         }
+    }
+
+    /// `directives` at time `now`: certificates of `now`'s epoch.
+    fn directives_at(
+        &self,
+        me: &Member,
+        members: &[Member],
+        layout: &NodeLayout,
+        now: std::time::SystemTime,
+    ) -> Vec<Directive> {
+        if me.leaving || me.address.is_empty() {
+            self.creds.lock().retain(|(id, _), _| *id != me.id);
+            return vec![];
+        }
+        let epoch = cert_epoch(now);
+        let mut out = Vec::new();
+        if me.is_master() {
+            let mut argv: Vec<String> = [
+                Dask::dask(layout).as_str(),
+                "scheduler",
+                "--protocol",
+                "tls",
+                "--host",
+                &me.address,
+                "--port",
+                &self.scheduler_port.to_string(),
+                "--dashboard-address",
+                &format!("{}:{}", me.address, self.dashboard_port),
+            ]
+            .map(String::from)
+            .to_vec();
+            argv.extend(Dask::tls_args(&Dask::scheduler_home(layout)));
+            out.extend(self.tls_files(me, layout, Holder::Scheduler, epoch));
+            out.extend(self.tls_files(me, layout, Holder::Workers, epoch));
+            out.push(Directive {
+                name: "dask-scheduler".into(),
+                kind: DirectiveKind::Service {
+                    argv: Dask::as_user(layout, SCHEDULER_USER, argv),
+                    env: Dask::service_env(epoch),
+                    workdir: Dask::scheduler_home(layout),
+                    grace_ms: 5_000,
+                },
+            });
+            out.push(self.worker(me, &self.scheduler_url(&me.address), layout, epoch));
+            // The scheduler's counts (tasks, clients), for autostop.
+            out.push(Directive {
+                name: "counts".into(),
+                kind: DirectiveKind::Probe {
+                    url: format!("http://{}:{}/json/counts.json", me.address, self.dashboard_port),
+                },
+            });
+        } else if let Some(m) = master(members) {
+            // Slaves wait for a ready master.
+            out.extend(self.tls_files(me, layout, Holder::Workers, epoch));
+            out.push(self.worker(me, &self.scheduler_url(&m.address), layout, epoch));
+        }
+        out
     }
 
     fn scheduler_url(&self, address: &str) -> String {
@@ -179,6 +295,7 @@ impl Engine for Dask {
 
     fn steps(&self, _role: Role, _workers: u32, layout: &NodeLayout) -> Vec<Step> {
         let home = Dask::home(layout);
+        let shome = Dask::scheduler_home(layout);
         let local = Dask::local_dir(layout);
         // The user and its home are the machine's (an image may hold them);
         // the workers' folder is on scratch, each node's own. What is inside
@@ -187,15 +304,22 @@ impl Engine for Dask {
         // -d -o` would give the link's target to the user).
         let (user, dirs) = if layout.system {
             (
-                format!(
-                    "id -u {DASK_USER} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {DASK_USER} \
-                     && install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{home}' \
-                     && runuser -u {DASK_USER} -- install -d -m 0700 '{home}/tls'"
-                ),
+                [(DASK_USER, &home), (SCHEDULER_USER, &shome)]
+                    .map(|(user, home)| {
+                        format!(
+                            "{{ id -u {user} >/dev/null 2>&1 || useradd --system --home-dir '{home}' --shell /usr/sbin/nologin {user}; }} \
+                             && install -d -o {user} -g {user} -m 0700 '{home}' \
+                             && runuser -u {user} -- install -d -m 0700 '{home}/tls'"
+                        )
+                    })
+                    .join(" && "),
                 format!("install -d -o {DASK_USER} -g {DASK_USER} -m 0700 '{local}'"),
             )
         } else {
-            (format!("mkdir -p '{home}/tls' && chmod 0700 '{home}/tls'"), format!("mkdir -p '{local}'"))
+            (
+                format!("mkdir -p '{home}/tls' '{shome}/tls' && chmod 0700 '{home}/tls' '{shome}/tls'"),
+                format!("mkdir -p '{local}'"),
+            )
         };
         vec![
             Step {
@@ -211,51 +335,12 @@ impl Engine for Dask {
     }
 
     fn directives(&self, me: &Member, members: &[Member], layout: &NodeLayout) -> Vec<Directive> {
-        if me.leaving || me.address.is_empty() {
-            self.creds.lock().remove(&me.id);
-            return vec![];
-        }
-        let mut out = Vec::new();
-        if me.is_master() {
-            let mut argv: Vec<String> = [
-                Dask::dask(layout).as_str(),
-                "scheduler",
-                "--protocol",
-                "tls",
-                "--host",
-                &me.address,
-                "--port",
-                &self.scheduler_port.to_string(),
-                "--dashboard-address",
-                &format!("{}:{}", me.address, self.dashboard_port),
-            ]
-            .map(String::from)
-            .to_vec();
-            argv.extend(Dask::tls_args(layout));
-            out.extend(self.tls_files(me, layout));
-            out.push(Directive {
-                name: "dask-scheduler".into(),
-                kind: DirectiveKind::Service {
-                    argv: Dask::as_dask(layout, argv),
-                    env: BTreeMap::new(),
-                    workdir: Dask::home(layout),
-                    grace_ms: 5_000,
-                },
-            });
-            out.push(self.worker(me, &self.scheduler_url(&me.address), layout));
-            // The scheduler's counts (tasks, clients), for autostop.
-            out.push(Directive {
-                name: "counts".into(),
-                kind: DirectiveKind::Probe {
-                    url: format!("http://{}:{}/json/counts.json", me.address, self.dashboard_port),
-                },
-            });
-        } else if let Some(m) = master(members) {
-            // Slaves wait for a ready master.
-            out.extend(self.tls_files(me, layout));
-            out.push(self.worker(me, &self.scheduler_url(&m.address), layout));
-        }
-        out
+        self.directives_at(me, members, layout, std::time::SystemTime::now())
+    }
+
+    fn renews_at(&self) -> Option<std::time::SystemTime> {
+        let next = cert_epoch(std::time::SystemTime::now()) + 1;
+        Some(std::time::UNIX_EPOCH + CERT_EPOCH * next as u32)
     }
 
     /// A node's directives depend on itself and the master only.
@@ -263,9 +348,11 @@ impl Engine for Dask {
         true
     }
 
-    /// A slave's directives depend only on the scheduler's address.
+    /// A slave's directives depend only on the scheduler's address and
+    /// the certificates' epoch (a new one renews every node's).
     fn shared_key(&self, members: &[Member]) -> String {
-        master(members).map(|m| m.address.clone()).unwrap_or_default()
+        let address = master(members).map(|m| m.address.clone()).unwrap_or_default();
+        format!("{address}@{}", cert_epoch(std::time::SystemTime::now()))
     }
 
     /// `counts`: Dask's `/json/counts.json`. Busy while tasks are
@@ -376,13 +463,23 @@ mod tests {
         let d = dask().directives(&m, &all, &layout());
         assert_eq!(
             d.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
-            ["dask_tls_ca", "dask_tls_cert", "dask_tls_key", "dask-scheduler", "dask-worker", "counts"]
+            [
+                "dask_scheduler_tls_ca",
+                "dask_scheduler_tls_cert",
+                "dask_scheduler_tls_key",
+                "dask_tls_ca",
+                "dask_tls_cert",
+                "dask_tls_key",
+                "dask-scheduler",
+                "dask-worker",
+                "counts"
+            ]
         );
         // The scheduler's counts tell autostop whether it has work.
         assert!(
-            matches!(&d[5].kind, DirectiveKind::Probe { url } if url == "http://10.0.0.1:8787/json/counts.json"),
+            matches!(&d[8].kind, DirectiveKind::Probe { url } if url == "http://10.0.0.1:8787/json/counts.json"),
             "{:?}",
-            d[5]
+            d[8]
         );
         let busy = |body: &str| dask().probed("counts", body).map(|p| p.busy);
         assert_eq!(
@@ -402,7 +499,7 @@ mod tests {
         );
         assert!(busy(r#"{"clients": 1}"#).is_err());
         assert!(dask().probed("other", "{}").is_err());
-        let sched = argv(&d[3]);
+        let sched = argv(&d[6]);
         assert!(
             sched.contains(&"10.0.0.1".to_string()) && sched.contains(&"--tls-key".to_string()),
             "{sched:?}"
@@ -457,6 +554,91 @@ mod tests {
         for f in ds.iter().filter(|x| x.name.starts_with("dask_tls")) {
             assert!(matches!(&f.kind, DirectiveKind::File { owner, .. } if owner == DASK_USER), "{f:?}");
         }
+    }
+
+    fn file<'a>(ds: &'a [Directive], name: &str) -> (&'a str, &'a str, &'a str) {
+        match &ds.iter().find(|x| x.name == name).unwrap_or_else(|| panic!("{name}: {ds:?}")).kind {
+            DirectiveKind::File { path, content, owner, .. } => (path, content, owner),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn env(d: &Directive) -> &BTreeMap<String, String> {
+        match &d.kind {
+            DirectiveKind::Service { env, .. } => env,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_scheduler_has_its_own_user_certificate_and_key() {
+        let d = dask();
+        let m = member("m", Role::Master, "10.0.0.1", 1);
+        let mut sys = layout();
+        sys.system = true;
+        let ds = d.directives(&m, std::slice::from_ref(&m), &sys);
+        let sched = ds.iter().find(|x| x.name == "dask-scheduler").unwrap();
+        let a = argv(sched);
+        assert_eq!(a[..4], ["runuser", "-u", SCHEDULER_USER, "--"]);
+        let key_arg = &a[a.iter().position(|x| x == "--tls-key").unwrap() + 1];
+        let (path, skey, owner) = file(&ds, "dask_scheduler_tls_key");
+        assert_eq!((key_arg.as_str(), owner), (path, SCHEDULER_USER));
+        assert!(path.starts_with("/var/lib/dask-scheduler/"), "{path}");
+        let (wpath, wkey, wowner) = file(&ds, "dask_tls_key");
+        assert_eq!(wowner, DASK_USER);
+        assert!(wpath.starts_with("/var/lib/dask/"), "{wpath}");
+        assert_ne!(skey, wkey, "the scheduler's key is the workers' key");
+        assert!(
+            matches!(&sched.kind, DirectiveKind::Service { workdir, .. } if workdir == "/var/lib/dask-scheduler")
+        );
+        // Both users are made by the plan, each making its own folders.
+        let steps = d.steps(Role::Master, 1, &sys);
+        let StepKind::Shell { script, .. } = &steps.iter().find(|s| s.name == "dask_user").unwrap().kind
+        else {
+            panic!()
+        };
+        assert!(
+            script.contains("runuser -u dask-scheduler -- install -d -m 0700 '/var/lib/dask-scheduler/tls'")
+        );
+        assert!(script.contains("runuser -u dask -- install -d -m 0700 '/var/lib/dask/tls'"), "{script}");
+    }
+
+    #[test]
+    fn certificates_are_short_lived_and_renewed_each_epoch_with_a_restart() {
+        let d = dask();
+        let m = member("m", Role::Master, "10.0.0.1", 1);
+        let s = member("s", Role::Slave, "10.0.0.2", 1);
+        let all = [m.clone(), s.clone()];
+        // Late in an epoch, then early in the next.
+        let start = std::time::UNIX_EPOCH + CERT_EPOCH * 2950;
+        let late = start + CERT_EPOCH - Duration::from_secs(60);
+        let next = start + CERT_EPOCH + Duration::from_secs(60);
+        let a = d.directives_at(&s, &all, &layout(), late);
+        let again = d.directives_at(&s, &all, &layout(), late);
+        let b = d.directives_at(&s, &all, &layout(), next);
+        assert_eq!(a, again, "re-issued within an epoch");
+        let cert = |ds: &[Directive]| file(ds, "dask_tls_cert").1.to_string();
+        assert_ne!(cert(&a), cert(&b), "not renewed at the next epoch");
+        let worker = |ds: &[Directive]| ds.iter().find(|x| x.name == "dask-worker").unwrap().clone();
+        // The worker's spec changes with the epoch: the agent restarts it
+        // on the new certificate.
+        assert_ne!(env(&worker(&a)), env(&worker(&b)));
+        assert_eq!(argv(&worker(&a)), argv(&worker(&b)));
+        // Issued now, valid CERT_VALIDITY: past its epoch's end by a week.
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(cert(&b).as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
+            .unwrap();
+        let not_after = crate::pki::not_after_unix(&der).unwrap();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let days = (not_after - now) as f64 / 86_400.0;
+        assert!((13.9..=14.1).contains(&days), "valid {days} days");
+        assert!(CERT_VALIDITY >= CERT_EPOCH * 2, "a certificate may end before its epoch + a week");
+        // The controller wakes at the next epoch to publish them.
+        let at = d.renews_at().unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(at > now && at <= now + CERT_EPOCH, "{at:?}");
+        assert_eq!(cert_epoch(at), cert_epoch(now) + 1);
     }
 
     #[test]

@@ -138,6 +138,12 @@ pub trait Engine: Send + Sync {
         }
         hex::encode(&h.finalize()[..12])
     }
+    /// When the engine's directives next change with time alone (its
+    /// certificates' renewal): the controller publishes again then. `None`:
+    /// never.
+    fn renews_at(&self) -> Option<std::time::SystemTime> {
+        None
+    }
     /// Named addresses (`scheduler`, `dashboard`, `master`...).
     fn endpoints(&self, members: &[Member]) -> BTreeMap<String, String>;
     /// Lines for humans: tunnels, links.
