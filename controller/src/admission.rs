@@ -11,6 +11,13 @@
 //!   A flood of peers that handshake and retry cannot starve an agent: it
 //!   takes its turn. The handshake must finish within
 //!   [`Limits::handshake`]; then both are given back.
+//! - Connections from a node's address (the port's [`Known`] says which:
+//!   the address a node that said hello holds, attested on EC2; and this
+//!   machine's own) queue and handshake in a lane of their own, as large
+//!   again, at most [`Limits::per_node`] at once per address: peers from
+//!   any number of other hosts can fill theirs, never the nodes'. A node
+//!   reconnecting after a controller restart or a network blip handshakes
+//!   whatever they do.
 //! - A connection whose client certificate is that of a live node (the
 //!   port's [`Prover`] says which: the one issued to it, the node neither
 //!   terminating nor revoked) is *proven*: it holds none of the tickets of
@@ -125,18 +132,47 @@ pub const HANDSHAKE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// Says which live node a client certificate (DER) speaks for, if any.
 pub type Prover = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
 
+/// Says whether an address is a node's (its handshakes take the nodes'
+/// lane).
+pub type Known = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// The handshake lane of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// From a node's address.
+    Nodes,
+    Others,
+}
+
+/// One lane's handshake places and queue.
+struct HandshakeLane {
+    handshaking: Arc<Semaphore>,
+    /// Connections waiting for a handshake place or handshaking.
+    queued: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl HandshakeLane {
+    fn new(places: usize) -> HandshakeLane {
+        HandshakeLane {
+            handshaking: Arc::new(Semaphore::new(places)),
+            queued: Arc::new(Semaphore::new(places * 2)),
+            per_ip: Arc::default(),
+        }
+    }
+}
+
 /// Counts connections: handshakes, unproven ones, proven ones per node.
 pub struct Gate {
     name: &'static str,
     limits: Limits,
     total: Arc<Semaphore>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
-    handshaking: Arc<Semaphore>,
-    /// Connections waiting for a handshake place or handshaking.
-    queued: Arc<Semaphore>,
-    per_ip_handshaking: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    others: HandshakeLane,
+    nodes: HandshakeLane,
     per_node: Arc<Mutex<HashMap<String, u32>>>,
     prover: Option<Prover>,
+    known: Option<Known>,
     metrics: Arc<Metrics>,
     log: RateLimitedLog,
 }
@@ -199,11 +235,11 @@ impl Gate {
             limits,
             total: Arc::new(Semaphore::new(limits.unauthenticated)),
             per_ip: Arc::default(),
-            handshaking: Arc::new(Semaphore::new(limits.handshakes)),
-            queued: Arc::new(Semaphore::new(limits.handshakes * 2)),
-            per_ip_handshaking: Arc::default(),
+            others: HandshakeLane::new(limits.handshakes),
+            nodes: HandshakeLane::new(limits.handshakes),
             per_node: Arc::default(),
             prover: None,
+            known: None,
             metrics,
             log: RateLimitedLog::default(),
         }
@@ -213,6 +249,21 @@ impl Gate {
     pub fn with_prover(mut self, prover: Prover) -> Gate {
         self.prover = Some(prover);
         self
+    }
+
+    /// Connections from the addresses `known` names take the nodes' lane.
+    pub fn with_known(mut self, known: Known) -> Gate {
+        self.known = Some(known);
+        self
+    }
+
+    /// The lane of a connection from `ip`: the nodes' for a node's address
+    /// and this machine's own.
+    pub fn lane(&self, ip: IpAddr) -> Lane {
+        match &self.known {
+            Some(known) if own_address(ip) || known(ip) => Lane::Nodes,
+            _ => Lane::Others,
+        }
     }
 
     fn counted(
@@ -241,23 +292,41 @@ impl Gate {
         )
     }
 
-    /// A place in the handshake queue for a new connection from `ip`.
-    pub fn admit_handshake(&self, ip: IpAddr) -> Result<Ticket, &'static str> {
-        Self::counted(
-            &self.queued,
-            &self.per_ip_handshaking,
-            ip,
-            self.limits.per_ip_handshakes,
-            (
-                "too many connections waiting for a TLS handshake",
-                "too many connections waiting for a TLS handshake from this address",
+    /// A place in the handshake queue of `lane` for a new connection from
+    /// `ip`.
+    pub fn admit_handshake(&self, ip: IpAddr, lane: Lane) -> Result<Ticket, &'static str> {
+        match lane {
+            Lane::Others => Self::counted(
+                &self.others.queued,
+                &self.others.per_ip,
+                ip,
+                self.limits.per_ip_handshakes,
+                (
+                    "too many connections waiting for a TLS handshake",
+                    "too many connections waiting for a TLS handshake from this address",
+                ),
             ),
-        )
+            Lane::Nodes => Self::counted(
+                &self.nodes.queued,
+                &self.nodes.per_ip,
+                ip,
+                self.limits.per_node.max(1),
+                (
+                    "too many connections from nodes' addresses waiting for a TLS handshake",
+                    "too many connections from this node's address waiting for a TLS handshake",
+                ),
+            ),
+        }
     }
 
-    /// A handshake place, in turn, if one comes within the queue's wait.
-    pub async fn handshake_place(&self) -> Option<OwnedSemaphorePermit> {
-        tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, self.handshaking.clone().acquire_owned()).await.ok()?.ok()
+    /// A handshake place of `lane`, in turn, if one comes within the
+    /// queue's wait.
+    pub async fn handshake_place(&self, lane: Lane) -> Option<OwnedSemaphorePermit> {
+        let sem = match lane {
+            Lane::Nodes => &self.nodes.handshaking,
+            Lane::Others => &self.others.handshaking,
+        };
+        tokio::time::timeout(HANDSHAKE_QUEUE_WAIT, sem.clone().acquire_owned()).await.ok()?.ok()
     }
 
     /// A ticket for a connection of the proven node `node`.
@@ -389,7 +458,8 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let handshake = match gate.admit_handshake(peer.ip()) {
+            let lane = gate.lane(peer.ip());
+            let handshake = match gate.admit_handshake(peer.ip(), lane) {
                 Ok(t) => t,
                 Err(why) => {
                     gate.refused(peer, why);
@@ -400,7 +470,7 @@ pub fn incoming(
             let (acceptor, gate, tx) = (acceptor.clone(), gate.clone(), tx.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
-                let Some(place) = gate.handshake_place().await else {
+                let Some(place) = gate.handshake_place(lane).await else {
                     return gate.refused(peer, "no TLS handshake place came free in time");
                 };
                 let tls = match tokio::time::timeout(gate.limits.handshake, acceptor.accept(tcp)).await {
@@ -540,10 +610,10 @@ mod tests {
         drop(n1);
         assert!(g.admit_proven("slave-0001".into()).is_ok(), "a count given back is available again");
         // Handshakes have their own bound: twice the places may queue.
-        let h: Vec<Ticket> = (0..4).map(|_| g.admit_handshake(a).unwrap()).collect();
-        assert!(g.admit_handshake(a).is_err());
+        let h: Vec<Ticket> = (0..4).map(|_| g.admit_handshake(a, Lane::Others).unwrap()).collect();
+        assert!(g.admit_handshake(a, Lane::Others).is_err());
         drop(h);
-        assert!(g.admit_handshake(a).is_ok());
+        assert!(g.admit_handshake(a, Lane::Others).is_ok());
         assert_eq!(Limits::GRPC.within(1024).handshakes, 64);
         // Without a prover nothing is proven.
         let cert = rustls::pki_types::CertificateDer::from(vec![1u8, 2, 3]);
@@ -551,6 +621,33 @@ mod tests {
         let g = g.with_prover(Arc::new(|der: &[u8]| (der == [1, 2, 3]).then(|| "slave-0001".to_string())));
         assert_eq!(g.prove(Some(std::slice::from_ref(&cert))).as_deref(), Some("slave-0001"));
         assert_eq!(g.prove(None), None);
+    }
+
+    #[tokio::test]
+    async fn peers_of_any_number_of_hosts_never_fill_the_nodes_handshake_lane() {
+        let limits = Limits { handshakes: 2, per_ip_handshakes: 1, per_node: 2, ..Limits::GRPC };
+        let node: IpAddr = "10.0.0.7".parse().unwrap();
+        let g = Gate::new("test", limits, Arc::default()).with_known(Arc::new(move |ip| ip == node));
+        assert_eq!(g.lane(node), Lane::Nodes);
+        assert_eq!(g.lane("127.0.0.1".parse().unwrap()), Lane::Nodes, "this machine's own");
+        assert_eq!(g.lane("10.0.0.8".parse().unwrap()), Lane::Others);
+        // Four other hosts fill the others' queue and hold its places.
+        let others: Vec<IpAddr> = (1..=4).map(|i| IpAddr::from([192, 0, 2, i])).collect();
+        let queued: Vec<Ticket> =
+            others.iter().map(|ip| g.admit_handshake(*ip, g.lane(*ip)).unwrap()).collect();
+        assert!(g.admit_handshake(IpAddr::from([192, 0, 2, 9]), Lane::Others).is_err(), "queue full");
+        let held = [g.handshake_place(Lane::Others).await, g.handshake_place(Lane::Others).await];
+        assert!(held.iter().all(Option::is_some));
+        // The node still queues and gets a place at once, up to its bound.
+        let t1 = g.admit_handshake(node, g.lane(node)).expect("the node's lane is its own");
+        let _t2 = g.admit_handshake(node, g.lane(node)).unwrap();
+        assert!(g.admit_handshake(node, Lane::Nodes).is_err(), "a third from one node's address");
+        let place = tokio::time::timeout(Duration::from_millis(100), g.handshake_place(Lane::Nodes)).await;
+        assert!(matches!(place, Ok(Some(_))), "the node waited for the others' places");
+        drop((t1, queued));
+        // Without a `Known`, every address is another's.
+        let plain = Gate::new("test", limits, Arc::default());
+        assert_eq!(plain.lane(node), Lane::Others);
     }
 
     #[test]

@@ -75,7 +75,12 @@ pub async fn serve(
         let live = registry_of.registry.lock().is_live_cert(&node, &pki::cert_sha256(der));
         live.then_some(node)
     });
-    let gate = Arc::new(Gate::new("agents' port", limits, shared.metrics.clone()).with_prover(prover));
+    // Nodes' addresses handshake in a lane of their own.
+    let registry_of = shared.clone();
+    let known: crate::admission::Known = Arc::new(move |ip| registry_of.registry.lock().holds_address(ip));
+    let gate = Arc::new(
+        Gate::new("agents' port", limits, shared.metrics.clone()).with_prover(prover).with_known(known),
+    );
     let incoming =
         tokio_stream::wrappers::ReceiverStream::new(crate::admission::incoming(listener, tls, gate));
     let log = Arc::new(RateLimitedLog::default());

@@ -559,9 +559,12 @@ fn flooder(
 
 /// Issue 26, items 1 and 2. With `serve` limited to 256 open files (at
 /// most 64 connections of unproven peers, 16 handshakes and 32 queued),
-/// 160 peers on two other hosts flood the agents' port without a break:
-/// half without a certificate, half with a user's Dask credential, which
-/// chains to the cluster CA but is no live node's.
+/// 160 peers on four other hosts flood the agents' port without a break:
+/// half without a certificate, half with a user's Dask credential (an
+/// engine certificate: it fails the handshake). Together they fill the
+/// handshake queue of other hosts; the nodes' addresses (here this
+/// machine's own, from which the local provider's agents connect) have a
+/// lane of their own.
 /// The controller is restarted in the middle of it. The enrolled agents
 /// reconnect and no node is declared lost or replaced (their certificates
 /// prove them: they need none of the unproven peers' places), while every
@@ -594,9 +597,10 @@ fn a_sustained_flood_never_keeps_enrolled_agents_out_and_credentials_prove_nothi
     let t0 = std::time::Instant::now();
     let flood: Vec<_> = (0..160)
         .map(|i| {
-            // Two flooding hosts (each may hold a quarter of the
-            // handshake queue), half the connections with the credential.
-            let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 2) as u8]);
+            // Four flooding hosts (each may hold a quarter of the others'
+            // handshake queue: together all of it), half the connections
+            // with the credential.
+            let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 4) as u8]);
             flooder(addr.clone(), from, &b, (i % 2 == 0).then(|| credential.clone()), stop.clone())
         })
         .collect();

@@ -59,3 +59,25 @@ fn an_enrollment_neither_journal_nor_snapshot_took_is_refused_and_fails_its_node
     let journal = std::fs::read_to_string(dir.path().join("tokens.log")).unwrap();
     assert!(journal.contains(&format!("{next} fp3")), "{journal}");
 }
+
+/// The admission gate's nodes' lane (issue 26, item 2) follows the
+/// registry: the address of a node that said hello is a node's, until the
+/// node is gone; other addresses are not.
+#[test]
+fn a_node_that_said_hello_holds_its_address_until_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sh = cluster(dir.path(), EngineKind::None);
+    let (id, _rx) = super::testing::ready_node(&sh, Role::Slave, 1);
+    let address: std::net::IpAddr = sh.registry.lock().get(&id).unwrap().rec.address().parse().unwrap();
+    assert!(sh.registry.lock().holds_address(address));
+    let mapped = match address {
+        std::net::IpAddr::V4(v4) => std::net::IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
+    };
+    assert!(sh.registry.lock().holds_address(mapped), "a dual-stack listener's form of it");
+    assert!(!sh.registry.lock().holds_address("10.9.9.9".parse().unwrap()));
+    let mut reg = sh.registry.lock();
+    reg.transition(&id, NodeEvent::Terminate(crate::model::Reason::ScaleDown)).unwrap();
+    reg.transition(&id, NodeEvent::Forget).unwrap();
+    assert!(!reg.holds_address(address), "a node that is gone still holds its address");
+}

@@ -52,6 +52,12 @@ pub(super) fn claims_of(rec: &NodeRecord) -> Vec<Claim> {
 }
 
 impl Registry {
+    /// Whether `ip` is the address a node holds (one that said hello; on
+    /// EC2 its attested address). One lookup.
+    pub fn holds_address(&self, ip: std::net::IpAddr) -> bool {
+        self.claims.contains_key(&Claim::Address(ip.to_canonical().to_string()))
+    }
+
     /// Checks a bootstrap token without changing anything.
     pub fn check_token(&self, hash: &str, now_unix_ms: u64) -> Result<String, TokenError> {
         // One hash lookup, used tokens included (they stay indexed until
