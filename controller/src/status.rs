@@ -167,6 +167,13 @@ impl StatusView {
             controller_notes: crate::limits::fd_warning(sh.fd_limit, reg.desired_slaves() + 1)
                 .into_iter()
                 .chain(crate::budget::note(reg.spent_usd, sh.cfg.max_spend_usd, sh.cfg.on_budget))
+                .chain((reg.unpriced() > 0).then(|| {
+                    format!(
+                        "{} node(s) unpriced (EC2's price list gave no price: pricing:GetProducts?): counted at the \
+                         highest price known, against max_spend_usd too",
+                        reg.unpriced()
+                    )
+                }))
                 .chain(adaptive_note)
                 .chain(crate::autostop::note(idle_since, unix_ms(), sh.cfg.autostop_idle.as_millis() as u64))
                 .chain(own_notes)

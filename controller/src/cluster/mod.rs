@@ -121,6 +121,9 @@ pub struct Cluster {
     /// Each launch in flight holds a read guard; `destroy` takes the write
     /// side, so it sees every instance a launch started.
     pub launches: Arc<tokio::sync::RwLock<()>>,
+    /// Instances whose termination is under way off the tick
+    /// (`tick::terminate_off_tick`): never asked twice at once.
+    pub terminations: Mutex<std::collections::HashSet<String>>,
     /// When spot prices were last fetched (tokio mutex: held across the call).
     prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -191,6 +194,7 @@ impl Cluster {
             journal: persist::Journal::new(&p.cfg.state_dir),
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
+            terminations: Mutex::default(),
             policies: Mutex::new(Default::default()),
             history: Mutex::new(Default::default()),
             prices_at: tokio::sync::Mutex::new(None),

@@ -437,8 +437,8 @@ mod tests {
 
     fn pools() -> Vec<Pool> {
         vec![
-            Pool { name: "a".into(), instance_types: vec!["x".into()], count: 2 },
-            Pool { name: "b".into(), instance_types: vec!["y".into()], count: 1 },
+            Pool { name: "a".into(), instance_types: vec!["x".into()], count: 2, ..Pool::default() },
+            Pool { name: "b".into(), instance_types: vec!["y".into()], count: 1, ..Pool::default() },
         ]
     }
 

@@ -94,13 +94,56 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
         return Ok(next_deadline);
     }
     if !to_terminate.is_empty() {
-        sh.provider.terminate(&to_terminate).await.context("terminating nodes")?;
-        // Look again right away: terminated instances can then be forgotten.
-        sh.wake.notify_one();
+        terminate_off_tick(sh, to_terminate);
     }
     launch(sh, launches).await?;
     sh.changed();
     Ok(next_deadline)
+}
+
+/// Terminations run off the reconcile tick: a slow `TerminateInstances`
+/// (30 s is seen at a thousand instances) must not hold loss detection or
+/// launches. One task per tick's targets, never two at once for one
+/// instance; a failure is logged and the reconcile loop terminates again
+/// (`Reterminate`) until the instance is gone. Done: the loop looks again
+/// at once, to forget what is gone.
+fn terminate_off_tick(sh: &Arc<Cluster>, targets: Vec<Target>) {
+    let targets: Vec<Target> = {
+        let mut inflight = sh.terminations.lock();
+        targets
+            .into_iter()
+            .filter(|t| t.instance_id.as_ref().is_none_or(|i| inflight.insert(i.clone())))
+            .collect()
+    };
+    if targets.is_empty() {
+        return;
+    }
+    let sh = sh.clone();
+    tokio::spawn(async move {
+        let r = sh.provider.terminate(&targets).await;
+        {
+            let mut inflight = sh.terminations.lock();
+            for i in targets.iter().filter_map(|t| t.instance_id.as_ref()) {
+                inflight.remove(i);
+            }
+        }
+        match r {
+            Ok(()) => sh.wake.notify_one(),
+            Err(e) => {
+                let names: Vec<&str> = targets
+                    .iter()
+                    .filter_map(|t| t.node_id.as_deref().or(t.instance_id.as_deref()))
+                    .take(5)
+                    .collect();
+                tracing::warn!(
+                    "terminating {} instance(s) ({}{}) failed: {e:#}; the reconcile loop terminates them again",
+                    targets.len(),
+                    names.join(", "),
+                    if targets.len() > names.len() { ", ..." } else { "" }
+                );
+            }
+        }
+    });
 }
 
 /// The node actions, each a registry transition (`apply`); what is left:

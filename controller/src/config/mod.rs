@@ -8,6 +8,7 @@
 
 pub mod image;
 mod raw;
+pub mod requirements;
 mod template;
 mod validate;
 
@@ -271,17 +272,42 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A group of slaves of the same kind.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// A group of slaves of the same kind: its instance types, or the
+/// requirements they resolve from (EC2, at preflight).
+#[derive(Debug, Clone, PartialEq, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
     /// Instance types, tried in order (then the other pools' types).
-    #[serde(alias = "INSTANCE_TYPES")]
+    #[serde(alias = "INSTANCE_TYPES", default)]
     pub instance_types: Vec<String>,
     /// Slaves of this pool at first start; `scale N` keeps the proportions.
     #[serde(alias = "COUNT", default)]
     pub count: u32,
+    /// Instead of `instance_types`: a vCPU range ("4..8", "4..", "4").
+    #[serde(default)]
+    pub vcpus: String,
+    /// Instead of `instance_types`: a memory range in GiB ("16..").
+    #[serde(default)]
+    pub memory_gib: String,
+    /// With requirements: `x86_64` (default) or `arm64`.
+    #[serde(default)]
+    pub arch: String,
+    /// With requirements: types left out (`t*`, `*.metal`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// With requirements: at most this many types (10).
+    #[serde(default)]
+    pub max_types: Option<usize>,
+}
+
+impl Pool {
+    /// The pool's requirements, if it sizes by them (checked at load).
+    pub fn requirements(&self) -> Option<requirements::Requirements> {
+        requirements::parse(&self.vcpus, &self.memory_gib, &self.arch, &self.exclude, self.max_types)
+            .ok()
+            .flatten()
+    }
 }
 
 /// A configuration error: which file, which key, what is wrong.
@@ -486,6 +512,7 @@ impl Config {
                 name: DEFAULT_POOL.into(),
                 instance_types: vec![self.slave_instance_type().to_string()],
                 count: self.num_slaves,
+                ..Pool::default()
             }]
         } else {
             self.slave_pools.clone()
@@ -640,7 +667,12 @@ mod tests {
         let c = toml("num_slaves = 4\nslave_instance_type = \"m5.large\"").unwrap();
         assert_eq!(
             c.pools(),
-            vec![Pool { name: "default".into(), instance_types: vec!["m5.large".into()], count: 4 }]
+            vec![Pool {
+                name: "default".into(),
+                instance_types: vec!["m5.large".into()],
+                count: 4,
+                ..Pool::default()
+            }]
         );
         let c = toml(
             "[[slave_pools]]\nname = \"a\"\ninstance_types = [\"c5.large\"]\ncount = 2\n\
@@ -649,6 +681,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.pools().len(), 2);
         assert_eq!(c.pools()[1].instance_types.len(), 2);
+        let c = toml("[[slave_pools]]\nname = \"r\"\nvcpus = \"4..8\"\nmemory_gib = \"16..\"\ncount = 3\n")
+            .unwrap();
+        let req = c.pools()[0].requirements().expect("requirements");
+        assert_eq!((req.vcpus, req.memory_gib.0), ((Some(4), Some(8)), Some(16.0)));
+        assert!(c.pools()[0].instance_types.is_empty());
         for (text, key) in [
             ("num_slaves = 2\n[[slave_pools]]\nname = \"a\"\ninstance_types = [\"x\"]", "num_slaves"),
             ("[[slave_pools]]\nname = \"a\"\ninstance_types = []", "slave_pools[0]"),
@@ -656,6 +693,11 @@ mod tests {
                 "[[slave_pools]]\nname = \"a\"\ninstance_types = [\"x\"]\n[[slave_pools]]\nname = \"a\"\ninstance_types = [\"y\"]",
                 "slave_pools[1]",
             ),
+            // Sized by requirements: instead of types, never with them.
+            ("[[slave_pools]]\nname = \"a\"\ninstance_types = [\"x\"]\nvcpus = \"2..4\"", "slave_pools[0]"),
+            ("[[slave_pools]]\nname = \"a\"\nvcpus = \"4..2\"", "slave_pools[0].vcpus"),
+            ("[[slave_pools]]\nname = \"a\"\nmemory_gib = \"8..\"\narch = \"mips\"", "slave_pools[0].arch"),
+            ("[[slave_pools]]\nname = \"a\"\nexclude = [\"t*\"]", "slave_pools[0].vcpus"),
         ] {
             assert_eq!(toml(text).unwrap_err().key.as_deref(), Some(key), "{text}");
         }

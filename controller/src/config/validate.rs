@@ -189,8 +189,29 @@ impl Check<'_> {
             if !names.insert(p.name.clone()) {
                 return Err(self.err(&key, format!("pool name {:?} is used twice", p.name)));
             }
-            if p.instance_types.is_empty() {
-                return Err(self.err(&key, format!("pool {:?} names no instance_types", p.name)));
+            let req = super::requirements::parse(&p.vcpus, &p.memory_gib, &p.arch, &p.exclude, p.max_types)
+                .map_err(|(k, e)| self.err(&format!("{key}.{k}"), e))?;
+            match (p.instance_types.is_empty(), req.is_some()) {
+                (true, false) => {
+                    return Err(self.err(
+                        &key,
+                        format!(
+                            "pool {:?} names no instance_types: give them, or requirements (vcpus = \"4..8\", \
+                             memory_gib = \"16..\")",
+                            p.name
+                        ),
+                    ));
+                }
+                (false, true) => {
+                    return Err(self.err(
+                        &key,
+                        format!(
+                            "pool {:?}: give instance_types or requirements (vcpus, memory_gib), not both",
+                            p.name
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
         if !cfg.slave_pools.is_empty() && raw.num_slaves.is_some_and(|n| n != 0) {

@@ -137,6 +137,7 @@ impl Registry {
             steps: BTreeMap::new(),
             price_per_hour: 0.0,
             accounted_unix_ms: unix_ms(),
+            listed: false,
             detail: String::new(),
             instance_id: None,
             address: address(seq),
@@ -177,6 +178,7 @@ impl Registry {
         let mut map = HashMap::new();
         let mut orphans = Vec::new();
         let mut adopt = Vec::new();
+        let mut first_listed = Vec::new();
         for o in observed {
             let node = o
                 .node_id
@@ -196,11 +198,20 @@ impl Registry {
                     *e |= o.alive;
                     if let Some(entry) = self.nodes.get(id) {
                         entry.live.listed.store(true, Ordering::Relaxed);
+                        if !entry.rec.listed {
+                            first_listed.push(id.to_string());
+                        }
                     }
                 }
                 // Another cluster's instance (same tag_key): not ours to end.
                 None if o.alive && !o.foreign => orphans.push(o.clone()),
                 None => {}
+            }
+        }
+        for id in first_listed {
+            if let Some(e) = self.nodes.get_mut(&id) {
+                e.rec.listed = true;
+                self.dirty = true;
             }
         }
         for (id, instance) in adopt {
@@ -315,7 +326,7 @@ impl Registry {
                     Some(false) => Instance::Gone,
                     None => Instance::NotListed,
                 },
-                listed_before: e.live.listed.load(Ordering::Relaxed),
+                listed_before: e.rec.listed || e.live.listed.load(Ordering::Relaxed),
                 drained: matches!(e.rec.state, NodeState::Draining { drained: true, .. }),
             })
             .collect()
@@ -428,6 +439,28 @@ mod tests {
         assert_eq!(r.cost_per_hour(), 0.0);
     }
 
+    /// Issue 27, item 4: a node EC2's price list could not price (on-demand
+    /// without `pricing:GetProducts`) is counted at the highest price known
+    /// in the cluster, not at $0: the spend cap is not blind to it.
+    #[test]
+    fn an_unpriced_node_counts_at_the_highest_known_price() {
+        let (mut r, a) = reg_with_node(1_000);
+        let b = r.add_node(new(Role::Slave, "hb", u64::MAX), |_| "10.0.0.9".into());
+        let launched = r.get(&a).unwrap().rec.launched_unix_ms.max(r.get(&b).unwrap().rec.launched_unix_ms);
+        r.get_mut(&a).unwrap().rec.instance_id = Some("i-a".into());
+        r.get_mut(&b).unwrap().rec.instance_id = Some("i-b".into());
+        for id in [&a, &b] {
+            r.get_mut(id).unwrap().rec.launched_unix_ms = launched;
+        }
+        assert_eq!(r.unpriced(), 0, "nothing priced yet: nothing to compare with");
+        r.set_prices(&HashMap::from([("i-a".to_string(), 0.36)]), launched);
+        assert_eq!(r.unpriced(), 1);
+        assert!((r.cost_per_hour() - 0.72).abs() < 1e-9, "{}", r.cost_per_hour());
+        r.account(launched + 3_600_000);
+        assert!((r.spent_usd - 0.72).abs() < 1e-9, "the unpriced node cost nothing: {}", r.spent_usd);
+        assert_eq!(spend::counted_price(0.1, 0.36), 0.1);
+    }
+
     #[test]
     fn observed_instances_are_matched_and_orphans_found() {
         let (mut r, id) = reg_with_node(1_000);
@@ -459,6 +492,23 @@ mod tests {
         let mut r = Registry::new(BTreeMap::from([("default".into(), 1)]));
         let id = r.add_node(new(Role::Slave, "h1", expires), |_| "127.0.0.2".into());
         (r, id)
+    }
+
+    /// Listings leave terminated instances out (issue 27): that a node's
+    /// instance was listed once is saved, so after a restart its absence
+    /// means gone at once, not after the listing grace.
+    #[test]
+    fn that_an_instance_was_listed_survives_a_restart() {
+        let (mut r, id) = reg_with_node(u64::MAX);
+        r.get_mut(&id).unwrap().rec.instance_id = Some("i-1".into());
+        let seen = |r: &Registry| r.views(&HashMap::new(), 0, 0)[0].listed_before;
+        assert!(!seen(&r));
+        let obs =
+            Observed { instance_id: "i-1".into(), node_id: None, batch: None, alive: true, foreign: false };
+        r.match_observed(std::slice::from_ref(&obs));
+        assert!(seen(&r) && r.get(&id).unwrap().rec.listed);
+        let restored = Registry::from_json(&r.to_json(), 1).unwrap();
+        assert!(seen(&restored), "forgotten across a restart");
     }
 
     /// `scale MIN..MAX` survives a restart (cluster.json); files without

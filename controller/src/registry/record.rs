@@ -70,6 +70,11 @@ pub struct NodeRecord {
     /// Spend counted up to this time (unix ms).
     #[serde(default)]
     pub accounted_unix_ms: u64,
+    /// Its instance was listed once (saved: after a restart, an instance
+    /// listed before and missing now is gone at once, as listings leave out
+    /// terminated instances).
+    #[serde(default)]
+    pub listed: bool,
     /// Why the node is in its state (failed step output, loss reason, ...).
     #[serde(default)]
     pub detail: String,

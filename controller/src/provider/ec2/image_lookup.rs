@@ -103,6 +103,38 @@ impl Ec2Provider {
         Ok(())
     }
 
+    /// After EC2 said the image `itype` launches from is gone: a baked
+    /// image is dropped (nodes boot from `ami`), an alias is resolved again.
+    /// True when there is another image to try.
+    pub(super) async fn renew_image(&self, itype: &str) -> bool {
+        let arch = self.type_arch.lock().get(itype).cloned().unwrap_or_else(|| "x86_64".into());
+        if let Some(gone) = self.baked.lock().remove(&arch) {
+            tracing::warn!("baked image {gone} ({arch}) is gone: nodes boot from {} again", self.ami_text);
+            return true;
+        }
+        let ImageSpec::Alias(alias) = &self.ami else { return false };
+        let old = self.image_by_arch.lock().get(&arch).cloned();
+        match self.resolve_alias(alias, &arch).await {
+            Ok(r) if Some(&r.image.id) != old.as_ref() => {
+                tracing::warn!(
+                    "image {} ({arch}) is gone: {alias} resolved again: {}",
+                    old.as_deref().unwrap_or("-"),
+                    r.describe()
+                );
+                self.image_by_arch.lock().insert(arch.clone(), r.image.id.clone());
+                let mut resolved = self.resolved.lock();
+                resolved.retain(|x| x.architecture != arch);
+                resolved.push(r);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!("image of {alias} ({arch}) is gone and cannot be resolved again: {e}");
+                false
+            }
+        }
+    }
+
     /// The newest official image of `alias` for `arch` in this region.
     async fn resolve_alias(&self, alias: &images::Alias, arch: &str) -> Result<Resolved, ProviderError> {
         let mut req = self.client.describe_images().owners(images::CANONICAL_OWNER);

@@ -43,7 +43,7 @@ impl Ec2Provider {
         subnet: Option<&str>,
         token: String,
         spot: bool,
-        count: usize,
+        (count, all_or_nothing): (usize, bool),
     ) -> Result<aws_sdk_ec2::operation::run_instances::RunInstancesOutput, (String, String)> {
         let n = count as i32;
         let tags = [
@@ -84,8 +84,9 @@ impl Ec2Provider {
             .set_block_device_mappings(root_volume.map(|m| vec![m]))
             .instance_type(InstanceType::from(itype))
             // EC2 launches as many as it can, up to n (capacity, quotas):
-            // the rest are launched elsewhere or at the next tick.
-            .min_count(1)
+            // the rest are launched elsewhere or at the next tick. Asked
+            // again of a candidate that gave fewer: all or nothing.
+            .min_count(if all_or_nothing { n } else { 1 })
             .max_count(n)
             .client_token(token)
             .user_data(base64::engine::general_purpose::STANDARD.encode(&batch.userdata))
@@ -130,9 +131,10 @@ impl Ec2Provider {
 
     /// Launches the batch with the first candidate (type, subnet) that has
     /// capacity, on spot or on-demand; takes what EC2 gives (at least one).
-    /// A candidate that reports no capacity, or gives fewer than asked,
-    /// cools down (per market); a spot one with none also counts towards
-    /// fallback. An account quota shrinks the request, then holds the
+    /// A candidate that reports no capacity cools down (per market); a spot
+    /// one also counts towards fallback. One that gives fewer than asked is
+    /// asked all or nothing next time (`State::short`), and cools down if
+    /// that finds no capacity. An account quota shrinks the request, then holds the
     /// market back (`quota_reached`) without cooling any candidate.
     pub(super) async fn try_candidates(
         &self,
@@ -141,6 +143,9 @@ impl Ec2Provider {
         why: Option<String>,
     ) -> Result<Vec<Launched>, ProviderError> {
         let mut last = None;
+        // An error of no known class from the last candidate tried.
+        let mut unknown: Option<String> = None;
+        let mut capacity_seen = false;
         let market_name = if spot { "spot" } else { "on-demand" };
         let want = batch.nodes.len();
         for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
@@ -152,10 +157,13 @@ impl Ec2Provider {
             let place = subnet.clone().unwrap_or_else(|| self.region.clone());
             let mut count = want;
             let mut shrunk = 0;
+            let all_or_nothing = self.state.lock().short.remove(&key);
+            let mut image_renewed = false;
             loop {
                 // One token per request: a retried call never launches twice.
                 let token = format!("{}-{attempt}-{shrunk}", batch.batch_id);
-                let res = self.run(batch, &itype, subnet.as_deref(), token, spot, count).await;
+                let res =
+                    self.run(batch, &itype, subnet.as_deref(), token, spot, (count, all_or_nothing)).await;
                 let (code, msg) = match res {
                     Ok(out) => {
                         self.ok_call();
@@ -165,11 +173,14 @@ impl Ec2Provider {
                                 "{itype} {market_name} in {place}: {} of {want} launched (capacity)",
                                 launched.len()
                             );
-                            tracing::warn!("pool {}: {short}; the rest go elsewhere", batch.pool);
+                            tracing::warn!(
+                                "pool {}: {short}; the rest are asked again, all or nothing, then elsewhere",
+                                batch.pool
+                            );
                             if launched.len() < count {
-                                // EC2 gave less than asked: that pool is short.
-                                let mut st = self.state.lock();
-                                st.cooling.insert(key, (Instant::now() + self.cooldown, short));
+                                // EC2 gave less than asked: the pool may be
+                                // short, or the endpoint launches MinCount.
+                                self.state.lock().short.insert(key);
                             }
                         }
                         return Ok(launched);
@@ -193,20 +204,32 @@ impl Ec2Provider {
                         }
                     }
                     Kind::Capacity => {
+                        capacity_seen = true;
                         let why = format!("{itype} {market_name} in {place}: {code}");
                         tracing::warn!("{why}: {msg}; trying the next candidate");
                         let mut st = self.state.lock();
-                        st.cooling.insert(key, (Instant::now() + self.cooldown, why.clone()));
+                        st.cooling
+                            .insert(key, (Instant::now() + self.cooldown, format!("no capacity: {why}")));
                         if spot {
                             st.book.spot_failed(&batch.pool, Instant::now(), why.clone());
                         }
                         last = Some(why);
                     }
                     Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
-                    Kind::Config("instance_type") if self.pools.len() > 1 || batch.role == Role::Master => {
+                    Kind::Config("instance_type")
+                        if self.pools.lock().len() > 1 || batch.role == Role::Master =>
+                    {
                         let key =
                             if batch.role == Role::Master { "master_instance_type" } else { "slave_pools" };
                         return Err(self.block(key, format!("{itype}: {code}: {msg}")));
+                    }
+                    // The image went (Canonical deregisters old builds, a
+                    // baked image was deleted): resolve again, once, and
+                    // retry, instead of blocking launches until a restart.
+                    Kind::Config("ami") if !image_renewed && self.renew_image(&itype).await => {
+                        image_renewed = true;
+                        shrunk += 1;
+                        continue;
                     }
                     Kind::Config("permissions") => {
                         let why =
@@ -217,10 +240,25 @@ impl Ec2Provider {
                         return Err(self.profile_not_yet(&format!("{code}: {msg}")));
                     }
                     Kind::Config(key) => return Err(self.block(key, format!("{code}: {msg}"))),
-                    Kind::Other => return Err(self.unclassified(&format!("RunInstances: {code}: {msg}"))),
+                    Kind::Other => {
+                        // Maybe this type's alone (an option it does not
+                        // take): skip it, cooled down, and say so; the
+                        // next candidate may launch.
+                        let why = format!("{itype} {market_name} in {place}: {code}: {msg}");
+                        tracing::warn!("pool {}: skipping {why}", batch.pool);
+                        let note = format!("an error of its own: {why}");
+                        self.state.lock().cooling.insert(key, (Instant::now() + self.cooldown, note));
+                        unknown = Some(format!("RunInstances: {why}"));
+                        last = Some(why);
+                    }
                 }
                 break;
             }
+        }
+        // No candidate launched, none for capacity, and some said what is
+        // not capacity: launches back off (every candidate may say the same).
+        if let Some(why) = unknown.filter(|_| !capacity_seen) {
+            return Err(self.unclassified(&why));
         }
         Err(ProviderError::Capacity(match last {
             Some(why) => format!("every {market_name} candidate of pool {} failed, last: {why}", batch.pool),

@@ -89,7 +89,11 @@ pub struct Ec2Provider {
     max_bid: String,
     master_type: String,
     master_on_demand: bool,
-    pools: Vec<Pool>,
+    /// The slave pools; a pool sized by requirements gets its types at
+    /// preflight (`resolve_requirements`).
+    pools: Mutex<Vec<Pool>>,
+    /// What each pool sized by requirements resolved to (status facts).
+    pool_notes: Mutex<Vec<String>>,
     ssh_user: String,
     /// Architectures the controller serves an agent for.
     agent_archs: Vec<String>,
@@ -138,6 +142,12 @@ pub struct Ec2Provider {
 struct State {
     /// (instance type, subnet, spot?) -> (until, why).
     cooling: HashMap<(String, Option<String>, bool), (Instant, String)>,
+    /// Candidates that launched fewer than asked (with `MinCount = 1`):
+    /// the next request to one asks all or nothing (`MinCount =
+    /// MaxCount`). Real EC2 then says whether the pool is short (a capacity
+    /// error: it cools down); an emulator that launches `MinCount`
+    /// instances (moto, LocalStack) launches them all.
+    short: std::collections::HashSet<(String, Option<String>, bool)>,
     /// Spot failures and interruptions per pool (on-demand fallback).
     book: fallback::Book,
     /// Launches wait until then, and why.
@@ -267,7 +277,8 @@ impl Ec2Provider {
             max_bid: cfg.max_bid.trim().to_string(),
             master_type: nodes.master_instance_type.clone(),
             master_on_demand: cfg.master_on_demand,
-            pools: nodes.pools.clone(),
+            pools: Mutex::new(nodes.pools.clone()),
+            pool_notes: Mutex::default(),
             ssh_user: nodes.ssh_user.clone(),
             agent_archs: nodes.agent_archs.clone(),
             iam_profile: cfg.iam_instance_profile.clone(),
@@ -308,14 +319,19 @@ impl Ec2Provider {
     }
 
     /// (type, subnet) pairs to try for a pool, in order: the pool's own
-    /// types, then the other pools' (overflow), each in every subnet.
+    /// types, then the other pools' (overflow), each in every subnet. The
+    /// master's: its type, then the slaves' types: without a master the
+    /// cluster runs nothing, so a master type without spot capacity is no
+    /// reason to wait.
     fn candidates(&self, role: Role, pool: &str) -> Vec<(String, Option<String>)> {
         let mut types: Vec<String> = Vec::new();
         if role == Role::Master {
             types.push(self.master_type.clone());
-        } else {
-            let own = self.pools.iter().filter(|p| p.name == pool);
-            let others = self.pools.iter().filter(|p| p.name != pool);
+        }
+        {
+            let pools = self.pools.lock();
+            let own = pools.iter().filter(|p| p.name == pool);
+            let others = pools.iter().filter(|p| p.name != pool);
             for p in own.chain(others) {
                 for t in &p.instance_types {
                     if !types.contains(t) {
@@ -526,7 +542,7 @@ impl Provider for Ec2Provider {
         if cooling.is_some() {
             let market = if spot { "spot" } else { "on-demand" };
             return Err(ProviderError::Capacity(format!(
-                "every {market} candidate of pool {pool} reported no capacity lately (capacity_cooldown_secs)"
+                "every {market} candidate of pool {pool} failed lately (no capacity, or an error of its own; capacity_cooldown_secs)"
             )));
         }
         Ok(())
@@ -536,11 +552,27 @@ impl Provider for Ec2Provider {
         self.launch_batch(batch).await
     }
 
+    /// This cluster's instances that are not terminated (its cluster id's
+    /// tag, not the `tag_key` other clusters may share, nor the hour of
+    /// terminated instances EC2 keeps listing), a page of 1,000 at a time.
+    /// A node whose instance is absent counts as gone, as a terminated one.
     async fn list(&self) -> Result<Vec<Observed>, ProviderError> {
         let filter =
             Filter::builder().name(format!("tag:{}", self.tag_key)).values("master").values("slave").build();
-        let mut pages =
-            self.client.describe_instances().filters(filter).max_results(1000).into_paginator().send();
+        let ours = Filter::builder().name(format!("tag:{CLUSTER_TAG}")).values(&self.cluster_id).build();
+        let states = ["pending", "running", "shutting-down", "stopping", "stopped"]
+            .into_iter()
+            .fold(Filter::builder().name("instance-state-name"), |f, s| f.values(s))
+            .build();
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(filter)
+            .filters(ours)
+            .filters(states)
+            .max_results(1000)
+            .into_paginator()
+            .send();
         let mut out = Vec::new();
         while let Some(page) = pages.next().await {
             self.count("DescribeInstances", &page);
@@ -686,6 +718,7 @@ impl Provider for Ec2Provider {
             .collect();
         baked.sort();
         out.extend(baked);
+        out.extend(self.pool_notes.lock().iter().cloned());
         out.extend(self.scratch_notes.lock().iter().cloned());
         out
     }
@@ -762,9 +795,7 @@ impl Provider for Ec2Provider {
             .cooling
             .values()
             .filter(|(until, _)| *until > now)
-            .map(|(until, why)| {
-                format!("no capacity: {why} (skipped for {:.0}s more)", (*until - now).as_secs_f64())
-            })
+            .map(|(until, why)| format!("{why} (skipped for {:.0}s more)", (*until - now).as_secs_f64()))
             .collect();
         cooling.sort();
         out.extend(cooling);

@@ -54,17 +54,19 @@ impl Ec2Provider {
                 }
             }
         }
+        self.resolve_requirements().await?;
         // Instance types, and the architecture each one runs.
         let mut types: Vec<(String, String)> =
             vec![(self.master_type.clone(), "master_instance_type".into())];
-        for (i, p) in self.pools.iter().enumerate() {
+        let pools = self.pools.lock().clone();
+        for (i, p) in pools.iter().enumerate() {
             for t in &p.instance_types {
                 types.push((t.clone(), format!("slave_pools[{i}].instance_types")));
             }
         }
         let mut arch_keys: Vec<(String, String, String)> = Vec::new(); // (arch, type, key)
         for (t, key) in types {
-            let key = if self.pools.len() == 1 && self.pools[0].name == crate::config::DEFAULT_POOL {
+            let key = if pools.len() == 1 && pools[0].name == crate::config::DEFAULT_POOL {
                 "instance_type".to_string()
             } else {
                 key
@@ -136,6 +138,76 @@ impl Ec2Provider {
             });
         }
         self.find_root_devices(&arch_keys).await
+    }
+
+    /// The types of each pool sized by requirements: every instance type of
+    /// the region (`DescribeInstanceTypes`, paged, once), those that fit
+    /// (`config::requirements::resolve`), smallest first. None fits: `serve`
+    /// stops naming the pool.
+    async fn resolve_requirements(&self) -> Result<(), ProviderError> {
+        use crate::config::requirements::{TypeInfo, resolve};
+        let wanted: Vec<(usize, crate::config::requirements::Requirements)> =
+            self.pools.lock().iter().enumerate().filter_map(|(i, p)| Some((i, p.requirements()?))).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut all: Vec<TypeInfo> = Vec::new();
+        let mut pages = self.client.describe_instance_types().max_results(100).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            self.count("DescribeInstanceTypes", &page);
+            let page = page.map_err(|e| {
+                let (code, msg) = super::errors::describe(&e);
+                ProviderError::Config {
+                    key: "slave_pools".into(),
+                    message: format!(
+                        "DescribeInstanceTypes (to size pools by vcpus and memory_gib): {code}: {msg}"
+                    ),
+                }
+            })?;
+            for t in page.instance_types() {
+                let Some(name) = t.instance_type() else { continue };
+                all.push(TypeInfo {
+                    name: name.as_str().to_string(),
+                    vcpus: t.v_cpu_info().and_then(|v| v.default_v_cpus()).map_or(0, |n| n.max(0) as u32),
+                    memory_mib: t.memory_info().and_then(|m| m.size_in_mib()).map_or(0, |n| n.max(0) as u64),
+                    archs: t
+                        .processor_info()
+                        .map(|p| p.supported_architectures().iter().map(|a| a.as_str().to_string()).collect())
+                        .unwrap_or_default(),
+                    bare_metal: t.bare_metal().unwrap_or(false),
+                    current_generation: t.current_generation().unwrap_or(false),
+                    spot: t.supported_usage_classes().iter().any(|u| u.as_str() == "spot"),
+                });
+            }
+        }
+        let mut notes = Vec::new();
+        for (i, req) in wanted {
+            // Slaves launch on spot (on-demand is the fallback).
+            let (types, fitting) = resolve(&req, &all, true);
+            let name = self.pools.lock()[i].name.clone();
+            if types.is_empty() {
+                return Err(ProviderError::Config {
+                    key: format!("slave_pools[{i}]"),
+                    message: format!(
+                        "no instance type of region {} fits pool {name:?} ({}; current generation, not bare \
+                         metal, on spot): widen its vcpus or memory_gib, or name instance_types",
+                        self.region,
+                        req.describe()
+                    ),
+                });
+            }
+            let line = format!(
+                "pool {name}: {} -> {} ({} of {fitting} types that fit, smallest first)",
+                req.describe(),
+                types.join(", "),
+                types.len()
+            );
+            tracing::info!("{line}");
+            notes.push(line);
+            self.pools.lock()[i].instance_types = types;
+        }
+        *self.pool_notes.lock() = notes;
+        Ok(())
     }
 
     /// With `root_volume_gb`, the root device name of each image in use
