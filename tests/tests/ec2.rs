@@ -1517,6 +1517,52 @@ fn a_slow_launch_does_not_delay_loss_detection() {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
+/// Issue 27, item 3: terminations run beside the reconcile loop. While a
+/// scale-down's `TerminateInstances` takes 30 s (seen at a thousand
+/// instances), a slave that stops answering is declared lost after the
+/// heartbeat timeout (5 s), and its replacement is launched, both before
+/// the slow termination has ended.
+#[test]
+fn a_slow_termination_does_not_delay_loss_detection() {
+    let mut w = world("num_slaves = 3");
+    w.cluster.wait_until("master + 3 slaves ready", READY, |s| at_size(s, 3));
+    w.proxy.with_model(|m| m.terminate_latency = Duration::from_secs(30));
+    assert!(w.cluster.ctl(&["scale", "2"]).status.success());
+    let s = w.cluster.wait_until("one slave terminating", READY, |s| {
+        nodes(s)
+            .iter()
+            .any(|n| n["role"] == "slave" && n["state"].as_str().unwrap_or("").starts_with("terminating"))
+    });
+    let leaving = nodes(&s)
+        .iter()
+        .find(|n| n["role"] == "slave" && n["state"].as_str().unwrap_or("").starts_with("terminating"))
+        .map(|n| n["instance_id"].as_str().unwrap().to_string())
+        .unwrap();
+    let silent = nodes(&s)
+        .iter()
+        .find(|n| n["role"] == "slave" && n["state"] == "ready")
+        .map(|n| n["node_id"].as_str().unwrap().to_string())
+        .unwrap();
+    let pid = w.hv.pid(&World::instance_of(&s, &silent)).unwrap();
+    let runs_before = w.proxy.count("RunInstances");
+    let t0 = Instant::now();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    w.cluster.wait_until("the silent slave declared lost", Duration::from_secs(20), |s| {
+        all_events(s).iter().any(|e| e.contains(&silent) && e.contains("no heartbeat"))
+    });
+    let took = t0.elapsed();
+    w.cluster.wait_until("its replacement launched", Duration::from_secs(20), |_| {
+        w.proxy.count("RunInstances") > runs_before
+    });
+    // The slow termination is still under way: its instance still runs.
+    let still = live(&w.moto()).iter().any(|i| i.id == leaving);
+    assert!(still, "the termination ended first: the test proves nothing");
+    assert!(took < Duration::from_secs(15), "lost after {took:?}");
+    eprintln!("lost {took:.1?} after it went silent, a 30 s TerminateInstances under way");
+    w.proxy.with_model(|m| m.terminate_latency = Duration::ZERO);
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
 /// Issue 14, item 10. EC2 refuses an instance profile created moments ago
 /// ("Invalid IAM Instance Profile") until IAM has propagated it: launches
 /// retry with backoff, status says why, and the cluster comes up once the

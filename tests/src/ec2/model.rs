@@ -33,6 +33,9 @@ pub struct Model {
     /// RunInstances answers after this long (a launch that walks slow
     /// candidates).
     pub run_latency: Duration,
+    /// TerminateInstances answers (and takes effect) after this long (30 s
+    /// is seen at a thousand instances).
+    pub terminate_latency: Duration,
     /// RunInstances naming an instance profile fails with "Invalid IAM
     /// Instance Profile" until this moment (a profile created moments ago:
     /// IAM is eventually consistent).
@@ -54,6 +57,7 @@ impl Default for Model {
             unsupported: true,
             listing_lag: Duration::ZERO,
             run_latency: Duration::ZERO,
+            terminate_latency: Duration::ZERO,
             profile_valid_at: None,
             image_pending_for: Duration::ZERO,
             // us-east-1's list prices.

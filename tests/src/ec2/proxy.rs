@@ -181,6 +181,13 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         let msg = f.message.as_deref().unwrap_or("injected by the test fault proxy");
         return error_response(&f.code, f.status, msg);
     }
+    if action == "TerminateInstances" {
+        // The latency in force now (lowering it releases waiting calls).
+        let start = Instant::now();
+        while start.elapsed() < sh.state.lock().unwrap().model.terminate_latency {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let model = sh.state.lock().unwrap().model.clone();
     // Held until the launch is recorded: capacity and quota are taken once.
     let _run = if action == "RunInstances" { Some(sh.run_lock.lock().await) } else { None };
