@@ -101,6 +101,19 @@ pub fn render(
         for (action, _, e) in calls {
             let _ = writeln!(out, "ddisco_provider_api_errors_total{{action=\"{action}\"}} {e}");
         }
+        // What the provider costs per node: every call (listings, prices,
+        // terminations included) over the nodes launched.
+        let launched = m.launches.load(Ordering::Relaxed);
+        if launched > 0 {
+            let total: u64 = calls.iter().map(|(_, n, _)| *n).sum();
+            let _ = writeln!(
+                out,
+                "# HELP ddisco_provider_api_calls_per_launched_node Provider API calls so far per node launched.\n\
+                 # TYPE ddisco_provider_api_calls_per_launched_node gauge\n\
+                 ddisco_provider_api_calls_per_launched_node {:.3}",
+                total as f64 / launched as f64
+            );
+        }
     }
     out
 }

@@ -445,6 +445,15 @@ fn scale_to_ten_is_one_launch_call() {
         w.proxy.count("RunInstances")
     );
     assert!(body.lines().any(|l| l == line), "missing {line:?}:\n{body}");
+    // Calls per node launched (issue 27): the proxy's count of every call
+    // over the 11 nodes, as the controller reports it.
+    let per_node: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ddisco_provider_api_calls_per_launched_node "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no calls-per-node gauge:\n{body}"));
+    assert!(per_node > 0.0, "{body}");
+    eprintln!("MEASURE provider API calls per launched node after scale 0->10: {per_node:.2}");
     eprintln!("MEASURE scale 0->10 on moto + hypervisor until all ready: {:.2}s", took.as_secs_f64());
     let d0 = w.proxy.counts();
     let out = w.cluster.ctl(&["destroy", "--yes"]);
