@@ -51,6 +51,11 @@ pub struct LocalProvider {
     install_packages: bool,
     /// `local_machines`: the nodes' network; `None`: plain process trees.
     machines: Option<machine::Network>,
+    /// Launches and terminations take turns: both act on a node's folder,
+    /// and a node id can come back (a cluster started over on its state
+    /// directory) while its old instance is being terminated beside the
+    /// reconcile loop.
+    node_ops: tokio::sync::Mutex<()>,
 }
 
 impl LocalProvider {
@@ -66,6 +71,7 @@ impl LocalProvider {
             net: 1 + digest[8] % 254,
             install_packages,
             machines: None,
+            node_ops: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -200,6 +206,7 @@ impl Provider for LocalProvider {
     }
 
     async fn launch(&self, batch: LaunchBatch) -> Result<Vec<Launched>, ProviderError> {
+        let _turn = self.node_ops.lock().await;
         let mut out = Vec::with_capacity(batch.nodes.len());
         for (i, node) in batch.nodes.iter().enumerate() {
             let address = batch.addresses.get(i).map(String::as_str).unwrap_or("");
@@ -233,7 +240,23 @@ impl Provider for LocalProvider {
     }
 
     async fn terminate(&self, targets: &[Target]) -> Result<(), ProviderError> {
-        let ids: Vec<&String> = targets.iter().filter_map(|t| t.node_id.as_ref()).collect();
+        let _turn = self.node_ops.lock().await;
+        // A target whose instance is not the one the node's folder holds now
+        // (an old instance of a node id launched again): only that process
+        // tree ends; the folder and the new instance are left alone.
+        let mut ids: Vec<&String> = Vec::new();
+        for t in targets {
+            let Some(id) = t.node_id.as_ref() else { continue };
+            let wanted = t.instance_id.as_deref().and_then(|i| i.strip_prefix("local-")?.parse::<i32>().ok());
+            match (wanted, self.live_pid(id)) {
+                (Some(old), Some(current)) if old != current => {
+                    if is_ours(old, &self.cluster_id, id) {
+                        let _ = killpg(Pid::from_raw(old), Signal::SIGKILL);
+                    }
+                }
+                _ => ids.push(id),
+            }
+        }
         let mut pids = Vec::new();
         for id in &ids {
             if let Some(pid) = self.live_pid(id) {
