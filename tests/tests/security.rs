@@ -468,6 +468,31 @@ async fn a_hostile_message_fails_its_node_and_the_controller_goes_on() {
     assert_eq!(c.serve_exit(), None, "serve exited:\n{}", c.serve_log());
 }
 
+/// A TLS client trusting the controller's CA (`b`), presenting
+/// `identity` (certificate and key PEMs) if given.
+fn client_config(b: &Boot, identity: Option<(&str, &str)>) -> rustls::ClientConfig {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(b.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
 /// One flooding peer on host `from` (a loopback address other than
 /// 127.0.0.1 stands in for another machine): connects to `addr` over TLS
 /// (presenting `identity`, a certificate of the cluster CA, if given),
@@ -481,28 +506,7 @@ fn flooder(
     identity: Option<(String, String)>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Duration> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(b.ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let cfg = match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
-                    .map(|c| c.unwrap())
-                    .collect(),
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
+    let cfg = client_config(b, identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())));
     let cfg = std::sync::Arc::new(cfg);
     let name = b.server_name.clone();
     std::thread::spawn(move || {
@@ -680,27 +684,8 @@ fn chains_to(ca_pem: &str, cert_pem: &str) -> bool {
 /// `Ok` when the controller took the handshake (it answers the HTTP/2
 /// preface with its settings), `Err` naming the alert it sent otherwise.
 fn handshake(b: &Boot, identity: Option<(&str, &str)>) -> Result<(), String> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use std::io::{Read, Write};
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(b.ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut cfg = match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect(),
-                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = client_config(b, identity);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = std::net::TcpStream::connect(b.controller.trim_start_matches("https://")).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
