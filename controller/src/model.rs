@@ -387,6 +387,8 @@ pub struct Launched {
     pub market: Market,
     /// Launched on-demand although its role/pool normally runs spot: why.
     pub on_demand_why: Option<String>,
+    /// Where it landed and why there (type, market, zone; the ranking).
+    pub placement: String,
 }
 
 /// One instance of this cluster, as the provider sees it.

@@ -70,6 +70,8 @@ pub struct NodeStatus {
     pub steps: Vec<StepView>,
     pub stuck: String,
     pub price_per_hour: f64,
+    /// Where it landed and why there.
+    pub placement: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -255,6 +257,7 @@ fn node_status(
             .collect(),
         stuck: stuck(r, now_unix, cfg),
         price_per_hour: r.price_per_hour,
+        placement: r.placement.clone(),
     }
 }
 

@@ -337,6 +337,7 @@ impl From<NodeStatus> for api::NodeStatus {
                 .collect(),
             stuck: n.stuck,
             price_per_hour: n.price_per_hour,
+            placement: n.placement,
         }
     }
 }
@@ -407,6 +408,7 @@ impl From<api::NodeStatus> for NodeStatus {
                 .collect(),
             stuck: n.stuck,
             price_per_hour: n.price_per_hour,
+            placement: n.placement,
         }
     }
 }
@@ -475,6 +477,7 @@ mod tests {
                 }],
                 stuck: String::new(),
                 price_per_hour: 0.5,
+                placement: "c5.large on-demand in us-east-1a: master_on_demand".into(),
             }],
             events: vec!["e".into()],
             provider_notes: vec!["n".into()],

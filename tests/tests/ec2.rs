@@ -680,21 +680,33 @@ fn spot_capacity_failures_fall_back_to_on_demand_and_back() {
         t0.elapsed().as_secs_f64()
     );
 
-    // Exactly `fallback_failures` spot attempts failed, then one on-demand call.
+    // Exactly `fallback_failures` spot launches failed (each tried every
+    // zone once: issue 27), then one on-demand call.
     let runs: Vec<_> = w.proxy.requests("RunInstances").into_iter().skip(before).collect();
     let spot = |p: &std::collections::HashMap<String, String>| {
         p.get("InstanceMarketOptions.MarketType").map(String::as_str) == Some("spot")
     };
-    assert_eq!(runs.iter().filter(|(faulted, p)| *faulted && spot(p)).count(), 2, "{runs:#?}");
-    assert_eq!(runs.iter().filter(|(faulted, p)| !*faulted && !spot(p)).count(), 1, "{runs:#?}");
+    let mut failed: Vec<(&str, &str)> = runs
+        .iter()
+        .filter(|(faulted, p)| *faulted && spot(p))
+        .map(|(_, p)| (p["ClientToken"].split('-').next().unwrap(), p["SubnetId"].as_str()))
+        .collect();
+    let calls = failed.len();
+    failed.sort();
+    failed.dedup();
+    let mut batches: Vec<&str> = failed.iter().map(|(b, _)| *b).collect();
+    batches.dedup();
+    assert_eq!((batches.len(), failed.len()), (2, calls), "one call per zone per launch: {failed:?}");
+    assert_eq!(runs.iter().filter(|(faulted, p)| !*faulted && !spot(p)).count(), 1, "{failed:?}");
     // While the pool cooled down between the two failures, the loop ticked
     // at its interval (0.3 s over the 1 s cool-down): no hot retry loop.
     let run_times: Vec<Instant> = w.proxy.times("RunInstances").into_iter().skip(before).collect();
+    let second = runs.iter().position(|(_, p)| p["ClientToken"].starts_with(batches[1])).unwrap();
     let ticks = w
         .proxy
         .times("DescribeInstances")
         .into_iter()
-        .filter(|t| *t > run_times[0] && *t < run_times[1])
+        .filter(|t| *t > run_times[0] && *t < run_times[second])
         .count();
     assert!(ticks <= 10, "{ticks} listings between two launch attempts 1 s apart: a hot loop");
     eprintln!("MEASURE listings while the pool cooled down: {ticks}");
@@ -1270,15 +1282,26 @@ fn a_capacity_error_is_not_retried_by_the_sdk() {
         aws_env(),
     );
     wait_listings(&proxy, 10, &c);
-    // c5.large spot was tried once by each of the two launches (master,
-    // slaves; they run side by side); then it cools down for
+    // Each (type, zone) was tried once by each of the two launches
+    // (master, slaves; they run side by side); then it cools down for
     // capacity_cooldown_secs. The SDK's retries would resend a request
-    // with its ClientToken: 3 calls per launch.
+    // with its ClientToken: 3 calls per launch and candidate.
     let runs = proxy.requests("RunInstances");
     let mut tokens: Vec<&str> = runs.iter().map(|(_, p)| p["ClientToken"].as_str()).collect();
     tokens.sort();
     tokens.dedup();
-    assert!(runs.len() <= 2 && tokens.len() == runs.len(), "{runs:?}");
+    let mut per_pool: std::collections::HashMap<(String, String), u32> = Default::default();
+    for (_, p) in &runs {
+        *per_pool
+            .entry((p["InstanceType"].clone(), p.get("SubnetId").cloned().unwrap_or_default()))
+            .or_default() += 1;
+    }
+    assert!(
+        tokens.len() == runs.len() && per_pool.values().all(|n| *n <= 2),
+        "{} calls, {} tokens: {per_pool:?}",
+        runs.len(),
+        tokens.len()
+    );
 }
 
 /// Issue 14 (listing lag). DescribeInstances is eventually consistent: a
@@ -1335,10 +1358,20 @@ fn partial_capacity_is_taken_and_the_rest_launched_elsewhere() {
     assert_eq!(c5[0].1["MinCount"], "1", "{c5:?}");
     let evs = all_events(&s);
     assert!(evs.iter().any(|e| e.contains("2 of 4 launched in pool w")), "{evs:#?}");
-    // The short type was asked once more, for the rest, all or nothing;
-    // EC2 had none: it cooled down and was not asked again.
-    assert_eq!(c5.len(), 2, "{runs:?}");
-    assert_eq!((c5[1].1["MinCount"].as_str(), c5[1].1["MaxCount"].as_str()), ("2", "2"), "{c5:?}");
+    // The short pool (type, zone) was asked once more, for the rest, all
+    // or nothing; EC2 had none: it cooled down and was not asked again.
+    // (The capacity is the type's in every zone: each other zone was
+    // asked once, refused, and cooled down too.)
+    let asked: Vec<(&str, &str, &str, bool)> = c5
+        .iter()
+        .map(|(f, p)| (p["SubnetId"].as_str(), p["MinCount"].as_str(), p["MaxCount"].as_str(), *f))
+        .collect();
+    assert_eq!(asked[1], (asked[0].0, "2", "2", true), "{asked:?}");
+    let mut subnets: Vec<&str> = asked[1..].iter().map(|a| a.0).collect();
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), asked.len() - 1, "a refused pool asked again: {asked:?}");
+    assert!(asked[2..].iter().all(|a| a.3), "{asked:?}");
     for (_, p) in runs.iter().filter(|(_, p)| p["InstanceType"] != "c5.large") {
         assert_eq!(p["MinCount"], "1", "{p:?}");
     }
@@ -1594,9 +1627,10 @@ fn a_new_instance_profile_is_waited_for_while_iam_propagates_it() {
 }
 
 /// Issue 14, item 6: the two minutes of a spot interruption are used. The
-/// replacement of a slave whose c5.large is being reclaimed goes to the
-/// pool's other type (m5.large), not back into the pool EC2 is taking
-/// capacity from; EC2 (here after 6 s) then terminates the instance.
+/// replacement of a slave whose c5.large is being reclaimed goes to another
+/// spot pool (issue 27: a pool is a type in a zone: another zone, or the
+/// pool's other type), not back into the pool EC2 is taking capacity from;
+/// EC2 (here after 6 s) then terminates the instance.
 #[test]
 fn an_interrupted_slave_is_replaced_from_another_spot_pool() {
     let extra = TWO_TYPES.replace("count = 4", "count = 2");
@@ -1606,6 +1640,8 @@ fn an_interrupted_slave_is_replaced_from_another_spot_pool() {
     assert!(live(&v).iter().filter(|i| i.tags[&w.tag] == "slave").all(|i| i.instance_type == "c5.large"));
     let noticed = node_ids(&s, "slave")[0].clone();
     let iid = World::instance_of(&s, &noticed);
+    let pool = v.iter().find(|i| i.id == iid).map(|i| (i.instance_type.clone(), i.zone.clone())).unwrap();
+    let before: Vec<String> = node_ids(&s, "slave");
     w.hv.interrupt(&iid, Duration::from_secs(6));
     let s = w.cluster.wait_until("the interrupted slave replaced", READY, |s| {
         at_size(s, 2) && !node_ids(s, "slave").contains(&noticed)
@@ -1613,11 +1649,11 @@ fn an_interrupted_slave_is_replaced_from_another_spot_pool() {
     let v = w.moto();
     let replacement = nodes(&s)
         .iter()
-        .filter(|n| n["role"] == "slave")
+        .filter(|n| n["role"] == "slave" && !before.contains(&n["node_id"].as_str().unwrap().to_string()))
         .map(|n| n["instance_id"].as_str().unwrap().to_string())
-        .filter_map(|id| v.iter().find(|i| i.id == id).cloned())
-        .find(|i| i.instance_type != "c5.large");
-    assert!(replacement.is_some_and(|i| i.instance_type == "m5.large"), "{v:#?}");
+        .find_map(|id| v.iter().find(|i| i.id == id).cloned())
+        .expect("the replacement's instance");
+    assert_ne!((replacement.instance_type.clone(), replacement.zone.clone()), pool, "{v:#?}");
     w.wait_moto("EC2 terminated the interrupted instance", |v| {
         v.iter().any(|i| i.id == iid && i.state == "terminated")
     });
@@ -2126,4 +2162,203 @@ fn a_node_claiming_more_cores_than_its_instance_type_has_is_held_to_the_type() {
     }
     let log = w.cluster.serve_log();
     assert!(log.contains("claims more cores than its instance type (c5.large) has"), "{log}");
+}
+
+/// A spot price table: USD per hour by (type, zone).
+type Prices = std::collections::HashMap<(String, String), f64>;
+
+/// The vCPUs of the types in [`PRICED`]'s pool (EC2's figures).
+const VCPUS: [(&str, u32); 3] = [("c5.large", 2), ("m5.large", 2), ("c5.xlarge", 4)];
+
+/// A pool of three types whose prices the proxy's table sets per zone.
+const PRICED: &str = r#"
+master_instance_type = "c5.large"
+[[slave_pools]]
+name = "w"
+instance_types = ["c5.large", "m5.large", "c5.xlarge"]
+count = 4
+"#;
+
+/// The spot price table (USD per hour) by type, for zones a, b, c, d, f
+/// of us-east-1 (c5 is not offered in us-east-1e).
+fn price_table(rows: &[(&str, [f64; 5])]) -> Prices {
+    let mut out = std::collections::HashMap::new();
+    for (t, prices) in rows {
+        for (z, p) in ["a", "b", "c", "d", "f"].iter().zip(prices) {
+            out.insert((t.to_string(), format!("us-east-1{z}")), *p);
+        }
+    }
+    out
+}
+
+/// Replays the successful spot slave launches `runs` against the capacity
+/// and prices the proxy had: for each node launched, (USD per vCPU-hour
+/// paid, USD per vCPU-hour of the cheapest pool that still had capacity
+/// at that moment).
+fn paid_against_cheapest(
+    runs: &[(std::collections::HashMap<String, String>, &Prices)],
+    zone_of: &std::collections::HashMap<String, String>,
+    capacity: &mut std::collections::HashMap<String, u32>,
+) -> Vec<(f64, f64)> {
+    let vcpus: std::collections::HashMap<&str, f64> = VCPUS.iter().map(|(t, n)| (*t, *n as f64)).collect();
+    let mut out = Vec::new();
+    for (p, prices) in runs {
+        let (t, zone) = (p["InstanceType"].as_str(), zone_of[&p["SubnetId"]].as_str());
+        let left = |t: &str, z: &str, cap: &std::collections::HashMap<String, u32>| {
+            [t.to_string(), format!("{t}@{z}"), format!("{t}@{z}/spot"), format!("{t}/spot")]
+                .iter()
+                .filter_map(|k| cap.get(k).copied())
+                .min()
+                .unwrap_or(u32::MAX)
+        };
+        let launched = p["MaxCount"].parse::<u32>().unwrap().min(left(t, zone, capacity));
+        for _ in 0..launched {
+            let best = prices
+                .iter()
+                .filter(|((bt, bz), _)| left(bt, bz, capacity) > 0)
+                .map(|((bt, _), usd)| usd / vcpus[bt.as_str()])
+                .fold(f64::INFINITY, f64::min);
+            out.push((prices[&(t.to_string(), zone.to_string())] / vcpus[t], best));
+            for k in [t.to_string(), format!("{t}@{zone}"), format!("{t}@{zone}/spot"), format!("{t}/spot")] {
+                if let Some(n) = capacity.get_mut(&k) {
+                    *n -= 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Issue 27, item 1: without `subnet_ids` every zone of the default VPC is
+/// a candidate, and a pool's (type, zone) candidates are ranked together by
+/// spot price per vCPU (the proxy answers DescribeSpotPriceHistory from its
+/// price table; moto quotes one tiny price everywhere). Capacity is learned
+/// from EC2's answers: the cheapest pool (per vCPU) has one instance left,
+/// the next two; each gives what it has, is asked all or nothing for the rest,
+/// refuses, cools down, and the next cheapest takes the rest. When prices
+/// move, the next launch follows them. Status says why each node landed
+/// where it did. Prints the price paid per vCPU-hour against the cheapest
+/// pool with capacity at each launch.
+#[test]
+fn spot_launches_go_to_the_cheapest_pool_with_capacity_and_follow_moving_prices() {
+    let first = price_table(&[
+        ("c5.large", [0.040, 0.036, 0.038, 0.045, 0.050]),
+        ("m5.large", [0.041, 0.039, 0.030, 0.044, 0.047]),
+        ("c5.xlarge", [0.064, 0.070, 0.080, 0.090, 0.085]),
+    ]);
+    let capacity: std::collections::HashMap<String, u32> =
+        [("m5.large@us-east-1c/spot".to_string(), 1), ("c5.xlarge@us-east-1a".to_string(), 2)].into();
+    let model = Model { spot_usd: first.clone(), capacity: capacity.clone(), ..Model::default() };
+    let mut w = world_in(model, PRICED, |_, _| false);
+    let s = w.cluster.wait_until("master + 4 slaves ready", READY, |s| at_size(s, 4));
+    let where_ = |v: &[Inst], role: &str| -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = live(v)
+            .iter()
+            .filter(|i| i.tags[&w.tag] == role)
+            .map(|i| (i.instance_type.clone(), i.zone.clone()))
+            .collect();
+        out.sort();
+        out
+    };
+    let v = w.moto();
+    let pair = |t: &str, z: &str| (t.to_string(), format!("us-east-1{z}"));
+    assert_eq!(where_(&v, "master"), [pair("c5.large", "b")]);
+    assert_eq!(
+        where_(&v, "slave"),
+        [pair("c5.xlarge", "a"), pair("c5.xlarge", "a"), pair("c5.xlarge", "b"), pair("m5.large", "c")],
+        "{:#?}",
+        nodes(&s).iter().map(|n| n["placement"].clone()).collect::<Vec<_>>()
+    );
+    // Status says why: the cheapest first, and what the last one passed over.
+    let placed = |s: &Value, t: &str| -> Vec<String> {
+        nodes(s)
+            .iter()
+            .filter(|n| n["role"] == "slave" && n["instance_type"] == t)
+            .map(|n| n["placement"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let m5 = &placed(&s, "m5.large")[0];
+    assert!(m5.starts_with("m5.large spot in us-east-1c: cheapest by spot price of"), "{m5}");
+    let last = placed(&s, "c5.xlarge").into_iter().find(|p| p.contains("us-east-1b:")).unwrap();
+    assert!(
+        last.starts_with("c5.xlarge spot in us-east-1b: 3rd by spot price")
+            && last.contains("passed over first: no capacity: m5.large spot in us-east-1c")
+            && last.contains("no capacity now: c5.xlarge spot in us-east-1a"),
+        "{last}"
+    );
+    let id = nodes(&s).iter().find(|n| n["instance_type"] == "m5.large").unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let one = String::from_utf8(w.cluster.ctl(&["status", &id]).stdout).unwrap();
+    assert!(one.contains("placed: m5.large spot in us-east-1c"), "{one}");
+
+    // Prices move: c5.large in us-east-1d becomes the cheapest per vCPU.
+    let mut moved = first.clone();
+    moved.insert(pair("c5.large", "d"), 0.010);
+    let runs_before = w.proxy.requests("RunInstances").len();
+    w.proxy.with_model(|m| m.spot_usd = moved.clone());
+    let out = w.cluster.ctl(&["scale", "6"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.cluster.wait_until("master + 6 slaves ready", READY, |s| at_size(s, 6));
+    let v = w.moto();
+    assert_eq!(where_(&v, "slave").iter().filter(|p| **p == pair("c5.large", "d")).count(), 2, "{v:#?}");
+
+    // The figure: each slave's price per vCPU-hour against the cheapest
+    // pool (in the table in force) that still had capacity when it launched.
+    let zone_of: std::collections::HashMap<String, String> = w.rt.block_on(async {
+        let d = w.client.describe_subnets().send().await.unwrap();
+        d.subnets()
+            .iter()
+            .map(|s| (s.subnet_id().unwrap().to_string(), s.availability_zone().unwrap().to_string()))
+            .collect()
+    });
+    let runs: Vec<_> = w
+        .proxy
+        .requests("RunInstances")
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (faulted, p))| !faulted && p["TagSpecification.1.Tag.1.Value"] == "slave")
+        .map(|(i, (_, p))| (p, if i < runs_before { &first } else { &moved }))
+        .collect();
+    let mut left = capacity;
+    let paid = paid_against_cheapest(&runs, &zone_of, &mut left);
+    assert_eq!(paid.len(), 6, "{paid:?}");
+    let (sum_paid, sum_best) = paid.iter().fold((0.0, 0.0), |(a, b), (p, c)| (a + p, b + c));
+    let over = (sum_paid / sum_best - 1.0) * 100.0;
+    eprintln!(
+        "MEASURE spot price paid per vCPU-hour: ${:.5} average over {} slaves, the cheapest pool with \
+         capacity ${:.5}: {over:.1}% above",
+        sum_paid / paid.len() as f64,
+        paid.len(),
+        sum_best / paid.len() as f64
+    );
+    assert!(over <= 10.0, "{over:.1}% above the cheapest pool with capacity: {paid:?}");
+}
+
+/// Issue 27, item 1: with `spread = "zones"` slaves go to the zone holding
+/// the fewest of them first (then the cheapest there), and one call puts at
+/// most that zone's share there: six slaves over c5.large's five zones of
+/// us-east-1 end up 2/1/1/1/1, not all in the cheapest zone.
+#[test]
+fn spread_over_zones_keeps_slaves_apart() {
+    let prices = price_table(&[("c5.large", [0.040, 0.036, 0.038, 0.045, 0.050])]);
+    let model = Model { spot_usd: prices, ..Model::default() };
+    let mut w = world_in(model, "num_slaves = 6\nspread = \"zones\"", |_, _| false);
+    let s = w.cluster.wait_until("master + 6 slaves ready", READY, |s| at_size(s, 6));
+    let mut per_zone: std::collections::BTreeMap<String, usize> = Default::default();
+    for i in live(&w.moto()).iter().filter(|i| i.tags[&w.tag] == "slave") {
+        *per_zone.entry(i.zone.clone()).or_default() += 1;
+    }
+    let counts: Vec<usize> = per_zone.values().copied().collect();
+    assert_eq!(
+        (per_zone.len(), counts.iter().max(), counts.iter().min()),
+        (5, Some(&2), Some(&1)),
+        "{per_zone:?}"
+    );
+    // The zone with two is the cheapest (us-east-1b), once every zone held one.
+    assert_eq!(per_zone["us-east-1b"], 2, "{per_zone:?}");
+    let why: Vec<String> =
+        nodes(&s).iter().filter(|n| n["role"] == "slave").map(|n| n["placement"].to_string()).collect();
+    assert!(why.iter().all(|p| p.contains("spread over zones")), "{why:#?}");
 }

@@ -101,6 +101,9 @@ pub fn render_node(n: &NodeStatus) -> String {
     if n.price_per_hour > 0.0 {
         out.push_str(&format!("  price ${}/hour\n", usd(n.price_per_hour)));
     }
+    if !n.placement.is_empty() {
+        out.push_str(&format!("  placed: {}\n", n.placement));
+    }
     if !n.stuck.is_empty() {
         out.push_str(&format!("  STUCK: {}\n", n.stuck));
     }

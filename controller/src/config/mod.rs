@@ -156,6 +156,8 @@ pub struct Ec2Config {
     pub master_on_demand: bool,
     /// How long a (pool, type, subnet) that hit a capacity error is skipped.
     pub capacity_cooldown: Duration,
+    /// How launches place nodes across zones.
+    pub spread: Spread,
     /// Instance profile (name or ARN) attached to every node: S3 access
     /// through the instance role, no keys on nodes.
     pub iam_instance_profile: Option<String>,
@@ -239,6 +241,18 @@ impl FallbackRoles {
                 | (FallbackRoles::Master, Role::Master)
         )
     }
+}
+
+/// How launches place nodes across zones (`spread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spread {
+    /// The cheapest candidate with capacity, whatever its zone.
+    #[default]
+    None,
+    /// The zone holding the fewest of the role's nodes first, then the
+    /// cheapest there; one call puts at most that zone's share there.
+    Zones,
 }
 
 /// Where nodes get their Python packages (`pip_requirements` and the
@@ -399,6 +413,7 @@ impl Default for Config {
                 subnet_ids: vec![],
                 ec2_max_attempts: 3,
                 master_on_demand: false,
+                spread: Spread::None,
                 capacity_cooldown: Duration::from_secs(300),
                 iam_instance_profile: None,
                 iam_propagation: Duration::from_secs(120),

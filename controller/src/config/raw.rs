@@ -107,6 +107,7 @@ pub struct RawConfig {
     pub(super) root_volume_gb: Option<u32>,
     #[serde(alias = "MASTER_ON_DEMAND")]
     pub(super) master_on_demand: Option<bool>,
+    pub(super) spread: Option<super::Spread>,
     #[serde(alias = "CAPACITY_COOLDOWN_SECS")]
     pub(super) capacity_cooldown_secs: Option<f64>,
     #[serde(alias = "IAM_INSTANCE_PROFILE")]

@@ -95,6 +95,10 @@ subnet_ids = []
 ec2_max_attempts = 3
 # Run the master on-demand (it holds the cluster together; slaves stay spot).
 master_on_demand = false
+# Where slaves go: "none" (the cheapest spot price per vCPU with capacity,
+# whatever its zone) or "zones" (the zone holding the fewest slaves first,
+# then the cheapest there: a zone's loss takes a share, not the cluster).
+spread = "none"
 # A type/subnet that reported no capacity is skipped this long.
 capacity_cooldown_secs = 300.0
 # On-demand fallback: "none", "slaves", "master" or "both". A pool whose spot

@@ -440,6 +440,7 @@ impl Check<'_> {
         e.subnet_ids = raw.subnet_ids.take().unwrap_or_default();
         e.ec2_max_attempts = raw.ec2_max_attempts.unwrap_or(e.ec2_max_attempts).clamp(1, 10);
         e.master_on_demand = raw.master_on_demand.unwrap_or(false);
+        e.spread = raw.spread.unwrap_or_default();
         e.identity_certificate = non_empty(raw.identity_certificate.take()).map(PathBuf::from);
         if cfg.provider == ProviderKind::Ec2 {
             let e = &cfg.ec2;

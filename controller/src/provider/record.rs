@@ -76,6 +76,7 @@ impl Provider for RecordProvider {
                     instance_type: "record".into(),
                     market: crate::model::Market::Spot,
                     on_demand_why: None,
+                    placement: String::new(),
                 }
             })
             .collect())

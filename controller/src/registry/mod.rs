@@ -129,6 +129,7 @@ impl Registry {
             batch: new.batch,
             instance_type: String::new(),
             market: Market::Spot,
+            placement: String::new(),
             notice: None,
             superseded: false,
             attributes: BTreeMap::new(),

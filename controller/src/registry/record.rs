@@ -45,6 +45,9 @@ pub struct NodeRecord {
     /// Spot or on-demand.
     #[serde(default)]
     pub market: Market,
+    /// Where it landed and why there (the provider's ranking), if it says.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub placement: String,
     /// Interruption/rebalance notice received, if any.
     #[serde(default, deserialize_with = "notice_compat")]
     pub notice: Option<Notice>,

@@ -301,6 +301,7 @@ impl Registry {
                 e.rec.instance_id = Some(l.instance_id.clone());
                 e.rec.instance_type = l.instance_type.clone();
                 e.rec.market = l.market;
+                e.rec.placement.clone_from(&l.placement);
             }
         }
         let on_demand: Vec<&str> =
@@ -1096,6 +1097,7 @@ mod tests {
             instance_type: "c5.large".into(),
             market: Market::OnDemand,
             on_demand_why: Some("spot kept failing".into()),
+            placement: "c5.large on-demand in us-east-1a: cheapest".into(),
         };
         r.on_launched(&[id.clone(), id2.clone()], &[l]);
         let rec = &r.get(&id).unwrap().rec;

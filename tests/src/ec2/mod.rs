@@ -165,6 +165,8 @@ pub struct Inst {
     pub id: String,
     pub state: String,
     pub instance_type: String,
+    /// Its availability zone.
+    pub zone: String,
     pub lifecycle: String,
     pub image_id: String,
     /// ARN of the instance profile attached at launch.
@@ -184,6 +186,7 @@ pub async fn instances(c: &Client, tag_key: &str) -> Vec<Inst> {
             id: i.instance_id().unwrap().to_string(),
             state: i.state().and_then(|s| s.name()).map(|s| s.as_str().to_string()).unwrap_or_default(),
             instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+            zone: i.placement().and_then(|p| p.availability_zone()).unwrap_or_default().to_string(),
             lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_string()).unwrap_or_default(),
             image_id: i.image_id().unwrap_or_default().to_string(),
             iam_profile: i.iam_instance_profile().and_then(|p| p.arn()).unwrap_or_default().to_string(),

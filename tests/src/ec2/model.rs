@@ -9,12 +9,20 @@ use super::*;
 /// EC2's documented behaviours, which no emulator here has.
 #[derive(Debug, Clone)]
 pub struct Model {
-    /// Capacity left per instance type (any zone, any market). A
+    /// Capacity left, per pool: a key is an instance type (any zone, any
+    /// market), `type@zone`, `type/spot` or `type/on-demand` (any zone),
+    /// `type@zone/spot` (EC2's spot pools are per type and zone), or
+    /// `*@zone` (every type there: a zone out of capacity). Every
+    /// key a launch falls under limits it and is drawn down by it. A
     /// RunInstances asking more than is left launches what is left (EC2
     /// launches the largest number from MinCount to MaxCount it can), or
     /// fails with `InsufficientInstanceCapacity` (HTTP 500, as EC2 answers
-    /// it) if even MinCount does not fit. Types not listed: unlimited.
+    /// it) if even MinCount does not fit. Pools not listed: unlimited.
     pub capacity: HashMap<String, u32>,
+    /// The spot price table, USD per hour per (type, zone), answered for
+    /// `DescribeSpotPriceHistory` (moto answers one tiny price for every
+    /// pool). Empty: moto answers. A test changes it mid-run: prices move.
+    pub spot_usd: HashMap<(String, String), f64>,
     /// The account's vCPU quota for running instances (counted over the
     /// instances launched through this proxy): like capacity, what fits is
     /// launched; if not even MinCount fits, `VcpuLimitExceeded` with EC2's
@@ -53,6 +61,7 @@ impl Default for Model {
     fn default() -> Model {
         Model {
             capacity: HashMap::new(),
+            spot_usd: HashMap::new(),
             vcpu_quota: None,
             unsupported: true,
             listing_lag: Duration::ZERO,
@@ -74,7 +83,24 @@ impl Default for Model {
     }
 }
 
-/// Long by design: EC2's rules for one RunInstances (capacity per type,
+/// The capacity keys (see [`Model::capacity`]) a launch of `itype` in
+/// `zone` on the market falls under.
+pub(super) fn capacity_keys(itype: &str, zone: &str, spot: bool) -> [String; 5] {
+    let market = if spot { "spot" } else { "on-demand" };
+    [
+        itype.to_string(),
+        format!("{itype}@{zone}"),
+        format!("{itype}/{market}"),
+        format!("{itype}@{zone}/{market}"),
+        format!("*@{zone}"),
+    ]
+}
+
+/// What a RunInstances becomes under the model: the parameters moto is
+/// sent (`None`: as asked) and the capacity keys the launch draws down.
+pub(super) type Admitted = (Option<Vec<(String, String)>>, Vec<String>);
+
+/// Long by design: EC2's rules for one RunInstances (capacity per pool,
 /// the vCPU quota, zone offerings, latency), applied in EC2's order.
 /// What EC2 would do with a RunInstances that moto would simply carry out:
 /// refuse it (`Err`), launch fewer (`Ok(Some(params))` with MinCount and
@@ -84,7 +110,7 @@ pub(super) async fn run_instances_model(
     state: &Mutex<ProxyState>,
     model: &Model,
     params: &[(String, String)],
-) -> Result<Option<Vec<(String, String)>>, Refusal> {
+) -> Result<Admitted, Refusal> {
     let get = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone());
     let itype = get("InstanceType").unwrap_or_default();
     let min: u32 = get("MinCount").and_then(|v| v.parse().ok()).unwrap_or(1);
@@ -141,7 +167,10 @@ pub(super) async fn run_instances_model(
         }
     }
     let mut fit = max;
-    if let Some(&left) = model.capacity.get(&itype) {
+    let spot = get("InstanceMarketOptions.MarketType").as_deref() == Some("spot");
+    let keys: Vec<String> =
+        capacity_keys(&itype, &zone, spot).into_iter().filter(|k| model.capacity.contains_key(k)).collect();
+    if let Some(left) = keys.iter().map(|k| model.capacity[k]).min() {
         if left < min {
             return Err(refuse(
                 "InsufficientInstanceCapacity",
@@ -209,7 +238,7 @@ pub(super) async fn run_instances_model(
         fit = fit.min(room);
     }
     if min == max && fit >= max {
-        return Ok(None);
+        return Ok((None, keys));
     }
     // moto launches MinCount instances; EC2 the most it can up to MaxCount.
     let changed = params
@@ -219,5 +248,5 @@ pub(super) async fn run_instances_model(
             _ => (k.clone(), v.clone()),
         })
         .collect();
-    Ok(Some(changed))
+    Ok((Some(changed), keys))
 }

@@ -191,6 +191,11 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
     let model = sh.state.lock().unwrap().model.clone();
     // Held until the launch is recorded: capacity and quota are taken once.
     let _run = if action == "RunInstances" { Some(sh.run_lock.lock().await) } else { None };
+    if action == "DescribeSpotPriceHistory" && !model.spot_usd.is_empty() {
+        record(false);
+        return spot_price_history(&model, &params);
+    }
+    let mut draws: Vec<String> = Vec::new();
     if action == "RunInstances" {
         // The latency in force now, not at the call: a test that lowers
         // it releases the calls waiting.
@@ -203,12 +208,13 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
                 record(true);
                 return error_response(&r.code, r.status, &r.message);
             }
-            Ok(Some(changed)) => {
+            Ok((Some(changed), keys)) => {
                 let mut ser = form_urlencoded::Serializer::new(String::new());
                 ser.extend_pairs(changed.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 body = Bytes::from(ser.finish());
+                draws = keys;
             }
-            Ok(None) => {}
+            Ok((None, keys)) => draws = keys,
         }
     }
     record(false);
@@ -232,8 +238,10 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
             params.iter().find(|(k, _)| k == "InstanceType").map(|(_, v)| v.clone()).unwrap_or_default();
         let ids = xml_values(&text, "instanceId");
         let mut st = sh.state.lock().unwrap();
-        if let Some(left) = st.model.capacity.get_mut(&itype) {
-            *left = left.saturating_sub(ids.len() as u32);
+        for k in &draws {
+            if let Some(left) = st.model.capacity.get_mut(k) {
+                *left = left.saturating_sub(ids.len() as u32);
+            }
         }
         for id in ids {
             st.launched.insert(id, (Instant::now(), itype.clone()));
@@ -330,6 +338,34 @@ fn drop_reservations(xml: &str, hidden: &[String]) -> String {
         .filter(|item| !xml_values(item, "instanceId").iter().any(|id| hidden.contains(id)))
         .collect();
     format!("{}<reservationSet>{kept}{}", &xml[..start], &xml[end..])
+}
+
+/// `DescribeSpotPriceHistory` from the model's price table: the price in
+/// force in each zone of each type asked (`InstanceType.N`), as EC2 answers
+/// a query whose start time is now.
+fn spot_price_history(model: &Model, params: &[(String, String)]) -> Response {
+    let types: Vec<&str> =
+        params.iter().filter(|(k, _)| k.starts_with("InstanceType.")).map(|(_, v)| v.as_str()).collect();
+    let mut rows: Vec<(&(String, String), &f64)> =
+        model.spot_usd.iter().filter(|((t, _), _)| types.is_empty() || types.contains(&t.as_str())).collect();
+    rows.sort_by(|a, b| a.0.cmp(b.0));
+    let items: String = rows
+        .into_iter()
+        .map(|((t, z), p)| {
+            format!(
+                "<item><instanceType>{t}</instanceType><productDescription>Linux/UNIX</productDescription>\
+                 <spotPrice>{p:.6}</spotPrice><timestamp>2026-12-01T00:00:00.000Z</timestamp>\
+                 <availabilityZone>{z}</availabilityZone></item>"
+            )
+        })
+        .collect();
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<DescribeSpotPriceHistoryResponse \
+         xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>fault-proxy</requestId>\
+         <spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken></nextToken>\
+         </DescribeSpotPriceHistoryResponse>"
+    );
+    Response::builder().status(200).header("content-type", "text/xml").body(Body::from(xml)).unwrap()
 }
 
 /// The Price List API's `GetProducts` (JSON protocol), from the model's

@@ -113,11 +113,12 @@ impl Ec2Provider {
             req = req
                 .iam_instance_profile(if p.starts_with("arn:") { spec.arn(p) } else { spec.name(p) }.build());
         }
-        if !self.group_ids.is_empty() {
-            req = req.set_security_group_ids(Some(self.group_ids.clone()));
+        let (ids, names) = (self.group_ids.lock().clone(), self.group_names.lock().clone());
+        if !ids.is_empty() {
+            req = req.set_security_group_ids(Some(ids));
         }
-        if !self.group_names.is_empty() {
-            req = req.set_security_groups(Some(self.group_names.clone()));
+        if !names.is_empty() {
+            req = req.set_security_groups(Some(names));
         }
         // EC2 answers capacity errors with HTTP 500, which the SDK would
         // retry ec2_max_attempts times against the same (type, zone): the
@@ -129,10 +130,11 @@ impl Ec2Provider {
         r.map_err(|e| describe(&e))
     }
 
-    /// Launches the batch with the first candidate (type, subnet) that has
-    /// capacity, on spot or on-demand; takes what EC2 gives (at least one).
-    /// A candidate that reports no capacity cools down (per market); a spot
-    /// one also counts towards fallback. One that gives fewer than asked is
+    /// Launches the batch with the best-ranked candidate (type, subnet)
+    /// that has capacity (`ranked`), on spot or on-demand; takes what EC2
+    /// gives (at least one). A candidate that reports no capacity cools
+    /// down (per market); a spot launch that found none anywhere counts
+    /// towards fallback. One that gives fewer than asked is
     /// asked all or nothing next time (`State::short`), and cools down if
     /// that finds no capacity. An account quota shrinks the request, then holds the
     /// market back (`quota_reached`) without cooling any candidate.
@@ -148,14 +150,47 @@ impl Ec2Provider {
         let mut capacity_seen = false;
         let market_name = if spot { "spot" } else { "on-demand" };
         let want = batch.nodes.len();
-        for (attempt, (itype, subnet)) in self.candidates(batch.role, &batch.pool).into_iter().enumerate() {
+        let ranked = self.ranked(batch.role, &batch.pool, spot).await;
+        let cooling = |c: &super::allocate::Candidate| {
+            let key = (c.itype.clone(), c.subnet.clone(), spot);
+            self.state
+                .lock()
+                .cooling
+                .get(&key)
+                .filter(|(until, _)| *until > Instant::now())
+                .map(|(_, w)| w.clone())
+        };
+        // With spread: the zones open now, and the role's nodes in each.
+        let spread = self.spread == crate::config::Spread::Zones && batch.role == Role::Slave;
+        let (in_zone, open_zones) = {
+            let mut open: Vec<&str> = ranked
+                .iter()
+                .filter(|r| cooling(&r.candidate).is_none())
+                .filter_map(|r| r.candidate.zone.as_deref())
+                .collect();
+            open.sort();
+            open.dedup();
+            (self.role_zones(batch.role), open.len())
+        };
+        let total: usize = in_zone.values().sum();
+        // Better-ranked candidates passed over, and why (for status).
+        let mut passed: Vec<String> = Vec::new();
+        for (attempt, r) in ranked.iter().enumerate() {
+            let (itype, subnet) = (r.candidate.itype.clone(), r.candidate.subnet.clone());
+            let place =
+                r.candidate.zone.clone().or_else(|| subnet.clone()).unwrap_or_else(|| self.region.clone());
             let key = (itype.clone(), subnet.clone(), spot);
-            if self.state.lock().cooling.get(&key).is_some_and(|(until, _)| *until > Instant::now()) {
+            if let Some(why) = cooling(&r.candidate) {
+                passed.push(format!("{why} (cooling down)"));
                 continue;
             }
             let attempt = if spot { attempt } else { 1000 + attempt };
-            let place = subnet.clone().unwrap_or_else(|| self.region.clone());
-            let mut count = want;
+            let mut count = match (&r.candidate.zone, spread) {
+                (Some(z), true) => {
+                    super::allocate::spread_cap(want, in_zone.get(z).copied().unwrap_or(0), total, open_zones)
+                }
+                _ => want,
+            };
             let mut shrunk = 0;
             let all_or_nothing = self.state.lock().short.remove(&key);
             let mut image_renewed = false;
@@ -167,21 +202,29 @@ impl Ec2Provider {
                 let (code, msg) = match res {
                     Ok(out) => {
                         self.ok_call();
-                        let launched = self.launched(batch, &out, &itype, spot, why.clone());
-                        if launched.len() < want {
+                        let mut placed = format!("{itype} {market_name} in {place}: {}", r.why);
+                        if !passed.is_empty() {
+                            let n = passed.len();
+                            let shown: Vec<&str> = passed.iter().take(3).map(String::as_str).collect();
+                            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
+                            placed.push_str(&format!("; passed over first: {}{more}", shown.join("; ")));
+                        }
+                        if count < want {
+                            placed.push_str(&format!("; {count} of the batch's {want} here (spread)"));
+                        }
+                        let launched = self.launched(batch, &out, (&itype, &placed), spot, why.clone());
+                        if launched.len() < count {
                             let short = format!(
-                                "{itype} {market_name} in {place}: {} of {want} launched (capacity)",
+                                "{itype} {market_name} in {place}: {} of {count} launched (capacity)",
                                 launched.len()
                             );
                             tracing::warn!(
                                 "pool {}: {short}; the rest are asked again, all or nothing, then elsewhere",
                                 batch.pool
                             );
-                            if launched.len() < count {
-                                // EC2 gave less than asked: the pool may be
-                                // short, or the endpoint launches MinCount.
-                                self.state.lock().short.insert(key);
-                            }
+                            // EC2 gave less than asked: the pool may be
+                            // short, or the endpoint launches MinCount.
+                            self.state.lock().short.insert(key);
                         }
                         return Ok(launched);
                     }
@@ -207,12 +250,11 @@ impl Ec2Provider {
                         capacity_seen = true;
                         let why = format!("{itype} {market_name} in {place}: {code}");
                         tracing::warn!("{why}: {msg}; trying the next candidate");
-                        let mut st = self.state.lock();
-                        st.cooling
+                        passed.push(format!("no capacity now: {why}"));
+                        self.state
+                            .lock()
+                            .cooling
                             .insert(key, (Instant::now() + self.cooldown, format!("no capacity: {why}")));
-                        if spot {
-                            st.book.spot_failed(&batch.pool, Instant::now(), why.clone());
-                        }
                         last = Some(why);
                     }
                     Kind::Throttled => return Err(self.throttled(&format!("{code}: {msg}"))),
@@ -247,13 +289,32 @@ impl Ec2Provider {
                         let why = format!("{itype} {market_name} in {place}: {code}: {msg}");
                         tracing::warn!("pool {}: skipping {why}", batch.pool);
                         let note = format!("an error of its own: {why}");
-                        self.state.lock().cooling.insert(key, (Instant::now() + self.cooldown, note));
+                        // Not capacity: the type (its options) in every
+                        // zone, not one zone's pool.
+                        let until = Instant::now() + self.cooldown;
+                        let mut st = self.state.lock();
+                        for c in ranked.iter().filter(|c| c.candidate.itype == itype) {
+                            st.cooling.insert(
+                                (itype.clone(), c.candidate.subnet.clone(), spot),
+                                (until, note.clone()),
+                            );
+                        }
+                        drop(st);
+                        passed.push(format!("{why} now"));
                         unknown = Some(format!("RunInstances: {why}"));
                         last = Some(why);
                     }
                 }
                 break;
             }
+        }
+        // A spot launch that found capacity in no candidate counts once
+        // towards on-demand fallback (however many zones it tried).
+        if spot
+            && capacity_seen
+            && let Some(why) = &last
+        {
+            self.state.lock().book.spot_failed(&batch.pool, Instant::now(), why.clone());
         }
         // No candidate launched, none for capacity, and some said what is
         // not capacity: launches back off (every candidate may say the same).
@@ -275,7 +336,7 @@ impl Ec2Provider {
         &self,
         batch: &LaunchBatch,
         out: &aws_sdk_ec2::operation::run_instances::RunInstancesOutput,
-        itype: &str,
+        (itype, placed): (&str, &str),
         spot: bool,
         why: Option<String>,
     ) -> Vec<Launched> {
@@ -285,7 +346,8 @@ impl Ec2Provider {
             if let (Some(id), Some(z)) =
                 (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
             {
-                self.placement.lock().insert(id.into(), (itype.to_string(), z.into()));
+                let p = super::Placed { itype: itype.to_string(), zone: z.into(), role: Some(batch.role) };
+                self.placement.lock().insert(id.into(), p);
             }
             if let (false, Some(id)) = (spot, inst.instance_id()) {
                 self.on_demand_ids.lock().insert(id.to_string());
@@ -297,6 +359,7 @@ impl Ec2Provider {
                     instance_type: itype.to_string(),
                     market: if spot { crate::model::Market::Spot } else { crate::model::Market::OnDemand },
                     on_demand_why: why.clone(),
+                    placement: placed.to_string(),
                 });
             }
         }

@@ -22,6 +22,7 @@
 //! - Every instance carries the tag `<tag_key> = master|slave` (as the
 //!   original did), `ddisco:pool`, `ddisco:batch` and `ddisco:cluster`.
 
+mod allocate;
 mod bake;
 mod errors;
 mod image_lookup;
@@ -83,9 +84,17 @@ pub struct Ec2Provider {
     /// The setting as written (for messages).
     ami_text: String,
     key_name: String,
-    group_ids: Vec<String>,
-    group_names: Vec<String>,
-    subnets: Vec<Option<String>>,
+    /// Security groups by id, and by name (names become ids at preflight
+    /// when nodes launch into subnets: EC2 takes no names with a subnet).
+    group_ids: Mutex<Vec<String>>,
+    group_names: Mutex<Vec<String>>,
+    /// `subnet_ids`, or one default subnet per zone of the default VPC
+    /// (found at preflight); `[None]`: EC2 picks (no default VPC).
+    subnets: Mutex<Vec<Option<String>>>,
+    /// Where launches place nodes across zones.
+    spread: crate::config::Spread,
+    /// The newest spot prices seen (they rank launch candidates).
+    spot_book: Mutex<prices::SpotBook>,
     max_bid: String,
     master_type: String,
     master_on_demand: bool,
@@ -110,8 +119,9 @@ pub struct Ec2Provider {
     state: Mutex<State>,
     /// API calls and errors per action (for /metrics).
     calls: Mutex<std::collections::BTreeMap<&'static str, (u64, u64)>>,
-    /// instance id -> (type, zone), from the last listing (for prices).
-    placement: Mutex<HashMap<String, (String, String)>>,
+    /// Where each live instance runs, from launches and the last listing
+    /// (prices, notices, spread).
+    placement: Mutex<HashMap<String, Placed>>,
     /// Instances that run on-demand (costed at the on-demand price).
     on_demand_ids: Mutex<std::collections::HashSet<String>>,
     /// The AWS Price List API (on-demand prices).
@@ -136,6 +146,15 @@ pub struct Ec2Provider {
     /// Aliases resolved (for status), and the cache file holding them.
     resolved: Mutex<Vec<Resolved>>,
     image_cache: std::path::PathBuf,
+}
+
+/// Where an instance runs.
+#[derive(Debug, Clone)]
+struct Placed {
+    itype: String,
+    zone: String,
+    /// From its role tag (`None`: not tagged as ours).
+    role: Option<Role>,
 }
 
 #[derive(Default)]
@@ -271,9 +290,11 @@ impl Ec2Provider {
                 .map_err(|message| ProviderError::Config { key: "ami".into(), message })?,
             ami_text: cfg.ami.trim().to_string(),
             key_name: cfg.key_name.clone(),
-            group_ids,
-            group_names,
-            subnets,
+            group_ids: Mutex::new(group_ids),
+            group_names: Mutex::new(group_names),
+            subnets: Mutex::new(subnets),
+            spread: cfg.spread,
+            spot_book: Mutex::default(),
             max_bid: cfg.max_bid.trim().to_string(),
             master_type: nodes.master_instance_type.clone(),
             master_on_demand: cfg.master_on_demand,
@@ -318,39 +339,86 @@ impl Ec2Provider {
         })
     }
 
-    /// (type, subnet) pairs to try for a pool, in order: the pool's own
-    /// types, then the other pools' (overflow), each in every subnet. The
-    /// master's: its type, then the slaves' types: without a master the
-    /// cluster runs nothing, so a master type without spot capacity is no
-    /// reason to wait.
-    fn candidates(&self, role: Role, pool: &str) -> Vec<(String, Option<String>)> {
-        let mut types: Vec<String> = Vec::new();
+    /// Every (type, subnet) a pool's batch could launch in, in config
+    /// order, with its tier: the pool's own types, then the other pools'
+    /// (overflow), each in every subnet. The master's: its type, then the
+    /// slaves' types: without a master the cluster runs nothing, so a
+    /// master type without spot capacity is no reason to wait. Pairs whose
+    /// zone does not offer the type are left out.
+    fn candidates(&self, role: Role, pool: &str) -> Vec<allocate::Candidate> {
+        let mut types: Vec<(String, u8)> = Vec::new();
         if role == Role::Master {
-            types.push(self.master_type.clone());
+            types.push((self.master_type.clone(), 0));
         }
         {
             let pools = self.pools.lock();
             let own = pools.iter().filter(|p| p.name == pool);
             let others = pools.iter().filter(|p| p.name != pool);
+            let tier = |p: &Pool| u8::from(role == Role::Master || p.name != pool);
             for p in own.chain(others) {
                 for t in &p.instance_types {
-                    if !types.contains(t) {
-                        types.push(t.clone());
+                    if !types.iter().any(|(k, _)| k == t) {
+                        types.push((t.clone(), tier(p)));
                     }
                 }
             }
         }
         let unsupported = self.unsupported.lock();
-        let mut out: Vec<(String, Option<String>)> = types
+        let subnets = self.subnets.lock().clone();
+        let zones = self.subnet_zones.lock();
+        let zone_of = |s: &Option<String>| {
+            s.as_ref().and_then(|s| zones.iter().find(|(id, _)| id == s).map(|(_, z)| z.clone()))
+        };
+        types
             .into_iter()
-            .flat_map(|t| self.subnets.iter().map(move |s| (t.clone(), s.clone())))
-            .filter(|(t, s)| s.as_ref().is_none_or(|s| !unsupported.contains(&(t.clone(), s.clone()))))
+            .flat_map(|(t, tier)| subnets.iter().map(move |s| (t.clone(), s.clone(), tier)))
+            .filter(|(t, s, _)| s.as_ref().is_none_or(|s| !unsupported.contains(&(t.clone(), s.clone()))))
+            .map(|(itype, subnet, tier)| allocate::Candidate { zone: zone_of(&subnet), itype, subnet, tier })
+            .collect()
+    }
+
+    /// The candidates in the order a launch tries them (`allocate::rank`:
+    /// own pool first, spread, spot price per vCPU; for on-demand launches
+    /// config order), then those whose pool just sent a spot notice.
+    async fn ranked(&self, role: Role, pool: &str, spot: bool) -> Vec<allocate::Ranked> {
+        let cands = self.candidates(role, pool);
+        let mut types: Vec<String> = cands.iter().map(|c| c.itype.clone()).collect();
+        types.sort();
+        types.dedup();
+        let prices = if spot { self.spot_quotes(&types).await } else { HashMap::new() };
+        let in_zone = self.role_zones(role);
+        let vcpus = self.type_vcpus.lock().clone();
+        let quoted = cands
+            .into_iter()
+            .map(|c| {
+                let price = c.zone.as_ref().and_then(|z| prices.get(&(c.itype.clone(), z.clone())).copied());
+                let q = allocate::Quote { price, vcpus: vcpus.get(&c.itype).copied() };
+                (c, q)
+            })
             .collect();
-        // Pools that just sent a spot notice go last (stable: the order of
-        // the others stays).
+        let w = allocate::Weights {
+            spread: if role == Role::Slave { self.spread } else { crate::config::Spread::None },
+            in_zone: &in_zone,
+            max_bid: self.max_bid.parse().ok(),
+        };
+        let mut out = allocate::rank(quoted, &w);
+        // Pools that just sent a spot notice go last (stable).
         let now = Instant::now();
         let st = self.state.lock();
-        out.sort_by_key(|c| st.avoid.get(c).is_some_and(|(until, _)| *until > now));
+        out.sort_by_key(|r| {
+            st.avoid
+                .get(&(r.candidate.itype.clone(), r.candidate.subnet.clone()))
+                .is_some_and(|(u, _)| *u > now)
+        });
+        out
+    }
+
+    /// This role's live instances per zone (for spread).
+    fn role_zones(&self, role: Role) -> HashMap<String, usize> {
+        let mut out = HashMap::new();
+        for p in self.placement.lock().values().filter(|p| p.role == Some(role)) {
+            *out.entry(p.zone.clone()).or_insert(0) += 1;
+        }
         out
     }
 
@@ -537,7 +605,7 @@ impl Provider for Ec2Provider {
         // one is back (no nodes recorded only to be dropped).
         let cooling: Option<Vec<Instant>> = candidates
             .into_iter()
-            .map(|(t, s)| st.cooling.get(&(t, s, spot)).map(|(u, _)| *u).filter(|u| *u > now))
+            .map(|c| st.cooling.get(&(c.itype, c.subnet, spot)).map(|(u, _)| *u).filter(|u| *u > now))
             .collect();
         if cooling.is_some() {
             let market = if spot { "spot" } else { "on-demand" };
@@ -585,15 +653,21 @@ impl Provider for Ec2Provider {
             })?;
             for inst in page.reservations().iter().flat_map(|r| r.instances()) {
                 let Some(id) = inst.instance_id() else { continue };
+                let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
                 if let (Some(t), Some(z)) =
                     (inst.instance_type(), inst.placement().and_then(|p| p.availability_zone()))
                 {
-                    self.placement.lock().insert(id.to_string(), (t.as_str().into(), z.into()));
+                    let role = match tag(&self.tag_key) {
+                        Some("master") => Some(Role::Master),
+                        Some("slave") => Some(Role::Slave),
+                        _ => None,
+                    };
+                    let placed = Placed { itype: t.as_str().into(), zone: z.into(), role };
+                    self.placement.lock().insert(id.to_string(), placed);
                 }
                 if inst.instance_lifecycle().is_none() {
                     self.on_demand_ids.lock().insert(id.to_string());
                 }
-                let tag = |k: &str| inst.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
                 let state = inst.state().and_then(|s| s.name());
                 out.push(Observed {
                     instance_id: id.to_string(),
@@ -741,8 +815,8 @@ impl Provider for Ec2Provider {
         }
         // That spot pool (type, zone) is being reclaimed: new nodes go to
         // the others first for a while (still there if nothing else is).
-        if let Some((itype, zone)) = place {
-            let subnets: Vec<Option<String>> = if self.subnets == [None] {
+        if let Some(Placed { itype, zone, .. }) = place {
+            let subnets: Vec<Option<String>> = if *self.subnets.lock() == [None] {
                 vec![None]
             } else {
                 let zones = self.subnet_zones.lock();

@@ -19,25 +19,39 @@ impl Ec2Provider {
                 &self.key_name,
             )?;
         }
-        if !self.group_ids.is_empty() {
-            let what = self.group_ids.join(", ");
+        let group_ids = self.group_ids.lock().clone();
+        if !group_ids.is_empty() {
+            let what = group_ids.join(", ");
             self.check(
                 "DescribeSecurityGroups",
-                c.describe_security_groups().set_group_ids(Some(self.group_ids.clone())).send().await,
+                c.describe_security_groups().set_group_ids(Some(group_ids)).send().await,
                 "security_groups",
                 &what,
             )?;
         }
-        if !self.group_names.is_empty() {
-            let what = self.group_names.join(", ");
-            self.check(
+        let group_names = self.group_names.lock().clone();
+        // Names of groups of the default VPC, to their ids.
+        let mut named_ids = Vec::new();
+        if !group_names.is_empty() {
+            let what = group_names.join(", ");
+            let out = self.check(
                 "DescribeSecurityGroups",
-                c.describe_security_groups().set_group_names(Some(self.group_names.clone())).send().await,
+                c.describe_security_groups().set_group_names(Some(group_names)).send().await,
                 "security_groups",
                 &what,
             )?;
+            named_ids = out.security_groups().iter().filter_map(|g| g.group_id()).map(String::from).collect();
         }
-        let subnets: Vec<String> = self.subnets.iter().flatten().cloned().collect();
+        if self.subnets.lock().iter().all(Option::is_none) {
+            self.find_default_subnets().await?;
+        }
+        let subnets: Vec<String> = self.subnets.lock().iter().flatten().cloned().collect();
+        // EC2 takes no group names with a subnet ("The parameter groupName
+        // cannot be used with the parameter subnet"): launch with their ids.
+        if !subnets.is_empty() && !named_ids.is_empty() {
+            self.group_ids.lock().extend(named_ids);
+            self.group_names.lock().clear();
+        }
         // subnet id -> its availability zone.
         let mut zones: Vec<(String, String)> = Vec::new();
         if !subnets.is_empty() {
@@ -206,7 +220,47 @@ impl Ec2Provider {
             notes.push(line);
             self.pools.lock()[i].instance_types = types;
         }
-        *self.pool_notes.lock() = notes;
+        let mut kept = self.pool_notes.lock();
+        for n in notes {
+            if !kept.contains(&n) {
+                kept.push(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Without `subnet_ids`: one subnet per zone, the default VPC's
+    /// default subnets (`default-for-az`), so that every zone's capacity
+    /// and prices are candidates (with no subnet EC2 would pick one zone
+    /// per call, and a capacity error would say nothing of the others).
+    /// No default VPC: EC2 picks, as before.
+    async fn find_default_subnets(&self) -> Result<(), ProviderError> {
+        let f = Filter::builder().name("default-for-az").values("true").build();
+        let out = self.check(
+            "DescribeSubnets",
+            self.client.describe_subnets().filters(f).send().await,
+            "subnet_ids",
+            "the default VPC's subnets",
+        )?;
+        let mut found: Vec<(String, String)> = out
+            .subnets()
+            .iter()
+            .filter_map(|s| Some((s.availability_zone()?.to_string(), s.subnet_id()?.to_string())))
+            .collect();
+        found.sort();
+        found.dedup_by(|a, b| a.0 == b.0);
+        if found.is_empty() {
+            tracing::info!("no default VPC subnets in {}: EC2 picks each launch's zone", self.region);
+            return Ok(());
+        }
+        let zones: Vec<&str> = found.iter().map(|(z, _)| z.as_str()).collect();
+        let line = format!(
+            "subnets: the default VPC's, one per zone ({}): every zone's prices and capacity are candidates",
+            zones.join(", ")
+        );
+        tracing::info!("{line}");
+        self.pool_notes.lock().push(line);
+        *self.subnets.lock() = found.into_iter().map(|(_, s)| Some(s)).collect();
         Ok(())
     }
 

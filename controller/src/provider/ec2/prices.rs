@@ -60,7 +60,7 @@ impl Ec2Provider {
     async fn on_demand_prices(&self, instance_ids: &[String]) -> Result<HashMap<String, f64>, ProviderError> {
         let wanted: Vec<(String, String)> = {
             let p = self.placement.lock();
-            instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.0.clone()))).collect()
+            instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.itype.clone()))).collect()
         };
         let mut types: Vec<String> = wanted.iter().map(|(_, t)| t.clone()).collect();
         types.sort();
@@ -140,7 +140,10 @@ impl Ec2Provider {
     ) -> Result<HashMap<String, f64>, ProviderError> {
         let wanted: Vec<(String, (String, String))> = {
             let p = self.placement.lock();
-            instance_ids.iter().filter_map(|i| Some((i.clone(), p.get(i)?.clone()))).collect()
+            instance_ids
+                .iter()
+                .filter_map(|i| Some((i.clone(), (p.get(i)?.itype.clone(), p.get(i)?.zone.clone()))))
+                .collect()
         };
         let mut types: Vec<String> = wanted.iter().map(|(_, (t, _))| t.clone()).collect();
         types.sort();
@@ -148,44 +151,79 @@ impl Ec2Provider {
         if types.is_empty() {
             return Ok(HashMap::new());
         }
-        let r = self
+        let latest = self.fetch_spot_history(&types).await?;
+        Ok(wanted
+            .into_iter()
+            .filter_map(|(id, (t, z))| {
+                let exact = latest.get(&(t.clone(), z)).copied();
+                // Zone unknown to the history: the type's cheapest zone.
+                let any = || latest.iter().filter(|((lt, _), _)| *lt == t).map(|(_, p)| *p).reduce(f64::min);
+                Some((id, exact.or_else(any)?))
+            })
+            .collect())
+    }
+
+    /// The newest Linux spot price of every (type, zone) of `types`: one
+    /// `DescribeSpotPriceHistory` (start time now: the price in force in
+    /// each zone). Kept in the spot book, which ranks launch candidates.
+    pub(super) async fn fetch_spot_history(
+        &self,
+        types: &[String],
+    ) -> Result<HashMap<(String, String), f64>, ProviderError> {
+        let mut pages = self
             .client
             .describe_spot_price_history()
             .set_instance_types(Some(types.iter().map(|t| InstanceType::from(t.as_str())).collect()))
             .product_descriptions("Linux/UNIX")
             .start_time(aws_sdk_ec2::primitives::DateTime::from(std::time::SystemTime::now()))
-            .send()
-            .await;
-        self.count("DescribeSpotPriceHistory", &r);
-        let out = r.map_err(|e| {
-            let (code, msg) = describe(&e);
-            ProviderError::Other(format!("DescribeSpotPriceHistory: {code}: {msg}"))
-        })?;
+            .into_paginator()
+            .send();
         // Newest price per (type, zone).
         let mut latest: HashMap<(String, String), (i64, f64)> = HashMap::new();
-        for p in out.spot_price_history() {
-            let (Some(t), Some(z), Some(price)) = (p.instance_type(), p.availability_zone(), p.spot_price())
-            else {
-                continue;
-            };
-            let Ok(price) = price.parse::<f64>() else { continue };
-            let at = p.timestamp().map(|d| d.secs()).unwrap_or(0);
-            let e = latest.entry((t.as_str().to_string(), z.to_string())).or_insert((at, price));
-            if at >= e.0 {
-                *e = (at, price);
+        while let Some(page) = pages.next().await {
+            self.count("DescribeSpotPriceHistory", &page);
+            let out = page.map_err(|e| {
+                let (code, msg) = describe(&e);
+                ProviderError::Other(format!("DescribeSpotPriceHistory: {code}: {msg}"))
+            })?;
+            for p in out.spot_price_history() {
+                let (Some(t), Some(z), Some(price)) =
+                    (p.instance_type(), p.availability_zone(), p.spot_price())
+                else {
+                    continue;
+                };
+                let Ok(price) = price.parse::<f64>() else { continue };
+                let at = p.timestamp().map(|d| d.secs()).unwrap_or(0);
+                let e = latest.entry((t.as_str().to_string(), z.to_string())).or_insert((at, price));
+                if at >= e.0 {
+                    *e = (at, price);
+                }
             }
         }
-        Ok(wanted
-            .into_iter()
-            .filter_map(|(id, (t, z))| {
-                let exact = latest.get(&(t.clone(), z)).map(|(_, p)| *p);
-                // Zone unknown to the history: the type's cheapest zone.
-                let any =
-                    || latest.iter().filter(|((lt, _), _)| *lt == t).map(|(_, (_, p))| *p).reduce(f64::min);
-                Some((id, exact.or_else(any)?))
-            })
-            .collect())
+        let latest: HashMap<(String, String), f64> = latest.into_iter().map(|(k, (_, p))| (k, p)).collect();
+        let mut book = self.spot_book.lock();
+        book.prices.retain(|(t, _), _| !types.contains(t));
+        book.prices.extend(latest.iter().map(|(k, p)| (k.clone(), *p)));
+        Ok(latest)
     }
+
+    /// Spot prices for ranking launch candidates of `types`, fetched at
+    /// each launch (one call per launch, not per node: prices move, and a
+    /// launch placed by an hour-old price is not price-optimized); a failed
+    /// fetch ranks by the prices seen last (config order where none is
+    /// known).
+    pub(super) async fn spot_quotes(&self, types: &[String]) -> HashMap<(String, String), f64> {
+        if let Err(e) = self.fetch_spot_history(types).await {
+            tracing::warn!("launches are ranked by the spot prices seen last: {e}");
+        }
+        self.spot_book.lock().prices.clone()
+    }
+}
+
+/// The newest spot prices seen, per (type, zone).
+#[derive(Default)]
+pub(super) struct SpotBook {
+    pub(super) prices: HashMap<(String, String), f64>,
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ impl Ec2Provider {
     ) -> Result<SgReport, ProviderError> {
         use aws_sdk_ec2::types::Tag;
         let c = &self.client;
-        let vpc_id = match self.subnets.iter().flatten().next() {
+        let first_subnet = self.subnets.lock().iter().flatten().next().cloned();
+        let vpc_id = match first_subnet.as_ref() {
             Some(subnet) => {
                 let out = self.check(
                     "DescribeSubnets",

@@ -217,6 +217,7 @@ impl Provider for LocalProvider {
                 instance_type: "local".into(),
                 market: crate::model::Market::Spot,
                 on_demand_why: None,
+                placement: String::new(),
             });
         }
         Ok(out)
