@@ -243,15 +243,17 @@ pub fn decide(i: &Inputs<'_>) -> Vec<Action> {
         }));
     }
     let life = p.lifecycle;
-    match p.budget {
-        Budget::Warning if life.on(LifeEvent::SpendWarning).is_some() => actions.push(Action::WarnSpend),
-        Budget::Reached
-            if p.on_budget == OnBudget::StopLaunching
-                && life.on(LifeEvent::SpendReached { destroy: false }).is_some() =>
-        {
-            actions.push(Action::StopLaunching)
-        }
-        _ => {}
+    // The warning comes before the cap even when one tick's spend passed
+    // both (a slow tick, a price that jumped): the cap is never the first
+    // word of it.
+    if matches!(p.budget, Budget::Warning | Budget::Reached) && life.on(LifeEvent::SpendWarning).is_some() {
+        actions.push(Action::WarnSpend);
+    }
+    if p.budget == Budget::Reached
+        && p.on_budget == OnBudget::StopLaunching
+        && life.on(LifeEvent::SpendReached { destroy: false }).is_some()
+    {
+        actions.push(Action::StopLaunching)
     }
     // The cluster's end, the most pressing reason first.
     let stop = if p.budget == Budget::Reached && p.on_budget == OnBudget::Destroy {
@@ -969,8 +971,9 @@ mod tests {
         let runtime = Policy { autostop_due: false, max_runtime_passed: true, ..stop_launching.clone() };
         let a = super::decide(&inputs(None, &d, runtime));
         assert_eq!(a, vec![Action::Destroy { reason: StopReason::MaxRuntime }]);
-        // The tick that finds the cap: launches dropped, the cap said once.
-        let found = Policy { autostop_due: false, lifecycle: Lifecycle::Running, ..stop_launching };
+        // The tick that finds the cap (the 80% warning said already):
+        // launches dropped, the cap said once.
+        let found = Policy { autostop_due: false, lifecycle: Lifecycle::CapWarned, ..stop_launching };
         let a = super::decide(&inputs(Some(&nodes), &d, found.clone()));
         assert_eq!(a, vec![Action::StopLaunching]);
         let destroy = Policy { on_budget: OnBudget::Destroy, max_runtime_passed: true, ..found };
@@ -991,6 +994,15 @@ mod tests {
         assert_eq!(super::decide(&inputs(None, &d, warn.clone())), vec![Action::WarnSpend]);
         let warned = Policy { lifecycle: Lifecycle::CapWarned, ..warn };
         assert_eq!(super::decide(&inputs(None, &d, warned)), vec![]);
+        // A tick that passed 80% and the cap at once warns, then acts.
+        let both =
+            Policy { budget: Budget::Reached, on_budget: OnBudget::StopLaunching, ..Default::default() };
+        assert_eq!(super::decide(&inputs(None, &d, both)), vec![Action::WarnSpend, Action::StopLaunching]);
+        let both = Policy { budget: Budget::Reached, on_budget: OnBudget::Destroy, ..Default::default() };
+        assert_eq!(
+            super::decide(&inputs(None, &d, both)),
+            vec![Action::WarnSpend, Action::Destroy { reason: StopReason::SpendCap }]
+        );
     }
 
     /// Orphans and the adaptive size are actions of the same decision.

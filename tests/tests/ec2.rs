@@ -104,6 +104,18 @@ fn world_in(model: Model, extra: &str, hold: impl Fn(&str, &Inst) -> bool + Send
     World { cluster, hv, proxy, client, tag, rt }
 }
 
+/// SIGKILLs a process group when dropped: a node a test stopped
+/// (SIGSTOP) ends with the test whatever happens (a stopped group would
+/// hold its teardown).
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     t.subsec_nanos() ^ std::process::id().rotate_left(16)
@@ -1548,6 +1560,7 @@ fn a_slow_launch_does_not_delay_loss_detection() {
     w.wait_ticks(2);
     let t0 = Instant::now();
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let _kill = KillGroup(pid);
     w.cluster.wait_until("the silent slave declared lost", Duration::from_secs(20), |s| {
         all_events(s).iter().any(|e| e.contains(&slave) && e.contains("no heartbeat"))
     });
@@ -1559,16 +1572,20 @@ fn a_slow_launch_does_not_delay_loss_detection() {
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
-/// Issue 27, item 3: terminations run beside the reconcile loop. While a
-/// scale-down's `TerminateInstances` takes 30 s (seen at a thousand
-/// instances), a slave that stops answering is declared lost after the
-/// heartbeat timeout (5 s), and its replacement is launched, both before
-/// the slow termination has ended.
+/// Issue 27, item 3: terminations and listings run beside the reconcile
+/// loop. While a scale-down's `TerminateInstances` takes 30 s and every
+/// `DescribeInstances` 8 s (both seen at a thousand instances), a slave
+/// that stops answering is declared lost within the heartbeat timeout
+/// (5 s) + 2 s, and its replacement is launched, both before the slow
+/// termination has ended.
 #[test]
-fn a_slow_termination_does_not_delay_loss_detection() {
+fn slow_terminations_and_listings_do_not_delay_loss_detection() {
     let mut w = world("num_slaves = 3");
     w.cluster.wait_until("master + 3 slaves ready", READY, |s| at_size(s, 3));
-    w.proxy.with_model(|m| m.terminate_latency = Duration::from_secs(30));
+    w.proxy.with_model(|m| {
+        m.terminate_latency = Duration::from_secs(30);
+        m.describe_latency = Duration::from_secs(8);
+    });
     assert!(w.cluster.ctl(&["scale", "2"]).status.success());
     let s = w.cluster.wait_until("one slave terminating", READY, |s| {
         nodes(s)
@@ -1589,6 +1606,7 @@ fn a_slow_termination_does_not_delay_loss_detection() {
     let runs_before = w.proxy.count("RunInstances");
     let t0 = Instant::now();
     nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let _kill = KillGroup(pid);
     w.cluster.wait_until("the silent slave declared lost", Duration::from_secs(20), |s| {
         all_events(s).iter().any(|e| e.contains(&silent) && e.contains("no heartbeat"))
     });
@@ -1599,10 +1617,16 @@ fn a_slow_termination_does_not_delay_loss_detection() {
     // The slow termination is still under way: its instance still runs.
     let still = live(&w.moto()).iter().any(|i| i.id == leaving);
     assert!(still, "the termination ended first: the test proves nothing");
-    assert!(took < Duration::from_secs(15), "lost after {took:?}");
-    eprintln!("lost {took:.1?} after it went silent, a 30 s TerminateInstances under way");
-    w.proxy.with_model(|m| m.terminate_latency = Duration::ZERO);
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    // (It went silent after its last heartbeat: `took` is the lower bound
+    // of last heartbeat -> lost.)
+    assert!(took <= Duration::from_secs(7), "lost {took:?} after it went silent (timeout 5 s + 2 s)");
+    eprintln!(
+        "MEASURE lost {took:.1?} after it went silent, a 30 s TerminateInstances under way, listings taking 8 s"
+    );
+    w.proxy.with_model(|m| {
+        m.terminate_latency = Duration::ZERO;
+        m.describe_latency = Duration::ZERO;
+    });
 }
 
 /// Issue 14, item 10. EC2 refuses an instance profile created moments ago
@@ -2361,4 +2385,54 @@ fn spread_over_zones_keeps_slaves_apart() {
     let why: Vec<String> =
         nodes(&s).iter().filter(|n| n["role"] == "slave").map(|n| n["placement"].to_string()).collect();
     assert!(why.iter().all(|p| p.contains("spread over zones")), "{why:#?}");
+}
+
+/// Issue 27, item 5: EC2 starts an instance over a while (its listings say
+/// `pending`; the proxy models 6 s), and now and then one never runs its
+/// userdata (a broken image, a full disk: the hypervisor holds it for
+/// good). Pending instances are neither taken for lost nor launched again;
+/// the instance whose agent never starts is replaced at the boot deadline
+/// and terminated, and nothing else is.
+#[test]
+fn pending_instances_are_waited_for_and_one_that_never_boots_is_replaced() {
+    let pending = Duration::from_secs(6);
+    let model = Model { pending_for: pending, ..Model::default() };
+    let never: std::sync::Arc<std::sync::Mutex<Option<String>>> = Default::default();
+    let n2 = never.clone();
+    // The hypervisor boots an instance once EC2 says it runs; the first
+    // slave's never does.
+    let mut w = world_in(model, "num_slaves = 2\nboot_timeout_secs = 20", move |tag, i| {
+        if i.age() < pending {
+            return true;
+        }
+        let mut n = n2.lock().unwrap();
+        if n.is_none() && i.tags[tag] == "slave" {
+            *n = Some(i.id.clone());
+        }
+        n.as_deref() == Some(i.id.as_str())
+    });
+    // While they are pending: listed as such, nothing lost, nothing relaunched.
+    let s = w.cluster.wait_until("the nodes launched", READY, |s| nodes(s).len() == 3);
+    assert!(nodes(&s).iter().all(|n| n["state"] != "ready"), "{s:#}");
+    w.wait_ticks(3);
+    assert_eq!((w.proxy.count("RunInstances"), w.proxy.count("TerminateInstances")), (2, 0));
+    let s = w.cluster.wait_until("master + 2 slaves ready (one of them a replacement)", READY, |s| {
+        at_size(s, 2)
+            && never
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|id| !nodes(s).iter().any(|n| n["instance_id"] == id.as_str()))
+    });
+    let id = never.lock().unwrap().clone().unwrap();
+    w.wait_moto("the instance that never booted terminated", |v| {
+        v.iter().any(|i| i.id == id && (i.state == "terminated" || i.state == "shutting-down"))
+    });
+    let ev = all_events(&s);
+    let lost: Vec<&String> = ev.iter().filter(|e| e.contains(" lost (")).collect();
+    assert!(
+        lost.len() == 1 && lost[0].contains("did not enroll before the boot deadline"),
+        "one loss, the instance that never booted: {ev:#?}"
+    );
+    assert_eq!(w.proxy.count("RunInstances"), 3, "master, slaves, one replacement: {:?}", w.proxy.counts());
 }

@@ -124,6 +124,10 @@ pub struct Cluster {
     /// Instances whose termination is under way off the tick
     /// (`tick::terminate_off_tick`): never asked twice at once.
     pub terminations: Mutex<std::collections::HashSet<String>>,
+    /// The provider's listings, taken beside the reconcile loop
+    /// (`tick::observe`): a slow `DescribeInstances` does not hold loss
+    /// detection. Tokio mutex: only the tick takes it, across its wait.
+    pub listings: tokio::sync::Mutex<tick::Listings>,
     /// When spot prices were last fetched (tokio mutex: held across the call).
     prices_at: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -195,6 +199,7 @@ impl Cluster {
             tick_lock: tokio::sync::Mutex::new(()),
             launches: Arc::default(),
             terminations: Mutex::default(),
+            listings: tokio::sync::Mutex::default(),
             policies: Mutex::new(Default::default()),
             history: Mutex::new(Default::default()),
             prices_at: tokio::sync::Mutex::new(None),

@@ -11,7 +11,6 @@ use crate::provider::{LaunchBatch, ProviderError, Target};
 use crate::reconcile::{Action, AdaptiveInput, Desired, Inputs, NodeView, Policy, decide};
 use crate::registry::{Effect, NewNode, Registry, unix_ms};
 use crate::userdata::{Bootstrap, Slot, Userdata};
-use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -50,7 +49,7 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     // Without a fresh listing nothing is decided about nodes: stale data
     // could kill healthy nodes or launch duplicates. The policies (spend
     // cap, max runtime) are decided anyway.
-    let listing = sh.provider.list().await.context("listing the cluster's instances");
+    let listing = observe(sh).await.map_err(|e| anyhow::anyhow!("listing the cluster's instances: {e}"));
     sh.registry.lock().account(unix_ms());
     let policy = observe_policy(sh);
     let mut next_deadline = None;
@@ -99,6 +98,84 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
     launch(sh, launches).await?;
     sh.changed();
     Ok(next_deadline)
+}
+
+/// How long a tick waits for a listing under way before it decides on the
+/// newest finished one (the local provider answers in microseconds: its
+/// ticks always wait for a fresh one).
+const LISTING_WAIT: Duration = Duration::from_secs(1);
+/// A listing older than this (from when it was asked for) decides nothing
+/// about nodes: with no fresher one the tick waits, as on a failed one.
+const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// What one listing said (the error as text: it is kept and shown again).
+type Listing = Result<Vec<crate::model::Observed>, String>;
+
+/// The provider's listings, taken beside the loop: at most one under way.
+#[derive(Default)]
+pub struct Listings {
+    /// The listing under way: when it was asked for, its task, and whether
+    /// a tick stopped waiting for it (then it wakes the loop when done).
+    inflight:
+        Option<(std::time::Instant, tokio::task::JoinHandle<Listing>, Arc<std::sync::atomic::AtomicBool>)>,
+    /// The newest finished one: when it was asked for, and what it said.
+    latest: Option<(std::time::Instant, Listing)>,
+}
+
+/// This tick's view of the cluster's instances. A listing is asked for if
+/// none is under way, and waited for up to `LISTING_WAIT`; a slower one
+/// (an 8 s `DescribeInstances` at a thousand instances) goes on beside the
+/// loop, waking it when done, and this tick decides on the newest finished
+/// listing if it was asked for within `LISTING_MAX_AGE`. Safe because what
+/// a listing decides tolerates its age: a node never listed has its grace
+/// (listing lag), one listed and then missing is gone (a later listing
+/// cannot un-list it), and heartbeats and deadlines do not come from it.
+/// A failed listing decides nothing about nodes, as before.
+async fn observe(sh: &Arc<Cluster>) -> Listing {
+    let mut l = sh.listings.lock().await;
+    let (asked, mut task, abandoned) = match l.inflight.take() {
+        Some(t) => t,
+        None => {
+            let (s, abandoned) = (sh.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            let a = abandoned.clone();
+            let task = tokio::spawn(async move {
+                let r = s.provider.list().await.map_err(|e| e.to_string());
+                // Only a listing no tick waited for wakes the loop (one a
+                // tick took needs no other pass: no listing storm).
+                if a.load(Ordering::Relaxed) {
+                    s.wake.notify_one();
+                }
+                r
+            });
+            (std::time::Instant::now(), task, abandoned)
+        }
+    };
+    // Nothing listed yet (the controller just started): wait for it, as
+    // there is nothing older to decide on.
+    let wait = if l.latest.is_none() { LISTING_MAX_AGE } else { LISTING_WAIT };
+    match tokio::time::timeout(wait, &mut task).await {
+        Ok(done) => {
+            let r = done.unwrap_or_else(|e| Err(format!("the listing task failed: {e}")));
+            l.latest = Some((asked, r.clone()));
+            r
+        }
+        Err(_) => {
+            abandoned.store(true, Ordering::Relaxed);
+            l.inflight = Some((asked, task, abandoned));
+            match &l.latest {
+                Some((at, r)) if at.elapsed() < LISTING_MAX_AGE => r.clone(),
+                Some((at, _)) => Err(format!(
+                    "the newest listing is {:.0}s old and the next one is still under way ({:.0}s)",
+                    at.elapsed().as_secs_f64(),
+                    asked.elapsed().as_secs_f64()
+                )),
+                None => Err(format!(
+                    "the first listing is still under way ({:.0}s)",
+                    asked.elapsed().as_secs_f64()
+                )),
+            }
+        }
+    }
 }
 
 /// Terminations run off the reconcile tick: a slow `TerminateInstances`

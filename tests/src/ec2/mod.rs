@@ -173,6 +173,17 @@ pub struct Inst {
     pub iam_profile: String,
     pub tags: HashMap<String, String>,
     pub launch_index: i32,
+    /// When EC2 launched it (unix seconds; 0: not said).
+    pub launch_time: i64,
+}
+
+impl Inst {
+    /// How long ago it was launched.
+    pub fn age(&self) -> Duration {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        Duration::from_secs(now.saturating_sub(self.launch_time).max(0) as u64)
+    }
 }
 
 /// Every instance carrying the cluster's tag.
@@ -196,6 +207,7 @@ pub async fn instances(c: &Client, tag_key: &str) -> Vec<Inst> {
                 .map(|t| (t.key().unwrap_or("").into(), t.value().unwrap_or("").into()))
                 .collect(),
             launch_index: i.ami_launch_index().unwrap_or(0),
+            launch_time: i.launch_time().map(|t| t.secs()).unwrap_or(0),
         })
         .collect()
 }

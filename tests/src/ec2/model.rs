@@ -44,6 +44,15 @@ pub struct Model {
     /// TerminateInstances answers (and takes effect) after this long (30 s
     /// is seen at a thousand instances).
     pub terminate_latency: Duration,
+    /// Instances say `pending` in DescribeInstances answers for this long
+    /// after their launch (EC2 takes a while to start one; moto's run at
+    /// once). A hypervisor that should not boot them meanwhile holds them
+    /// (`Inst::age`).
+    pub pending_for: Duration,
+    /// DescribeInstances answers after this long (8 s is seen at a
+    /// thousand instances); what it lists is what moto holds when it
+    /// answers.
+    pub describe_latency: Duration,
     /// RunInstances naming an instance profile fails with "Invalid IAM
     /// Instance Profile" until this moment (a profile created moments ago:
     /// IAM is eventually consistent).
@@ -67,6 +76,8 @@ impl Default for Model {
             listing_lag: Duration::ZERO,
             run_latency: Duration::ZERO,
             terminate_latency: Duration::ZERO,
+            describe_latency: Duration::ZERO,
+            pending_for: Duration::ZERO,
             profile_valid_at: None,
             image_pending_for: Duration::ZERO,
             // us-east-1's list prices.
@@ -131,27 +142,41 @@ pub(super) async fn run_instances_model(
     let c = client(upstream).await;
     let mut zone = String::from("us-east-1");
     if let Some(subnet) = get("SubnetId") {
-        let d = c.describe_subnets().subnet_ids(&subnet).send().await;
-        if let Some(z) =
-            d.ok().and_then(|d| d.subnets().first().and_then(|s| s.availability_zone()).map(String::from))
-        {
+        let known = state.lock().unwrap().subnet_zones.get(&subnet).cloned();
+        let found = match known {
+            Some(z) => Some(z),
+            None => {
+                let d = c.describe_subnets().subnet_ids(&subnet).send().await;
+                d.ok().and_then(|d| d.subnets().first().and_then(|s| s.availability_zone()).map(String::from))
+            }
+        };
+        if let Some(z) = found {
+            state.lock().unwrap().subnet_zones.insert(subnet.clone(), z.clone());
             zone = z;
         }
         if model.unsupported {
-            let offered = c
-                .describe_instance_type_offerings()
-                .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
-                .filters(Filter::builder().name("instance-type").values(&itype).build())
-                .send()
-                .await
-                .map(|o| {
-                    o.instance_type_offerings()
-                        .iter()
-                        .filter_map(|o| o.location())
-                        .map(String::from)
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
+            let known = state.lock().unwrap().offered.get(&itype).cloned();
+            let offered = match known {
+                Some(o) => o,
+                None => {
+                    let o = c
+                        .describe_instance_type_offerings()
+                        .location_type(aws_sdk_ec2::types::LocationType::AvailabilityZone)
+                        .filters(Filter::builder().name("instance-type").values(&itype).build())
+                        .send()
+                        .await
+                        .map(|o| {
+                            o.instance_type_offerings()
+                                .iter()
+                                .filter_map(|o| o.location())
+                                .map(String::from)
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default();
+                    state.lock().unwrap().offered.insert(itype.clone(), o.clone());
+                    o
+                }
+            };
             if !offered.is_empty() && !offered.contains(&zone) {
                 return Err(refuse(
                     "Unsupported",

@@ -32,6 +32,13 @@ pub(super) struct ProxyState {
     pub(super) launched: HashMap<String, (Instant, String)>,
     /// Images made through the proxy (CreateImage): id -> when.
     pub(super) images: HashMap<String, Instant>,
+    /// Each RunInstances that launched: its UserData (base64) and the
+    /// instance ids EC2 answered, in order.
+    pub(super) run_answers: Vec<(String, Vec<String>)>,
+    /// What moto said once and never changes: subnet -> zone, and type ->
+    /// the zones that offer it (asking moto each launch costs seconds).
+    pub(super) subnet_zones: HashMap<String, String>,
+    pub(super) offered: HashMap<String, Vec<String>>,
 }
 
 /// Counts EC2 calls per Action and injects faults, in front of moto.
@@ -95,6 +102,20 @@ impl FaultProxy {
 
     pub fn count(&self, action: &str) -> u32 {
         self.counts().get(action).copied().unwrap_or(0)
+    }
+
+    /// The launches answered so far, from the `from`th on: each one's
+    /// userdata (decoded) and instance ids.
+    pub fn launches(&self, from: usize) -> Vec<(String, Vec<String>)> {
+        let st = self.state.lock().unwrap();
+        st.run_answers
+            .iter()
+            .skip(from)
+            .map(|(ud, ids)| {
+                let text = base64::engine::general_purpose::STANDARD.decode(ud).unwrap_or_default();
+                (String::from_utf8_lossy(&text).into_owned(), ids.clone())
+            })
+            .collect()
     }
 
     /// Times of the calls of one Action.
@@ -181,10 +202,13 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         let msg = f.message.as_deref().unwrap_or("injected by the test fault proxy");
         return error_response(&f.code, f.status, msg);
     }
-    if action == "TerminateInstances" {
+    if action == "TerminateInstances" || action == "DescribeInstances" {
         // The latency in force now (lowering it releases waiting calls).
         let start = Instant::now();
-        while start.elapsed() < sh.state.lock().unwrap().model.terminate_latency {
+        let latency = |m: &Model| {
+            if action == "TerminateInstances" { m.terminate_latency } else { m.describe_latency }
+        };
+        while start.elapsed() < latency(&sh.state.lock().unwrap().model) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -243,9 +267,11 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
                 *left = left.saturating_sub(ids.len() as u32);
             }
         }
-        for id in ids {
-            st.launched.insert(id, (Instant::now(), itype.clone()));
+        for id in &ids {
+            st.launched.insert(id.clone(), (Instant::now(), itype.clone()));
         }
+        let ud = params.iter().find(|(k, _)| k == "UserData").map(|(_, v)| v.clone()).unwrap_or_default();
+        st.run_answers.push((ud, ids));
         bytes
     } else if ok && action == "CreateImage" {
         if let Some(id) = xml_values(&text, "imageId").into_iter().next() {
@@ -263,6 +289,30 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         };
         parts.headers.remove("content-length");
         Bytes::from(images_pending(&text, &pending))
+    } else if ok && action == "DescribeInstances" && !model.pending_for.is_zero() {
+        let young: Vec<String> = {
+            let st = sh.state.lock().unwrap();
+            st.launched
+                .iter()
+                .filter(|(_, (t, _))| t.elapsed() < model.pending_for)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        parts.headers.remove("content-length");
+        let text = if model.listing_lag.is_zero() {
+            text
+        } else {
+            let hidden: Vec<String> = {
+                let st = sh.state.lock().unwrap();
+                st.launched
+                    .iter()
+                    .filter(|(_, (t, _))| t.elapsed() < model.listing_lag)
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            };
+            drop_reservations(&text, &hidden)
+        };
+        Bytes::from(still_pending(&text, &young))
     } else if ok && action == "DescribeInstances" && !model.listing_lag.is_zero() {
         let hidden: Vec<String> = {
             let st = sh.state.lock().unwrap();
@@ -289,6 +339,26 @@ fn images_pending(xml: &str, pending: &[String]) -> String {
         let (avail, pend) = ("<imageState>available</imageState>", "<imageState>pending</imageState>");
         if let Some(rel) = out[at..].find(avail) {
             out.replace_range(at + rel..at + rel + avail.len(), pend);
+        }
+    }
+    out
+}
+
+/// A DescribeInstances answer where the instances `young` are still
+/// starting: their state says `pending` (code 0), as EC2's does.
+fn still_pending(xml: &str, young: &[String]) -> String {
+    let mut out = xml.to_string();
+    for id in young {
+        let Some(at) = out.find(&format!("<instanceId>{id}</instanceId>")) else { continue };
+        let Some(rel) = out[at..].find("<instanceState>") else { continue };
+        let start = at + rel;
+        let Some(len) = out[start..].find("</instanceState>") else { continue };
+        let end = start + len + "</instanceState>".len();
+        if out[start..end].contains("<name>running</name>") {
+            out.replace_range(
+                start..end,
+                "<instanceState><code>0</code><name>pending</name></instanceState>",
+            );
         }
     }
     out

@@ -346,7 +346,12 @@ impl Ec2Provider {
             if let (Some(id), Some(z)) =
                 (inst.instance_id(), inst.placement().and_then(|p| p.availability_zone()))
             {
-                let p = super::Placed { itype: itype.to_string(), zone: z.into(), role: Some(batch.role) };
+                let p = super::Placed {
+                    itype: itype.to_string(),
+                    zone: z.into(),
+                    role: Some(batch.role),
+                    launched: Some(Instant::now()),
+                };
                 self.placement.lock().insert(id.into(), p);
             }
             if let (false, Some(id)) = (spot, inst.instance_id()) {

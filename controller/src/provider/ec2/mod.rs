@@ -155,7 +155,15 @@ struct Placed {
     zone: String,
     /// From its role tag (`None`: not tagged as ours).
     role: Option<Role>,
+    /// When this controller launched it (kept while listings may not show
+    /// it yet: spread counts it from its launch).
+    launched: Option<Instant>,
 }
+
+/// How long an instance this controller launched counts as placed before
+/// any listing shows it (EC2's listings lag; the registry's grace for a
+/// node never listed is as long).
+const PLACED_UNLISTED: Duration = Duration::from_secs(120);
 
 #[derive(Default)]
 struct State {
@@ -662,8 +670,12 @@ impl Provider for Ec2Provider {
                         Some("slave") => Some(Role::Slave),
                         _ => None,
                     };
-                    let placed = Placed { itype: t.as_str().into(), zone: z.into(), role };
-                    self.placement.lock().insert(id.to_string(), placed);
+                    let mut placement = self.placement.lock();
+                    let launched = placement.get(id).and_then(|p| p.launched);
+                    placement.insert(
+                        id.to_string(),
+                        Placed { itype: t.as_str().into(), zone: z.into(), role, launched },
+                    );
                 }
                 if inst.instance_lifecycle().is_none() {
                     self.on_demand_ids.lock().insert(id.to_string());
@@ -682,7 +694,9 @@ impl Provider for Ec2Provider {
         // What is known per instance lasts as long as the instance is
         // listed: bounded by the cluster, not by every instance it ever had.
         let listed: std::collections::HashSet<&str> = out.iter().map(|o| o.instance_id.as_str()).collect();
-        self.placement.lock().retain(|id, _| listed.contains(id.as_str()));
+        self.placement.lock().retain(|id, p| {
+            listed.contains(id.as_str()) || p.launched.is_some_and(|t| t.elapsed() < PLACED_UNLISTED)
+        });
         self.on_demand_ids.lock().retain(|id| listed.contains(id.as_str()));
         Ok(out)
     }
