@@ -2436,3 +2436,27 @@ fn pending_instances_are_waited_for_and_one_that_never_boots_is_replaced() {
     );
     assert_eq!(w.proxy.count("RunInstances"), 3, "master, slaves, one replacement: {:?}", w.proxy.counts());
 }
+
+/// Keeps the fleet benchmark (`ddisco-fleet-bench`, issue 27 item 3)
+/// working: a small run (20 instances, 2 s listings, 5 s terminations)
+/// checks what it measures is correct: every instance ready, every frozen
+/// slave lost within the heartbeat timeout + 2 s. No timing is asserted:
+/// the thousand-instance figures go to BENCHMARKS.md.
+#[test]
+fn the_fleet_benchmark_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fleet.json");
+    let out = Command::new(bin("ddisco-fleet-bench"))
+        .args(["--instances", "20", "--describe-latency", "2", "--terminate-latency", "5", "--boot", "3"])
+        .args(["--freeze", "3", "--json"])
+        .arg(&json)
+        .env("DDISCO_MOTO_URL", moto())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{err}", String::from_utf8_lossy(&out.stdout));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((v["instances_launched"].as_u64(), v["frozen_slaves"].as_u64()), (Some(20), Some(3)), "{v:#}");
+    assert_eq!(v["lost_within_timeout_plus_2s"], 3, "{v:#}");
+    assert!(v["api_calls_per_instance"].as_f64().unwrap() > 0.0, "{v:#}");
+}

@@ -36,7 +36,10 @@ pub async fn pass(sh: &Arc<Cluster>) -> Option<Duration> {
             None
         }
     };
-    refresh_prices(sh).await;
+    // Beside the loop: a price list that answers slowly (an EC2 endpoint
+    // busy listing a thousand instances) must not hold loss detection.
+    let s = sh.clone();
+    tokio::spawn(async move { refresh_prices(&s).await });
     record_history(sh);
     // Measured from when the views were taken, less the time since.
     next.map(|ms| Duration::from_millis(ms).saturating_sub(t0.elapsed()))
@@ -105,7 +108,8 @@ pub async fn tick(sh: &Arc<Cluster>) -> anyhow::Result<Option<u64>> {
 /// ticks always wait for a fresh one).
 const LISTING_WAIT: Duration = Duration::from_secs(1);
 /// A listing older than this (from when it was asked for) decides nothing
-/// about nodes: with no fresher one the tick waits, as on a failed one.
+/// about nodes: with no fresher one the tick decides nothing about them,
+/// as when every listing fails.
 const LISTING_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// What one listing said (the error as text: it is kept and shown again).
@@ -118,19 +122,23 @@ pub struct Listings {
     /// a tick stopped waiting for it (then it wakes the loop when done).
     inflight:
         Option<(std::time::Instant, tokio::task::JoinHandle<Listing>, Arc<std::sync::atomic::AtomicBool>)>,
-    /// The newest finished one: when it was asked for, and what it said.
-    latest: Option<(std::time::Instant, Listing)>,
+    /// The newest listing that answered: when it was asked for, and what
+    /// it said.
+    good: Option<(std::time::Instant, Vec<crate::model::Observed>)>,
+    /// Whether any listing finished yet (the first one is waited for).
+    finished: bool,
 }
 
 /// This tick's view of the cluster's instances. A listing is asked for if
 /// none is under way, and waited for up to `LISTING_WAIT`; a slower one
 /// (an 8 s `DescribeInstances` at a thousand instances) goes on beside the
-/// loop, waking it when done, and this tick decides on the newest finished
-/// listing if it was asked for within `LISTING_MAX_AGE`. Safe because what
-/// a listing decides tolerates its age: a node never listed has its grace
+/// loop, waking it when done. The tick decides on the newest listing that
+/// answered, if it was asked for within `LISTING_MAX_AGE`, also when the
+/// latest one failed (throttled, timed out: logged). Safe because what a
+/// listing decides tolerates its age: a node never listed has its grace
 /// (listing lag), one listed and then missing is gone (a later listing
 /// cannot un-list it), and heartbeats and deadlines do not come from it.
-/// A failed listing decides nothing about nodes, as before.
+/// With none that recent, the tick decides nothing about nodes.
 async fn observe(sh: &Arc<Cluster>) -> Listing {
     let mut l = sh.listings.lock().await;
     let (asked, mut task, abandoned) = match l.inflight.take() {
@@ -152,29 +160,41 @@ async fn observe(sh: &Arc<Cluster>) -> Listing {
     };
     // Nothing listed yet (the controller just started): wait for it, as
     // there is nothing older to decide on.
-    let wait = if l.latest.is_none() { LISTING_MAX_AGE } else { LISTING_WAIT };
-    match tokio::time::timeout(wait, &mut task).await {
+    let wait = if l.finished { LISTING_WAIT } else { LISTING_MAX_AGE };
+    let fresh_error = match tokio::time::timeout(wait, &mut task).await {
         Ok(done) => {
-            let r = done.unwrap_or_else(|e| Err(format!("the listing task failed: {e}")));
-            l.latest = Some((asked, r.clone()));
-            r
+            l.finished = true;
+            match done.unwrap_or_else(|e| Err(format!("the listing task failed: {e}"))) {
+                Ok(o) => {
+                    l.good = Some((asked, o.clone()));
+                    return Ok(o);
+                }
+                Err(e) => Some(e),
+            }
         }
         Err(_) => {
             abandoned.store(true, Ordering::Relaxed);
             l.inflight = Some((asked, task, abandoned));
-            match &l.latest {
-                Some((at, r)) if at.elapsed() < LISTING_MAX_AGE => r.clone(),
-                Some((at, _)) => Err(format!(
-                    "the newest listing is {:.0}s old and the next one is still under way ({:.0}s)",
-                    at.elapsed().as_secs_f64(),
-                    asked.elapsed().as_secs_f64()
-                )),
-                None => Err(format!(
-                    "the first listing is still under way ({:.0}s)",
-                    asked.elapsed().as_secs_f64()
-                )),
-            }
+            None
         }
+    };
+    match (&l.good, fresh_error) {
+        (Some((at, o)), e) if at.elapsed() < LISTING_MAX_AGE => {
+            if let Some(e) = e {
+                tracing::warn!(
+                    "listing the cluster's instances: {e}; deciding on the one of {:.0}s ago",
+                    at.elapsed().as_secs_f64()
+                );
+            }
+            Ok(o.clone())
+        }
+        (_, Some(e)) => Err(e),
+        (Some((at, _)), None) => Err(format!(
+            "the newest listing is {:.0}s old and the next one is still under way ({:.0}s)",
+            at.elapsed().as_secs_f64(),
+            asked.elapsed().as_secs_f64()
+        )),
+        (None, None) => Err(format!("no listing has answered yet ({:.0}s)", asked.elapsed().as_secs_f64())),
     }
 }
 
@@ -562,7 +582,8 @@ async fn launch_batch(sh: &Arc<Cluster>, b: Batch) {
 /// Fetches spot prices every 10 minutes, or sooner (at most every 10 s)
 /// while a node has none yet. Failures only delay the next try.
 async fn refresh_prices(sh: &Arc<Cluster>) {
-    let mut at = sh.prices_at.lock().await;
+    // One refresh at a time: a tick that finds one under way leaves it.
+    let Ok(mut at) = sh.prices_at.try_lock() else { return };
     let (ids, unpriced) = {
         let reg = sh.registry.lock();
         let live: Vec<&crate::registry::Entry> = reg

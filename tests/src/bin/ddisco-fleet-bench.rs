@@ -324,6 +324,16 @@ dashboard_listen = "127.0.0.1:0"
                 .collect();
             lost.len() == names.len()
         });
+    // How far behind the controller is with heartbeats: the oldest last
+    // heartbeat it has of a node still heartbeating (a loaded controller
+    // reads them late, and then declares losses late too).
+    let healthy_age = nodes(&s)
+        .iter()
+        .filter(|n| n["state"] == "ready" && !names.contains(n["node_id"].as_str().unwrap_or("")))
+        .filter_map(|n| n["last_heartbeat_ms"].as_u64())
+        .max()
+        .unwrap_or(0) as f64
+        / 1000.0;
     let mut to_lost: Vec<f64> = Vec::new();
     for (n, st) in &victims {
         let at = s["timed_events"]
@@ -336,6 +346,18 @@ dashboard_listen = "127.0.0.1:0"
         to_lost.push(at.saturating_sub(st.last_hb.load(Ordering::Relaxed)) as f64 / 1000.0);
     }
     to_lost.sort_by(f64::total_cmp);
+    let lost_events: Vec<String> = s["timed_events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["message"].as_str())
+        .filter(|m| names.iter().any(|n| m.starts_with(&format!("{n} lost"))))
+        .take(3)
+        .map(String::from)
+        .collect();
+    if let Some(p) = &a.json {
+        let _ = std::fs::write(format!("{p}.serve.log"), cluster.serve_log());
+    }
     let bound = timeout + 2.0;
     let within = to_lost.iter().filter(|d| **d <= bound).count();
     let calls: u32 = counts.values().sum();
@@ -356,6 +378,8 @@ dashboard_listen = "127.0.0.1:0"
         "heartbeat_timeout_s": timeout,
         "last_heartbeat_to_lost_s": to_lost,
         "lost_within_timeout_plus_2s": within,
+        "oldest_heartbeat_of_a_live_node_s": healthy_age,
+        "lost_events": lost_events,
     });
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
     if let Some(p) = &a.json {
