@@ -2460,3 +2460,35 @@ fn the_fleet_benchmark_runs() {
     assert_eq!(v["lost_within_timeout_plus_2s"], 3, "{v:#}");
     assert!(v["api_calls_per_instance"].as_f64().unwrap() > 0.0, "{v:#}");
 }
+
+/// Issue 27, item 5: EC2's rebalance recommendation (a spot pool at an
+/// elevated risk of interruption) on a slave. Its replacement is launched
+/// in another spot pool (type, zone), not the one at risk; once it is
+/// ready the recommended slave is terminated, and the cluster keeps its
+/// size.
+#[test]
+fn a_rebalance_recommendation_moves_the_slave_to_another_pool() {
+    let prices = price_table(&[("c5.large", [0.040, 0.036, 0.038, 0.045, 0.050])]);
+    let model = Model { spot_usd: prices, ..Model::default() };
+    let mut w = world_in(model, "num_slaves = 1", |_, _| false);
+    let s = w.cluster.wait_until("master + 1 slave ready", READY, |s| at_size(s, 1));
+    let slave = node_ids(&s, "slave")[0].clone();
+    let iid = World::instance_of(&s, &slave);
+    let pool =
+        w.moto().iter().find(|i| i.id == iid).map(|i| (i.instance_type.clone(), i.zone.clone())).unwrap();
+    // The cheapest pool (us-east-1b) took it.
+    assert_eq!(pool, ("c5.large".to_string(), "us-east-1b".to_string()));
+    w.hv.recommend_rebalance(&iid);
+    let s = w.cluster.wait_until("the recommended slave replaced", READY, |s| {
+        at_size(s, 1) && !node_ids(s, "slave").contains(&slave)
+    });
+    let new = World::instance_of(&s, &node_ids(&s, "slave")[0]);
+    let v = w.wait_moto("the recommended slave's instance terminated", |v| {
+        v.iter().any(|i| i.id == iid && (i.state == "terminated" || i.state == "shutting-down"))
+    });
+    let placed = v.iter().find(|i| i.id == new).map(|i| (i.instance_type.clone(), i.zone.clone())).unwrap();
+    // The next cheapest pool: us-east-1c.
+    assert_eq!(placed, ("c5.large".to_string(), "us-east-1c".to_string()), "{v:#?}");
+    let notes = w.cluster.status().unwrap()["provider_notes"].to_string();
+    assert!(notes.contains("rebalance"), "{notes}");
+}

@@ -171,6 +171,14 @@ impl Hypervisor {
             Some(r#"{"action": "terminate", "time": "2026-11-26T12:00:00Z"}"#.to_string());
     }
 
+    /// EC2's rebalance recommendation on an instance (its spot pool is at
+    /// an elevated risk of interruption; no termination follows by itself).
+    pub fn recommend_rebalance(&self, instance_id: &str) {
+        let b = self.booted.lock().unwrap();
+        let node = b.get(instance_id).expect("instance booted");
+        node.meta.lock().unwrap().rebalance = Some(r#"{"noticeTime": "2026-12-05T12:00:00Z"}"#.to_string());
+    }
+
     /// A spot interruption as EC2 carries it out: the notice now, the
     /// instance terminated `after` later (two minutes on EC2).
     pub fn interrupt(&self, instance_id: &str, after: Duration) {
