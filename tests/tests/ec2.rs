@@ -1022,6 +1022,10 @@ fn the_original_config_json_reaches_its_size_against_moto_itself() {
 }
 
 fn original_config_reaches_its_size(through_proxy: bool) {
+    // The original's config has no `listen`: its controllers take the
+    // default port, one at a time.
+    static DEFAULT_PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _port = DEFAULT_PORT.lock().unwrap_or_else(|e| e.into_inner());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let amis = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/original-amis.json");
     let moto = moto_with_amis(&amis);
@@ -1065,6 +1069,15 @@ fn original_config_reaches_its_size(through_proxy: bool) {
     if !through_proxy {
         assert!(log.contains("asked again, all or nothing"), "{log}");
         assert!(!log.contains("held back"), "{log}");
+    } else {
+        // Issue 27, item 5: the original's MAX_BID is every spot request's
+        // MaxPrice.
+        let runs = proxy.requests("RunInstances");
+        assert!(!runs.is_empty());
+        for (_, p) in &runs {
+            let max = p.get("InstanceMarketOptions.SpotOptions.MaxPrice").map(String::as_str);
+            assert_eq!(max, Some("0.10"), "{:?}", p.get("InstanceType"));
+        }
     }
 }
 
