@@ -30,9 +30,12 @@ pub struct History {
 
 impl History {
     /// Keeps `s` unless the last sample is younger than `MIN_INTERVAL_MS`;
-    /// the oldest goes beyond `CAPACITY`.
+    /// the oldest goes beyond `CAPACITY`. A sample older than the last (the
+    /// wall clock stepped back) is kept: else every sample would be "too
+    /// soon" until the clock caught up, and the charts would stop.
     pub fn push(&mut self, s: Sample) {
-        if self.samples.back().is_some_and(|l| s.unix_ms < l.unix_ms + MIN_INTERVAL_MS) {
+        if self.samples.back().is_some_and(|l| (l.unix_ms..l.unix_ms + MIN_INTERVAL_MS).contains(&s.unix_ms))
+        {
             return;
         }
         if self.samples.len() == CAPACITY {
@@ -60,5 +63,16 @@ mod tests {
         let s = h.samples();
         assert_eq!(s.len(), CAPACITY);
         assert_eq!(s[0].unix_ms, 10_000);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_back_does_not_stop_the_samples() {
+        let mut h = History::default();
+        h.push(Sample { unix_ms: 100_000, ..Default::default() });
+        h.push(Sample { unix_ms: 80_000, ..Default::default() }); // stepped back 20 s
+        h.push(Sample { unix_ms: 80_500, ..Default::default() }); // too soon after it
+        h.push(Sample { unix_ms: 81_000, ..Default::default() });
+        let at: Vec<u64> = h.samples().iter().map(|s| s.unix_ms).collect();
+        assert_eq!(at, [100_000, 80_000, 81_000]);
     }
 }

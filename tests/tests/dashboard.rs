@@ -114,12 +114,21 @@ fn dashboard_shows_the_nodes_and_reflects_a_killed_slave() {
     {
         assert!(dom.contains(&format!(">{label}<")), "no series {label:?} in the charts:\n{dom}");
     }
-    let (code, body) = c.dashboard_get("/api/history", Some(TOKEN));
-    assert_eq!(code, 200, "{body}");
-    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let samples = h["samples"].as_array().unwrap();
+    // The history has the loss once a sample is taken after it (one a
+    // second at most, each tick): waited for, with a deadline.
+    let end = Instant::now() + Duration::from_secs(20);
+    let (samples, body) = loop {
+        let (code, body) = c.dashboard_get("/api/history", Some(TOKEN));
+        assert_eq!(code, 200, "{body}");
+        let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let samples = h["samples"].as_array().unwrap().clone();
+        if samples.last().is_some_and(|x| x["losses"].as_u64().unwrap_or(0) >= 1) {
+            break (samples, body);
+        }
+        assert!(Instant::now() < end, "the loss is not in the history: {body}\n{}", c.serve_log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(samples.len() >= 3, "{body}");
-    assert!(samples.last().unwrap()["losses"].as_u64().unwrap() >= 1, "the loss is in the history: {body}");
     assert!(samples.iter().any(|x| x["ready"] == 3), "{body}");
     let (code, _) = c.dashboard_get("/api/history", None);
     assert_eq!(code, 401, "the history needs the token too");
