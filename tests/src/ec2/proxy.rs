@@ -289,41 +289,18 @@ async fn proxy(State(sh): State<Shared>, req: Request<Body>) -> Response {
         };
         parts.headers.remove("content-length");
         Bytes::from(images_pending(&text, &pending))
-    } else if ok && action == "DescribeInstances" && !model.pending_for.is_zero() {
-        let young: Vec<String> = {
+    } else if ok
+        && action == "DescribeInstances"
+        && !(model.pending_for.is_zero() && model.listing_lag.is_zero())
+    {
+        // Instances launched within a span of time, by this proxy.
+        let within = |d: Duration| -> Vec<String> {
             let st = sh.state.lock().unwrap();
-            st.launched
-                .iter()
-                .filter(|(_, (t, _))| t.elapsed() < model.pending_for)
-                .map(|(id, _)| id.clone())
-                .collect()
+            st.launched.iter().filter(|(_, (t, _))| t.elapsed() < d).map(|(id, _)| id.clone()).collect()
         };
+        let (hidden, young) = (within(model.listing_lag), within(model.pending_for));
         parts.headers.remove("content-length");
-        let text = if model.listing_lag.is_zero() {
-            text
-        } else {
-            let hidden: Vec<String> = {
-                let st = sh.state.lock().unwrap();
-                st.launched
-                    .iter()
-                    .filter(|(_, (t, _))| t.elapsed() < model.listing_lag)
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            };
-            drop_reservations(&text, &hidden)
-        };
-        Bytes::from(still_pending(&text, &young))
-    } else if ok && action == "DescribeInstances" && !model.listing_lag.is_zero() {
-        let hidden: Vec<String> = {
-            let st = sh.state.lock().unwrap();
-            st.launched
-                .iter()
-                .filter(|(_, (t, _))| t.elapsed() < model.listing_lag)
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        parts.headers.remove("content-length");
-        Bytes::from(drop_reservations(&text, &hidden))
+        Bytes::from(still_pending(&drop_reservations(&text, &hidden), &young))
     } else {
         bytes
     };
